@@ -94,7 +94,8 @@ def expert_lambdas(lambdas: Sequence[float] | Sequence[Sequence[float]] | torch.
     tensor = torch.as_tensor(lambdas, dtype=torch.float64)
     if tensor.ndim == 0 or tensor.shape[0] != num_experts:
         got = 1 if tensor.ndim == 0 else tensor.shape[0]
-        raise ValueError(f"lambdas has {got} entries but there are {num_experts} experts; give one per expert.")
+        raise ValueError(f"lambdas has {got} entries but there are {num_experts} experts; "
+                         "give one per expert.")
     if tensor.ndim == 1:
         tensor = tensor[:, None].expand(num_experts, num_classes)
     elif tensor.ndim != 2 or tensor.shape[1] != num_classes:
@@ -121,3 +122,50 @@ def adjust_logits(mean_logits: torch.Tensor, log_train_prior: torch.Tensor, mean
         num_classes = mean_logits.shape[-1]
         adjusted = adjusted + torch.log(target_prior.to(adjusted) * num_classes)
     return adjusted
+
+
+def estimate_target_prior(probs: torch.Tensor, source_prior: PriorLike | None = None, tol: float = 1e-6,
+                          max_iter: int = 100) -> torch.Tensor:
+    """Estimate the test label distribution from unlabeled posteriors with the EM of Saerens et al. (2002).
+
+    ``probs`` ``(N, C)`` are calibrated posteriors ``p(y|x)`` under ``source_prior`` (``None``: uniform,
+    which is what a BalPoE model gives with its default uniform target prior). Starting from a uniform
+    ``pi_t``, each step re-weights the posteriors to ``p(y|x) * pi_t(y) / pi_source(y)`` (renormalised
+    per row) and sets ``pi_t`` to their mean over the samples; it stops when no entry moves by more than
+    ``tol`` or after ``max_iter`` steps. Returns ``pi_t`` as a float64 tensor ``(C,)`` summing to one,
+    ready for ``model.set_target_prior(...)``.
+    """
+    posteriors = torch.as_tensor(probs).detach().cpu().to(torch.float64)
+    if posteriors.ndim != 2 or posteriors.shape[0] == 0 or posteriors.shape[1] == 0:
+        raise ValueError(f"probs must have shape (num_samples, num_classes) with both > 0, "
+                         f"got {tuple(posteriors.shape)}.")
+    if not torch.isfinite(posteriors).all() or (posteriors < 0).any():
+        raise ValueError("probs must be finite and non-negative; pass softmax(logits), not logits.")
+    row_sums = posteriors.sum(dim=1)
+    # float32 softmax rows over many classes can miss 1 by more than 1e-4; 1e-3 still catches logits.
+    if ((row_sums - 1).abs() > 1e-3).any():
+        raise ValueError("rows of probs must sum to 1 (posteriors p(y|x)); pass softmax(logits), not logits.")
+    if max_iter < 1 or tol < 0:
+        raise ValueError(f"need max_iter >= 1 and tol >= 0, got max_iter={max_iter}, tol={tol}.")
+    num_classes = posteriors.shape[1]
+    if source_prior is None:
+        source = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    else:
+        source = validate_prior(source_prior, num_classes, name="source_prior")
+        zero = torch.nonzero(source == 0).flatten().tolist()
+        if zero:
+            raise ValueError(f"source_prior is zero for classes {zero}; the posteriors cannot be re-weighted "
+                             "by pi_t / pi_source there. Give every class a positive source probability.")
+    posteriors = posteriors / row_sums[:, None]
+    target = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    for _ in range(max_iter):
+        weighted = posteriors * (target / source)  # (N, C)
+        # A row whose mass sits only on classes with pi_t = 0 would divide 0 by 0; tiny keeps it 0.
+        weighted = weighted / weighted.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        updated = weighted.mean(dim=0)
+        updated = updated / updated.sum()
+        converged = bool((updated - target).abs().max() <= tol)
+        target = updated
+        if converged:
+            break
+    return target
