@@ -1,0 +1,122 @@
+"""Evaluation pictures as PNG files: reliability diagram, per-class accuracy against training count, and
+the training class-count histogram of a model card.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing here needs a display or
+changes the caller's matplotlib backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .data import rank_by_count
+from .metrics import ArrayLike, calibration_errors, reliability_bins
+
+DPI = 120
+
+
+def _figure(width: float, height: float) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", format="png")
+    return path
+
+
+def _looks_like_probabilities(scores: np.ndarray) -> bool:
+    return bool((scores >= 0).all() and (scores <= 1).all() and np.allclose(scores.sum(axis=1), 1, atol=1e-3))
+
+
+def reliability_diagram(probs_or_logits: ArrayLike, labels: ArrayLike, path: str | Path, n_bins: int = 15,
+                        from_probs: bool | None = None, title: str = "Reliability diagram") -> Path:
+    """Accuracy against confidence in ``n_bins`` equal-width bins, the gap shaded, ECE in the title.
+
+    ``from_probs=None`` treats the scores as probabilities when every row is a probability vector, else as
+    logits; pass ``True`` / ``False`` to decide explicitly. Returns the PNG path.
+    """
+    if hasattr(probs_or_logits, "detach"):
+        probs_or_logits = probs_or_logits.detach().cpu().numpy()
+    scores = np.asarray(probs_or_logits, dtype=np.float64)
+    if from_probs is None:
+        from_probs = scores.ndim == 2 and _looks_like_probabilities(scores)
+    bins = reliability_bins(scores, labels, n_bins=n_bins, from_probs=from_probs)
+    ece, _ = calibration_errors(bins)
+
+    width = 1.0 / n_bins
+    lower = np.asarray(bins["lower"])
+    filled = [i for i, n in enumerate(bins["count"]) if n > 0]
+    accuracy = np.asarray([bins["accuracy"][i] for i in filled])
+    confidence = np.asarray([bins["confidence"][i] for i in filled])
+    fig, ax = _figure(4.5, 4.5)
+    ax.bar(lower[filled], accuracy, width=width, align="edge", color="tab:blue", edgecolor="black",
+           linewidth=0.5, label="accuracy")
+    # The gap: from each bin's accuracy to its mean confidence, hatched red (above or below the bar).
+    ax.bar(lower[filled], confidence - accuracy, bottom=accuracy, width=width, align="edge", color="tab:red",
+           alpha=0.3, hatch="//", edgecolor="tab:red", linewidth=0.5, label="gap")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"{title} (ECE {100 * ece:.2f}%)")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], train_counts: Sequence[int],
+                            path: str | Path, many: int = 100, few: int = 20) -> Path:
+    """Test accuracy of each class against its training count (log x-axis), shot-group thresholds dashed.
+
+    Classes with accuracy ``None`` (no test sample) are left out. Returns the PNG path.
+    """
+    if len(per_class_accuracy) != len(train_counts):
+        raise ValueError(f"per_class_accuracy has {len(per_class_accuracy)} entries but train_counts has "
+                         f"{len(train_counts)}; give one of each per class.")
+    pairs = zip(train_counts, per_class_accuracy, strict=True)
+    shown = [(count, acc) for count, acc in pairs if acc is not None]
+    if not shown:
+        raise ValueError("no class has a test accuracy to plot (all entries are None).")
+    counts, accuracy = (np.asarray(v, dtype=np.float64) for v in zip(*shown, strict=True))
+    fig, ax = _figure(6, 4)
+    ax.scatter(counts, accuracy, s=18, color="tab:blue", edgecolor="black", linewidth=0.4)
+    for threshold, name in ((many, "many-shot >"), (few, "few-shot <")):
+        ax.axvline(threshold, linestyle="--", color="gray", linewidth=0.8)
+        ax.text(threshold, 1.02, f"{name} {threshold}", ha="center", va="bottom", fontsize=7, color="gray")
+    ax.set_xscale("log")
+    ax.set(ylim=(0, 1.08), xlabel="training samples of the class (log scale)", ylabel="test accuracy",
+           title="Per-class accuracy")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def class_count_histogram(train_counts: Sequence[int], path: str | Path,
+                          class_names: Sequence[str] | None = None) -> Path:
+    """Training samples per class, classes sorted from the most to the least frequent. Returns the PNG path.
+
+    With ``class_names`` (label-index order) the bars are labelled, else numbered by class index.
+    """
+    if len(train_counts) == 0:
+        raise ValueError("train_counts is empty; pass one training count per class.")
+    if class_names is not None and len(class_names) != len(train_counts):
+        raise ValueError(f"class_names has {len(class_names)} entries but train_counts has "
+                         f"{len(train_counts)}; give one name per class, in label-index order.")
+    order = rank_by_count(list(train_counts))
+    labels = [str(class_names[c]) if class_names is not None else str(c) for c in order]
+    counts = [train_counts[c] for c in order]
+    fig, ax = _figure(max(4.0, min(12.0, 0.35 * len(order))), 3.5)
+    ax.bar(range(len(order)), counts, color="tab:blue")
+    # Names are readable up to a few dozen classes; beyond that the rank axis alone says more.
+    if len(order) <= 40:
+        ax.set_xticks(range(len(order)), labels, rotation=60, ha="right", fontsize=8)
+    else:
+        ax.set_xlabel("class rank")
+    ratio = max(counts) / min(counts) if min(counts) > 0 else float("inf")
+    ax.set(ylabel="training samples", title=f"Training class counts (imbalance ratio {ratio:.4g})")
+    return _save(fig, path)
