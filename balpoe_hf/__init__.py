@@ -1,14 +1,28 @@
 """balpoe-hf: Balanced Product of Calibrated Experts (BalPoE, CVPR 2023) for transformers and timm."""
 
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_balpoe import BalPoEConfig
 from .data import class_counts, make_long_tailed, make_shifted_test, shot_groups
 from .losses import BalPoELoss, logit_adjusted_cross_entropy
+from .modeling_balpoe import BalPoEForImageClassification, BalPoEModel
 from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
+from .processing import build_image_processor
+
+# `import balpoe_hf` makes "balpoe" checkpoints load through the transformers auto classes and pipelines.
+AutoConfig.register(BalPoEConfig.model_type, BalPoEConfig, exist_ok=True)
+AutoModel.register(BalPoEConfig, BalPoEModel, exist_ok=True)
+AutoModelForImageClassification.register(BalPoEConfig, BalPoEForImageClassification, exist_ok=True)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BalPoEConfig",
+    "BalPoEForImageClassification",
     "BalPoELoss",
+    "BalPoEModel",
     "adjust_logits",
+    "build_image_processor",
     "class_counts",
     "class_prior",
     "log_class_prior",

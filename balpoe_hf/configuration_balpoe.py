@@ -1,0 +1,183 @@
+"""Configuration of BalPoE models (``model_type="balpoe"``).
+
+This module is also shipped as remote code next to a saved model: it imports torch, timm, transformers and
+the flat ``.priors`` / ``.cifar_resnet`` modules only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import timm
+import torch
+from transformers import PreTrainedConfig
+
+from . import cifar_resnet  # noqa: F401  (registers the CIFAR ResNets, the default backbone, with timm)
+from .backbones import check_backbone_kwargs
+from .priors import expert_lambdas, validate_class_counts, validate_prior
+
+CLASSIFIERS = ("cosine", "linear")
+
+
+def default_lambdas(num_experts: int) -> list[float]:
+    """Evenly spaced expert biases from 1 (head expert) to -1 (tail expert), mean 0; ``[0.0]`` for one."""
+    if num_experts == 1:
+        return [0.0]
+    return [1.0 - 2.0 * e / (num_experts - 1) for e in range(num_experts)]
+
+
+def _to_list(value: Any) -> Any:
+    """Plain (nested) Python lists from tuples, numpy arrays or tensors, so the config serialises to JSON."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_to_list(item) for item in value]
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class BalPoEConfig(PreTrainedConfig):
+    r"""Configuration of a Balanced Product of Calibrated Experts (BalPoE) image classifier.
+
+    Args:
+        backbone (`str`, defaults to `"resnet32_cifar"`):
+            A timm model name from a supported family (CIFAR ResNet, ResNet/ResNeXt, ConvNeXt, RegNet,
+            ViT/DeiT).
+        backbone_kwargs (`dict`, *optional*):
+            Extra `timm.create_model` arguments, e.g. `{"in_chans": 1}` or `{"img_size": 32}`.
+        backbone_pretrained (`bool`, defaults to `False`):
+            Load timm's pretrained weights into the trunk and every expert copy when the model is built.
+        backbone_weights_file (`str`, *optional*):
+            Local state dict of the full timm model to load instead of downloading (needs
+            `backbone_pretrained=True`).
+        num_experts (`int`, defaults to 3):
+            Number of experts sharing the trunk.
+        lambdas (`list[float]` or `list[list[float]]`, *optional*):
+            Expert biases `lambda_e` (one per expert, or one per class per expert). Expert `e` is trained with
+            `CE(z_e + (1 - lambda_e) log pi, y)`. Defaults to evenly spaced values from 1 to -1 (`[0.0]` for
+            one expert). A mean other than 0 is allowed: inference then removes `mean(lambda) log pi`.
+        shared_stages (`int`, *optional*):
+            Number of backbone stages in the shared trunk; the experts own the rest. Defaults to the
+            backbone family's choice (e.g. 1 of 3 for CIFAR ResNets, 2 of 4 for ResNets) and is filled in
+            when the model is built.
+        classifier (`str`, defaults to `"cosine"`):
+            `"cosine"` (normalised features and weights times `classifier_scale`, as in the reference code)
+            or `"linear"`.
+        classifier_scale (`float`, defaults to 30.0):
+            Scale of the cosine classifier.
+        class_counts (`list[int]`, *optional*):
+            Training samples per class (label-index order); they define the training prior `pi`. `None`
+            means a balanced training set (uniform prior, no logit adjustment).
+        target_prior (`list[float]`, *optional*):
+            Test-time class prior the logits are adjusted to; `None` means uniform (balanced accuracy).
+        image_size (`int`, *optional*):
+            Input resolution; defaults to `backbone_kwargs["img_size"]` or the timm model's input size.
+        image_mean, image_std (`list[float]`, *optional*):
+            Normalisation of the RGB input; default to the timm model's pretrained config.
+    """
+
+    model_type = "balpoe"
+
+    backbone: str = "resnet32_cifar"
+    backbone_kwargs: dict[str, Any] | None = None
+    backbone_pretrained: bool = False
+    backbone_weights_file: str | None = None
+    num_experts: int = 3
+    lambdas: list[float] | list[list[float]] | None = None
+    shared_stages: int | None = None
+    classifier: str = "cosine"
+    classifier_scale: float = 30.0
+    class_counts: list[int] | None = None
+    target_prior: list[float] | None = None
+    image_size: int | None = None
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        labels_given = self.id2label is not None or kwargs.get("num_labels") is not None
+        super().__post_init__(**kwargs)
+        if not labels_given and self.class_counts is not None:
+            self.num_labels = len(self.class_counts)
+        if self.id2label is not None and self.label2id is None:
+            self.label2id = {label: index for index, label in self.id2label.items()}
+
+        self.backbone_kwargs = dict(self.backbone_kwargs or {})
+        for name in ("lambdas", "class_counts", "target_prior", "image_mean", "image_std"):
+            setattr(self, name, _to_list(getattr(self, name)))
+        if self.lambdas is None and isinstance(self.num_experts, int) and self.num_experts >= 1:
+            self.lambdas = default_lambdas(self.num_experts)
+        self._fill_image_defaults()
+        self.check()
+
+    def _fill_image_defaults(self) -> None:
+        if not isinstance(self.backbone, str) or not timm.is_model(self.backbone):
+            return  # `check` reports the unknown backbone
+        pretrained_cfg = timm.get_pretrained_cfg(self.backbone)
+        if self.image_size is None:
+            img_size = self.backbone_kwargs.get("img_size")
+            if img_size is None:
+                img_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
+            self.image_size = int(img_size if isinstance(img_size, int) else img_size[-1])
+        if self.image_mean is None:
+            self.image_mean = list(pretrained_cfg.mean) if pretrained_cfg else [0.485, 0.456, 0.406]
+        if self.image_std is None:
+            self.image_std = list(pretrained_cfg.std) if pretrained_cfg else [0.229, 0.224, 0.225]
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` naming the problem and the fix when the settings do not fit together."""
+        if not isinstance(self.backbone, str) or not timm.is_model(self.backbone):
+            hint = timm.list_models(f"*{self.backbone}*")[:8] if isinstance(self.backbone, str) else []
+            raise ValueError(
+                f"backbone {self.backbone!r} is not a timm model name"
+                + (f"; close matches: {hint}" if hint else "; see timm.list_models()") + "."
+            )
+        if not _is_int(self.num_experts) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}.")
+        num_classes = self.num_labels
+        lambdas = expert_lambdas(self.lambdas, self.num_experts, num_classes)
+        del lambdas  # only validated here; the model expands them itself
+        if self.class_counts is not None:
+            validate_class_counts(self.class_counts, num_classes)
+        if self.target_prior is not None:
+            validate_prior(self.target_prior, num_classes)
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
+        if not self.classifier_scale > 0:
+            raise ValueError(f"classifier_scale must be positive, got {self.classifier_scale!r}.")
+        if self.shared_stages is not None and (not _is_int(self.shared_stages) or self.shared_stages < 0):
+            raise ValueError(
+                "shared_stages must be None (the backbone's default) or an integer >= 0, "
+                f"got {self.shared_stages!r}."
+            )
+        check_backbone_kwargs(self.backbone_kwargs)
+        if self.backbone_weights_file is not None and not self.backbone_pretrained:
+            raise ValueError("backbone_weights_file is set but backbone_pretrained is False; set it to True.")
+        in_chans = self.backbone_kwargs.get("in_chans", 3)
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != in_chans:
+                raise ValueError(
+                    f"{name} has {len(values)} entries but the backbone takes {in_chans} input channels "
+                    f"(backbone_kwargs in_chans); give one value per channel."
+                )
+        if self.image_std is not None and any(value <= 0 for value in self.image_std):
+            raise ValueError(f"image_std must be positive, got {self.image_std}.")
+
+    def validate(self) -> None:
+        """transformers' checks plus :meth:`check`; ``save_pretrained`` calls it, so edits are re-checked."""
+        super().validate()
+        self.check()
+
+    @property
+    def lambdas_tensor(self) -> torch.Tensor:
+        """Expert biases expanded to ``(num_experts, num_labels)``."""
+        return expert_lambdas(self.lambdas, self.num_experts, self.num_labels)
+
+
+BalPoEConfig.register_for_auto_class()
+
+__all__ = ["BalPoEConfig"]

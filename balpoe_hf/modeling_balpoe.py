@@ -1,0 +1,351 @@
+"""BalPoE models: a timm trunk shared by several experts, each with its own late stages and classifier.
+
+``BalPoEModel`` runs the trunk once and every expert on its output, returning per-expert pooled features
+``(B, E, D)`` and logits ``(B, E, C)``. ``BalPoEForImageClassification`` adds the BalPoE ensemble: the
+mean of the expert logits, adjusted from the ensemble's implied prior to a target prior
+(``zbar - mean(lambda) * log pi_train + log pi_target``), and the multi-expert logit-adjusted loss.
+
+This module is shipped as remote code with every saved model: it imports torch, timm, transformers and
+the flat ``.backbones`` / ``.configuration_balpoe`` / ``.losses`` / ``.priors`` modules only.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+
+from .backbones import BackboneAdapter, create_backbone, get_adapter
+from .configuration_balpoe import BalPoEConfig
+from .losses import BalPoELoss
+from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
+
+TargetPrior = str | Sequence[float] | torch.Tensor
+
+
+@dataclass
+class BalPoEModelOutput(ModelOutput):
+    """Output of :class:`BalPoEModel`.
+
+    Args:
+        trunk_hidden_state: output of the shared trunk, e.g. ``(B, C', H', W')`` or ``(B, N, D')``.
+        pooler_output: each expert's pooled features ``(B, E, D)``.
+        expert_logits: each expert's raw logits ``(B, E, C)``.
+    """
+
+    trunk_hidden_state: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None
+    expert_logits: torch.Tensor | None = None
+
+
+@dataclass
+class BalPoEImageClassifierOutput(ImageClassifierOutput):
+    """Output of :class:`BalPoEForImageClassification`.
+
+    Args:
+        loss: mean over experts of the logit-adjusted cross-entropy (when ``labels`` are given).
+        logits: ensemble logits ``(B, C)`` adjusted to the target prior.
+        expert_logits: each expert's raw logits ``(B, E, C)``.
+        expert_losses: each expert's loss ``(E,)`` (when ``labels`` are given), for logging.
+    """
+
+    expert_logits: torch.Tensor | None = None
+    expert_losses: torch.Tensor | None = None
+
+
+class CosineClassifier(nn.Module):
+    """``scale * cos(x, w_c)`` for every class ``c``: the normalised classifier of the reference code."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 30.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))  # (C, D)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Unit-norm rows drawn from U(-1, 1), as NormedLinear in the LDAM / RIDE / BalPoE code. The forward is
+        # scale invariant, but the row norm sets the size of the gradient steps.
+        self.weight.uniform_(-1.0, 1.0)
+        self.weight.copy_(F.normalize(self.weight, dim=1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # (B, D) x (C, D) -> (B, C)
+        return self.scale * F.linear(F.normalize(features, dim=-1), F.normalize(self.weight, dim=-1))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}, scale={self.scale}"
+
+
+class LinearClassifier(nn.Linear):
+    """A plain linear classifier (its own class so weight init can tell it from timm's linear layers)."""
+
+
+class BalPoEExpert(nn.Module):
+    """One expert: its copy of the late backbone stages, final norm and pooling, and its classifier."""
+
+    def __init__(self, backbone: nn.Module, classifier: nn.Module, adapter: BackboneAdapter) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = classifier
+        self.backbone_adapter = adapter
+
+    def forward(self, trunk_hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone_adapter.expert_forward(self.backbone, trunk_hidden_state)  # (B, D)
+        return features, self.classifier(features)  # (B, D), (B, C)
+
+
+def _build_classifier(config: BalPoEConfig, in_features: int) -> nn.Module:
+    if config.classifier == "cosine":
+        return CosineClassifier(in_features, config.num_labels, config.classifier_scale)
+    return LinearClassifier(in_features, config.num_labels)
+
+
+def _building_on_meta() -> bool:
+    # transformers' from_pretrained builds the model under `torch.device("meta")`, then loads the weights.
+    return torch.empty(0).device.type == "meta"
+
+
+class BalPoEPreTrainedModel(PreTrainedModel):
+    """Weight init, gradient checkpointing and the remote-code ``auto_map`` shared by the BalPoE models."""
+
+    config_class = BalPoEConfig
+    config: BalPoEConfig
+    base_model_prefix = "balpoe"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules: ClassVar[list[str]] = ["BalPoEExpert"]
+    # Labels may be soft (mixup) targets; there are no loss kwargs to forward from the Trainer.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise what the checkpoint did not provide.
+
+        A freshly built model keeps timm's own initialisation (its timm parameters are marked as initialised);
+        this runs for BalPoE's own modules and buffers, and for backbone weights missing from a checkpoint,
+        which get a generic init (Kaiming for convolutions, truncated normal for the rest).
+        """
+        if isinstance(module, BalPoEForImageClassification):
+            init.copy_(module.target_prior, _target_prior_tensor(self.config))
+        elif isinstance(module, BalPoELoss):
+            counts = self.config.class_counts or [1] * self.config.num_labels
+            init.copy_(module.log_prior, log_class_prior(counts))
+            init.copy_(module.taus, 1.0 - self.config.lambdas_tensor)
+        elif isinstance(module, CosineClassifier | LinearClassifier):
+            module.reset_parameters()
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            if getattr(module, "running_mean", None) is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        else:
+            # Remaining direct parameters of timm modules: ViT tokens and position embeddings, layer scales.
+            for param in module.parameters(recurse=False):
+                init.trunc_normal_(param, std=0.02)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args: Any, **kwargs: Any) -> None:
+        # timm models checkpoint their own stages (`checkpoint_seq`); switch every backbone copy.
+        for module in self.modules():
+            if hasattr(module, "set_grad_checkpointing") and hasattr(module, "grad_checkpointing"):
+                module.set_grad_checkpointing(enable)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained`` plus an ``auto_map`` naming every BalPoE auto class.
+
+        The code files are copied next to the weights, so the folder loads with ``trust_remote_code=True``
+        where ``balpoe_hf`` is not installed, through ``AutoConfig``, ``AutoModel`` and
+        ``AutoModelForImageClassification`` alike.
+        """
+        config_module = type(self.config).__module__.rsplit(".", 1)[-1]
+        model_module = __name__.rsplit(".", 1)[-1]
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": f"{config_module}.{type(self.config).__name__}",
+            "AutoModel": f"{model_module}.BalPoEModel",
+            "AutoModelForImageClassification": f"{model_module}.BalPoEForImageClassification",
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class BalPoEModel(BalPoEPreTrainedModel):
+    """Shared timm trunk and ``num_experts`` expert branches, each with its own classifier.
+
+    The backbone is split by its family's adapter (:mod:`balpoe_hf.backbones`): the stem and the first
+    ``config.shared_stages`` stages form the trunk, every expert owns its copy of the other stages, the
+    final norm and pooling. Each expert copy starts from its own random timm initialisation, or from the
+    same pretrained weights with ``config.backbone_pretrained``.
+    """
+
+    # Loading a BalPoEForImageClassification checkpoint: its prior/loss buffers belong to the head model.
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^loss_fn\.", r"^target_prior$"]
+
+    def __init__(self, config: BalPoEConfig) -> None:
+        super().__init__(config)
+        on_meta = _building_on_meta()
+        # On the meta device (from_pretrained) the checkpoint supplies the weights: never download them.
+        pretrained = config.backbone_pretrained and not on_meta
+        name, kwargs = config.backbone, config.backbone_kwargs
+        base = create_backbone(name, kwargs, pretrained, config.backbone_weights_file)
+        adapter = get_adapter(base, config.backbone)
+        shared_stages = adapter.resolve_shared_stages(base, config.shared_stages)
+        config.shared_stages = shared_stages  # saved, so a later default change cannot alter this model
+        feature_dim = adapter.feature_dim(base)
+
+        experts = []
+        for _ in range(config.num_experts):
+            # Pretrained: every expert starts from the same weights; otherwise each gets its own random init.
+            backbone = copy.deepcopy(base) if pretrained else create_backbone(name, kwargs)
+            experts.append(BalPoEExpert(adapter.make_expert(backbone, shared_stages),
+                                        _build_classifier(config, feature_dim), adapter))
+        self.trunk = adapter.make_trunk(base, shared_stages)
+        self.experts = nn.ModuleList(experts)
+        self.backbone_adapter = adapter
+        if not on_meta:
+            # timm initialised the backbone copies (Kaiming, zero-init residual BNs, ...): keep that init.
+            for tensor in [*self.trunk.parameters(), *self.trunk.buffers(),
+                           *(t for expert in self.experts for t in (*expert.backbone.parameters(),
+                                                                    *expert.backbone.buffers()))]:
+                tensor._is_hf_initialized = True
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor,
+                return_dict: bool | None = None) -> BalPoEModelOutput | tuple:
+        """Args:
+        pixel_values: images ``(B, 3, H, W)``, normalised as the image processor does.
+        """
+        trunk_hidden_state = self.backbone_adapter.forward_trunk(self.trunk, pixel_values)
+        features, logits = zip(*(expert(trunk_hidden_state) for expert in self.experts), strict=True)
+        output = BalPoEModelOutput(
+            trunk_hidden_state=trunk_hidden_state,
+            pooler_output=torch.stack(features, dim=1),  # (B, E, D)
+            expert_logits=torch.stack(logits, dim=1),  # (B, E, C)
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+
+def _target_prior_tensor(config: BalPoEConfig) -> torch.Tensor:
+    """``config.target_prior`` as float32 ``(C,)``; uniform when unset."""
+    if config.target_prior is None:
+        return torch.full((config.num_labels,), 1.0 / config.num_labels)
+    return validate_prior(config.target_prior, config.num_labels).float()
+
+
+class BalPoEForImageClassification(BalPoEPreTrainedModel):
+    """BalPoE image classifier: expert ensemble, prior adjustment and the multi-expert loss.
+
+    ``logits = mean_e(z_e) - mean(lambda) * log pi_train + log(C * pi_target)``; with the default uniform
+    target and mean lambda 0 that is the plain mean of the expert logits. The target prior comes from
+    ``config.target_prior`` (change it with :meth:`set_target_prior`) or per call from ``target_prior``.
+    """
+
+    def __init__(self, config: BalPoEConfig) -> None:
+        super().__init__(config)
+        self.balpoe = BalPoEModel(config)
+        device = torch.empty(0).device
+        # The prior helpers validate on the CPU, which a meta-device build (from_pretrained) cannot do.
+        with torch.device("cpu"):
+            counts = config.class_counts or [1] * config.num_labels
+            loss_fn = BalPoELoss(counts, config.lambdas)  # buffers log_prior (C,), taus (E, C)
+            target_prior = _target_prior_tensor(config)  # (C,)
+        self.loss_fn = loss_fn.to(device)
+        self.register_buffer("target_prior", target_prior.to(device))
+        self.post_init()
+
+    @property
+    def mean_lambda(self) -> torch.Tensor:
+        """``mean_e lambda_e`` per class ``(C,)``."""
+        return 1.0 - self.loss_fn.taus.mean(0)
+
+    @property
+    def log_train_prior(self) -> torch.Tensor:
+        """``log pi_train`` ``(C,)`` from ``config.class_counts``."""
+        return self.loss_fn.log_prior
+
+    def _resolve_target_prior(self, prior: TargetPrior) -> torch.Tensor | None:
+        """A target prior as float64 probabilities ``(C,)``, or ``None`` for uniform."""
+        if isinstance(prior, str):
+            if prior == "uniform":
+                return None
+            if prior == "train":
+                return class_prior(self.config.class_counts or [1] * self.config.num_labels).double()
+            raise ValueError(f"target prior must be 'uniform', 'train' or {self.config.num_labels} "
+                             f"probabilities, got {prior!r}.")
+        return validate_prior(prior, self.config.num_labels)
+
+    @torch.no_grad()
+    def set_target_prior(self, prior: TargetPrior) -> None:
+        """Adjust future predictions to a test-time class prior.
+
+        Args:
+            prior: ``"uniform"`` (balanced test set, the default), ``"train"`` (test distributed like the
+                training set) or a sequence of ``num_labels`` probabilities summing to 1.
+
+        Updates ``config.target_prior`` too, so ``save_pretrained`` keeps the choice.
+        """
+        probs = self._resolve_target_prior(prior)
+        self.config.target_prior = None if probs is None else probs.tolist()
+        self.target_prior.copy_(_target_prior_tensor(self.config))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                target_prior: TargetPrior | None = None,
+                return_dict: bool | None = None) -> BalPoEImageClassifierOutput | tuple:
+        """Args:
+        pixel_values: images ``(B, 3, H, W)``.
+        labels: class indices ``(B,)`` or soft targets ``(B, C)`` (mixup); adds ``loss`` and
+            ``expert_losses``.
+        target_prior: overrides the model's target prior for this call (same values as
+            :meth:`set_target_prior`).
+        """
+        outputs = self.balpoe(pixel_values, return_dict=True)
+        expert_logits = outputs.expert_logits  # (B, E, C)
+        if target_prior is None:
+            prior = None if self.config.target_prior is None else self.target_prior
+        else:
+            prior = self._resolve_target_prior(target_prior)
+        logits = adjust_logits(expert_logits.mean(1), self.log_train_prior, self.mean_lambda, prior)  # (B, C)
+
+        loss = expert_losses = None
+        if labels is not None:
+            expert_losses = self.loss_fn.expert_losses(expert_logits, labels.to(expert_logits.device))  # (E,)
+            loss = expert_losses.mean()
+        output = BalPoEImageClassifierOutput(loss=loss, logits=logits, expert_logits=expert_logits,
+                                             expert_losses=expert_losses)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+
+BalPoEModel.register_for_auto_class("AutoModel")
+BalPoEForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "BalPoEForImageClassification",
+    "BalPoEImageClassifierOutput",
+    "BalPoEModel",
+    "BalPoEModelOutput",
+    "BalPoEPreTrainedModel",
+    "CosineClassifier",
+]
