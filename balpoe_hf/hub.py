@@ -12,12 +12,13 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
+import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
@@ -34,8 +35,13 @@ CARD_NAME = "README.md"
 IMAGES_DIR = "images"
 TEMPLATE_NAME = "modelcard_template.md"
 EVAL_RESULTS_NAME = "eval_results.json"
-# Run artefacts published next to the model when the run wrote them.
-OPTIONAL_FILES = ("eval_results.json", "train_results.json")
+RECIPE_NAME = "recipe.yaml"
+# Where the README tells scripts/evaluate.py to write its report (--output), relative to the run directory.
+DEFAULT_EVAL_REPORT = "eval/report.json"
+# Run artefacts of scripts/train.py published next to the model when present.
+OPTIONAL_FILES = (EVAL_RESULTS_NAME, "train_results.json", RECIPE_NAME)
+# The Hub id of a dataset that a recipe reads from local files.
+LOCAL_DATASET_HUB_IDS = {"fashion-mnist": "zalando-datasets/fashion_mnist"}
 # With more classes than this the card and its metadata carry a summary of the class counts and point to
 # config.json, which always holds the full list.
 MAX_LISTED_CLASSES = 20
@@ -131,6 +137,7 @@ def render_model_card(
     recipe_name: str | None = None,
     recipe_text: str | None = None,
     train_command: str | None = None,
+    shot_thresholds: Mapping[str, int] | None = None,
     license: str | None = "apache-2.0",
 ) -> ModelCard:
     """The Hub model card of a BalPoE model, from its ``config.json`` dict and its evaluation results.
@@ -142,10 +149,12 @@ def render_model_card(
         shift_report: a ``scripts/evaluate.py`` report; its ``shift_accuracy`` table
             (``{prior mode: {shift: accuracy}}``) becomes the label-shift section and model-index entries.
         repo_id: the Hub id used in the usage snippet and as the model name.
-        images: card-relative paths of the pictures: ``class_counts`` (required in the card) and
-            ``reliability`` (optional).
+        images: card-relative paths of the pictures: ``class_counts`` (required in the card),
+            ``reliability_diagram`` and ``per_class_accuracy`` (optional).
         dataset_id: the Hub dataset id for the metadata (omit for local data).
         dataset_name: a readable dataset name for the card and the model-index.
+        recipe_name, recipe_text, train_command: how the model was trained, for the Training section.
+        shot_thresholds: ``{"many": M, "few": F}`` of the many/medium/few split (default 100 / 20).
     """
     counts = [int(c) for c in config.get("class_counts") or []]
     if not counts:
@@ -219,7 +228,7 @@ def render_model_card(
         eval_results=eval_entries or None,
         balpoe=balpoe_meta,
     )
-    images = dict(images or {})
+    images = dict(images or {})  # a missing picture leaves its line out of the card
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -239,12 +248,13 @@ def render_model_card(
         if listed else None,
         target_prior_description=_target_prior_description(config.get("target_prior")),
         dataset_name=dataset_name,
+        dataset_id=dataset_id,
         metrics=metric_rows or None,
-        shot_thresholds={"many": 100, "few": 20},
+        shot_thresholds=dict(shot_thresholds or {"many": 100, "few": 20}),
         shift_table={"columns": shift_columns,
                      "rows": [{"mode": mode, "values": [_percent(acc.get(shift)) for shift in shift_columns]}
                               for mode, acc in shift_rows.items()]} if shift_rows else None,
-        images={"class_counts": images.get("class_counts"), "reliability": images.get("reliability")},
+        images=images,
         image_size=int(config.get("image_size") or 224),
         recipe_name=recipe_name,
         recipe_text=recipe_text.strip() if recipe_text else None,
@@ -310,14 +320,15 @@ def _code_files(folder: Path, config: Mapping[str, Any], problems: list[str]) ->
     return sorted(f"{module}.py" for module in seen if (folder / f"{module}.py").is_file())
 
 
-def check_hub_folder(model_dir: str | Path, require_card: bool = True) -> list[str]:
+def check_hub_folder(model_dir: str | Path, require_card: bool = True, extra_files: Sequence[str] = ()
+                     ) -> list[str]:
     """Check that ``model_dir`` holds a publishable model and return the files to upload.
 
     Required: safetensors weights (pickle weights are refused), ``config.json`` of a BalPoE model with
     ``class_counts`` and ``lambdas``, the remote-code files its ``auto_map`` needs, the image processor
     config, and (with ``require_card``) ``README.md`` with every image it links. Optional run artefacts
-    (``eval_results.json``, ``train_results.json``) are added when present. Raises ``HubFolderError``
-    listing every problem.
+    (``eval_results.json``, ``train_results.json``, ``recipe.yaml``) and ``extra_files`` (relative paths
+    that must exist) are added. Raises ``HubFolderError`` listing every problem.
     """
     folder = Path(model_dir)
     if not folder.is_dir():
@@ -354,6 +365,11 @@ def check_hub_folder(model_dir: str | Path, require_card: bool = True) -> list[s
         else:
             problems.append(f"no {CARD_NAME} (model card): run balpoe_hf.hub.prepare_hub_folder(dir).")
     files += [name for name in OPTIONAL_FILES if (folder / name).is_file()]
+    for name in extra_files:
+        if (folder / name).is_file():
+            files.append(Path(name).as_posix())
+        else:
+            problems.append(f"{name} is not a file in the folder.")
     if problems:
         raise HubFolderError(f"{folder} is not ready for the Hub:\n- " + "\n- ".join(problems))
     return sorted(set(files))
@@ -369,51 +385,104 @@ class HubPublishError(RuntimeError):
     """Publishing cannot start (offline mode or no token); nothing was uploaded, the folder is unchanged."""
 
 
-def _write_images(folder: Path, config: Mapping[str, Any]) -> dict[str, str]:
-    """Render the card's pictures into ``folder/images`` and return their card-relative paths."""
-    from .plots import class_count_histogram  # matplotlib is only needed when a card is rendered
+def _recipe_card_fields(recipe: Mapping[str, Any], recipe_text: str) -> dict[str, Any]:
+    """Card fields from the resolved recipe that scripts/train.py saves as ``recipe.yaml``."""
+    dataset = recipe.get("dataset")
+    train_file = recipe.get("train_file")
+    if train_file:  # local parquet or imagefolder data: there is no Hub dataset to point to
+        dataset_id, source = None, "local data"
+    else:
+        dataset_id = LOCAL_DATASET_HUB_IDS.get(dataset, dataset)
+        source = dataset_id or "local data"
+    return {
+        "recipe_name": recipe.get("name"),
+        "recipe_text": recipe_text,
+        "dataset_id": dataset_id,
+        "dataset_name": source,
+        # The uploaded recipe.yaml is the resolved recipe: training from it reproduces the run.
+        "train_command": f"accelerate launch scripts/train.py --config {RECIPE_NAME}",
+        "shot_thresholds": {"many": recipe.get("many_threshold", 100),
+                            "few": recipe.get("few_threshold", 20)},
+    }
 
-    counts = [int(c) for c in config["class_counts"]]
-    (folder / IMAGES_DIR).mkdir(exist_ok=True)
-    images = {"class_counts": f"{IMAGES_DIR}/class_counts.png"}
-    class_count_histogram(counts, folder / images["class_counts"],
-                          class_names=_label_names(config, len(counts)))
-    return images
+
+def _copy_png(source: Path, folder: Path, name: str) -> str | None:
+    """Copy a picture into ``folder/images`` (where the card links it); ``None`` if the source is missing."""
+    if not source.is_file():
+        return None
+    target = folder / IMAGES_DIR / name
+    if source.resolve() != target.resolve():
+        target.write_bytes(source.read_bytes())
+    return f"{IMAGES_DIR}/{name}"
 
 
 def prepare_hub_folder(
     model_dir: str | Path,
     repo_id: str | None = None,
     *,
+    eval_report: str | Path | None = None,
     dataset_id: str | None = None,
     dataset_name: str | None = None,
     license: str | None = "apache-2.0",
 ) -> HubFolder:
     """Render the model card and its pictures into ``model_dir`` and check it; everything but the upload.
 
-    Writes ``README.md`` and ``images/`` (nothing is deleted) and returns the card and the list of files
-    that ``push_to_hub`` would upload, so that the folder can be inspected first. ``repo_id`` is used in
-    the card's usage snippet (default: the folder name).
+    Reads ``config.json`` (class counts, lambdas, labels), ``eval_results.json`` and ``recipe.yaml`` (from
+    ``scripts/train.py``) and the ``scripts/evaluate.py`` report ``eval_report`` (default
+    ``MODEL_DIR/eval/report.json`` when it exists: its balanced-set metrics, label-shift table and
+    reliability diagram). Writes ``README.md`` and ``images/`` (nothing is deleted) and returns the card
+    and the files that ``push_to_hub`` would upload, so that the folder can be inspected first.
+    ``repo_id`` is used in the card's usage snippet (default: the folder name); ``dataset_id`` and
+    ``dataset_name`` override what the recipe says.
     """
+    from .plots import class_count_histogram  # matplotlib is only needed when a card is rendered
+
     folder = Path(model_dir)
     config = _read_json(folder / CONFIG_NAME)
     if config is None:
         raise HubFolderError(f"no {CONFIG_NAME} in {folder}: save the model with model.save_pretrained(dir).")
-    if not config.get("class_counts"):
+    counts = [int(c) for c in config.get("class_counts") or []]
+    if not counts:
         raise HubFolderError(f"{folder / CONFIG_NAME} has no class_counts: the training prior must travel "
                              "with the model (set BalPoEConfig.class_counts).")
-    images = _write_images(folder, config)
-    card = render_model_card(
-        config,
-        _read_json(folder / EVAL_RESULTS_NAME),
-        repo_id=repo_id or folder.resolve().name,
-        images=images,
-        dataset_id=dataset_id,
-        dataset_name=dataset_name,
-        license=license,
-    )
+    card_fields: dict[str, Any] = {}
+    recipe_path = folder / RECIPE_NAME
+    if recipe_path.is_file():
+        recipe_text = recipe_path.read_text(encoding="utf-8")
+        card_fields.update(_recipe_card_fields(yaml.safe_load(recipe_text) or {}, recipe_text))
+    card_fields.update({k: v for k, v in (("dataset_id", dataset_id), ("dataset_name", dataset_name)) if v})
+
+    (folder / IMAGES_DIR).mkdir(exist_ok=True)
+    images = {"class_counts": f"{IMAGES_DIR}/class_counts.png"}
+    class_count_histogram(counts, folder / images["class_counts"],
+                          class_names=_label_names(config, len(counts)))
+
+    metrics = _read_json(folder / EVAL_RESULTS_NAME)
+    report_path = Path(eval_report) if eval_report is not None else folder / DEFAULT_EVAL_REPORT
+    report = _read_json(report_path)
+    if eval_report is not None and report is None:
+        raise HubFolderError(f"evaluation report {report_path} does not exist: write it with "
+                             f"scripts/evaluate.py --model {folder} --output {report_path}.")
+    extra_files = []
+    if report is not None:
+        # The report's metrics and its reliability diagram come from the same evaluation: keep them together.
+        metrics = report.get("balanced") or metrics
+        settings = report.get("settings") or {}
+        if "many" in settings and "few" in settings:
+            card_fields["shot_thresholds"] = {"many": settings["many"], "few": settings["few"]}
+        report_images = report.get("images") or {}
+        for name in ("reliability_diagram", "per_class_accuracy"):
+            if name in report_images:
+                copied = _copy_png(report_path.parent / report_images[name], folder, f"{name}.png")
+                if copied:
+                    images[name] = copied
+        if report_path.resolve().is_relative_to(folder.resolve()):
+            extra_files.append(report_path.resolve().relative_to(folder.resolve()).as_posix())
+
+    card = render_model_card(config, metrics, report, repo_id=repo_id or folder.resolve().name, images=images,
+                             license=license, **card_fields)
     card.save(folder / CARD_NAME)
-    return HubFolder(path=folder, files=check_hub_folder(folder), card=card)
+    return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=extra_files), card=card)
 
 
 def push_to_hub(
