@@ -160,7 +160,9 @@ def render_model_card(
     if not counts:
         raise HubFolderError("config has no class_counts: the card needs the training class counts "
                              "(train with balpoe_hf so that BalPoEConfig.class_counts is set).")
-    lambdas = [float(x) for x in config.get("lambdas") or []]
+    lambdas = list(config.get("lambdas") or [])
+    # Per-class lambdas (one list per expert) are too long for the card: it points to config.json instead.
+    per_class_lambdas = any(isinstance(x, list) for x in lambdas)
     backbone = str(config.get("backbone", "unknown"))
     num_classes = len(counts)
     names = _label_names(config, num_classes)
@@ -175,7 +177,7 @@ def render_model_card(
     balpoe_meta: dict[str, Any] = {
         "backbone": backbone,
         "num_experts": int(config.get("num_experts", len(lambdas))),
-        "lambdas": lambdas,
+        "lambdas": "per class, see config.json" if per_class_lambdas else [float(x) for x in lambdas],
         "num_classes": num_classes,
         "imbalance_ratio": ratio_value,
         "target_prior": config.get("target_prior") or "uniform",
@@ -236,7 +238,7 @@ def render_model_card(
         repo_id=repo_id,
         backbone=backbone,
         num_experts=balpoe_meta["num_experts"],
-        lambdas=[f"{x:g}" for x in lambdas],
+        lambdas=["per class (see `config.json`)"] if per_class_lambdas else [f"{x:g}" for x in lambdas],
         classifier=config.get("classifier", "cosine"),
         num_classes=num_classes,
         num_train=sum(counts),

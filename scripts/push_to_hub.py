@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token", default=None,
                         help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
     parser.add_argument("--commit-message", default="Upload BalPoE model with balpoe-hf")
+    parser.add_argument("--eval-report", default=None, metavar="REPORT.json",
+                        help="scripts/evaluate.py report for the card's shift table and reliability diagram "
+                             "(default: MODEL_DIR/eval/report.json when it exists)")
     parser.add_argument("--dataset-id", default=None,
                         help="Hub dataset id for the card's metadata (default: from the run's recipe)")
     parser.add_argument("--dataset-name", default=None, help="readable dataset name for the card")
@@ -34,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    card_options = {"dataset_id": args.dataset_id, "dataset_name": args.dataset_name, "license": args.license}
+    card_options = {"eval_report": args.eval_report, "dataset_id": args.dataset_id,
+                    "dataset_name": args.dataset_name, "license": args.license}
     try:
         if args.dry_run:
             folder = prepare_hub_folder(args.model_dir, args.repo_id, **card_options)

@@ -385,3 +385,17 @@ def test_script_dry_run_lists_the_files_and_offline_push_exits_with_an_error(sav
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     assert push_script.main([str(run), "me/tiny-balpoe", "--token", "hf_x"]) == 1
     assert "offline mode" in capsys.readouterr().err
+
+
+def test_report_outside_the_run_gives_its_pictures_but_is_not_uploaded(saved_run, tmp_path):
+    run, _ = saved_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "images", "README.md"))
+    shutil.copytree(run / "eval", tmp_path / "elsewhere")
+    report = tmp_path / "elsewhere" / "report.json"
+    folder = hub.prepare_hub_folder(copy, "me/tiny-balpoe", eval_report=report)
+    assert "images/reliability_diagram.png" in folder.files
+    assert not any(name.endswith("report.json") for name in folder.files)
+    assert "### Under label shift" in folder.card.text
+    with pytest.raises(hub.HubFolderError, match="does not exist"):
+        hub.prepare_hub_folder(copy, eval_report=tmp_path / "missing.json")
