@@ -16,7 +16,7 @@ ViT / DeiT         patch_embed, cls/pos tokens, norm_pre      blocks.0..blocks.{
 
 Everything after the last stage (final norm, pooling, timm's own head) belongs to the experts. The trunk and
 each expert are separate copies of the timm model in which the modules owned by the other part are replaced
-by ``nn.Identity`` (and parameters by ``None``), so every parameter has exactly one owner, parameter names
+by identities (and parameters by ``None``), so every parameter has exactly one owner, parameter names
 stay timm's names, and the trunk runs timm's own ``forward_features``.
 
 This module is also shipped as remote code next to a saved model: it imports torch, timm and
@@ -142,14 +142,18 @@ class BackboneAdapter:
 
 
 def _remove(model: nn.Module, names: list[str] | tuple[str, ...]) -> None:
-    """Replace the named submodules by ``nn.Identity`` and the named parameters by ``None``."""
+    """Replace the named submodules by an identity and the named parameters by ``None``.
+
+    The identity is an empty ``nn.Sequential`` rather than ``nn.Identity``: timm's gradient checkpointing
+    (``checkpoint_seq(..., flatten=True)``) iterates over the stages, and an empty Sequential is iterable.
+    """
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if attr in parent._parameters:
             parent.register_parameter(attr, None)
         elif getattr(parent, attr, None) is not None:
-            setattr(parent, attr, nn.Identity())
+            setattr(parent, attr, nn.Sequential())
 
 
 ADAPTERS: tuple[BackboneAdapter, ...] = (

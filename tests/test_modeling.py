@@ -1,0 +1,367 @@
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
+
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, BalPoEModel, build_image_processor
+from balpoe_hf.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassifier
+
+COUNTS = [50, 20, 8, 2]
+LABELS = {0: "tshirt", 1: "trouser", 2: "pullover", 3: "dress"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_model(**overrides) -> BalPoEForImageClassification:
+    torch.manual_seed(0)
+    kwargs = dict(num_experts=3, class_counts=COUNTS, id2label=LABELS)
+    return BalPoEForImageClassification(BalPoEConfig(**{**kwargs, **overrides}))
+
+
+def log_train_prior() -> torch.Tensor:
+    return torch.tensor([math.log(n / sum(COUNTS)) for n in COUNTS])
+
+
+# ----------------------------------------------------------------------------------------- configuration
+
+
+def test_config_defaults():
+    config = BalPoEConfig(class_counts=COUNTS)
+    assert config.model_type == "balpoe" and config.backbone == "resnet32_cifar"
+    assert config.num_labels == 4 and config.label2id == {f"LABEL_{i}": i for i in range(4)}
+    assert config.lambdas == [1.0, 0.0, -1.0]
+    assert config.classifier == "cosine" and config.classifier_scale == 30.0
+    # From resnet32_cifar's timm config: CIFAR size and statistics.
+    assert config.image_size == 32 and config.image_mean == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert BalPoEConfig(num_experts=1).lambdas == [0.0]
+    assert BalPoEConfig(num_experts=2).lambdas == [1.0, -1.0]
+    assert BalPoEConfig(num_experts=5).lambdas == [1.0, 0.5, 0.0, -0.5, -1.0]
+    assert BalPoEConfig(id2label=LABELS).label2id == {v: k for k, v in LABELS.items()}
+    vit = BalPoEConfig(backbone="vit_tiny_patch16_224", backbone_kwargs={"img_size": 48}, num_labels=3)
+    assert vit.image_size == 48 and vit.image_mean == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(num_experts=2, lambdas=[1.0, 0.0, -1.0]), "lambdas has 3 entries but there are 2 experts"),
+    (dict(lambdas=[[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]], class_counts=COUNTS), "per-class lambdas"),
+    (dict(num_experts=0), "num_experts must be a positive integer"),
+    (dict(class_counts=[5, 0, 3, 1]), r"classes \[1\] have zero training samples"),
+    (dict(class_counts=[5, 3], id2label=LABELS), "class_counts has 2 entries but the model has 4 classes"),
+    (dict(class_counts=[5, -1, 3, 1]), "negative"),
+    (dict(target_prior=[0.5, 0.5], class_counts=COUNTS), "target_prior has 2 entries"),
+    (dict(target_prior=[0.5, 0.3, 0.1, 0.2], class_counts=COUNTS), "must sum to 1"),
+    (dict(classifier="mlp"), "classifier must be one of"),
+    (dict(classifier_scale=0.0), "classifier_scale must be positive"),
+    (dict(image_mean=[0.5]), "image_mean has 1 entries"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BalPoEConfig(**kwargs)
+
+
+def test_config_edits_are_rechecked_on_save(tmp_path):
+    config = BalPoEConfig(class_counts=COUNTS)
+    config.lambdas = [1.0, 0.0]
+    with pytest.raises(Exception, match="lambdas has 2 entries"):
+        config.save_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- formulas
+
+
+def test_ensemble_is_mean_of_expert_logits_for_zero_mean_lambdas():
+    model = make_model().eval()
+    out = model(torch.randn(3, 3, 32, 32))
+    assert isinstance(out, BalPoEImageClassifierOutput)
+    assert out.expert_logits.shape == (3, 3, 4) and out.logits.shape == (3, 4)
+    assert torch.allclose(out.logits, out.expert_logits.mean(1), atol=1e-6)
+
+
+def test_nonzero_mean_lambda_applies_full_adjustment():
+    model = make_model(num_experts=2, lambdas=[1.0, 0.5]).eval()
+    out = model(torch.randn(3, 3, 32, 32))
+    expected = out.expert_logits.mean(1) - 0.75 * log_train_prior()
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+
+
+def test_per_class_lambdas():
+    lambdas = [[1.0, 1.0, 0.0, 0.0], [0.0, -1.0, 0.0, 2.0]]
+    model = make_model(num_experts=2, lambdas=lambdas).eval()
+    out = model(torch.randn(2, 3, 32, 32))
+    mean_lambda = torch.tensor([0.5, 0.0, 0.0, 1.0])
+    assert torch.allclose(out.logits, out.expert_logits.mean(1) - mean_lambda * log_train_prior(), atol=1e-5)
+
+
+def test_target_prior_shifts_logits_by_log_prior():
+    model = make_model().eval()
+    x = torch.randn(5, 3, 32, 32)
+    uniform = model(x).logits
+    target = [0.1, 0.2, 0.3, 0.4]
+    shifted = model(x, target_prior=target).logits
+    # log(C * pi_t) per class, the same for every image.
+    expected_shift = torch.log(4 * torch.tensor(target)).expand(5, 4)
+    assert torch.allclose(shifted - uniform, expected_shift, atol=1e-5)
+    train = model(x, target_prior="train").logits
+    assert torch.allclose(train - uniform, (math.log(4) + log_train_prior()).expand(5, 4), atol=1e-5)
+    # The prediction follows the argmax of the shifted scores.
+    assert torch.equal(shifted.argmax(1), (uniform + expected_shift).argmax(1))
+
+
+def test_set_target_prior_persists(tmp_path):
+    model = make_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x, target_prior="train").logits
+    model.set_target_prior("train")
+    assert model.config.target_prior == pytest.approx([n / sum(COUNTS) for n in COUNTS])
+    assert torch.allclose(model(x).logits, expected)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.target_prior == pytest.approx(model.config.target_prior)
+    assert torch.allclose(loaded(x).logits, expected)
+    model.set_target_prior("uniform")
+    assert model.config.target_prior is None
+    assert torch.allclose(model(x).logits, model(x).expert_logits.mean(1), atol=1e-6)
+
+
+@pytest.mark.parametrize(("prior", "message"), [
+    ("balanced", "must be 'uniform', 'train'"),
+    ([0.5, 0.5], "target_prior has 2 entries"),
+    ([1.2, -0.2, 0.0, 0.0], "non-negative"),
+    ([0.3, 0.3, 0.3, 0.3], "must sum to 1"),
+])
+def test_target_prior_errors(prior, message):
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        model.set_target_prior(prior)
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(1, 3, 32, 32), target_prior=prior)
+
+
+def test_loss_is_mean_of_expert_logit_adjusted_losses():
+    model = make_model().train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out = model(x, labels=y)
+    # Expert e: CE(z_e + (1 - lambda_e) log pi, y) with lambdas 1, 0, -1.
+    expected = torch.stack([
+        F.cross_entropy(out.expert_logits[:, e] + (1 - lam) * log_train_prior(), y)
+        for e, lam in enumerate([1.0, 0.0, -1.0])
+    ])
+    assert torch.allclose(out.expert_losses, expected, atol=1e-5)
+    assert torch.allclose(out.loss, expected.mean(), atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        hard = model(x, labels=y).loss
+        soft = model(x, labels=F.one_hot(y, 4).float()).loss
+    assert torch.allclose(hard, soft)
+    _, logits, expert_logits, expert_losses = model(x, labels=y, return_dict=False)
+    assert logits.shape == (4, 4) and expert_logits.shape == (4, 3, 4) and expert_losses.shape == (3,)
+
+
+def test_cosine_and_linear_classifiers():
+    classifier = CosineClassifier(8, 5, scale=30.0)
+    features = torch.randn(6, 8)
+    logits = classifier(features)
+    assert logits.abs().max() <= 30.0 + 1e-4
+    assert torch.allclose(classifier(features * 7.0), logits, atol=1e-5)
+    # Aligned with a class weight: cosine 1, logit 30.
+    assert classifier(classifier.weight[2:3].detach() * 3)[0, 2].item() == pytest.approx(30.0, rel=1e-5)
+    linear = make_model(classifier="linear")
+    assert isinstance(linear.balpoe.experts[0].classifier, torch.nn.Linear)
+    assert linear.balpoe.experts[0].classifier.bias.shape == (4,)
+
+
+def test_every_parameter_has_one_owner():
+    model = make_model(num_experts=3)
+    params = list(model.parameters())
+    assert len(list(model.named_parameters(remove_duplicate=False))) == len(params)
+    assert len({p.data_ptr() for p in params}) == len(params)
+    # Hand count for resnet32_cifar: trunk = stem 464 + stage 1 23,360; each expert = stages 2-3
+    # 439,680 + a 64 x 4 cosine classifier.
+    assert sum(p.numel() for p in model.balpoe.trunk.parameters()) == 23_824
+    assert sum(p.numel() for p in params) == 23_824 + 3 * (439_680 + 64 * 4)
+    # Experts start from independent random inits.
+    first, second = (expert.backbone.layer3[0].conv1.weight for expert in model.balpoe.experts[:2])
+    assert not torch.equal(first, second)
+
+
+def test_gradient_checkpointing_gives_same_loss():
+    model = make_model().train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    torch.manual_seed(0)
+    reference = model(x, labels=y).loss
+    model.activation_checkpointing_enable()
+    assert model.balpoe.trunk.grad_checkpointing and model.balpoe.experts[0].backbone.grad_checkpointing
+    loss = model(x, labels=y).loss
+    loss.backward()
+    assert torch.allclose(loss, reference, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- save / load
+
+
+def trained_model() -> BalPoEForImageClassification:
+    model = make_model()
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(torch.randn(8, 3, 32, 32), labels=torch.randint(0, 4, (8,))).loss
+    loss.backward()
+    optimizer.step()  # BN running statistics and weights move away from their init
+    model.set_target_prior([0.4, 0.3, 0.2, 0.1])
+    return model.eval()
+
+
+def test_save_and_load_restores_every_tensor(tmp_path):
+    model = trained_model()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["class_counts"] == COUNTS and saved["lambdas"] == [1.0, 0.0, -1.0]
+    assert saved["shared_stages"] == 1
+    assert saved["auto_map"] == {
+        "AutoConfig": "configuration_balpoe.BalPoEConfig",
+        "AutoModel": "modeling_balpoe.BalPoEModel",
+        "AutoModelForImageClassification": "modeling_balpoe.BalPoEForImageClassification",
+    }
+    code = {"configuration_balpoe.py", "modeling_balpoe.py", "backbones.py", "cifar_resnet.py", "losses.py",
+            "priors.py"}
+    assert code <= set(os.listdir(tmp_path)) and "data.py" not in os.listdir(tmp_path)
+
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), BalPoEConfig)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, BalPoEForImageClassification)
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    got = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]), key
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x).logits, loaded(x).logits)
+
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(base, BalPoEModel)
+    assert torch.equal(base(x).expert_logits, model(x).expert_logits)
+    assert base(x).pooler_output.shape == (2, 3, 64)
+
+
+def test_meta_device_build_reinitialises_every_buffer_and_parameter():
+    config = BalPoEConfig(num_experts=2, class_counts=COUNTS, target_prior=[0.4, 0.3, 0.2, 0.1])
+    reference = BalPoEForImageClassification(config)
+    with torch.device("meta"):
+        model = BalPoEForImageClassification(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float("nan") if tensor.is_floating_point() else -1)
+    model.init_weights()
+    buffers, expected = dict(model.named_buffers()), dict(reference.named_buffers())
+    assert buffers.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(buffers[key], value), key
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), name
+
+
+REMOTE_SCRIPT = textwrap.dedent("""
+    import importlib.abc, json, sys
+
+    class HideBalPoE(importlib.abc.MetaPathFinder):
+        # The editable install puts a finder for balpoe_hf on sys.meta_path: refuse the package first.
+        def find_spec(self, name, path=None, target=None):
+            if name == "balpoe_hf" or name.startswith("balpoe_hf."):
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+
+    sys.meta_path.insert(0, HideBalPoE())
+    # Drop the checkout (and the empty cwd entry) from the path; keep the venv even if it lives inside it.
+    repo = sys.argv[1]
+    sys.path = [p for p in sys.path
+                if p and not ((p == repo or p.startswith(repo + "/")) and not p.startswith(sys.prefix))]
+    try:
+        import balpoe_hf  # noqa: F401
+        raise SystemExit("balpoe_hf is importable: the test would prove nothing")
+    except ModuleNotFoundError:
+        pass
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained("model", trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained("model", trust_remote_code=True).eval()
+    config = AutoConfig.from_pretrained("model", trust_remote_code=True)
+    x = torch.load("input.pt")
+    with torch.no_grad():
+        json.dump({
+            "logits": model(x).logits.tolist(),
+            "expert_logits": base(x).expert_logits.tolist(),
+            "classes": [type(model).__module__, type(base).__name__, type(config).__name__],
+            "balpoe_modules": sorted(m for m in sys.modules if m.split(".")[0] == "balpoe_hf"),
+        }, open("out.json", "w"))
+""")
+
+
+def test_remote_code_load_without_balpoe_hf(tmp_path):
+    model = trained_model()
+    model.save_pretrained(tmp_path / "model")
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "input.pt")
+    (tmp_path / "load.py").write_text(REMOTE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run([sys.executable, "load.py", REPO], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["classes"][0].startswith("transformers_modules.")
+    assert out["classes"][1:] == ["BalPoEModel", "BalPoEConfig"]
+    assert out["balpoe_modules"] == []
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(out["logits"]), model(x).logits, atol=1e-6)
+        assert torch.allclose(torch.tensor(out["expert_logits"]), model(x).expert_logits, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+def test_image_processor_and_pipeline(tmp_path):
+    model = trained_model()
+    processor = build_image_processor(model.config)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+
+    # A grayscale image becomes three equal channels, each (v / 255 - mean) / std.
+    gray = Image.fromarray(np.full((28, 28), 128, dtype=np.uint8), mode="L")
+    pixels = processor(gray, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 32, 32)
+    for channel, (mean, std) in enumerate(zip(model.config.image_mean, model.config.image_std, strict=True)):
+        assert torch.allclose(pixels[0, channel], torch.tensor((128 / 255 - mean) / std), atol=1e-5)
+
+    classify = pipeline("image-classification", model=str(tmp_path))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), mode="RGB")
+    scores = classify(image)
+    assert [s["label"] for s in scores] and {s["label"] for s in scores} == set(LABELS.values())
+    assert sum(s["score"] for s in scores) == pytest.approx(1.0, abs=1e-4)
+    with torch.no_grad():
+        probs = model(processor(image, return_tensors="pt")["pixel_values"]).logits.softmax(-1)[0]
+    assert scores[0]["label"] == LABELS[int(probs.argmax())]
+    assert scores[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
+    assert classify(gray)[0]["label"] in LABELS.values()
+
+
+def test_image_processor_errors():
+    with pytest.raises(ValueError, match="pass mean and std"):
+        build_image_processor(32)
+    with pytest.raises(ValueError, match="one value per RGB channel"):
+        build_image_processor(32, mean=[0.5], std=[0.5])
+    with pytest.raises(ValueError, match="std must be positive"):
+        build_image_processor(32, mean=[0.5] * 3, std=[0.5, 0.0, 0.5])
+    with pytest.raises(ValueError, match="positive integer"):
+        build_image_processor(0, mean=[0.5] * 3, std=[0.5] * 3)
+    with pytest.raises(ValueError, match="resample must be one of"):
+        build_image_processor(BalPoEConfig(), resample="lanczos")
