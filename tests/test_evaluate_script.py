@@ -1,0 +1,166 @@
+"""scripts/evaluate.py end to end on a tiny saved BalPoE model and a tiny parquet test set."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+PER_CLASS = 50  # the smallest test set on which backward50 / forward50 keep one image of the tail class
+TRAIN_COUNTS = [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]  # IR100 profile: many / medium / few all present
+NAMES = [f"class {c}" for c in range(NUM_CLASSES)]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("balpoe_evaluate_script", ROOT / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+script = _load_script()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A saved tiny model (ResNet-20 on 8x8 images) with its image processor, like a scripts/train.py run."""
+    torch.manual_seed(0)
+    config = BalPoEConfig(backbone="resnet20_cifar", num_experts=3, lambdas=[1.0, 0.0, -1.0],
+                          class_counts=TRAIN_COUNTS, id2label=dict(enumerate(NAMES)), image_size=8,
+                          image_mean=[0.5] * 3, image_std=[0.25] * 3)
+    model = BalPoEForImageClassification(config).eval()
+    path = tmp_path_factory.mktemp("run")
+    model.save_pretrained(path)
+    build_image_processor(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def test_file(tmp_path_factory):
+    """A balanced parquet test set: 50 random 8x8 RGB images per class, class names as a ClassLabel."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(NUM_CLASSES), PER_CLASS)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in labels]
+    features = datasets.Features({"img": datasets.Image(), "fine": datasets.ClassLabel(names=NAMES)})
+    path = tmp_path_factory.mktemp("data") / "test.parquet"
+    datasets.Dataset.from_dict({"img": images, "fine": labels}, features=features).to_parquet(path)
+    return path
+
+
+def _forward_size(ratio):
+    """Images kept by a forward (or backward) set of ratio r: int(50 * r ** (-k / 9)) for ranks k = 0..9."""
+    return sum(int(PER_CLASS * ratio ** (-k / (NUM_CLASSES - 1))) for k in range(NUM_CLASSES))
+
+
+def test_end_to_end_runs_the_model_once_and_writes_report_and_plots(run_dir, test_file, tmp_path, capsys,
+                                                                       monkeypatch):
+    seen = []
+    forward = BalPoEForImageClassification.forward
+
+    def counting_forward(self, pixel_values, *args, **kwargs):
+        seen.append(pixel_values.shape[0])
+        return forward(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(BalPoEForImageClassification, "forward", counting_forward)
+    output = tmp_path / "eval" / "report.json"
+    code = script.main(["--model", str(run_dir), "--test-file", str(test_file), "--image-column", "img",
+                        "--label-column", "fine", "--shifts", "all", "--prior", "none,oracle,em",
+                        "--output", str(output), "--batch-size", "128"])
+    assert code == 0
+    assert sum(seen) == NUM_CLASSES * PER_CLASS  # one pass over the balanced set, whatever the shifts
+
+    printed = capsys.readouterr().out
+    assert printed.index("Balanced test set (500 images") < printed.index("| prior")
+    header = next(line for line in printed.splitlines() if line.startswith("| prior"))
+    columns = [c.strip() for c in header.strip("|").split("|")][1:]
+    assert columns == ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
+                       "backward2", "backward5", "backward10", "backward25", "backward50"]
+    for mode in ("none", "oracle", "em"):
+        assert any(line.startswith(f"| {mode} |") for line in printed.splitlines())
+
+    report = json.loads(output.read_text())
+    assert set(report["balanced"]) == {"accuracy", "balanced_accuracy", "per_class_accuracy", "many",
+                                       "medium", "few", "ece", "mce", "nll", "brier"}
+    assert report["num_test_samples"] == 500
+    assert report["train_counts"] == TRAIN_COUNTS
+    assert [e["lambda"] for e in report["experts"]] == [1.0, 0.0, -1.0]
+    shifts = report["shifts"]
+    assert shifts["uniform"]["num_samples"] == 500
+    for ratio in (50, 25, 10, 5, 2):
+        assert shifts[f"forward{ratio}"]["num_samples"] == _forward_size(ratio)
+        assert shifts[f"backward{ratio}"]["num_samples"] == _forward_size(ratio)
+    # Forward50 keeps 50 images of the most frequent training class and one of the rarest.
+    forward50 = np.asarray(shifts["forward50"]["test_prior"]) * shifts["forward50"]["num_samples"]
+    assert forward50[0] == pytest.approx(50) and forward50[-1] == pytest.approx(1)
+    assert shifts["backward50"]["test_prior"] == shifts["forward50"]["test_prior"][::-1]
+    for mode, row in report["shift_accuracy"].items():
+        for shift, accuracy in row.items():
+            assert accuracy == shifts[shift]["reports"][mode]["accuracy"]
+    # The uniform set is the balanced set: prior none gives the balanced report again.
+    assert shifts["uniform"]["reports"]["none"]["accuracy"] == report["balanced"]["accuracy"]
+    assert 0 <= shifts["forward50"]["em_prior_error"] <= 1
+    for name in report["images"].values():
+        png = output.parent / name
+        assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 1000
+
+
+def test_prior_modes_from_cached_logits_match_the_model_run_with_that_prior(run_dir, test_file):
+    model, processor = script.load_model(str(run_dir), "cpu")
+    ds = datasets.Dataset.from_parquet(str(test_file))
+    uniform_logits, _ = script.predict(model, processor, ds, "img", 64, "cpu")
+    labels = np.asarray(ds["fine"])
+    rows = script.shifted_rows(labels, TRAIN_COUNTS, "forward10", seed=0)
+    prior = torch.from_numpy(np.bincount(labels[rows], minlength=NUM_CLASSES) / len(rows))
+    derived = script.with_target_prior(uniform_logits[rows], prior)
+    images = list(ds.select(rows)["img"])
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        direct = model(pixel_values=pixel_values, target_prior=prior.tolist()).logits
+    # Logits may differ by a constant per row; the probabilities must agree.
+    torch.testing.assert_close(torch.softmax(derived, 1).float(), torch.softmax(direct, 1),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_dataset_and_columns_come_from_the_runs_recipe(run_dir, test_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for file in run_dir.iterdir():
+        (run / file.name).write_bytes(file.read_bytes())
+    (run / "recipe.yaml").write_text(f"test_file: ['{test_file}']\nimage_column: img\nlabel_column: fine\n")
+    assert script.main(["--model", str(run), "--shifts", "forward10,backward10", "--prior", "none"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[-2].startswith("|---|") and table[-1].startswith("| none |")
+
+
+def test_labels_are_matched_to_the_model_by_class_name():
+    # An imagefolder numbers classes alphabetically; the model's order differs.
+    features = datasets.Features({"label": datasets.ClassLabel(names=["b", "c", "a"])})
+    ds = datasets.Dataset.from_dict({"label": [0, 1, 2, 2]}, features=features)
+    labels = script.align_labels(ds, "label", {0: "a", 1: "b", 2: "c"})
+    assert labels.tolist() == [1, 2, 0, 0]
+    with pytest.raises(script.EvaluationError, match="not classes of the model"):
+        script.align_labels(ds, "label", {0: "a", 1: "b", 2: "z"})
+
+
+def test_hub_dataset_while_offline_says_how_to_use_local_files(run_dir, monkeypatch, capsys):
+    monkeypatch.setattr(script.hub_constants, "HF_HUB_OFFLINE", True)
+    assert script.main(["--model", str(run_dir), "--dataset", "someone/cifar100-lt"]) == 2
+    error = capsys.readouterr().err
+    assert "offline" in error and "--test-file" in error and "fashion-mnist" in error
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--shifts", "sideways10"], "unknown shifts"),
+    (["--prior", "none,guess"], "unknown prior modes"),
+])
+def test_bad_arguments_are_named(run_dir, test_file, capsys, argv, message):
+    assert script.main(["--model", str(run_dir), "--test-file", str(test_file), *argv]) == 2
+    assert message in capsys.readouterr().err
