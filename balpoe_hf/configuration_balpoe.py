@@ -1,7 +1,7 @@
 """Configuration of BalPoE models (``model_type="balpoe"``).
 
 This module is also shipped as remote code next to a saved model: it imports torch, timm, transformers and
-the flat ``.priors`` / ``.cifar_resnet`` modules only.
+the flat ``.priors`` / ``.backbones`` modules only.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import timm
 import torch
 from transformers import PreTrainedConfig
 
-from . import cifar_resnet  # noqa: F401  (registers the CIFAR ResNets, the default backbone, with timm)
+# Importing .backbones also registers the CIFAR ResNets (the default backbone) with timm.
 from .backbones import check_backbone_kwargs
 from .priors import expert_lambdas, validate_class_counts, validate_prior
 

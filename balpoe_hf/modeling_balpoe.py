@@ -172,7 +172,7 @@ class BalPoEPreTrainedModel(PreTrainedModel):
             if hasattr(module, "set_grad_checkpointing") and hasattr(module, "grad_checkpointing"):
                 module.set_grad_checkpointing(enable)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained`` plus an ``auto_map`` naming every BalPoE auto class.
 
         The code files are copied next to the weights, so the folder loads with ``trust_remote_code=True``
@@ -187,7 +187,7 @@ class BalPoEPreTrainedModel(PreTrainedModel):
             "AutoModel": f"{model_module}.BalPoEModel",
             "AutoModelForImageClassification": f"{model_module}.BalPoEForImageClassification",
         }
-        super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class BalPoEModel(BalPoEPreTrainedModel):
