@@ -289,9 +289,11 @@ REMOTE_SCRIPT = textwrap.dedent("""
         pass
 
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from PIL import Image
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
 
     model = AutoModelForImageClassification.from_pretrained("model", trust_remote_code=True).eval()
+    classify = pipeline("image-classification", model="model", trust_remote_code=True)
     base = AutoModel.from_pretrained("model", trust_remote_code=True).eval()
     config = AutoConfig.from_pretrained("model", trust_remote_code=True)
     x = torch.load("input.pt")
@@ -300,6 +302,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
             "logits": model(x).logits.tolist(),
             "expert_logits": base(x).expert_logits.tolist(),
             "classes": [type(model).__module__, type(base).__name__, type(config).__name__],
+            "pipeline_labels": [s["label"] for s in classify(Image.new("L", (28, 28), 100))],
             "balpoe_modules": sorted(m for m in sys.modules if m.split(".")[0] == "balpoe_hf"),
         }, open("out.json", "w"))
 """)
@@ -308,6 +311,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
 def test_remote_code_load_without_balpoe_hf(tmp_path):
     model = trained_model()
     model.save_pretrained(tmp_path / "model")
+    build_image_processor(model.config).save_pretrained(tmp_path / "model")
     x = torch.randn(2, 3, 32, 32)
     torch.save(x, tmp_path / "input.pt")
     (tmp_path / "load.py").write_text(REMOTE_SCRIPT)
@@ -320,6 +324,7 @@ def test_remote_code_load_without_balpoe_hf(tmp_path):
     assert out["classes"][0].startswith("transformers_modules.")
     assert out["classes"][1:] == ["BalPoEModel", "BalPoEConfig"]
     assert out["balpoe_modules"] == []
+    assert sorted(out["pipeline_labels"]) == sorted(LABELS.values())
     with torch.no_grad():
         assert torch.allclose(torch.tensor(out["logits"]), model(x).logits, atol=1e-6)
         assert torch.allclose(torch.tensor(out["expert_logits"]), model(x).expert_logits, atol=1e-6)
