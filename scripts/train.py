@@ -1,0 +1,287 @@
+"""Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
+
+    accelerate launch scripts/train.py --recipe fashion-mnist-lt-quick --output-dir runs/fmnist
+    accelerate launch scripts/train.py --recipe cifar10-lt-local \\
+        --train-file data/cifar10/train.parquet --test-file data/cifar10/test.parquet
+    accelerate launch --multi_gpu --num_processes 4 scripts/train.py --recipe cifar100-lt-ir100 --epochs 5
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 scripts/train.py --config my.yaml
+
+Every recipe field has a flag (``--lambdas 1 0 -1 --mixup-alpha 0.4 ...``). The output directory gets the
+model (``save_pretrained``, loadable with ``AutoModelForImageClassification``) with its image processor,
+``recipe.yaml``, ``train_results.json``, ``eval_results.json`` (the balanced test set) and one checkpoint
+per epoch (the last few are kept) for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from timm.data import Mixup
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, training
+from balpoe_hf.data import shot_groups
+from balpoe_hf.metrics import long_tail_report
+from balpoe_hf.training import TrainingError
+
+
+def build_model(recipe: training.Recipe, data: training.TrainingData):
+    """A freshly initialised BalPoE model whose training prior is the long-tailed split's class counts."""
+    try:
+        config = BalPoEConfig(
+            backbone=recipe.backbone,
+            backbone_kwargs=recipe.backbone_kwargs,
+            backbone_pretrained=recipe.backbone_pretrained,
+            num_experts=recipe.num_experts,
+            lambdas=recipe.lambdas,
+            shared_stages=recipe.shared_stages,
+            classifier=recipe.classifier,
+            classifier_scale=recipe.classifier_scale,
+            class_counts=data.class_counts,
+            id2label=dict(enumerate(data.class_names)),
+            label2id={name: i for i, name in enumerate(data.class_names)},
+            image_size=recipe.image_size,
+            image_mean=recipe.image_mean,
+            image_std=recipe.image_std,
+        )
+        return BalPoEForImageClassification(config)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise TrainingError(f"cannot build the model: {error}") from None
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``(N, C)`` (adjusted to a uniform prior) and labels ``(N,)`` of every test image, once each."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for batch in loader:
+        logits = model(pixel_values=batch["pixel_values"]).logits
+        # gather_for_metrics drops the samples repeated to even out the last batch across processes.
+        logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def format_report(report: dict, groups: dict[str, list[int]]) -> str:
+    def pct(value):
+        return "  n/a " if value is None else f"{100 * value:6.2f}"
+
+    sizes = "/".join(str(len(groups[g])) for g in ("many", "medium", "few"))
+    return (f"balanced accuracy {pct(report['balanced_accuracy'])} %  "
+            f"(accuracy {pct(report['accuracy'])} %)\n"
+            f"many / medium / few-shot ({sizes} classes): {pct(report['many'])} / {pct(report['medium'])} / "
+            f"{pct(report['few'])} %\n"
+            f"ECE (15 bins) {pct(report['ece'])} %   NLL {report['nll']:.4f}")
+
+
+def train(args, recipe: training.Recipe) -> int:
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=recipe.mixed_precision,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=str(output_dir),
+    )
+    training.check_world_size(accelerator.num_processes)
+    training.check_output_dir(output_dir, args.resume, args.overwrite)
+    if args.push_to_hub:
+        from huggingface_hub import constants
+
+        if constants.is_offline_mode():
+            raise TrainingError("--push-to-hub needs the network, but offline mode is on (HF_HUB_OFFLINE=1); "
+                                "unset it, or publish later with scripts/push_to_hub.py.")
+    set_seed(recipe.seed)
+
+    # ---- data: the long-tailed training split and the balanced test set, transformed on the fly
+    data = training.load_training_data(recipe)
+    processor = training.build_processor(recipe)  # evaluation transform, saved with the model
+    train_set, test_set = training.with_transforms(data, recipe, processor)
+    groups = shot_groups(data.class_counts, recipe.many_threshold, recipe.few_threshold)
+    accelerator.print(f"{recipe.name}: {len(data.train):,} training images in {len(data.class_counts)} "
+                      "classes "
+                      f"(largest {max(data.class_counts)}, smallest {min(data.class_counts)}), "
+                      f"{len(data.test):,} test images; many/medium/few-shot classes "
+                      f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}")
+    on_gpu = accelerator.device.type == "cuda"
+    loader_options = {"num_workers": recipe.num_workers, "pin_memory": on_gpu,
+                      "persistent_workers": recipe.num_workers > 0}
+    # The shuffling generator is re-seeded every epoch, so that an epoch's order depends on (seed, epoch)
+    # only: a resumed run sees exactly the batches the uninterrupted run would have seen.
+    shuffle_generator = torch.Generator()
+    # drop_last: mixup pairs each batch with its reverse and needs an even, full batch.
+    train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
+                              generator=shuffle_generator, **loader_options)
+    test_loader = DataLoader(test_set, batch_size=recipe.eval_batch_size, **loader_options)
+
+    # ---- model, optimizer, schedule
+    model = build_model(recipe, data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, test_loader)
+    if len(train_loader) == 0:
+        raise TrainingError(f"{len(data.train)} training images make no full batch of {recipe.batch_size} x "
+                            f"{accelerator.num_processes} processes; lower --batch-size.")
+    steps_per_epoch = math.ceil(len(train_loader) / recipe.gradient_accumulation_steps)
+    # Stepped once per optimizer step by hand (not prepared): the schedule is in optimizer steps.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, training.lr_lambda(recipe, steps_per_epoch))
+    accelerator.register_for_checkpointing(scheduler)
+    mixup = None
+    if recipe.mixup_alpha > 0:
+        # Soft targets (B, C) for BalPoELoss; no label smoothing, which would change the training prior.
+        mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=0.0, label_smoothing=0.0,
+                      num_classes=len(data.class_counts))
+
+    # ---- output directory and resume
+    start_epoch, history = 0, []
+    checkpoints = training.completed_checkpoints(output_dir) if args.resume else []
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.overwrite and output_dir.is_dir():
+            training.clear_directory(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoints and (output_dir / "recipe.yaml").is_file():
+            changed = training.recipe_differences(recipe, output_dir / "recipe.yaml")
+            if changed:
+                print(f"warning: resuming with recipe changes {changed} (saved -> now)")
+        training.save_recipe(recipe, output_dir / "recipe.yaml")
+    accelerator.wait_for_everyone()
+    if checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        state = json.loads((checkpoints[-1] / training.TRAINER_STATE).read_text())
+        start_epoch, history = state["epoch"], state["eval_history"]
+        accelerator.print(f"resumed from {checkpoints[-1]} (epoch {start_epoch} of {recipe.epochs})")
+    elif args.resume:
+        accelerator.print(f"no checkpoint in {output_dir / training.CHECKPOINTS_DIR}: starting afresh")
+    if args.report_to != "none":
+        # TensorBoard's hparams take scalars only.
+        accelerator.init_trackers("logs", config={k: v if isinstance(v, int | float | str | bool) else str(v)
+                                                  for k, v in recipe.to_dict().items()})
+
+    # ---- training
+    global_batch = recipe.batch_size * accelerator.num_processes * recipe.gradient_accumulation_steps
+    accelerator.print(f"training {recipe.epochs} epochs of {steps_per_epoch} steps, global batch "
+                      f"{global_batch} "
+                      f"({accelerator.num_processes} process(es) on {accelerator.device}, "
+                      f"mixed precision {accelerator.mixed_precision})")
+    run_start = time.perf_counter()
+    images_seen, report, epoch_loss = 0, None, float("nan")
+    for epoch in range(start_epoch, recipe.epochs):
+        # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-exact.
+        set_seed(recipe.seed + epoch, device_specific=True)
+        shuffle_generator.manual_seed(recipe.seed + epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        epoch_start, epoch_images = time.perf_counter(), 0
+        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
+                        disable=not accelerator.is_local_main_process)
+        for step, batch in enumerate(progress):
+            pixel_values, targets = batch["pixel_values"], batch["labels"]
+            if mixup is not None:
+                pixel_values, targets = mixup(pixel_values, targets)
+            with accelerator.accumulate(model):
+                loss = model(pixel_values=pixel_values, labels=targets).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and recipe.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            loss_sum += loss.detach()
+            epoch_images += pixel_values.shape[0] * accelerator.num_processes
+            lr = scheduler.get_last_lr()[0]
+            if step % 10 == 0 and accelerator.is_local_main_process:  # .item() waits for the device
+                throughput = epoch_images / (time.perf_counter() - epoch_start)
+                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}", img_s=f"{throughput:.0f}")
+            optimizer_step = epoch * steps_per_epoch + (step + 1) // recipe.gradient_accumulation_steps
+            if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0:
+                accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=optimizer_step)
+        epoch_loss = accelerator.reduce(loss_sum, reduction="mean").item() / len(train_loader)
+        epoch_time = time.perf_counter() - epoch_start
+        images_seen += epoch_images
+        accelerator.print(f"epoch {epoch + 1}/{recipe.epochs}: loss {epoch_loss:.4f}, lr {lr:.5f}, "
+                          f"{epoch_images / epoch_time:.0f} images/s, {epoch_time:.0f} s")
+        accelerator.log({"train/epoch_loss": epoch_loss,
+                         "train/images_per_second": epoch_images / epoch_time},
+                        step=(epoch + 1) * steps_per_epoch)
+
+        last = epoch + 1 == recipe.epochs
+        if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
+            logits, labels = evaluate(model, test_loader, accelerator)
+            report = long_tail_report(logits, labels, data.class_counts, n_bins=15,
+                                      many=recipe.many_threshold, few=recipe.few_threshold)
+            history.append({"epoch": epoch + 1, "balanced_accuracy": report["balanced_accuracy"],
+                            "accuracy": report["accuracy"], "ece": report["ece"]})
+            accelerator.print(f"eval after epoch {epoch + 1} on {len(labels):,} test images:\n"
+                              + format_report(report, groups))
+            accelerator.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)},
+                            step=(epoch + 1) * steps_per_epoch)
+
+        # ---- checkpoint: accelerate's state (model, optimizer, scheduler, RNG) + our trainer state
+        checkpoint = training.checkpoint_dir(output_dir, epoch + 1)
+        accelerator.save_state(str(checkpoint))
+        if accelerator.is_main_process:
+            state = {"epoch": epoch + 1, "eval_history": history}
+            (checkpoint / training.TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            training.prune_checkpoints(output_dir, recipe.checkpoints_total_limit)
+        accelerator.wait_for_everyone()
+    train_runtime = time.perf_counter() - run_start
+
+    if report is None:  # resumed from the final checkpoint: only the evaluation and the outputs are left
+        logits, labels = evaluate(model, test_loader, accelerator)
+        report = long_tail_report(logits, labels, data.class_counts, n_bins=15,
+                                  many=recipe.many_threshold, few=recipe.few_threshold)
+
+    # ---- outputs: model + image processor, results
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        train_results = {
+            "epochs": recipe.epochs, "train_samples": len(data.train), "class_counts": data.class_counts,
+            "train_loss": epoch_loss, "train_runtime": train_runtime,
+            "train_samples_per_second": images_seen / train_runtime if images_seen else None,
+            "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
+            "eval_history": history,
+        }
+        eval_results = {"epoch": recipe.epochs, "eval_samples": len(labels),
+                        **{f"eval_{k}": v for k, v in report.items()}}
+        (output_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
+        (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        print(f"\n{recipe.name}: balanced test set ({len(labels):,} images) after {recipe.epochs} epochs\n"
+              + format_report(report, groups) + f"\nsaved to {output_dir}")
+    accelerator.end_training()
+
+    if args.push_to_hub and accelerator.is_main_process:
+        from balpoe_hf import hub
+
+        try:
+            url = hub.push_to_hub(output_dir, args.hub_model_id)
+        except (hub.HubPublishError, hub.HubFolderError) as error:
+            raise TrainingError(f"training finished and the model is saved in {output_dir}, but the upload "
+                                f"failed: {error}") from None
+        print(f"pushed to {url}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return train(*training.parse_args(argv, description=__doc__))
+    except TrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""End-to-end runs of scripts/train.py through the real ``accelerate launch``, on a tiny long-tailed dataset.
+
+One process and two CPU (gloo) processes, a run killed after its first epoch and resumed, and the saved
+model loaded back with the transformers auto classes. Each launch costs ~10 s of start-up, so the runs are
+module fixtures shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_synthetic import TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "train.py"
+ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch"]  # the real CLI
+LAUNCH_ONE = [*ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+NUM_TEST = TEST_PER_CLASS * len(TRAIN_COUNTS)  # 32, not a multiple of 2 processes x eval batch 5
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("train_e2e")
+    train, test = write_parquet(root / "data")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(root / "hf_datasets_cache"), "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
+        env.pop(key, None)
+    args = ["--train-file", str(train), "--test-file", str(test), "--image-column", "picture",
+            "--label-column", "target", "--backbone", "resnet20_cifar", "--image-size", "16",
+            "--epochs", "4", "--lr", "0.02", "--warmup-epochs", "0", "--lr-schedule", "cosine",
+            "--mixup-alpha", "0.2", "--rotation", "0", "--many-threshold", "20", "--few-threshold", "6",
+            "--eval-batch-size", "5", "--eval-every", "2", "--num-workers", "0", "--logging-steps", "1"]
+    return {"root": root, "train": train, "test": test, "env": env, "args": args}
+
+
+def _run(command: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (f"{command}\nstdout:\n{result.stdout[-3000:]}\n"
+                                    f"stderr:\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def single_run(data) -> dict:
+    out = data["root"] / "single"
+    result = _run([*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
+                   "--report-to", "tensorboard"], data["env"])
+    return {"dir": out, "stdout": result.stdout, "stderr": result.stderr}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(data) -> dict:
+    out = data["root"] / "two"
+    env = {**data["env"], "ACCELERATE_USE_CPU": "1"}
+    # Half the per-process batch: the same global batch of 8 as the single-process run.
+    command = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT),
+               *data["args"], "--batch-size", "4", "--output-dir", str(out)]
+    result = _run(command, env)
+    return {"dir": out, "stdout": result.stdout, "stderr": result.stderr}
+
+
+def _results(run_dir: Path) -> tuple[dict, dict]:
+    return (json.loads((run_dir / "train_results.json").read_text()),
+            json.loads((run_dir / "eval_results.json").read_text()))
+
+
+def _reference_metrics(run_dir: Path, test_file: Path) -> dict:
+    """Accuracy and balanced accuracy of the saved model on the test set, computed here from scratch."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    import balpoe_hf  # noqa: F401  (registers "balpoe" with the auto classes)
+
+    model = AutoModelForImageClassification.from_pretrained(run_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(run_dir)
+    test = datasets.load_dataset("parquet", data_files=str(test_file), split="train")
+    with torch.no_grad():
+        pixels = processor(images=[im.convert("RGB") for im in test["picture"]], return_tensors="pt")
+        predictions = model(**pixels).logits.argmax(-1).numpy()
+    labels = np.asarray(test["target"])
+    per_class = [np.mean(predictions[labels == c] == c) for c in range(len(TRAIN_COUNTS))]
+    return {"accuracy": float(np.mean(predictions == labels)), "balanced_accuracy": float(np.mean(per_class)),
+            "config": model.config}
+
+
+def test_single_process_run_writes_model_results_and_logs(single_run):
+    out = single_run["dir"]
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "recipe.yaml",
+                 "train_results.json", "eval_results.json"):
+        assert (out / name).is_file(), name
+    train_results, eval_results = _results(out)
+    assert train_results["class_counts"] == TRAIN_COUNTS
+    assert train_results["train_samples"] == sum(TRAIN_COUNTS)
+    assert eval_results["eval_samples"] == NUM_TEST
+    assert [h["epoch"] for h in train_results["eval_history"]] == [2, 4]  # --eval-every 2 and the end
+    for key in ("eval_accuracy", "eval_balanced_accuracy", "eval_many", "eval_medium", "eval_few",
+                "eval_ece"):
+        assert 0.0 <= eval_results[key] <= 1.0, key
+    # The last two epoch checkpoints (checkpoints_total_limit 2) and TensorBoard event files.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0003", "epoch-0004"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert "images/s" in single_run["stdout"]
+    assert "balanced accuracy" in single_run["stdout"] and "ECE (15 bins)" in single_run["stdout"]
+
+
+def test_saved_model_loads_with_auto_classes_and_reproduces_the_reported_metrics(single_run, data):
+    reference = _reference_metrics(single_run["dir"], data["test"])
+    _, eval_results = _results(single_run["dir"])
+    assert reference["config"].class_counts == TRAIN_COUNTS  # the long-tailed split's counts are the prior
+    assert reference["config"].lambdas == [1.0, 0.0, -1.0]
+    assert eval_results["eval_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-9)
+    assert eval_results["eval_balanced_accuracy"] == pytest.approx(reference["balanced_accuracy"], abs=1e-9)
+    # A colour per class is easy: the run learns it (chance is 0.25).
+    assert eval_results["eval_balanced_accuracy"] >= 0.75
+
+
+def test_two_cpu_processes_evaluate_every_test_image_once_and_match_one_process(two_process_run, single_run,
+                                                                                 data):
+    assert "2 process(es)" in two_process_run["stdout"]
+    train_results, eval_results = _results(two_process_run["dir"])
+    assert train_results["num_processes"] == 2 and train_results["global_batch_size"] == 8
+    # 32 test images over 2 processes x batches of 5 pad the last batch; gather_for_metrics drops the padding.
+    assert eval_results["eval_samples"] == NUM_TEST
+    reference = _reference_metrics(two_process_run["dir"], data["test"])
+    assert eval_results["eval_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-9)
+    assert eval_results["eval_balanced_accuracy"] == pytest.approx(reference["balanced_accuracy"], abs=1e-9)
+    # Same data order and global batch; batch-norm statistics and mixup act per process, so close, not equal.
+    _, single = _results(single_run["dir"])
+    assert abs(eval_results["eval_balanced_accuracy"] - single["eval_balanced_accuracy"]) <= 0.15
+
+
+def test_run_killed_after_an_epoch_resumes_to_the_same_weights_and_metrics(single_run, data):
+    out = data["root"] / "killed"
+    command = [*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out)]
+    process = subprocess.Popen(command, env=data["env"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "checkpoints" / "epoch-0001" / "trainer_state.json"
+    deadline = time.monotonic() + 200
+    while not first.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first.is_file(), "the run never finished its first epoch"
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+
+    resumed = _run([*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
+                    "--resume"], data["env"])
+    assert "resumed from" in resumed.stdout
+
+    expected, got = load_file(single_run["dir"] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+    _, single_eval = _results(single_run["dir"])
+    _, resumed_eval = _results(out)
+    for key in ("eval_accuracy", "eval_balanced_accuracy", "eval_ece", "eval_nll", "eval_brier"):
+        assert resumed_eval[key] == pytest.approx(single_eval[key], abs=1e-6), key
+
+
+def test_launcher_asked_for_two_processes_but_started_one_is_stopped(data):
+    # `accelerate launch --cpu --num_processes 2` starts a single process: the script must say so and stop.
+    result = subprocess.run([*ACCELERATE, "--cpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *data["args"],
+                             "--output-dir", str(data["root"] / "wrong-launch")],
+                            env=data["env"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "error: the launcher asked for more than one process but this run sees 1" in result.stderr
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N" in result.stderr
+    assert not (data["root"] / "wrong-launch").exists()
