@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# The main job: BalPoE on Fashion-MNIST-LT (imbalance 100), a few minutes on 2 CPU cores; prints balanced,
+# many/medium/few-shot accuracy and ECE on the balanced test set. accelerate launch would otherwise run
+# torch with one thread, hence --num_cpu_threads_per_process; --quiet: an error prints its message only.
 train: setup
-	$(VENV)/bin/python scripts/describe_split.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no \
+		--dynamo_backend no --num_cpu_threads_per_process $$(nproc) \
+		scripts/train.py --recipe fashion-mnist-lt-quick --output-dir runs/fashion-mnist-lt-quick --overwrite
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
