@@ -101,18 +101,23 @@ def train(args, recipe: training.Recipe) -> int:
                                 "unset it, or publish later with scripts/push_to_hub.py.")
     set_seed(recipe.seed)
 
-    # ---- data: the long-tailed training split and the balanced test set, transformed on the fly
+    # ---- data: the long-tailed training split and the balanced test set
     data = training.load_training_data(recipe)
-    processor = training.build_processor(recipe)  # evaluation transform, saved with the model
-    train_set, test_set = training.with_transforms(data, recipe, processor)
     groups = shot_groups(data.class_counts, recipe.many_threshold, recipe.few_threshold)
     accelerator.print(f"{recipe.name}: {len(data.train):,} training images in {len(data.class_counts)} "
-                      "classes "
-                      f"(largest {max(data.class_counts)}, smallest {min(data.class_counts)}), "
+                      f"classes ({max(data.class_counts)} down to {min(data.class_counts)} per class), "
                       f"{len(data.test):,} test images; many/medium/few-shot classes "
                       f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}")
-    on_gpu = accelerator.device.type == "cuda"
-    loader_options = {"num_workers": recipe.num_workers, "pin_memory": on_gpu,
+
+    # ---- model and optimizer (before the data loaders, so that a bad backbone fails fast)
+    model = build_model(recipe, data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+
+    # ---- data loaders: decoding and augmentation on the fly, in worker processes
+    processor = training.build_processor(recipe)  # the evaluation transform, saved with the model
+    train_set, test_set = training.with_transforms(data, recipe, processor)
+    loader_options = {"num_workers": recipe.num_workers, "pin_memory": accelerator.device.type == "cuda",
                       "persistent_workers": recipe.num_workers > 0}
     # The shuffling generator is re-seeded every epoch, so that an epoch's order depends on (seed, epoch)
     # only: a resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -121,11 +126,6 @@ def train(args, recipe: training.Recipe) -> int:
     train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
                               generator=shuffle_generator, **loader_options)
     test_loader = DataLoader(test_set, batch_size=recipe.eval_batch_size, **loader_options)
-
-    # ---- model, optimizer, schedule
-    model = build_model(recipe, data)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, test_loader)
     if len(train_loader) == 0:

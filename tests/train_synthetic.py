@@ -31,12 +31,12 @@ def _images(counts: list[int], rng: np.random.Generator) -> tuple[list[Image.Ima
     return images, labels
 
 
-def write_parquet(root: Path, image_column: str = "picture", label_column: str = "target",
-                  class_label: bool = True) -> tuple[Path, Path]:
+def write_parquet(root: Path, image_column: str = "picture",
+                  label_column: str = "target") -> tuple[Path, Path]:
     """``root/train.parquet`` (32/16/8/4 images) and ``root/test.parquet`` (8 per class)."""
     rng = np.random.default_rng(0)
-    label_feature = datasets.ClassLabel(names=CLASS_NAMES) if class_label else datasets.Value("int64")
-    features = datasets.Features({image_column: datasets.Image(), label_column: label_feature})
+    features = datasets.Features({image_column: datasets.Image(),
+                                  label_column: datasets.ClassLabel(names=CLASS_NAMES)})
     root.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, counts in (("train", TRAIN_COUNTS), ("test", [TEST_PER_CLASS] * len(CLASS_NAMES))):
