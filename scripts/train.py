@@ -170,8 +170,7 @@ def train(args, recipe: training.Recipe) -> int:
     # ---- training
     global_batch = recipe.batch_size * accelerator.num_processes * recipe.gradient_accumulation_steps
     accelerator.print(f"training {recipe.epochs} epochs of {steps_per_epoch} steps, global batch "
-                      f"{global_batch} "
-                      f"({accelerator.num_processes} process(es) on {accelerator.device}, "
+                      f"{global_batch} on {accelerator.num_processes} process(es) ({accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision})")
     run_start = time.perf_counter()
     images_seen, report, epoch_loss = 0, None, float("nan")
@@ -181,6 +180,7 @@ def train(args, recipe: training.Recipe) -> int:
         shuffle_generator.manual_seed(recipe.seed + epoch)
         model.train()
         loss_sum = torch.zeros((), device=accelerator.device)
+        optimizer_step = epoch * steps_per_epoch  # for the tracker's x axis
         epoch_start, epoch_images = time.perf_counter(), 0
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
                         disable=not accelerator.is_local_main_process)
@@ -203,7 +203,7 @@ def train(args, recipe: training.Recipe) -> int:
             if step % 10 == 0 and accelerator.is_local_main_process:  # .item() waits for the device
                 throughput = epoch_images / (time.perf_counter() - epoch_start)
                 progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}", img_s=f"{throughput:.0f}")
-            optimizer_step = epoch * steps_per_epoch + (step + 1) // recipe.gradient_accumulation_steps
+            optimizer_step += accelerator.sync_gradients
             if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0:
                 accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=optimizer_step)
         epoch_loss = accelerator.reduce(loss_sum, reduction="mean").item() / len(train_loader)
