@@ -221,6 +221,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def recipe_values(name: str | None = None, config: str | Path | None = None) -> dict[str, Any]:
     """The raw values of a shipped recipe ``name`` or of a YAML file ``config`` (with its ``base`` merged)."""
+    if config is not None and name is not None:
+        raise TrainingError("give either --recipe or --config, not both (a config file can start from a "
+                            "recipe with `base: NAME`).")
     if config is not None:
         path = Path(config)
         if not path.is_file():
@@ -229,9 +232,6 @@ def recipe_values(name: str | None = None, config: str | Path | None = None) -> 
         base = values.pop("base", None)
         merged = recipe_values(base) if base else {}
         merged.update(values)
-        if name is not None:
-            raise TrainingError("give either --recipe or --config, not both (a config file can start from "
-                                "a recipe with `base: NAME`).")
         return merged
     if name is None:
         return {}
@@ -319,7 +319,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         base, optional = _unwrap_optional(hints[name])
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
+        help_text = f"{f.metadata['help']} (built-in default: {default})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -367,7 +367,11 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
         parser.error(f"pass --recipe NAME (one of: {', '.join(available_recipes())}), --config FILE.yaml, "
                      "or the data flags (--dataset / --train-file and --test-file).")
     values = recipe_values(args.recipe, args.config)
-    values.update({name: getattr(args, name) for name in RECIPE_FIELDS if name in vars(args)})
+    for name in RECIPE_FIELDS:
+        if name in vars(args):
+            value = getattr(args, name)
+            # `--lambdas none` parses as [None]: the list field itself is unset.
+            values[name] = None if isinstance(value, list) and None in value else value
     recipe = make_recipe(values)
     if args.push_to_hub and not args.hub_model_id:
         raise TrainingError("--push-to-hub needs --hub-model-id USER/NAME.")

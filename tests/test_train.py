@@ -126,6 +126,9 @@ def test_command_line_overrides_the_recipe():
     # Fields left alone keep the recipe's value.
     assert recipe.lr == 0.1 and recipe.label_column == "fine_label"
     assert args.output_dir == "runs/cifar100-lt-ir100"
+    _, recipe = training.parse_args(["--recipe", "cifar100-lt-ir100", "--num-experts", "5",
+                                     "--lambdas", "none"])
+    assert recipe.lambdas is None  # BalPoEConfig then spaces 5 lambdas evenly from 1 to -1
 
 
 def test_config_file_starts_from_a_base_recipe(tmp_path):
