@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,12 @@ def train(args, recipe: training.Recipe) -> int:
         if constants.is_offline_mode():
             raise TrainingError("--push-to-hub needs the network, but offline mode is on (HF_HUB_OFFLINE=1); "
                                 "unset it, or publish later with scripts/push_to_hub.py.")
+    cores = len(os.sched_getaffinity(0))
+    on_one_cpu_process = accelerator.device.type == "cpu" and accelerator.num_processes == 1
+    if on_one_cpu_process and torch.get_num_threads() < cores:
+        # A plain `accelerate launch` sets OMP_NUM_THREADS=1.
+        accelerator.print(f"note: torch uses {torch.get_num_threads()} of {cores} CPU cores; "
+                          f"`accelerate launch --num_cpu_threads_per_process {cores}` trains faster")
     set_seed(recipe.seed)
 
     # ---- data: the long-tailed training split and the balanced test set

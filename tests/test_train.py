@@ -342,3 +342,14 @@ def test_script_refuses_a_non_empty_output_directory(train_script, parquet, tmp_
     assert train_script.main(argv) == 2
     assert "is not empty. Pass --resume" in capsys.readouterr().err
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_push_to_hub_needs_an_id_and_the_network(train_script, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    argv = ["--recipe", "fashion-mnist-lt-quick", "--output-dir", str(tmp_path / "run"), "--push-to-hub"]
+    assert train_script.main(argv) == 2
+    assert "--push-to-hub needs --hub-model-id" in capsys.readouterr().err
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert train_script.main([*argv, "--hub-model-id", "me/x"]) == 2  # before any training
+    assert "--push-to-hub needs the network, but offline mode is on" in capsys.readouterr().err
