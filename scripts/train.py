@@ -14,6 +14,7 @@ per epoch (the last few are kept) for ``--resume``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from balpoe_hf.metrics import long_tail_report
 from balpoe_hf.training import TrainingError
 
 
-def build_model(recipe: training.Recipe, data: training.TrainingData):
+def build_model(recipe: training.Recipe, data: training.TrainingData) -> BalPoEForImageClassification:
     """A freshly initialised BalPoE model whose training prior is the long-tailed split's class counts."""
     try:
         config = BalPoEConfig(
@@ -59,7 +60,8 @@ def build_model(recipe: training.Recipe, data: training.TrainingData):
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``(N, C)`` (adjusted to a uniform prior) and labels ``(N,)`` of every test image, once each."""
     model.eval()
     all_logits, all_labels = [], []
@@ -73,6 +75,7 @@ def evaluate(model, loader, accelerator: Accelerator) -> tuple[torch.Tensor, tor
 
 
 def format_report(report: dict, groups: dict[str, list[int]]) -> str:
+    """The headline metrics of a ``long_tail_report``, in percent."""
     def pct(value):
         return "  n/a " if value is None else f"{100 * value:6.2f}"
 
@@ -84,7 +87,8 @@ def format_report(report: dict, groups: dict[str, list[int]]) -> str:
             f"ECE (15 bins) {pct(report['ece'])} %   NLL {report['nll']:.4f}")
 
 
-def train(args, recipe: training.Recipe) -> int:
+def train(args: argparse.Namespace, recipe: training.Recipe) -> int:
+    """The whole run: set-up, data, model, the epoch loop with evaluation and checkpoints, outputs."""
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=recipe.mixed_precision,
@@ -180,7 +184,7 @@ def train(args, recipe: training.Recipe) -> int:
                       f"{global_batch} on {accelerator.num_processes} process(es) ({accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision})")
     run_start = time.perf_counter()
-    images_seen, report, epoch_loss = 0, None, float("nan")
+    images_seen, report, epoch_loss = 0, None, None
     for epoch in range(start_epoch, recipe.epochs):
         # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-exact.
         set_seed(recipe.seed + epoch, device_specific=True)
