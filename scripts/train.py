@@ -128,15 +128,16 @@ def train(args: argparse.Namespace, recipe: training.Recipe) -> int:
     # ---- data loaders: decoding and augmentation on the fly, in worker processes
     processor = training.build_processor(recipe)  # the evaluation transform, saved with the model
     train_set, test_set = training.with_transforms(data, recipe, processor)
-    loader_options = {"num_workers": recipe.num_workers, "pin_memory": accelerator.device.type == "cuda",
-                      "persistent_workers": recipe.num_workers > 0}
-    # The shuffling generator is re-seeded every epoch, so that an epoch's order depends on (seed, epoch)
-    # only: a resumed run sees exactly the batches the uninterrupted run would have seen.
+    loader_options = {"num_workers": recipe.num_workers, "pin_memory": accelerator.device.type == "cuda"}
+    # The shuffling generator is re-seeded every epoch, and the training workers are started afresh every
+    # epoch (not persistent) with seeds drawn from it, so that an epoch's order and augmentation depend on
+    # (seed, epoch) only: a resumed run sees exactly the batches the uninterrupted run would have seen.
     shuffle_generator = torch.Generator()
     # drop_last: mixup pairs each batch with its reverse and needs an even, full batch.
     train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
                               generator=shuffle_generator, **loader_options)
-    test_loader = DataLoader(test_set, batch_size=recipe.eval_batch_size, **loader_options)
+    test_loader = DataLoader(test_set, batch_size=recipe.eval_batch_size,
+                             persistent_workers=recipe.num_workers > 0, **loader_options)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, test_loader)
     if len(train_loader) == 0:

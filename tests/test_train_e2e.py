@@ -47,9 +47,9 @@ def data(tmp_path_factory) -> dict:
         env.pop(key, None)
     args = ["--train-file", str(train), "--test-file", str(test), "--image-column", "picture",
             "--label-column", "target", "--backbone", "resnet20_cifar", "--image-size", "16",
-            "--epochs", "4", "--lr", "0.02", "--warmup-epochs", "0", "--lr-schedule", "cosine",
+            "--epochs", "6", "--lr", "0.02", "--warmup-epochs", "0", "--lr-schedule", "cosine",
             "--mixup-alpha", "0.2", "--rotation", "0", "--many-threshold", "20", "--few-threshold", "6",
-            "--eval-batch-size", "5", "--eval-every", "2", "--num-workers", "0", "--logging-steps", "1"]
+            "--eval-batch-size", "5", "--eval-every", "2", "--num-workers", "1", "--logging-steps", "1"]
     return {"root": root, "train": train, "test": test, "env": env, "args": args}
 
 
@@ -112,12 +112,12 @@ def test_single_process_run_writes_model_results_and_logs(single_run):
     assert train_results["class_counts"] == TRAIN_COUNTS
     assert train_results["train_samples"] == sum(TRAIN_COUNTS)
     assert eval_results["eval_samples"] == NUM_TEST
-    assert [h["epoch"] for h in train_results["eval_history"]] == [2, 4]  # --eval-every 2 and the end
+    assert [h["epoch"] for h in train_results["eval_history"]] == [2, 4, 6]  # --eval-every 2
     for key in ("eval_accuracy", "eval_balanced_accuracy", "eval_many", "eval_medium", "eval_few",
                 "eval_ece"):
         assert 0.0 <= eval_results[key] <= 1.0, key
     # The last two epoch checkpoints (checkpoints_total_limit 2) and TensorBoard event files.
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0003", "epoch-0004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0005", "epoch-0006"]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert "images/s" in single_run["stdout"]
     assert "balanced accuracy" in single_run["stdout"] and "ECE (15 bins)" in single_run["stdout"]
