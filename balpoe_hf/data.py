@@ -28,7 +28,8 @@ def _num_classes_from_features(ds: datasets.Dataset, label_column: str) -> int |
     return feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
 
 
-def labels_array(ds: datasets.Dataset, label_column: str = "label", num_classes: int | None = None) -> np.ndarray:
+def labels_array(ds: datasets.Dataset, label_column: str = "label",
+                 num_classes: int | None = None) -> np.ndarray:
     """The label column as an ``int64`` array, checked for presence, integer type and range.
 
     ``num_classes`` defaults to the ``ClassLabel`` feature's size, else to ``max(label) + 1``.
@@ -53,12 +54,14 @@ def labels_array(ds: datasets.Dataset, label_column: str = "label", num_classes:
     if num_classes is not None and labels.size and labels.max() >= num_classes:
         bad = np.unique(labels[labels >= num_classes]).tolist()
         raise ValueError(
-            f"label column {label_column!r} has labels {bad[:10]} outside the class range [0, {num_classes - 1}]."
+            f"label column {label_column!r} has labels {bad[:10]} outside the class range "
+            f"[0, {num_classes - 1}]."
         )
     return labels
 
 
-def class_counts(ds: datasets.Dataset, label_column: str = "label", num_classes: int | None = None) -> list[int]:
+def class_counts(ds: datasets.Dataset, label_column: str = "label",
+                 num_classes: int | None = None) -> list[int]:
     """Samples per class, in label-index order (classes with no sample count 0)."""
     labels = labels_array(ds, label_column, num_classes)
     if num_classes is None:
@@ -94,7 +97,8 @@ def _subsample(labels: np.ndarray, keep: Sequence[int], seed: int) -> np.ndarray
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def _check_no_empty_class(keep: Sequence[int], available: Sequence[int], what: str, largest_ratio: float) -> None:
+def _check_no_empty_class(keep: Sequence[int], available: Sequence[int], what: str,
+                          largest_ratio: float) -> None:
     empty = [cls for cls, k in enumerate(keep) if k == 0]
     if not empty:
         return
@@ -102,8 +106,8 @@ def _check_no_empty_class(keep: Sequence[int], available: Sequence[int], what: s
     if missing:
         raise ValueError(f"classes {missing} have no samples in the dataset, so {what} cannot include them.")
     raise ValueError(
-        f"{what} would keep zero samples of classes {empty}; the largest ratio that keeps at least one sample "
-        f"of every class is {largest_ratio:g}."
+        f"{what} would keep zero samples of classes {empty}; the largest ratio that keeps at least one "
+        f"sample of every class is {largest_ratio:g}."
     )
 
 
@@ -202,7 +206,8 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> datasets.Dataset
         if not image_file.exists() or not label_file.exists():
             raise FileNotFoundError(
                 f"Fashion-MNIST files not found under {root} (looked for {image_file.name} and "
-                f"{label_file.name}). Install them with `apt-get install dataset-fashion-mnist` or pass root=."
+                f"{label_file.name}). Install them with `apt-get install dataset-fashion-mnist` or pass "
+                "root=."
             )
         images = _read_idx(image_file)
         labels = _read_idx(label_file).astype(np.int64)

@@ -14,8 +14,10 @@ from balpoe_hf.data import class_counts, imbalance_ratio, load_fashion_mnist, ma
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-file", help="parquet file of the balanced training split (default: Fashion-MNIST)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-file",
+                        help="parquet file of the balanced training split (default: Fashion-MNIST)")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--imbalance-ratio", type=float, default=100.0)
     parser.add_argument("--profile", default="exponential", choices=["exponential", "step"])
@@ -31,7 +33,8 @@ def main() -> None:
     split = make_long_tailed(train, args.imbalance_ratio, args.label_column, args.seed, args.profile)
     counts = class_counts(split, args.label_column)
     feature = split.features[args.label_column]
-    names = feature.names if isinstance(feature, datasets.ClassLabel) else [str(i) for i in range(len(counts))]
+    is_class_label = isinstance(feature, datasets.ClassLabel)
+    names = feature.names if is_class_label else [str(i) for i in range(len(counts))]
     groups = shot_groups(counts)
 
     print(f"{name}-LT ({args.profile}, requested ratio {args.imbalance_ratio:g}, seed {args.seed}): "

@@ -15,7 +15,9 @@ from balpoe_hf.data import (
 
 def _balanced(num_classes: int, per_class: int, column: str = "label") -> datasets.Dataset:
     labels = np.repeat(np.arange(num_classes), per_class)
-    features = datasets.Features({column: datasets.ClassLabel(num_classes=num_classes), "idx": datasets.Value("int64")})
+    features = datasets.Features(
+        {column: datasets.ClassLabel(num_classes=num_classes), "idx": datasets.Value("int64")}
+    )
     return datasets.Dataset.from_dict({column: labels, "idx": np.arange(labels.size)}, features=features)
 
 

@@ -44,9 +44,8 @@ def test_mixed_soft_targets_are_the_convex_mix_of_losses():
     soft = lam * F.one_hot(y1, 3).float() + (1 - lam) * F.one_hot(y2, 3).float()
     log_prior = torch.log(torch.tensor([0.7, 0.2, 0.1]))
     mixed = logit_adjusted_cross_entropy(logits, soft, log_prior, tau=1.0)
-    expected = lam * logit_adjusted_cross_entropy(logits, y1, log_prior) + (1 - lam) * logit_adjusted_cross_entropy(
-        logits, y2, log_prior
-    )
+    expected = (lam * logit_adjusted_cross_entropy(logits, y1, log_prior)
+                + (1 - lam) * logit_adjusted_cross_entropy(logits, y2, log_prior))
     assert torch.allclose(mixed, expected, atol=1e-6)
 
 
