@@ -32,6 +32,7 @@ train: setup
 		scripts/train.py --recipe fashion-mnist-lt-quick --output-dir runs/fashion-mnist-lt-quick --overwrite
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 lint: setup
