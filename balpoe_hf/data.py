@@ -6,13 +6,16 @@ dataset takes milliseconds.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 import numpy as np
+from huggingface_hub import constants as hub_constants
 
 PROFILES = ("exponential", "step")
 SHIFT_KINDS = ("forward", "backward", "uniform")
@@ -21,6 +24,25 @@ FASHION_MNIST_LABELS = [
     "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
+
+
+def offline_mode() -> bool:
+    """Whether Hub access is switched off (``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``)."""
+    return bool(hub_constants.HF_HUB_OFFLINE) or bool(datasets.config.HF_DATASETS_OFFLINE)
+
+
+def expand_paths(patterns: Sequence[str], what: str) -> list[str]:
+    """The files and directories matching glob ``patterns`` (``~`` expanded), pattern by pattern.
+
+    A pattern that matches nothing raises ``FileNotFoundError`` naming ``what`` (e.g. the flag it came from).
+    """
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise FileNotFoundError(f"{what} {pattern!r} matches no file or directory.")
+        paths.extend(matches)
+    return paths
 
 
 def _num_classes_from_features(ds: datasets.Dataset, label_column: str) -> int | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -31,7 +30,15 @@ import datasets
 import numpy as np
 import yaml
 
-from .data import FASHION_MNIST_DIR, class_counts, labels_array, load_fashion_mnist, make_long_tailed
+from .data import (
+    FASHION_MNIST_DIR,
+    class_counts,
+    expand_paths,
+    labels_array,
+    load_fashion_mnist,
+    make_long_tailed,
+    offline_mode,
+)
 
 if TYPE_CHECKING:
     from transformers.image_processing_utils import BaseImageProcessor
@@ -404,25 +411,12 @@ class TrainingData:
     class_counts: list[int]  # training images per class, in label order
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or bool(datasets.config.HF_DATASETS_OFFLINE)
-
-
-def _expand(patterns: Sequence[str], what: str) -> list[str]:
-    files: list[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matches:
-            raise TrainingError(f"{what} {pattern!r} matches no file or directory.")
-        files.extend(matches)
-    return files
-
-
 def _load_local(recipe: Recipe) -> datasets.DatasetDict:
-    train = _expand(recipe.train_file or [], "train_file")
-    test = _expand(recipe.test_file or [], "test_file")
+    try:
+        train = expand_paths(recipe.train_file or [], "train_file")
+        test = expand_paths(recipe.test_file or [], "test_file")
+    except FileNotFoundError as error:
+        raise TrainingError(str(error)) from None
     if all(Path(p).is_dir() for p in train + test):
         if len(train) != 1 or len(test) != 1:
             raise TrainingError("an imagefolder dataset takes one training and one test directory.")
@@ -445,7 +439,7 @@ def _load_hub(recipe: Recipe) -> datasets.DatasetDict:
     except (ConnectionError, FileNotFoundError, OSError) as error:
         how = ("Point the run at local copies instead: --train-file/--test-file with parquet files (e.g. "
                "saved by Dataset.to_parquet) or imagefolder directories, e.g. the recipe cifar10-lt-local.")
-        if _offline():
+        if offline_mode():
             raise TrainingError(f"cannot load the Hub dataset {recipe.dataset!r}: offline mode is on "
                                 "(HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1) and it is not in the local "
                                 "cache. "

@@ -23,7 +23,6 @@ processor saved with the model, as at inference.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import re
 import sys
@@ -35,14 +34,20 @@ import datasets
 import numpy as np
 import torch
 import yaml
-from huggingface_hub import constants as hub_constants
 from transformers import AutoImageProcessor
 
 from balpoe_hf import BalPoEForImageClassification
-from balpoe_hf.data import FASHION_MNIST_DIR, labels_array, load_fashion_mnist, make_shifted_test
+from balpoe_hf.data import (
+    FASHION_MNIST_DIR,
+    expand_paths,
+    labels_array,
+    load_fashion_mnist,
+    make_shifted_test,
+    offline_mode,
+)
 from balpoe_hf.metrics import accuracy_report, long_tail_report
 from balpoe_hf.plots import per_class_accuracy_plot, reliability_diagram
-from balpoe_hf.priors import estimate_target_prior
+from balpoe_hf.priors import adjust_logits, estimate_target_prior
 
 ALL_SHIFTS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
               "backward2", "backward5", "backward10", "backward25", "backward50"]
@@ -95,10 +100,6 @@ def _split_shift(name: str) -> tuple[str, float]:
     return match.group(1), float(match.group(2))
 
 
-def _offline() -> bool:
-    return bool(hub_constants.HF_HUB_OFFLINE) or bool(datasets.config.HF_DATASETS_OFFLINE)
-
-
 # --------------------------------------------------------------------------- model and data
 
 
@@ -109,7 +110,7 @@ def load_model(model_id: str, device: str) -> tuple[BalPoEForImageClassification
         processor = AutoImageProcessor.from_pretrained(model_id)
     except OSError as error:
         hint = ("it is offline (HF_HUB_OFFLINE=1), so pass a local directory written by scripts/train.py or "
-                "save_pretrained" if _offline() and not Path(model_id).exists()
+                "save_pretrained" if offline_mode() and not Path(model_id).exists()
                 else "pass a directory holding config.json, the weights and preprocessor_config.json")
         raise EvaluationError(f"cannot load a BalPoE model and its image processor from {model_id!r}: "
                               f"{error}\nHint: {hint}.") from None
@@ -122,12 +123,10 @@ def load_model(model_id: str, device: str) -> tuple[BalPoEForImageClassification
 def load_test_set(args: argparse.Namespace) -> tuple[datasets.Dataset, str]:
     """The balanced test set and a short description of where it came from."""
     if args.test_file:
-        files = []
-        for pattern in args.test_file:
-            matches = sorted(glob.glob(str(Path(pattern).expanduser())))
-            if not matches:
-                raise EvaluationError(f"--test-file {pattern!r} matches no file or directory.")
-            files.extend(matches)
+        try:
+            files = expand_paths(args.test_file, "--test-file")
+        except FileNotFoundError as error:
+            raise EvaluationError(str(error)) from None
         if len(files) == 1 and Path(files[0]).is_dir():
             ds = datasets.load_dataset("imagefolder", data_dir=files[0], split="train")
         else:
@@ -141,7 +140,7 @@ def load_test_set(args: argparse.Namespace) -> tuple[datasets.Dataset, str]:
             return load_fashion_mnist(args.data_dir)[args.split], f"fashion-mnist ({args.data_dir})"
         except FileNotFoundError as error:
             raise EvaluationError(str(error)) from None
-    if _offline():
+    if offline_mode():
         raise EvaluationError(
             f"cannot load the Hub dataset {args.dataset!r}: offline mode is on (HF_HUB_OFFLINE=1 or "
             "HF_DATASETS_OFFLINE=1). Point the evaluation at local files instead: --test-file with parquet "
@@ -222,10 +221,11 @@ def shifted_rows(labels: np.ndarray, train_counts: list[int], shift: str, seed: 
 
 def with_target_prior(uniform_logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """Logits ``(N, C)`` for target prior ``pi_t`` from logits with a uniform target: ``+ log(C * pi_t)``."""
-    num_classes = uniform_logits.shape[1]
-    # A class the prior gives exactly zero would get -inf; the smallest positive float keeps it finite.
+    # A class the prior gives exactly zero (EM can drive one there) would get -inf and an infinite NLL;
+    # the smallest positive float keeps it finite.
     floor = torch.finfo(torch.float64).tiny
-    return uniform_logits.double() + torch.log(prior.double().clamp_min(floor) * num_classes)
+    # The logits are already adjusted to a uniform target, so no training-prior term is left to remove.
+    return adjust_logits(uniform_logits.double(), torch.zeros(()), 0.0, prior.double().clamp_min(floor))
 
 
 def evaluate_shifts(uniform_logits: torch.Tensor, labels: np.ndarray, train_counts: list[int],

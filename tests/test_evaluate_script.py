@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import datasets
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_labels_are_matched_to_the_model_by_class_name():
 
 
 def test_hub_dataset_while_offline_says_how_to_use_local_files(run_dir, monkeypatch, capsys):
-    monkeypatch.setattr(script.hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert script.main(["--model", str(run_dir), "--dataset", "someone/cifar100-lt"]) == 2
     error = capsys.readouterr().err
     assert "offline" in error and "--test-file" in error and "fashion-mnist" in error
