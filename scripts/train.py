@@ -60,9 +60,12 @@ def build_model(recipe: training.Recipe, data: training.TrainingData) -> BalPoEF
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits ``(N, C)`` (adjusted to a uniform prior) and labels ``(N,)`` of every test image, once each."""
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, recipe: training.Recipe,
+             class_counts: list[int]) -> tuple[dict, int]:
+    """``long_tail_report`` of the balanced test set and its size; every test image is counted once.
+
+    The logits ``(N, C)`` are the model's, adjusted to a uniform prior.
+    """
     model.eval()
     all_logits, all_labels = [], []
     for batch in loader:
@@ -71,7 +74,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
         logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
-    return torch.cat(all_logits), torch.cat(all_labels)
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
+                              few=recipe.few_threshold)
+    return report, len(labels)
 
 
 def format_report(report: dict, groups: dict[str, list[int]]) -> str:
@@ -229,12 +235,10 @@ def train(args: argparse.Namespace, recipe: training.Recipe) -> int:
 
         last = epoch + 1 == recipe.epochs
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
-            logits, labels = evaluate(model, test_loader, accelerator)
-            report = long_tail_report(logits, labels, data.class_counts, n_bins=15,
-                                      many=recipe.many_threshold, few=recipe.few_threshold)
+            report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts)
             history.append({"epoch": epoch + 1, "balanced_accuracy": report["balanced_accuracy"],
                             "accuracy": report["accuracy"], "ece": report["ece"]})
-            accelerator.print(f"eval after epoch {epoch + 1} on {len(labels):,} test images:\n"
+            accelerator.print(f"eval after epoch {epoch + 1} on {num_test:,} test images:\n"
                               + format_report(report, groups))
             accelerator.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)},
                             step=(epoch + 1) * steps_per_epoch)
@@ -250,9 +254,7 @@ def train(args: argparse.Namespace, recipe: training.Recipe) -> int:
     train_runtime = time.perf_counter() - run_start
 
     if report is None:  # resumed from the final checkpoint: only the evaluation and the outputs are left
-        logits, labels = evaluate(model, test_loader, accelerator)
-        report = long_tail_report(logits, labels, data.class_counts, n_bins=15,
-                                  many=recipe.many_threshold, few=recipe.few_threshold)
+        report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts)
 
     # ---- outputs: model + image processor, results
     accelerator.wait_for_everyone()
@@ -267,11 +269,11 @@ def train(args: argparse.Namespace, recipe: training.Recipe) -> int:
             "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
             "eval_history": history,
         }
-        eval_results = {"epoch": recipe.epochs, "eval_samples": len(labels),
+        eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
                         **{f"eval_{k}": v for k, v in report.items()}}
         (output_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
         (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-        print(f"\n{recipe.name}: balanced test set ({len(labels):,} images) after {recipe.epochs} epochs\n"
+        print(f"\n{recipe.name}: balanced test set ({num_test:,} images) after {recipe.epochs} epochs\n"
               + format_report(report, groups) + f"\nsaved to {output_dir}")
     accelerator.end_training()
 
