@@ -6,43 +6,14 @@ dataset takes milliseconds.
 
 from __future__ import annotations
 
-import glob
-import gzip
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import datasets
 import numpy as np
-from huggingface_hub import constants as hub_constants
 
 PROFILES = ("exponential", "step")
 SHIFT_KINDS = ("forward", "backward", "uniform")
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_LABELS = [
-    "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-
-
-def offline_mode() -> bool:
-    """Whether Hub access is switched off (``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``)."""
-    return bool(hub_constants.HF_HUB_OFFLINE) or bool(datasets.config.HF_DATASETS_OFFLINE)
-
-
-def expand_paths(patterns: Sequence[str], what: str) -> list[str]:
-    """The files and directories matching glob ``patterns`` (``~`` expanded), pattern by pattern.
-
-    A pattern that matches nothing raises ``FileNotFoundError`` naming ``what`` (e.g. the flag it came from).
-    """
-    paths: list[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matches:
-            raise FileNotFoundError(f"{what} {pattern!r} matches no file or directory.")
-        paths.extend(matches)
-    return paths
 
 
 def _num_classes_from_features(ds: datasets.Dataset, label_column: str) -> int | None:
@@ -201,39 +172,3 @@ def imbalance_ratio(train_counts: Sequence[int]) -> float:
     """Largest class count over smallest (``inf`` if a class is empty)."""
     smallest = min(train_counts)
     return math.inf if smallest == 0 else max(train_counts) / smallest
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (LeCun's MNIST format, gzip-compressed) as a uint8 array."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> datasets.DatasetDict:
-    """Fashion-MNIST from its IDX files, with the Hub ``fashion_mnist`` columns ``image`` and ``label``.
-
-    Debian and Ubuntu ship the files in the package ``dataset-fashion-mnist``.
-    """
-    root = Path(root)
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_LABELS)}
-    )
-    splits = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        image_file = root / f"{prefix}-images-idx3-ubyte.gz"
-        label_file = root / f"{prefix}-labels-idx1-ubyte.gz"
-        if not image_file.exists() or not label_file.exists():
-            raise FileNotFoundError(
-                f"Fashion-MNIST files not found under {root} (looked for {image_file.name} and "
-                f"{label_file.name}). Install them with `apt-get install dataset-fashion-mnist` or pass "
-                "root=."
-            )
-        images = _read_idx(image_file)
-        labels = _read_idx(label_file).astype(np.int64)
-        splits[split] = datasets.Dataset.from_dict(
-            {"image": list(images), "label": labels}, features=features, split=split
-        )
-    return datasets.DatasetDict(splits)

@@ -6,11 +6,11 @@ import pytest
 
 from balpoe_hf.data import (
     class_counts,
-    load_fashion_mnist,
     make_long_tailed,
     make_shifted_test,
     shot_groups,
 )
+from balpoe_hf.loading import load_fashion_mnist
 
 
 def _balanced(num_classes: int, per_class: int, column: str = "label") -> datasets.Dataset:

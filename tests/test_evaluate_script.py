@@ -1,4 +1,4 @@
-"""scripts/evaluate.py end to end on a tiny saved BalPoE model and a tiny parquet test set."""
+"""balpoe_hf.evaluation and scripts/evaluate.py end to end on a tiny saved model and parquet test set."""
 
 import importlib.util
 import json
@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, evaluation
+from balpoe_hf.loading import DataError, align_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -114,13 +115,13 @@ def test_end_to_end_runs_the_model_once_and_writes_report_and_plots(run_dir, tes
 
 
 def test_prior_modes_from_cached_logits_match_the_model_run_with_that_prior(run_dir, test_file):
-    model, processor = script.load_model(str(run_dir), "cpu")
+    model, processor = evaluation.load_model(str(run_dir), "cpu")
     ds = datasets.Dataset.from_parquet(str(test_file))
-    uniform_logits, _ = script.predict(model, processor, ds, "img", 64, "cpu")
+    uniform_logits, _ = evaluation.predict(model, processor, ds, "img", 64)
     labels = np.asarray(ds["fine"])
-    rows = script.shifted_rows(labels, TRAIN_COUNTS, "forward10", seed=0)
+    rows = evaluation.shifted_rows(labels, TRAIN_COUNTS, "forward10", seed=0)
     prior = torch.from_numpy(np.bincount(labels[rows], minlength=NUM_CLASSES) / len(rows))
-    derived = script.with_target_prior(uniform_logits[rows], prior)
+    derived = evaluation.with_target_prior(uniform_logits[rows], prior)
     images = list(ds.select(rows)["img"])
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -145,10 +146,10 @@ def test_labels_are_matched_to_the_model_by_class_name():
     # An imagefolder numbers classes alphabetically; the model's order differs.
     features = datasets.Features({"label": datasets.ClassLabel(names=["b", "c", "a"])})
     ds = datasets.Dataset.from_dict({"label": [0, 1, 2, 2]}, features=features)
-    labels = script.align_labels(ds, "label", {0: "a", 1: "b", 2: "c"})
+    labels = align_labels(ds, "label", ["a", "b", "c"])
     assert labels.tolist() == [1, 2, 0, 0]
-    with pytest.raises(script.EvaluationError, match="not classes of the model"):
-        script.align_labels(ds, "label", {0: "a", 1: "b", 2: "z"})
+    with pytest.raises(DataError, match="not classes of the model"):
+        align_labels(ds, "label", ["a", "b", "z"])
 
 
 def test_hub_dataset_while_offline_says_how_to_use_local_files(run_dir, monkeypatch, capsys):

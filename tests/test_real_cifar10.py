@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, training
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, loading, recipes, transforms
 
 CIFAR10_DIR = Path(os.environ.get("BALPOE_CIFAR10_DIR",
                                   Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"))
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.skipif(not (CIFAR10_DIR / "train.parquet").is_file(),
 
 @pytest.fixture(scope="module")
 def recipe_and_data():
-    values = training.recipe_values("cifar10-lt-local")
+    values = recipes.recipe_values("cifar10-lt-local")
     values.update(train_file=[str(CIFAR10_DIR / "train.parquet")],
                   test_file=[str(CIFAR10_DIR / "test.parquet")])
-    recipe = training.make_recipe(values)
-    return recipe, training.load_training_data(recipe)
+    recipe = recipes.make_recipe(values)
+    return recipe, loading.load_training_data(recipe)
 
 
 def test_published_cifar10_lt_ir100_split(recipe_and_data):
@@ -37,8 +37,8 @@ def test_published_cifar10_lt_ir100_split(recipe_and_data):
 
 def test_real_images_through_transforms_and_model(recipe_and_data):
     recipe, data = recipe_and_data
-    processor = training.build_processor(recipe)
-    train, test = training.with_transforms(data, recipe, processor)
+    processor = transforms.build_processor(recipe)
+    train, test = transforms.with_transforms(data, recipe, processor)
     batch = [train[i] for i in (0, 6000, 12_405)]
     pixels = torch.stack([row["pixel_values"] for row in batch])
     assert pixels.shape == (3, 3, 32, 32)

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_imagefolder, write_parquet
 
-from balpoe_hf import training
-from balpoe_hf.training import Recipe, TrainingError
+from balpoe_hf import checkpoints, loading, recipes, training, transforms
+from balpoe_hf.recipes import Recipe, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,26 +40,26 @@ def _local(parquet, **fields) -> Recipe:
     train, test = parquet
     values = {"train_file": [str(train)], "test_file": [str(test)], "image_column": "picture",
               "label_column": "target", "image_size": 16, "backbone": "resnet20_cifar"}
-    return training.make_recipe({**values, **fields})
+    return recipes.make_recipe({**values, **fields})
 
 
 # --------------------------------------------------------------------------- recipes
 
 
 def test_shipped_recipes():
-    assert training.available_recipes() == sorted([
+    assert recipes.available_recipes() == sorted([
         "cifar10-lt-ir10", "cifar10-lt-ir50", "cifar10-lt-ir100", "cifar10-lt-local",
         "cifar100-lt-ir10", "cifar100-lt-ir50", "cifar100-lt-ir100",
         "imagenet-lt-resnext50", "inat2018-resnet50", "fashion-mnist-lt-quick"])
-    for name in training.available_recipes():
-        recipe = training.make_recipe(training.recipe_values(name))
+    for name in recipes.available_recipes():
+        recipe = recipes.make_recipe(recipes.recipe_values(name))
         assert recipe.name == name
         assert len(recipe.lambdas) == recipe.num_experts == 3
 
 
 @pytest.mark.parametrize("classes,ratio", [(100, 10), (100, 50), (100, 100), (10, 10), (10, 50), (10, 100)])
 def test_cifar_recipes_follow_the_paper(classes, ratio):
-    recipe = training.make_recipe(training.recipe_values(f"cifar{classes}-lt-ir{ratio}"))
+    recipe = recipes.make_recipe(recipes.recipe_values(f"cifar{classes}-lt-ir{ratio}"))
     assert recipe.dataset == f"uoft-cs/cifar{classes}"
     assert recipe.image_column == "img"
     assert recipe.label_column == ("fine_label" if classes == 100 else "label")
@@ -76,20 +76,20 @@ def test_cifar_recipes_follow_the_paper(classes, ratio):
 
 
 def test_large_scale_recipes_follow_the_paper():
-    imagenet = training.make_recipe(training.recipe_values("imagenet-lt-resnext50"))
+    imagenet = recipes.make_recipe(recipes.recipe_values("imagenet-lt-resnext50"))
     assert (imagenet.backbone, imagenet.lambdas, imagenet.epochs, imagenet.batch_size) == (
         "resnext50_32x4d", [1.0, -0.25, -1.5], 180, 64)
     assert (imagenet.lr_schedule, imagenet.lr, imagenet.mixup_alpha, imagenet.weight_decay) == (
         "cosine", 0.025, 0.3, 5e-4)
-    inat = training.make_recipe(training.recipe_values("inat2018-resnet50"))
+    inat = recipes.make_recipe(recipes.recipe_values("inat2018-resnet50"))
     assert (inat.backbone, inat.lambdas, inat.epochs, inat.batch_size) == (
         "resnet50", [2.0, 0.0, -2.0], 100, 512)
     assert (inat.lr_schedule, inat.lr, inat.mixup_alpha, inat.weight_decay) == ("cosine", 0.2, 0.2, 2e-4)
     for recipe in (imagenet, inat):
         assert recipe.imbalance_ratio is None  # long-tailed already: trained on as given
         assert (recipe.image_size, recipe.crop_pct, recipe.augment) == (224, 0.875, "imagenet")
-    local = training.make_recipe(training.recipe_values("cifar10-lt-local"))
-    ir100 = training.make_recipe(training.recipe_values("cifar10-lt-ir100"))
+    local = recipes.make_recipe(recipes.recipe_values("cifar10-lt-local"))
+    ir100 = recipes.make_recipe(recipes.recipe_values("cifar10-lt-ir100"))
     differing = {k for k, v in local.to_dict().items() if v != ir100.to_dict()[k]}
     assert differing == {"name", "description", "dataset"}  # the same recipe, reading local files
 
@@ -97,7 +97,7 @@ def test_large_scale_recipes_follow_the_paper():
 def test_fashion_mnist_quick_recipe_shot_groups_cover_every_group():
     from balpoe_hf.data import long_tailed_counts, shot_groups
 
-    recipe = training.make_recipe(training.recipe_values("fashion-mnist-lt-quick"))
+    recipe = recipes.make_recipe(recipes.recipe_values("fashion-mnist-lt-quick"))
     counts = long_tailed_counts(6000, 10, recipe.imbalance_ratio)
     assert counts == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
     groups = shot_groups(counts, recipe.many_threshold, recipe.few_threshold)
@@ -106,14 +106,14 @@ def test_fashion_mnist_quick_recipe_shot_groups_cover_every_group():
 
 
 def test_every_recipe_field_has_a_documented_flag():
-    help_text = training.build_parser().format_help()
-    for name, field in training.RECIPE_FIELDS.items():
+    help_text = recipes.build_parser().format_help()
+    for name, field in recipes.RECIPE_FIELDS.items():
         assert "--" + name.replace("_", "-") in help_text, name
         assert field.metadata["help"]
 
 
 def test_command_line_overrides_the_recipe():
-    args, recipe = training.parse_args([
+    args, recipe = recipes.parse_args([
         "--recipe", "cifar100-lt-ir100", "--epochs", "5", "--lambdas", "1", "0", "-1", "--num-experts", "3",
         "--mixup-alpha", "0", "--no-hflip", "--backbone-kwargs", '{"drop_rate": 0.1}',
         "--imbalance-ratio", "none", "--lr-milestones", "3", "4", "--mixed-precision", "bf16",
@@ -126,7 +126,7 @@ def test_command_line_overrides_the_recipe():
     # Fields left alone keep the recipe's value.
     assert recipe.lr == 0.1 and recipe.label_column == "fine_label"
     assert args.output_dir == "runs/cifar100-lt-ir100"
-    _, recipe = training.parse_args(["--recipe", "cifar100-lt-ir100", "--num-experts", "5",
+    _, recipe = recipes.parse_args(["--recipe", "cifar100-lt-ir100", "--num-experts", "5",
                                      "--lambdas", "none"])
     assert recipe.lambdas is None  # BalPoEConfig then spaces 5 lambdas evenly from 1 to -1
 
@@ -134,14 +134,14 @@ def test_command_line_overrides_the_recipe():
 def test_config_file_starts_from_a_base_recipe(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text("base: cifar10-lt-ir50\nname: mine\nepochs: 3\nlambdas: [0.5, -0.5]\nnum_experts: 2\n")
-    args, recipe = training.parse_args(["--config", str(config), "--epochs", "7"])
+    args, recipe = recipes.parse_args(["--config", str(config), "--epochs", "7"])
     assert (recipe.name, recipe.epochs, recipe.lambdas, recipe.num_experts) == ("mine", 7, [0.5, -0.5], 2)
     assert recipe.imbalance_ratio == 50 and recipe.mixup_alpha == 0.8  # from the base
     assert args.output_dir == "runs/mine"
     # The resolved recipe written to a run reads back as the same recipe.
-    training.save_recipe(recipe, tmp_path / "recipe.yaml")
-    assert training.recipe_differences(recipe, tmp_path / "recipe.yaml") == {}
-    assert training.make_recipe(training.recipe_values(config=tmp_path / "recipe.yaml")) == recipe
+    recipes.save_recipe(recipe, tmp_path / "recipe.yaml")
+    assert recipes.recipe_differences(recipe, tmp_path / "recipe.yaml") == {}
+    assert recipes.make_recipe(recipes.recipe_values(config=tmp_path / "recipe.yaml")) == recipe
 
 
 @pytest.mark.parametrize("values,message", [
@@ -154,15 +154,15 @@ def test_config_file_starts_from_a_base_recipe(tmp_path):
 ])
 def test_bad_recipe_values_are_explained(values, message):
     with pytest.raises(TrainingError) as error:
-        training.make_recipe(values)
+        recipes.make_recipe(values)
     assert message in str(error.value)
 
 
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(TrainingError) as error:
-        training.recipe_values("cifar1000")
+        recipes.recipe_values("cifar1000")
     assert "unknown recipe 'cifar1000'" in str(error.value)
-    for name in training.available_recipes():
+    for name in recipes.available_recipes():
         assert name in str(error.value)
 
 
@@ -170,7 +170,7 @@ def test_unknown_recipe_lists_the_known_ones():
 
 
 def test_parquet_data_keeps_counts_and_class_names(parquet):
-    data = training.load_training_data(_local(parquet))
+    data = loading.load_training_data(_local(parquet))
     assert data.class_counts == TRAIN_COUNTS and data.class_names == CLASS_NAMES
     assert len(data.test) == TEST_PER_CLASS * len(CLASS_NAMES)
 
@@ -178,23 +178,23 @@ def test_parquet_data_keeps_counts_and_class_names(parquet):
 def test_long_tailed_split_of_a_balanced_set(parquet):
     # The balanced test file as training data, ratio 4: class i keeps int(8 * 4 ** (-i / 3)) images.
     recipe = _local(parquet, train_file=[str(parquet[1])], imbalance_ratio=4.0)
-    assert training.load_training_data(recipe).class_counts == [8, 5, 3, 2]
+    assert loading.load_training_data(recipe).class_counts == [8, 5, 3, 2]
 
 
 def test_imagefolder_data(tmp_path):
     train, test = write_imagefolder(tmp_path)
-    recipe = training.make_recipe({"train_file": [str(train)], "test_file": [str(test)]})
-    data = training.load_training_data(recipe)
+    recipe = recipes.make_recipe({"train_file": [str(train)], "test_file": [str(test)]})
+    data = loading.load_training_data(recipe)
     # imagefolder labels the sub-folders in sorted order: blue, green, red, yellow.
     assert data.class_names == sorted(CLASS_NAMES)
     assert data.class_counts == [8, 16, 32, 4]
 
 
 def test_fashion_mnist_lt_from_the_debian_files():
-    recipe = training.make_recipe(training.recipe_values("fashion-mnist-lt-quick"))
+    recipe = recipes.make_recipe(recipes.recipe_values("fashion-mnist-lt-quick"))
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         pytest.skip("dataset-fashion-mnist is not installed")
-    data = training.load_training_data(recipe)
+    data = loading.load_training_data(recipe)
     assert len(data.train) == 14_886 and len(data.test) == 10_000
     assert data.class_counts == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
     assert data.class_names[0] == "T - shirt / top"
@@ -204,9 +204,9 @@ def test_transforms_feed_rgb_and_evaluation_matches_the_saved_processor(parquet,
     from transformers import AutoImageProcessor
 
     recipe = _local(parquet)
-    data = training.load_training_data(recipe)
-    processor = training.build_processor(recipe)
-    train, test = training.with_transforms(data, recipe, processor)
+    data = loading.load_training_data(recipe)
+    processor = transforms.build_processor(recipe)
+    train, test = transforms.with_transforms(data, recipe, processor)
     assert data.test[0]["picture"].mode == "L"  # the first image of each class is grayscale
     gray = test[0]["pixel_values"]
     assert gray.shape == (3, 16, 16)
@@ -221,25 +221,26 @@ def test_transforms_feed_rgb_and_evaluation_matches_the_saved_processor(parquet,
 
 
 def test_crop_pct_processor_resizes_the_short_side_and_centre_crops():
-    recipe = training.make_recipe({"image_size": 8, "crop_pct": 0.5, "image_mean": [0.0] * 3,
+    recipe = recipes.make_recipe({"image_size": 8, "crop_pct": 0.5, "image_mean": [0.0] * 3,
                                    "image_std": [1.0] * 3})
     # 40 x 20 image, white in its central 10 x 10 block, black elsewhere: short side -> 16 (8 / 0.5) gives
     # 32 x 16, whose central 8 x 8 crop lies inside the scaled white block (8 x 8 at the centre).
     pixels = np.zeros((20, 40, 3), dtype=np.uint8)
     pixels[5:15, 15:25] = 255
-    out = training.build_processor(recipe)(images=[Image.fromarray(pixels)], return_tensors="pt").pixel_values
+    processor = transforms.build_processor(recipe)
+    out = processor(images=[Image.fromarray(pixels)], return_tensors="pt").pixel_values
     assert out.shape == (1, 3, 8, 8)
     assert out[0, :, 1:-1, 1:-1].min() > 0.9  # white (edge pixels blend with the black border)
 
 
 def test_missing_columns_and_labels_out_of_range_are_explained(parquet, tmp_path):
     with pytest.raises(TrainingError, match=r"no image column 'img'.*--image-column"):
-        training.load_training_data(_local(parquet, image_column="img"))
+        loading.load_training_data(_local(parquet, image_column="img"))
     with pytest.raises(TrainingError, match=r"labels \[3\] outside the class range \[0, 2\]"):
-        training.load_training_data(_local(parquet, num_classes=3))
+        loading.load_training_data(_local(parquet, num_classes=3))
     recipe = _local((parquet[0], tmp_path / "missing.parquet"))
     with pytest.raises(TrainingError, match=r"missing\.parquet' matches no file"):
-        training.load_training_data(recipe)
+        loading.load_training_data(recipe)
 
 
 def test_hub_dataset_while_offline_points_at_local_files(monkeypatch):
@@ -250,50 +251,50 @@ def test_hub_dataset_while_offline_points_at_local_files(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    recipe = training.make_recipe(training.recipe_values("cifar100-lt-ir100"))
+    recipe = recipes.make_recipe(recipes.recipe_values("cifar100-lt-ir100"))
     with pytest.raises(TrainingError, match=r"offline mode is on.*--train-file/--test-file"):
-        training.load_training_data(recipe)
+        loading.load_training_data(recipe)
 
 
 def test_recipe_without_data_asks_for_files():
-    recipe = training.make_recipe(training.recipe_values("cifar10-lt-local"))
+    recipe = recipes.make_recipe(recipes.recipe_values("cifar10-lt-local"))
     with pytest.raises(TrainingError, match="names no data: pass --train-file and --test-file"):
-        training.load_training_data(recipe)
+        loading.load_training_data(recipe)
 
 
 # --------------------------------------------------------------------------- schedule, runs, launch
 
 
 def test_learning_rate_schedules():
-    multistep = training.lr_lambda(training.make_recipe({"warmup_epochs": 2, "lr_milestones": [3, 4],
+    multistep = training.lr_lambda(recipes.make_recipe({"warmup_epochs": 2, "lr_milestones": [3, 4],
                                                          "lr_gamma": 0.1, "epochs": 5}), steps_per_epoch=10)
     assert [multistep(s) for s in (0, 9, 19)] == [0.05, 0.5, 1.0]  # linear warm-up over 20 steps
     assert [multistep(s) for s in (20, 29, 30, 39, 40, 49)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-    cosine = training.lr_lambda(training.make_recipe({"warmup_epochs": 0, "lr_schedule": "cosine",
+    cosine = training.lr_lambda(recipes.make_recipe({"warmup_epochs": 0, "lr_schedule": "cosine",
                                                       "epochs": 4}), steps_per_epoch=25)
     assert [cosine(s) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
     assert cosine(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
 def test_output_directory_rules(tmp_path):
-    training.check_output_dir(tmp_path / "new", resume=False, overwrite=False)
+    checkpoints.check_output_dir(tmp_path / "new", resume=False, overwrite=False)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text("{}")
     with pytest.raises(TrainingError, match=r"not empty\. Pass --resume .* --overwrite"):
-        training.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
-    training.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
-    training.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
+        checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
+    checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
 
 
 def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
     for epoch in (1, 2, 3, 10):
-        path = training.checkpoint_dir(tmp_path, epoch)
+        path = checkpoints.checkpoint_dir(tmp_path, epoch)
         path.mkdir(parents=True)
         if epoch != 10:  # epoch 10 was being written when the run died
-            (path / training.TRAINER_STATE).write_text(json.dumps({"epoch": epoch}))
-    complete = training.completed_checkpoints(tmp_path)
+            (path / checkpoints.TRAINER_STATE).write_text(json.dumps({"epoch": epoch}))
+    complete = checkpoints.completed_checkpoints(tmp_path)
     assert [p.name for p in complete] == ["epoch-0001", "epoch-0002", "epoch-0003"]
-    training.prune_checkpoints(tmp_path, keep=2)
+    checkpoints.prune_checkpoints(tmp_path, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0002", "epoch-0003"]
 
 

@@ -1,0 +1,286 @@
+"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push`` and ``balpoe-describe-split``.
+
+Installed as console scripts with the package; ``python -m balpoe_hf.train`` (for ``accelerate launch -m``)
+and the repository's ``scripts/*.py`` call the same functions. Each parses its arguments, calls the library
+(``balpoe_hf.training``, ``balpoe_hf.evaluation``, ``balpoe_hf.hub``, ``balpoe_hf.data``) and turns the
+library's user errors into a one-line message and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
+
+    accelerate launch -m balpoe_hf.train --recipe fashion-mnist-lt-quick --output-dir runs/fmnist
+    accelerate launch -m balpoe_hf.train --recipe cifar10-lt-local \\
+        --train-file data/cifar10/train.parquet --test-file data/cifar10/test.parquet
+    accelerate launch --multi_gpu --num_processes 4 -m balpoe_hf.train --recipe cifar100-lt-ir100 --epochs 5
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m balpoe_hf.train --config my.yaml
+
+Every recipe field has a flag (--lambdas 1 0 -1 --mixup-alpha 0.4 ...); after --recipe/--config, --help shows
+the resolved values. The output directory gets the model (save_pretrained, loadable with
+AutoModelForImageClassification) with its image processor, recipe.yaml, train_results.json, eval_results.json
+(the balanced test set) and one checkpoint per epoch (the last few are kept) for --resume.
+"""
+
+
+def _fail(error: Exception) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------- balpoe-train
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``balpoe-train``: parse the run options and the recipe, then ``balpoe_hf.training.train``."""
+    from .recipes import TrainingError, parse_args
+    from .training import train
+
+    try:
+        run, recipe = parse_args(argv, description=TRAIN_DESCRIPTION)
+        train(recipe, run.output_dir, resume=run.resume, overwrite=run.overwrite, report_to=run.report_to,
+              push_to_hub=run.push_to_hub, hub_model_id=run.hub_model_id)
+    except TrainingError as error:
+        return _fail(error)
+    return 0
+
+
+# --------------------------------------------------------------------------- balpoe-evaluate
+
+
+EVALUATE_DESCRIPTION = """Evaluate a saved BalPoE model on a balanced test set and on label-shifted versions.
+
+    balpoe-evaluate --model runs/fashion-mnist-lt-quick --shifts all --prior none,oracle,em \\
+        --output runs/fashion-mnist-lt-quick/eval/report.json
+
+Prints the balanced-test-set report (accuracy, balanced and many/medium/few accuracy, ECE, MCE, NLL, Brier),
+then a table shaped like Table 10 of the BalPoE paper: one row per prior mode, one column per test
+distribution (forward50 ... uniform ... backward50), top-1 accuracy in the cells. Prior modes: none (uniform
+target prior), oracle (the shifted set's true label distribution), em (that distribution estimated from the
+model's posteriors on the unlabeled shifted set). With --output it writes the JSON report and, beside it, a
+reliability diagram and a per-class accuracy plot of the balanced set.
+
+Test data: by default the test set of the run's recipe.yaml; else --dataset fashion-mnist (the Debian package
+dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, or --dataset HUB_ID when
+online. Images are preprocessed by the image processor saved with the model, as at inference.
+"""
+
+
+@dataclass
+class EvaluateArguments:
+    """``balpoe-evaluate``'s options; those left unset come from the run's ``recipe.yaml`` if it has one."""
+
+    model: str = field(metadata={"help": "A saved BalPoE model: a training run's directory or a Hub id."})
+    dataset: str | None = field(default=None, metadata={"help": (
+        "'fashion-mnist' (Debian's dataset-fashion-mnist files) or a Hub dataset id; default: the test data "
+        "of the run's recipe.yaml.")})
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    split: str | None = field(default=None, metadata={"help": "The balanced test split (default: test)."})
+    data_dir: str | None = field(default=None, metadata={"help": "Where the Fashion-MNIST files are."})
+    test_file: list[str] | None = field(default=None, metadata={"help": (
+        "Local test data: parquet file(s) (glob patterns allowed) or one imagefolder directory.")})
+    image_column: str | None = field(default=None, metadata={
+        "help": "Column of the images (default: image)."})
+    label_column: str | None = field(default=None, metadata={
+        "help": "Column of the class labels (default: label)."})
+    shifts: str = field(default="all", metadata={"help": (
+        "'all' (forward50 ... uniform ... backward50) or a comma list of shift names.")})
+    prior: str = field(default="none,oracle,em", metadata={
+        "help": "Comma list of prior modes: none, oracle, em."})
+    output: str | None = field(default=None, metadata={
+        "help": "Write the JSON report here, and the PNG plots beside it."})
+    batch_size: int = field(default=256, metadata={"help": "Inference batch size."})
+    device: str | None = field(default=None, metadata={"help": "Device (default: cuda when available)."})
+    n_bins: int = field(default=15, metadata={"help": "Confidence bins of ECE / MCE."})
+    many: int | None = field(default=None, metadata={
+        "help": "Many-shot: more training images than this (default: the recipe's, else 100)."})
+    few: int | None = field(default=None, metadata={
+        "help": "Few-shot: fewer training images than this (default: the recipe's, else 20)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the shifted test sets' subsampling."})
+
+
+# Settings read from a run directory's recipe.yaml when not given: argument -> (recipe key, fallback).
+RECIPE_SETTINGS = {
+    "dataset": ("dataset", None),
+    "dataset_config": ("dataset_config", None),
+    "data_dir": ("data_dir", None),
+    "test_file": ("test_file", None),
+    "split": ("test_split", "test"),
+    "image_column": ("image_column", "image"),
+    "label_column": ("label_column", "label"),
+    "many": ("many_threshold", 100),
+    "few": ("few_threshold", 20),
+}
+
+
+def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
+    """``EvaluateArguments`` from the command line, completed from ``MODEL/recipe.yaml`` where it exists."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(EvaluateArguments, description=EVALUATE_DESCRIPTION, allow_abbrev=False,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    recipe_file = Path(args.model) / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {} if recipe_file.is_file() else {}
+    # The recipe names one data source; a data source on the command line replaces it as a whole.
+    if args.dataset is not None or args.test_file is not None:
+        recipe = {k: v for k, v in recipe.items() if k not in ("dataset", "dataset_config", "test_file")}
+    for name, (key, default) in RECIPE_SETTINGS.items():
+        if getattr(args, name) is None:
+            value = recipe.get(key)
+            setattr(args, name, default if value is None else value)
+    return args
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
+    import torch
+
+    from .evaluation import (
+        EvaluationError,
+        evaluate_model,
+        format_balanced,
+        format_shift_table,
+        load_model,
+        parse_priors,
+        parse_shifts,
+        write_report,
+    )
+    from .loading import DataError, load_split
+
+    args = parse_evaluate_args(argv)
+    try:
+        shifts, priors = parse_shifts(args.shifts), parse_priors(args.prior)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, processor = load_model(args.model, device)
+        ds, source = load_split(files=args.test_file, dataset=args.dataset,
+                                dataset_config=args.dataset_config, split=args.split, data_dir=args.data_dir)
+        result = evaluate_model(model, processor, ds, image_column=args.image_column,
+                                label_column=args.label_column, shifts=shifts, priors=priors,
+                                batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
+                                seed=args.seed)
+    except (EvaluationError, DataError) as error:
+        return _fail(error)
+    result.report = {"model": args.model, "dataset": source, **result.report}
+    print(format_balanced(result.report["balanced"], result.report["num_test_samples"]))
+    print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
+    print(format_shift_table(result.report["shift_accuracy"], shifts))
+    if args.output:
+        images = write_report(result, args.output)
+        print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")
+    return 0
+
+
+# --------------------------------------------------------------------------- balpoe-push
+
+
+PUSH_DESCRIPTION = """Publish a trained BalPoE run to the Hugging Face Hub.
+
+    balpoe-push runs/fashion-mnist-lt-quick me/balpoe-fashion-mnist-lt [--private]
+    balpoe-push runs/fashion-mnist-lt-quick me/balpoe-fashion-mnist-lt --dry-run
+
+Renders the model card (README.md + images/) into MODEL_DIR, checks that the folder holds safetensors weights,
+config, code files and the image processor config, and uploads those files in one commit. --dry-run stops
+before the upload and lists what would be uploaded (works offline).
+"""
+
+
+def push_main(argv: Sequence[str] | None = None) -> int:
+    """``balpoe-push``: render the card, check the folder and upload it (or only list it with --dry-run)."""
+    from .hub import HubFolderError, HubPublishError, prepare_hub_folder, push_to_hub
+
+    parser = argparse.ArgumentParser(description=PUSH_DESCRIPTION, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a saved BalPoE run (balpoe-train output)")
+    parser.add_argument("repo_id", metavar="REPO_ID", help="the Hub repository, e.g. me/balpoe-cifar10-lt")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--token", default=None,
+                        help="Hub token (default: HF_TOKEN or the token saved by `hf auth login`)")
+    parser.add_argument("--commit-message", default="Upload BalPoE model with balpoe-hf")
+    parser.add_argument("--eval-report", default=None, metavar="REPORT.json",
+                        help="balpoe-evaluate report for the card's shift table and reliability diagram "
+                             "(default: MODEL_DIR/eval/report.json when it exists)")
+    parser.add_argument("--dataset-id", default=None,
+                        help="Hub dataset id for the card's metadata (default: from the run's recipe)")
+    parser.add_argument("--dataset-name", default=None, help="readable dataset name for the card")
+    parser.add_argument("--license", default="apache-2.0", help="license id for the card metadata")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="render and check the folder, list the files, upload nothing")
+    args = parser.parse_args(argv)
+    card_options = {"eval_report": args.eval_report, "dataset_id": args.dataset_id,
+                    "dataset_name": args.dataset_name, "license": args.license}
+    try:
+        if args.dry_run:
+            folder = prepare_hub_folder(args.model_dir, args.repo_id, **card_options)
+            print(f"{folder.path} is ready for {args.repo_id}; these files would be uploaded:")
+            print("\n".join(f"  {name}" for name in folder.files))
+            return 0
+        url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
+                          commit_message=args.commit_message, **card_options)
+    except (HubFolderError, HubPublishError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"published {args.model_dir} to {url}")
+    return 0
+
+
+# --------------------------------------------------------------------------- balpoe-describe-split
+
+
+DESCRIBE_DESCRIPTION = """Print a long-tailed split: class counts, imbalance ratio and shot groups.
+
+    balpoe-describe-split                       # Fashion-MNIST-LT, imbalance 100
+    balpoe-describe-split --train-file train.parquet --label-column label --imbalance-ratio 50
+"""
+
+
+def describe_split_main(argv: Sequence[str] | None = None) -> int:
+    """``balpoe-describe-split``: ``make_long_tailed`` of a training split, class by class."""
+    import datasets
+
+    from .data import class_counts, imbalance_ratio, make_long_tailed, shot_groups
+    from .loading import DataError, load_fashion_mnist, load_split
+
+    parser = argparse.ArgumentParser(description=DESCRIBE_DESCRIPTION, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train-file", nargs="+",
+                        help="parquet file(s) or an imagefolder directory of the balanced training split "
+                             "(default: Fashion-MNIST)")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--imbalance-ratio", type=float, default=100.0)
+    parser.add_argument("--profile", default="exponential", choices=["exponential", "step"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--many", type=int, default=100, help="many-shot: more training images than this")
+    parser.add_argument("--few", type=int, default=20, help="few-shot: fewer training images than this")
+    args = parser.parse_args(argv)
+    try:
+        if args.train_file:
+            train, name = load_split(files=args.train_file, split="train")
+        else:
+            train, name = load_fashion_mnist()["train"], "Fashion-MNIST"
+        split = make_long_tailed(train, args.imbalance_ratio, args.label_column, args.seed, args.profile)
+        counts = class_counts(split, args.label_column)
+    except (DataError, ValueError, FileNotFoundError) as error:
+        return _fail(error)
+    feature = split.features[args.label_column]
+    is_class_label = isinstance(feature, datasets.ClassLabel)
+    names = feature.names if is_class_label else [str(i) for i in range(len(counts))]
+    groups = shot_groups(counts, args.many, args.few)
+
+    print(f"{name}-LT ({args.profile}, requested ratio {args.imbalance_ratio:g}, seed {args.seed}): "
+          f"{len(split):,} of {len(train):,} training images")
+    width = max(len(n) for n in names)
+    for cls, (label, count) in enumerate(zip(names, counts, strict=True)):
+        group = next(g for g, members in groups.items() if cls in members)
+        print(f"  {cls:>3}  {label:<{width}}  {count:>6}  {group}")
+    print(f"imbalance ratio {imbalance_ratio(counts):g}; many/medium/few = "
+          + "/".join(str(len(groups[g])) for g in ("many", "medium", "few")))
+    return 0

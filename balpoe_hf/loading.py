@@ -1,0 +1,302 @@
+"""Where the images come from: the Hub, parquet files, imagefolder directories, Fashion-MNIST's IDX files.
+
+``load_training_data(recipe)`` gives a run its long-tailed training split and its balanced test set, with the
+class names and counts the model needs; ``load_split`` gives an evaluation its test set alone. Images are
+not decoded here: the ``datasets.Image`` column decodes on access, in the transforms.
+
+One rule for class labels everywhere (``align_labels``): when the test data and the model (or the training
+split) both name their classes, test labels are matched by name; different names are refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+from huggingface_hub import constants as hub_constants
+
+from .data import class_counts, labels_array, make_long_tailed
+from .recipes import FASHION_MNIST, FASHION_MNIST_DIR, Recipe, TrainingError
+
+FASHION_MNIST_LABELS = [
+    "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+class DataError(TrainingError):
+    """The data cannot be loaded or does not fit the model, with what to do about it."""
+
+
+def offline_mode() -> bool:
+    """Whether Hub access is switched off (``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1``)."""
+    return bool(hub_constants.HF_HUB_OFFLINE) or bool(datasets.config.HF_DATASETS_OFFLINE)
+
+
+def expand_paths(patterns: Sequence[str], what: str) -> list[str]:
+    """The files and directories matching glob ``patterns`` (``~`` expanded), pattern by pattern.
+
+    A pattern that matches nothing raises ``FileNotFoundError`` naming ``what`` (e.g. the flag it came from).
+    """
+    paths: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise FileNotFoundError(f"{what} {pattern!r} matches no file or directory.")
+        paths.extend(matches)
+    return paths
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (LeCun's MNIST format, gzip-compressed) as a uint8 array."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> datasets.DatasetDict:
+    """Fashion-MNIST from its IDX files, with the Hub ``fashion_mnist`` columns ``image`` and ``label``.
+
+    Debian and Ubuntu ship the files in the package ``dataset-fashion-mnist``.
+    """
+    root = Path(root)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_LABELS)}
+    )
+    splits = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        image_file = root / f"{prefix}-images-idx3-ubyte.gz"
+        label_file = root / f"{prefix}-labels-idx1-ubyte.gz"
+        if not image_file.exists() or not label_file.exists():
+            raise FileNotFoundError(
+                f"Fashion-MNIST files not found under {root} (looked for {image_file.name} and "
+                f"{label_file.name}). Install them with `apt-get install dataset-fashion-mnist` or pass "
+                "root=."
+            )
+        images = _read_idx(image_file)
+        labels = _read_idx(label_file).astype(np.int64)
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": list(images), "label": labels}, features=features, split=split
+        )
+    return datasets.DatasetDict(splits)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _load_files(files: dict[str, list[str]]) -> datasets.DatasetDict:
+    """Parquet files or imagefolder directories, one entry per split (all of one kind)."""
+    paths = [p for split_files in files.values() for p in split_files]
+    if all(Path(p).is_dir() for p in paths):
+        if any(len(split_files) != 1 for split_files in files.values()):
+            raise DataError("an imagefolder dataset takes one directory per split.")
+        # One call over every folder, so that the class labels inferred from the sub-folder names are the
+        # same in all splits even if one of them lacks a class.
+        return datasets.load_dataset("imagefolder", data_files={
+            split: str(Path(split_files[0]) / "**") for split, split_files in files.items()})
+    if any(Path(p).is_dir() for p in paths):
+        raise DataError("train_file and test_file must both be imagefolder directories or both parquet "
+                        "files.")
+    return datasets.load_dataset("parquet", data_files=files)
+
+
+def _load_hub(dataset: str, config: str | None, splits: Sequence[str]) -> dict[str, datasets.Dataset]:
+    how = ("Point the run at local copies instead: --train-file/--test-file with parquet files (e.g. saved "
+           "by Dataset.to_parquet) or imagefolder directories (e.g. the recipe cifar10-lt-local), or "
+           "--dataset fashion-mnist for the files of Debian's dataset-fashion-mnist.")
+    try:
+        return {split: datasets.load_dataset(dataset, config, split=split) for split in splits}
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:
+        if offline_mode():
+            raise DataError(f"cannot load the Hub dataset {dataset!r}: offline mode is on "
+                            f"(HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1) and it is not in the local cache. "
+                            f"{how}") from None
+        raise DataError(f"cannot load the Hub dataset {dataset!r}: {error}. {how}") from None
+
+
+def _load_fashion_mnist(data_dir: str | Path | None) -> datasets.DatasetDict:
+    try:
+        return load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
+    except FileNotFoundError as error:
+        raise DataError(str(error)) from None
+
+
+def load_split(*, files: Sequence[str] | None = None, dataset: str | None = None,
+               dataset_config: str | None = None, split: str = "test",
+               data_dir: str | Path | None = None) -> tuple[datasets.Dataset, str]:
+    """One split (a test set, say) and a short description of where it came from.
+
+    ``files``: parquet file(s) (glob patterns allowed) or one imagefolder directory; else ``dataset``:
+    ``"fashion-mnist"`` (Debian's IDX files in ``data_dir``) or a Hub id with ``dataset_config`` and
+    ``split``.
+    """
+    if files:
+        try:
+            paths = expand_paths(files, "the data files")
+        except FileNotFoundError as error:
+            raise DataError(str(error)) from None
+        return _load_files({split: paths})[split], ",".join(paths)
+    if dataset is None:
+        raise DataError("no test data: pass --dataset fashion-mnist, --test-file FILE.parquet (or an "
+                        "imagefolder directory) or --dataset HUB_ID.")
+    if dataset == FASHION_MNIST:
+        return _load_fashion_mnist(data_dir)[split], f"fashion-mnist ({data_dir or FASHION_MNIST_DIR})"
+    return _load_hub(dataset, dataset_config, [split])[split], f"{dataset} ({split})"
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _is_default_name(name: str, index: int) -> bool:
+    return name == f"LABEL_{index}" or name == str(index)
+
+
+def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[str]) -> np.ndarray:
+    """The labels of ``ds`` as indices into ``class_names``, matched by name when both sides have names.
+
+    ``class_names`` are the model's (or the training split's) classes. A ``ClassLabel`` column that orders the
+    same classes differently (an imagefolder, another export) is mapped name by name; a test class the model
+    does not know is refused. Without names on either side, labels must lie in the model's class range.
+    """
+    num_classes = len(class_names)
+    feature = ds.features.get(label_column)
+    labels = labels_array(ds, label_column)
+    model_names = [str(name) for name in class_names]
+    if not isinstance(feature, datasets.ClassLabel) or all(
+            _is_default_name(n, i) for i, n in enumerate(model_names)):
+        bad = labels[labels >= num_classes]
+        if bad.size:
+            raise DataError(f"test labels {np.unique(bad)[:10].tolist()} are outside the model's "
+                            f"{num_classes} classes; check --label-column (and --num-classes).")
+        return labels
+    names = [str(n) for n in feature.names]
+    if names == model_names[:len(names)]:
+        return labels
+    unknown = [n for n in names if n not in model_names]
+    if unknown:
+        raise DataError(f"test classes {unknown[:10]} are not classes of the model "
+                        f"({model_names[:10]}{' ...' if num_classes > 10 else ''}); is this the right "
+                        "dataset and --label-column?")
+    to_model = np.asarray([model_names.index(n) for n in names], dtype=np.int64)
+    return to_model[labels]
+
+
+def relabel(ds: datasets.Dataset, label_column: str, class_names: Sequence[str]) -> datasets.Dataset:
+    """``ds`` with its labels aligned to ``class_names`` (``align_labels``) and that ``ClassLabel`` feature.
+
+    Only the label column is rewritten (the images are not copied).
+    """
+    labels = align_labels(ds, label_column, class_names)
+    if np.array_equal(labels, labels_array(ds, label_column)) \
+            and isinstance(ds.features[label_column], datasets.ClassLabel):
+        return ds
+    feature = datasets.ClassLabel(names=[str(name) for name in class_names])
+    return ds.remove_columns(label_column).add_column(label_column, labels.tolist(), feature=feature)
+
+
+# --------------------------------------------------------------------------- a training run's data
+
+
+@dataclass
+class TrainingData:
+    """The long-tailed training split, the balanced test set and what the model needs to know about them."""
+
+    train: datasets.Dataset
+    test: datasets.Dataset
+    class_names: list[str]
+    class_counts: list[int]  # training images per class, in label order
+
+
+def _check_columns(ds: datasets.Dataset, recipe: Recipe, split: str) -> None:
+    for kind in ("image", "label"):
+        column = getattr(recipe, f"{kind}_column")
+        if column not in ds.column_names:
+            raise DataError(f"the {split} split has no {kind} column {column!r}; its columns are "
+                            f"{ds.column_names}. Name the right one with --{kind}-column.")
+
+
+def _as_image_column(ds: datasets.Dataset, column: str, split: str) -> datasets.Dataset:
+    if isinstance(ds.features[column], datasets.Image):
+        return ds
+    try:
+        return ds.cast_column(column, datasets.Image())
+    except (TypeError, ValueError) as error:
+        raise DataError(f"the column {column!r} of the {split} split does not hold images "
+                        f"({ds.features[column]}): {error}") from None
+
+
+def _check_label_range(ds: datasets.Dataset, column: str, num_classes: int, split: str) -> None:
+    labels = labels_array(ds, column)
+    bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
+    if bad.size:
+        raise DataError(f"the {split} split has labels {bad[:10].tolist()} outside the class range "
+                        f"[0, {num_classes - 1}]; fix the labels or set --num-classes.")
+
+
+def _load_splits(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if recipe.train_file is None and recipe.dataset is None:
+        raise DataError(f"the recipe {recipe.name!r} names no data: pass --train-file and --test-file "
+                        "(parquet files or imagefolder directories), or --dataset (a Hub id or "
+                        f"'{FASHION_MNIST}').")
+    if (recipe.train_file is None) != (recipe.test_file is None):
+        raise DataError("give both --train-file and --test-file (the balanced test set), in the same format.")
+    if recipe.train_file is not None:
+        try:
+            files = {"train": expand_paths(recipe.train_file, "train_file"),
+                     "test": expand_paths(recipe.test_file or [], "test_file")}
+        except FileNotFoundError as error:
+            raise DataError(str(error)) from None
+        splits = _load_files(files)
+        return splits["train"], splits["test"]
+    if recipe.dataset == FASHION_MNIST:
+        splits = _load_fashion_mnist(recipe.data_dir)
+        return splits["train"], splits["test"]
+    splits = _load_hub(recipe.dataset, recipe.dataset_config, [recipe.train_split, recipe.test_split])
+    return splits[recipe.train_split], splits[recipe.test_split]
+
+
+def load_training_data(recipe: Recipe) -> TrainingData:
+    """Load the recipe's data, make the training split long-tailed, and check columns and labels.
+
+    The test labels are aligned to the training split's class names (``relabel``), so that every evaluation
+    of the run compares the same classes.
+    """
+    train, test = _load_splits(recipe)
+    for ds, split in ((train, "train"), (test, "test")):
+        _check_columns(ds, recipe, split)
+    train = _as_image_column(train, recipe.image_column, "train")
+    test = _as_image_column(test, recipe.image_column, "test")
+
+    feature = train.features[recipe.label_column]
+    names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+    num_classes = recipe.num_classes or (len(names) if names else None)
+    try:
+        if num_classes is None:
+            num_classes = int(labels_array(train, recipe.label_column).max(initial=-1)) + 1
+        for ds, split in ((train, "train"), (test, "test")):
+            _check_label_range(ds, recipe.label_column, num_classes, split)
+        if recipe.imbalance_ratio is not None:
+            train = make_long_tailed(train, recipe.imbalance_ratio, recipe.label_column, recipe.split_seed,
+                                     recipe.imbalance_profile)
+        counts = class_counts(train, recipe.label_column, num_classes)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if empty:
+        raise DataError(f"classes {empty[:20]} have no training image; BalPoE needs every class in the "
+                        "training prior (set --num-classes to the number of classes actually present).")
+    if names is None or len(names) != num_classes:
+        names = [str(c) for c in range(num_classes)]
+    test = relabel(test, recipe.label_column, names)
+    return TrainingData(train=train, test=test, class_names=list(names), class_counts=counts)

@@ -1,0 +1,408 @@
+"""Training recipes: the ``Recipe`` dataclass, the shipped YAML recipes, and the command line over them.
+
+A *recipe* is a flat set of training settings (``Recipe``), shipped as YAML files in
+``balpoe_hf/recipes/``. A run resolves its settings in three layers: the ``Recipe`` defaults, then a
+shipped recipe (``--recipe NAME``) or the user's own YAML file (``--config FILE``, which may start from a
+shipped recipe with ``base: NAME``), then command-line flags, one per recipe field
+(``--epochs 5 --lambdas 1 0 -1``).
+
+The command line is transformers' ``HfArgumentParser`` over ``RunArguments`` and ``Recipe``: it makes a flag
+per field with its help, ``Literal`` choices, ``--flag/--no-flag`` booleans and ``nargs="+"`` lists. What it
+lacks is added here, on the parser it builds: the recipe layer (its values become the parser's defaults, so a
+flag given on the command line wins and ``--help`` shows the resolved values), ``none`` for optional fields
+(``--num-classes none``), JSON for the one ``dict`` field (``--backbone-kwargs '{"drop_rate": 0.1}'``), and
+no abbreviated flags (``--epoch`` must not silently mean ``--epochs``). ``HfArgumentParser.parse_dict`` /
+``parse_yaml_file`` do not check value types, so YAML values are checked here (``_coerce``), as are the
+settings that would otherwise fail late or silently (``Recipe.validate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent  # the shipped YAML recipes live beside this module
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+Profile = Literal["exponential", "step"]
+Classifier = Literal["cosine", "linear"]
+Augmentation = Literal["cifar", "imagenet", "none"]
+LRSchedule = Literal["multistep", "cosine", "constant"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+
+
+class TrainingError(ValueError):
+    """A problem with the recipe, the data or the output directory, explained for the user.
+
+    The command lines print the message and exit with a non-zero status instead of a traceback.
+    """
+
+
+def _help(text: str) -> dict[str, Any]:
+    """Field metadata: the ``--help`` text (HfArgumentParser passes metadata on to ``add_argument``)."""
+    return {"help": text}
+
+
+@dataclass
+class Recipe:
+    """Every setting of a training run: a recipe file's YAML keys, and ``--field-name`` on the CLI."""
+
+    # --- description
+    name: str = field(default="custom", metadata=_help(
+        "Name of the recipe (the default output directory is runs/NAME)."))
+    description: str = field(default="", metadata=_help("One line describing the recipe."))
+    # --- data
+    dataset: str | None = field(default=None, metadata=_help(
+        "Hub dataset id (e.g. uoft-cs/cifar100), or 'fashion-mnist' for the IDX files of Debian's "
+        "dataset-fashion-mnist in --data-dir. Ignored when --train-file is given."))
+    dataset_config: str | None = field(default=None, metadata=_help(
+        "Configuration name of the Hub dataset, if it has several."))
+    data_dir: str | None = field(default=None, metadata=_help(
+        f"Directory of the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})."))
+    train_file: list[str] | None = field(default=None, metadata=_help(
+        "Local training data: parquet file(s) (glob patterns allowed) or one imagefolder directory "
+        "(a sub-folder per class). Takes precedence over --dataset."))
+    test_file: list[str] | None = field(default=None, metadata=_help(
+        "Local test data (the balanced test set), in the same format as --train-file."))
+    train_split: str = field(default="train", metadata=_help("Split of the Hub dataset to train on."))
+    test_split: str = field(default="test", metadata=_help(
+        "Split of the Hub dataset to evaluate on (the balanced test set)."))
+    image_column: str = field(default="image", metadata=_help("Column holding the images."))
+    label_column: str = field(default="label", metadata=_help("Column holding the integer class labels."))
+    num_classes: int | None = field(default=None, metadata=_help(
+        "Number of classes; 'none': from the label column's ClassLabel feature, else the largest label + 1."))
+    imbalance_ratio: float | None = field(default=None, metadata=_help(
+        "Make the training split long-tailed with this head/tail ratio (make_long_tailed); 'none' trains on "
+        "the split as it is (for data that is long-tailed already, like ImageNet-LT)."))
+    imbalance_profile: Profile = field(default="exponential", metadata=_help(
+        "Profile of the long-tailed split."))
+    split_seed: int = field(default=0, metadata=_help(
+        "Seed of the long-tailed subsampling (the same split every run)."))
+    many_threshold: int = field(default=100, metadata=_help(
+        "Classes with more training images than this are many-shot."))
+    few_threshold: int = field(default=20, metadata=_help(
+        "Classes with fewer training images than this are few-shot."))
+    # --- model
+    backbone: str = field(default="resnet32_cifar", metadata=_help("timm model name of the backbone."))
+    backbone_kwargs: dict = field(default_factory=dict, metadata=_help(
+        "Extra keyword arguments for timm.create_model (JSON on the command line)."))
+    backbone_pretrained: bool = field(default=False, metadata=_help(
+        "Start the backbone from timm's pretrained weights."))
+    num_experts: int = field(default=3, metadata=_help("Number of experts."))
+    lambdas: list[float] | None = field(default_factory=lambda: [1.0, 0.0, -1.0], metadata=_help(
+        "Bias lambda of each expert (mean 0 for a balanced ensemble); 'none': evenly spaced from 1 to -1."))
+    shared_stages: int | None = field(default=None, metadata=_help(
+        "Backbone stages shared by all experts; 'none': the backbone adapter's default."))
+    classifier: Classifier = field(default="cosine", metadata=_help("Expert classifier."))
+    classifier_scale: float = field(default=30.0, metadata=_help("Scale of the cosine classifier."))
+    # --- preprocessing and augmentation
+    image_size: int = field(default=32, metadata=_help("Side of the square images the model sees."))
+    image_mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465], metadata=_help(
+        "Per-channel normalisation mean (RGB)."))
+    image_std: list[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010], metadata=_help(
+        "Per-channel normalisation std (RGB)."))
+    crop_pct: float = field(default=1.0, metadata=_help(
+        "Evaluation: resize the shorter side to image_size / crop_pct, then centre-crop image_size."))
+    augment: Augmentation = field(default="cifar", metadata=_help(
+        "Training augmentation: 'cifar' (pad + random crop, flip, rotation), 'imagenet' (random resized "
+        "crop, flip, colour jitter) or 'none'."))
+    crop_padding: int = field(default=4, metadata=_help(
+        "'cifar' augmentation: zero padding before the random crop."))
+    rotation: float = field(default=15.0, metadata=_help(
+        "'cifar' augmentation: largest random rotation in degrees (0: none)."))
+    hflip: bool = field(default=True, metadata=_help("Random horizontal flips."))
+    color_jitter: float = field(default=0.0, metadata=_help(
+        "'imagenet' augmentation: brightness/contrast/saturation jitter."))
+    # --- optimisation
+    epochs: int = field(default=200, metadata=_help("Training epochs."))
+    batch_size: int = field(default=128, metadata=_help(
+        "Batch size per process; the global batch is batch_size x processes x accumulation steps."))
+    gradient_accumulation_steps: int = field(default=1, metadata=_help(
+        "Batches accumulated per optimizer step."))
+    lr: float = field(default=0.1, metadata=_help(
+        "Peak learning rate, for the recipe's global batch (see the README on scaling it)."))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum."))
+    nesterov: bool = field(default=True, metadata=_help("Nesterov momentum."))
+    weight_decay: float = field(default=5e-4, metadata=_help("Weight decay."))
+    lr_schedule: LRSchedule = field(default="multistep", metadata=_help(
+        "Learning-rate schedule after the warm-up."))
+    warmup_epochs: float = field(default=5.0, metadata=_help("Linear warm-up length in epochs (0: none)."))
+    lr_milestones: list[int] = field(default_factory=lambda: [160, 180], metadata=_help(
+        "'multistep': epochs at which the lr is multiplied by lr_gamma."))
+    lr_gamma: float = field(default=0.1, metadata=_help("'multistep': lr factor at each milestone."))
+    max_grad_norm: float | None = field(default=None, metadata=_help(
+        "Clip the gradient norm to this value; 'none': no clipping."))
+    mixup_alpha: float = field(default=0.4, metadata=_help(
+        "Mixup Beta(alpha, alpha) parameter; 0 turns mixup off."))
+    mixed_precision: MixedPrecision | None = field(default=None, metadata=_help(
+        "'no', 'bf16' or 'fp16'; 'none': what accelerate launch was told (default 'no')."))
+    seed: int = field(default=0, metadata=_help(
+        "Seed of the weight initialisation, shuffling, augmentation and mixup."))
+    # --- loop
+    eval_every: int = field(default=10, metadata=_help(
+        "Evaluate on the test set every N epochs (0: only at the end)."))
+    eval_batch_size: int = field(default=256, metadata=_help("Evaluation batch size per process."))
+    checkpoints_total_limit: int = field(default=2, metadata=_help("Keep the last K epoch checkpoints."))
+    num_workers: int = field(default=4, metadata=_help(
+        "DataLoader worker processes per training process (0: load in the training process)."))
+    logging_steps: int = field(default=50, metadata=_help(
+        "Log the training loss and lr to the tracker every N optimizer steps."))
+
+    def validate(self) -> Recipe:
+        """Check the settings that would otherwise fail late or silently; returns ``self``."""
+        for name, hint in typing.get_type_hints(Recipe).items():
+            setattr(self, name, _coerce(name, hint, getattr(self, name)))
+        if self.lambdas is not None and len(self.lambdas) != self.num_experts:
+            raise TrainingError(f"lambdas has {len(self.lambdas)} values but num_experts is "
+                                f"{self.num_experts}; "
+                                "give one lambda per expert (--lambdas 1 0 -1 --num-experts 3).")
+        positive = ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size",
+                    "checkpoints_total_limit", "image_size", "num_experts", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.mixup_alpha < 0:
+            raise TrainingError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha}.")
+        if self.mixup_alpha > 0 and self.batch_size % 2:
+            raise TrainingError(f"mixup pairs each batch with its reverse, so batch_size must be even; "
+                                f"got {self.batch_size}.")
+        if self.few_threshold > self.many_threshold:
+            raise TrainingError(f"few_threshold ({self.few_threshold}) must not exceed many_threshold "
+                                f"({self.many_threshold}).")
+        if not 0 < self.crop_pct <= 1:
+            raise TrainingError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise TrainingError("image_mean and image_std need 3 values (images are fed as RGB).")
+        if self.eval_every < 0 or self.num_workers < 0 or self.warmup_epochs < 0:
+            raise TrainingError("eval_every, num_workers and warmup_epochs must not be negative.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+
+
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise TrainingError(f"cannot parse the recipe file {path}: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise TrainingError(f"the recipe file {path} must hold a mapping of recipe fields, got "
+                            f"{type(values).__name__}.")
+    return values
+
+
+def recipe_values(name: str | None = None, config: str | Path | None = None) -> dict[str, Any]:
+    """The raw values of a shipped recipe ``name`` or of a YAML file ``config`` (with its ``base`` merged)."""
+    if config is not None and name is not None:
+        raise TrainingError("give either --recipe or --config, not both (a config file can start from a "
+                            "recipe with `base: NAME`).")
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise TrainingError(f"recipe file {path} does not exist.")
+        values = _read_yaml(path)
+        base = values.pop("base", None)
+        merged = recipe_values(base) if base else {}
+        merged.update(values)
+        return merged
+    if name is None:
+        return {}
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(available_recipes())
+        raise TrainingError(f"unknown recipe {name!r}; the known recipes are: {known}. "
+                            "Use --config FILE.yaml for your own.")
+    values = _read_yaml(path)
+    values.setdefault("name", name)
+    return values
+
+
+def make_recipe(values: dict[str, Any]) -> Recipe:
+    """A validated ``Recipe`` from a mapping of field values (unknown keys are an error)."""
+    unknown = sorted(set(values) - set(RECIPE_FIELDS))
+    if unknown:
+        raise TrainingError(f"unknown recipe fields {unknown}; the fields are: {', '.join(RECIPE_FIELDS)}.")
+    return Recipe(**values).validate()
+
+
+def load_recipe(name: str | None = None, config: str | Path | None = None, **overrides: Any) -> Recipe:
+    """A shipped recipe or a YAML file, with field overrides: the Python equivalent of the command line.
+
+    ``load_recipe("fashion-mnist-lt-quick", epochs=1)`` is ``--recipe fashion-mnist-lt-quick --epochs 1``.
+    """
+    return make_recipe({**recipe_values(name, config), **overrides})
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def _type_name(hint: Any) -> str:
+    base, optional = _unwrap_optional(hint)
+    origin = typing.get_origin(base)
+    if origin is Literal:
+        name = f"one of {list(typing.get_args(base))}"
+    elif origin is list:
+        name = f"a list of {typing.get_args(base)[0].__name__}"
+    else:
+        name = base.__name__
+    return f"{name} or null" if optional else name
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """``value`` checked against the field type ``hint`` (ints are accepted for floats, tuples for lists)."""
+    base, optional = _unwrap_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise TrainingError(f"recipe field {name} cannot be null.")
+    origin = typing.get_origin(base)
+    if origin is Literal:
+        if value in typing.get_args(base):
+            return value
+        raise TrainingError(f"{name} must be one of {list(typing.get_args(base))}, got {value!r}.")
+    if origin is list:
+        item = typing.get_args(base)[0]
+        items = list(value) if isinstance(value, list | tuple) else [value]
+        return [_coerce(name, item, v) for v in items]
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base is dict and isinstance(value, dict):
+        return value
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise TrainingError(f"recipe field {name} must be {_type_name(hint)}, got {value!r}.")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@dataclass
+class RunArguments:
+    """The options of a run that are not training settings (``balpoe-train`` / ``scripts/train.py``)."""
+
+    _argument_group_name = "run"
+
+    recipe: str | None = field(default=None, metadata=_help(
+        "Shipped recipe (see --list-recipes in the README or balpoe_hf.recipes.available_recipes())."))
+    config: str | None = field(default=None, metadata=_help(
+        "Your own recipe file (YAML mapping of recipe fields; `base: NAME` starts from a shipped recipe)."))
+    output_dir: str | None = field(default=None, metadata=_help(
+        "Where the model, results and checkpoints go (default: runs/NAME)."))
+    resume: bool = field(default=False, metadata=_help(
+        "Continue from the latest checkpoint in --output-dir (start afresh if there is none)."))
+    overwrite: bool = field(default=False, metadata=_help("Empty a non-empty --output-dir first."))
+    report_to: Literal["none", "tensorboard"] = field(default="none", metadata=_help(
+        "Experiment tracker (TensorBoard logs go to OUTPUT_DIR/logs)."))
+    push_to_hub: bool = field(default=False, metadata=_help(
+        "Upload the trained model to the Hub (balpoe_hf.hub.push_to_hub) at the end."))
+    hub_model_id: str | None = field(default=None, metadata=_help(
+        "Hub repository for --push-to-hub (user/name)."))
+
+
+def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else convert(text)
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"in_chans\": 3}}', got {text!r}")
+    return value
+
+
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """``HfArgumentParser`` over ``RunArguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((RunArguments, Recipe), description=description, allow_abbrev=False,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    hints = typing.get_type_hints(Recipe)
+    actions = {action.dest: action for action in parser._actions}
+    for name in RECIPE_FIELDS:
+        base, optional = _unwrap_optional(hints[name])
+        action = actions[name]
+        if base is dict:
+            action.type, action.metavar = _json_object, "JSON"
+        elif optional and base is not bool:
+            action.type = _none_or(action.type)
+            if action.choices is not None:
+                action.choices = (*action.choices, None)
+        action.help = action.help.replace("%", "%%") + " (default: %(default)s)"
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str | None = None
+               ) -> tuple[RunArguments, Recipe]:
+    """The run options and the resolved recipe (defaults < recipe or config file < command line)."""
+    parser = build_parser(description)
+    # First pass: only which recipe or config file, whose values then become the parser's defaults (so that
+    # --help, answered by the second pass, shows them).
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--recipe")
+    first.add_argument("--config")
+    known, _ = first.parse_known_args(argv)
+    values = recipe_values(known.recipe, known.config)
+    for name, value in values.items():
+        if name not in RECIPE_FIELDS:
+            make_recipe(values)  # raises the "unknown recipe fields" error
+        values[name] = _coerce(name, typing.get_type_hints(Recipe)[name], value)
+    parser.set_defaults(**values)
+    namespace = parser.parse_args(argv)
+    settings = {}
+    for name in RECIPE_FIELDS:
+        value = getattr(namespace, name)
+        # `--lambdas none` parses as [None]: the list field itself is unset.
+        settings[name] = None if isinstance(value, list) and None in value else value
+    run = RunArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(RunArguments)})
+    if run.recipe is None and run.config is None and settings["dataset"] is None \
+            and settings["train_file"] is None:
+        parser.error(f"pass --recipe NAME (one of: {', '.join(available_recipes())}), --config FILE.yaml, "
+                     "or the data flags (--dataset / --train-file and --test-file).")
+    recipe = make_recipe(settings)
+    if run.push_to_hub and not run.hub_model_id:
+        raise TrainingError("--push-to-hub needs --hub-model-id USER/NAME.")
+    if run.output_dir is None:
+        run.output_dir = str(Path("runs") / recipe.name)
+    return run, recipe
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def recipe_differences(recipe: Recipe, path: str | Path) -> dict[str, tuple[Any, Any]]:
+    """Fields whose value in the saved recipe file differ from ``recipe``: name -> (saved, now)."""
+    saved = _read_yaml(Path(path))
+    now = recipe.to_dict()
+    return {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}

@@ -1,0 +1,92 @@
+"""Image transforms: the training augmentation and the evaluation transform saved with the model.
+
+Training images go through the recipe's augmentation (torchvision transforms on PIL images, in DataLoader
+workers); evaluation images through the image processor saved with the model (``build_processor``), so that a
+pipeline loaded from the saved folder sees exactly what the run's evaluation saw. Every image is converted to
+RGB, so every backbone sees 3 channels.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import datasets
+
+from .loading import TrainingData
+from .recipes import Recipe
+
+if TYPE_CHECKING:
+    from transformers.image_processing_utils import BaseImageProcessor
+
+
+def build_processor(recipe: Recipe) -> BaseImageProcessor:
+    """The image processor saved with the model, and the evaluation transform of the training run.
+
+    ``crop_pct == 1`` (CIFAR-like recipes): ``balpoe_hf.processing.build_image_processor``, a square resize
+    to ``image_size``. ``crop_pct < 1`` (ImageNet-like): the ImageNet protocol of resizing the shorter side
+    to ``image_size / crop_pct`` and centre-cropping ``image_size``, with transformers'
+    ``ConvNextImageProcessor``, which implements exactly that. Both convert to RGB, rescale and normalise.
+    """
+    from transformers import ConvNextImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    from .processing import build_image_processor
+
+    if recipe.crop_pct == 1:
+        return build_image_processor(recipe.image_size, recipe.image_mean, recipe.image_std)
+    return ConvNextImageProcessor(
+        do_convert_rgb=True, size={"shortest_edge": recipe.image_size}, crop_pct=recipe.crop_pct,
+        resample=PILImageResampling.BILINEAR, image_mean=recipe.image_mean, image_std=recipe.image_std,
+    )
+
+
+class ImageTransform:
+    """Batch transform for ``Dataset.with_transform``: images -> normalised RGB tensors ``(3, H, W)``.
+
+    Training images go through the recipe's augmentation (torchvision); evaluation images through the
+    image processor saved with the model, so that the pipeline sees exactly what the evaluation saw.
+    """
+
+    def __init__(self, recipe: Recipe, processor: BaseImageProcessor | None = None):
+        from torchvision import transforms as T
+
+        self.image_column, self.label_column = recipe.image_column, recipe.label_column
+        self.processor, self.transform = processor, None
+        if processor is not None:
+            return
+        size = recipe.image_size
+        if recipe.augment == "cifar":
+            steps = [T.Resize(size), T.CenterCrop(size), T.RandomCrop(size, padding=recipe.crop_padding)]
+            if recipe.hflip:
+                steps.append(T.RandomHorizontalFlip())
+            if recipe.rotation:
+                steps.append(T.RandomRotation(recipe.rotation))
+        elif recipe.augment == "imagenet":
+            steps = [T.RandomResizedCrop(size)]
+            if recipe.hflip:
+                steps.append(T.RandomHorizontalFlip())
+            if recipe.color_jitter:
+                steps.append(T.ColorJitter(recipe.color_jitter, recipe.color_jitter, recipe.color_jitter))
+        else:
+            steps = [T.Resize((size, size))]
+            if recipe.hflip:
+                steps.append(T.RandomHorizontalFlip())
+        steps += [T.ToTensor(), T.Normalize(recipe.image_mean, recipe.image_std)]
+        self.transform = T.Compose(steps)
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        images = [image.convert("RGB") for image in batch[self.image_column]]
+        if self.processor is not None:
+            pixel_values = list(self.processor(images=images, return_tensors="pt")["pixel_values"])
+        else:
+            pixel_values = [self.transform(image) for image in images]
+        return {"pixel_values": pixel_values, "labels": batch[self.label_column]}
+
+
+def with_transforms(data: TrainingData, recipe: Recipe, processor: BaseImageProcessor
+                    ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The two splits with their on-the-fly transforms (only the image and label columns are read)."""
+    columns = [recipe.image_column, recipe.label_column]
+    train = data.train.with_transform(ImageTransform(recipe), columns=columns)
+    test = data.test.with_transform(ImageTransform(recipe, processor), columns=columns)
+    return train, test
