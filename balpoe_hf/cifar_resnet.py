@@ -8,7 +8,9 @@ the classifier get Kaiming-normal weights, as in the reference BalPoE / RIDE cod
 
 Importing this module registers the models, after which ``timm.create_model("resnet32_cifar",
 num_classes=100, in_chans=1)`` works like any timm model (``forward_features``, ``forward_head``,
-``reset_classifier``, ``pretrained_cfg``).
+``reset_classifier``, ``pretrained_cfg``), including timm's feature API (``forward_intermediates``,
+``prune_intermediate_layers``), so ``features_only=True`` works with the default ``FeatureListNet`` and with
+``feature_cls="getter"``. Feature points, as in ``feature_info``: the stem (index 0) and the three stages.
 
 This module is also shipped as remote code next to a saved model: it imports torch and timm only.
 """
@@ -17,8 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, is_model, register_model
+from timm.models._features import feature_take_indices  # timm's own models import it from here too
 from torch import nn
 
 __all__ = ["CifarResNet"]
@@ -99,11 +102,10 @@ class CifarResNet(nn.Module):
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
             in_channels = channels
             self.feature_info.append(dict(num_chs=channels, reduction=2**index, module=f"layer{index + 1}"))
-        self.num_features = self.head_hidden_size = in_channels
+        self.num_features = in_channels
 
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features * self.global_pool.feat_mult(), num_classes) if num_classes \
-            else nn.Identity()
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -130,11 +132,91 @@ class CifarResNet(nn.Module):
         return "fc" if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_classes`` (0: none); ``global_pool=""`` also drops the pooling.
+
+        timm's ``create_classifier`` flattens only when it pools, so ``reset_classifier(0, "")`` makes
+        ``forward`` return the unpooled ``(B, C, H, W)`` features, as in timm's own models.
+        """
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.fc = nn.Linear(self.num_features * self.global_pool.feat_mult(), num_classes) if num_classes \
-            else nn.Identity()
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward_features`` that also returns the features of the stem and of each stage (timm 1.x API).
+
+        Args:
+            x: input images ``(B, C, H, W)``.
+            indices: feature points to return (0 = stem, 1..3 = stages, as in ``feature_info``): the last
+                ``n`` if an int, all if ``None``, the listed ones (negative counts from the end) if a list.
+            norm: accepted for timm's API; the network has no final norm, so it changes nothing.
+            stop_early: skip the stages after the last requested feature point (the returned final
+                features are then that point's output).
+            output_fmt: only ``"NCHW"``.
+            intermediates_only: return only the list of intermediate features.
+
+        Returns:
+            ``(final features, intermediates)``, or only the intermediates.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"CifarResNet features are NCHW only, got output_fmt={output_fmt!r}.")
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        intermediates = []
+        x = self.act1(self.bn1(self.conv1(x)))  # (B, 16, H, W)
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = [self.layer1, self.layer2, self.layer3]
+        if stop_early:
+            stages = stages[:max_index]
+        for feat_idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)  # block by block, as forward_features
+            else:
+                x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Remove the stages after the last requested feature point, and the head (timm 1.x API).
+
+        Args:
+            indices: feature points to keep, as in ``forward_intermediates``.
+            prune_norm: accepted for timm's API; the network has no final norm.
+            prune_head: drop pooling and classifier. They go anyway when stages are removed, since the
+                classifier is sized for the last stage.
+
+        Returns:
+            The absolute indices of the kept feature points (negative indices would point elsewhere after
+            pruning).
+        """
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        for name in ("layer1", "layer2", "layer3")[max_index:]:
+            # An empty Sequential rather than nn.Identity: forward_features' flattened checkpoint_seq
+            # iterates over each stage.
+            setattr(self, name, nn.Sequential())
+        prune_end = max_index < len(self.feature_info) - 1
+        if prune_end:
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))  # (B, 16, H, W)
