@@ -46,6 +46,28 @@ def expand_paths(patterns: Sequence[str], what: str) -> list[str]:
     return paths
 
 
+def _require_one_split(ds: object, caller: str, split: str, why: str) -> None:
+    """Refuse a streaming dataset and a dataset dict with a message saying what to pass instead.
+
+    A ``DatasetDict`` is refused rather than handled split by split because each of these functions has one
+    meaningful split (``why``): applying it to every split would, for instance, make the test set long-tailed.
+    """
+    if isinstance(ds, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise TypeError(
+            f"{caller} needs a map-style datasets.Dataset (it reads the whole label column and selects "
+            f"rows by index), got a streaming {type(ds).__name__}. Load it with "
+            "load_dataset(..., streaming=False), or materialise a streaming split ids with "
+            "datasets.Dataset.from_generator(ids.__iter__, features=ids.features)."
+        )
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        example = f"{caller}(ds[{split!r}], ...)" if split in splits else f"one of {splits}"
+        raise TypeError(
+            f"{caller} takes one split, got a DatasetDict with splits {splits}; pass the {split} split, e.g. "
+            f"{example} ({why})."
+        )
+
+
 def _num_classes_from_features(ds: datasets.Dataset, label_column: str) -> int | None:
     feature = ds.features.get(label_column)
     return feature.num_classes if isinstance(feature, datasets.ClassLabel) else None
@@ -57,6 +79,7 @@ def labels_array(ds: datasets.Dataset, label_column: str = "label",
 
     ``num_classes`` defaults to the ``ClassLabel`` feature's size, else to ``max(label) + 1``.
     """
+    _require_one_split(ds, "labels_array", "train", "it returns one label array")
     if label_column not in ds.column_names:
         raise ValueError(
             f"dataset has no label column {label_column!r}; its columns are {ds.column_names}. "
@@ -86,6 +109,7 @@ def labels_array(ds: datasets.Dataset, label_column: str = "label",
 def class_counts(ds: datasets.Dataset, label_column: str = "label",
                  num_classes: int | None = None) -> list[int]:
     """Samples per class, in label-index order (classes with no sample count 0)."""
+    _require_one_split(ds, "class_counts", "train", "it returns one list of counts")
     labels = labels_array(ds, label_column, num_classes)
     if num_classes is None:
         num_classes = _num_classes_from_features(ds, label_column) or int(labels.max(initial=-1)) + 1
@@ -185,6 +209,8 @@ def make_long_tailed(ds: datasets.Dataset, imbalance_ratio: float, label_column:
     in its original row order, or any order that keeps each class's rows in original order, this is the
     published split. It needs a balanced dataset, as the official code does.
     """
+    _require_one_split(ds, "make_long_tailed", "train",
+                       "the protocols subsample the training split; validation and test stay balanced")
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; choose one of {SELECTIONS}.")
     labels = labels_array(ds, label_column)
@@ -216,6 +242,7 @@ def make_shifted_test(ds: datasets.Dataset, train_counts: Sequence[int], kind: s
     the training set; ``backward`` reverses the ranks; ``uniform`` (or ``ratio == 1``) returns the
     balanced set unchanged.
     """
+    _require_one_split(ds, "make_shifted_test", "test", "the shift is applied to a balanced test split")
     if kind not in SHIFT_KINDS:
         raise ValueError(f"unknown shift kind {kind!r}; choose one of {SHIFT_KINDS}.")
     if ratio < 1:

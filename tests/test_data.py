@@ -9,6 +9,7 @@ import pytest
 
 from balpoe_hf.data import (
     class_counts,
+    labels_array,
     load_fashion_mnist,
     make_long_tailed,
     make_shifted_test,
@@ -171,6 +172,39 @@ def test_reference_selection_refuses_what_the_official_code_does_not_define():
         make_long_tailed(_balanced(3, 10), 2, selection="official")
     assert class_counts(make_long_tailed(_balanced(4, 100), 10, profile="step", selection="reference")) == [
         100, 100, 10, 10]
+
+
+@pytest.mark.parametrize(("call", "split"), [
+    (lambda ds: make_long_tailed(ds, 2), "train"),
+    (lambda ds: make_shifted_test(ds, [2, 1], "forward", 2), "test"),
+    (labels_array, "train"),
+    (class_counts, "train"),
+])
+def test_dataset_dict_is_refused_naming_the_split_to_pass(call, split):
+    ds = _balanced(2, 4)
+    with pytest.raises(TypeError, match=rf"one split, got a DatasetDict with splits \['train', 'test'\]; "
+                                        rf"pass the {split} split, e\.g\. \w+\(ds\['{split}'\], \.\.\.\)"):
+        call(datasets.DatasetDict(train=ds, test=ds))
+    with pytest.raises(TypeError, match=rf"pass the {split} split, e\.g\. one of \['a', 'b'\]"):
+        call(datasets.DatasetDict(a=ds, b=ds))
+
+
+@pytest.mark.parametrize("call", [
+    lambda ds: make_long_tailed(ds, 2),
+    lambda ds: make_shifted_test(ds, [2, 1], "forward", 2),
+    labels_array,
+    class_counts,
+])
+def test_streaming_dataset_is_refused_with_the_way_to_a_map_style_one(call):
+    ids = _balanced(2, 4).to_iterable_dataset()
+    hint = r"map-style datasets\.Dataset .* streaming=False\), or materialise .*from_generator\(ids\.__iter__"
+    for streaming in (ids, datasets.IterableDatasetDict(train=ids)):
+        with pytest.raises(TypeError, match=hint):
+            call(streaming)
+    # The suggested fix works and keeps the ClassLabel feature.
+    fixed = datasets.Dataset.from_generator(ids.__iter__, features=ids.features)
+    assert class_counts(fixed) == [4, 4]
+    assert fixed.features["label"] == datasets.ClassLabel(num_classes=2)
 
 
 CIFAR10_TRAIN = Path(os.environ.get("BALPOE_CIFAR10_DIR",
