@@ -13,7 +13,30 @@ import datasets
 import numpy as np
 
 PROFILES = ("exponential", "step")
+SELECTIONS = ("random", "reference")
 SHIFT_KINDS = ("forward", "backward", "uniform")
+
+
+def _require_one_split(ds: object, caller: str, split: str, why: str) -> None:
+    """Refuse a streaming dataset and a dataset dict with a message saying what to pass instead.
+
+    A ``DatasetDict`` is refused rather than handled split by split because each of these functions has one
+    meaningful split (``why``): applying it to every split would, for instance, make the test set long-tailed.
+    """
+    if isinstance(ds, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise TypeError(
+            f"{caller} needs a map-style datasets.Dataset (it reads the whole label column and selects "
+            f"rows by index), got a streaming {type(ds).__name__}. Load it with "
+            "load_dataset(..., streaming=False), or materialise a streaming split ids with "
+            "datasets.Dataset.from_generator(ids.__iter__, features=ids.features)."
+        )
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        example = f"{caller}(ds[{split!r}], ...)" if split in splits else f"one of {splits}"
+        raise TypeError(
+            f"{caller} takes one split, got a DatasetDict with splits {splits}; pass the {split} split, e.g. "
+            f"{example} ({why})."
+        )
 
 
 def _num_classes_from_features(ds: datasets.Dataset, label_column: str) -> int | None:
@@ -27,6 +50,7 @@ def labels_array(ds: datasets.Dataset, label_column: str = "label",
 
     ``num_classes`` defaults to the ``ClassLabel`` feature's size, else to ``max(label) + 1``.
     """
+    _require_one_split(ds, "labels_array", "train", "it returns one label array")
     if label_column not in ds.column_names:
         raise ValueError(
             f"dataset has no label column {label_column!r}; its columns are {ds.column_names}. "
@@ -56,10 +80,18 @@ def labels_array(ds: datasets.Dataset, label_column: str = "label",
 def class_counts(ds: datasets.Dataset, label_column: str = "label",
                  num_classes: int | None = None) -> list[int]:
     """Samples per class, in label-index order (classes with no sample count 0)."""
+    _require_one_split(ds, "class_counts", "train", "it returns one list of counts")
     labels = labels_array(ds, label_column, num_classes)
     if num_classes is None:
         num_classes = _num_classes_from_features(ds, label_column) or int(labels.max(initial=-1)) + 1
     return np.bincount(labels, minlength=num_classes).tolist()
+
+
+def _check_profile(imbalance_ratio: float, profile: str) -> None:
+    if imbalance_ratio < 1:
+        raise ValueError(f"imbalance_ratio must be >= 1 (head count / tail count), got {imbalance_ratio}.")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}.")
 
 
 def long_tailed_counts(n_max: int, num_classes: int, imbalance_ratio: float,
@@ -69,10 +101,7 @@ def long_tailed_counts(n_max: int, num_classes: int, imbalance_ratio: float,
     ``exponential``: class ``i`` keeps ``int(n_max * ratio ** (-i / (C - 1)))``.
     ``step``: the first ``C // 2`` classes keep ``n_max``, the others ``int(n_max / ratio)``.
     """
-    if imbalance_ratio < 1:
-        raise ValueError(f"imbalance_ratio must be >= 1 (head count / tail count), got {imbalance_ratio}.")
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}.")
+    _check_profile(imbalance_ratio, profile)
     if num_classes == 1:
         return [n_max]
     if profile == "exponential":
@@ -80,9 +109,41 @@ def long_tailed_counts(n_max: int, num_classes: int, imbalance_ratio: float,
     return [n_max if i < num_classes // 2 else int(n_max / imbalance_ratio) for i in range(num_classes)]
 
 
-def _subsample(labels: np.ndarray, keep: Sequence[int], seed: int) -> np.ndarray:
-    """Sorted row indices keeping ``keep[c]`` random rows of each class ``c``."""
-    rng = np.random.default_rng(seed)
+def _reference_counts(available: Sequence[int], imbalance_ratio: float, profile: str) -> list[int]:
+    """Per-class counts computed float for float as LDAM-DRW's ``get_img_num_per_cls`` does.
+
+    That code (used unchanged by BalPoE) takes ``img_max = rows / C`` and ``imb_factor = 1 / ratio``; it is
+    defined only for a balanced set, and its step profile only for an even class count (with an odd one it
+    silently drops the last class), so anything else is refused rather than approximated.
+    """
+    _check_profile(imbalance_ratio, profile)
+    num_classes = len(available)
+    if num_classes < 2 or min(available) != max(available):
+        raise ValueError(
+            "selection='reference' reproduces the CIFAR-LT split of a balanced training set with at least "
+            f"two classes; this dataset has {num_classes} classes with {min(available)} to {max(available)} "
+            "rows each. Use selection='random'."
+        )
+    if profile == "step" and num_classes % 2:
+        raise ValueError(
+            f"the reference step profile needs an even number of classes, got {num_classes}. "
+            "Use selection='random'."
+        )
+    img_max = sum(available) / num_classes
+    imb_factor = 1 / imbalance_ratio
+    if profile == "exponential":
+        return [int(img_max * imb_factor ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+    half = num_classes // 2
+    return [int(img_max)] * half + [int(img_max * imb_factor)] * half
+
+
+def _subsample(labels: np.ndarray, keep: Sequence[int],
+               rng: np.random.Generator | np.random.RandomState) -> np.ndarray:
+    """Sorted row indices keeping the first ``keep[c]`` rows of a ``rng`` permutation of each class ``c``.
+
+    Classes are permuted in label order, so the draw for a class depends only on the sizes of the classes
+    before it, not on how the classes are interleaved in the dataset.
+    """
     chosen = []
     for cls, k in enumerate(keep):
         rows = np.flatnonzero(labels == cls)
@@ -105,21 +166,37 @@ def _check_no_empty_class(keep: Sequence[int], available: Sequence[int], what: s
 
 
 def make_long_tailed(ds: datasets.Dataset, imbalance_ratio: float, label_column: str = "label", seed: int = 0,
-                     profile: str = "exponential") -> datasets.Dataset:
+                     profile: str = "exponential", selection: str = "random") -> datasets.Dataset:
     """A long-tailed subset of a (balanced) dataset, the CIFAR-LT protocol of Cao et al. (2019).
 
     Class ``i`` in label-index order keeps ``int(n_max * imbalance_ratio ** (-i / (C - 1)))`` rows
-    (``n_max`` is the largest class), drawn at random with ``seed`` so that every run sees the same split.
-    A class with fewer rows than its target keeps all it has.
+    (``n_max`` is the largest class), drawn with ``seed`` so that every run sees the same split.
+    A class with fewer rows than its target keeps all it has. The rows keep the dataset's order.
+
+    ``selection="random"`` draws with ``numpy.random.default_rng(seed)``. ``selection="reference"``
+    reproduces the image selection of the official BalPoE code (LDAM-DRW's ``IMBALANCECIFAR10/100``, taken
+    over unchanged): numpy's legacy generator seeded with ``seed`` shuffles the rows of each class in label
+    order and the first ones are kept. With ``seed=0`` (the official default) on CIFAR-10/100
+    in its original row order, or any order that keeps each class's rows in original order, this is the
+    published split. It needs a balanced dataset, as the official code does.
     """
+    _require_one_split(ds, "make_long_tailed", "train",
+                       "the protocols subsample the training split; validation and test stay balanced")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}; choose one of {SELECTIONS}.")
     labels = labels_array(ds, label_column)
     available = class_counts(ds, label_column)
     n_max = max(available)
-    target = long_tailed_counts(n_max, len(available), imbalance_ratio, profile)
+    if selection == "reference":
+        target = _reference_counts(available, imbalance_ratio, profile)
+        rng = np.random.RandomState(seed)
+    else:
+        target = long_tailed_counts(n_max, len(available), imbalance_ratio, profile)
+        rng = np.random.default_rng(seed)
     keep = [min(t, a) for t, a in zip(target, available, strict=True)]
     # int(n_max / r) >= 1 exactly when r <= n_max, for both profiles.
     _check_no_empty_class(keep, available, f"imbalance ratio {imbalance_ratio:g}", float(n_max))
-    return ds.select(_subsample(labels, keep, seed))
+    return ds.select(_subsample(labels, keep, rng))
 
 
 def rank_by_count(train_counts: Sequence[int]) -> list[int]:
@@ -136,6 +213,7 @@ def make_shifted_test(ds: datasets.Dataset, train_counts: Sequence[int], kind: s
     the training set; ``backward`` reverses the ranks; ``uniform`` (or ``ratio == 1``) returns the
     balanced set unchanged.
     """
+    _require_one_split(ds, "make_shifted_test", "test", "the shift is applied to a balanced test split")
     if kind not in SHIFT_KINDS:
         raise ValueError(f"unknown shift kind {kind!r}; choose one of {SHIFT_KINDS}.")
     if ratio < 1:
@@ -153,7 +231,7 @@ def make_shifted_test(ds: datasets.Dataset, train_counts: Sequence[int], kind: s
     for rank, cls in enumerate(rank_by_count(train_counts)):
         keep[cls] = min(per_rank[rank], available[cls])
     _check_no_empty_class(keep, available, f"{kind}{ratio:g}", float(n_per_class))
-    return ds.select(_subsample(labels, keep, seed))
+    return ds.select(_subsample(labels, keep, np.random.default_rng(seed)))
 
 
 def shot_groups(train_counts: Sequence[int], many: int = 100, few: int = 20) -> dict[str, list[int]]:

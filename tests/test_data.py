@@ -1,11 +1,15 @@
+import os
 import time
+from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from balpoe_hf.data import (
     class_counts,
+    labels_array,
     make_long_tailed,
     make_shifted_test,
     shot_groups,
@@ -107,6 +111,116 @@ def test_errors_name_the_problem():
         class_counts(datasets.Dataset.from_dict({"label": [0, -1]}))
     with pytest.raises(ValueError, match="unknown shift kind"):
         make_shifted_test(ds, [5, 3, 1], "sideways", 2)
+
+
+def _ldam_drw_selection(labels: np.ndarray, imb_factor: float, seed: int = 0) -> list[int]:
+    """The official CIFAR-LT selection, written the way LDAM-DRW's IMBALANCECIFAR10 does it: the global
+    legacy generator seeded once, then per class (np.unique order) shuffle its indices, keep the first n."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        classes = np.unique(labels)
+        img_max = len(labels) / len(classes)
+        chosen = []
+        for cls_idx, cls in enumerate(classes):
+            num = int(img_max * (imb_factor ** (cls_idx / (len(classes) - 1.0))))
+            idx = np.where(labels == cls)[0]
+            np.random.shuffle(idx)
+            chosen.extend(idx[:num].tolist())
+    finally:
+        np.random.set_state(state)
+    return sorted(chosen)
+
+
+def _interleaved(num_classes: int, per_class: int) -> datasets.Dataset:
+    labels = np.random.default_rng(7).permutation(np.repeat(np.arange(num_classes), per_class))
+    return datasets.Dataset.from_dict({"label": labels, "idx": np.arange(labels.size)})
+
+
+def test_reference_selection_is_ldam_drw_global_generator():
+    ds = _interleaved(4, 30)
+    lt = make_long_tailed(ds, 10, selection="reference")
+    # 30 * 0.1 ** (i / 3): 30, 13.9, 6.46, 3.0
+    assert class_counts(lt) == [30, 13, 6, 3]
+    assert lt["idx"][:] == _ldam_drw_selection(np.asarray(ds["label"][:]), 0.1)
+    assert lt["idx"][:] != make_long_tailed(ds, 10)["idx"][:]
+    assert lt["idx"][:] != make_long_tailed(ds, 10, selection="reference", seed=1)["idx"][:]
+
+
+def test_reference_selection_ignores_how_classes_are_interleaved():
+    # The official code shuffles each class's own index list, so which of a class's images are kept (the
+    # k-th, the j-th, ...) does not depend on where the other classes' rows sit: a copy sorted by class
+    # (like the CIFAR-10 parquet beside the repository) keeps the same images as the original order.
+    mixed = _interleaved(3, 20)
+    by_class = mixed.select(np.argsort(mixed["label"][:], kind="stable"))
+
+    def kept_ranks(ds: datasets.Dataset) -> list[list[int]]:
+        """Per class, the positions (among that class's rows, in order) of the rows kept."""
+        kept = set(make_long_tailed(ds, 5, selection="reference")["idx"][:])
+        labels, ids = np.asarray(ds["label"][:]), np.asarray(ds["idx"][:])
+        return [[rank for rank, idx in enumerate(ids[labels == cls]) if idx in kept] for cls in range(3)]
+
+    assert kept_ranks(mixed) == kept_ranks(by_class)
+
+
+def test_reference_selection_refuses_what_the_official_code_does_not_define():
+    with pytest.raises(ValueError, match=r"balanced training set .* 3 classes with 1 to 2 rows"):
+        make_long_tailed(datasets.Dataset.from_dict({"label": [0, 0, 1, 1, 2]}), 2, selection="reference")
+    with pytest.raises(ValueError, match="even number of classes, got 3"):
+        make_long_tailed(_balanced(3, 10), 2, profile="step", selection="reference")
+    with pytest.raises(ValueError, match="unknown selection 'official'"):
+        make_long_tailed(_balanced(3, 10), 2, selection="official")
+    assert class_counts(make_long_tailed(_balanced(4, 100), 10, profile="step", selection="reference")) == [
+        100, 100, 10, 10]
+
+
+@pytest.mark.parametrize(("call", "split"), [
+    (lambda ds: make_long_tailed(ds, 2), "train"),
+    (lambda ds: make_shifted_test(ds, [2, 1], "forward", 2), "test"),
+    (labels_array, "train"),
+    (class_counts, "train"),
+])
+def test_dataset_dict_is_refused_naming_the_split_to_pass(call, split):
+    ds = _balanced(2, 4)
+    with pytest.raises(TypeError, match=rf"one split, got a DatasetDict with splits \['train', 'test'\]; "
+                                        rf"pass the {split} split, e\.g\. \w+\(ds\['{split}'\], \.\.\.\)"):
+        call(datasets.DatasetDict(train=ds, test=ds))
+    with pytest.raises(TypeError, match=rf"pass the {split} split, e\.g\. one of \['a', 'b'\]"):
+        call(datasets.DatasetDict(a=ds, b=ds))
+
+
+@pytest.mark.parametrize("call", [
+    lambda ds: make_long_tailed(ds, 2),
+    lambda ds: make_shifted_test(ds, [2, 1], "forward", 2),
+    labels_array,
+    class_counts,
+])
+def test_streaming_dataset_is_refused_with_the_way_to_a_map_style_one(call):
+    ids = _balanced(2, 4).to_iterable_dataset()
+    hint = r"map-style datasets\.Dataset .* streaming=False\), or materialise .*from_generator\(ids\.__iter__"
+    for streaming in (ids, datasets.IterableDatasetDict(train=ids)):
+        with pytest.raises(TypeError, match=hint):
+            call(streaming)
+    # The suggested fix works and keeps the ClassLabel feature.
+    fixed = datasets.Dataset.from_generator(ids.__iter__, features=ids.features)
+    assert class_counts(fixed) == [4, 4]
+    assert fixed.features["label"] == datasets.ClassLabel(num_classes=2)
+
+
+CIFAR10_TRAIN = Path(os.environ.get("BALPOE_CIFAR10_DIR",
+                                    Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"),
+                     "train.parquet")
+
+
+@pytest.mark.skipif(not CIFAR10_TRAIN.is_file(), reason=f"no CIFAR-10 copy at {CIFAR10_TRAIN}")
+def test_reference_split_of_real_cifar10_train():
+    labels = pq.read_table(CIFAR10_TRAIN, columns=["label"])["label"].to_numpy()
+    ds = datasets.Dataset.from_dict({"label": labels, "idx": np.arange(labels.size)})
+    lt = make_long_tailed(ds, 100, selection="reference")
+    # CIFAR-10-LT, imbalance 100 (Cao et al. 2019): 12,406 images, 5000 down to 50 per class.
+    assert len(lt) == 12_406
+    assert class_counts(lt) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert lt["idx"][:] == _ldam_drw_selection(labels, 0.01)
 
 
 def test_fashion_mnist_from_debian_package():
