@@ -211,14 +211,14 @@ class DeviceAugment:
     ``RandomHorizontalFlip()`` if ``hflip``, then ``RandomRotation(rotation)`` if ``rotation`` (nearest
     neighbour, about the centre, zero fill, same size) in distribution, and pixel for pixel given the same
     parameters (up to the rounding of source coordinates that fall on a pixel border: PIL's fixed-point
-    rotation differs from the exact map on about 2 pixels in 10,000, torchvision's tensor rotation on about
-    1 in 500,000).
+    rotation differs on about 1 pixel in 10,000, torchvision's tensor rotation on a few in a million).
 
     Written by hand because the ecosystem lacks it: torchvision's transforms (v1 and v2) draw one set of
     parameters per call, so a batch tensor gets the same crop, flip and angle for every image, and a
     per-image loop would launch several kernels per image; timm's batch augmentations (mixup, random
-    erasing) include no crop, flip or rotation. Here the three geometric steps compose into one source
-    pixel per output pixel, so a batch costs one gather: output pixel ``(y, x)`` reads
+    erasing) include no crop, flip or rotation; kornia has per-image ones but is not a dependency. Here
+    the three geometric steps compose into one source pixel per output pixel, so a batch costs one
+    gather: output pixel ``(y, x)`` reads
 
     - rotation (the inverse map, as PIL and torchvision compute it): the point ``(x + 0.5, y + 0.5)``
       rotated by ``-angle`` about the image centre, floored to the pixel containing it;
@@ -262,8 +262,8 @@ class DeviceAugment:
         cols = torch.arange(w, device=device).view(1, 1, w).expand(b, h, w)
         valid = torch.ones(b, h, w, dtype=torch.bool, device=device)
         if self.rotation:
-            # Offsets from the centre are half-integers, exact in float32; the products and sums are single
-            # IEEE operations, rounded identically on every device (no fused or reordered kernels).
+            # Offsets from the centre are half-integers, exact in float32; each product and sum is its own
+            # elementwise op (no fused multiply-add), so CPU and CUDA round them alike.
             dx = (cols.float() + 0.5) - w / 2
             dy = (rows.float() + 0.5) - h / 2
             cos, sin = params.cos.view(b, 1, 1), params.sin.view(b, 1, 1)
@@ -400,6 +400,8 @@ class DeviceLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration serves."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}.")
         self.epoch = epoch
 
     def _epoch_plan(self) -> tuple[torch.Tensor, AugmentParams | None]:
@@ -418,6 +420,9 @@ class DeviceLoader:
         """This process's batches ``start, start + 1, ...`` of the current epoch (``0 <= start <= len``)."""
         if not 0 <= start <= len(self):
             raise ValueError(f"start must be between 0 and {len(self)} batches, got {start}.")
+        return self._batches(start)
+
+    def _batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         order, params = self._epoch_plan()
         for step in range(start, len(self)):
             first = (step * self.num_processes + self.process_index) * self.batch_size

@@ -321,7 +321,9 @@ def test_resume_skips_to_the_same_batches():
     for start in (0, 1, 5, len(loader)):
         assert_same_batches(list(loader.batches(start)), full[start:])
     with pytest.raises(ValueError, match="start"):
-        list(loader.batches(len(loader) + 1))
+        loader.batches(len(loader) + 1)
+    with pytest.raises(ValueError, match="epoch"):
+        loader.set_epoch(-1)
 
 
 def accelerate_shard(order: list[int], batch_size: int, num_processes: int, index: int,
