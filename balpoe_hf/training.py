@@ -19,26 +19,26 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.data import Mixup
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoints
+from . import checkpoints, speed
 from .configuration_balpoe import BalPoEConfig
 from .data import shot_groups
+from .loaders import build_loaders
 from .loading import TrainingData, load_training_data
 from .metrics import long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
 from .recipes import Recipe, TrainingError, recipe_differences, save_recipe
-from .transforms import build_processor, with_transforms
+from .transforms import build_processor
 
 
 @dataclass
@@ -129,9 +129,10 @@ def check_world_size(num_processes: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, recipe: Recipe,
-             class_counts: list[int]) -> tuple[dict, int]:
-    """``long_tail_report`` of the balanced test set and its size; every test image is counted once.
+def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator, recipe: Recipe,
+             class_counts: list[int], num_test: int) -> tuple[dict, int]:
+    """``long_tail_report`` of the balanced test set of ``num_test`` images and its size; every test image
+    is counted once.
 
     The logits ``(N, C)`` are the model's, adjusted to a uniform prior.
     """
@@ -143,7 +144,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
         logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    # A DeviceLoader completes the last round of several processes with the first images, which
+    # gather_for_metrics cannot see; the gathered rows are the images in order, so keep the first num_test.
+    logits, labels = torch.cat(all_logits)[:num_test], torch.cat(all_labels)[:num_test]
     report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
                               few=recipe.few_threshold)
     return report, len(labels)
@@ -197,6 +200,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
         log_with=None if report_to == "none" else report_to,
         project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on GPUs
     )
     check_world_size(accelerator.num_processes)
     checkpoints.check_output_dir(output_dir, resume, overwrite)
@@ -216,29 +220,18 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                       f"{len(data.test):,} test images; many/medium/few-shot classes "
                       f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}")
 
-    # ---- model and optimizer (before the data loaders, so that a bad backbone fails fast)
-    model = build_model(recipe, data)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    # ---- model and optimizer (before the data loaders, so that a bad backbone fails fast), with the
+    # recipe's speed options (channels_last, compile, fused SGD)
+    model = speed.prepare_model(build_model(recipe, data), recipe)
+    optimizer = speed.build_optimizer(recipe, model, accelerator.device)
+    speed.enable_fast_kernels(accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
-    # ---- data loaders: decoding and augmentation on the fly, in worker processes
+    # ---- data loaders: the device-resident pipeline or PIL in workers (balpoe_hf.loaders)
     processor = build_processor(recipe)  # the evaluation transform, saved with the model
-    train_set, test_set = with_transforms(data, recipe, processor)
-    loader_options = {"num_workers": recipe.num_workers, "pin_memory": accelerator.device.type == "cuda"}
-    # The shuffling generator is re-seeded every epoch, and the training workers are started afresh every
-    # epoch (not persistent) with seeds drawn from it, so that an epoch's order and augmentation depend on
-    # (seed, epoch) only: a resumed run sees exactly the batches the uninterrupted run would have seen.
-    shuffle_generator = torch.Generator()
-    # drop_last: mixup pairs each batch with its reverse and needs an even, full batch.
-    train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
-                              generator=shuffle_generator, **loader_options)
-    test_loader = DataLoader(test_set, batch_size=recipe.eval_batch_size,
-                             persistent_workers=recipe.num_workers > 0, **loader_options)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, test_loader)
-    if len(train_loader) == 0:
-        raise TrainingError(f"{len(data.train)} training images make no full batch of {recipe.batch_size} x "
-                            f"{accelerator.num_processes} processes; lower --batch-size.")
+    loaders = build_loaders(recipe, data, processor, accelerator)
+    train_loader, test_loader = loaders.train, loaders.test
+    accelerator.print(f"data pipeline: {loaders.pipeline.name} ({loaders.pipeline.reason})")
     steps_per_epoch = math.ceil(len(train_loader) / recipe.gradient_accumulation_steps)
     # Stepped once per optimizer step by hand (not prepared): the schedule is in optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps_per_epoch))
@@ -281,13 +274,13 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                       f"{global_batch} on {accelerator.num_processes} process(es) ({accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision})")
     run_start = time.perf_counter()
-    images_seen, report, epoch_loss = 0, None, None
+    images_seen, report, epoch_loss, throughputs = 0, None, None, []
     for epoch in range(start_epoch, recipe.epochs):
         # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-exact.
         set_seed(recipe.seed + epoch, device_specific=True)
-        shuffle_generator.manual_seed(recipe.seed + epoch)
+        loaders.set_epoch(epoch)
         model.train()
-        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_sum, logged = torch.zeros((), device=accelerator.device), (0.0, 0)  # logged: (loss sum, steps)
         optimizer_step = epoch * steps_per_epoch  # for the tracker's x axis
         epoch_start, epoch_images = time.perf_counter(), 0
         progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
@@ -296,6 +289,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
             pixel_values, targets = batch["pixel_values"], batch["labels"]
             if mixup is not None:
                 pixel_values, targets = mixup(pixel_values, targets)
+            else:  # soft targets skip the loss's label-range check, a host-device sync (checked at loading)
+                targets = torch.nn.functional.one_hot(targets, len(data.class_counts)).float()
             with accelerator.accumulate(model):
                 loss = model(pixel_values=pixel_values, labels=targets).loss
                 accelerator.backward(loss)
@@ -308,15 +303,19 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
             loss_sum += loss.detach()
             epoch_images += pixel_values.shape[0] * accelerator.num_processes
             lr = scheduler.get_last_lr()[0]
-            if step % 10 == 0 and accelerator.is_local_main_process:  # .item() waits for the device
-                throughput = epoch_images / (time.perf_counter() - epoch_start)
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.4f}", img_s=f"{throughput:.0f}")
             optimizer_step += accelerator.sync_gradients
-            if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0:
-                accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=optimizer_step)
+            if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0 \
+                    and accelerator.is_main_process:
+                # The loop's only host-device synchronisation: the mean loss since the last logging point.
+                total = loss_sum.item()
+                window_loss, logged = (total - logged[0]) / (step + 1 - logged[1]), (total, step + 1)
+                throughput = epoch_images / (time.perf_counter() - epoch_start)
+                progress.set_postfix(loss=f"{window_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{throughput:.0f}")
+                accelerator.log({"train/loss": window_loss, "train/lr": lr}, step=optimizer_step)
         epoch_loss = accelerator.reduce(loss_sum, reduction="mean").item() / len(train_loader)
         epoch_time = time.perf_counter() - epoch_start
         images_seen += epoch_images
+        throughputs.append(epoch_images / epoch_time)
         accelerator.print(f"epoch {epoch + 1}/{recipe.epochs}: loss {epoch_loss:.4f}, lr {lr:.5f}, "
                           f"{epoch_images / epoch_time:.0f} images/s, {epoch_time:.0f} s")
         accelerator.log({"train/epoch_loss": epoch_loss,
@@ -325,7 +324,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
 
         last = epoch + 1 == recipe.epochs
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
-            report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts)
+            report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts,
+                                        len(data.test))
             history.append({"epoch": epoch + 1, "balanced_accuracy": report["balanced_accuracy"],
                             "accuracy": report["accuracy"], "ece": report["ece"]})
             accelerator.print(f"eval after epoch {epoch + 1} on {num_test:,} test images:\n"
@@ -344,15 +344,17 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     train_runtime = time.perf_counter() - run_start
 
     if report is None:  # resumed from the final checkpoint: only the evaluation and the outputs are left
-        report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts)
+        report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts,
+                                    len(data.test))
 
     # ---- outputs: model + image processor, results
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
+    model = speed.to_contiguous_format(accelerator.unwrap_model(model))
     train_results = {
         "epochs": recipe.epochs, "train_samples": len(data.train), "class_counts": data.class_counts,
         "train_loss": epoch_loss, "train_runtime": train_runtime,
         "train_samples_per_second": images_seen / train_runtime if images_seen else None,
+        "epoch_images_per_second": throughputs, "data_pipeline": loaders.pipeline.name,
         "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
         "eval_history": history,
     }

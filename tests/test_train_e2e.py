@@ -1,8 +1,9 @@
 """End-to-end runs of scripts/train.py through the real ``accelerate launch``, on a tiny long-tailed dataset.
 
 One process and two CPU (gloo) processes, a run killed after its first epoch and resumed, and the saved
-model loaded back with the transformers auto classes. Each launch costs ~10 s of start-up, so the runs are
-module fixtures shared by the tests.
+model loaded back with the transformers auto classes. The data fit in memory, so every run takes the default
+device pipeline (balpoe_hf.loaders); tests/test_loaders.py trains with the worker pipeline. Each launch
+costs ~10 s of start-up, so the runs are module fixtures shared by the tests.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def data(tmp_path_factory) -> dict:
             "--label-column", "target", "--backbone", "resnet20_cifar", "--image-size", "16",
             "--epochs", "6", "--lr", "0.02", "--warmup-epochs", "0", "--lr-schedule", "cosine",
             "--mixup-alpha", "0.2", "--rotation", "0", "--many-threshold", "20", "--few-threshold", "6",
-            "--eval-batch-size", "5", "--eval-every", "2", "--num-workers", "1", "--logging-steps", "1"]
+            "--eval-batch-size", "5", "--eval-every", "2", "--logging-steps", "1"]
     return {"root": root, "train": train, "test": test, "env": env, "args": args}
 
 
@@ -120,6 +121,8 @@ def test_single_process_run_writes_model_results_and_logs(single_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0005", "epoch-0006"]
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert "images/s" in single_run["stdout"]
+    assert "data pipeline: device (auto: 92 images at 16x16" in single_run["stdout"]
+    assert train_results["data_pipeline"] == "device" and len(train_results["epoch_images_per_second"]) == 6
     assert "balanced accuracy" in single_run["stdout"] and "ECE (15 bins)" in single_run["stdout"]
 
 
@@ -139,7 +142,10 @@ def test_two_cpu_processes_evaluate_every_test_image_once_and_match_one_process(
     assert "2 process(es)" in two_process_run["stdout"]
     train_results, eval_results = _results(two_process_run["dir"])
     assert train_results["num_processes"] == 2 and train_results["global_batch_size"] == 8
-    # 32 test images over 2 processes x batches of 5 pad the last batch; gather_for_metrics drops the padding.
+    # Each process draws its own half of every global batch from the device-resident copy (which halves, and
+    # that they make up the one-process batches: tests/test_loaders.py).
+    assert train_results["data_pipeline"] == "device"
+    # 32 test images over 2 processes x batches of 5 pad the last round with 8 repeats, which are dropped.
     assert eval_results["eval_samples"] == NUM_TEST
     reference = _reference_metrics(two_process_run["dir"], data["test"])
     assert eval_results["eval_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-9)

@@ -39,6 +39,8 @@ Classifier = Literal["cosine", "linear"]
 Augmentation = Literal["cifar", "imagenet", "none"]
 LRSchedule = Literal["multistep", "cosine", "constant"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+DataPipeline = Literal["auto", "device", "workers"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class TrainingError(ValueError):
@@ -146,6 +148,15 @@ class Recipe:
         "Mixup Beta(alpha, alpha) parameter; 0 turns mixup off."))
     mixed_precision: MixedPrecision | None = field(default=None, metadata=_help(
         "'no', 'bf16' or 'fp16'; 'none': what accelerate launch was told (default 'no')."))
+    channels_last: bool = field(default=False, metadata=_help(
+        "Train in the channels_last memory format (faster convolutions on CPUs with oneDNN and on tensor-core "
+        "GPUs; the saved model is in the usual format)."))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the model (pays a compilation of a minute or more at the start; for long runs)."))
+    compile_mode: CompileMode = field(default="default", metadata=_help(
+        "--compile: torch.compile's mode ('reduce-overhead' adds CUDA graphs on GPUs)."))
+    fused_optimizer: bool = field(default=True, metadata=_help(
+        "SGD's fused kernel (torch.optim.SGD(fused=True)) where torch has one for the device."))
     seed: int = field(default=0, metadata=_help(
         "Seed of the weight initialisation, shuffling, augmentation and mixup."))
     # --- loop
@@ -153,8 +164,14 @@ class Recipe:
         "Evaluate on the test set every N epochs (0: only at the end)."))
     eval_batch_size: int = field(default=256, metadata=_help("Evaluation batch size per process."))
     checkpoints_total_limit: int = field(default=2, metadata=_help("Keep the last K epoch checkpoints."))
+    data_pipeline: DataPipeline = field(default="auto", metadata=_help(
+        "'device': decode the splits once into uint8 tensors kept on the training device and augment whole "
+        "batches there (balpoe_hf.device_data); 'workers': decode and augment image by image with PIL in "
+        "DataLoader workers; 'auto': 'device' when the augmentation and the evaluation transform have a "
+        "device version and both splits fit in balpoe_hf.loaders.DEVICE_DATA_LIMIT_BYTES, else 'workers'."))
     num_workers: int = field(default=4, metadata=_help(
-        "DataLoader worker processes per training process (0: load in the training process)."))
+        "'workers' pipeline: DataLoader worker processes per training process (0: load in the training "
+        "process)."))
     logging_steps: int = field(default=50, metadata=_help(
         "Log the training loss and lr to the tracker every N optimizer steps."))
 
