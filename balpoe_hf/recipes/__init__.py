@@ -149,8 +149,8 @@ class Recipe:
     mixed_precision: MixedPrecision | None = field(default=None, metadata=_help(
         "'no', 'bf16' or 'fp16'; 'none': what accelerate launch was told (default 'no')."))
     channels_last: bool = field(default=False, metadata=_help(
-        "Train in the channels_last memory format (faster convolutions on CPUs with oneDNN and on tensor-core "
-        "GPUs; the saved model is in the usual format)."))
+        "Train in the channels_last memory format (faster convolutions on CPUs with oneDNN and on "
+        "tensor-core GPUs; the saved model is in the usual format)."))
     compile: bool = field(default=False, metadata=_help(
         "torch.compile the model (pays a compilation of a minute or more at the start; for long runs)."))
     compile_mode: CompileMode = field(default="default", metadata=_help(
