@@ -70,8 +70,8 @@ class BalPoELoss(nn.Module):
         class_counts: training samples per class ``(C,)``; every class needs at least one.
         lambdas: one bias per expert ``(E,)``, or per-class biases ``(E, C)``.
 
-    The log prior and the per-expert ``tau = 1 - lambda`` are persistent buffers, so they travel with
-    the module's state dict.
+    The log prior and the per-expert ``tau = 1 - lambda`` are non-persistent buffers: they follow the
+    module's device moves but stay out of its state dict, since the model rebuilds them from its config.
     """
 
     def __init__(self, class_counts: PriorLike, lambdas: Sequence[float] | torch.Tensor) -> None:
@@ -79,8 +79,8 @@ class BalPoELoss(nn.Module):
         log_prior = log_class_prior(class_counts)
         num_experts = len(lambdas)
         taus = 1.0 - expert_lambdas(lambdas, num_experts, log_prior.numel())
-        self.register_buffer("log_prior", log_prior)  # (C,)
-        self.register_buffer("taus", taus)  # (E, C)
+        self.register_buffer("log_prior", log_prior, persistent=False)  # (C,)
+        self.register_buffer("taus", taus, persistent=False)  # (E, C)
 
     @property
     def num_experts(self) -> int:
@@ -158,7 +158,7 @@ class LADELoss(nn.Module):
         weight: weight of the regulariser; 0 gives the balanced softmax alone.
         remine_lambda: weight of the ReMINE penalty inside the regulariser.
 
-    The log prior is a non-persistent buffer: the model rebuilds it from its config.
+    The log prior is a non-persistent buffer, as in :class:`BalPoELoss`.
     """
 
     num_experts = 1

@@ -5,6 +5,10 @@
 mean of the expert logits, adjusted from the ensemble's implied prior to a target prior
 (``zbar - mean(lambda) * log pi_train + log pi_target``), and the multi-expert logit-adjusted loss.
 
+The config is the one source of truth for the training prior, the lambdas and the target prior: the model's
+prior buffers (and the loss's) are non-persistent, rebuilt from the config on every build and load, so the
+weights file never holds a copy that could disagree with ``config.json``.
+
 This module is shipped as remote code with every saved model: it imports torch, timm, transformers and
 the flat ``.backbones`` / ``.configuration_balpoe`` / ``.losses`` / ``.priors`` modules only.
 """
@@ -23,11 +27,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+from transformers.utils import logging
 
 from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .configuration_balpoe import BalPoEConfig
 from .losses import BalPoELoss
 from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
+
+logger = logging.get_logger(__name__)
 
 TargetPrior = str | Sequence[float] | torch.Tensor
 
@@ -127,6 +134,8 @@ class BalPoEPreTrainedModel(PreTrainedModel):
     _no_split_modules: ClassVar[list[str]] = ["BalPoEExpert"]
     # Labels may be soft (mixup) targets; there are no loss kwargs to forward from the Trainer.
     accepts_loss_kwargs = False
+    # Older checkpoints saved the prior buffers; they now come from the config, so those keys are dropped.
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^loss_fn\.", r"^target_prior$"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -136,12 +145,13 @@ class BalPoEPreTrainedModel(PreTrainedModel):
         this runs for BalPoE's own modules and buffers, and for backbone weights missing from a checkpoint,
         which get a generic init (Kaiming for convolutions, truncated normal for the rest).
         """
-        if isinstance(module, BalPoEForImageClassification):
-            init.copy_(module.target_prior, _target_prior_tensor(self.config))
-        elif isinstance(module, BalPoELoss):
-            counts = self.config.class_counts or [1] * self.config.num_labels
-            init.copy_(module.log_prior, log_class_prior(counts))
-            init.copy_(module.taus, 1.0 - self.config.lambdas_tensor)
+        if isinstance(module, BalPoEForImageClassification | BalPoELoss):
+            # The non-persistent prior buffers: from_pretrained leaves them empty, the config defines them.
+            with torch.device("cpu"):
+                source = _prior_buffers(self.config) if isinstance(module, BalPoEForImageClassification) \
+                    else dict(build_loss(self.config).named_buffers())
+            for name, value in source.items():
+                init.copy_(module.get_buffer(name), value)
         elif isinstance(module, CosineClassifier | LinearClassifier):
             module.reset_parameters()
         elif isinstance(module, nn.Conv2d):
@@ -199,9 +209,6 @@ class BalPoEModel(BalPoEPreTrainedModel):
     same pretrained weights with ``config.backbone_pretrained``.
     """
 
-    # Loading a BalPoEForImageClassification checkpoint: its prior/loss buffers belong to the head model.
-    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^loss_fn\.", r"^target_prior$"]
-
     def __init__(self, config: BalPoEConfig) -> None:
         super().__init__(config)
         on_meta = _building_on_meta()
@@ -254,6 +261,29 @@ def _target_prior_tensor(config: BalPoEConfig) -> torch.Tensor:
     return validate_prior(config.target_prior, config.num_labels).float()
 
 
+def _train_counts(config: BalPoEConfig) -> list[int] | list[float]:
+    """``config.class_counts``, or equal counts (a balanced training set) when unset."""
+    return config.class_counts or [1] * config.num_labels
+
+
+def build_loss(config: BalPoEConfig) -> BalPoELoss:
+    """The training loss of ``config``, its prior (and taus) built from ``class_counts`` and ``lambdas``."""
+    return BalPoELoss(_train_counts(config), config.lambdas)
+
+
+def _prior_buffers(config: BalPoEConfig) -> dict[str, torch.Tensor]:
+    """The model's prior buffers, all derived from the config.
+
+    ``log_train_prior`` ``(C,)`` (``log pi_train``), ``mean_lambda`` ``(C,)`` (``mean_e lambda_e`` per class)
+    and ``target_prior`` ``(C,)``.
+    """
+    return {
+        "log_train_prior": log_class_prior(_train_counts(config)),
+        "mean_lambda": config.lambdas_tensor.mean(0),
+        "target_prior": _target_prior_tensor(config),
+    }
+
+
 class BalPoEForImageClassification(BalPoEPreTrainedModel):
     """BalPoE image classifier: expert ensemble, prior adjustment and the multi-expert loss.
 
@@ -268,22 +298,29 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         device = torch.empty(0).device
         # The prior helpers validate on the CPU, which a meta-device build (from_pretrained) cannot do.
         with torch.device("cpu"):
-            counts = config.class_counts or [1] * config.num_labels
-            loss_fn = BalPoELoss(counts, config.lambdas)  # buffers log_prior (C,), taus (E, C)
-            target_prior = _target_prior_tensor(config)  # (C,)
+            loss_fn = build_loss(config)
+            buffers = _prior_buffers(config)
         self.loss_fn = loss_fn.to(device)
-        self.register_buffer("target_prior", target_prior.to(device))
+        for name, value in buffers.items():
+            # Non-persistent: rebuilt from the config (here and in `_init_weights`), never read from weights.
+            self.register_buffer(name, value.to(device), persistent=False)
         self.post_init()
 
-    @property
-    def mean_lambda(self) -> torch.Tensor:
-        """``mean_e lambda_e`` per class ``(C,)``."""
-        return 1.0 - self.loss_fn.taus.mean(0)
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``; warns when the config has no ``class_counts``.
 
-    @property
-    def log_train_prior(self) -> torch.Tensor:
-        """``log pi_train`` ``(C,)`` from ``config.class_counts``."""
-        return self.loss_fn.log_prior
+        Without them the model cannot undo a training prior: it assumes the training set was balanced.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
+        if model.config.class_counts is None:
+            logger.warning(
+                "This BalPoE checkpoint's config has no class_counts, so the model assumes a balanced "
+                "training set (uniform training prior, no logit adjustment). If it was trained on a "
+                "long-tailed set, set class_counts in its config.json to the training samples per class."
+            )
+        return loaded
 
     def _resolve_target_prior(self, prior: TargetPrior) -> torch.Tensor | None:
         """A target prior as float64 probabilities ``(C,)``, or ``None`` for uniform."""
@@ -291,7 +328,14 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
             if prior == "uniform":
                 return None
             if prior == "train":
-                return class_prior(self.config.class_counts or [1] * self.config.num_labels).double()
+                if self.config.class_counts is None:
+                    raise ValueError(
+                        "target prior 'train' needs the training class counts, but config.class_counts is "
+                        "None (the model assumes a balanced training set). Pass the training prior as "
+                        f"{self.config.num_labels} probabilities instead, or rebuild the model with "
+                        "class_counts."
+                    )
+                return class_prior(self.config.class_counts).double()
             raise ValueError(f"target prior must be 'uniform', 'train' or {self.config.num_labels} "
                              f"probabilities, got {prior!r}.")
         return validate_prior(prior, self.config.num_labels)

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import subprocess
@@ -7,10 +8,12 @@ import textwrap
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
+from transformers.utils import logging as transformers_logging
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, BalPoEModel, build_image_processor
 from balpoe_hf.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassifier
@@ -266,6 +269,72 @@ def test_meta_device_build_reinitialises_every_buffer_and_parameter():
         assert torch.equal(buffers[key], value), key
     for name, param in model.named_parameters():
         assert torch.isfinite(param).all(), name
+
+
+def test_prior_buffers_are_not_saved_and_follow_the_edited_config(tmp_path):
+    model = make_model(num_experts=2, lambdas=[1.0, 0.5]).eval()
+    model.save_pretrained(tmp_path)
+    saved_keys = safetensors.torch.load_file(tmp_path / "model.safetensors").keys()
+    assert not [key for key in saved_keys if key.startswith("loss_fn.") or "prior" in key or "lambda" in key]
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["class_counts"] = [2, 8, 20, 50]  # reversed long tail
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        out = loaded(x, labels=y)
+    log_pi = torch.tensor([math.log(n / 80) for n in [2, 8, 20, 50]])
+    # mean(lambda) = 0.75 times the edited log prior is removed at inference.
+    assert torch.allclose(out.logits, out.expert_logits.mean(1) - 0.75 * log_pi, atol=1e-5)
+    # The loss uses the edited prior too: tau = 1 - lambda = 0 and 0.5.
+    expected_loss = (F.cross_entropy(out.expert_logits[:, 0], y)
+                     + F.cross_entropy(out.expert_logits[:, 1] + 0.5 * log_pi, y)) / 2
+    assert torch.allclose(out.loss, expected_loss, atol=1e-5)
+    # The expert weights themselves are the saved ones.
+    assert torch.equal(out.expert_logits, model(x).expert_logits)
+
+
+def test_old_checkpoint_with_prior_buffers_loads_silently(tmp_path, caplog):
+    model = make_model(num_experts=2, lambdas=[1.0, 0.5], target_prior=[0.4, 0.3, 0.2, 0.1]).eval()
+    model.save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    # Checkpoints written before the buffers became non-persistent carry them; make them stale.
+    weights |= {"loss_fn.log_prior": torch.zeros(4), "loss_fn.taus": torch.zeros(2, 4),
+                "target_prior": torch.full((4,), 0.25)}
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            loaded, info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
+            AutoModel.from_pretrained(tmp_path)
+    finally:
+        transformers_logging.disable_propagation()
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert info["unexpected_keys"] == set() and info["missing_keys"] == set()
+    assert loaded.target_prior.tolist() == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert torch.allclose(loaded.log_train_prior, log_train_prior())
+    assert loaded.mean_lambda.tolist() == pytest.approx([0.75] * 4)
+    assert loaded.loss_fn.taus.tolist() == [[0.0] * 4, [0.5] * 4]
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x).logits, model(x).logits)
+
+
+def test_train_target_prior_needs_class_counts(tmp_path, caplog):
+    model = BalPoEForImageClassification(BalPoEConfig(num_experts=1, num_labels=4)).eval()
+    with pytest.raises(ValueError, match="target prior 'train' needs the training class counts"):
+        model.set_target_prior("train")
+    with pytest.raises(ValueError, match=r"config\.class_counts is None"):
+        model(torch.randn(1, 3, 32, 32), target_prior="train")
+    model.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert "assumes a balanced training set" in caplog.text
+    caplog.clear()
+    make_model().save_pretrained(tmp_path / "counted")
+    with caplog.at_level(logging.WARNING):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "counted")
+    assert "balanced training set" not in caplog.text
 
 
 REMOTE_SCRIPT = textwrap.dedent("""
