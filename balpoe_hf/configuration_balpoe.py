@@ -18,6 +18,7 @@ from .backbones import check_backbone_kwargs
 from .priors import expert_lambdas, validate_class_counts, validate_prior
 
 CLASSIFIERS = ("cosine", "linear")
+LOSSES = ("balpoe", "lade")
 
 
 def default_lambdas(num_experts: int) -> list[float]:
@@ -78,6 +79,15 @@ class BalPoEConfig(PreTrainedConfig):
             Input resolution; defaults to `backbone_kwargs["img_size"]` or the timm model's input size.
         image_mean, image_std (`list[float]`, *optional*):
             Normalisation of the RGB input; default to the timm model's pretrained config.
+        loss (`str`, defaults to `"balpoe"`):
+            `"balpoe"` (each expert's logit-adjusted cross-entropy) or `"lade"`: the LADE loss of Hong et al.
+            (CVPR 2021), balanced softmax `CE(z + log pi, y)` plus `lade_weight` times the LADE regulariser.
+            LADE trains one classifier: it needs `num_experts=1` and lambda 0 (its cross-entropy is the
+            balanced softmax); at test time it adds `log pi_target` like any BalPoE model.
+        lade_weight (`float`, defaults to 0.1):
+            Weight of the LADE regulariser (0.1 in the reference configs); only used with `loss="lade"`.
+        lade_remine_lambda (`float`, defaults to 0.1):
+            Weight of the ReMINE penalty inside the LADE regulariser; only used with `loss="lade"`.
     """
 
     model_type = "balpoe"
@@ -96,6 +106,9 @@ class BalPoEConfig(PreTrainedConfig):
     image_size: int | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
+    loss: str = "balpoe"
+    lade_weight: float = 0.1
+    lade_remine_lambda: float = 0.1
 
     def __post_init__(self, **kwargs: Any) -> None:
         labels_given = self.id2label is not None or kwargs.get("num_labels") is not None
@@ -139,7 +152,7 @@ class BalPoEConfig(PreTrainedConfig):
             raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}.")
         num_classes = self.num_labels
         lambdas = expert_lambdas(self.lambdas, self.num_experts, num_classes)
-        del lambdas  # only validated here; the model expands them itself
+        self._check_loss(lambdas)
         if self.class_counts is not None:
             validate_class_counts(self.class_counts, num_classes)
         if self.target_prior is not None:
@@ -166,6 +179,22 @@ class BalPoEConfig(PreTrainedConfig):
                 )
         if self.image_std is not None and any(value <= 0 for value in self.image_std):
             raise ValueError(f"image_std must be positive, got {self.image_std}.")
+
+    def _check_loss(self, lambdas: torch.Tensor) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+        for name in ("lade_weight", "lade_remine_lambda"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.loss != "lade":
+            return
+        if self.num_experts != 1:
+            raise ValueError(f"loss='lade' trains a single classifier, but num_experts={self.num_experts}; "
+                             "set num_experts=1 (or use loss='balpoe' for several experts).")
+        if bool((lambdas != 0).any()):
+            raise ValueError(f"loss='lade' trains with the balanced softmax CE(z + log pi, y), i.e. lambda "
+                             f"0, but lambdas={self.lambdas}; set lambdas=[0.0] (the one-expert default).")
 
     def validate(self) -> None:
         """transformers' checks plus :meth:`check`; ``save_pretrained`` calls it, so edits are re-checked."""

@@ -31,7 +31,7 @@ from transformers.utils import logging
 
 from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .configuration_balpoe import BalPoEConfig
-from .losses import BalPoELoss
+from .losses import BalPoELoss, LADELoss
 from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
 
 logger = logging.get_logger(__name__)
@@ -59,7 +59,8 @@ class BalPoEImageClassifierOutput(ImageClassifierOutput):
     """Output of :class:`BalPoEForImageClassification`.
 
     Args:
-        loss: mean over experts of the logit-adjusted cross-entropy (when ``labels`` are given).
+        loss: mean over experts of the logit-adjusted cross-entropy, or the LADE loss (when ``labels`` are
+            given).
         logits: ensemble logits ``(B, C)`` adjusted to the target prior.
         expert_logits: each expert's raw logits ``(B, E, C)``.
         expert_losses: each expert's loss ``(E,)`` (when ``labels`` are given), for logging.
@@ -145,7 +146,7 @@ class BalPoEPreTrainedModel(PreTrainedModel):
         this runs for BalPoE's own modules and buffers, and for backbone weights missing from a checkpoint,
         which get a generic init (Kaiming for convolutions, truncated normal for the rest).
         """
-        if isinstance(module, BalPoEForImageClassification | BalPoELoss):
+        if isinstance(module, BalPoEForImageClassification | BalPoELoss | LADELoss):
             # The non-persistent prior buffers: from_pretrained leaves them empty, the config defines them.
             with torch.device("cpu"):
                 source = _prior_buffers(self.config) if isinstance(module, BalPoEForImageClassification) \
@@ -266,8 +267,10 @@ def _train_counts(config: BalPoEConfig) -> list[int] | list[float]:
     return config.class_counts or [1] * config.num_labels
 
 
-def build_loss(config: BalPoEConfig) -> BalPoELoss:
-    """The training loss of ``config``, its prior (and taus) built from ``class_counts`` and ``lambdas``."""
+def build_loss(config: BalPoEConfig) -> BalPoELoss | LADELoss:
+    """The training loss ``config.loss`` names, its buffers built from ``class_counts`` and ``lambdas``."""
+    if config.loss == "lade":
+        return LADELoss(_train_counts(config), config.lade_weight, config.lade_remine_lambda)
     return BalPoELoss(_train_counts(config), config.lambdas)
 
 
@@ -290,6 +293,8 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
     ``logits = mean_e(z_e) - mean(lambda) * log pi_train + log(C * pi_target)``; with the default uniform
     target and mean lambda 0 that is the plain mean of the expert logits. The target prior comes from
     ``config.target_prior`` (change it with :meth:`set_target_prior`) or per call from ``target_prior``.
+    The loss is BalPoE's (each expert's logit-adjusted cross-entropy) or, with ``config.loss="lade"`` and
+    one expert, LADE's (:class:`~.losses.LADELoss`).
     """
 
     def __init__(self, config: BalPoEConfig) -> None:

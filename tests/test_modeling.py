@@ -64,6 +64,11 @@ def test_config_defaults():
     (dict(classifier="mlp"), "classifier must be one of"),
     (dict(classifier_scale=0.0), "classifier_scale must be positive"),
     (dict(image_mean=[0.5]), "image_mean has 1 entries"),
+    (dict(loss="focal"), "loss must be one of"),
+    (dict(loss="lade"), "loss='lade' trains a single classifier, but num_experts=3"),
+    (dict(loss="lade", num_experts=1, lambdas=[1.0]), "set lambdas=\\[0.0\\]"),
+    (dict(lade_weight=-0.1), "lade_weight must be a finite number >= 0"),
+    (dict(lade_remine_lambda=float("nan")), "lade_remine_lambda must be a finite number >= 0"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -166,6 +171,39 @@ def test_loss_is_mean_of_expert_logit_adjusted_losses():
     assert torch.allclose(hard, soft)
     _, logits, expert_logits, expert_losses = model(x, labels=y, return_dict=False)
     assert logits.shape == (4, 4) and expert_logits.shape == (4, 3, 4) and expert_losses.shape == (3,)
+
+
+def test_lade_model_loss_trains_and_round_trips(tmp_path):
+    model = make_model(num_experts=1, loss="lade", lade_weight=0.2, lade_remine_lambda=0.1).train()
+    assert model.config.lambdas == [0.0]
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 0])  # class 3 absent from the batch
+    out = model(x, labels=y)
+    z = out.expert_logits[:, 0].detach()
+    pi = torch.tensor(COUNTS) / sum(COUNTS)
+    balanced_softmax = F.cross_entropy(z + pi.log(), y)
+    # The regulariser per class c: mean z_c over class-c images (0 if none) minus
+    # s_c = log mean_i exp(z_ic) - log pi_c - log C, minus 0.1 s_c^2; weighted by pi_c and negated.
+    first = torch.stack([z[y == c, c].mean() if (y == c).any() else torch.tensor(0.0) for c in range(4)])
+    second = z.exp().mean(0).log() - pi.log() - math.log(4)
+    regulariser = -(pi * (first - second - 0.1 * second**2)).sum()
+    assert out.expert_losses.shape == (1,)
+    assert torch.allclose(out.loss, balanced_softmax + 0.2 * regulariser, atol=1e-5)
+    # LADE predicts with z + log(C pi_t): the raw logits for a uniform target.
+    assert torch.allclose(out.logits, out.expert_logits[:, 0], atol=1e-6)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out.loss.backward()
+    before = model.balpoe.experts[0].classifier.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.balpoe.experts[0].classifier.weight, before)
+    model.eval().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["loss"] == "lade"
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.loss == "lade" and loaded.config.lade_weight == 0.2
+    with torch.no_grad():
+        expected, got = model(x, labels=y), loaded(x, labels=y)
+    assert torch.equal(got.logits, expected.logits)
+    assert torch.allclose(got.loss, expected.loss)
 
 
 def test_cosine_and_linear_classifiers():
