@@ -60,7 +60,8 @@ class BalPoEConfig(PreTrainedConfig):
         lambdas (`list[float]` or `list[list[float]]`, *optional*):
             Expert biases `lambda_e` (one per expert, or one per class per expert). Expert `e` is trained with
             `CE(z_e + (1 - lambda_e) log pi, y)`. Defaults to evenly spaced values from 1 to -1 (`[0.0]` for
-            one expert). A mean other than 0 is allowed: inference then removes `mean(lambda) log pi`.
+            one expert). A mean other than 0 is allowed: inference then removes `mean(lambda) log pi` (see
+            `remove_mean_lambda`).
         shared_stages (`int`, *optional*):
             Number of backbone stages in the shared trunk; the experts own the rest. Defaults to the
             backbone family's choice (e.g. 1 of 3 for CIFAR ResNets, 2 of 4 for ResNets) and is filled in
@@ -88,6 +89,13 @@ class BalPoEConfig(PreTrainedConfig):
             Weight of the LADE regulariser (0.1 in the reference configs); only used with `loss="lade"`.
         lade_remine_lambda (`float`, defaults to 0.1):
             Weight of the ReMINE penalty inside the LADE regulariser; only used with `loss="lade"`.
+        remove_mean_lambda (`bool`, defaults to `True`):
+            `True`: predict with `mean_e z_e - mean(lambda) log pi_train + log(C pi_target)`, the adjustment
+            of the paper's Sec. 3.3 (the mean expert logits carry a `mean(lambda) log pi_train` bias).
+            `False`: predict with `mean_e z_e + log(C pi_target)`, as the official BalPoE code does at test
+            time (it adds `log pi_test` to the expert mean, e.g. for ImageNet-LT with mean lambda -0.25).
+            Both agree when the lambdas average to 0; with one expert and lambda 1 `False` gives the plain
+            cross-entropy model's raw logits.
     """
 
     model_type = "balpoe"
@@ -109,6 +117,7 @@ class BalPoEConfig(PreTrainedConfig):
     loss: str = "balpoe"
     lade_weight: float = 0.1
     lade_remine_lambda: float = 0.1
+    remove_mean_lambda: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         labels_given = self.id2label is not None or kwargs.get("num_labels") is not None
@@ -157,6 +166,8 @@ class BalPoEConfig(PreTrainedConfig):
             validate_class_counts(self.class_counts, num_classes)
         if self.target_prior is not None:
             validate_prior(self.target_prior, num_classes)
+        if not isinstance(self.remove_mean_lambda, bool):
+            raise ValueError(f"remove_mean_lambda must be True or False, got {self.remove_mean_lambda!r}.")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
         if not self.classifier_scale > 0:

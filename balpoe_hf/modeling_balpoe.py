@@ -291,7 +291,8 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
     """BalPoE image classifier: expert ensemble, prior adjustment and the multi-expert loss.
 
     ``logits = mean_e(z_e) - mean(lambda) * log pi_train + log(C * pi_target)``; with the default uniform
-    target and mean lambda 0 that is the plain mean of the expert logits. The target prior comes from
+    target and mean lambda 0 that is the plain mean of the expert logits. ``config.remove_mean_lambda=False``
+    drops the ``mean(lambda)`` term, as the official BalPoE code predicts. The target prior comes from
     ``config.target_prior`` (change it with :meth:`set_target_prior`) or per call from ``target_prior``.
     The loss is BalPoE's (each expert's logit-adjusted cross-entropy) or, with ``config.loss="lade"`` and
     one expert, LADE's (:class:`~.losses.LADELoss`).
@@ -375,7 +376,8 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
             prior = None if self.config.target_prior is None else self.target_prior
         else:
             prior = self._resolve_target_prior(target_prior)
-        logits = adjust_logits(expert_logits.mean(1), self.log_train_prior, self.mean_lambda, prior)  # (B, C)
+        removed_lambda = self.mean_lambda if self.config.remove_mean_lambda else 0.0
+        logits = adjust_logits(expert_logits.mean(1), self.log_train_prior, removed_lambda, prior)  # (B, C)
 
         loss = expert_losses = None
         if labels is not None:

@@ -67,6 +67,7 @@ def test_config_defaults():
     (dict(loss="focal"), "loss must be one of"),
     (dict(loss="lade"), "loss='lade' trains a single classifier, but num_experts=3"),
     (dict(loss="lade", num_experts=1, lambdas=[1.0]), "set lambdas=\\[0.0\\]"),
+    (dict(remove_mean_lambda="no"), "remove_mean_lambda must be True or False"),
     (dict(lade_weight=-0.1), "lade_weight must be a finite number >= 0"),
     (dict(lade_remine_lambda=float("nan")), "lade_remine_lambda must be a finite number >= 0"),
 ])
@@ -106,6 +107,42 @@ def test_per_class_lambdas():
     out = model(torch.randn(2, 3, 32, 32))
     mean_lambda = torch.tensor([0.5, 0.0, 0.0, 1.0])
     assert torch.allclose(out.logits, out.expert_logits.mean(1) - mean_lambda * log_train_prior(), atol=1e-5)
+
+
+def test_keeping_mean_lambda_predicts_with_the_plain_expert_mean(tmp_path):
+    lambdas = [[1.0, 1.0, 0.0, -1.0], [0.5, -1.0, 0.0, 0.0]]  # per-class mean lambda 0.75, 0, 0, -0.5
+    removed, kept = (make_model(num_experts=2, lambdas=lambdas, remove_mean_lambda=flag).eval()
+                     for flag in (True, False))
+    kept.load_state_dict(removed.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out_removed, out_kept = removed(x), kept(x)
+    mean_lambda = torch.tensor([0.75, 0.0, 0.0, -0.5])
+    assert torch.equal(out_kept.expert_logits, out_removed.expert_logits)
+    assert torch.allclose(out_kept.logits, out_kept.expert_logits.mean(1), atol=1e-6)
+    shift = (mean_lambda * log_train_prior()).expand(3, 4)
+    assert torch.allclose(out_kept.logits - out_removed.logits, shift, atol=1e-5)
+    # With a test prior the official code adds log pi_t to the expert mean (log C only shifts every class).
+    target = [0.1, 0.2, 0.3, 0.4]
+    with torch.no_grad():
+        shifted = kept(x, target_prior=target).logits
+    expected = out_kept.expert_logits.mean(1) + torch.log(4 * torch.tensor(target))
+    assert torch.allclose(shifted, expected, atol=1e-5)
+
+    kept.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["remove_mean_lambda"] is False
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.remove_mean_lambda is False
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, out_kept.logits)
+
+
+def test_one_plain_expert_without_mean_lambda_predicts_raw_logits():
+    model = make_model(num_experts=1, lambdas=[1.0], remove_mean_lambda=False).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    # Lambda 1 is plain cross-entropy; its raw logits are the paper's CE baseline.
+    assert torch.equal(out.logits, out.expert_logits[:, 0])
 
 
 def test_target_prior_shifts_logits_by_log_prior():
