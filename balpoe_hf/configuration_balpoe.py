@@ -7,7 +7,7 @@ the flat ``.priors`` / ``.backbones`` modules only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -99,6 +99,8 @@ class BalPoEConfig(PreTrainedConfig):
     """
 
     model_type = "balpoe"
+    # transformers.Trainer drops these output keys at evaluation, so compute_metrics gets the ensemble logits.
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["expert_logits", "expert_losses"]
 
     backbone: str = "resnet32_cifar"
     backbone_kwargs: dict[str, Any] | None = None
