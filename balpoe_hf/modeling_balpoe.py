@@ -9,8 +9,8 @@ The config is the one source of truth for the training prior, the lambdas and th
 prior buffers (and the loss's) are non-persistent, rebuilt from the config on every build and load, so the
 weights file never holds a copy that could disagree with ``config.json``.
 
-This module is shipped as remote code with every saved model: it imports torch, timm, transformers and
-the flat ``.backbones`` / ``.configuration_balpoe`` / ``.losses`` / ``.priors`` modules only.
+This module is shipped as remote code with every saved model: it imports torch, timm, transformers and the
+flat ``.backbones`` / ``.configuration_balpoe`` / ``.losses`` / ``.priors`` / ``.processing`` modules only.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
-from transformers.utils import logging
+from transformers.utils import IMAGE_PROCESSOR_NAME, logging
 
 from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .configuration_balpoe import BalPoEConfig
 from .losses import BalPoELoss, LADELoss
 from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
+from .processing import build_image_processor
 
 logger = logging.get_logger(__name__)
 
@@ -183,12 +184,18 @@ class BalPoEPreTrainedModel(PreTrainedModel):
             if hasattr(module, "set_grad_checkpointing") and hasattr(module, "grad_checkpointing"):
                 module.set_grad_checkpointing(enable)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        """``PreTrainedModel.save_pretrained`` plus an ``auto_map`` naming every BalPoE auto class.
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
+                        **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained`` plus an ``auto_map`` and an image processor.
 
         The code files are copied next to the weights, so the folder loads with ``trust_remote_code=True``
         where ``balpoe_hf`` is not installed, through ``AutoConfig``, ``AutoModel`` and
-        ``AutoModelForImageClassification`` alike.
+        ``AutoModelForImageClassification`` alike. When the folder has no ``preprocessor_config.json`` yet,
+        the processor built from the config's ``image_size``, ``image_mean`` and ``image_std``
+        (:func:`~.processing.build_image_processor`) is saved too, so ``AutoImageProcessor`` and
+        ``pipeline("image-classification")`` load the folder as it is; an existing processor file (e.g. one
+        a training script saved with its own settings) is left alone. With ``push_to_hub=True`` transformers
+        uploads only the files it wrote itself; ``model.push_to_hub`` uploads the processor as well.
         """
         config_module = type(self.config).__module__.rsplit(".", 1)[-1]
         model_module = __name__.rsplit(".", 1)[-1]
@@ -198,7 +205,20 @@ class BalPoEPreTrainedModel(PreTrainedModel):
             "AutoModel": f"{model_module}.BalPoEModel",
             "AutoModelForImageClassification": f"{model_module}.BalPoEForImageClassification",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        processor_file = os.path.join(save_directory, IMAGE_PROCESSOR_NAME)
+        if is_main_process and os.path.isdir(save_directory) and not os.path.exists(processor_file):
+            self._save_image_processor(save_directory)
+        return result
+
+    def _save_image_processor(self, save_directory: str | os.PathLike) -> None:
+        channels = len(self.config.image_mean or ())
+        if channels != 3:
+            # transformers' image processors (and the pipeline) feed RGB images.
+            logger.warning(f"No {IMAGE_PROCESSOR_NAME} saved: the backbone takes {channels} input channels "
+                           "but the image processor produces RGB images; save a processor of your own.")
+            return
+        build_image_processor(self.config).save_pretrained(save_directory)
 
 
 class BalPoEModel(BalPoEPreTrainedModel):

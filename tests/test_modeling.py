@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 from transformers.utils import logging as transformers_logging
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, BalPoEModel, build_image_processor
@@ -454,8 +454,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
 
 def test_remote_code_load_without_balpoe_hf(tmp_path):
     model = trained_model()
-    model.save_pretrained(tmp_path / "model")
-    build_image_processor(model.config).save_pretrained(tmp_path / "model")
+    model.save_pretrained(tmp_path / "model")  # alone: it writes the image processor the pipeline needs
     x = torch.randn(2, 3, 32, 32)
     torch.save(x, tmp_path / "input.pt")
     (tmp_path / "load.py").write_text(REMOTE_SCRIPT)
@@ -501,6 +500,45 @@ def test_image_processor_and_pipeline(tmp_path):
     assert scores[0]["label"] == LABELS[int(probs.argmax())]
     assert scores[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
     assert classify(gray)[0]["label"] in LABELS.values()
+
+
+def test_save_pretrained_alone_gives_a_pipeline_ready_folder(tmp_path):
+    model = trained_model()
+    model.save_pretrained(tmp_path)
+    assert {"preprocessor_config.json", "processing.py"} <= set(os.listdir(tmp_path))
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.size == {"height": 32, "width": 32}
+    assert processor.image_mean == pytest.approx([0.4914, 0.4822, 0.4465])  # resnet32_cifar's statistics
+    assert processor.image_std == pytest.approx(model.config.image_std)
+    # Mid-grey: every channel of every pixel becomes (128 / 255 - mean) / std.
+    gray = Image.fromarray(np.full((20, 20), 128, dtype=np.uint8), mode="L")
+    pixels = processor(gray, return_tensors="pt")["pixel_values"]
+    stats = zip(model.config.image_mean, model.config.image_std, strict=True)
+    expected = [(128 / 255 - mean) / std for mean, std in stats]
+    assert pixels.shape == (1, 3, 32, 32)
+    assert torch.allclose(pixels[0, :, 0, 0], torch.tensor(expected), atol=1e-5)
+
+    scores = pipeline("image-classification", model=str(tmp_path))(gray)
+    with torch.no_grad():
+        probs = model(pixels).logits.softmax(-1)[0]
+    assert scores[0]["label"] == LABELS[int(probs.argmax())]
+    assert scores[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
+
+
+def test_save_pretrained_keeps_an_existing_processor(tmp_path):
+    build_image_processor(64, mean=[0.5] * 3, std=[0.25] * 3).save_pretrained(tmp_path)
+    make_model().save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.size == {"height": 64, "width": 64} and list(processor.image_std) == [0.25] * 3
+
+
+def test_save_pretrained_writes_no_processor_for_non_rgb_backbones(tmp_path, caplog):
+    config = BalPoEConfig(num_experts=1, num_labels=4, backbone_kwargs={"in_chans": 1}, image_mean=[0.5],
+                          image_std=[0.5])
+    with caplog.at_level(logging.WARNING):
+        BalPoEForImageClassification(config).save_pretrained(tmp_path)
+    assert "preprocessor_config.json" not in os.listdir(tmp_path)
+    assert "takes 1 input channels" in caplog.text
 
 
 def test_image_processor_errors():
