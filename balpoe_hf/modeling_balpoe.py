@@ -150,8 +150,10 @@ class BalPoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, BalPoEForImageClassification | BalPoELoss | LADELoss):
             # The non-persistent prior buffers: from_pretrained leaves them empty, the config defines them.
             with torch.device("cpu"):
-                source = _prior_buffers(self.config) if isinstance(module, BalPoEForImageClassification) \
-                    else dict(build_loss(self.config).named_buffers())
+                if isinstance(module, BalPoEForImageClassification):
+                    source = _prior_buffers(self.config)
+                else:
+                    source = dict(build_loss(self.config).named_buffers())
             for name, value in source.items():
                 init.copy_(module.get_buffer(name), value)
         elif isinstance(module, CosineClassifier | LinearClassifier):
