@@ -29,9 +29,10 @@ import datasets
 import numpy as np
 import torch
 
+from .calibration import apply_calibration
 from .data import make_shifted_test
 from .loading import align_labels, offline_mode
-from .metrics import accuracy_report, long_tail_report
+from .metrics import accuracy_report, calibration_report, long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
 from .priors import adjust_logits, estimate_target_prior
 
@@ -169,6 +170,22 @@ def evaluate_shifts(uniform_logits: torch.Tensor, labels: np.ndarray, train_coun
             entry["reports"][mode] = long_tail_report(adjusted, targets, train_counts, **report_kwargs)
         results[shift] = entry
     return results
+
+
+def calibration_effect(logits: torch.Tensor, labels: torch.Tensor | np.ndarray, calibration: dict[str, Any],
+                       n_bins: int = 15) -> dict[str, float]:
+    """ECE and NLL of uniform-prior logits ``(N, C)`` on a balanced set after the held-out calibration.
+
+    ``calibration`` is a model's ``config.calibration``: ``*_temperature_scaling`` use ``softmax(z / T_ts)``,
+    ``*_bcts`` use ``softmax(z / T + b)``. The labels must follow a uniform prior (a balanced test set), the
+    prior these calibrated probabilities are for.
+    """
+    scaled = calibration_report(apply_calibration(logits.double(), calibration["ts_temperature"]), labels,
+                                n_bins)
+    bcts = calibration_report(apply_calibration(logits.double(), calibration["temperature"],
+                                                calibration["bias"]), labels, n_bins)
+    return {"ece_temperature_scaling": scaled["ece"], "nll_temperature_scaling": scaled["nll"],
+            "ece_bcts": bcts["ece"], "nll_bcts": bcts["nll"]}
 
 
 @dataclass

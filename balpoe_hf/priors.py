@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .calibration import apply_calibration, validate_logits
+from .calibration import apply_calibration, fit_bcts, fit_temperature, validate_logits
 
 PriorLike = Sequence[float] | torch.Tensor
 # A target prior must sum to one within this tolerance (float32 round-off over thousands of classes).
@@ -492,3 +492,84 @@ def estimate_prior(logits: torch.Tensor, *, method: str = "em", temperature: flo
     return PriorEstimate(prior=null.clone() if guard_fired else estimate, estimate=estimate,
                          std_error=std_error, statistic=statistic, p_value=p_value, guard_fired=guard_fired,
                          converged=converged, method=method)
+
+
+# --------------------------------------------------------------------------- held-out statistics
+# What a saved model needs to estimate a test prior without its training data: BCTS and temperature-scaling
+# fits and the confusion matrix of its uniform-prior logits on held-out data, stored as config.calibration.
+
+CALIBRATION_KEYS = ("temperature", "bias", "ts_temperature", "holdout_counts", "confusion")
+
+
+def holdout_calibration(logits: torch.Tensor, labels: torch.Tensor | Sequence[int], *,
+                        bias_std: float | None = None) -> dict[str, Any]:
+    """``config.calibration`` from a model's uniform-prior logits ``(N, C)`` on held-out labelled data.
+
+    The held-out data follow the training distribution, not the uniform prior of the logits ``z``, so the
+    fits use the offset ``log q`` with ``q`` the held-out label frequencies (see ``calibration``'s module
+    docstring); a stratified held-out split has the training prior up to rounding, and ``q`` is the prior
+    of the very data fitted. The returned ``temperature`` and ``bias`` (BCTS, ``calibration.fit_bcts``
+    with ``bias_std``) and ``ts_temperature`` (temperature scaling, ``fit_temperature``) then calibrate
+    ``z`` itself for a uniform prior: ``softmax(z / T + b)``. ``confusion`` counts ``argmax z`` against the
+    labels (rows labels, for ``bbse_prior``) and ``holdout_counts`` are its row sums. Plain lists and
+    numbers, ready for JSON. Raises a ``ValueError`` for a class without held-out sample.
+    """
+    z = validate_logits(logits)
+    num_classes = z.shape[1]
+    targets = torch.as_tensor(labels)
+    confusion = confusion_matrix(z.argmax(dim=1), targets, num_classes)
+    counts = confusion.sum(dim=1)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"classes {empty[:20]} have no held-out sample, so neither their calibration bias "
+                         "nor their column of the confusion matrix can be estimated; hold out at least one "
+                         "image of every class (a stratified split, e.g. recipe holdout_fraction).")
+    offset = (counts / counts.sum()).log()
+    temperature, bias = fit_bcts(z, targets, offset=offset, bias_std=bias_std)
+    return {
+        "temperature": temperature,
+        "bias": bias.tolist(),
+        "ts_temperature": fit_temperature(z, targets, offset=offset),
+        "holdout_counts": [int(n) for n in counts.tolist()],
+        "confusion": confusion.long().tolist(),
+    }
+
+
+def _positive_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def validate_calibration(calibration: dict[str, Any], num_classes: int) -> None:
+    """Check a ``config.calibration`` mapping (``holdout_calibration``'s keys); ``ValueError`` otherwise."""
+    if not isinstance(calibration, dict):
+        raise ValueError(f"calibration must be a mapping with keys {CALIBRATION_KEYS} (see "
+                         f"priors.holdout_calibration), got {type(calibration).__name__}.")
+    missing = [key for key in CALIBRATION_KEYS if key not in calibration]
+    unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
+    if missing or unknown:
+        raise ValueError(f"calibration needs exactly the keys {CALIBRATION_KEYS}; missing {missing}, "
+                         f"unknown {unknown}. Build it with priors.holdout_calibration(logits, labels).")
+    for key in ("temperature", "ts_temperature"):
+        if not _positive_finite(calibration[key]):
+            raise ValueError(f"calibration[{key!r}] must be a positive finite number, got "
+                             f"{calibration[key]!r}.")
+    _check_class_values(calibration["bias"], num_classes, "calibration['bias']")
+    counts = _check_class_values(calibration["holdout_counts"], num_classes, "calibration['holdout_counts']")
+    if (counts <= 0).any() or (counts != counts.round()).any():
+        raise ValueError("calibration['holdout_counts'] must be positive integers, one per class: every "
+                         f"class needs a held-out sample; got {calibration['holdout_counts']}.")
+    confusion = torch.as_tensor(calibration["confusion"], dtype=torch.float64)
+    if confusion.shape != (num_classes, num_classes) or (confusion < 0).any() or not torch.equal(
+            confusion.sum(dim=1), counts):
+        raise ValueError(f"calibration['confusion'] must be a ({num_classes}, {num_classes}) matrix of "
+                         "non-negative counts whose rows sum to calibration['holdout_counts'].")
+
+
+def _check_class_values(values: Any, num_classes: int, name: str) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {num_classes} numbers, got {values!r}.") from None
+    if tensor.shape != (num_classes,) or not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} must be {num_classes} finite numbers (one per class), got {values!r}.")
+    return tensor
