@@ -573,3 +573,75 @@ def _check_class_values(values: Any, num_classes: int, name: str) -> torch.Tenso
     if tensor.shape != (num_classes,) or not torch.isfinite(tensor).all():
         raise ValueError(f"{name} must be {num_classes} finite numbers (one per class), got {values!r}.")
     return tensor
+
+
+# --------------------------------------------------------------------------- unknown test priors
+# The estimators a user picks by name (balpoe-evaluate --prior, model.adapt_to_unlabeled): which calibration
+# of the uniform-prior logits they use and how they call estimate_prior.
+
+@dataclass(frozen=True)
+class UnknownPriorMethod:
+    """How ``estimate_unknown_prior`` runs one named estimator.
+
+    ``calibration``: what of ``config.calibration`` it uses: ``None`` (nothing: raw posteriors), ``"ts"``
+    (temperature scaling), ``"bcts"`` or ``"confusion"`` (for ``method="bbse"``); ``method``, ``guard``,
+    ``alpha`` and ``concentration`` go to ``estimate_prior``.
+    """
+
+    calibration: str | None
+    method: str = "em"
+    guard: str = "none"
+    alpha: float = 0.05
+    concentration: float = 0.0
+
+
+CALIBRATIONS = (None, "ts", "bcts", "confusion")
+UNKNOWN_PRIOR_METHODS: dict[str, UnknownPriorMethod] = {
+    "em": UnknownPriorMethod(calibration=None),
+    "em-ts": UnknownPriorMethod(calibration="ts"),
+    "em-bcts": UnknownPriorMethod(calibration="bcts"),
+    "bbse": UnknownPriorMethod(calibration="confusion", method="bbse"),
+    "em-bcts-lrt": UnknownPriorMethod(calibration="bcts", guard="lrt", alpha=0.05),
+}
+UNKNOWN_PRIOR_METHODS["auto"] = UNKNOWN_PRIOR_METHODS["em-bcts-lrt"]
+
+
+def estimate_unknown_prior(logits: torch.Tensor, calibration: dict[str, Any] | None = None,
+                           method: str | UnknownPriorMethod = "auto") -> PriorEstimate:
+    """The class prior of unlabelled data from a model's uniform-prior logits ``(N, C)`` on them.
+
+    ``calibration`` is the model's ``config.calibration`` (``holdout_calibration``); ``method`` names an
+    entry of ``UNKNOWN_PRIOR_METHODS``: ``em`` (EM on the raw posteriors, Saerens et al. 2002), ``em-ts``
+    (after temperature scaling), ``em-bcts`` (after BCTS, Alexandari et al. 2020), ``bbse`` (Lipton et al.
+    2018, from the held-out confusion matrix), ``em-bcts-lrt`` (``em-bcts`` that keeps the uniform prior
+    when a likelihood-ratio test does not support a shift) and ``auto``, the default (see the README's
+    label-shift section for how it was chosen). Predictions for the estimate are the logits plus
+    ``log(C * prior)``, which is ``model.set_target_prior(estimate.prior)``; the calibration is used to
+    estimate only, so a uniform estimate leaves the predictions exactly as they were. An
+    ``UnknownPriorMethod`` instead of a name runs other settings (e.g. another ``alpha``).
+    """
+    if isinstance(method, UnknownPriorMethod):
+        settings = method
+    elif method in UNKNOWN_PRIOR_METHODS:
+        settings = UNKNOWN_PRIOR_METHODS[method]
+    else:
+        raise ValueError(f"unknown prior-estimation method {method!r}; choose one of "
+                         f"{', '.join(UNKNOWN_PRIOR_METHODS)}.")
+    if settings.calibration not in CALIBRATIONS:
+        raise ValueError(f"UnknownPriorMethod.calibration must be one of {CALIBRATIONS}, got "
+                         f"{settings.calibration!r}.")
+    options: dict[str, Any] = {"method": settings.method, "guard": settings.guard, "alpha": settings.alpha,
+                               "concentration": settings.concentration}
+    if settings.calibration is not None:
+        if calibration is None:
+            raise ValueError(f"method {method!r} needs the model's held-out calibration, but its config has "
+                             "none: train with holdout_fraction > 0 (balpoe-train --holdout-fraction 0.1), "
+                             "or use method='em'.")
+        validate_calibration(calibration, validate_logits(logits).shape[1])
+        if settings.calibration == "ts":
+            options["temperature"] = calibration["ts_temperature"]
+        elif settings.calibration == "bcts":
+            options.update(temperature=calibration["temperature"], bias=calibration["bias"])
+        else:
+            options["confusion"] = torch.as_tensor(calibration["confusion"], dtype=torch.float64)
+    return estimate_prior(logits, **options)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, loading, recipes
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, evaluation, loading, recipes
 from balpoe_hf.loading import DataError, holdout_sizes, holdout_split
-from balpoe_hf.priors import holdout_calibration
+from balpoe_hf.priors import UNKNOWN_PRIOR_METHODS, estimate_unknown_prior, holdout_calibration
 from balpoe_hf.recipes import TrainingError
 
 SOURCE_PRIOR = np.array([0.55, 0.25, 0.13, 0.07])
@@ -162,3 +162,122 @@ def test_calibration_is_saved_and_reloaded(tmp_path):
 def test_bad_calibration_is_refused(change, message):
     with pytest.raises(ValueError, match=message):
         BalPoEConfig(class_counts=[50, 30, 20, 10], calibration={**_calibration(), **change})
+
+
+# --------------------------------------------------------------------------- prior estimators by name
+
+TARGET_PRIOR = np.array([0.1, 0.2, 0.3, 0.4])
+MISCALIBRATION = {"scale": 2.0, "class_bias": (2.25, 0.0, -1.5, -0.75)}
+
+
+def test_named_estimators_with_the_saved_calibration_recover_a_shift_that_plain_em_misses():
+    # The miscalibrated model of test_prior_estimation.py, its calibration now fitted by
+    # holdout_calibration (offset: the held-out label frequencies) and used through the method names.
+    rng = np.random.default_rng(0)
+    calibration = holdout_calibration(*_gaussian_logits(SOURCE_PRIOR, 20000, rng, **MISCALIBRATION))
+    target_logits, _ = _gaussian_logits(TARGET_PRIOR, 5000, rng, **MISCALIBRATION)
+    errors = {method: np.abs(estimate_unknown_prior(target_logits, calibration, method).prior.numpy()
+                             - TARGET_PRIOR).max() for method in UNKNOWN_PRIOR_METHODS}
+    # Plain EM misses by > 0.1; BCTS-EM, with or without its guard, lands within ~4.5 standard errors (see
+    # test_prior_estimation.py). Temperature scaling alone cannot undo a class-wise bias. BBSE only needs
+    # P(prediction | label) to carry over; its sampling error is larger (hard predictions).
+    assert errors["em"] > 0.1 and errors["em-ts"] > 0.1
+    assert errors["em-bcts"] < 0.05 and errors["em-bcts-lrt"] < 0.05 and errors["auto"] < 0.05
+    assert errors["bbse"] < 0.06
+
+
+def test_estimators_that_need_the_calibration_say_so():
+    logits, _ = _gaussian_logits(TARGET_PRIOR, 100, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        estimate_unknown_prior(logits, None, "auto")
+    with pytest.raises(ValueError, match="unknown prior-estimation method 'mle'"):
+        estimate_unknown_prior(logits, _calibration(), "mle")
+    assert estimate_unknown_prior(logits, None, "em").prior.shape == (4,)
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calibrated_model")
+    _tiny_model(calibration=_calibration()).save_pretrained(path)
+    return path
+
+
+def test_adapt_to_unlabeled_on_a_loaded_model_sets_the_estimated_prior(saved_model):
+    model = BalPoEForImageClassification.from_pretrained(saved_model)  # the folder alone: no training data
+    pixels = torch.randn(20, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        uniform = model(pixels).logits
+    estimate = model.adapt_to_unlabeled(pixels, method="em-bcts", batch_size=7)
+    assert estimate.prior.sum().item() == pytest.approx(1.0) and estimate.std_error.shape == (4,)
+    assert model.config.target_prior == pytest.approx(estimate.prior.tolist())
+    # After adaptation the model predicts with logits + log(C * prior), as the evaluation's prior modes do.
+    with torch.no_grad():
+        adapted = model(pixels).logits
+    expected = uniform + torch.log(4 * estimate.prior).float()
+    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
+    # Batches from an iterable (a DataLoader of dicts) give the same estimate; set_prior=False leaves it.
+    batches = [{"pixel_values": pixels[:12]}, {"pixel_values": pixels[12:]}]
+    again = model.adapt_to_unlabeled(batches, method="em-bcts", set_prior=False)
+    torch.testing.assert_close(again.prior, estimate.prior, atol=1e-6, rtol=0)
+    assert model.config.target_prior == pytest.approx(estimate.prior.tolist())
+
+
+@pytest.mark.parametrize(("images", "error", "message"), [
+    (torch.zeros(4, 1, 8, 8), ValueError, r"shape \(batch > 0, 3, height, width\), got \(4, 1, 8, 8\)"),
+    (torch.zeros(3, 8, 8), ValueError, r"got \(3, 8, 8\)"),
+    (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), TypeError, "got a torch.uint8 tensor"),
+    ([], ValueError, "no unlabelled images"),
+    ([np.zeros((2, 3, 8, 8))], TypeError, "got ndarray"),
+    ("images/*.png", TypeError, "pixel_values tensor or an iterable of batches"),
+])
+def test_adapt_to_unlabeled_bad_input(saved_model, images, error, message):
+    model = BalPoEForImageClassification.from_pretrained(saved_model)
+    with pytest.raises(error, match=message):
+        model.adapt_to_unlabeled(images)
+    assert model.config.target_prior is None
+
+
+def test_adapt_to_unlabeled_without_calibration_points_at_holdout_fraction():
+    with pytest.raises(ValueError, match="holdout_fraction > 0"):
+        _tiny_model().adapt_to_unlabeled(torch.zeros(2, 3, 8, 8))
+
+
+# --------------------------------------------------------------------------- evaluation modes
+
+
+def test_shift_prior_closed_form():
+    # Training ranks of classes [0, 1, 2] with counts [5, 50, 20] are [2, 0, 1]; forward ratio 4 over 3
+    # classes gives rank k the weight 4 ** (-k / 2) = 1, 1/2, 1/4.
+    counts = [5, 50, 20]
+    forward = evaluation.shift_prior(counts, "forward4").tolist()
+    assert forward == pytest.approx(np.array([0.25, 1.0, 0.5]) / 1.75)
+    backward = evaluation.shift_prior(counts, "backward4").tolist()
+    assert backward == pytest.approx(np.array([1.0, 0.25, 0.5]) / 1.75)
+    assert evaluation.shift_prior(counts, "uniform").tolist() == pytest.approx([1 / 3] * 3)
+
+
+def test_holdout_simulation_of_a_calibrated_model():
+    # Exactly calibrated synthetic logits: the oracle gains on a strong shift and guarded EM with the
+    # calibration of the other half gets most of that gain.
+    logits, labels = _gaussian_logits(SOURCE_PRIOR, 4000, np.random.default_rng(0))
+    result = evaluation.simulate_holdout_shifts(logits, labels, [550, 250, 130, 70], {"lrt": "em-bcts-lrt"},
+                                                ["forward50", "uniform", "backward50"], size=1000, repeats=2)
+    assert set(result) == {"oracle", "lrt"}
+    # The oracle knows the drawn (multinomial) proportions, near uniform on the unshifted set.
+    assert result["oracle"]["backward50"] > 0.02 and abs(result["oracle"]["uniform"]) < 0.005
+    assert result["lrt"]["backward50"] > 0.5 * result["oracle"]["backward50"]
+    with pytest.raises(evaluation.EvaluationError, match=r"classes \[3\] have fewer than 2 held-out images"):
+        evaluation.simulate_holdout_shifts(logits[:7], torch.tensor([0, 0, 1, 1, 2, 2, 3]), [5, 4, 3, 2],
+                                           {"em": "em"})
+
+
+def test_evaluation_modes_need_the_calibration_they_use():
+    assert evaluation.parse_priors("all") == ["none", "oracle", *UNKNOWN_PRIOR_METHODS]
+    assert evaluation.default_priors(None) == ["none", "oracle", "em"]
+    assert evaluation.default_priors(_calibration()) == ["none", "oracle", "auto"]
+    with pytest.raises(evaluation.EvaluationError, match=r"modes \['em-bcts', 'auto'\] need the held-out"):
+        evaluation.check_calibration_for(["none", "em", "em-bcts", "auto"], None, "runs/x")
+    evaluation.check_calibration_for(["none", "oracle", "em"], None, "runs/x")
