@@ -68,7 +68,8 @@ distribution (forward50 ... uniform ... backward50), top-1 accuracy in the cells
 target prior), oracle (the shifted set's true label distribution), and estimators of that distribution from
 the model's logits on the unlabelled shifted set: em (EM on the raw posteriors), em-ts and em-bcts (EM after
 temperature scaling / BCTS), bbse (from the held-out confusion matrix), em-bcts-lrt (em-bcts with a
-likelihood-ratio guard) and auto, the default (see the README). All but em need a model trained with
+likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (both guards; see
+the README). All but em need a model trained with
 --holdout-fraction (its config.calibration). With --output it writes the JSON report and, beside it, a
 reliability diagram and a per-class accuracy plot of the balanced set.
 
@@ -98,8 +99,9 @@ class EvaluateArguments:
     shifts: str = field(default="all", metadata={"help": (
         "'all' (forward50 ... uniform ... backward50) or a comma list of shift names.")})
     prior: str | None = field(default=None, metadata={"help": (
-        "Comma list of prior modes, or 'all': none, oracle, em, em-ts, em-bcts, bbse, em-bcts-lrt, auto "
-        "(default: none,oracle,auto; none,oracle,em for a model trained without --holdout-fraction).")})
+        "Comma list of prior modes, or 'all': none, oracle, em, em-ts, em-bcts, bbse, em-bcts-lrt, "
+        "em-bcts-map, auto (default: none,oracle,auto; none,oracle,em for a model trained without "
+        "--holdout-fraction).")})
     output: str | None = field(default=None, metadata={
         "help": "Write the JSON report here, and the PNG plots beside it."})
     batch_size: int = field(default=256, metadata={"help": "Inference batch size."})

@@ -79,10 +79,11 @@ class BalPoEConfig(PreTrainedConfig):
         calibration (`dict`, *optional*):
             What the model learnt about itself on held-out labelled data from the training distribution
             (`balpoe_hf.priors.holdout_calibration`, filled in by training with `holdout_fraction > 0`):
-            `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the uniform-prior logits `z`),
-            `ts_temperature` (temperature scaling alone), `holdout_counts` and `confusion` (held-out labels
-            against `argmax z`). Used to estimate an unknown test prior from unlabelled data
-            (`adapt_to_unlabeled`); it does not change the logits. `None`: no held-out data.
+            `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the uniform-prior logits `z`)
+            fitted with `bias_std` (the Gaussian prior of the biases), `ts_temperature` (temperature
+            scaling alone), `holdout_counts` and `confusion` (held-out labels against `argmax z`). Used to
+            estimate an unknown test prior from unlabelled data (`adapt_to_unlabeled`); it does not change
+            the logits. `None`: no held-out data.
         image_size (`int`, *optional*):
             Input resolution; defaults to `backbone_kwargs["img_size"]` or the timm model's input size.
         image_mean, image_std (`list[float]`, *optional*):

@@ -14,8 +14,9 @@ logits, and every prior mode adds ``log(C * pi_t)`` to them, which is exactly wh
 ``oracle`` (the shifted set's true label distribution), and the estimators of
 ``balpoe_hf.priors.UNKNOWN_PRIOR_METHODS``, which estimate that distribution from the model's logits on the
 unlabelled shifted set (``estimate_unknown_prior``, as ``model.adapt_to_unlabeled`` does): ``em``, ``em-ts``,
-``em-bcts``, ``bbse``, ``em-bcts-lrt`` and ``auto`` (the default unknown-prior mode). All but ``em`` need
-the held-out calibration a run trained with ``holdout_fraction > 0`` saves in ``config.calibration``.
+``em-bcts``, ``bbse``, ``em-bcts-lrt``, ``em-bcts-map`` and ``auto`` (the default unknown-prior mode). All
+but ``em`` need the held-out calibration a run trained with ``holdout_fraction > 0`` saves in
+``config.calibration``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .loading import align_labels, offline_mode
 from .metrics import accuracy_report, calibration_report, long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
 from .priors import (
+    HOLDOUT_BIAS_STD,
     UNKNOWN_PRIOR_METHODS,
     PriorEstimate,
     UnknownPriorMethod,
@@ -261,15 +263,17 @@ def shift_prior(train_counts: Sequence[int], shift: str) -> torch.Tensor:
 def simulate_holdout_shifts(logits: torch.Tensor, labels: torch.Tensor | np.ndarray,
                             train_counts: Sequence[int], methods: Mapping[str, str | UnknownPriorMethod],
                             shifts: Sequence[str] = ALL_SHIFTS, *, size: int = 2000, repeats: int = 10,
-                            seed: int = 0) -> dict[str, dict[str, float]]:
+                            seed: int = 0,
+                            bias_std: float | None = HOLDOUT_BIAS_STD) -> dict[str, dict[str, float]]:
     """Label shifts simulated from held-out data, to choose estimator settings without the test set.
 
     ``logits`` ``(N, C)`` are a model's uniform-prior logits on its held-out split and ``labels`` ``(N,)``
     their classes. Each of ``repeats`` rounds halves the held-out data per class; each half in turn fits a
-    calibration (``holdout_calibration``), and the other half is resampled with replacement into a set of
-    ``size`` images per shift, with class proportions ``shift_prior``. The calibration never sees the images
-    it is judged on, as for a real test set; tail classes with a handful of held-out images make the
-    resampled sets repetitive, so read the results as a check of the guard, not as test accuracies.
+    calibration (``holdout_calibration`` with ``bias_std``), and the other half is resampled with
+    replacement into a set of ``size`` images per shift, with class proportions ``shift_prior``. The
+    calibration never sees the images it is judged on, as for a real test set; tail classes with a handful
+    of held-out images make the resampled sets repetitive, and each calibration sees half the held-out data,
+    so read the results as a comparison of settings, not as test accuracies.
 
     ``methods`` maps a row name to a method name or an ``UnknownPriorMethod`` (``estimate_unknown_prior``);
     the row ``oracle`` (the drawn sample's class proportions) is added. Returns row -> shift -> mean top-1
@@ -291,7 +295,7 @@ def simulate_holdout_shifts(logits: torch.Tensor, labels: torch.Tensor | np.ndar
             rows = rng.permutation(np.flatnonzero(targets.numpy() == cls))
             half[torch.from_numpy(rows[: len(rows) // 2])] = True
         for fit in (half, ~half):
-            calibration = holdout_calibration(scores[fit], targets[fit])
+            calibration = holdout_calibration(scores[fit], targets[fit], bias_std=bias_std)
             pools = [np.flatnonzero(((targets == cls) & ~fit).numpy()) for cls in range(num_classes)]
             for shift in shifts:
                 drawn = rng.multinomial(size, shift_prior(train_counts, shift).numpy())
