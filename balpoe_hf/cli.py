@@ -142,24 +142,32 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
-    import torch
-
+    from .checkpoints import read_manifest, record_outputs
     from .evaluation import (
         EvaluationError,
+        check_output,
         evaluate_model,
         format_balanced,
         format_shift_table,
         load_model,
         parse_priors,
         parse_shifts,
+        resolve_device,
         write_report,
     )
     from .loading import DataError, load_split
+    from .recipes import TrainingError
 
     args = parse_evaluate_args(argv)
     try:
+        # Everything that can be checked before the inference is checked first.
         shifts, priors = parse_shifts(args.shifts), parse_priors(args.prior)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.batch_size < 1 or args.n_bins < 1:
+            raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
+                                  f"{args.n_bins}.")
+        device = resolve_device(args.device)
+        if args.output:
+            check_output(args.output)
         model, processor = load_model(args.model, device)
         ds, source = load_split(files=args.test_file, dataset=args.dataset,
                                 dataset_config=args.dataset_config, split=args.split, data_dir=args.data_dir)
@@ -174,7 +182,15 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
     print(format_shift_table(result.report["shift_accuracy"], shifts))
     if args.output:
-        images = write_report(result, args.output)
+        output = Path(args.output)
+        try:
+            images = write_report(result, output)
+            if read_manifest(args.model) is not None and output.resolve().is_relative_to(
+                    Path(args.model).resolve()):
+                # Inside a run: listed with the run's outputs (so that --overwrite removes a stale report).
+                record_outputs(args.model, [output, *(output.with_name(name) for name in images.values())])
+        except (OSError, TrainingError) as error:
+            return _fail(error)
         print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")
     return 0
 

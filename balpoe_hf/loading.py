@@ -19,6 +19,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from huggingface_hub import constants as hub_constants
 
 from .data import class_counts, labels_array, make_long_tailed
@@ -32,6 +33,17 @@ FASHION_MNIST_LABELS = [
 
 class DataError(TrainingError):
     """The data cannot be loaded or does not fit the model, with what to do about it."""
+
+
+class BadImageError(DataError):
+    """An image that cannot be decoded, named by its split, row and file.
+
+    An error raised in a ``DataLoader`` worker reaches the training process re-created from the worker's
+    whole traceback text (torch's ``ExceptionWrapper``); the constructor keeps only this error's message.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message.rsplit(f"{__name__}.{type(self).__qualname__}: ", 1)[-1].strip())
 
 
 def offline_mode() -> bool:
@@ -95,19 +107,38 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> datasets.Dataset
 # --------------------------------------------------------------------------- sources
 
 
+def _check_parquet(path: str) -> None:
+    """Read the footer of a parquet file (cheap), so that a CSV or a truncated file is named up front."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path} is not a readable parquet file ({error}). The data files must be parquet "
+                        "files (a CSV converts with datasets.load_dataset('csv', data_files=...)['train']"
+                        ".to_parquet(...); a truncated file must be written again) or one imagefolder "
+                        "directory per split.") from None
+
+
 def _load_files(files: dict[str, list[str]]) -> datasets.DatasetDict:
     """Parquet files or imagefolder directories, one entry per split (all of one kind)."""
     paths = [p for split_files in files.values() for p in split_files]
     if all(Path(p).is_dir() for p in paths):
         if any(len(split_files) != 1 for split_files in files.values()):
             raise DataError("an imagefolder dataset takes one directory per split.")
-        # One call over every folder, so that the class labels inferred from the sub-folder names are the
-        # same in all splits even if one of them lacks a class.
-        return datasets.load_dataset("imagefolder", data_files={
-            split: str(Path(split_files[0]) / "**") for split, split_files in files.items()})
+        try:
+            # One call over every folder, so that the class labels inferred from the sub-folder names are the
+            # same in all splits even if one of them lacks a class.
+            return datasets.load_dataset("imagefolder", data_files={
+                split: str(Path(split_files[0]) / "**") for split, split_files in files.items()})
+        except ValueError as error:  # "Instruction 'train' corresponds to no data!"
+            raise DataError(f"no images found in {paths} ({error}); an imagefolder directory holds one "
+                            "sub-folder of image files per class.") from None
     if any(Path(p).is_dir() for p in paths):
         raise DataError("train_file and test_file must both be imagefolder directories or both parquet "
                         "files.")
+    for path in paths:
+        _check_parquet(path)
     return datasets.load_dataset("parquet", data_files=files)
 
 
@@ -216,6 +247,7 @@ class TrainingData:
     test: datasets.Dataset
     class_names: list[str]
     class_counts: list[int]  # training images per class, in label order
+    class_count_source: str = "named by the label column's ClassLabel"  # where the class count comes from
 
 
 def _check_columns(ds: datasets.Dataset, recipe: Recipe, split: str) -> None:
@@ -244,6 +276,42 @@ def _check_label_range(ds: datasets.Dataset, column: str, num_classes: int, spli
                         f"[0, {num_classes - 1}]; fix the labels or set --num-classes.")
 
 
+def _check_no_overlap(train: Sequence[str], test: Sequence[str]) -> None:
+    """Refuse test data that is (or lies inside, or holds) training data: the metrics would be inflated."""
+    for test_path in test:
+        for train_path in train:
+            a, b = Path(train_path).resolve(), Path(test_path).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise DataError(f"the training data {train_path} and the test data {test_path} overlap: the "
+                                "model would be evaluated on images it was trained on. Give disjoint "
+                                "--train-file and --test-file (check the glob patterns).")
+
+
+def input_paths(recipe: Recipe) -> list[Path]:
+    """The local files and directories a run reads (glob patterns expanded; those that match nothing are
+    left out, the data loading reports them)."""
+    patterns = [*(recipe.train_file or []), *(recipe.test_file or [])]
+    paths = [Path(p) for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))]
+    if recipe.data_dir:
+        paths.append(Path(recipe.data_dir).expanduser())
+    return paths
+
+
+def _classes_from_labels(train: datasets.Dataset, test: datasets.Dataset, column: str) -> int:
+    """The class count of plain integer labels: the largest label + 1, which both splits must agree on.
+
+    An out-of-range label (a typo, an offset) would otherwise silently add classes to the model.
+    """
+    train_max = int(labels_array(train, column).max(initial=-1))
+    test_max = int(labels_array(test, column).max(initial=-1))
+    if train_max != test_max:
+        raise DataError(f"the label column {column!r} has no ClassLabel and --num-classes is not set, so the "
+                        f"class count comes from the largest label, but the training labels go up to "
+                        f"{train_max} and the test labels up to {test_max}. Fix the labels, or set "
+                        "--num-classes.")
+    return train_max + 1
+
+
 def _load_splits(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
     if recipe.train_file is None and recipe.dataset is None:
         raise DataError(f"the recipe {recipe.name!r} names no data: pass --train-file and --test-file "
@@ -257,11 +325,15 @@ def _load_splits(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
                      "test": expand_paths(recipe.test_file or [], "test_file")}
         except FileNotFoundError as error:
             raise DataError(str(error)) from None
+        _check_no_overlap(files["train"], files["test"])
         splits = _load_files(files)
         return splits["train"], splits["test"]
     if recipe.dataset == FASHION_MNIST:
         splits = _load_fashion_mnist(recipe.data_dir)
         return splits["train"], splits["test"]
+    if recipe.train_split == recipe.test_split:
+        raise DataError(f"train_split and test_split are both {recipe.train_split!r}: the model would be "
+                        "evaluated on its training images. Name the balanced test split with --test-split.")
     splits = _load_hub(recipe.dataset, recipe.dataset_config, [recipe.train_split, recipe.test_split])
     return splits[recipe.train_split], splits[recipe.test_split]
 
@@ -280,10 +352,15 @@ def load_training_data(recipe: Recipe) -> TrainingData:
 
     feature = train.features[recipe.label_column]
     names = feature.names if isinstance(feature, datasets.ClassLabel) else None
-    num_classes = recipe.num_classes or (len(names) if names else None)
+    if recipe.num_classes is not None:
+        num_classes, source = recipe.num_classes, "set by --num-classes"
+    elif names:
+        num_classes, source = len(names), f"named by the ClassLabel of {recipe.label_column!r}"
+    else:
+        num_classes, source = None, "inferred from the largest label (no ClassLabel, no --num-classes)"
     try:
         if num_classes is None:
-            num_classes = int(labels_array(train, recipe.label_column).max(initial=-1)) + 1
+            num_classes = _classes_from_labels(train, test, recipe.label_column)
         for ds, split in ((train, "train"), (test, "test")):
             _check_label_range(ds, recipe.label_column, num_classes, split)
         if recipe.imbalance_ratio is not None:
@@ -294,9 +371,64 @@ def load_training_data(recipe: Recipe) -> TrainingData:
         raise DataError(str(error)) from None
     empty = [c for c, n in enumerate(counts) if n == 0]
     if empty:
-        raise DataError(f"classes {empty[:20]} have no training image; BalPoE needs every class in the "
-                        "training prior (set --num-classes to the number of classes actually present).")
+        raise DataError(f"classes {empty[:20]} have no training image (the {num_classes} classes are "
+                        f"{source}); BalPoE needs every class in the training prior. Fix the labels, or set "
+                        "--num-classes to the number of classes actually present.")
     if names is None or len(names) != num_classes:
         names = [str(c) for c in range(num_classes)]
     test = relabel(test, recipe.label_column, names)
-    return TrainingData(train=train, test=test, class_names=list(names), class_counts=counts)
+    return TrainingData(train=train, test=test, class_names=list(names), class_counts=counts,
+                        class_count_source=source)
+
+
+# --------------------------------------------------------------------------- a split for a DataLoader
+
+
+class LoaderSplit(torch.utils.data.Dataset):
+    """A split with its transform (``Dataset.with_transform``) as the dataset of a ``DataLoader``.
+
+    With a ``seed`` (training), each batch is transformed with torch's CPU generator seeded from the seed
+    and the batch's row indices, inside ``torch.random.fork_rng`` so that the caller's random state is left
+    as it was: the augmentation of a batch depends on which rows are drawn together and on nothing else,
+    not on the worker process that loads it nor on the batches loaded before it. A run resumed inside an
+    epoch (``skip_first_batches``, which skips batches without loading them) therefore augments every later
+    batch exactly as the uninterrupted run did; a new epoch groups the rows differently and gets fresh
+    augmentation. Without a seed (evaluation) nothing is seeded. An image that cannot be decoded raises
+    ``BadImageError`` naming the split, the row and the image file instead of a bare PIL error.
+    """
+
+    def __init__(self, ds: datasets.Dataset, split: str, image_column: str, seed: int | None = None):
+        self.ds, self.split, self.image_column, self.seed = ds, split, image_column, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        with torch.random.fork_rng(devices=[]):
+            if self.seed is not None:
+                entropy = [self.seed, *map(int, indices)]
+                state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
+                torch.random.default_generator.manual_seed(int(state))
+            try:
+                return self.ds.__getitems__(list(indices))
+            except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a broken image file
+                bad = self._undecodable(indices)
+                if bad is None:
+                    raise
+                raise BadImageError(f"cannot decode the {self.split} image at row {bad} ({error}); repair or "
+                                    "remove it from the data.") from None
+
+    def _undecodable(self, indices: list[int]) -> str | None:
+        """The first of ``indices`` whose image does not decode, with its file name where known."""
+        plain = self.ds.with_format(None).select_columns([self.image_column])
+        for index in indices:
+            try:
+                plain[int(index)][self.image_column].load()
+            except (OSError, ValueError, SyntaxError):
+                encoded = plain.cast_column(self.image_column, datasets.Image(decode=False))
+                path = encoded[int(index)][self.image_column].get("path")
+                return f"{index}" + (f", file {path}" if path else "")
+        return None

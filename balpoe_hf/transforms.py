@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import datasets
-
-from .loading import TrainingData
+from .loading import LoaderSplit, TrainingData
 from .recipes import Recipe
 
 if TYPE_CHECKING:
@@ -84,9 +82,11 @@ class ImageTransform:
 
 
 def with_transforms(data: TrainingData, recipe: Recipe, processor: BaseImageProcessor
-                    ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """The two splits with their on-the-fly transforms (only the image and label columns are read)."""
+                    ) -> tuple[LoaderSplit, LoaderSplit]:
+    """The two splits with their on-the-fly transforms (only the image and label columns are read), as
+    ``DataLoader`` datasets whose training augmentation is seeded per batch (see ``LoaderSplit``)."""
     columns = [recipe.image_column, recipe.label_column]
     train = data.train.with_transform(ImageTransform(recipe), columns=columns)
     test = data.test.with_transform(ImageTransform(recipe, processor), columns=columns)
-    return train, test
+    return (LoaderSplit(train, "train", recipe.image_column, seed=recipe.seed),
+            LoaderSplit(test, "test", recipe.image_column))
