@@ -127,7 +127,8 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
 
     parser = HfArgumentParser(EvaluateArguments, description=EVALUATE_DESCRIPTION, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    # argparse's own parse_args: an unknown flag is a usage error (exit 2), not a ValueError traceback.
+    args = EvaluateArguments(**vars(parser.parse_args(argv)))
     recipe_file = Path(args.model) / "recipe.yaml"
     recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {} if recipe_file.is_file() else {}
     # The recipe names one data source; a data source on the command line replaces it as a whole.

@@ -139,7 +139,12 @@ def _load_files(files: dict[str, list[str]]) -> datasets.DatasetDict:
                         "files.")
     for path in paths:
         _check_parquet(path)
-    return datasets.load_dataset("parquet", data_files=files)
+    # One call per split: a single call would read every split with the features of the first file, so a
+    # test file whose ClassLabel lists the classes in another order would keep its numbers under the training
+    # file's names, and align_labels could not see the difference.
+    return datasets.DatasetDict({split: datasets.load_dataset("parquet", data_files={split: split_files},
+                                                              split=split)
+                                 for split, split_files in files.items()})
 
 
 def _load_hub(dataset: str, config: str | None, splits: Sequence[str]) -> dict[str, datasets.Dataset]:

@@ -33,9 +33,10 @@ def _check_targets(targets: torch.Tensor, batch_size: int, num_classes: int) -> 
         bad = (targets < 0).any(-1) | off_one | ~targets.isfinite().all(-1)
         if targets.numel() and bool(bad.any()):
             row = int(bad.nonzero()[0, 0])
+            values = ", ".join(f"{value:.4g}" for value in targets[row, :10].tolist())
             raise ValueError(
                 f"soft targets must be probabilities (rows >= 0 summing to 1); row {row} is "
-                f"{targets[row].tolist()[:10]} (sum {float(targets[row].sum()):.4g})."
+                f"[{values}{', ...' if num_classes > 10 else ''}] (sum {float(targets[row].sum()):.4g})."
             )
         return
     if targets.shape != (batch_size,):

@@ -26,10 +26,10 @@ from balpoe_hf.training import train
 
 # 60 training images in batches of 8: 7 steps an epoch. A step checkpoint every 3 optimizer steps gives
 # epoch-0000-step-000003/6, epoch-0001-step-000002/5, epoch-0002-step-000001/4 and one per epoch.
-SETTINGS = {"image_column": "picture", "label_column": "target", "image_size": 16, "backbone": "resnet20_cifar",
-            "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0, "lr_schedule": "cosine",
-            "mixup_alpha": 0.2, "num_workers": 0, "eval_batch_size": 32, "eval_every": 0,
-            "many_threshold": 20, "few_threshold": 6, "checkpoint_every_steps": 3,
+SETTINGS = {"image_column": "picture", "label_column": "target", "image_size": 16,
+            "backbone": "resnet20_cifar", "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0,
+            "lr_schedule": "cosine", "mixup_alpha": 0.2, "num_workers": 0, "eval_batch_size": 32,
+            "eval_every": 0, "many_threshold": 20, "few_threshold": 6, "checkpoint_every_steps": 3,
             "checkpoints_total_limit": 20}
 
 
@@ -54,7 +54,7 @@ def reference(data, tmp_path_factory) -> Path:
 
 
 def _killed_at(reference: Path, checkpoint: str, target: Path, extra: tuple[str, ...] = ()) -> Path:
-    """The run directory as a kill right after ``checkpoint`` left it: recipe, manifest, checkpoints so far."""
+    """The run directory as a kill just after ``checkpoint`` left it: recipe, manifest, checkpoints."""
     target.mkdir(parents=True)
     for name in ("recipe.yaml", checkpoints.MANIFEST):
         shutil.copy(reference / name, target / name)
@@ -82,7 +82,8 @@ def test_step_checkpoints_are_named_by_epoch_and_batch(reference):
     assert names == ["epoch-0000-step-000003", "epoch-0000-step-000006", "epoch-0001",
                      "epoch-0001-step-000002", "epoch-0001-step-000005", "epoch-0002",
                      "epoch-0002-step-000001", "epoch-0002-step-000004", "epoch-0003"]
-    state = json.loads((reference / "checkpoints" / "epoch-0001-step-000005" / "trainer_state.json").read_text())
+    state = json.loads((reference / "checkpoints" / "epoch-0001-step-000005" / checkpoints.TRAINER_STATE)
+                       .read_text())
     assert (state["epoch"], state["step"], state["batches_per_epoch"]) == (1, 5, 7)
 
 
@@ -160,13 +161,14 @@ def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_pa
         Path(folder).mkdir(parents=True, exist_ok=True)
 
     checkpoints.save_checkpoint(_FakeAccelerator(save_state=save_state), tmp_path, {"epoch": 1, "step": 0}, 2)
-    with pytest.raises(TrainingError, match=r"could not write the checkpoint .*epoch-0002: .*No space left on "
-                                            r"device\. The disk is full\. Its partial files were removed"):
-        checkpoints.save_checkpoint(_FakeAccelerator(save_state=full_disk), tmp_path, {"epoch": 2, "step": 0}, 2)
+    with pytest.raises(TrainingError, match=r"could not write the checkpoint .*epoch-0002: .*No space left "
+                                            r"on device\. The disk is full\. Its partial files were removed"):
+        checkpoints.save_checkpoint(_FakeAccelerator(save_state=full_disk), tmp_path,
+                                    {"epoch": 2, "step": 0}, 2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-0001"]
 
 
-# --------------------------------------------------------------------------- changed settings on resume (14.6)
+# --------------------------------------------------------------------------- changed settings (14.6)
 
 
 @pytest.mark.parametrize("changes,named", [
@@ -175,7 +177,8 @@ def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_pa
     ({"image_mean": [0.5, 0.5, 0.5]}, "image_mean: [0.4914, 0.4822, 0.4465] -> [0.5, 0.5, 0.5]"),
     ({"imbalance_ratio": 4.0}, "imbalance_ratio: None -> 4.0"),
 ])
-def test_resume_with_a_changed_model_is_refused_and_touches_nothing(reference, data, tmp_path, changes, named):
+def test_resume_with_a_changed_model_is_refused_and_touches_nothing(reference, data, tmp_path, changes,
+                                                                      named):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
     before = _snapshot(out)
     with pytest.raises(TrainingError) as error:
@@ -215,8 +218,8 @@ def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference):
     model = BalPoEForImageClassification.from_pretrained(reference)
     log_prior = torch.log(torch.tensor(TRAIN_COUNTS, dtype=torch.float64) / sum(TRAIN_COUNTS))
     torch.testing.assert_close(model.loss_fn.log_prior.double(), log_prior)
-    torch.testing.assert_close(model.loss_fn.taus.double(), 1 - torch.tensor([[1.0], [0.0], [-1.0]],
-                                                                             dtype=torch.float64).expand(3, 4))
+    lambdas = torch.tensor([[1.0], [0.0], [-1.0]], dtype=torch.float64)
+    torch.testing.assert_close(model.loss_fn.taus.double(), (1 - lambdas).expand(3, 4))
     # Editing config.json changes the model: there is no second source to disagree with it.
     edited = reference.parent / "edited"
     shutil.copytree(reference, edited, ignore=shutil.ignore_patterns("checkpoints"))
