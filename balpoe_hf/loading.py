@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -390,20 +390,34 @@ def load_training_data(recipe: Recipe) -> TrainingData:
 
 
 class LoaderSplit(torch.utils.data.Dataset):
-    """A split with its transform (``Dataset.with_transform``) as the dataset of a ``DataLoader``.
+    """A split and its transform as the dataset of a ``DataLoader``: reproducible, and bad images named.
 
-    With a ``seed`` (training), each batch is transformed with torch's CPU generator seeded from the seed
-    and the batch's row indices, inside ``torch.random.fork_rng`` so that the caller's random state is left
-    as it was: the augmentation of a batch depends on which rows are drawn together and on nothing else,
-    not on the worker process that loads it nor on the batches loaded before it. A run resumed inside an
-    epoch (``skip_first_batches``, which skips batches without loading them) therefore augments every later
-    batch exactly as the uninterrupted run did; a new epoch groups the rows differently and gets fresh
-    augmentation. Without a seed (evaluation) nothing is seeded. An image that cannot be decoded raises
-    ``BadImageError`` naming the split, the row and the image file instead of a bare PIL error.
+    ``transform`` maps a batch ``{column: values}`` of ``columns`` (images decoded by the ``datasets.Image``
+    feature) to a batch of model inputs, like a ``Dataset.with_transform`` function. With a ``seed``
+    (training) every image is transformed with torch's CPU generator seeded from ``(seed, epoch, row)``
+    (``set_epoch``; accelerate's prepared loaders pass their ``set_epoch`` on, and ``DataLoader`` workers,
+    started afresh every epoch, receive it), inside ``torch.random.fork_rng`` so that the caller's random
+    state is left as it was. An image's augmentation is then a function of the seed, the epoch and its row
+    only: not of the batch it is drawn in, the worker or process that loads it, nor the batches loaded
+    before it, so a run resumed inside an epoch (``skip_first_batches`` skips batches without loading them)
+    and a run on another number of processes augment every image as the uninterrupted single-process run
+    does. Without a seed (evaluation) a batch is transformed at once. An image that cannot be decoded
+    raises ``BadImageError`` naming the split, the row and the image file instead of a bare PIL error.
     """
 
-    def __init__(self, ds: datasets.Dataset, split: str, image_column: str, seed: int | None = None):
-        self.ds, self.split, self.image_column, self.seed = ds, split, image_column, seed
+    def __init__(self, ds: datasets.Dataset, transform: Callable[[dict], dict], columns: Sequence[str],
+                 split: str, seed: int | None = None):
+        self.ds, self.transform = ds.select_columns(list(columns)), transform
+        self.split, self.seed, self.image_column = split, seed, columns[0]
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation the next batches get."""
+        self.epoch = epoch
+        # One 63-bit base per (seed, epoch) through SeedSequence; rows add to it, as DataLoader workers add
+        # their id to a base seed.
+        state = np.random.SeedSequence([self.seed or 0, epoch]).generate_state(1, np.uint64)[0]
+        self._base = int(state) >> 1
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -411,29 +425,36 @@ class LoaderSplit(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        with torch.random.fork_rng(devices=[]):
-            if self.seed is not None:
-                entropy = [self.seed, *map(int, indices)]
-                state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
-                torch.random.default_generator.manual_seed(int(state))
-            try:
-                return self.ds.__getitems__(list(indices))
-            except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a broken image file
-                bad = self._undecodable(indices)
-                if bad is None:
-                    raise
-                raise BadImageError(f"cannot decode the {self.split} image at row {bad} ({error}); repair or "
-                                    "remove it from the data.") from None
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        indices = [int(index) for index in indices]
+        try:
+            batch = self.ds[indices]
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a broken image file
+            bad = self._undecodable(indices)
+            if bad is None:
+                raise
+            raise BadImageError(f"cannot decode the {self.split} image at row {bad} ({error}); repair or "
+                                "remove it from the data.") from None
+        if self.seed is None:
+            out = self.transform(batch)
+        else:
+            parts = []
+            with torch.random.fork_rng(devices=[]):
+                for position, row in enumerate(indices):
+                    torch.random.default_generator.manual_seed(self._base + row)
+                    one = {column: [values[position]] for column, values in batch.items()}
+                    parts.append(self.transform(one))
+            out = {key: [value for part in parts for value in part[key]] for key in parts[0]}
+        return [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
 
     def _undecodable(self, indices: list[int]) -> str | None:
         """The first of ``indices`` whose image does not decode, with its file name where known."""
-        plain = self.ds.with_format(None).select_columns([self.image_column])
+        images = self.ds.select_columns([self.image_column])
         for index in indices:
             try:
-                plain[int(index)][self.image_column].load()
+                images[index]
             except (OSError, ValueError, SyntaxError):
-                encoded = plain.cast_column(self.image_column, datasets.Image(decode=False))
-                path = encoded[int(index)][self.image_column].get("path")
+                encoded = images.cast_column(self.image_column, datasets.Image(decode=False))
+                path = encoded[index][self.image_column].get("path")
                 return f"{index}" + (f", file {path}" if path else "")
         return None

@@ -235,9 +235,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     processor = build_processor(recipe)  # the evaluation transform, saved with the model
     train_set, test_set = with_transforms(data, recipe, processor)
     loader_options = {"num_workers": recipe.num_workers, "pin_memory": accelerator.device.type == "cuda"}
-    # The shuffling generator is re-seeded every epoch, and the training workers are started afresh every
-    # epoch (not persistent) with seeds drawn from it, so that an epoch's order and augmentation depend on
-    # (seed, epoch) only: a resumed run sees exactly the batches the uninterrupted run would have seen.
+    # The shuffling generator is re-seeded every epoch, so that an epoch's order depends on (seed, epoch)
+    # only, and each batch is augmented from (seed, its rows) (LoaderSplit): a resumed run sees exactly the
+    # batches the uninterrupted run would have seen, also inside an epoch.
     shuffle_generator = torch.Generator()
     # drop_last: mixup pairs each batch with its reverse and needs an even, full batch.
     train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
@@ -305,6 +305,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
             # exact. (Within an epoch, load_state has restored the RNG states that the step checkpoint saved.)
             set_seed(recipe.seed + epoch, device_specific=True)
         shuffle_generator.manual_seed(recipe.seed + epoch)
+        train_loader.set_epoch(epoch)  # the epoch's augmentation (accelerate passes it on to LoaderSplit)
         model.train()
         loss_sum = torch.full((), state["epoch_loss_sum"] if first_batch else 0.0, device=accelerator.device)
         optimizer_step = epoch * steps_per_epoch + first_batch // recipe.gradient_accumulation_steps

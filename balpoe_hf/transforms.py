@@ -84,9 +84,8 @@ class ImageTransform:
 def with_transforms(data: TrainingData, recipe: Recipe, processor: BaseImageProcessor
                     ) -> tuple[LoaderSplit, LoaderSplit]:
     """The two splits with their on-the-fly transforms (only the image and label columns are read), as
-    ``DataLoader`` datasets whose training augmentation is seeded per batch (see ``LoaderSplit``)."""
+    ``DataLoader`` datasets; the training augmentation is seeded per image from ``(seed, epoch, row)``
+    (``LoaderSplit``: call ``set_epoch`` every epoch)."""
     columns = [recipe.image_column, recipe.label_column]
-    train = data.train.with_transform(ImageTransform(recipe), columns=columns)
-    test = data.test.with_transform(ImageTransform(recipe, processor), columns=columns)
-    return (LoaderSplit(train, "train", recipe.image_column, seed=recipe.seed),
-            LoaderSplit(test, "test", recipe.image_column))
+    return (LoaderSplit(data.train, ImageTransform(recipe), columns, "train", seed=recipe.seed),
+            LoaderSplit(data.test, ImageTransform(recipe, processor), columns, "test"))

@@ -100,6 +100,22 @@ def test_run_killed_inside_an_epoch_resumes_to_the_same_weights(reference, data,
         (reference / "eval_results.json").read_text())
 
 
+def test_prepared_loader_passes_the_epoch_on_to_the_split_also_when_skipping(data):
+    from accelerate import Accelerator
+
+    from balpoe_hf import loading, transforms
+
+    recipe = _recipe(data)
+    train_set, _ = transforms.with_transforms(loading.load_training_data(recipe), recipe, None)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(train_set, batch_size=8, shuffle=True,
+                                                             drop_last=True, generator=torch.Generator()))
+    loader.set_epoch(2)
+    assert train_set.epoch == 2
+    batch = next(iter(accelerator.skip_first_batches(loader, 3)))
+    assert train_set.epoch == 2 and batch["pixel_values"].shape == (8, 3, 16, 16)
+
+
 # --------------------------------------------------------------------------- damaged checkpoints (14.9)
 
 

@@ -379,7 +379,7 @@ def test_corrupt_image_stops_training_with_its_row(data, corrupt_parquet, tmp_pa
         training.train(_recipe((corrupt_parquet, data[1]), epochs=1), tmp_path / "run")
 
 
-def test_training_augmentation_depends_on_the_batch_rows_only(data):
+def test_training_augmentation_depends_on_seed_epoch_and_row_only(data):
     recipe = _recipe(data, rotation=15.0)
     train_set, _ = transforms.with_transforms(loading.load_training_data(recipe), recipe, None)
     torch.manual_seed(1)
@@ -387,11 +387,14 @@ def test_training_augmentation_depends_on_the_batch_rows_only(data):
     first = train_set.__getitems__([3, 9, 27])
     assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is left as it was
     torch.manual_seed(2)  # another state of the caller (another worker, other batches loaded before)
-    again = train_set.__getitems__([3, 9, 27])
-    for a, b in zip(first, again, strict=True):
-        assert torch.equal(a["pixel_values"], b["pixel_values"])
-    other = train_set.__getitems__([3, 9, 28])  # row 3 drawn with other rows: other augmentation
-    assert not torch.equal(first[0]["pixel_values"], other[0]["pixel_values"])
+    again = train_set.__getitems__([27, 3, 40])  # and other batch companions
+    assert torch.equal(first[0]["pixel_values"], again[1]["pixel_values"])
+    assert torch.equal(first[2]["pixel_values"], again[0]["pixel_values"])
+    assert torch.equal(first[0]["pixel_values"], train_set[3]["pixel_values"])
+    train_set.set_epoch(1)  # a new epoch: new augmentation
+    assert not torch.equal(first[0]["pixel_values"], train_set[3]["pixel_values"])
+    train_set.set_epoch(0)
+    assert torch.equal(first[0]["pixel_values"], train_set[3]["pixel_values"])
 
 
 # --------------------------------------------------------------------------- 10: balpoe-evaluate fails early
