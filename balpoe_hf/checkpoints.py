@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .recipes import Recipe, TrainingError, recipe_differences
+from .recipes import Recipe, TrainingError, recipe_differences, save_recipe
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -106,17 +106,13 @@ def _file_stamps(run_dir: Path) -> dict[Path, tuple[int, int]]:
 
 @contextlib.contextmanager
 def recording(run_dir: str | Path) -> Iterator[None]:
-    """Record in the manifest every file of ``run_dir`` that the block creates or changes.
-
-    Files the manifest lists already are hashed again as well, since a rewrite within the file system's
-    time resolution may keep size and modification time.
-    """
+    """Record in the manifest every file of ``run_dir`` that the block creates or changes (a new size or
+    modification time); files it leaves alone keep their entry, or stay unlisted."""
     run_dir = Path(run_dir)
     before = _file_stamps(run_dir)
     yield
-    listed = {run_dir / name for name in (read_manifest(run_dir) or {"files": {}})["files"]}
     changed = [path for path, stamp in _file_stamps(run_dir).items()
-               if path.name != MANIFEST and (before.get(path) != stamp or path in listed)]
+               if path.name != MANIFEST and before.get(path) != stamp]
     record_outputs(run_dir, changed)
 
 
@@ -195,8 +191,6 @@ def clear_run_outputs(output_dir: str | Path) -> None:
 
 def start_run(output_dir: str | Path, recipe: Recipe) -> None:
     """Create the run directory, write the resolved ``recipe.yaml`` and list both in the manifest."""
-    from .recipes import save_recipe
-
     path = Path(output_dir)
     path.mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, path / "recipe.yaml")
@@ -265,13 +259,16 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
                 shutil.rmtree(final)
             os.replace(partial, final)
             prune_checkpoints(output_dir, keep)
-    except OSError as error:
+    except Exception as error:  # torch.save reports a failed write as a RuntimeError, safetensors its own
+        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) \
+            or shutil.disk_usage(Path(output_dir)).free < 2**20
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        full = " The disk is full." if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        raise TrainingError(f"could not write the checkpoint {final}: {error}.{full} Its partial files were "
-                            "removed and the earlier checkpoints are intact: fix the cause and continue with "
-                            "--resume.") from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingError(f"could not write the checkpoint {final}: {reason}."
+                            f"{' The disk is full.' if full else ''} Its partial files were removed and the "
+                            "earlier checkpoints are intact: fix the cause and continue with --resume."
+                            ) from None
     accelerator.wait_for_everyone()
     return final
 

@@ -27,7 +27,8 @@ TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Expe
 Every recipe field has a flag (--lambdas 1 0 -1 --mixup-alpha 0.4 ...); after --recipe/--config, --help shows
 the resolved values. The output directory gets the model (save_pretrained, loadable with
 AutoModelForImageClassification) with its image processor, recipe.yaml, train_results.json, eval_results.json
-(the balanced test set) and one checkpoint per epoch (the last few are kept) for --resume.
+(the balanced test set) and one checkpoint per epoch (--checkpoint-every-steps N adds some inside epochs;
+the last few are kept) for --resume.
 """
 
 

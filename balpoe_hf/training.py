@@ -189,8 +189,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     Args:
         recipe: the training settings (``balpoe_hf.recipes.load_recipe`` / ``make_recipe``).
         output_dir: where the model, results and checkpoints go (default ``runs/<recipe.name>``).
-        resume: continue from the latest complete checkpoint in ``output_dir`` (afresh if there is none).
-        overwrite: empty a non-empty ``output_dir`` first.
+        resume: continue from the latest loadable checkpoint in ``output_dir`` (afresh if there is none).
+        overwrite: delete what an earlier run wrote in ``output_dir`` (its manifest) first.
         report_to: ``"none"`` or ``"tensorboard"`` (logs in ``output_dir/logs``).
         push_to_hub, hub_model_id: upload the finished run to this Hub repository.
 

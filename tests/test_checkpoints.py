@@ -167,21 +167,32 @@ def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_
         "epoch": 2, "step": 0}
 
 
-def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_path):
-    def full_disk(folder):
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        (Path(folder) / "model.safetensors").write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
+def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
     def save_state(folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
 
-    checkpoints.save_checkpoint(_FakeAccelerator(save_state=save_state), tmp_path, {"epoch": 1, "step": 0}, 2)
-    with pytest.raises(TrainingError, match=r"could not write the checkpoint .*epoch-0002: .*No space left "
-                                            r"on device\. The disk is full\. Its partial files were removed"):
+    def full_disk(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        # What torch.save raised when a 200 kB tmpfs filled up while writing optimizer.bin.
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 918")
+
+    checkpoints.save_checkpoint(_FakeAccelerator(save_state=save_state), tmp_path, {"epoch": 1, "step": 0},
+                                keep=2)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
+    with pytest.raises(TrainingError, match=r"could not write the checkpoint .*epoch-0002: \[enforce fail "
+                                            r".*\. The disk is full\. Its partial files were removed"):
         checkpoints.save_checkpoint(_FakeAccelerator(save_state=full_disk), tmp_path,
                                     {"epoch": 2, "step": 0}, 2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-0001"]
+    monkeypatch.undo()
+
+    def no_space(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(TrainingError, match=r"No space left on device\. The disk is full\."):
+        checkpoints.save_checkpoint(_FakeAccelerator(save_state=no_space), tmp_path, {"epoch": 2, "step": 0},
+                                    keep=2)
 
 
 # --------------------------------------------------------------------------- changed settings (14.6)

@@ -346,8 +346,11 @@ class RunArguments:
     output_dir: str | None = field(default=None, metadata=_help(
         "Where the model, results and checkpoints go (default: runs/NAME)."))
     resume: bool = field(default=False, metadata=_help(
-        "Continue from the latest checkpoint in --output-dir (start afresh if there is none)."))
-    overwrite: bool = field(default=False, metadata=_help("Empty a non-empty --output-dir first."))
+        "Continue from the latest loadable checkpoint in --output-dir (start afresh if there is none); the "
+        "settings that define the model must be those of the run."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Start over in the --output-dir of an earlier run: the files that run wrote (listed in its "
+        "balpoe_outputs.json) are deleted first, nothing else."))
     report_to: Literal["none", "tensorboard"] = field(default="none", metadata=_help(
         "Experiment tracker (TensorBoard logs go to OUTPUT_DIR/logs)."))
     push_to_hub: bool = field(default=False, metadata=_help(
