@@ -62,6 +62,7 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             shared_stages=recipe.shared_stages,
             classifier=recipe.classifier,
             classifier_scale=recipe.classifier_scale,
+            remove_mean_lambda=recipe.remove_mean_lambda,
             class_counts=data.class_counts,
             id2label=dict(enumerate(data.class_names)),
             label2id={name: i for i, name in enumerate(data.class_names)},
