@@ -454,9 +454,10 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
         settings[name] = None if isinstance(value, list) and None in value else value
     run = RunArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(RunArguments)})
     if run.recipe is None and run.config is None and settings["dataset"] is None \
-            and settings["train_file"] is None:
+            and settings["train_file"] is None and settings["train_list"] is None:
         parser.error(f"pass --recipe NAME (one of: {', '.join(available_recipes())}), --config FILE.yaml, "
-                     "or the data flags (--dataset / --train-file and --test-file).")
+                     "or the data flags (--dataset / --train-file and --test-file / --train-list, "
+                     "--test-list and --data-root).")
     recipe = make_recipe(settings)
     if run.push_to_hub and not run.hub_model_id:
         raise TrainingError("--push-to-hub needs --hub-model-id USER/NAME.")
