@@ -145,15 +145,30 @@ def test_official_residual_init_for_resnet_experts():
 # --------------------------------------------------------------------------- the mean-lambda setting
 
 
-def test_mean_lambda_setting_reaches_the_saved_config(tmp_path):
+def test_mean_lambda_setting_reaches_the_saved_config_and_the_predictions(tmp_path):
     recipe = recipes.load_recipe("imagenet-lt-resnext50", backbone="resnet20_cifar", backbone_kwargs={},
                                  image_size=8)
-    data = loading.TrainingData(train=None, test=None, class_names=["a", "b", "c"], class_counts=[20, 6, 2])
-    training.build_model(recipe, data).save_pretrained(tmp_path / "kept")
+    counts = [20, 6, 2]
+    data = loading.TrainingData(train=None, test=None, class_names=["a", "b", "c"], class_counts=counts)
+    torch.manual_seed(0)
+    kept = training.build_model(recipe, data).eval()
+    kept.save_pretrained(tmp_path / "kept")
     assert json.loads((tmp_path / "kept" / "config.json").read_text())["remove_mean_lambda"] is False
     recipe.remove_mean_lambda = True
-    training.build_model(recipe, data).save_pretrained(tmp_path / "removed")
+    removed = training.build_model(recipe, data).eval()
+    removed.save_pretrained(tmp_path / "removed")
     assert json.loads((tmp_path / "removed" / "config.json").read_text())["remove_mean_lambda"] is True
+
+    removed.load_state_dict(kept.state_dict())
+    pixels = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        out, out_removed = kept(pixels), removed(pixels)
+    zbar = out.expert_logits.mean(1)
+    # The official test code: softmax of the plain mean of the expert logits.
+    torch.testing.assert_close(out.logits.softmax(1), zbar.softmax(1))
+    # Sec. 3.3: the mean bias, mean(1, -0.25, -1.5) * log pi_train = -0.25 * log pi_train, removed.
+    log_pi = torch.log(torch.tensor(counts, dtype=torch.float32) / sum(counts))
+    torch.testing.assert_close(out_removed.logits.softmax(1), (zbar + 0.25 * log_pi).softmax(1))
     _, parsed = recipes.parse_args(["--recipe", "imagenet-lt-resnet50", "--remove-mean-lambda"])
     assert parsed.remove_mean_lambda is True
 
