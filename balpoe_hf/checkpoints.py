@@ -46,13 +46,14 @@ _CHECKPOINT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?")
 
 # Recipe fields that define the model or the training data its prior comes from: a resumed run keeps them.
 MODEL_FIELDS = ("backbone", "backbone_kwargs", "backbone_pretrained", "num_experts", "lambdas",
-                "shared_stages", "classifier", "classifier_scale", "image_size", "image_mean", "image_std",
-                "crop_pct", "dataset", "dataset_config", "train_split", "label_column", "num_classes",
-                "imbalance_ratio", "imbalance_profile", "split_seed")
+                "shared_stages", "classifier", "classifier_scale", "remove_mean_lambda", "image_size",
+                "image_mean", "image_std", "crop_pct", "dataset", "dataset_config", "train_split",
+                "label_column", "num_classes", "imbalance_ratio", "imbalance_profile", "split_seed",
+                "selection")
 # Config keys of the built model compared on resume (they catch changed data behind unchanged paths).
 SIGNATURE_KEYS = ("backbone", "backbone_kwargs", "backbone_pretrained", "num_experts", "lambdas",
-                  "shared_stages", "classifier", "classifier_scale", "class_counts", "id2label", "image_size",
-                  "image_mean", "image_std")
+                  "shared_stages", "classifier", "classifier_scale", "remove_mean_lambda", "loss",
+                  "class_counts", "id2label", "image_size", "image_mean", "image_std")
 
 
 # --------------------------------------------------------------------------- the manifest

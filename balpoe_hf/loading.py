@@ -1,4 +1,5 @@
-"""Where the images come from: the Hub, parquet files, imagefolder directories, Fashion-MNIST's IDX files.
+"""Where the images come from: the Hub, parquet files, imagefolder directories, split-list files (ImageNet-LT,
+Places-LT, iNaturalist-2018), Fashion-MNIST's IDX files.
 
 ``load_training_data(recipe)`` gives a run its long-tailed training split and its balanced test set, with the
 class names and counts the model needs; ``load_split`` gives an evaluation its test set alone. Images are
@@ -10,10 +11,12 @@ split) both name their classes, test labels are matched by name; different names
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import os
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from huggingface_hub import constants as hub_constants
 
 from .data import class_counts, labels_array, make_long_tailed
 from .recipes import FASHION_MNIST, FASHION_MNIST_DIR, Recipe, TrainingError
+from .split_lists import load_split_list
 
 FASHION_MNIST_LABELS = [
     "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
@@ -168,6 +172,26 @@ def _load_fashion_mnist(data_dir: str | Path | None) -> datasets.DatasetDict:
         raise DataError(str(error)) from None
 
 
+def load_list(list_file: str | os.PathLike, data_root: str | os.PathLike | None,
+              num_classes: int | None = None, image_column: str = "image", label_column: str = "label",
+              what: str = "--test-list") -> datasets.Dataset:
+    """The images a split-list file names (``split_lists.load_split_list``), with the given column names.
+
+    ``what`` names the flag the file came from in the errors (a missing list file or data root, a bad line,
+    a label out of ``num_classes``, missing images), which are ``DataError``.
+    """
+    if data_root is None:
+        raise DataError(f"{what} {list_file} needs --data-root: the folder its image paths are relative to.")
+    if not os.path.isfile(os.path.expanduser(list_file)):
+        raise DataError(f"{what} {list_file} is not a file.")
+    try:
+        ds = load_split_list(os.path.expanduser(list_file), data_root, num_classes=num_classes)
+    except (ValueError, FileNotFoundError) as error:
+        raise DataError(f"{what}: {error}") from None
+    names = {"image": image_column, "label": label_column}
+    return ds.rename_columns({old: new for old, new in names.items() if old != new})
+
+
 def load_split(*, files: Sequence[str] | None = None, dataset: str | None = None,
                dataset_config: str | None = None, split: str = "test",
                data_dir: str | Path | None = None) -> tuple[datasets.Dataset, str]:
@@ -289,7 +313,7 @@ def _check_no_overlap(train: Sequence[str], test: Sequence[str]) -> None:
             if a == b or a in b.parents or b in a.parents:
                 raise DataError(f"the training data {train_path} and the test data {test_path} overlap: the "
                                 "model would be evaluated on images it was trained on. Give disjoint "
-                                "--train-file and --test-file (check the glob patterns).")
+                                "training and test data (check the glob patterns).")
 
 
 def input_paths(recipe: Recipe) -> list[Path]:
@@ -297,8 +321,9 @@ def input_paths(recipe: Recipe) -> list[Path]:
     left out, the data loading reports them)."""
     patterns = [*(recipe.train_file or []), *(recipe.test_file or [])]
     paths = [Path(p) for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))]
-    if recipe.data_dir:
-        paths.append(Path(recipe.data_dir).expanduser())
+    for folder_or_file in (recipe.data_dir, recipe.data_root, recipe.train_list, recipe.test_list):
+        if folder_or_file:
+            paths.append(Path(folder_or_file).expanduser())
     return paths
 
 
@@ -317,11 +342,26 @@ def _classes_from_labels(train: datasets.Dataset, test: datasets.Dataset, column
     return train_max + 1
 
 
+def _load_lists(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if recipe.test_list is None:
+        raise DataError("--train-list needs --test-list (the balanced test set, e.g. ImageNet_LT_test.txt).")
+    _check_no_overlap([os.path.expanduser(recipe.train_list)], [os.path.expanduser(recipe.test_list)])
+    columns = {"image_column": recipe.image_column, "label_column": recipe.label_column}
+    train = load_list(recipe.train_list, recipe.data_root, recipe.num_classes, what="--train-list", **columns)
+    test = load_list(recipe.test_list, recipe.data_root, recipe.num_classes, what="--test-list", **columns)
+    return train, test
+
+
 def _load_splits(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if recipe.train_list is not None:
+        return _load_lists(recipe)
+    if recipe.test_list is not None:
+        raise DataError("--test-list goes with --train-list (and --data-root); for other training data give "
+                        "the test set with --test-file or --dataset.")
     if recipe.train_file is None and recipe.dataset is None:
         raise DataError(f"the recipe {recipe.name!r} names no data: pass --train-file and --test-file "
-                        "(parquet files or imagefolder directories), or --dataset (a Hub id or "
-                        f"'{FASHION_MNIST}').")
+                        "(parquet files or imagefolder directories), --train-list and --test-list with "
+                        f"--data-root (split-list files), or --dataset (a Hub id or '{FASHION_MNIST}').")
     if (recipe.train_file is None) != (recipe.test_file is None):
         raise DataError("give both --train-file and --test-file (the balanced test set), in the same format.")
     if recipe.train_file is not None:
@@ -370,7 +410,7 @@ def load_training_data(recipe: Recipe) -> TrainingData:
             _check_label_range(ds, recipe.label_column, num_classes, split)
         if recipe.imbalance_ratio is not None:
             train = make_long_tailed(train, recipe.imbalance_ratio, recipe.label_column, recipe.split_seed,
-                                     recipe.imbalance_profile)
+                                     recipe.imbalance_profile, recipe.selection)
         counts = class_counts(train, recipe.label_column, num_classes)
     except ValueError as error:
         raise DataError(str(error)) from None
@@ -389,15 +429,35 @@ def load_training_data(recipe: Recipe) -> TrainingData:
 # --------------------------------------------------------------------------- a split for a DataLoader
 
 
+@contextlib.contextmanager
+def _caller_random_state_kept() -> Iterator[None]:
+    """Run the block and restore the states of torch's CPU generator, numpy's and Python's ``random``."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _seed_generators(seed: int) -> None:
+    """Seed torch's CPU generator, Python's ``random`` and numpy's global generator with a 63-bit seed."""
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed([seed >> 32, seed & 0xFFFFFFFF])
+
+
 class LoaderSplit(torch.utils.data.Dataset):
     """A split and its transform as the dataset of a ``DataLoader``: reproducible, and bad images named.
 
     ``transform`` maps a batch ``{column: values}`` of ``columns`` (images decoded by the ``datasets.Image``
     feature) to a batch of model inputs, like a ``Dataset.with_transform`` function. With a ``seed``
-    (training) every image is transformed with torch's CPU generator seeded from ``(seed, epoch, row)``
-    (``set_epoch``; accelerate's prepared loaders pass their ``set_epoch`` on, and ``DataLoader`` workers,
-    started afresh every epoch, receive it), inside ``torch.random.fork_rng`` so that the caller's random
-    state is left as it was. An image's augmentation is then a function of the seed, the epoch and its row
+    (training) every image is transformed with the global generators that augmentations draw from (torch's
+    CPU generator for torchvision, Python's ``random`` and numpy's for timm's RandAugment) seeded from
+    ``(seed, epoch, row)`` (``set_epoch``; accelerate's prepared loaders pass their ``set_epoch`` on, and
+    ``DataLoader`` workers, started afresh every epoch, receive it); the caller's states of the three are
+    restored afterwards. An image's augmentation is then a function of the seed, the epoch and its row
     only: not of the batch it is drawn in, the worker or process that loads it, nor the batches loaded
     before it, so a run resumed inside an epoch (``skip_first_batches`` skips batches without loading them)
     and a run on another number of processes augment every image as the uninterrupted single-process run
@@ -439,9 +499,9 @@ class LoaderSplit(torch.utils.data.Dataset):
             out = self.transform(batch)
         else:
             parts = []
-            with torch.random.fork_rng(devices=[]):
+            with _caller_random_state_kept():
                 for position, row in enumerate(indices):
-                    torch.random.default_generator.manual_seed(self._base + row)
+                    _seed_generators(self._base + row)
                     one = {column: [values[position]] for column, values in batch.items()}
                     parts.append(self.transform(one))
             out = {key: [value for part in parts for value in part[key]] for key in parts[0]}

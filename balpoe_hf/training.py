@@ -63,6 +63,7 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             shared_stages=recipe.shared_stages,
             classifier=recipe.classifier,
             classifier_scale=recipe.classifier_scale,
+            remove_mean_lambda=recipe.remove_mean_lambda,
             class_counts=data.class_counts,
             id2label=dict(enumerate(data.class_names)),
             label2id={name: i for i, name in enumerate(data.class_names)},
@@ -236,7 +237,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     train_set, test_set = with_transforms(data, recipe, processor)
     loader_options = {"num_workers": recipe.num_workers, "pin_memory": accelerator.device.type == "cuda"}
     # The shuffling generator is re-seeded every epoch, so that an epoch's order depends on (seed, epoch)
-    # only, and each batch is augmented from (seed, its rows) (LoaderSplit): a resumed run sees exactly the
+    # only, and each image is augmented from (seed, epoch, row) (LoaderSplit): a resumed run sees exactly the
     # batches the uninterrupted run would have seen, also inside an epoch.
     shuffle_generator = torch.Generator()
     # drop_last: mixup pairs each batch with its reverse and needs an even, full batch.

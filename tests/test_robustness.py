@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import random
 import shutil
 import tomllib
 from pathlib import Path
@@ -379,15 +380,24 @@ def test_corrupt_image_stops_training_with_its_row(data, corrupt_parquet, tmp_pa
         training.train(_recipe((corrupt_parquet, data[1]), epochs=1), tmp_path / "run")
 
 
+def _seed_caller(seed: int) -> tuple:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()
+
+
 def test_training_augmentation_depends_on_seed_epoch_and_row_only(data):
-    recipe = _recipe(data, rotation=15.0)
+    # timm's RandAugment draws from Python's random and numpy, the crop and rotation from torch.
+    recipe = _recipe(data, rotation=15.0, rand_augment="rand-n2-m10-mstd0.5")
     train_set, _ = transforms.with_transforms(loading.load_training_data(recipe), recipe, None)
-    torch.manual_seed(1)
-    before = torch.get_rng_state()
+    torch_state, python_state, numpy_state = _seed_caller(1)
     first = train_set.__getitems__([3, 9, 27])
-    assert torch.equal(torch.get_rng_state(), before)  # the caller's random state is left as it was
-    torch.manual_seed(2)  # another state of the caller (another worker, other batches loaded before)
-    again = train_set.__getitems__([27, 3, 40])  # and other batch companions
+    # The caller's random states are left as they were.
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), numpy_state, strict=True))
+    _seed_caller(2)  # another state of the caller (another worker, other batches loaded before) ...
+    again = train_set.__getitems__([27, 3, 40])  # ... and other batch companions: the same augmentation
     assert torch.equal(first[0]["pixel_values"], again[1]["pixel_values"])
     assert torch.equal(first[2]["pixel_values"], again[0]["pixel_values"])
     assert torch.equal(first[0]["pixel_values"], train_set[3]["pixel_values"])
