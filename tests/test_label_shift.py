@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import datasets
@@ -10,7 +11,7 @@ import pytest
 import torch
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, evaluation, loading, recipes
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, evaluation, loading, recipes, training
 from balpoe_hf.loading import DataError, holdout_sizes, holdout_split
 from balpoe_hf.priors import UNKNOWN_PRIOR_METHODS, estimate_unknown_prior, holdout_calibration
 from balpoe_hf.recipes import TrainingError
@@ -99,6 +100,25 @@ def test_holdout_errors_reach_the_user(parquet):
     for fraction in (1.0, -0.1):
         with pytest.raises(TrainingError, match="holdout_fraction must be in"):
             recipes.make_recipe({**values, "holdout_fraction": fraction})
+
+
+def test_training_with_a_holdout_saves_its_calibration_and_report(parquet, tmp_path):
+    train_file, test_file = parquet
+    recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
+                                  "image_column": "picture", "label_column": "target", "image_size": 16,
+                                  "holdout_fraction": 0.25, "epochs": 1, "batch_size": 8, "num_workers": 0,
+                                  "eval_every": 0, "warmup_epochs": 0, "lr": 0.02, "many_threshold": 20,
+                                  "few_threshold": 6})
+    training.train(recipe, tmp_path / "run")
+    holdout = json.loads((tmp_path / "run" / "holdout_results.json").read_text())
+    assert holdout["holdout_samples"] == 15 and 0 <= holdout["holdout_balanced_accuracy"] <= 1
+    assert holdout["calibration"]["holdout_counts"] == [8, 4, 2, 1]
+    evaluation_results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    assert {"eval_ece_temperature_scaling", "eval_ece_bcts"} <= set(evaluation_results)
+    model = BalPoEForImageClassification.from_pretrained(tmp_path / "run")
+    assert model.config.class_counts == [24, 12, 6, 3]  # the images trained on
+    assert model.config.calibration == holdout["calibration"]
+    assert recipes.load_recipe(config=tmp_path / "run" / "recipe.yaml").holdout_fraction == 0.25
 
 
 # --------------------------------------------------------------------------- calibration in the config
