@@ -9,6 +9,7 @@ library's user errors into a one-line message and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Expe
 Every recipe field has a flag (--lambdas 1 0 -1 --mixup-alpha 0.4 ...); after --recipe/--config, --help shows
 the resolved values. The output directory gets the model (save_pretrained, loadable with
 AutoModelForImageClassification) with its image processor, recipe.yaml, train_results.json, eval_results.json
-(the balanced test set) and one checkpoint per epoch (the last few are kept) for --resume.
+(the balanced test set) and one checkpoint per epoch (--checkpoint-every-steps N adds some inside epochs;
+the last few are kept) for --resume.
 """
 
 
@@ -58,19 +60,31 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 EVALUATE_DESCRIPTION = """Evaluate a saved BalPoE model on a balanced test set and on label-shifted versions.
 
-    balpoe-evaluate --model runs/fashion-mnist-lt-quick --shifts all --prior none,oracle,em \\
+    balpoe-evaluate --model runs/fashion-mnist-lt-quick --shifts all \\
         --output runs/fashion-mnist-lt-quick/eval/report.json
+    balpoe-evaluate --model runs/main-holdout --shifts all --prior all   # trained with --holdout-fraction
 
 Prints the balanced-test-set report (accuracy, balanced and many/medium/few accuracy, ECE, MCE, NLL, Brier),
 then a table shaped like Table 10 of the BalPoE paper: one row per prior mode, one column per test
 distribution (forward50 ... uniform ... backward50), top-1 accuracy in the cells. Prior modes: none (uniform
-target prior), oracle (the shifted set's true label distribution), em (that distribution estimated from the
-model's posteriors on the unlabeled shifted set). With --output it writes the JSON report and, beside it, a
+target prior), oracle (the shifted set's true label distribution), and estimators of that distribution from
+the model's logits on the unlabelled shifted set: em (EM on the raw posteriors), em-ts and em-bcts (EM after
+temperature scaling / BCTS), bbse (from the held-out confusion matrix), em-bcts-lrt (em-bcts with a
+likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (both guards; see
+the README). All but em need a model trained with
+--holdout-fraction (its config.calibration). With --output it writes the JSON report and, beside it, a
 reliability diagram and a per-class accuracy plot of the balanced set.
 
 Test data: by default the test set of the run's recipe.yaml; else --dataset fashion-mnist (the Debian package
-dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, or --dataset HUB_ID when
-online. Images are preprocessed by the image processor saved with the model, as at inference.
+dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, --test-list with
+split-list files and --data-root, or --dataset HUB_ID when online. Images are preprocessed by the image
+processor saved with the model, as at inference.
+
+Several --test-list files are evaluated each as its own test set, the protocol of the published shifted lists
+(LADE/SADE): the table then has one column per file and --shifts is not used.
+
+    balpoe-evaluate --model runs/imagenet-lt-resnext50 --data-root /data/imagenet \
+        --test-list ImageNet_LT_forward50.txt ImageNet_LT_uniform.txt ImageNet_LT_backward50.txt
 """
 
 
@@ -87,14 +101,21 @@ class EvaluateArguments:
     data_dir: str | None = field(default=None, metadata={"help": "Where the Fashion-MNIST files are."})
     test_file: list[str] | None = field(default=None, metadata={"help": (
         "Local test data: parquet file(s) (glob patterns allowed) or one imagefolder directory.")})
+    test_list: list[str] | None = field(default=None, metadata={"help": (
+        "Split-list file(s) ('relative/path label' lines, e.g. ImageNet_LT_test.txt) read with --data-root; "
+        "several files are evaluated each as its own test set.")})
+    data_root: str | None = field(default=None, metadata={"help": (
+        "Folder the --test-list paths are relative to (default: the recipe's data_root).")})
     image_column: str | None = field(default=None, metadata={
         "help": "Column of the images (default: image)."})
     label_column: str | None = field(default=None, metadata={
         "help": "Column of the class labels (default: label)."})
     shifts: str = field(default="all", metadata={"help": (
         "'all' (forward50 ... uniform ... backward50) or a comma list of shift names.")})
-    prior: str = field(default="none,oracle,em", metadata={
-        "help": "Comma list of prior modes: none, oracle, em."})
+    prior: str | None = field(default=None, metadata={"help": (
+        "Comma list of prior modes, or 'all': none, oracle, em, em-ts, em-bcts, bbse, em-bcts-lrt, "
+        "em-bcts-map, auto (default: none,oracle,auto; none,oracle,em for a model trained without "
+        "--holdout-fraction).")})
     output: str | None = field(default=None, metadata={
         "help": "Write the JSON report here, and the PNG plots beside it."})
     batch_size: int = field(default=256, metadata={"help": "Inference batch size."})
@@ -113,6 +134,8 @@ RECIPE_SETTINGS = {
     "dataset_config": ("dataset_config", None),
     "data_dir": ("data_dir", None),
     "test_file": ("test_file", None),
+    "test_list": ("test_list", None),
+    "data_root": ("data_root", None),
     "split": ("test_split", "test"),
     "image_column": ("image_column", "image"),
     "label_column": ("label_column", "label"),
@@ -127,42 +150,117 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
 
     parser = HfArgumentParser(EvaluateArguments, description=EVALUATE_DESCRIPTION, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    # argparse's own parse_args: an unknown flag is a usage error (exit 2), not a ValueError traceback.
+    args = EvaluateArguments(**vars(parser.parse_args(argv)))
     recipe_file = Path(args.model) / "recipe.yaml"
     recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {} if recipe_file.is_file() else {}
     # The recipe names one data source; a data source on the command line replaces it as a whole.
-    if args.dataset is not None or args.test_file is not None:
-        recipe = {k: v for k, v in recipe.items() if k not in ("dataset", "dataset_config", "test_file")}
+    if args.dataset is not None or args.test_file is not None or args.test_list is not None:
+        recipe = {k: v for k, v in recipe.items() if k not in ("dataset", "dataset_config", "test_file",
+                                                                "test_list")}
     for name, (key, default) in RECIPE_SETTINGS.items():
         if getattr(args, name) is None:
             value = recipe.get(key)
             setattr(args, name, default if value is None else value)
+    if isinstance(args.test_list, str):  # a recipe names one test list
+        args.test_list = [args.test_list]
     return args
+
+
+def _list_name(path: str) -> str:
+    """A test list's column in the table: its file name without the extension (ImageNet_LT_forward50)."""
+    return Path(path).stem
+
+
+def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]) -> dict:
+    """Each ``--test-list`` file evaluated as it is (no shifts drawn from it), under every prior mode.
+
+    The ``uniform`` shift of ``evaluate_model`` is the set unchanged, so its ``oracle`` mode uses the file's
+    own label distribution and ``em`` estimates it, as for a shifted set drawn from a balanced one.
+    """
+    from .evaluation import EvaluationError, evaluate_model
+    from .loading import load_list
+
+    names = [_list_name(path) for path in args.test_list]
+    if len(set(names)) != len(names):
+        raise EvaluationError(f"the --test-list files must have different names, got {names}.")
+    results = {}
+    for name, path in zip(names, args.test_list, strict=True):
+        ds = load_list(path, args.data_root, model.config.num_labels, args.image_column, args.label_column)
+        results[name] = evaluate_model(model, processor, ds, image_column=args.image_column,
+                                       label_column=args.label_column, shifts=["uniform"], priors=priors,
+                                       batch_size=args.batch_size, n_bins=args.n_bins, many=args.many,
+                                       few=args.few, seed=args.seed)
+        results[name].report = {"dataset": path, **results[name].report}
+    return results
+
+
+def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> None:
+    """Print one line per test list and the prior-mode table; with --output write each list's report too."""
+    from .evaluation import format_shift_table, write_report
+
+    table = {mode: {name: result.report["shift_accuracy"][mode]["uniform"]
+                    for name, result in results.items()} for mode in priors}
+    for name, result in results.items():
+        print(f"{name}: {result.report['num_test_samples']} images")
+    print("\nTop-1 accuracy (%) on each test list (rows: prior mode, columns: test list):")
+    print(format_shift_table(table, list(results)))
+    if args.output:
+        output = Path(args.output)
+        files = {}
+        for name, result in results.items():
+            files[name] = str(output.with_name(f"{output.stem}_{name}.json"))
+            write_report(result, files[name])
+        summary = {"model": args.model, "data_root": args.data_root, "shift_accuracy": table,
+                   "reports": files}
+        output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.output} and one report per test list beside it")
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
-    import torch
-
+    from .checkpoints import read_manifest, record_outputs
     from .evaluation import (
         EvaluationError,
+        check_calibration_for,
+        check_output,
+        default_priors,
         evaluate_model,
         format_balanced,
         format_shift_table,
         load_model,
         parse_priors,
         parse_shifts,
+        resolve_device,
         write_report,
     )
-    from .loading import DataError, load_split
+    from .loading import DataError, load_list, load_split
+    from .recipes import TrainingError
 
     args = parse_evaluate_args(argv)
     try:
-        shifts, priors = parse_shifts(args.shifts), parse_priors(args.prior)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # Everything that can be checked before the inference is checked first.
+        shifts = parse_shifts(args.shifts)
+        priors = None if args.prior is None else parse_priors(args.prior)
+        if args.batch_size < 1 or args.n_bins < 1:
+            raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
+                                  f"{args.n_bins}.")
+        device = resolve_device(args.device)
+        if args.output:
+            check_output(args.output)
         model, processor = load_model(args.model, device)
-        ds, source = load_split(files=args.test_file, dataset=args.dataset,
-                                dataset_config=args.dataset_config, split=args.split, data_dir=args.data_dir)
+        priors = priors or default_priors(model.config.calibration)
+        check_calibration_for(priors, model.config.calibration, args.model)
+        if args.test_list and len(args.test_list) > 1:
+            _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
+            return 0
+        if args.test_list:
+            ds, source = load_list(args.test_list[0], args.data_root, model.config.num_labels,
+                                   args.image_column, args.label_column), args.test_list[0]
+        else:
+            ds, source = load_split(files=args.test_file, dataset=args.dataset,
+                                    dataset_config=args.dataset_config, split=args.split,
+                                    data_dir=args.data_dir)
         result = evaluate_model(model, processor, ds, image_column=args.image_column,
                                 label_column=args.label_column, shifts=shifts, priors=priors,
                                 batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
@@ -174,7 +272,15 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
     print(format_shift_table(result.report["shift_accuracy"], shifts))
     if args.output:
-        images = write_report(result, args.output)
+        output = Path(args.output)
+        try:
+            images = write_report(result, output)
+            if read_manifest(args.model) is not None and output.resolve().is_relative_to(
+                    Path(args.model).resolve()):
+                # Inside a run: listed with the run's outputs (so that --overwrite removes a stale report).
+                record_outputs(args.model, [output, *(output.with_name(name) for name in images.values())])
+        except (OSError, TrainingError) as error:
+            return _fail(error)
         print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")
     return 0
 

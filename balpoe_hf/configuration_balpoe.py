@@ -7,7 +7,7 @@ the flat ``.priors`` / ``.backbones`` modules only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import timm
 import torch
@@ -15,9 +15,10 @@ from transformers import PreTrainedConfig
 
 # Importing .backbones also registers the CIFAR ResNets (the default backbone) with timm.
 from .backbones import check_backbone_kwargs
-from .priors import expert_lambdas, validate_class_counts, validate_prior
+from .priors import expert_lambdas, validate_calibration, validate_class_counts, validate_prior
 
 CLASSIFIERS = ("cosine", "linear")
+LOSSES = ("balpoe", "lade")
 
 
 def default_lambdas(num_experts: int) -> list[float]:
@@ -59,7 +60,8 @@ class BalPoEConfig(PreTrainedConfig):
         lambdas (`list[float]` or `list[list[float]]`, *optional*):
             Expert biases `lambda_e` (one per expert, or one per class per expert). Expert `e` is trained with
             `CE(z_e + (1 - lambda_e) log pi, y)`. Defaults to evenly spaced values from 1 to -1 (`[0.0]` for
-            one expert). A mean other than 0 is allowed: inference then removes `mean(lambda) log pi`.
+            one expert). A mean other than 0 is allowed: inference then removes `mean(lambda) log pi` (see
+            `remove_mean_lambda`).
         shared_stages (`int`, *optional*):
             Number of backbone stages in the shared trunk; the experts own the rest. Defaults to the
             backbone family's choice (e.g. 1 of 3 for CIFAR ResNets, 2 of 4 for ResNets) and is filled in
@@ -74,13 +76,39 @@ class BalPoEConfig(PreTrainedConfig):
             means a balanced training set (uniform prior, no logit adjustment).
         target_prior (`list[float]`, *optional*):
             Test-time class prior the logits are adjusted to; `None` means uniform (balanced accuracy).
+        calibration (`dict`, *optional*):
+            What the model learnt about itself on held-out labelled data from the training distribution
+            (`balpoe_hf.priors.holdout_calibration`, filled in by training with `holdout_fraction > 0`):
+            `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the uniform-prior logits `z`)
+            fitted with `bias_std` (the Gaussian prior of the biases), `ts_temperature` (temperature
+            scaling alone), `holdout_counts` and `confusion` (held-out labels against `argmax z`). Used to
+            estimate an unknown test prior from unlabelled data (`adapt_to_unlabeled`); it does not change
+            the logits. `None`: no held-out data.
         image_size (`int`, *optional*):
             Input resolution; defaults to `backbone_kwargs["img_size"]` or the timm model's input size.
         image_mean, image_std (`list[float]`, *optional*):
             Normalisation of the RGB input; default to the timm model's pretrained config.
+        loss (`str`, defaults to `"balpoe"`):
+            `"balpoe"` (each expert's logit-adjusted cross-entropy) or `"lade"`: the LADE loss of Hong et al.
+            (CVPR 2021), balanced softmax `CE(z + log pi, y)` plus `lade_weight` times the LADE regulariser.
+            LADE trains one classifier: it needs `num_experts=1` and lambda 0 (its cross-entropy is the
+            balanced softmax); at test time it adds `log pi_target` like any BalPoE model.
+        lade_weight (`float`, defaults to 0.1):
+            Weight of the LADE regulariser (0.1 in the reference configs); only used with `loss="lade"`.
+        lade_remine_lambda (`float`, defaults to 0.1):
+            Weight of the ReMINE penalty inside the LADE regulariser; only used with `loss="lade"`.
+        remove_mean_lambda (`bool`, defaults to `True`):
+            `True`: predict with `mean_e z_e - mean(lambda) log pi_train + log(C pi_target)`, the adjustment
+            of the paper's Sec. 3.3 (the mean expert logits carry a `mean(lambda) log pi_train` bias).
+            `False`: predict with `mean_e z_e + log(C pi_target)`, as the official BalPoE code does at test
+            time (it adds `log pi_test` to the expert mean, e.g. for ImageNet-LT with mean lambda -0.25).
+            Both agree when the lambdas average to 0; with one expert and lambda 1 `False` gives the plain
+            cross-entropy model's raw logits.
     """
 
     model_type = "balpoe"
+    # transformers.Trainer drops these output keys at evaluation, so compute_metrics gets the ensemble logits.
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["expert_logits", "expert_losses"]
 
     backbone: str = "resnet32_cifar"
     backbone_kwargs: dict[str, Any] | None = None
@@ -93,9 +121,14 @@ class BalPoEConfig(PreTrainedConfig):
     classifier_scale: float = 30.0
     class_counts: list[int] | None = None
     target_prior: list[float] | None = None
+    calibration: dict[str, Any] | None = None
     image_size: int | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
+    loss: str = "balpoe"
+    lade_weight: float = 0.1
+    lade_remine_lambda: float = 0.1
+    remove_mean_lambda: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         labels_given = self.id2label is not None or kwargs.get("num_labels") is not None
@@ -108,6 +141,8 @@ class BalPoEConfig(PreTrainedConfig):
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
         for name in ("lambdas", "class_counts", "target_prior", "image_mean", "image_std"):
             setattr(self, name, _to_list(getattr(self, name)))
+        if isinstance(self.calibration, dict):
+            self.calibration = {key: _to_list(value) for key, value in self.calibration.items()}
         if self.lambdas is None and isinstance(self.num_experts, int) and self.num_experts >= 1:
             self.lambdas = default_lambdas(self.num_experts)
         self._fill_image_defaults()
@@ -139,11 +174,15 @@ class BalPoEConfig(PreTrainedConfig):
             raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}.")
         num_classes = self.num_labels
         lambdas = expert_lambdas(self.lambdas, self.num_experts, num_classes)
-        del lambdas  # only validated here; the model expands them itself
+        self._check_loss(lambdas)
         if self.class_counts is not None:
             validate_class_counts(self.class_counts, num_classes)
         if self.target_prior is not None:
             validate_prior(self.target_prior, num_classes)
+        if self.calibration is not None:
+            validate_calibration(self.calibration, num_classes)
+        if not isinstance(self.remove_mean_lambda, bool):
+            raise ValueError(f"remove_mean_lambda must be True or False, got {self.remove_mean_lambda!r}.")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
         if not self.classifier_scale > 0:
@@ -166,6 +205,22 @@ class BalPoEConfig(PreTrainedConfig):
                 )
         if self.image_std is not None and any(value <= 0 for value in self.image_std):
             raise ValueError(f"image_std must be positive, got {self.image_std}.")
+
+    def _check_loss(self, lambdas: torch.Tensor) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+        for name in ("lade_weight", "lade_remine_lambda"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.loss != "lade":
+            return
+        if self.num_experts != 1:
+            raise ValueError(f"loss='lade' trains a single classifier, but num_experts={self.num_experts}; "
+                             "set num_experts=1 (or use loss='balpoe' for several experts).")
+        if bool((lambdas != 0).any()):
+            raise ValueError(f"loss='lade' trains with the balanced softmax CE(z + log pi, y), i.e. lambda "
+                             f"0, but lambdas={self.lambdas}; set lambdas=[0.0] (the one-expert default).")
 
     def validate(self) -> None:
         """transformers' checks plus :meth:`check`; ``save_pretrained`` calls it, so edits are re-checked."""

@@ -13,7 +13,8 @@ Two pipelines feed the same batches in distribution (``tests/test_device_data.py
   Python work and no host-to-device copies: for 32x32 datasets the step, not the data, sets the pace.
 - ``"workers"``: each image decoded and augmented with PIL (``transforms.ImageTransform``) in
   ``recipe.num_workers`` DataLoader processes, pinned and copied without blocking on a GPU. The only choice
-  for the ``'imagenet'`` augmentation, evaluation with ``crop_pct < 1`` and data too large for memory.
+  for the ``'imagenet'`` augmentation, the policies (AutoAugment, RandAugment, Cutout), evaluation with
+  ``crop_pct < 1`` and data too large for memory.
 
 ``recipe.data_pipeline="auto"`` (the default) takes the device pipeline whenever it can (``choose_pipeline``).
 Either way an epoch's order and augmentation are a function of ``(seed, epoch)`` only, so a resumed run sees
@@ -26,11 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 
 from .device_data import DECODE_RESIZE, DeviceLoader, decode_to_uint8, device_augment, uint8_nbytes
-from .loading import TrainingData
+from .loading import BadImageError, LoaderSplit, TrainingData
 from .recipes import Recipe, TrainingError
 from .transforms import with_transforms
 
@@ -60,6 +62,9 @@ def device_obstacles(recipe: Recipe) -> list[str]:
     if recipe.augment not in DECODE_RESIZE:
         obstacles.append(f"the {recipe.augment!r} augmentation (random resized crop from the full-resolution "
                          "image, colour jitter) has none")
+    policies = recipe.policy_augmentations()
+    if policies:
+        obstacles.append(f"the augmentation policies {', '.join(policies)} have none")
     if recipe.crop_pct < 1:
         obstacles.append(f"evaluation with crop_pct {recipe.crop_pct} < 1 (resize, then centre-crop) has "
                          "none")
@@ -101,8 +106,24 @@ def check_batch_fits(recipe: Recipe, num_train: int, num_processes: int) -> None
                             f"{num_processes} processes; lower --batch-size.")
 
 
+def decode_split(recipe: Recipe, ds: datasets.Dataset, split: str, resize: str
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_to_uint8`` of a split; an image that cannot be decoded raises ``BadImageError`` naming its
+    row and file, as the worker pipeline does."""
+    try:
+        return decode_to_uint8(ds, recipe.image_column, recipe.label_column, recipe.image_size, resize=resize)
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a broken image file
+        # The worker pipeline's search for the culprit, row by row (only once decoding has failed).
+        columns = [recipe.image_column, recipe.label_column]
+        bad = LoaderSplit(ds, dict, columns, split)._undecodable(range(len(ds)))
+        if bad is None:
+            raise
+        raise BadImageError(f"cannot decode the {split} image at row {bad} ({error}); repair or remove it "
+                            "from the data.") from None
+
+
 def device_loaders(recipe: Recipe, data: TrainingData, *, device: torch.device | str, num_processes: int = 1,
-                   process_index: int = 0, cache_dir: str | None = None) -> tuple[DeviceLoader, DeviceLoader]:
+                   process_index: int = 0) -> tuple[DeviceLoader, DeviceLoader]:
     """The device pipeline's training and test loaders: this process's share of every batch round.
 
     The training split is decoded as the recipe's augmentation resizes (``DECODE_RESIZE``), the test split
@@ -111,10 +132,8 @@ def device_loaders(recipe: Recipe, data: TrainingData, *, device: torch.device |
     test batches keep the dataset order, and under several processes the last round is completed with images
     from the start (``DeviceLoader.num_padded``): keep the first ``len(data.test)`` gathered rows.
     """
-    columns = (recipe.image_column, recipe.label_column, recipe.image_size)
-    train_images, train_labels = decode_to_uint8(data.train, *columns, cache_dir=cache_dir,
-                                                 resize=DECODE_RESIZE[recipe.augment])
-    test_images, test_labels = decode_to_uint8(data.test, *columns, cache_dir=cache_dir, resize="squash")
+    train_images, train_labels = decode_split(recipe, data.train, "train", DECODE_RESIZE[recipe.augment])
+    test_images, test_labels = decode_split(recipe, data.test, "test", "squash")
     common = {"mean": recipe.image_mean, "std": recipe.image_std, "num_processes": num_processes,
               "process_index": process_index, "device": device, "channels_last": recipe.channels_last}
     augment = device_augment(recipe.augment, recipe.crop_padding, recipe.hflip, recipe.rotation)
@@ -129,9 +148,9 @@ def worker_loaders(recipe: Recipe, data: TrainingData, processor: BaseImageProce
                    generator: torch.Generator, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
     """The worker pipeline's training and test ``DataLoader``s (not yet sharded: ``accelerator.prepare``).
 
-    Training order comes from ``generator`` (re-seeded every epoch by ``Loaders.set_epoch``), and the
-    training workers are started afresh every epoch (not persistent) with seeds drawn from it, so an epoch's
-    order and augmentation depend on ``(seed, epoch)`` only.
+    Training order comes from ``generator`` and each image's augmentation from ``(seed, epoch, row)``
+    (``loading.LoaderSplit``), both set every epoch by ``Loaders.set_epoch``, so an epoch's batches depend on
+    ``(seed, epoch)`` only.
     """
     train_set, test_set = with_transforms(data, recipe, processor)
     options = {"num_workers": recipe.num_workers, "pin_memory": pin_memory}
@@ -155,10 +174,10 @@ class Loaders:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass over ``train`` epoch ``epoch`` of the run (its order and augmentation)."""
-        if isinstance(self.train, DeviceLoader):
-            self.train.set_epoch(epoch)
-        else:
+        if self.shuffle_generator is not None:
             self.shuffle_generator.manual_seed(self.seed + epoch)
+        # DeviceLoader's own; a prepared DataLoader passes it on to its LoaderSplit (the augmentation).
+        self.train.set_epoch(epoch)
 
 
 def build_loaders(recipe: Recipe, data: TrainingData, processor: BaseImageProcessor,

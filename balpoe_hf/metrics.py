@@ -24,12 +24,13 @@ one that is neither. On data without those cases the numbers agree (the tests ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import EvalPrediction
 
 from .data import shot_groups
 
@@ -232,3 +233,41 @@ def long_tail_report(logits: ArrayLike, labels: ArrayLike, train_counts: Sequenc
     report = accuracy_report(log_probs.argmax(dim=1), labels, train_counts, many=many, few=few)
     report.update(_calibration(log_probs, _as_labels(labels, *log_probs.shape), n_bins))
     return report
+
+
+def long_tail_compute_metrics(class_counts: Sequence[int], many: int = 100, few: int = 20,
+                              n_bins: int = 15) -> Callable[[EvalPrediction], dict[str, float | None]]:
+    """A ``compute_metrics`` for ``transformers.Trainer``: the scalar metrics of :func:`long_tail_report`.
+
+    Args:
+        class_counts: training samples per class (they fix the shot groups): ``model.config.class_counts``.
+        many, few: shot-group thresholds (many-shot ``> many``, few-shot ``< few`` training samples).
+        n_bins: confidence bins of ECE and MCE.
+
+    The returned function takes the ``EvalPrediction`` of ``Trainer.evaluate`` (logits ``(N, C)``, integer
+    labels ``(N,)``) and returns ``accuracy``, ``balanced_accuracy``, ``many``, ``medium``, ``few``, ``ece``,
+    ``mce``, ``nll`` and ``brier`` (``None`` where undefined; the per-class list is left out, as Trainer
+    metrics are scalars). A BalPoE config's ``keys_to_ignore_at_inference`` makes Trainer pass the ensemble
+    logits alone.
+    """
+    counts = [int(count) for count in class_counts]
+    # Fail at construction rather than after the first evaluation pass.
+    if not counts:
+        raise ValueError("class_counts is empty; pass one training count per class "
+                         "(model.config.class_counts).")
+    _bin_edges(n_bins)
+
+    def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float | None]:
+        logits = eval_prediction.predictions
+        if isinstance(logits, tuple | list):
+            raise ValueError(
+                f"compute_metrics got {len(logits)} prediction arrays but needs the (N, C) logits alone; set "
+                "the model config's keys_to_ignore_at_inference (BalPoE configs do) or pass ignore_keys to "
+                "Trainer.evaluate."
+            )
+        report = long_tail_report(logits, eval_prediction.label_ids, counts, n_bins=n_bins, many=many,
+                                  few=few)
+        del report["per_class_accuracy"]
+        return report
+
+    return compute_metrics

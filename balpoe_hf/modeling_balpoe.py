@@ -5,15 +5,19 @@
 mean of the expert logits, adjusted from the ensemble's implied prior to a target prior
 (``zbar - mean(lambda) * log pi_train + log pi_target``), and the multi-expert logit-adjusted loss.
 
-This module is shipped as remote code with every saved model: it imports torch, timm, transformers and
-the flat ``.backbones`` / ``.configuration_balpoe`` / ``.losses`` / ``.priors`` modules only.
+The config is the one source of truth for the training prior, the lambdas and the target prior: the model's
+prior buffers (and the loss's) are non-persistent, rebuilt from the config on every build and load, so the
+weights file never holds a copy that could disagree with ``config.json``.
+
+This module is shipped as remote code with every saved model: it imports torch, timm, transformers and the
+flat ``.backbones`` / ``.configuration_balpoe`` / ``.losses`` / ``.priors`` / ``.processing`` modules only.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -23,11 +27,22 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
+from transformers.utils import IMAGE_PROCESSOR_NAME, logging
 
 from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .configuration_balpoe import BalPoEConfig
-from .losses import BalPoELoss
-from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
+from .losses import BalPoELoss, LADELoss
+from .priors import (
+    PriorEstimate,
+    adjust_logits,
+    class_prior,
+    estimate_unknown_prior,
+    log_class_prior,
+    validate_prior,
+)
+from .processing import build_image_processor
+
+logger = logging.get_logger(__name__)
 
 TargetPrior = str | Sequence[float] | torch.Tensor
 
@@ -52,7 +67,8 @@ class BalPoEImageClassifierOutput(ImageClassifierOutput):
     """Output of :class:`BalPoEForImageClassification`.
 
     Args:
-        loss: mean over experts of the logit-adjusted cross-entropy (when ``labels`` are given).
+        loss: mean over experts of the logit-adjusted cross-entropy, or the LADE loss (when ``labels`` are
+            given).
         logits: ensemble logits ``(B, C)`` adjusted to the target prior.
         expert_logits: each expert's raw logits ``(B, E, C)``.
         expert_losses: each expert's loss ``(E,)`` (when ``labels`` are given), for logging.
@@ -127,6 +143,8 @@ class BalPoEPreTrainedModel(PreTrainedModel):
     _no_split_modules: ClassVar[list[str]] = ["BalPoEExpert"]
     # Labels may be soft (mixup) targets; there are no loss kwargs to forward from the Trainer.
     accepts_loss_kwargs = False
+    # Older checkpoints saved the prior buffers; they now come from the config, so those keys are dropped.
+    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^loss_fn\.", r"^target_prior$"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -136,12 +154,15 @@ class BalPoEPreTrainedModel(PreTrainedModel):
         this runs for BalPoE's own modules and buffers, and for backbone weights missing from a checkpoint,
         which get a generic init (Kaiming for convolutions, truncated normal for the rest).
         """
-        if isinstance(module, BalPoEForImageClassification):
-            init.copy_(module.target_prior, _target_prior_tensor(self.config))
-        elif isinstance(module, BalPoELoss):
-            counts = self.config.class_counts or [1] * self.config.num_labels
-            init.copy_(module.log_prior, log_class_prior(counts))
-            init.copy_(module.taus, 1.0 - self.config.lambdas_tensor)
+        if isinstance(module, BalPoEForImageClassification | BalPoELoss | LADELoss):
+            # The non-persistent prior buffers: from_pretrained leaves them empty, the config defines them.
+            with torch.device("cpu"):
+                if isinstance(module, BalPoEForImageClassification):
+                    source = _prior_buffers(self.config)
+                else:
+                    source = dict(build_loss(self.config).named_buffers())
+            for name, value in source.items():
+                init.copy_(module.get_buffer(name), value)
         elif isinstance(module, CosineClassifier | LinearClassifier):
             module.reset_parameters()
         elif isinstance(module, nn.Conv2d):
@@ -172,12 +193,18 @@ class BalPoEPreTrainedModel(PreTrainedModel):
             if hasattr(module, "set_grad_checkpointing") and hasattr(module, "grad_checkpointing"):
                 module.set_grad_checkpointing(enable)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        """``PreTrainedModel.save_pretrained`` plus an ``auto_map`` naming every BalPoE auto class.
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
+                        **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained`` plus an ``auto_map`` and an image processor.
 
         The code files are copied next to the weights, so the folder loads with ``trust_remote_code=True``
         where ``balpoe_hf`` is not installed, through ``AutoConfig``, ``AutoModel`` and
-        ``AutoModelForImageClassification`` alike.
+        ``AutoModelForImageClassification`` alike. When the folder has no ``preprocessor_config.json`` yet,
+        the processor built from the config's ``image_size``, ``image_mean`` and ``image_std``
+        (:func:`~.processing.build_image_processor`) is saved too, so ``AutoImageProcessor`` and
+        ``pipeline("image-classification")`` load the folder as it is; an existing processor file (e.g. one
+        a training script saved with its own settings) is left alone. With ``push_to_hub=True`` transformers
+        uploads only the files it wrote itself; ``model.push_to_hub`` uploads the processor as well.
         """
         config_module = type(self.config).__module__.rsplit(".", 1)[-1]
         model_module = __name__.rsplit(".", 1)[-1]
@@ -187,7 +214,20 @@ class BalPoEPreTrainedModel(PreTrainedModel):
             "AutoModel": f"{model_module}.BalPoEModel",
             "AutoModelForImageClassification": f"{model_module}.BalPoEForImageClassification",
         }
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        processor_file = os.path.join(save_directory, IMAGE_PROCESSOR_NAME)
+        if is_main_process and os.path.isdir(save_directory) and not os.path.exists(processor_file):
+            self._save_image_processor(save_directory)
+        return result
+
+    def _save_image_processor(self, save_directory: str | os.PathLike) -> None:
+        channels = len(self.config.image_mean or ())
+        if channels != 3:
+            # transformers' image processors (and the pipeline) feed RGB images.
+            logger.warning(f"No {IMAGE_PROCESSOR_NAME} saved: the backbone takes {channels} input channels "
+                           "but the image processor produces RGB images; save a processor of your own.")
+            return
+        build_image_processor(self.config).save_pretrained(save_directory)
 
 
 class BalPoEModel(BalPoEPreTrainedModel):
@@ -198,9 +238,6 @@ class BalPoEModel(BalPoEPreTrainedModel):
     final norm and pooling. Each expert copy starts from its own random timm initialisation, or from the
     same pretrained weights with ``config.backbone_pretrained``.
     """
-
-    # Loading a BalPoEForImageClassification checkpoint: its prior/loss buffers belong to the head model.
-    _keys_to_ignore_on_load_unexpected: ClassVar[list[str]] = [r"^loss_fn\.", r"^target_prior$"]
 
     def __init__(self, config: BalPoEConfig) -> None:
         super().__init__(config)
@@ -254,12 +291,40 @@ def _target_prior_tensor(config: BalPoEConfig) -> torch.Tensor:
     return validate_prior(config.target_prior, config.num_labels).float()
 
 
+def _train_counts(config: BalPoEConfig) -> list[int] | list[float]:
+    """``config.class_counts``, or equal counts (a balanced training set) when unset."""
+    return config.class_counts or [1] * config.num_labels
+
+
+def build_loss(config: BalPoEConfig) -> BalPoELoss | LADELoss:
+    """The training loss ``config.loss`` names, its buffers built from ``class_counts`` and ``lambdas``."""
+    if config.loss == "lade":
+        return LADELoss(_train_counts(config), config.lade_weight, config.lade_remine_lambda)
+    return BalPoELoss(_train_counts(config), config.lambdas)
+
+
+def _prior_buffers(config: BalPoEConfig) -> dict[str, torch.Tensor]:
+    """The model's prior buffers, all derived from the config.
+
+    ``log_train_prior`` ``(C,)`` (``log pi_train``), ``mean_lambda`` ``(C,)`` (``mean_e lambda_e`` per class)
+    and ``target_prior`` ``(C,)``.
+    """
+    return {
+        "log_train_prior": log_class_prior(_train_counts(config)),
+        "mean_lambda": config.lambdas_tensor.mean(0),
+        "target_prior": _target_prior_tensor(config),
+    }
+
+
 class BalPoEForImageClassification(BalPoEPreTrainedModel):
     """BalPoE image classifier: expert ensemble, prior adjustment and the multi-expert loss.
 
     ``logits = mean_e(z_e) - mean(lambda) * log pi_train + log(C * pi_target)``; with the default uniform
-    target and mean lambda 0 that is the plain mean of the expert logits. The target prior comes from
+    target and mean lambda 0 that is the plain mean of the expert logits. ``config.remove_mean_lambda=False``
+    drops the ``mean(lambda)`` term, as the official BalPoE code predicts. The target prior comes from
     ``config.target_prior`` (change it with :meth:`set_target_prior`) or per call from ``target_prior``.
+    The loss is BalPoE's (each expert's logit-adjusted cross-entropy) or, with ``config.loss="lade"`` and
+    one expert, LADE's (:class:`~.losses.LADELoss`).
     """
 
     def __init__(self, config: BalPoEConfig) -> None:
@@ -268,22 +333,29 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         device = torch.empty(0).device
         # The prior helpers validate on the CPU, which a meta-device build (from_pretrained) cannot do.
         with torch.device("cpu"):
-            counts = config.class_counts or [1] * config.num_labels
-            loss_fn = BalPoELoss(counts, config.lambdas)  # buffers log_prior (C,), taus (E, C)
-            target_prior = _target_prior_tensor(config)  # (C,)
+            loss_fn = build_loss(config)
+            buffers = _prior_buffers(config)
         self.loss_fn = loss_fn.to(device)
-        self.register_buffer("target_prior", target_prior.to(device))
+        for name, value in buffers.items():
+            # Non-persistent: rebuilt from the config (here and in `_init_weights`), never read from weights.
+            self.register_buffer(name, value.to(device), persistent=False)
         self.post_init()
 
-    @property
-    def mean_lambda(self) -> torch.Tensor:
-        """``mean_e lambda_e`` per class ``(C,)``."""
-        return 1.0 - self.loss_fn.taus.mean(0)
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.from_pretrained``; warns when the config has no ``class_counts``.
 
-    @property
-    def log_train_prior(self) -> torch.Tensor:
-        """``log pi_train`` ``(C,)`` from ``config.class_counts``."""
-        return self.loss_fn.log_prior
+        Without them the model cannot undo a training prior: it assumes the training set was balanced.
+        """
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
+        if model.config.class_counts is None:
+            logger.warning(
+                "This BalPoE checkpoint's config has no class_counts, so the model assumes a balanced "
+                "training set (uniform training prior, no logit adjustment). If it was trained on a "
+                "long-tailed set, set class_counts in its config.json to the training samples per class."
+            )
+        return loaded
 
     def _resolve_target_prior(self, prior: TargetPrior) -> torch.Tensor | None:
         """A target prior as float64 probabilities ``(C,)``, or ``None`` for uniform."""
@@ -291,7 +363,14 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
             if prior == "uniform":
                 return None
             if prior == "train":
-                return class_prior(self.config.class_counts or [1] * self.config.num_labels).double()
+                if self.config.class_counts is None:
+                    raise ValueError(
+                        "target prior 'train' needs the training class counts, but config.class_counts is "
+                        "None (the model assumes a balanced training set). Pass the training prior as "
+                        f"{self.config.num_labels} probabilities instead, or rebuild the model with "
+                        "class_counts."
+                    )
+                return class_prior(self.config.class_counts).double()
             raise ValueError(f"target prior must be 'uniform', 'train' or {self.config.num_labels} "
                              f"probabilities, got {prior!r}.")
         return validate_prior(prior, self.config.num_labels)
@@ -310,6 +389,62 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         self.config.target_prior = None if probs is None else probs.tolist()
         self.target_prior.copy_(_target_prior_tensor(self.config))
 
+    def _check_pixel_values(self, pixel_values: Any) -> torch.Tensor:
+        channels = self.config.backbone_kwargs.get("in_chans", 3)
+        expected = f"(batch > 0, {channels}, height, width)"
+        if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
+            is_tensor = torch.is_tensor(pixel_values)
+            got = f"a {pixel_values.dtype} tensor" if is_tensor else type(pixel_values).__name__
+            raise TypeError(f"unlabelled images must be float pixel_values tensors {expected} from the "
+                            f"model's image processor, got {got}.")
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or pixel_values.shape[1] != channels:
+            raise ValueError(f"unlabelled pixel_values must have shape {expected}, got "
+                             f"{tuple(pixel_values.shape)}; preprocess the images with the model's image "
+                             "processor (AutoImageProcessor.from_pretrained).")
+        return pixel_values
+
+    @torch.no_grad()
+    def adapt_to_unlabeled(self, images: torch.Tensor | Iterable[Any], *, method: str = "auto",
+                           set_prior: bool = True, batch_size: int = 256) -> PriorEstimate:
+        """Estimate the class prior of unlabelled deployment images and, by default, predict for it.
+
+        Args:
+            images: ``pixel_values`` ``(N, C, H, W)`` (run in batches of ``batch_size``), or an iterable of
+                such tensors or of batches with a ``"pixel_values"`` entry, e.g. a ``DataLoader``.
+            method: a name of ``priors.UNKNOWN_PRIOR_METHODS``; the default ``"auto"`` is the guarded
+                estimator the README's label-shift section chose. Every method but ``"em"`` uses
+                ``config.calibration`` (saved by training with ``holdout_fraction > 0``), so this works on a
+                model loaded from the Hub or a folder, without the training data.
+            set_prior: call ``set_target_prior(estimate.prior)`` (predictions ``logits + log(C * prior)``;
+                the calibration only serves the estimate, so a fallback to uniform changes nothing).
+
+        Returns the ``priors.PriorEstimate``: ``prior`` (what was set), ``estimate`` with its ``std_error``,
+        the likelihood-ratio ``p_value`` against the uniform prior and whether the guard fired. The model is
+        in eval mode afterwards.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if torch.is_tensor(images):
+            batches: Iterable[Any] = self._check_pixel_values(images).split(batch_size)
+        elif isinstance(images, Iterable) and not isinstance(images, str | bytes | Mapping):
+            batches = images
+        else:
+            raise TypeError(f"images must be a pixel_values tensor or an iterable of batches, got "
+                            f"{type(images).__name__}.")
+        self.eval()
+        device = next(self.parameters()).device
+        logits = []
+        for batch in batches:
+            pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
+            pixel_values = self._check_pixel_values(pixel_values).to(device)
+            logits.append(self(pixel_values=pixel_values, target_prior="uniform").logits.double().cpu())
+        if not logits:
+            raise ValueError("no unlabelled images were given: the iterable yielded no batch.")
+        estimate = estimate_unknown_prior(torch.cat(logits), self.config.calibration, method)
+        if set_prior:
+            self.set_target_prior(estimate.prior)
+        return estimate
+
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 target_prior: TargetPrior | None = None,
                 return_dict: bool | None = None) -> BalPoEImageClassifierOutput | tuple:
@@ -326,7 +461,8 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
             prior = None if self.config.target_prior is None else self.target_prior
         else:
             prior = self._resolve_target_prior(target_prior)
-        logits = adjust_logits(expert_logits.mean(1), self.log_train_prior, self.mean_lambda, prior)  # (B, C)
+        removed_lambda = self.mean_lambda if self.config.remove_mean_lambda else 0.0
+        logits = adjust_logits(expert_logits.mean(1), self.log_train_prior, removed_lambda, prior)  # (B, C)
 
         loss = expert_losses = None
         if labels is not None:

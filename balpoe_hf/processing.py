@@ -3,6 +3,10 @@
 It is a standard transformers ``ViTImageProcessor`` (no remote code): convert to RGB (grayscale images such
 as Fashion-MNIST become three identical channels, matching the training transforms), resize to a square
 ``image_size``, scale to [0, 1] and normalise with the backbone's (or the recipe's) mean and std.
+``BalPoEPreTrainedModel.save_pretrained`` saves it from the config when the folder has none.
+
+This module is also shipped as remote code next to a saved model (the model module imports it): it imports
+transformers and the flat ``.configuration_balpoe`` module only.
 """
 
 from __future__ import annotations

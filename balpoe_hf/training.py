@@ -10,11 +10,14 @@ It runs in every process that ``accelerate launch`` starts (``balpoe-train``, ``
 and ``scripts/train.py`` are command lines over it), or in a plain Python process. The output directory gets
 the model (``save_pretrained``, loadable with ``AutoModelForImageClassification``) with its image processor,
 ``recipe.yaml``, ``train_results.json``, ``eval_results.json`` (the balanced test set) and one checkpoint per
-epoch (the last few are kept) for ``resume=True``.
+epoch (the last few are kept) for ``resume=True``. With ``recipe.holdout_fraction > 0`` the held-out split is
+evaluated after the last epoch: its calibration goes into the model's ``config.calibration`` and its
+``long_tail_report`` into ``holdout_results.json``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -28,17 +31,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.data import Mixup
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoints, speed
 from .configuration_balpoe import BalPoEConfig
 from .data import shot_groups
+from .evaluation import calibration_effect
 from .loaders import build_loaders
-from .loading import TrainingData, load_training_data
+from .loading import LoaderSplit, TrainingData, input_paths, load_training_data
 from .metrics import long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
-from .recipes import Recipe, TrainingError, recipe_differences, save_recipe
-from .transforms import build_processor
+from .priors import holdout_calibration
+from .recipes import Recipe, TrainingError
+from .transforms import ImageTransform, build_processor
 
 
 @dataclass
@@ -62,6 +68,7 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             shared_stages=recipe.shared_stages,
             classifier=recipe.classifier,
             classifier_scale=recipe.classifier_scale,
+            remove_mean_lambda=recipe.remove_mean_lambda,
             class_counts=data.class_counts,
             id2label=dict(enumerate(data.class_names)),
             label2id={name: i for i, name in enumerate(data.class_names)},
@@ -70,7 +77,7 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             image_std=recipe.image_std,
         )
         return BalPoEForImageClassification(config)
-    except (ValueError, KeyError, RuntimeError) as error:
+    except (ValueError, KeyError, RuntimeError, OSError) as error:  # OSError: pretrained weights offline
         raise TrainingError(f"cannot build the model: {error}") from None
 
 
@@ -129,12 +136,13 @@ def check_world_size(num_processes: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator, recipe: Recipe,
-             class_counts: list[int], num_test: int) -> tuple[dict, int]:
-    """``long_tail_report`` of the balanced test set of ``num_test`` images and its size; every test image
-    is counted once.
+def gather_logits(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator,
+                  num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits ``(N, C)`` and the labels ``(N,)`` of the ``num_images`` images of ``loader``, once
+    each, on CPU.
 
-    The logits ``(N, C)`` are the model's, adjusted to a uniform prior.
+    Every process gets all of them. The logits are adjusted to the config's target prior (uniform in
+    training).
     """
     model.eval()
     all_logits, all_labels = [], []
@@ -145,11 +153,38 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accele
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
     # A DeviceLoader completes the last round of several processes with the first images, which
-    # gather_for_metrics cannot see; the gathered rows are the images in order, so keep the first num_test.
-    logits, labels = torch.cat(all_logits)[:num_test], torch.cat(all_labels)[:num_test]
+    # gather_for_metrics cannot see; the gathered rows are the images in order, so keep the first num_images.
+    return torch.cat(all_logits)[:num_images], torch.cat(all_labels)[:num_images]
+
+
+def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator, recipe: Recipe,
+             class_counts: list[int], num_test: int) -> tuple[dict, int]:
+    """``long_tail_report`` of the balanced test set of ``num_test`` images and its size; every test image
+    is counted once.
+
+    The logits ``(N, C)`` are the model's, adjusted to a uniform prior. When the model has a held-out
+    calibration, the report adds the ECE and NLL after it (``calibration_effect``).
+    """
+    logits, labels = gather_logits(model, loader, accelerator, num_test)
     report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
                               few=recipe.few_threshold)
+    calibration = accelerator.unwrap_model(model).config.calibration
+    if calibration is not None:
+        report.update(calibration_effect(logits, labels, calibration, n_bins=15))
     return report, len(labels)
+
+
+def calibrate_on_holdout(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
+                         recipe: Recipe, class_counts: list[int]) -> dict[str, Any]:
+    """Fit the held-out calibration into the model's config; return the held-out ``long_tail_report``.
+
+    Every process fits the same ``holdout_calibration`` on the same gathered logits (float64 LBFGS).
+    """
+    logits, labels = gather_logits(model, loader, accelerator, len(loader.dataset))
+    accelerator.unwrap_model(model).config.calibration = holdout_calibration(logits, labels)
+    report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
+                              few=recipe.few_threshold)
+    return {"holdout_samples": len(labels), **{f"holdout_{k}": v for k, v in report.items()}}
 
 
 def format_report(report: dict, groups: dict[str, list[int]]) -> str:
@@ -162,7 +197,16 @@ def format_report(report: dict, groups: dict[str, list[int]]) -> str:
             f"(accuracy {pct(report['accuracy'])} %)\n"
             f"many / medium / few-shot ({sizes} classes): {pct(report['many'])} / {pct(report['medium'])} / "
             f"{pct(report['few'])} %\n"
-            f"ECE (15 bins) {pct(report['ece'])} %   NLL {report['nll']:.4f}")
+            f"ECE (15 bins) {pct(report['ece'])} %   NLL {report['nll']:.4f}"
+            + ("" if "ece_bcts" not in report else
+               f"\nafter held-out calibration: ECE {pct(report['ece_temperature_scaling'])} % (temperature "
+               f"scaling), {pct(report['ece_bcts'])} % (BCTS)"))
+
+
+def _check_tracker(report_to: str) -> None:
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise TrainingError("--report-to tensorboard needs the tensorboard package: pip install "
+                            "'balpoe-hf[train]' (or pip install tensorboard).")
 
 
 def _check_hub_upload_possible(push_to_hub: bool, hub_model_id: str | None) -> None:
@@ -185,8 +229,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     Args:
         recipe: the training settings (``balpoe_hf.recipes.load_recipe`` / ``make_recipe``).
         output_dir: where the model, results and checkpoints go (default ``runs/<recipe.name>``).
-        resume: continue from the latest complete checkpoint in ``output_dir`` (afresh if there is none).
-        overwrite: empty a non-empty ``output_dir`` first.
+        resume: continue from the latest loadable checkpoint in ``output_dir`` (afresh if there is none).
+        overwrite: delete what an earlier run wrote in ``output_dir`` (its manifest) first.
         report_to: ``"none"`` or ``"tensorboard"`` (logs in ``output_dir/logs``).
         push_to_hub, hub_model_id: upload the finished run to this Hub repository.
 
@@ -195,6 +239,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     recipe.validate()
     output_dir = Path(output_dir if output_dir is not None else Path("runs") / recipe.name)
     _check_hub_upload_possible(push_to_hub, hub_model_id)
+    _check_tracker(report_to)
     accelerator = Accelerator(
         mixed_precision=recipe.mixed_precision,
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
@@ -203,7 +248,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on GPUs
     )
     check_world_size(accelerator.num_processes)
-    checkpoints.check_output_dir(output_dir, resume, overwrite)
+    checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
     cores = len(os.sched_getaffinity(0))
     on_one_cpu_process = accelerator.device.type == "cpu" and accelerator.num_processes == 1
     if on_one_cpu_process and torch.get_num_threads() < cores:
@@ -216,22 +261,35 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     data = load_training_data(recipe)
     groups = shot_groups(data.class_counts, recipe.many_threshold, recipe.few_threshold)
     accelerator.print(f"{recipe.name}: {len(data.train):,} training images in {len(data.class_counts)} "
-                      f"classes ({max(data.class_counts)} down to {min(data.class_counts)} per class), "
+                      f"classes ({data.class_count_source}; {max(data.class_counts)} down to "
+                      f"{min(data.class_counts)} per class), "
                       f"{len(data.test):,} test images; many/medium/few-shot classes "
-                      f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}")
+                      f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}"
+                      + ("" if data.holdout is None else f"; {len(data.holdout):,} held out for calibration "
+                         f"({max(data.holdout_counts)} down to {min(data.holdout_counts)} per class)"))
 
     # ---- model and optimizer (before the data loaders, so that a bad backbone fails fast), with the
     # recipe's speed options (channels_last, compile, fused SGD)
     model = speed.prepare_model(build_model(recipe, data), recipe)
+    signature = checkpoints.model_signature(model.config)
     optimizer = speed.build_optimizer(recipe, model, accelerator.device)
     speed.enable_fast_kernels(accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    # ---- data loaders: the device-resident pipeline or PIL in workers (balpoe_hf.loaders)
+    # ---- data loaders: the device-resident pipeline or PIL in workers (balpoe_hf.loaders); either way an
+    # epoch's order and augmentation are a function of (seed, epoch), so a resumed run sees exactly the
+    # batches the uninterrupted run would have seen, also inside an epoch.
     processor = build_processor(recipe)  # the evaluation transform, saved with the model
     loaders = build_loaders(recipe, data, processor, accelerator)
     train_loader, test_loader = loaders.train, loaders.test
     accelerator.print(f"data pipeline: {loaders.pipeline.name} ({loaders.pipeline.reason})")
+    holdout_loader, holdout_results = None, None
+    if data.holdout is not None:  # evaluated like the test set, at the end, to calibrate the model
+        holdout_set = LoaderSplit(data.holdout, ImageTransform(recipe, processor),
+                                  [recipe.image_column, recipe.label_column], "holdout")
+        holdout_loader = accelerator.prepare(DataLoader(
+            holdout_set, batch_size=recipe.eval_batch_size, num_workers=recipe.num_workers,
+            pin_memory=accelerator.device.type == "cuda"))
     steps_per_epoch = math.ceil(len(train_loader) / recipe.gradient_accumulation_steps)
     # Stepped once per optimizer step by hand (not prepared): the schedule is in optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps_per_epoch))
@@ -243,26 +301,20 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                       num_classes=len(data.class_counts))
 
     # ---- output directory and resume
-    start_epoch, history = 0, []
-    found = checkpoints.completed_checkpoints(output_dir) if resume else []
+    state = checkpoints.load_checkpoint(accelerator, output_dir, recipe, signature,
+                                        len(train_loader)) if resume else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite and output_dir.is_dir():
-            checkpoints.clear_directory(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if found and (output_dir / "recipe.yaml").is_file():
-            changed = recipe_differences(recipe, output_dir / "recipe.yaml")
-            if changed:
-                print(f"warning: resuming with recipe changes {changed} (saved -> now)")
-        save_recipe(recipe, output_dir / "recipe.yaml")
+            checkpoints.clear_run_outputs(output_dir)
+        checkpoints.start_run(output_dir, recipe)
     accelerator.wait_for_everyone()
-    if found:
-        accelerator.load_state(str(found[-1]))
-        state = json.loads((found[-1] / checkpoints.TRAINER_STATE).read_text())
-        start_epoch, history = state["epoch"], state["eval_history"]
-        accelerator.print(f"resumed from {found[-1]} (epoch {start_epoch} of {recipe.epochs})")
-    elif resume:
+    if resume and state is None:
         accelerator.print(f"no checkpoint in {output_dir / checkpoints.CHECKPOINTS_DIR}: starting afresh")
+    # Progress and statistics, carried over by the checkpoints so that a resumed run reports the whole run.
+    state = state or {"epoch": 0, "step": 0, "eval_history": [], "train_loss": None, "train_runtime": 0.0,
+                      "images_seen": 0, "epoch_loss_sum": 0.0}
+    start_epoch, start_batch, history = state["epoch"], state["step"], state["eval_history"]
     if report_to != "none":
         # TensorBoard's hparams take scalars only.
         accelerator.init_trackers("logs", config={k: v if isinstance(v, int | float | str | bool) else str(v)
@@ -273,19 +325,36 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     accelerator.print(f"training {recipe.epochs} epochs of {steps_per_epoch} steps, global batch "
                       f"{global_batch} on {accelerator.num_processes} process(es) ({accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision})")
-    run_start = time.perf_counter()
-    images_seen, report, epoch_loss, throughputs = 0, None, None, []
+    # The run's clock and counts go on from those of the checkpoint.
+    run_start = time.perf_counter() - state["train_runtime"]
+    images_seen, report, epoch_loss, throughputs = state["images_seen"], None, state["train_loss"], []
+    state.update(model=signature, batches_per_epoch=len(train_loader))
+    guard = checkpoints.NonFiniteLossGuard(accelerator.device)
+    multiplier = lr_lambda(recipe, steps_per_epoch)
+
+    def stop_if_diverged() -> None:
+        bad = guard.first_bad()  # waits for the device
+        if bad is not None:
+            raise checkpoints.non_finite_loss_error(
+                bad, len(train_loader), recipe.gradient_accumulation_steps,
+                lambda step: recipe.lr * multiplier(step), output_dir)
+
     for epoch in range(start_epoch, recipe.epochs):
-        # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-exact.
-        set_seed(recipe.seed + epoch, device_specific=True)
+        first_batch = start_batch if epoch == start_epoch else 0
+        if first_batch == 0:
+            # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-
+            # exact. (Within an epoch, load_state has restored the RNG states that the step checkpoint saved.)
+            set_seed(recipe.seed + epoch, device_specific=True)
         loaders.set_epoch(epoch)
         model.train()
-        loss_sum, logged = torch.zeros((), device=accelerator.device), (0.0, 0)  # logged: (loss sum, steps)
-        optimizer_step = epoch * steps_per_epoch  # for the tracker's x axis
+        loss_sum = torch.full((), state["epoch_loss_sum"] if first_batch else 0.0, device=accelerator.device)
+        logged = (state["epoch_loss_sum"] if first_batch else 0.0, first_batch)  # (loss sum, batches) logged
+        optimizer_step = epoch * steps_per_epoch + first_batch // recipe.gradient_accumulation_steps
         epoch_start, epoch_images = time.perf_counter(), 0
-        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
-                        disable=not accelerator.is_local_main_process)
-        for step, batch in enumerate(progress):
+        progress = tqdm(checkpoints.epoch_batches(train_loader, accelerator, first_batch),
+                        desc=f"epoch {epoch + 1}/{recipe.epochs}", total=len(train_loader),
+                        initial=first_batch, leave=False, disable=not accelerator.is_local_main_process)
+        for step, batch in enumerate(progress, start=first_batch):
             pixel_values, targets = batch["pixel_values"], batch["labels"]
             if mixup is not None:
                 pixel_values, targets = mixup(pixel_values, targets)
@@ -293,6 +362,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                 targets = torch.nn.functional.one_hot(targets, len(data.class_counts)).float()
             with accelerator.accumulate(model):
                 loss = model(pixel_values=pixel_values, labels=targets).loss
+                if guard.update(loss, epoch * len(train_loader) + step):
+                    stop_if_diverged()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
@@ -306,12 +377,22 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
             optimizer_step += accelerator.sync_gradients
             if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0 \
                     and accelerator.is_main_process:
-                # The loop's only host-device synchronisation: the mean loss since the last logging point.
+                # A host-device synchronisation at logging points only: the mean loss since the last one.
                 total = loss_sum.item()
                 window_loss, logged = (total - logged[0]) / (step + 1 - logged[1]), (total, step + 1)
                 throughput = epoch_images / (time.perf_counter() - epoch_start)
                 progress.set_postfix(loss=f"{window_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{throughput:.0f}")
                 accelerator.log({"train/loss": window_loss, "train/lr": lr}, step=optimizer_step)
+            every = recipe.checkpoint_every_steps
+            if every and accelerator.sync_gradients and optimizer_step % every == 0 \
+                    and step + 1 < len(train_loader):
+                # ---- step checkpoint: resumed, the epoch goes on from the next batch
+                stop_if_diverged()
+                state.update(epoch=epoch, step=step + 1, train_runtime=time.perf_counter() - run_start,
+                             images_seen=images_seen + epoch_images,
+                             epoch_loss_sum=accelerator.reduce(loss_sum, reduction="mean").item())
+                checkpoints.save_checkpoint(accelerator, output_dir, state, recipe.checkpoints_total_limit)
+        stop_if_diverged()
         epoch_loss = accelerator.reduce(loss_sum, reduction="mean").item() / len(train_loader)
         epoch_time = time.perf_counter() - epoch_start
         images_seen += epoch_images
@@ -323,6 +404,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                         step=(epoch + 1) * steps_per_epoch)
 
         last = epoch + 1 == recipe.epochs
+        if last and holdout_loader is not None:  # before the last evaluation, which reports its effect
+            holdout_results = calibrate_on_holdout(model, holdout_loader, accelerator, recipe,
+                                                   data.class_counts)
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
             report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts,
                                         len(data.test))
@@ -334,24 +418,30 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                             step=(epoch + 1) * steps_per_epoch)
 
         # ---- checkpoint: accelerate's state (model, optimizer, scheduler, RNG) + our trainer state
-        checkpoint = checkpoints.checkpoint_dir(output_dir, epoch + 1)
-        accelerator.save_state(str(checkpoint))
-        if accelerator.is_main_process:
-            state = {"epoch": epoch + 1, "eval_history": history}
-            (checkpoint / checkpoints.TRAINER_STATE).write_text(json.dumps(state, indent=2))
-            checkpoints.prune_checkpoints(output_dir, recipe.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
+        state.update(epoch=epoch + 1, step=0, train_loss=epoch_loss, images_seen=images_seen,
+                     train_runtime=time.perf_counter() - run_start, epoch_loss_sum=0.0)
+        checkpoints.save_checkpoint(accelerator, output_dir, state, recipe.checkpoints_total_limit)
     train_runtime = time.perf_counter() - run_start
+    # Resumed from the final checkpoint: the run was finished, and its statistics stay as they were.
+    finished = start_epoch == recipe.epochs
+    if finished:
+        train_runtime = state["train_runtime"]
 
     if report is None:  # resumed from the final checkpoint: only the evaluation and the outputs are left
+        if holdout_loader is not None:
+            holdout_results = calibrate_on_holdout(model, holdout_loader, accelerator, recipe,
+                                                   data.class_counts)
         report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts,
                                     len(data.test))
 
     # ---- outputs: model + image processor, results
     accelerator.wait_for_everyone()
     model = speed.to_contiguous_format(accelerator.unwrap_model(model))
-    train_results = {
+    results_file = output_dir / "train_results.json"
+    keep_results = finished and results_file.is_file()
+    train_results = json.loads(results_file.read_text()) if keep_results else {
         "epochs": recipe.epochs, "train_samples": len(data.train), "class_counts": data.class_counts,
+        "holdout_counts": data.holdout_counts,
         "train_loss": epoch_loss, "train_runtime": train_runtime,
         "train_samples_per_second": images_seen / train_runtime if images_seen else None,
         "epoch_images_per_second": throughputs, "data_pipeline": loaders.pipeline.name,
@@ -359,14 +449,25 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         "eval_history": history,
     }
     if accelerator.is_main_process:
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
-        eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
-                        **{f"eval_{k}": v for k, v in report.items()}}
-        (output_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
-        (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        with checkpoints.recording(output_dir):
+            model.save_pretrained(output_dir)
+            processor.save_pretrained(output_dir)
+            eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
+                            **{f"eval_{k}": v for k, v in report.items()}}
+            if not keep_results:
+                results_file.write_text(json.dumps(train_results, indent=2))
+            (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+            if holdout_results is not None:
+                holdout_results = {"epoch": recipe.epochs, **holdout_results,
+                                   "calibration": model.config.calibration}
+                (output_dir / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
         print(f"\n{recipe.name}: balanced test set ({num_test:,} images) after {recipe.epochs} epochs\n"
-              + format_report(report, groups) + f"\nsaved to {output_dir}")
+              + format_report(report, groups)
+              + ("" if holdout_results is None else
+                 f"\nheld-out split ({holdout_results['holdout_samples']:,} images): balanced accuracy "
+                 f"{100 * holdout_results['holdout_balanced_accuracy']:.2f} %, BCTS temperature "
+                 f"{model.config.calibration['temperature']:.3f}")
+              + f"\nsaved to {output_dir}")
     accelerator.end_training()
 
     if push_to_hub and accelerator.is_main_process:

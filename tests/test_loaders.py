@@ -9,6 +9,7 @@ inductor compilation takes over a minute here and runs only with RUN_SLOW=1.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import speed
+from balpoe_hf import checkpoints, speed
 from balpoe_hf.configuration_balpoe import BalPoEConfig
 from balpoe_hf.device_data import DeviceLoader
 from balpoe_hf.loaders import (
@@ -174,19 +175,25 @@ def test_build_loaders_follows_the_recipe_and_reseeds_each_epoch(parquet):
 
 
 @pytest.mark.parametrize("pipeline", ["device", "workers"])
-def test_training_resumed_after_an_epoch_ends_with_the_uninterrupted_weights(parquet, tmp_path, pipeline):
-    # num_workers=1: the worker pipeline re-seeds its worker process every epoch too.
-    options = {"data_pipeline": pipeline, "num_workers": 1, "eval_every": 0}
-    whole = train(tiny_recipe(parquet, epochs=2, **options), tmp_path / "whole")
+def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(parquet, tmp_path, pipeline):
+    # 7 batches an epoch, a step checkpoint every 3; num_workers=1: the worker pipeline loads in a worker.
+    recipe = tiny_recipe(parquet, epochs=2, data_pipeline=pipeline, num_workers=1, eval_every=0,
+                         checkpoint_every_steps=3, checkpoints_total_limit=10)
+    whole = train(recipe, tmp_path / "whole")
     assert whole.train_results["data_pipeline"] == pipeline
     assert len(whole.train_results["epoch_images_per_second"]) == 2
-    train(tiny_recipe(parquet, epochs=1, **options), tmp_path / "resumed")  # the constant lr of 2 epochs
-    resumed = train(tiny_recipe(parquet, epochs=2, **options), tmp_path / "resumed", resume=True)
-    expected, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(
-        tmp_path / "resumed" / "model.safetensors")
+    # The run directory as a kill 2 batches into the second epoch (global step 9) would leave it.
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    for name in ("recipe.yaml", checkpoints.MANIFEST):
+        shutil.copy(tmp_path / "whole" / name, killed / name)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "epoch-0001-step-000002",
+                    killed / "checkpoints" / "epoch-0001-step-000002")
+    resumed = train(recipe, killed, resume=True)  # the loader starts at batch 2 of epoch 1
+    expected, got = (load_file(run / "model.safetensors") for run in (tmp_path / "whole", killed))
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
-    assert resumed.eval_report["balanced_accuracy"] == whole.eval_report["balanced_accuracy"]
+    assert resumed.eval_report == whole.eval_report
     assert len(resumed.train_results["epoch_images_per_second"]) == 1  # the one epoch run after resuming
 
 

@@ -6,11 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from transformers import EvalPrediction
 
 from balpoe_hf.metrics import (
     accuracy_report,
     calibration_bins,
     calibration_report,
+    long_tail_compute_metrics,
     long_tail_report,
     module_path,
 )
@@ -101,6 +103,33 @@ def test_long_tail_report_keys_and_json_without_nan():
     assert report["accuracy"] == pytest.approx(0.6)
     assert report["many"] == pytest.approx(0.75)
     json.dumps(report, allow_nan=False)
+
+
+def test_trainer_compute_metrics_by_hand():
+    compute_metrics = long_tail_compute_metrics(TRAIN_COUNTS, n_bins=15)
+    logits = 10.0 * np.eye(6)[PREDS]
+    metrics = compute_metrics(EvalPrediction(predictions=logits, label_ids=np.array(LABELS)))
+    # Every row: the predicted class has p = e^10 / (e^10 + 5), each other class r = 1 / (e^10 + 5).
+    p, r = math.exp(10) / (math.exp(10) + 5), 1 / (math.exp(10) + 5)
+    assert set(metrics) == {"accuracy", "balanced_accuracy", "many", "medium", "few", "ece", "mce", "nll",
+                            "brier"}
+    assert metrics["accuracy"] == pytest.approx(0.6)
+    assert metrics["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5 + 0 + 2 / 3) / 5)
+    assert (metrics["many"], metrics["medium"], metrics["few"]) == pytest.approx((0.75, 0.25, 2 / 3))
+    # One confidence bin holds all ten samples at confidence p with accuracy 0.6.
+    assert metrics["ece"] == pytest.approx(p - 0.6) and metrics["mce"] == pytest.approx(p - 0.6)
+    assert metrics["nll"] == pytest.approx((6 * -math.log(p) + 4 * -math.log(r)) / 10)
+    correct, wrong = (1 - p) ** 2 + 5 * r**2, p**2 + (1 - r) ** 2 + 4 * r**2
+    assert metrics["brier"] == pytest.approx((6 * correct + 4 * wrong) / 10)
+
+
+def test_trainer_compute_metrics_errors():
+    with pytest.raises(ValueError, match="class_counts is empty"):
+        long_tail_compute_metrics([])
+    compute_metrics = long_tail_compute_metrics(TRAIN_COUNTS)
+    logits = np.zeros((10, 6))
+    with pytest.raises(ValueError, match="keys_to_ignore_at_inference"):
+        compute_metrics(EvalPrediction(predictions=(logits, logits[:, None]), label_ids=np.array(LABELS)))
 
 
 def test_empty_shot_groups_are_none():

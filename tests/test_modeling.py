@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import subprocess
@@ -7,10 +8,12 @@ import textwrap
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
+from transformers.utils import logging as transformers_logging
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, BalPoEModel, build_image_processor
 from balpoe_hf.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassifier
@@ -61,6 +64,12 @@ def test_config_defaults():
     (dict(classifier="mlp"), "classifier must be one of"),
     (dict(classifier_scale=0.0), "classifier_scale must be positive"),
     (dict(image_mean=[0.5]), "image_mean has 1 entries"),
+    (dict(loss="focal"), "loss must be one of"),
+    (dict(loss="lade"), "loss='lade' trains a single classifier, but num_experts=3"),
+    (dict(loss="lade", num_experts=1, lambdas=[1.0]), "set lambdas=\\[0.0\\]"),
+    (dict(remove_mean_lambda="no"), "remove_mean_lambda must be True or False"),
+    (dict(lade_weight=-0.1), "lade_weight must be a finite number >= 0"),
+    (dict(lade_remine_lambda=float("nan")), "lade_remine_lambda must be a finite number >= 0"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -98,6 +107,42 @@ def test_per_class_lambdas():
     out = model(torch.randn(2, 3, 32, 32))
     mean_lambda = torch.tensor([0.5, 0.0, 0.0, 1.0])
     assert torch.allclose(out.logits, out.expert_logits.mean(1) - mean_lambda * log_train_prior(), atol=1e-5)
+
+
+def test_keeping_mean_lambda_predicts_with_the_plain_expert_mean(tmp_path):
+    lambdas = [[1.0, 1.0, 0.0, -1.0], [0.5, -1.0, 0.0, 0.0]]  # per-class mean lambda 0.75, 0, 0, -0.5
+    removed, kept = (make_model(num_experts=2, lambdas=lambdas, remove_mean_lambda=flag).eval()
+                     for flag in (True, False))
+    kept.load_state_dict(removed.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out_removed, out_kept = removed(x), kept(x)
+    mean_lambda = torch.tensor([0.75, 0.0, 0.0, -0.5])
+    assert torch.equal(out_kept.expert_logits, out_removed.expert_logits)
+    assert torch.allclose(out_kept.logits, out_kept.expert_logits.mean(1), atol=1e-6)
+    shift = (mean_lambda * log_train_prior()).expand(3, 4)
+    assert torch.allclose(out_kept.logits - out_removed.logits, shift, atol=1e-5)
+    # With a test prior the official code adds log pi_t to the expert mean (log C only shifts every class).
+    target = [0.1, 0.2, 0.3, 0.4]
+    with torch.no_grad():
+        shifted = kept(x, target_prior=target).logits
+    expected = out_kept.expert_logits.mean(1) + torch.log(4 * torch.tensor(target))
+    assert torch.allclose(shifted, expected, atol=1e-5)
+
+    kept.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["remove_mean_lambda"] is False
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.remove_mean_lambda is False
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, out_kept.logits)
+
+
+def test_one_plain_expert_without_mean_lambda_predicts_raw_logits():
+    model = make_model(num_experts=1, lambdas=[1.0], remove_mean_lambda=False).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    # Lambda 1 is plain cross-entropy; its raw logits are the paper's CE baseline.
+    assert torch.equal(out.logits, out.expert_logits[:, 0])
 
 
 def test_target_prior_shifts_logits_by_log_prior():
@@ -163,6 +208,39 @@ def test_loss_is_mean_of_expert_logit_adjusted_losses():
     assert torch.allclose(hard, soft)
     _, logits, expert_logits, expert_losses = model(x, labels=y, return_dict=False)
     assert logits.shape == (4, 4) and expert_logits.shape == (4, 3, 4) and expert_losses.shape == (3,)
+
+
+def test_lade_model_loss_trains_and_round_trips(tmp_path):
+    model = make_model(num_experts=1, loss="lade", lade_weight=0.2, lade_remine_lambda=0.1).train()
+    assert model.config.lambdas == [0.0]
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 0, 1, 1, 2, 0])  # class 3 absent from the batch
+    out = model(x, labels=y)
+    z = out.expert_logits[:, 0].detach()
+    pi = torch.tensor(COUNTS) / sum(COUNTS)
+    balanced_softmax = F.cross_entropy(z + pi.log(), y)
+    # The regulariser per class c: mean z_c over class-c images (0 if none) minus
+    # s_c = log mean_i exp(z_ic) - log pi_c - log C, minus 0.1 s_c^2; weighted by pi_c and negated.
+    first = torch.stack([z[y == c, c].mean() if (y == c).any() else torch.tensor(0.0) for c in range(4)])
+    second = z.exp().mean(0).log() - pi.log() - math.log(4)
+    regulariser = -(pi * (first - second - 0.1 * second**2)).sum()
+    assert out.expert_losses.shape == (1,)
+    assert torch.allclose(out.loss, balanced_softmax + 0.2 * regulariser, atol=1e-5)
+    # LADE predicts with z + log(C pi_t): the raw logits for a uniform target.
+    assert torch.allclose(out.logits, out.expert_logits[:, 0], atol=1e-6)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    out.loss.backward()
+    before = model.balpoe.experts[0].classifier.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.balpoe.experts[0].classifier.weight, before)
+    model.eval().save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["loss"] == "lade"
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.loss == "lade" and loaded.config.lade_weight == 0.2
+    with torch.no_grad():
+        expected, got = model(x, labels=y), loaded(x, labels=y)
+    assert torch.equal(got.logits, expected.logits)
+    assert torch.allclose(got.loss, expected.loss)
 
 
 def test_cosine_and_linear_classifiers():
@@ -268,6 +346,72 @@ def test_meta_device_build_reinitialises_every_buffer_and_parameter():
         assert torch.isfinite(param).all(), name
 
 
+def test_prior_buffers_are_not_saved_and_follow_the_edited_config(tmp_path):
+    model = make_model(num_experts=2, lambdas=[1.0, 0.5]).eval()
+    model.save_pretrained(tmp_path)
+    saved_keys = safetensors.torch.load_file(tmp_path / "model.safetensors").keys()
+    assert not [key for key in saved_keys if key.startswith("loss_fn.") or "prior" in key or "lambda" in key]
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["class_counts"] = [2, 8, 20, 50]  # reversed long tail
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        out = loaded(x, labels=y)
+    log_pi = torch.tensor([math.log(n / 80) for n in [2, 8, 20, 50]])
+    # mean(lambda) = 0.75 times the edited log prior is removed at inference.
+    assert torch.allclose(out.logits, out.expert_logits.mean(1) - 0.75 * log_pi, atol=1e-5)
+    # The loss uses the edited prior too: tau = 1 - lambda = 0 and 0.5.
+    expected_loss = (F.cross_entropy(out.expert_logits[:, 0], y)
+                     + F.cross_entropy(out.expert_logits[:, 1] + 0.5 * log_pi, y)) / 2
+    assert torch.allclose(out.loss, expected_loss, atol=1e-5)
+    # The expert weights themselves are the saved ones.
+    assert torch.equal(out.expert_logits, model(x).expert_logits)
+
+
+def test_old_checkpoint_with_prior_buffers_loads_silently(tmp_path, caplog):
+    model = make_model(num_experts=2, lambdas=[1.0, 0.5], target_prior=[0.4, 0.3, 0.2, 0.1]).eval()
+    model.save_pretrained(tmp_path)
+    weights = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    # Checkpoints written before the buffers became non-persistent carry them; make them stale.
+    weights |= {"loss_fn.log_prior": torch.zeros(4), "loss_fn.taus": torch.zeros(2, 4),
+                "target_prior": torch.full((4,), 0.25)}
+    safetensors.torch.save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    transformers_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            loaded, info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
+            AutoModel.from_pretrained(tmp_path)
+    finally:
+        transformers_logging.disable_propagation()
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert info["unexpected_keys"] == set() and info["missing_keys"] == set()
+    assert loaded.target_prior.tolist() == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert torch.allclose(loaded.log_train_prior, log_train_prior())
+    assert loaded.mean_lambda.tolist() == pytest.approx([0.75] * 4)
+    assert loaded.loss_fn.taus.tolist() == [[0.0] * 4, [0.5] * 4]
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x).logits, model(x).logits)
+
+
+def test_train_target_prior_needs_class_counts(tmp_path, caplog):
+    model = BalPoEForImageClassification(BalPoEConfig(num_experts=1, num_labels=4)).eval()
+    with pytest.raises(ValueError, match="target prior 'train' needs the training class counts"):
+        model.set_target_prior("train")
+    with pytest.raises(ValueError, match=r"config\.class_counts is None"):
+        model(torch.randn(1, 3, 32, 32), target_prior="train")
+    model.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert "assumes a balanced training set" in caplog.text
+    caplog.clear()
+    make_model().save_pretrained(tmp_path / "counted")
+    with caplog.at_level(logging.WARNING):
+        AutoModelForImageClassification.from_pretrained(tmp_path / "counted")
+    assert "balanced training set" not in caplog.text
+
+
 REMOTE_SCRIPT = textwrap.dedent("""
     import importlib.abc, json, sys
 
@@ -310,8 +454,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
 
 def test_remote_code_load_without_balpoe_hf(tmp_path):
     model = trained_model()
-    model.save_pretrained(tmp_path / "model")
-    build_image_processor(model.config).save_pretrained(tmp_path / "model")
+    model.save_pretrained(tmp_path / "model")  # alone: it writes the image processor the pipeline needs
     x = torch.randn(2, 3, 32, 32)
     torch.save(x, tmp_path / "input.pt")
     (tmp_path / "load.py").write_text(REMOTE_SCRIPT)
@@ -357,6 +500,45 @@ def test_image_processor_and_pipeline(tmp_path):
     assert scores[0]["label"] == LABELS[int(probs.argmax())]
     assert scores[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
     assert classify(gray)[0]["label"] in LABELS.values()
+
+
+def test_save_pretrained_alone_gives_a_pipeline_ready_folder(tmp_path):
+    model = trained_model()
+    model.save_pretrained(tmp_path)
+    assert {"preprocessor_config.json", "processing.py"} <= set(os.listdir(tmp_path))
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.size == {"height": 32, "width": 32}
+    assert processor.image_mean == pytest.approx([0.4914, 0.4822, 0.4465])  # resnet32_cifar's statistics
+    assert processor.image_std == pytest.approx(model.config.image_std)
+    # Mid-grey: every channel of every pixel becomes (128 / 255 - mean) / std.
+    gray = Image.fromarray(np.full((20, 20), 128, dtype=np.uint8), mode="L")
+    pixels = processor(gray, return_tensors="pt")["pixel_values"]
+    stats = zip(model.config.image_mean, model.config.image_std, strict=True)
+    expected = [(128 / 255 - mean) / std for mean, std in stats]
+    assert pixels.shape == (1, 3, 32, 32)
+    assert torch.allclose(pixels[0, :, 0, 0], torch.tensor(expected), atol=1e-5)
+
+    scores = pipeline("image-classification", model=str(tmp_path))(gray)
+    with torch.no_grad():
+        probs = model(pixels).logits.softmax(-1)[0]
+    assert scores[0]["label"] == LABELS[int(probs.argmax())]
+    assert scores[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
+
+
+def test_save_pretrained_keeps_an_existing_processor(tmp_path):
+    build_image_processor(64, mean=[0.5] * 3, std=[0.25] * 3).save_pretrained(tmp_path)
+    make_model().save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.size == {"height": 64, "width": 64} and list(processor.image_std) == [0.25] * 3
+
+
+def test_save_pretrained_writes_no_processor_for_non_rgb_backbones(tmp_path, caplog):
+    config = BalPoEConfig(num_experts=1, num_labels=4, backbone_kwargs={"in_chans": 1}, image_mean=[0.5],
+                          image_std=[0.5])
+    with caplog.at_level(logging.WARNING):
+        BalPoEForImageClassification(config).save_pretrained(tmp_path)
+    assert "preprocessor_config.json" not in os.listdir(tmp_path)
+    assert "takes 1 input channels" in caplog.text
 
 
 def test_image_processor_errors():

@@ -47,10 +47,10 @@ def _local(parquet, **fields) -> Recipe:
 
 
 def test_shipped_recipes():
+    paper = [f"cifar{c}-lt-ir{r}" for c in (10, 100) for r in (10, 50, 100)] + [
+        "imagenet-lt-resnet50", "imagenet-lt-resnext50", "inat2018-resnet50"]
     assert recipes.available_recipes() == sorted([
-        "cifar10-lt-ir10", "cifar10-lt-ir50", "cifar10-lt-ir100", "cifar10-lt-local",
-        "cifar100-lt-ir10", "cifar100-lt-ir50", "cifar100-lt-ir100",
-        "imagenet-lt-resnext50", "inat2018-resnet50", "fashion-mnist-lt-quick"])
+        *paper, *(f"{name}-long" for name in paper), "cifar10-lt-local", "fashion-mnist-lt-quick"])
     for name in recipes.available_recipes():
         recipe = recipes.make_recipe(recipes.recipe_values(name))
         assert recipe.name == name
@@ -91,7 +91,9 @@ def test_large_scale_recipes_follow_the_paper():
     local = recipes.make_recipe(recipes.recipe_values("cifar10-lt-local"))
     ir100 = recipes.make_recipe(recipes.recipe_values("cifar10-lt-ir100"))
     differing = {k for k, v in local.to_dict().items() if v != ir100.to_dict()[k]}
-    assert differing == {"name", "description", "dataset"}  # the same recipe, reading local files
+    # The same recipe, reading local files; only the local copy's order gives the published images.
+    assert differing == {"name", "description", "dataset", "selection"}
+    assert (local.selection, ir100.selection) == ("reference", "random")
 
 
 def test_fashion_mnist_quick_recipe_shot_groups_cover_every_group():
@@ -175,9 +177,12 @@ def test_parquet_data_keeps_counts_and_class_names(parquet):
     assert len(data.test) == TEST_PER_CLASS * len(CLASS_NAMES)
 
 
-def test_long_tailed_split_of_a_balanced_set(parquet):
-    # The balanced test file as training data, ratio 4: class i keeps int(8 * 4 ** (-i / 3)) images.
-    recipe = _local(parquet, train_file=[str(parquet[1])], imbalance_ratio=4.0)
+def test_long_tailed_split_of_a_balanced_set(parquet, tmp_path):
+    # A copy of the balanced test file as training data (the file itself would overlap the test data),
+    # ratio 4: class i keeps int(8 * 4 ** (-i / 3)) images.
+    balanced = tmp_path / "balanced.parquet"
+    balanced.write_bytes(parquet[1].read_bytes())
+    recipe = _local(parquet, train_file=[str(balanced)], imbalance_ratio=4.0)
     assert loading.load_training_data(recipe).class_counts == [8, 5, 3, 2]
 
 
@@ -282,6 +287,10 @@ def test_output_directory_rules(tmp_path):
     (tmp_path / "old" / "config.json").write_text("{}")
     with pytest.raises(TrainingError, match=r"not empty\. Pass --resume .* --overwrite"):
         checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
+    # --resume and --overwrite act on a run's directory only (tests/test_robustness.py has the details).
+    with pytest.raises(TrainingError, match="is not the directory of a balpoe-hf run"):
+        checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    checkpoints.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"])
     checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
     checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -37,6 +39,8 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 Profile = Literal["exponential", "step"]
 Classifier = Literal["cosine", "linear"]
 Augmentation = Literal["cifar", "imagenet", "none"]
+AutoAugmentPolicy = Literal["none", "cifar10", "imagenet", "svhn"]
+Selection = Literal["random", "reference"]
 LRSchedule = Literal["multistep", "cosine", "constant"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 DataPipeline = Literal["auto", "device", "workers"]
@@ -76,6 +80,13 @@ class Recipe:
         "(a sub-folder per class). Takes precedence over --dataset."))
     test_file: list[str] | None = field(default=None, metadata=_help(
         "Local test data (the balanced test set), in the same format as --train-file."))
+    train_list: str | None = field(default=None, metadata=_help(
+        "Split-list file of the training images (one 'relative/path label' line per image, like "
+        "ImageNet_LT_train.txt), read with --data-root. Takes precedence over --dataset."))
+    test_list: str | None = field(default=None, metadata=_help(
+        "Split-list file of the test images (e.g. ImageNet_LT_test.txt), with --train-list."))
+    data_root: str | None = field(default=None, metadata=_help(
+        "Folder that the paths in --train-list / --test-list are relative to."))
     train_split: str = field(default="train", metadata=_help("Split of the Hub dataset to train on."))
     test_split: str = field(default="test", metadata=_help(
         "Split of the Hub dataset to evaluate on (the balanced test set)."))
@@ -89,7 +100,14 @@ class Recipe:
     imbalance_profile: Profile = field(default="exponential", metadata=_help(
         "Profile of the long-tailed split."))
     split_seed: int = field(default=0, metadata=_help(
-        "Seed of the long-tailed subsampling (the same split every run)."))
+        "Seed of the long-tailed subsampling and of the held-out split (the same split every run)."))
+    holdout_fraction: float = field(default=0.0, metadata=_help(
+        "Hold out this fraction of every class of the long-tailed training split (at least one image per "
+        "class; never trained on) to calibrate the model and estimate test priors (0: no held-out split)."))
+    selection: Selection = field(default="random", metadata=_help(
+        "Which images the long-tailed split keeps (make_long_tailed): 'random' (numpy's default_rng) or "
+        "'reference' (the official CIFAR-LT code's selection: the published split on CIFAR-10/100 whose "
+        "rows of each class are in the original order)."))
     many_threshold: int = field(default=100, metadata=_help(
         "Classes with more training images than this are many-shot."))
     few_threshold: int = field(default=20, metadata=_help(
@@ -107,6 +125,10 @@ class Recipe:
         "Backbone stages shared by all experts; 'none': the backbone adapter's default."))
     classifier: Classifier = field(default="cosine", metadata=_help("Expert classifier."))
     classifier_scale: float = field(default=30.0, metadata=_help("Scale of the cosine classifier."))
+    remove_mean_lambda: bool = field(default=True, metadata=_help(
+        "Predict with the ensemble's mean bias removed (mean_e z_e - mean(lambda) log pi + log pi_t, "
+        "Sec. 3.3 of the paper); --no-remove-mean-lambda keeps it (mean_e z_e + log pi_t), as the official "
+        "code and the paper's ImageNet-LT results did. The same when mean(lambda) = 0."))
     # --- preprocessing and augmentation
     image_size: int = field(default=32, metadata=_help("Side of the square images the model sees."))
     image_mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465], metadata=_help(
@@ -125,6 +147,17 @@ class Recipe:
     hflip: bool = field(default=True, metadata=_help("Random horizontal flips."))
     color_jitter: float = field(default=0.0, metadata=_help(
         "'imagenet' augmentation: brightness/contrast/saturation jitter."))
+    # The three policy fields below run only in the PIL pipeline (transforms.py), after the --augment steps;
+    # Recipe.policy_augmentations() lists the ones a recipe turns on.
+    auto_augment: AutoAugmentPolicy = field(default="none", metadata=_help(
+        "AutoAugment policy (torchvision AutoAugment), e.g. 'cifar10' as in the paper's longer CIFAR "
+        "training."))
+    rand_augment: str | None = field(default=None, metadata=_help(
+        "RandAugment as a timm config string (timm.data.rand_augment_transform), e.g. 'rand-n2-m10-mstd0.5' "
+        "as in the paper's longer ImageNet-LT / iNaturalist training; 'none': off."))
+    cutout: int = field(default=0, metadata=_help(
+        "Cutout: erase one random square of this side in pixels (torchvision RandomErasing, before "
+        "normalisation); 0: off."))
     # --- optimisation
     epochs: int = field(default=200, metadata=_help("Training epochs."))
     batch_size: int = field(default=128, metadata=_help(
@@ -163,7 +196,11 @@ class Recipe:
     eval_every: int = field(default=10, metadata=_help(
         "Evaluate on the test set every N epochs (0: only at the end)."))
     eval_batch_size: int = field(default=256, metadata=_help("Evaluation batch size per process."))
-    checkpoints_total_limit: int = field(default=2, metadata=_help("Keep the last K epoch checkpoints."))
+    checkpoints_total_limit: int = field(default=2, metadata=_help(
+        "Keep the last K checkpoints (epoch and step checkpoints alike)."))
+    checkpoint_every_steps: int = field(default=0, metadata=_help(
+        "Also save a checkpoint every N optimizer steps inside an epoch, so that --resume continues from "
+        "that step (0: only at the end of each epoch)."))
     data_pipeline: DataPipeline = field(default="auto", metadata=_help(
         "'device': decode the splits once into uint8 tensors kept on the training device and augment whole "
         "batches there (balpoe_hf.device_data); 'workers': decode and augment image by image with PIL in "
@@ -177,8 +214,14 @@ class Recipe:
 
     def validate(self) -> Recipe:
         """Check the settings that would otherwise fail late or silently; returns ``self``."""
-        for name, hint in typing.get_type_hints(Recipe).items():
+        hints = typing.get_type_hints(Recipe)
+        for name, hint in hints.items():
             setattr(self, name, _coerce(name, hint, getattr(self, name)))
+        # NaN passes every comparison below as False, and inf makes the run diverge: refuse both first.
+        for name, value in self.to_dict().items():
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise TrainingError(f"{name} must be finite, got {value}.")
         if self.lambdas is not None and len(self.lambdas) != self.num_experts:
             raise TrainingError(f"lambdas has {len(self.lambdas)} values but num_experts is "
                                 f"{self.num_experts}; "
@@ -188,6 +231,22 @@ class Recipe:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("lr", "lr_gamma", "classifier_scale", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise TrainingError(f"{name} must be positive, got {value}.")
+        not_negative = ("weight_decay", "momentum", "rotation", "color_jitter", "crop_padding",
+                        "checkpoint_every_steps", "eval_every", "num_workers", "warmup_epochs")
+        for name in not_negative:
+            if getattr(self, name) < 0:
+                raise TrainingError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if self.momentum >= 1:
+            raise TrainingError(f"momentum must be below 1, got {self.momentum}.")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise TrainingError(f"num_classes must be at least 2, got {self.num_classes}.")
+        if self.imbalance_ratio is not None and self.imbalance_ratio < 1:
+            raise TrainingError(f"imbalance_ratio must be >= 1 (head count / tail count), got "
+                                f"{self.imbalance_ratio}.")
         if self.mixup_alpha < 0:
             raise TrainingError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha}.")
         if self.mixup_alpha > 0 and self.batch_size % 2:
@@ -200,15 +259,62 @@ class Recipe:
             raise TrainingError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise TrainingError("image_mean and image_std need 3 values (images are fed as RGB).")
-        if self.eval_every < 0 or self.num_workers < 0 or self.warmup_epochs < 0:
-            raise TrainingError("eval_every, num_workers and warmup_epochs must not be negative.")
+        if not 0 <= self.holdout_fraction < 1:
+            raise TrainingError(f"holdout_fraction must be in [0, 1) (0: no held-out split), got "
+                                f"{self.holdout_fraction}.")
+        if min(self.image_std) <= 0:
+            raise TrainingError(f"image_std must be positive (pixels are divided by it), got "
+                                f"{self.image_std}.")
+        if self.image_column == self.label_column:
+            raise TrainingError(f"image_column and label_column are both {self.image_column!r}; name the "
+                                "column of the images with --image-column and that of the class labels with "
+                                "--label-column.")
+        if not 0 <= self.cutout <= self.image_size:
+            raise TrainingError(f"cutout must be between 0 (off) and image_size ({self.image_size}) pixels, "
+                                f"got {self.cutout}.")
+        if self.auto_augment != "none" and self.rand_augment is not None:
+            raise TrainingError("choose one augmentation policy: auto_augment or rand_augment, not both.")
+        if self.rand_augment is not None:
+            _check_rand_augment(self.rand_augment)
+        if self.train_list is not None and (self.train_file is not None or self.test_file is not None):
+            raise TrainingError("give one data source: --train-list/--test-list or --train-file/--test-file.")
         return self
+
+    def policy_augmentations(self) -> list[str]:
+        """The augmentation policies this recipe turns on, e.g. ``["auto_augment=cifar10"]``.
+
+        They exist only in the PIL pipeline (``transforms.py``); a recipe with none of them trains with its
+        ``augment`` steps alone.
+        """
+        active = {"auto_augment": self.auto_augment != "none", "rand_augment": self.rand_augment is not None,
+                  "cutout": self.cutout > 0}
+        return [f"{name}={getattr(self, name)}" for name, on in active.items() if on]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+
+
+# timm's RandAugment string: 'rand' then dash-separated sections; timm skips a section it cannot parse
+# (say 'rand-n2-M9'), so the whole string is checked here.
+_RAND_AUGMENT = re.compile(r"rand(-(m\d+|n\d+|p[\d.]+|mstd[\d.]+|mmax\d+|inc[01]|t\w+))*")
+
+
+def _check_rand_augment(config: str) -> None:
+    """Refuse a RandAugment string that timm cannot build, now rather than in a DataLoader worker."""
+    from timm.data import rand_augment_transform
+
+    try:
+        if not _RAND_AUGMENT.fullmatch(config):
+            raise ValueError("unknown section")
+        rand_augment_transform(config, {})
+    except (AssertionError, ValueError, KeyError) as error:
+        reason = str(error) or "unknown section"
+        raise TrainingError(f"rand_augment {config!r} is not a timm RandAugment string ({reason}); write "
+                            "it like 'rand-n2-m10-mstd0.5' (n: ops per image, m: magnitude 0-10, mstd: "
+                            "magnitude noise).") from None
 
 
 def available_recipes() -> list[str]:
@@ -331,8 +437,11 @@ class RunArguments:
     output_dir: str | None = field(default=None, metadata=_help(
         "Where the model, results and checkpoints go (default: runs/NAME)."))
     resume: bool = field(default=False, metadata=_help(
-        "Continue from the latest checkpoint in --output-dir (start afresh if there is none)."))
-    overwrite: bool = field(default=False, metadata=_help("Empty a non-empty --output-dir first."))
+        "Continue from the latest loadable checkpoint in --output-dir (start afresh if there is none); the "
+        "settings that define the model must be those of the run."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Start over in the --output-dir of an earlier run: the files that run wrote (listed in its "
+        "balpoe_outputs.json) are deleted first, nothing else."))
     report_to: Literal["none", "tensorboard"] = field(default="none", metadata=_help(
         "Experiment tracker (TensorBoard logs go to OUTPUT_DIR/logs)."))
     push_to_hub: bool = field(default=False, metadata=_help(
@@ -403,9 +512,10 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
         settings[name] = None if isinstance(value, list) and None in value else value
     run = RunArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(RunArguments)})
     if run.recipe is None and run.config is None and settings["dataset"] is None \
-            and settings["train_file"] is None:
+            and settings["train_file"] is None and settings["train_list"] is None:
         parser.error(f"pass --recipe NAME (one of: {', '.join(available_recipes())}), --config FILE.yaml, "
-                     "or the data flags (--dataset / --train-file and --test-file).")
+                     "or the data flags (--dataset / --train-file and --test-file / --train-list, "
+                     "--test-list and --data-root).")
     recipe = make_recipe(settings)
     if run.push_to_hub and not run.hub_model_id:
         raise TrainingError("--push-to-hub needs --hub-model-id USER/NAME.")
