@@ -74,6 +74,8 @@ def test_auto_keeps_in_memory_data_on_the_device():
 @pytest.mark.parametrize(("overrides", "reason"), [
     ({"augment": "imagenet"}, "auto: no device version (the 'imagenet' augmentation"),
     ({"crop_pct": 0.875}, "auto: no device version (evaluation with crop_pct 0.875 < 1"),
+    ({"auto_augment": "cifar10", "cutout": 16},
+     "auto: no device version (the augmentation policies auto_augment=cifar10, cutout=16 have none)"),
 ])
 def test_auto_falls_back_to_workers_without_a_device_version(overrides, reason):
     choice = choose_pipeline(make_recipe({"dataset": "x", **overrides}), 1000, 1000)
@@ -104,6 +106,8 @@ def test_forced_pipelines():
         choose(augment="imagenet", data_pipeline="device")
     with pytest.raises(TrainingError, match=r"crop_pct 0\.9 < 1"):
         choose(crop_pct=0.9, data_pipeline="device")
+    with pytest.raises(TrainingError, match=r"rand_augment=rand-m9-n2 have none"):
+        choose(rand_augment="rand-m9-n2", data_pipeline="device")
 
 
 def test_command_line_flags_of_the_speed_options():
