@@ -46,8 +46,9 @@ class TrainOutput:
     """What ``train`` returns: where the run is, its balanced-test-set report and its training statistics."""
 
     output_dir: Path
-    eval_report: dict[str, Any]
+    eval_report: dict[str, Any] | None  # None when the run stopped at its deadline before the last epoch
     train_results: dict[str, Any]
+    finished: bool = True  # False: stopped at the deadline; ``train(..., resume=True)`` continues it
 
 
 def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassification:
@@ -68,6 +69,11 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             image_size=recipe.image_size,
             image_mean=recipe.image_mean,
             image_std=recipe.image_std,
+            loss=recipe.loss,
+            lade_weight=recipe.lade_weight,
+            lade_remine_lambda=recipe.lade_remine_lambda,
+            remove_mean_lambda=recipe.remove_mean_lambda,
+            method=recipe.method,
         )
         return BalPoEForImageClassification(config)
     except (ValueError, KeyError, RuntimeError) as error:
@@ -128,6 +134,17 @@ def check_world_size(num_processes: int) -> None:
     )
 
 
+def past_deadline(accelerator: Accelerator, deadline: float | None, epoch_seconds: float) -> bool:
+    """Whether another epoch of ``epoch_seconds`` would end after ``deadline`` (``time.time()``).
+
+    Every process must stop at the same epoch, so the most pessimistic process decides.
+    """
+    if deadline is None:
+        return False
+    late = torch.tensor(float(time.time() + epoch_seconds > deadline), device=accelerator.device)
+    return bool(accelerator.reduce(late, reduction="sum").item() > 0)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, recipe: Recipe,
              class_counts: list[int]) -> tuple[dict, int]:
@@ -176,7 +193,7 @@ def _check_hub_upload_possible(push_to_hub: bool, hub_model_id: str | None) -> N
 
 def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, report_to: str = "none", push_to_hub: bool = False,
-          hub_model_id: str | None = None) -> TrainOutput:
+          hub_model_id: str | None = None, deadline: float | None = None) -> TrainOutput:
     """The whole run: set-up, data, model, the epoch loop with evaluation and checkpoints, outputs.
 
     Args:
@@ -186,6 +203,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         overwrite: empty a non-empty ``output_dir`` first.
         report_to: ``"none"`` or ``"tensorboard"`` (logs in ``output_dir/logs``).
         push_to_hub, hub_model_id: upload the finished run to this Hub repository.
+        deadline: a ``time.time()`` value: after each epoch's checkpoint, stop when the next epoch (timed
+            as the last one) would end after it; the run is then unfinished (``finished=False``, no model
+            saved) and ``resume=True`` continues it. For jobs with a wall-clock limit.
 
     Raises ``TrainingError`` (a message for the user) for bad settings, data or output directories.
     """
@@ -341,6 +361,14 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
             (checkpoint / checkpoints.TRAINER_STATE).write_text(json.dumps(state, indent=2))
             checkpoints.prune_checkpoints(output_dir, recipe.checkpoints_total_limit)
         accelerator.wait_for_everyone()
+        epoch_seconds = time.perf_counter() - epoch_start  # with its evaluation and checkpoint
+        if epoch + 1 < recipe.epochs and past_deadline(accelerator, deadline, epoch_seconds):
+            accelerator.print(f"stopping after epoch {epoch + 1} of {recipe.epochs}: the next epoch would "
+                              f"end after the deadline; resume to continue from {checkpoint}")
+            accelerator.end_training()
+            return TrainOutput(output_dir=output_dir, eval_report=None, finished=False,
+                               train_results={"epochs_done": epoch + 1, "epochs": recipe.epochs,
+                                              "eval_history": history})
     train_runtime = time.perf_counter() - run_start
 
     if report is None:  # resumed from the final checkpoint: only the evaluation and the outputs are left
