@@ -266,9 +266,11 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
     recipes = {method: method_recipe(base, method) for method in methods}
     # A run in output_dir that contradicts its method's recipe fails here, before any training.
     states = {method: run_state(output_dir / method, recipe) for method, recipe in recipes.items()}
-    trained_by: dict[str, str] = {}  # training signature -> the method whose run holds those weights
-    for method, recipe in recipes.items():
-        trained_by.setdefault(_training_signature(recipe), method)
+    # Training signature -> the method whose run trains those weights: the most advanced run, then the first.
+    progress = {"finished": 0, "unfinished": 1, "new": 2}
+    trained_by: dict[str, str] = {}
+    for method in sorted(methods, key=lambda m: progress[states[m]]):
+        trained_by.setdefault(_training_signature(recipes[method]), method)
     state = PartialState()
     data = load_training_data(base) if state.is_main_process else None
     train_counts = data.class_counts if data is not None else []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -337,7 +338,10 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if origin is Literal:
         if value in typing.get_args(base):
             return value
-        raise TrainingError(f"{name} must be one of {list(typing.get_args(base))}, got {value!r}.")
+        choices = [str(choice) for choice in typing.get_args(base)]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise TrainingError(f"{name} must be one of {list(typing.get_args(base))}, got {value!r}.{hint}")
     if origin is list:
         item = typing.get_args(base)[0]
         items = list(value) if isinstance(value, list | tuple) else [value]

@@ -1,0 +1,260 @@
+"""Method presets, the method comparison (balpoe_hf.compare, scripts/compare_methods.py) and their errors.
+
+The end-to-end tests train tiny models in-process on the synthetic 4-class set of train_synthetic.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+from train_synthetic import write_parquet
+
+from balpoe_hf import compare, hub, methods, plots, recipes, training
+from balpoe_hf.recipes import TrainingError
+
+# The presets as the issue and the README define them (independent of balpoe_hf.methods' table):
+# (num_experts, lambdas, mixup_alpha, loss, remove_mean_lambda); None: the recipe's mixup.
+DOCUMENTED = {
+    "ce": (1, [1.0], 0.0, "balpoe", False),
+    "ce-la": (1, [1.0], 0.0, "balpoe", True),
+    "bs": (1, [0.0], 0.0, "balpoe", True),
+    "lade": (1, [0.0], 0.0, "lade", True),
+    "balpoe-erm": (3, [1.0, 0.0, -1.0], 0.0, "balpoe", True),
+    "balpoe": (3, [1.0, 0.0, -1.0], None, "balpoe", True),
+}
+SHIFTS = "forward2,uniform,backward2"  # 8 test images per class allow ratios up to 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared CPU: a second intra-op thread only adds contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory) -> tuple[Path, Path]:
+    return write_parquet(tmp_path_factory.mktemp("compare_parquet"))
+
+
+def _base(parquet, **fields) -> recipes.Recipe:
+    train, test = parquet
+    values = {"name": "tiny", "train_file": [str(train)], "test_file": [str(test)], "image_column": "picture",
+              "label_column": "target", "image_size": 16, "backbone": "resnet20_cifar", "epochs": 1,
+              "batch_size": 8, "num_workers": 0, "eval_every": 0, "mixup_alpha": 0.2, "many_threshold": 20,
+              "few_threshold": 6, "checkpoints_total_limit": 1}
+    return recipes.make_recipe({**values, **fields})
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("method", list(DOCUMENTED))
+@pytest.mark.parametrize("recipe_name", ["cifar10-lt-ir100", "fashion-mnist-lt-quick"])
+def test_presets_resolve_to_the_documented_settings(method, recipe_name):
+    plain = recipes.load_recipe(recipe_name)
+    recipe = recipes.load_recipe(recipe_name, method=method)
+    experts, lambdas, mixup, loss, remove_mean = DOCUMENTED[method]
+    assert recipe.method == method
+    assert (recipe.num_experts, recipe.lambdas, recipe.loss, recipe.remove_mean_lambda) == (
+        experts, lambdas, loss, remove_mean)
+    assert recipe.mixup_alpha == (plain.mixup_alpha if mixup is None else mixup)
+    # Everything else is the recipe's.
+    changed = {k for k, v in recipe.to_dict().items() if plain.to_dict()[k] != v}
+    assert changed <= {"method", "num_experts", "lambdas", "mixup_alpha", "loss", "remove_mean_lambda"}
+
+
+def test_method_flag_and_saved_recipe(tmp_path):
+    _, recipe = recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bs", "--epochs", "3"])
+    assert (recipe.method, recipe.num_experts, recipe.lambdas, recipe.epochs) == ("bs", 1, [0.0], 3)
+    # recipe.yaml records the method and its settings, and reloads to the same recipe.
+    recipes.save_recipe(recipe, tmp_path / "recipe.yaml")
+    assert recipes.load_recipe(config=tmp_path / "recipe.yaml") == recipe
+    # A flag that agrees with the method is fine.
+    _, recipe = recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "balpoe-erm",
+                                    "--num-experts", "3", "--mixup-alpha", "0"])
+    assert recipe.mixup_alpha == 0.0
+
+
+@pytest.mark.parametrize("method", ["ce", "ce-la", "lade"])
+def test_presets_reach_the_model_config_and_its_predictions(method, parquet):
+    counts = [40, 10, 5]
+    recipe = _base(parquet, method=method)
+    data = SimpleNamespace(class_counts=counts, class_names=["a", "b", "c"])
+    model = training.build_model(recipe, data).eval()
+    assert model.config.method == method
+    assert model.config.loss == DOCUMENTED[method][3]
+    assert model.config.remove_mean_lambda is DOCUMENTED[method][4]
+    with torch.no_grad():
+        out = model(pixel_values=torch.randn(2, 3, 16, 16))
+    raw = out.expert_logits[:, 0]
+    log_prior = torch.log(torch.tensor(counts, dtype=torch.float32) / sum(counts))
+    # ce: the raw logits; ce-la: minus lambda * log pi = minus log pi; lade (lambda 0): the raw logits.
+    expected = raw - log_prior if method == "ce-la" else raw
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_method_suggests_the_closest():
+    with pytest.raises(TrainingError, match=r"method must be one of .*got 'bss'. Did you mean 'bs'"):
+        recipes.make_recipe({"method": "bss"})
+    with pytest.raises(ValueError, match=r"unknown method 'balpoe_erm'.*Did you mean 'balpoe-erm'"):
+        methods.parse_methods("ce,balpoe_erm")
+    with pytest.raises(ValueError, match="more than once"):
+        methods.parse_methods("ce,bs,ce")
+    with pytest.raises(ValueError, match="no method"):
+        methods.parse_methods(" , ")
+    with pytest.raises(SystemExit):  # argparse: invalid choice, with the list of choices
+        recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bss"])
+
+
+def test_lade_needs_one_expert_and_lambda_zero():
+    with pytest.raises(TrainingError, match=r"loss 'lade' trains one classifier.*--method lade"):
+        recipes.load_recipe("cifar10-lt-ir100", loss="lade")
+    with pytest.raises(TrainingError, match="method 'lade' sets num_experts"):
+        recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "lade", "--num-experts", "3"])
+
+
+def test_explicit_settings_that_contradict_the_method_are_refused():
+    with pytest.raises(TrainingError, match=r"mixup_alpha=0.4 \(the method sets 0.0\)"):
+        recipes.load_recipe("cifar10-lt-ir100", method="bs", mixup_alpha=0.4)
+    with pytest.raises(TrainingError, match="remove_mean_lambda"):
+        recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "ce", "--remove-mean-lambda"])
+    with pytest.raises(TrainingError, match="method 'balpoe' trains with mixup"):
+        recipes.load_recipe("cifar10-lt-ir100", method="balpoe", mixup_alpha=0)
+
+
+def test_compare_command_line_errors(parquet, capsys):
+    train, test = (str(p) for p in parquet)
+    data = ["--train-file", train, "--test-file", test, "--image-column", "picture", "--label-column",
+            "target"]
+    cases = [
+        (["--methods", "ce,bss"], "Did you mean 'bs'"),
+        (["--num-experts", "3"], "--num-experts: every method sets these itself"),
+        (["--method", "bs"], "--method: every method sets these itself"),
+        (["--budget", "cpu"], "the cpu budget reads CIFAR-10 from local parquet files"),
+        (["--time-limit", "30", *data], "--time-limit must exceed 60 s"),
+    ]
+    for argv, message in cases:
+        assert compare.main(argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(TrainingError, match="leave it unset"):
+        compare.compare(_base(parquet, method="bs"), ["ce"], "unused")
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, monkeypatch):
+    base = _base(parquet)
+    result = compare.compare(base, "bs,lade", tmp_path, shifts=SHIFTS, priors="none,oracle")
+    assert result.complete and list(result.summaries) == ["bs", "lade"]
+    for method in ("bs", "lade"):
+        run = tmp_path / method
+        config = json.loads((run / "config.json").read_text())
+        assert config["method"] == method and config["num_experts"] == 1
+        assert recipes.load_recipe(config=run / "recipe.yaml").method == method
+        # The comparison's evaluation (image processor, evaluate_model) agrees with the training loop's.
+        trained = json.loads((run / "eval_results.json").read_text())["eval_balanced_accuracy"]
+        assert math.isclose(result.summaries[method]["balanced"]["balanced_accuracy"], trained)
+        assert set(result.summaries[method]["shift_accuracy"]) == {"none", "oracle"}
+    assert json.loads((run / "config.json").read_text())["loss"] == "lade"
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["complete"] and list(saved["methods"]) == ["bs", "lade"]
+    assert saved["train_counts"] == [32, 16, 8, 4]
+    assert Image.open(tmp_path / "comparison.png").format == "PNG"
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished method was trained again")
+
+    monkeypatch.setattr(training, "train", no_training)
+    again = compare.compare(base, ["bs", "lade"], tmp_path, shifts=SHIFTS, priors="none,oracle")
+    assert again.summaries == result.summaries
+    # A finished run with other settings is refused rather than mixed in.
+    with pytest.raises(TrainingError, match=r"holds a run with other settings.*epochs"):
+        compare.compare(_base(parquet, epochs=2), ["bs"], tmp_path, shifts=SHIFTS)
+
+
+def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parquet, tmp_path, capsys):
+    base = _base(parquet, epochs=2)
+    # A run cut short by its deadline: one epoch checkpoint, no model yet.
+    cut = training.train(compare.method_recipe(base, "ce"), tmp_path / "ce", deadline=time.time())
+    assert not cut.finished and cut.train_results["epochs_done"] == 1
+    assert not (tmp_path / "ce" / "config.json").exists()
+    result = compare.compare(base, ["ce-la", "ce"], tmp_path, shifts=SHIFTS, priors="none")
+    assert "resumed from" in capsys.readouterr().out
+    assert list(result.summaries) == ["ce-la", "ce"]
+    assert json.loads((tmp_path / "ce" / "train_results.json").read_text())["epochs"] == 2
+    # ce-la is ce's weights with the logit-adjusted prediction, not a second training.
+    assert result.summaries["ce-la"]["weights_from"] == str(tmp_path / "ce")
+    ce, ce_la = (load_file(tmp_path / m / "model.safetensors") for m in ("ce", "ce-la"))
+    assert ce.keys() == ce_la.keys() and all(torch.equal(ce[k], ce_la[k]) for k in ce)
+    configs = {m: json.loads((tmp_path / m / "config.json").read_text()) for m in ("ce", "ce-la")}
+    assert (configs["ce"]["remove_mean_lambda"], configs["ce-la"]["remove_mean_lambda"]) == (False, True)
+    assert configs["ce-la"]["method"] == "ce-la"
+    assert result.summaries["ce-la"]["train_runtime"] == result.summaries["ce"]["train_runtime"]
+
+
+def test_deadline_in_the_past_leaves_every_method_pending(parquet, tmp_path):
+    result = compare.compare(_base(parquet), ["bs"], tmp_path, shifts=SHIFTS, deadline=time.time())
+    assert result.pending == ["bs"] and not result.summaries and not result.complete
+    assert not (tmp_path / "bs").exists()
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _summary(balanced: float, ece: float, weights_from: str | None = None) -> dict:
+    return {"balanced": {"balanced_accuracy": balanced, "many": 0.9, "medium": 0.5, "few": None, "ece": ece,
+                         "mce": 0.25, "nll": 1.23456},
+            "train_runtime": 90.0, "weights_from": weights_from,
+            "shift_accuracy": {"none": {"forward2": 0.5, "uniform": 0.25},
+                               "oracle": {"forward2": 0.625, "uniform": 0.25}}}
+
+
+def test_tables():
+    summaries = {"ce": _summary(0.5, 0.125), "ce-la": _summary(0.75, 0.0625, weights_from="runs/x/ce")}
+    table = compare.format_method_table(summaries, paper=compare.PAPER_CIFAR10_LT_IR100).splitlines()
+    assert table[2] == "| ce | 50.00 | 90.00 | 50.00 | n/a | 12.50 | 25.00 | 1.235 | 1.5 min | 71.3 | 19.1 |"
+    assert table[3] == ("| ce-la | 75.00 | 90.00 | 50.00 | n/a | 6.25 | 25.00 | 1.235 | (weights of ce) "
+                        "| - | - |")
+    rows = compare.format_shift_rows(summaries).splitlines()
+    assert rows[0] == "| method | prior | forward2 | uniform |"
+    assert rows[2:4] == ["| ce | none | 50.0 | 25.0 |", "| ce | oracle | 62.5 | 25.0 |"]
+
+
+def test_method_comparison_plot(tmp_path):
+    bins = {"lower": [0.0, 0.5], "upper": [0.5, 1.0], "count": [2, 6], "confidence": [0.4, 0.8],
+            "accuracy": [0.5, 0.5]}
+    entries = {"a": {"reliability": bins, "per_class_accuracy": [1.0, 0.5, None]},
+               "b": {"reliability": bins, "per_class_accuracy": [0.5, 0.5, 0.0]}}
+    path = plots.method_comparison_plot(entries, [100, 10, 1], tmp_path / "cmp.png", many=50, few=5)
+    image = Image.open(path)
+    assert image.format == "PNG" and image.width > image.height
+    with pytest.raises(ValueError, match="one of each per class"):
+        plots.method_comparison_plot(entries, [100, 10], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="no method"):
+        plots.method_comparison_plot({}, [1], tmp_path / "none.png")
+
+
+def test_card_names_the_method(tmp_path):
+    config = {"model_type": "balpoe", "backbone": "resnet20_cifar", "num_experts": 1, "lambdas": [0.0],
+              "class_counts": [50, 5], "method": "bs", "image_size": 32}
+    card = hub.render_model_card(config, images={"class_counts": "images/class_counts.png"})
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    assert loaded.data.balpoe["method"] == "bs"
+    assert "**Method preset:** `bs` (balanced softmax)" in loaded.text
