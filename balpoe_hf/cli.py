@@ -9,6 +9,7 @@ library's user errors into a one-line message and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,8 +74,15 @@ model's posteriors on the unlabeled shifted set). With --output it writes the JS
 reliability diagram and a per-class accuracy plot of the balanced set.
 
 Test data: by default the test set of the run's recipe.yaml; else --dataset fashion-mnist (the Debian package
-dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, or --dataset HUB_ID when
-online. Images are preprocessed by the image processor saved with the model, as at inference.
+dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, --test-list with
+split-list files and --data-root, or --dataset HUB_ID when online. Images are preprocessed by the image
+processor saved with the model, as at inference.
+
+Several --test-list files are evaluated each as its own test set, the protocol of the published shifted lists
+(LADE/SADE): the table then has one column per file and --shifts is not used.
+
+    balpoe-evaluate --model runs/imagenet-lt-resnext50 --data-root /data/imagenet \
+        --test-list ImageNet_LT_forward50.txt ImageNet_LT_uniform.txt ImageNet_LT_backward50.txt
 """
 
 
@@ -91,6 +99,11 @@ class EvaluateArguments:
     data_dir: str | None = field(default=None, metadata={"help": "Where the Fashion-MNIST files are."})
     test_file: list[str] | None = field(default=None, metadata={"help": (
         "Local test data: parquet file(s) (glob patterns allowed) or one imagefolder directory.")})
+    test_list: list[str] | None = field(default=None, metadata={"help": (
+        "Split-list file(s) ('relative/path label' lines, e.g. ImageNet_LT_test.txt) read with --data-root; "
+        "several files are evaluated each as its own test set.")})
+    data_root: str | None = field(default=None, metadata={"help": (
+        "Folder the --test-list paths are relative to (default: the recipe's data_root).")})
     image_column: str | None = field(default=None, metadata={
         "help": "Column of the images (default: image)."})
     label_column: str | None = field(default=None, metadata={
@@ -117,6 +130,8 @@ RECIPE_SETTINGS = {
     "dataset_config": ("dataset_config", None),
     "data_dir": ("data_dir", None),
     "test_file": ("test_file", None),
+    "test_list": ("test_list", None),
+    "data_root": ("data_root", None),
     "split": ("test_split", "test"),
     "image_column": ("image_column", "image"),
     "label_column": ("label_column", "label"),
@@ -135,13 +150,66 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     recipe_file = Path(args.model) / "recipe.yaml"
     recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {} if recipe_file.is_file() else {}
     # The recipe names one data source; a data source on the command line replaces it as a whole.
-    if args.dataset is not None or args.test_file is not None:
-        recipe = {k: v for k, v in recipe.items() if k not in ("dataset", "dataset_config", "test_file")}
+    if args.dataset is not None or args.test_file is not None or args.test_list is not None:
+        recipe = {k: v for k, v in recipe.items() if k not in ("dataset", "dataset_config", "test_file",
+                                                                "test_list")}
     for name, (key, default) in RECIPE_SETTINGS.items():
         if getattr(args, name) is None:
             value = recipe.get(key)
             setattr(args, name, default if value is None else value)
+    if isinstance(args.test_list, str):  # a recipe names one test list
+        args.test_list = [args.test_list]
     return args
+
+
+def _list_name(path: str) -> str:
+    """A test list's column in the table: its file name without the extension (ImageNet_LT_forward50)."""
+    return Path(path).stem
+
+
+def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]) -> dict:
+    """Each ``--test-list`` file evaluated as it is (no shifts drawn from it), under every prior mode.
+
+    The ``uniform`` shift of ``evaluate_model`` is the set unchanged, so its ``oracle`` mode uses the file's
+    own label distribution and ``em`` estimates it, as for a shifted set drawn from a balanced one.
+    """
+    from .evaluation import EvaluationError, evaluate_model
+    from .loading import load_list
+
+    names = [_list_name(path) for path in args.test_list]
+    if len(set(names)) != len(names):
+        raise EvaluationError(f"the --test-list files must have different names, got {names}.")
+    results = {}
+    for name, path in zip(names, args.test_list, strict=True):
+        ds = load_list(path, args.data_root, model.config.num_labels, args.image_column, args.label_column)
+        results[name] = evaluate_model(model, processor, ds, image_column=args.image_column,
+                                       label_column=args.label_column, shifts=["uniform"], priors=priors,
+                                       batch_size=args.batch_size, n_bins=args.n_bins, many=args.many,
+                                       few=args.few, seed=args.seed)
+        results[name].report = {"dataset": path, **results[name].report}
+    return results
+
+
+def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> None:
+    """Print one line per test list and the prior-mode table; with --output write each list's report too."""
+    from .evaluation import format_shift_table, write_report
+
+    table = {mode: {name: result.report["shift_accuracy"][mode]["uniform"]
+                    for name, result in results.items()} for mode in priors}
+    for name, result in results.items():
+        print(f"{name}: {result.report['num_test_samples']} images")
+    print("\nTop-1 accuracy (%) on each test list (rows: prior mode, columns: test list):")
+    print(format_shift_table(table, list(results)))
+    if args.output:
+        output = Path(args.output)
+        files = {}
+        for name, result in results.items():
+            files[name] = str(output.with_name(f"{output.stem}_{name}.json"))
+            write_report(result, files[name])
+        summary = {"model": args.model, "data_root": args.data_root, "shift_accuracy": table,
+                   "reports": files}
+        output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.output} and one report per test list beside it")
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
@@ -158,15 +226,23 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         parse_shifts,
         write_report,
     )
-    from .loading import DataError, load_split
+    from .loading import DataError, load_list, load_split
 
     args = parse_evaluate_args(argv)
     try:
         shifts, priors = parse_shifts(args.shifts), parse_priors(args.prior)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, processor = load_model(args.model, device)
-        ds, source = load_split(files=args.test_file, dataset=args.dataset,
-                                dataset_config=args.dataset_config, split=args.split, data_dir=args.data_dir)
+        if args.test_list and len(args.test_list) > 1:
+            _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
+            return 0
+        if args.test_list:
+            ds, source = load_list(args.test_list[0], args.data_root, model.config.num_labels,
+                                   args.image_column, args.label_column), args.test_list[0]
+        else:
+            ds, source = load_split(files=args.test_file, dataset=args.dataset,
+                                    dataset_config=args.dataset_config, split=args.split,
+                                    data_dir=args.data_dir)
         result = evaluate_model(model, processor, ds, image_column=args.image_column,
                                 label_column=args.label_column, shifts=shifts, priors=priors,
                                 batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,

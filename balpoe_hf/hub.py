@@ -164,6 +164,10 @@ def render_model_card(
     lambdas = list(config.get("lambdas") or [])
     # Per-class lambdas (one list per expert) are too long for the card: it points to config.json instead.
     per_class_lambdas = any(isinstance(x, list) for x in lambdas)
+    # Models saved before the setting existed removed the mean bias.
+    remove_mean_lambda = bool(config.get("remove_mean_lambda", True))
+    mean_lambda = ("per class" if per_class_lambdas else
+                   f"{statistics.fmean(float(x) for x in lambdas):g}" if lambdas else "unknown")
     backbone = str(config.get("backbone", "unknown"))
     num_classes = len(counts)
     names = _label_names(config, num_classes)
@@ -182,6 +186,7 @@ def render_model_card(
         "num_classes": num_classes,
         "imbalance_ratio": ratio_value,
         "target_prior": config.get("target_prior") or "uniform",
+        "remove_mean_lambda": remove_mean_lambda,
     }
     if listed:
         balpoe_meta["class_counts"] = counts
@@ -244,6 +249,8 @@ def render_model_card(
         num_experts=balpoe_meta["num_experts"],
         lambdas=["per class (see `config.json`)"] if per_class_lambdas else [f"{x:g}" for x in lambdas],
         classifier=config.get("classifier", "cosine"),
+        remove_mean_lambda=remove_mean_lambda,
+        mean_lambda=mean_lambda,
         num_classes=num_classes,
         num_train=sum(counts),
         imbalance_ratio="infinite" if ratio_value is None else f"{ratio_value:g}",

@@ -1,4 +1,5 @@
-"""Where the images come from: the Hub, parquet files, imagefolder directories, Fashion-MNIST's IDX files.
+"""Where the images come from: the Hub, parquet files, imagefolder directories, split-list files (ImageNet-LT,
+Places-LT, iNaturalist-2018), Fashion-MNIST's IDX files.
 
 ``load_training_data(recipe)`` gives a run its long-tailed training split and its balanced test set, with the
 class names and counts the model needs; ``load_split`` gives an evaluation its test set alone. Images are
@@ -23,6 +24,7 @@ from huggingface_hub import constants as hub_constants
 
 from .data import class_counts, labels_array, make_long_tailed
 from .recipes import FASHION_MNIST, FASHION_MNIST_DIR, Recipe, TrainingError
+from .split_lists import load_split_list
 
 FASHION_MNIST_LABELS = [
     "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
@@ -130,6 +132,26 @@ def _load_fashion_mnist(data_dir: str | Path | None) -> datasets.DatasetDict:
         return load_fashion_mnist(data_dir or FASHION_MNIST_DIR)
     except FileNotFoundError as error:
         raise DataError(str(error)) from None
+
+
+def load_list(list_file: str | os.PathLike, data_root: str | os.PathLike | None,
+              num_classes: int | None = None, image_column: str = "image", label_column: str = "label",
+              what: str = "--test-list") -> datasets.Dataset:
+    """The images a split-list file names (``split_lists.load_split_list``), with the given column names.
+
+    ``what`` names the flag the file came from in the errors (a missing list file or data root, a bad line,
+    a label out of ``num_classes``, missing images), which are ``DataError``.
+    """
+    if data_root is None:
+        raise DataError(f"{what} {list_file} needs --data-root: the folder its image paths are relative to.")
+    if not os.path.isfile(os.path.expanduser(list_file)):
+        raise DataError(f"{what} {list_file} is not a file.")
+    try:
+        ds = load_split_list(os.path.expanduser(list_file), data_root, num_classes=num_classes)
+    except (ValueError, FileNotFoundError) as error:
+        raise DataError(f"{what}: {error}") from None
+    names = {"image": image_column, "label": label_column}
+    return ds.rename_columns({old: new for old, new in names.items() if old != new})
 
 
 def load_split(*, files: Sequence[str] | None = None, dataset: str | None = None,
@@ -244,11 +266,25 @@ def _check_label_range(ds: datasets.Dataset, column: str, num_classes: int, spli
                         f"[0, {num_classes - 1}]; fix the labels or set --num-classes.")
 
 
+def _load_lists(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if recipe.test_list is None:
+        raise DataError("--train-list needs --test-list (the balanced test set, e.g. ImageNet_LT_test.txt).")
+    columns = {"image_column": recipe.image_column, "label_column": recipe.label_column}
+    train = load_list(recipe.train_list, recipe.data_root, recipe.num_classes, what="--train-list", **columns)
+    test = load_list(recipe.test_list, recipe.data_root, recipe.num_classes, what="--test-list", **columns)
+    return train, test
+
+
 def _load_splits(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
+    if recipe.train_list is not None:
+        return _load_lists(recipe)
+    if recipe.test_list is not None:
+        raise DataError("--test-list goes with --train-list (and --data-root); for other training data give "
+                        "the test set with --test-file or --dataset.")
     if recipe.train_file is None and recipe.dataset is None:
         raise DataError(f"the recipe {recipe.name!r} names no data: pass --train-file and --test-file "
-                        "(parquet files or imagefolder directories), or --dataset (a Hub id or "
-                        f"'{FASHION_MNIST}').")
+                        "(parquet files or imagefolder directories), --train-list and --test-list with "
+                        f"--data-root (split-list files), or --dataset (a Hub id or '{FASHION_MNIST}').")
     if (recipe.train_file is None) != (recipe.test_file is None):
         raise DataError("give both --train-file and --test-file (the balanced test set), in the same format.")
     if recipe.train_file is not None:
@@ -288,7 +324,7 @@ def load_training_data(recipe: Recipe) -> TrainingData:
             _check_label_range(ds, recipe.label_column, num_classes, split)
         if recipe.imbalance_ratio is not None:
             train = make_long_tailed(train, recipe.imbalance_ratio, recipe.label_column, recipe.split_seed,
-                                     recipe.imbalance_profile)
+                                     recipe.imbalance_profile, recipe.selection)
         counts = class_counts(train, recipe.label_column, num_classes)
     except ValueError as error:
         raise DataError(str(error)) from None

@@ -63,6 +63,7 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             shared_stages=recipe.shared_stages,
             classifier=recipe.classifier,
             classifier_scale=recipe.classifier_scale,
+            remove_mean_lambda=recipe.remove_mean_lambda,
             class_counts=data.class_counts,
             id2label=dict(enumerate(data.class_names)),
             label2id={name: i for i, name in enumerate(data.class_names)},
@@ -72,7 +73,6 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             loss=recipe.loss,
             lade_weight=recipe.lade_weight,
             lade_remine_lambda=recipe.lade_remine_lambda,
-            remove_mean_lambda=recipe.remove_mean_lambda,
             method=recipe.method,
         )
         return BalPoEForImageClassification(config)

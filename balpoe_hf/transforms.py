@@ -1,13 +1,14 @@
 """Image transforms: the training augmentation and the evaluation transform saved with the model.
 
 Training images go through the recipe's augmentation (torchvision transforms on PIL images, in DataLoader
-workers); evaluation images through the image processor saved with the model (``build_processor``), so that a
-pipeline loaded from the saved folder sees exactly what the run's evaluation saw. Every image is converted to
-RGB, so every backbone sees 3 channels.
+workers, with the optional AutoAugment, RandAugment and Cutout policies); evaluation images through the image
+processor saved with the model (``build_processor``), so that a pipeline loaded from the saved folder sees
+exactly what the run's evaluation saw. Every image is converted to RGB, so every backbone sees 3 channels.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import datasets
@@ -38,6 +39,44 @@ def build_processor(recipe: Recipe) -> BaseImageProcessor:
         do_convert_rgb=True, size={"shortest_edge": recipe.image_size}, crop_pct=recipe.crop_pct,
         resample=PILImageResampling.BILINEAR, image_mean=recipe.image_mean, image_std=recipe.image_std,
     )
+
+
+# AutoAugment fills what rotations, shears and translations uncover with grey, as the official BalPoE code's
+# CIFAR10Policy does (torchvision's default is black).
+AUTO_AUGMENT_FILL = [128, 128, 128]
+
+
+def policy_steps(recipe: Recipe) -> list[Callable]:
+    """The recipe's AutoAugment or RandAugment step on PIL images (empty when neither is on).
+
+    AutoAugment is torchvision's ``AutoAugment`` with the named policy (the CIFAR-10 policy is the one the
+    official BalPoE code applies for the longer CIFAR training). RandAugment is timm's
+    ``rand_augment_transform``, not torchvision's ``RandAugment``: the official code (through PaCo) uses a
+    copy of timm's, whose ops, 0.5 chance per op and Gaussian magnitude noise (``mstd``) torchvision's
+    lacks. Its fill colour is the recipe's mean, timm's convention.
+    """
+    from timm.data import rand_augment_transform
+    from torchvision import transforms as T
+
+    if recipe.auto_augment != "none":
+        policy = T.AutoAugmentPolicy(recipe.auto_augment)
+        return [T.AutoAugment(policy, fill=AUTO_AUGMENT_FILL)]
+    if recipe.rand_augment is not None:
+        fill = tuple(min(255, round(255 * m)) for m in recipe.image_mean)
+        return [rand_augment_transform(recipe.rand_augment, {"img_mean": fill})]
+    return []
+
+
+def cutout(side: int, image_size: int) -> Callable:
+    """Cutout (DeVries & Taylor, 2017) of one ``side`` x ``side`` square on a ``[0, 1]`` tensor, set to 0.
+
+    torchvision's ``RandomErasing`` with a fixed square area: unlike the original Cutout, whose square may
+    hang over the border (and so erase less), it always erases the full square inside the image.
+    """
+    from torchvision import transforms as T
+
+    area = side * side / (image_size * image_size)
+    return T.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0)
 
 
 class ImageTransform:
@@ -71,7 +110,11 @@ class ImageTransform:
             steps = [T.Resize((size, size))]
             if recipe.hflip:
                 steps.append(T.RandomHorizontalFlip())
-        steps += [T.ToTensor(), T.Normalize(recipe.image_mean, recipe.image_std)]
+        steps += policy_steps(recipe)
+        steps.append(T.ToTensor())
+        if recipe.cutout:
+            steps.append(cutout(recipe.cutout, size))
+        steps.append(T.Normalize(recipe.image_mean, recipe.image_std))
         self.transform = T.Compose(steps)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -40,6 +41,8 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 Profile = Literal["exponential", "step"]
 Classifier = Literal["cosine", "linear"]
 Augmentation = Literal["cifar", "imagenet", "none"]
+AutoAugmentPolicy = Literal["none", "cifar10", "imagenet", "svhn"]
+Selection = Literal["random", "reference"]
 LRSchedule = Literal["multistep", "cosine", "constant"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Loss = Literal["balpoe", "lade"]
@@ -78,6 +81,13 @@ class Recipe:
         "(a sub-folder per class). Takes precedence over --dataset."))
     test_file: list[str] | None = field(default=None, metadata=_help(
         "Local test data (the balanced test set), in the same format as --train-file."))
+    train_list: str | None = field(default=None, metadata=_help(
+        "Split-list file of the training images (one 'relative/path label' line per image, like "
+        "ImageNet_LT_train.txt), read with --data-root. Takes precedence over --dataset."))
+    test_list: str | None = field(default=None, metadata=_help(
+        "Split-list file of the test images (e.g. ImageNet_LT_test.txt), with --train-list."))
+    data_root: str | None = field(default=None, metadata=_help(
+        "Folder that the paths in --train-list / --test-list are relative to."))
     train_split: str = field(default="train", metadata=_help("Split of the Hub dataset to train on."))
     test_split: str = field(default="test", metadata=_help(
         "Split of the Hub dataset to evaluate on (the balanced test set)."))
@@ -92,6 +102,10 @@ class Recipe:
         "Profile of the long-tailed split."))
     split_seed: int = field(default=0, metadata=_help(
         "Seed of the long-tailed subsampling (the same split every run)."))
+    selection: Selection = field(default="random", metadata=_help(
+        "Which images the long-tailed split keeps (make_long_tailed): 'random' (numpy's default_rng) or "
+        "'reference' (the official CIFAR-LT code's selection: the published split on CIFAR-10/100 whose "
+        "rows of each class are in the original order)."))
     many_threshold: int = field(default=100, metadata=_help(
         "Classes with more training images than this are many-shot."))
     few_threshold: int = field(default=20, metadata=_help(
@@ -122,9 +136,9 @@ class Recipe:
     lade_remine_lambda: float = field(default=0.1, metadata=_help(
         "'lade': weight of the ReMINE penalty inside the LADE regulariser."))
     remove_mean_lambda: bool = field(default=True, metadata=_help(
-        "Predict with the expert mean minus mean(lambda) * log pi_train (the paper's Sec. 3.3); "
-        "--no-remove-mean-lambda predicts with the plain expert mean (with one expert and lambda 1: the "
-        "plain cross-entropy model's raw logits)."))
+        "Predict with the ensemble's mean bias removed (mean_e z_e - mean(lambda) log pi + log pi_t, "
+        "Sec. 3.3 of the paper); --no-remove-mean-lambda keeps it (mean_e z_e + log pi_t), as the official "
+        "code and the paper's ImageNet-LT results did. The same when mean(lambda) = 0."))
     # --- preprocessing and augmentation
     image_size: int = field(default=32, metadata=_help("Side of the square images the model sees."))
     image_mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465], metadata=_help(
@@ -143,6 +157,17 @@ class Recipe:
     hflip: bool = field(default=True, metadata=_help("Random horizontal flips."))
     color_jitter: float = field(default=0.0, metadata=_help(
         "'imagenet' augmentation: brightness/contrast/saturation jitter."))
+    # The three policy fields below run only in the PIL pipeline (transforms.py), after the --augment steps;
+    # Recipe.policy_augmentations() lists the ones a recipe turns on.
+    auto_augment: AutoAugmentPolicy = field(default="none", metadata=_help(
+        "AutoAugment policy (torchvision AutoAugment), e.g. 'cifar10' as in the paper's longer CIFAR "
+        "training."))
+    rand_augment: str | None = field(default=None, metadata=_help(
+        "RandAugment as a timm config string (timm.data.rand_augment_transform), e.g. 'rand-n2-m10-mstd0.5' "
+        "as in the paper's longer ImageNet-LT / iNaturalist training; 'none': off."))
+    cutout: int = field(default=0, metadata=_help(
+        "Cutout: erase one random square of this side in pixels (torchvision RandomErasing, before "
+        "normalisation); 0: off."))
     # --- optimisation
     epochs: int = field(default=200, metadata=_help("Training epochs."))
     batch_size: int = field(default=128, metadata=_help(
@@ -218,13 +243,52 @@ class Recipe:
             raise TrainingError("image_mean and image_std need 3 values (images are fed as RGB).")
         if self.eval_every < 0 or self.num_workers < 0 or self.warmup_epochs < 0:
             raise TrainingError("eval_every, num_workers and warmup_epochs must not be negative.")
+        if not 0 <= self.cutout <= self.image_size:
+            raise TrainingError(f"cutout must be between 0 (off) and image_size ({self.image_size}) pixels, "
+                                f"got {self.cutout}.")
+        if self.auto_augment != "none" and self.rand_augment is not None:
+            raise TrainingError("choose one augmentation policy: auto_augment or rand_augment, not both.")
+        if self.rand_augment is not None:
+            _check_rand_augment(self.rand_augment)
+        if self.train_list is not None and (self.train_file is not None or self.test_file is not None):
+            raise TrainingError("give one data source: --train-list/--test-list or --train-file/--test-file.")
         return self
+
+    def policy_augmentations(self) -> list[str]:
+        """The augmentation policies this recipe turns on, e.g. ``["auto_augment=cifar10"]``.
+
+        They exist only in the PIL pipeline (``transforms.py``); a recipe with none of them trains with its
+        ``augment`` steps alone.
+        """
+        active = {"auto_augment": self.auto_augment != "none", "rand_augment": self.rand_augment is not None,
+                  "cutout": self.cutout > 0}
+        return [f"{name}={getattr(self, name)}" for name, on in active.items() if on]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+
+
+# timm's RandAugment string: 'rand' then dash-separated sections; timm skips a section it cannot parse
+# (say 'rand-n2-M9'), so the whole string is checked here.
+_RAND_AUGMENT = re.compile(r"rand(-(m\d+|n\d+|p[\d.]+|mstd[\d.]+|mmax\d+|inc[01]|t\w+))*")
+
+
+def _check_rand_augment(config: str) -> None:
+    """Refuse a RandAugment string that timm cannot build, now rather than in a DataLoader worker."""
+    from timm.data import rand_augment_transform
+
+    try:
+        if not _RAND_AUGMENT.fullmatch(config):
+            raise ValueError("unknown section")
+        rand_augment_transform(config, {})
+    except (AssertionError, ValueError, KeyError) as error:
+        reason = str(error) or "unknown section"
+        raise TrainingError(f"rand_augment {config!r} is not a timm RandAugment string ({reason}); write "
+                            "it like 'rand-n2-m10-mstd0.5' (n: ops per image, m: magnitude 0-10, mstd: "
+                            "magnitude noise).") from None
 
 
 def available_recipes() -> list[str]:
@@ -464,9 +528,10 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
     check_method_overrides(settings["method"], given)
     run = RunArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(RunArguments)})
     if run.recipe is None and run.config is None and settings["dataset"] is None \
-            and settings["train_file"] is None:
+            and settings["train_file"] is None and settings["train_list"] is None:
         parser.error(f"pass --recipe NAME (one of: {', '.join(available_recipes())}), --config FILE.yaml, "
-                     "or the data flags (--dataset / --train-file and --test-file).")
+                     "or the data flags (--dataset / --train-file and --test-file / --train-list, "
+                     "--test-list and --data-root).")
     recipe = make_recipe(settings)
     if run.push_to_hub and not run.hub_model_id:
         raise TrainingError("--push-to-hub needs --hub-model-id USER/NAME.")
