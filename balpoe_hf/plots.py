@@ -115,7 +115,7 @@ def method_comparison_plot(methods: Mapping[str, Mapping[str, Sequence]], train_
             raise ValueError(f"{name}: per_class_accuracy has {len(entry['per_class_accuracy'])} entries but "
                              f"train_counts has {len(train_counts)}; give one of each per class.")
     columns = len(methods)
-    fig = Figure(figsize=(3.2 * max(columns, 2), 7.2))
+    fig = Figure(figsize=(3.2 * max(columns, 3), 7.2))
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, columns, height_ratios=[1, 1.1], hspace=0.35, wspace=0.3)
     for column, (name, entry) in enumerate(methods.items()):
