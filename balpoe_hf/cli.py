@@ -63,14 +63,18 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 EVALUATE_DESCRIPTION = """Evaluate a saved BalPoE model on a balanced test set and on label-shifted versions.
 
-    balpoe-evaluate --model runs/fashion-mnist-lt-quick --shifts all --prior none,oracle,em \\
+    balpoe-evaluate --model runs/fashion-mnist-lt-quick --shifts all \\
         --output runs/fashion-mnist-lt-quick/eval/report.json
+    balpoe-evaluate --model runs/main-holdout --shifts all --prior all   # trained with --holdout-fraction
 
 Prints the balanced-test-set report (accuracy, balanced and many/medium/few accuracy, ECE, MCE, NLL, Brier),
 then a table shaped like Table 10 of the BalPoE paper: one row per prior mode, one column per test
 distribution (forward50 ... uniform ... backward50), top-1 accuracy in the cells. Prior modes: none (uniform
-target prior), oracle (the shifted set's true label distribution), em (that distribution estimated from the
-model's posteriors on the unlabeled shifted set). With --output it writes the JSON report and, beside it, a
+target prior), oracle (the shifted set's true label distribution), and estimators of that distribution from
+the model's logits on the unlabelled shifted set: em (EM on the raw posteriors), em-ts and em-bcts (EM after
+temperature scaling / BCTS), bbse (from the held-out confusion matrix), em-bcts-lrt (em-bcts with a
+likelihood-ratio guard) and auto, the default (see the README). All but em need a model trained with
+--holdout-fraction (its config.calibration). With --output it writes the JSON report and, beside it, a
 reliability diagram and a per-class accuracy plot of the balanced set.
 
 Test data: by default the test set of the run's recipe.yaml; else --dataset fashion-mnist (the Debian package
@@ -110,8 +114,9 @@ class EvaluateArguments:
         "help": "Column of the class labels (default: label)."})
     shifts: str = field(default="all", metadata={"help": (
         "'all' (forward50 ... uniform ... backward50) or a comma list of shift names.")})
-    prior: str = field(default="none,oracle,em", metadata={
-        "help": "Comma list of prior modes: none, oracle, em."})
+    prior: str | None = field(default=None, metadata={"help": (
+        "Comma list of prior modes, or 'all': none, oracle, em, em-ts, em-bcts, bbse, em-bcts-lrt, auto "
+        "(default: none,oracle,auto; none,oracle,em for a model trained without --holdout-fraction).")})
     output: str | None = field(default=None, metadata={
         "help": "Write the JSON report here, and the PNG plots beside it."})
     batch_size: int = field(default=256, metadata={"help": "Inference batch size."})
@@ -218,6 +223,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
     from .evaluation import (
         EvaluationError,
+        check_calibration_for,
+        default_priors,
         evaluate_model,
         format_balanced,
         format_shift_table,
@@ -230,9 +237,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_evaluate_args(argv)
     try:
-        shifts, priors = parse_shifts(args.shifts), parse_priors(args.prior)
+        shifts = parse_shifts(args.shifts)
+        priors = None if args.prior is None else parse_priors(args.prior)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, processor = load_model(args.model, device)
+        priors = priors or default_priors(model.config.calibration)
+        check_calibration_for(priors, model.config.calibration, args.model)
         if args.test_list and len(args.test_list) > 1:
             _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
             return 0

@@ -15,7 +15,7 @@ from transformers import PreTrainedConfig
 
 # Importing .backbones also registers the CIFAR ResNets (the default backbone) with timm.
 from .backbones import check_backbone_kwargs
-from .priors import expert_lambdas, validate_class_counts, validate_prior
+from .priors import expert_lambdas, validate_calibration, validate_class_counts, validate_prior
 
 CLASSIFIERS = ("cosine", "linear")
 LOSSES = ("balpoe", "lade")
@@ -76,6 +76,13 @@ class BalPoEConfig(PreTrainedConfig):
             means a balanced training set (uniform prior, no logit adjustment).
         target_prior (`list[float]`, *optional*):
             Test-time class prior the logits are adjusted to; `None` means uniform (balanced accuracy).
+        calibration (`dict`, *optional*):
+            What the model learnt about itself on held-out labelled data from the training distribution
+            (`balpoe_hf.priors.holdout_calibration`, filled in by training with `holdout_fraction > 0`):
+            `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the uniform-prior logits `z`),
+            `ts_temperature` (temperature scaling alone), `holdout_counts` and `confusion` (held-out labels
+            against `argmax z`). Used to estimate an unknown test prior from unlabelled data
+            (`adapt_to_unlabeled`); it does not change the logits. `None`: no held-out data.
         image_size (`int`, *optional*):
             Input resolution; defaults to `backbone_kwargs["img_size"]` or the timm model's input size.
         image_mean, image_std (`list[float]`, *optional*):
@@ -117,6 +124,7 @@ class BalPoEConfig(PreTrainedConfig):
     classifier_scale: float = 30.0
     class_counts: list[int] | None = None
     target_prior: list[float] | None = None
+    calibration: dict[str, Any] | None = None
     image_size: int | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
@@ -137,6 +145,8 @@ class BalPoEConfig(PreTrainedConfig):
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
         for name in ("lambdas", "class_counts", "target_prior", "image_mean", "image_std"):
             setattr(self, name, _to_list(getattr(self, name)))
+        if isinstance(self.calibration, dict):
+            self.calibration = {key: _to_list(value) for key, value in self.calibration.items()}
         if self.lambdas is None and isinstance(self.num_experts, int) and self.num_experts >= 1:
             self.lambdas = default_lambdas(self.num_experts)
         self._fill_image_defaults()
@@ -173,6 +183,8 @@ class BalPoEConfig(PreTrainedConfig):
             validate_class_counts(self.class_counts, num_classes)
         if self.target_prior is not None:
             validate_prior(self.target_prior, num_classes)
+        if self.calibration is not None:
+            validate_calibration(self.calibration, num_classes)
         if not isinstance(self.remove_mean_lambda, bool):
             raise ValueError(f"remove_mean_lambda must be True or False, got {self.remove_mean_lambda!r}.")
         if self.method is not None and not isinstance(self.method, str):

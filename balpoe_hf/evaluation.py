@@ -11,8 +11,11 @@ The model runs once per balanced test image, with a uniform target prior; every 
 protocol of ``make_shifted_test``: forward50 ... uniform ... backward50) is a selection of those cached
 logits, and every prior mode adds ``log(C * pi_t)`` to them, which is exactly what
 ``model.set_target_prior(pi_t)`` does inside the model. Prior modes: ``none`` (uniform target prior),
-``oracle`` (the shifted set's true label distribution), ``em`` (that distribution estimated from the model's
-posteriors on the unlabeled shifted set, ``balpoe_hf.priors.estimate_target_prior``).
+``oracle`` (the shifted set's true label distribution), and the estimators of
+``balpoe_hf.priors.UNKNOWN_PRIOR_METHODS``, which estimate that distribution from the model's logits on the
+unlabelled shifted set (``estimate_unknown_prior``, as ``model.adapt_to_unlabeled`` does): ``em``, ``em-ts``,
+``em-bcts``, ``bbse``, ``em-bcts-lrt`` and ``auto`` (the default unknown-prior mode). All but ``em`` need
+the held-out calibration a run trained with ``holdout_fraction > 0`` saves in ``config.calibration``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +32,23 @@ import datasets
 import numpy as np
 import torch
 
-from .data import make_shifted_test
+from .calibration import apply_calibration
+from .data import make_shifted_test, rank_by_count
 from .loading import align_labels, offline_mode
-from .metrics import accuracy_report, long_tail_report
+from .metrics import accuracy_report, calibration_report, long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
-from .priors import adjust_logits, estimate_target_prior
+from .priors import (
+    UNKNOWN_PRIOR_METHODS,
+    PriorEstimate,
+    UnknownPriorMethod,
+    adjust_logits,
+    estimate_unknown_prior,
+    holdout_calibration,
+)
 
 ALL_SHIFTS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
               "backward2", "backward5", "backward10", "backward25", "backward50"]
-PRIOR_MODES = ("none", "oracle", "em")
+PRIOR_MODES = ("none", "oracle", *UNKNOWN_PRIOR_METHODS)
 SHIFT_PATTERN = re.compile(r"(forward|backward)(\d+(?:\.\d+)?)|uniform")
 
 
@@ -60,7 +71,9 @@ def parse_shifts(shifts: str | Sequence[str]) -> list[str]:
 
 
 def parse_priors(priors: str | Sequence[str]) -> list[str]:
-    """A comma list (or a list) of prior modes out of none, oracle, em."""
+    """A comma list (or a list) of prior modes out of ``PRIOR_MODES``; ``"all"`` is every one of them."""
+    if isinstance(priors, str) and priors.strip() == "all":
+        return list(PRIOR_MODES)
     if isinstance(priors, str):
         priors = priors.split(",")
     modes = [mode.strip() for mode in priors if mode.strip()]
@@ -120,6 +133,22 @@ def predict(model: BalPoEForImageClassification, processor: Any, ds: datasets.Da
     return torch.cat(logits), torch.cat(expert_logits)
 
 
+def fit_target_prior(model: BalPoEForImageClassification, processor: Any, ds: datasets.Dataset, *,
+                     image_column: str = "image", method: str = "auto", set_prior: bool = True,
+                     batch_size: int = 256) -> PriorEstimate:
+    """``model.adapt_to_unlabeled`` for a ``datasets.Dataset`` of unlabelled images (labels are not read).
+
+    Preprocesses ``ds[image_column]`` with ``processor`` (the model's image processor), estimates the class
+    prior with ``priors.estimate_unknown_prior(logits, model.config.calibration, method)`` and, with
+    ``set_prior``, calls ``model.set_target_prior(estimate.prior)``. Returns the ``PriorEstimate``.
+    """
+    logits, _ = predict(model, processor, ds, image_column, batch_size)
+    estimate = estimate_unknown_prior(logits, model.config.calibration, method)
+    if set_prior:
+        model.set_target_prior(estimate.prior)
+    return estimate
+
+
 # --------------------------------------------------------------------------- shifts and priors
 
 
@@ -144,31 +173,141 @@ def with_target_prior(uniform_logits: torch.Tensor, prior: torch.Tensor) -> torc
     return adjust_logits(uniform_logits.double(), torch.zeros(()), 0.0, prior.double().clamp_min(floor))
 
 
+def _estimate_summary(estimate: PriorEstimate, true_prior: torch.Tensor) -> dict[str, Any]:
+    return {
+        "prior": estimate.prior.tolist(),
+        # Total variation distance between the prior used and the truth: how well the estimator did.
+        "error": float(0.5 * (estimate.prior - true_prior).abs().sum()),
+        "guard_fired": estimate.guard_fired,
+        "p_value": estimate.p_value,
+    }
+
+
 def evaluate_shifts(uniform_logits: torch.Tensor, labels: np.ndarray, train_counts: list[int],
                     shifts: list[str], priors: list[str], seed: int = 0,
-                    **report_kwargs: Any) -> dict[str, Any]:
-    """Per shift: its size, true and EM-estimated priors, and a long_tail_report per prior mode."""
+                    calibration: dict[str, Any] | None = None, **report_kwargs: Any) -> dict[str, Any]:
+    """Per shift: its size, true prior, each estimator's prior, and a long_tail_report per prior mode.
+
+    ``calibration`` is the model's ``config.calibration``, needed by every estimator but ``em``.
+    """
     num_classes = uniform_logits.shape[1]
     results: dict[str, Any] = {}
     for shift in shifts:
         rows = shifted_rows(labels, train_counts, shift, seed)
         logits, targets = uniform_logits[rows], labels[rows]
         true_prior = torch.from_numpy(np.bincount(targets, minlength=num_classes) / len(targets))
-        entry: dict[str, Any] = {"num_samples": len(rows), "test_prior": true_prior.tolist(), "reports": {}}
+        entry: dict[str, Any] = {"num_samples": len(rows), "test_prior": true_prior.tolist(), "estimates": {},
+                                 "reports": {}}
         for mode in priors:
             if mode == "none":
                 adjusted = logits
             elif mode == "oracle":
                 adjusted = with_target_prior(logits, true_prior)
             else:
-                em_prior = estimate_target_prior(torch.softmax(logits.double(), dim=1))
-                entry["em_prior"] = em_prior.tolist()
-                # Total variation distance between the estimate and the truth: how well EM did.
-                entry["em_prior_error"] = float(0.5 * (em_prior - true_prior).abs().sum())
-                adjusted = with_target_prior(logits, em_prior)
+                estimate = estimate_unknown_prior(logits, calibration, mode)
+                entry["estimates"][mode] = _estimate_summary(estimate, true_prior)
+                adjusted = with_target_prior(logits, estimate.prior)
             entry["reports"][mode] = long_tail_report(adjusted, targets, train_counts, **report_kwargs)
         results[shift] = entry
     return results
+
+
+def default_priors(calibration: dict[str, Any] | None) -> list[str]:
+    """``none``, ``oracle`` and the default unknown-prior mode ``auto`` (``em`` for a model without
+    held-out calibration)."""
+    return ["none", "oracle", "auto" if calibration is not None else "em"]
+
+
+def check_calibration_for(priors: Sequence[str], calibration: dict[str, Any] | None, model_id: str) -> None:
+    """Raise an ``EvaluationError`` when a prior mode needs the held-out calibration the model lacks."""
+    needy = [mode for mode in priors if UNKNOWN_PRIOR_METHODS.get(mode) is not None
+             and UNKNOWN_PRIOR_METHODS[mode].calibration is not None]
+    if needy and calibration is None:
+        raise EvaluationError(
+            f"prior modes {needy} need the held-out calibration (config.calibration), which {model_id} "
+            "lacks: train it with --holdout-fraction 0.1 (balpoe-train), or evaluate with --prior "
+            "none,oracle,em.")
+
+
+def calibration_effect(logits: torch.Tensor, labels: torch.Tensor | np.ndarray, calibration: dict[str, Any],
+                       n_bins: int = 15) -> dict[str, float]:
+    """ECE and NLL of uniform-prior logits ``(N, C)`` on a balanced set after the held-out calibration.
+
+    ``calibration`` is a model's ``config.calibration``: ``*_temperature_scaling`` use ``softmax(z / T_ts)``,
+    ``*_bcts`` use ``softmax(z / T + b)``. The labels must follow a uniform prior (a balanced test set), the
+    prior these calibrated probabilities are for.
+    """
+    scaled = calibration_report(apply_calibration(logits.double(), calibration["ts_temperature"]), labels,
+                                n_bins)
+    bcts = calibration_report(apply_calibration(logits.double(), calibration["temperature"],
+                                                calibration["bias"]), labels, n_bins)
+    return {"ece_temperature_scaling": scaled["ece"], "nll_temperature_scaling": scaled["nll"],
+            "ece_bcts": bcts["ece"], "nll_bcts": bcts["nll"]}
+
+
+def shift_prior(train_counts: Sequence[int], shift: str) -> torch.Tensor:
+    """The class proportions of a shifted test set before rounding: the class of training rank ``k``
+    (``rank_by_count``) gets ``ratio ** (-k / (C - 1))`` (forward) or the reverse (backward), normalised."""
+    kind, ratio = _split_shift(shift)
+    num_classes = len(train_counts)
+    ranks = torch.empty(num_classes, dtype=torch.float64)
+    ranks[rank_by_count(train_counts)] = torch.arange(num_classes, dtype=torch.float64)
+    if kind == "backward":
+        ranks = num_classes - 1 - ranks
+    weights = float(ratio) ** (-ranks / max(1, num_classes - 1))
+    return weights / weights.sum()
+
+
+def simulate_holdout_shifts(logits: torch.Tensor, labels: torch.Tensor | np.ndarray,
+                            train_counts: Sequence[int], methods: Mapping[str, str | UnknownPriorMethod],
+                            shifts: Sequence[str] = ALL_SHIFTS, *, size: int = 2000, repeats: int = 10,
+                            seed: int = 0) -> dict[str, dict[str, float]]:
+    """Label shifts simulated from held-out data, to choose estimator settings without the test set.
+
+    ``logits`` ``(N, C)`` are a model's uniform-prior logits on its held-out split and ``labels`` ``(N,)``
+    their classes. Each of ``repeats`` rounds halves the held-out data per class; each half in turn fits a
+    calibration (``holdout_calibration``), and the other half is resampled with replacement into a set of
+    ``size`` images per shift, with class proportions ``shift_prior``. The calibration never sees the images
+    it is judged on, as for a real test set; tail classes with a handful of held-out images make the
+    resampled sets repetitive, so read the results as a check of the guard, not as test accuracies.
+
+    ``methods`` maps a row name to a method name or an ``UnknownPriorMethod`` (``estimate_unknown_prior``);
+    the row ``oracle`` (the drawn sample's class proportions) is added. Returns row -> shift -> mean top-1
+    gain over the uniform prior (fractions; negative means harm). Every class needs two held-out images.
+    """
+    scores, targets = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels).long()
+    num_classes = scores.shape[1]
+    per_class = torch.bincount(targets, minlength=num_classes)
+    if int(per_class.min()) < 2:
+        few = torch.nonzero(per_class < 2).flatten().tolist()
+        raise EvaluationError(f"classes {few[:20]} have fewer than 2 held-out images; the simulation fits on "
+                              "one half and tests on the other.")
+    rng = np.random.default_rng(seed)
+    gains: dict[str, dict[str, list[float]]] = {name: {shift: [] for shift in shifts}
+                                                for name in ["oracle", *methods]}
+    for _ in range(repeats):
+        half = torch.zeros(len(targets), dtype=torch.bool)
+        for cls in range(num_classes):
+            rows = rng.permutation(np.flatnonzero(targets.numpy() == cls))
+            half[torch.from_numpy(rows[: len(rows) // 2])] = True
+        for fit in (half, ~half):
+            calibration = holdout_calibration(scores[fit], targets[fit])
+            pools = [np.flatnonzero(((targets == cls) & ~fit).numpy()) for cls in range(num_classes)]
+            for shift in shifts:
+                drawn = rng.multinomial(size, shift_prior(train_counts, shift).numpy())
+                rows = np.concatenate([rng.choice(pool, n) for pool, n in zip(pools, drawn, strict=True)])
+                sample, truth = scores[rows], targets[rows]
+
+                def accuracy(prior: torch.Tensor, sample=sample, truth=truth) -> float:
+                    return float((with_target_prior(sample, prior).argmax(1) == truth).double().mean())
+
+                uniform = accuracy(torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64))
+                gains["oracle"][shift].append(accuracy(torch.from_numpy(drawn / size)) - uniform)
+                for name, method in methods.items():
+                    prior = estimate_unknown_prior(sample, calibration, method).prior
+                    gains[name][shift].append(accuracy(prior) - uniform)
+    return {name: {shift: float(np.mean(values)) for shift, values in row.items()}
+            for name, row in gains.items()}
 
 
 @dataclass
@@ -184,16 +323,22 @@ class EvaluationResult:
 def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: datasets.Dataset, *,
                    image_column: str = "image", label_column: str = "label",
                    shifts: str | Sequence[str] = "all",
-                   priors: str | Sequence[str] = ("none", "oracle", "em"),
+                   priors: str | Sequence[str] | None = None,
                    batch_size: int = 256, n_bins: int = 15, many: int = 100, few: int = 20,
                    seed: int = 0) -> EvaluationResult:
     """The balanced-test-set report, each expert's accuracy, and the shifted sets under every prior mode.
 
-    The report is a JSON-ready dict: ``balanced`` (``long_tail_report``), ``experts`` (raw-logit accuracy of
-    each expert as trained), ``shift_accuracy`` (prior mode -> shift -> top-1 accuracy) and ``shifts`` (per
-    shift: its size, true prior, EM estimate and a full report per prior mode).
+    ``priors=None``: ``default_priors`` (``none``, ``oracle`` and ``auto``, or ``em`` when the model has no
+    held-out calibration).
+
+    The report is a JSON-ready dict: ``balanced`` (``long_tail_report``, plus ``calibration_effect`` when the
+    model has a held-out calibration), ``experts`` (raw-logit accuracy of each expert as trained),
+    ``shift_accuracy`` (prior mode -> shift -> top-1 accuracy) and ``shifts`` (per shift: its size, true
+    prior, each estimator's prior with its error and guard, and a full report per prior mode).
     """
-    shifts, priors = parse_shifts(shifts), parse_priors(priors)
+    calibration = model.config.calibration
+    shifts, priors = parse_shifts(shifts), parse_priors(priors or default_priors(calibration))
+    check_calibration_for(priors, calibration, "the model")
     train_counts = [int(c) for c in model.config.class_counts]
     id2label = model.config.id2label
     labels = align_labels(ds, label_column, [id2label[i] for i in range(len(id2label))])
@@ -203,13 +348,15 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     uniform_logits, expert_logits = predict(model, processor, ds, image_column, batch_size)
     seconds = time.perf_counter() - start
     balanced = long_tail_report(uniform_logits, labels, train_counts, **report_kwargs)
+    if calibration is not None:
+        balanced.update(calibration_effect(uniform_logits, labels, calibration, n_bins))
     # Each expert as trained (biased towards the head for lambda > 0, the tail for lambda < 0).
     experts = []
     for e in range(expert_logits.shape[1]):
         accuracy = accuracy_report(expert_logits[:, e].argmax(1), labels, train_counts, many, few)
         accuracy.pop("per_class_accuracy")
         experts.append({"lambda": model.config.lambdas[e], **accuracy})
-    shift_results = evaluate_shifts(uniform_logits, labels, train_counts, shifts, priors, seed,
+    shift_results = evaluate_shifts(uniform_logits, labels, train_counts, shifts, priors, seed, calibration,
                                     **report_kwargs)
     shift_accuracy = {mode: {shift: shift_results[shift]["reports"][mode]["accuracy"] for shift in shifts}
                       for mode in priors}
@@ -267,6 +414,9 @@ def format_balanced(report: dict[str, Any], num_samples: int) -> str:
         ("ECE / MCE", f"{_pct(report['ece'])} / {_pct(report['mce'])} %"),
         ("NLL / Brier", f"{report['nll']:.4f} / {report['brier']:.4f}"),
     ]
+    if "ece_bcts" in report:
+        rows.append(("ECE calibrated", f"{_pct(report['ece_temperature_scaling'])} (temperature scaling) / "
+                                       f"{_pct(report['ece_bcts'])} (BCTS) %"))
     lines = [f"Balanced test set ({num_samples} images, uniform target prior):"]
     lines += [f"  {name:<20} {value}" for name, value in rows]
     return "\n".join(lines)

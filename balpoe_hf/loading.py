@@ -1,8 +1,9 @@
 """Where the images come from: the Hub, parquet files, imagefolder directories, split-list files (ImageNet-LT,
 Places-LT, iNaturalist-2018), Fashion-MNIST's IDX files.
 
-``load_training_data(recipe)`` gives a run its long-tailed training split and its balanced test set, with the
-class names and counts the model needs; ``load_split`` gives an evaluation its test set alone. Images are
+``load_training_data(recipe)`` gives a run its long-tailed training split, its optional held-out split
+(``holdout_split``) and its balanced test set, with the class names and counts the model needs;
+``load_split`` gives an evaluation its test set alone. Images are
 not decoded here: the ``datasets.Image`` column decodes on access, in the transforms.
 
 One rule for class labels everywhere (``align_labels``): when the test data and the model (or the training
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import datasets
 import numpy as np
 from huggingface_hub import constants as hub_constants
 
-from .data import class_counts, labels_array, make_long_tailed
+from .data import _subsample, class_counts, labels_array, make_long_tailed
 from .recipes import FASHION_MNIST, FASHION_MNIST_DIR, Recipe, TrainingError
 from .split_lists import load_split_list
 
@@ -232,12 +234,51 @@ def relabel(ds: datasets.Dataset, label_column: str, class_names: Sequence[str])
 
 @dataclass
 class TrainingData:
-    """The long-tailed training split, the balanced test set and what the model needs to know about them."""
+    """The long-tailed training split, the balanced test set and what the model needs to know about them.
+
+    ``holdout`` (``None`` without ``recipe.holdout_fraction``) is a stratified part of the long-tailed split,
+    removed from ``train`` before training: labelled data from the training distribution, for calibration.
+    """
 
     train: datasets.Dataset
     test: datasets.Dataset
     class_names: list[str]
-    class_counts: list[int]  # training images per class, in label order
+    class_counts: list[int]  # images per class actually trained on (after the held-out split), label order
+    holdout: datasets.Dataset | None = None
+    holdout_counts: list[int] | None = None
+
+
+def holdout_sizes(counts: Sequence[int], fraction: float) -> list[int]:
+    """Images to hold out per class: ``fraction * n_c`` rounded half up, at least 1, leaving at least 1.
+
+    Raises ``ValueError`` naming the classes too small to give one image to each side.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}.")
+    sizes = [max(1, math.floor(fraction * n + 0.5)) for n in counts]
+    small = [c for c, (k, n) in enumerate(zip(sizes, counts, strict=True)) if k >= n]
+    if small:
+        raise ValueError(
+            f"holdout_fraction {fraction:g} leaves classes {small[:20]} (with "
+            f"{[counts[c] for c in small[:20]]} images) without a training image: every class needs one "
+            "held-out image and one to train on. Lower holdout_fraction or the imbalance ratio, or set "
+            "holdout_fraction 0.")
+    return sizes
+
+
+def holdout_split(ds: datasets.Dataset, fraction: float, label_column: str = "label", seed: int = 0,
+                  num_classes: int | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train, holdout)``: a stratified split holding out ``holdout_sizes(counts, fraction)`` per class.
+
+    Each class's held-out rows are the first of a permutation drawn by ``numpy.random.default_rng((seed,
+    1))``, a stream apart from the long-tailed subsampling's ``default_rng(seed)``, so that the split is a
+    function of ``seed`` alone. Both parts keep the dataset's row order and share no row.
+    """
+    labels = labels_array(ds, label_column, num_classes)
+    counts = np.bincount(labels, minlength=num_classes or 0).tolist()
+    held_out = _subsample(labels, holdout_sizes(counts, fraction), np.random.default_rng((seed, 1)))
+    kept = np.setdiff1d(np.arange(len(labels)), held_out, assume_unique=True)
+    return ds.select(kept), ds.select(held_out)
 
 
 def _check_columns(ds: datasets.Dataset, recipe: Recipe, split: str) -> None:
@@ -332,7 +373,17 @@ def load_training_data(recipe: Recipe) -> TrainingData:
     if empty:
         raise DataError(f"classes {empty[:20]} have no training image; BalPoE needs every class in the "
                         "training prior (set --num-classes to the number of classes actually present).")
+    holdout = holdout_counts = None
+    if recipe.holdout_fraction > 0:
+        try:
+            train, holdout = holdout_split(train, recipe.holdout_fraction, recipe.label_column,
+                                           recipe.split_seed, num_classes)
+        except ValueError as error:
+            raise DataError(str(error)) from None
+        counts = class_counts(train, recipe.label_column, num_classes)
+        holdout_counts = class_counts(holdout, recipe.label_column, num_classes)
     if names is None or len(names) != num_classes:
         names = [str(c) for c in range(num_classes)]
     test = relabel(test, recipe.label_column, names)
-    return TrainingData(train=train, test=test, class_names=list(names), class_counts=counts)
+    return TrainingData(train=train, test=test, class_names=list(names), class_counts=counts,
+                        holdout=holdout, holdout_counts=holdout_counts)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -32,7 +32,14 @@ from transformers.utils import IMAGE_PROCESSOR_NAME, logging
 from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .configuration_balpoe import BalPoEConfig
 from .losses import BalPoELoss, LADELoss
-from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
+from .priors import (
+    PriorEstimate,
+    adjust_logits,
+    class_prior,
+    estimate_unknown_prior,
+    log_class_prior,
+    validate_prior,
+)
 from .processing import build_image_processor
 
 logger = logging.get_logger(__name__)
@@ -381,6 +388,62 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         probs = self._resolve_target_prior(prior)
         self.config.target_prior = None if probs is None else probs.tolist()
         self.target_prior.copy_(_target_prior_tensor(self.config))
+
+    def _check_pixel_values(self, pixel_values: Any) -> torch.Tensor:
+        channels = self.config.backbone_kwargs.get("in_chans", 3)
+        expected = f"(batch > 0, {channels}, height, width)"
+        if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
+            is_tensor = torch.is_tensor(pixel_values)
+            got = f"a {pixel_values.dtype} tensor" if is_tensor else type(pixel_values).__name__
+            raise TypeError(f"unlabelled images must be float pixel_values tensors {expected} from the "
+                            f"model's image processor, got {got}.")
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or pixel_values.shape[1] != channels:
+            raise ValueError(f"unlabelled pixel_values must have shape {expected}, got "
+                             f"{tuple(pixel_values.shape)}; preprocess the images with the model's image "
+                             "processor (AutoImageProcessor.from_pretrained).")
+        return pixel_values
+
+    @torch.no_grad()
+    def adapt_to_unlabeled(self, images: torch.Tensor | Iterable[Any], *, method: str = "auto",
+                           set_prior: bool = True, batch_size: int = 256) -> PriorEstimate:
+        """Estimate the class prior of unlabelled deployment images and, by default, predict for it.
+
+        Args:
+            images: ``pixel_values`` ``(N, C, H, W)`` (run in batches of ``batch_size``), or an iterable of
+                such tensors or of batches with a ``"pixel_values"`` entry, e.g. a ``DataLoader``.
+            method: a name of ``priors.UNKNOWN_PRIOR_METHODS``; the default ``"auto"`` is the guarded
+                estimator the README's label-shift section chose. Every method but ``"em"`` uses
+                ``config.calibration`` (saved by training with ``holdout_fraction > 0``), so this works on a
+                model loaded from the Hub or a folder, without the training data.
+            set_prior: call ``set_target_prior(estimate.prior)`` (predictions ``logits + log(C * prior)``;
+                the calibration only serves the estimate, so a fallback to uniform changes nothing).
+
+        Returns the ``priors.PriorEstimate``: ``prior`` (what was set), ``estimate`` with its ``std_error``,
+        the likelihood-ratio ``p_value`` against the uniform prior and whether the guard fired. The model is
+        in eval mode afterwards.
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if torch.is_tensor(images):
+            batches: Iterable[Any] = self._check_pixel_values(images).split(batch_size)
+        elif isinstance(images, Iterable) and not isinstance(images, str | bytes | Mapping):
+            batches = images
+        else:
+            raise TypeError(f"images must be a pixel_values tensor or an iterable of batches, got "
+                            f"{type(images).__name__}.")
+        self.eval()
+        device = next(self.parameters()).device
+        logits = []
+        for batch in batches:
+            pixel_values = batch["pixel_values"] if isinstance(batch, Mapping) else batch
+            pixel_values = self._check_pixel_values(pixel_values).to(device)
+            logits.append(self(pixel_values=pixel_values, target_prior="uniform").logits.double().cpu())
+        if not logits:
+            raise ValueError("no unlabelled images were given: the iterable yielded no batch.")
+        estimate = estimate_unknown_prior(torch.cat(logits), self.config.calibration, method)
+        if set_prior:
+            self.set_target_prior(estimate.prior)
+        return estimate
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
                 target_prior: TargetPrior | None = None,

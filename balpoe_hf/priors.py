@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .calibration import apply_calibration, validate_logits
+from .calibration import apply_calibration, fit_bcts, fit_temperature, validate_logits
 
 PriorLike = Sequence[float] | torch.Tensor
 # A target prior must sum to one within this tolerance (float32 round-off over thousands of classes).
@@ -492,3 +492,156 @@ def estimate_prior(logits: torch.Tensor, *, method: str = "em", temperature: flo
     return PriorEstimate(prior=null.clone() if guard_fired else estimate, estimate=estimate,
                          std_error=std_error, statistic=statistic, p_value=p_value, guard_fired=guard_fired,
                          converged=converged, method=method)
+
+
+# --------------------------------------------------------------------------- held-out statistics
+# What a saved model needs to estimate a test prior without its training data: BCTS and temperature-scaling
+# fits and the confusion matrix of its uniform-prior logits on held-out data, stored as config.calibration.
+
+CALIBRATION_KEYS = ("temperature", "bias", "ts_temperature", "holdout_counts", "confusion")
+
+
+def holdout_calibration(logits: torch.Tensor, labels: torch.Tensor | Sequence[int], *,
+                        bias_std: float | None = None) -> dict[str, Any]:
+    """``config.calibration`` from a model's uniform-prior logits ``(N, C)`` on held-out labelled data.
+
+    The held-out data follow the training distribution, not the uniform prior of the logits ``z``, so the
+    fits use the offset ``log q`` with ``q`` the held-out label frequencies (see ``calibration``'s module
+    docstring); a stratified held-out split has the training prior up to rounding, and ``q`` is the prior
+    of the very data fitted. The returned ``temperature`` and ``bias`` (BCTS, ``calibration.fit_bcts``
+    with ``bias_std``) and ``ts_temperature`` (temperature scaling, ``fit_temperature``) then calibrate
+    ``z`` itself for a uniform prior: ``softmax(z / T + b)``. ``confusion`` counts ``argmax z`` against the
+    labels (rows labels, for ``bbse_prior``) and ``holdout_counts`` are its row sums. Plain lists and
+    numbers, ready for JSON. Raises a ``ValueError`` for a class without held-out sample.
+    """
+    z = validate_logits(logits)
+    num_classes = z.shape[1]
+    targets = torch.as_tensor(labels)
+    confusion = confusion_matrix(z.argmax(dim=1), targets, num_classes)
+    counts = confusion.sum(dim=1)
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(f"classes {empty[:20]} have no held-out sample, so neither their calibration bias "
+                         "nor their column of the confusion matrix can be estimated; hold out at least one "
+                         "image of every class (a stratified split, e.g. recipe holdout_fraction).")
+    offset = (counts / counts.sum()).log()
+    temperature, bias = fit_bcts(z, targets, offset=offset, bias_std=bias_std)
+    return {
+        "temperature": temperature,
+        "bias": bias.tolist(),
+        "ts_temperature": fit_temperature(z, targets, offset=offset),
+        "holdout_counts": [int(n) for n in counts.tolist()],
+        "confusion": confusion.long().tolist(),
+    }
+
+
+def _positive_finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def validate_calibration(calibration: dict[str, Any], num_classes: int) -> None:
+    """Check a ``config.calibration`` mapping (``holdout_calibration``'s keys); ``ValueError`` otherwise."""
+    if not isinstance(calibration, dict):
+        raise ValueError(f"calibration must be a mapping with keys {CALIBRATION_KEYS} (see "
+                         f"priors.holdout_calibration), got {type(calibration).__name__}.")
+    missing = [key for key in CALIBRATION_KEYS if key not in calibration]
+    unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
+    if missing or unknown:
+        raise ValueError(f"calibration needs exactly the keys {CALIBRATION_KEYS}; missing {missing}, "
+                         f"unknown {unknown}. Build it with priors.holdout_calibration(logits, labels).")
+    for key in ("temperature", "ts_temperature"):
+        if not _positive_finite(calibration[key]):
+            raise ValueError(f"calibration[{key!r}] must be a positive finite number, got "
+                             f"{calibration[key]!r}.")
+    _check_class_values(calibration["bias"], num_classes, "calibration['bias']")
+    counts = _check_class_values(calibration["holdout_counts"], num_classes, "calibration['holdout_counts']")
+    if (counts <= 0).any() or (counts != counts.round()).any():
+        raise ValueError("calibration['holdout_counts'] must be positive integers, one per class: every "
+                         f"class needs a held-out sample; got {calibration['holdout_counts']}.")
+    confusion = torch.as_tensor(calibration["confusion"], dtype=torch.float64)
+    if confusion.shape != (num_classes, num_classes) or (confusion < 0).any() or not torch.equal(
+            confusion.sum(dim=1), counts):
+        raise ValueError(f"calibration['confusion'] must be a ({num_classes}, {num_classes}) matrix of "
+                         "non-negative counts whose rows sum to calibration['holdout_counts'].")
+
+
+def _check_class_values(values: Any, num_classes: int, name: str) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {num_classes} numbers, got {values!r}.") from None
+    if tensor.shape != (num_classes,) or not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} must be {num_classes} finite numbers (one per class), got {values!r}.")
+    return tensor
+
+
+# --------------------------------------------------------------------------- unknown test priors
+# The estimators a user picks by name (balpoe-evaluate --prior, model.adapt_to_unlabeled): which calibration
+# of the uniform-prior logits they use and how they call estimate_prior.
+
+@dataclass(frozen=True)
+class UnknownPriorMethod:
+    """How ``estimate_unknown_prior`` runs one named estimator.
+
+    ``calibration``: what of ``config.calibration`` it uses: ``None`` (nothing: raw posteriors), ``"ts"``
+    (temperature scaling), ``"bcts"`` or ``"confusion"`` (for ``method="bbse"``); ``method``, ``guard``,
+    ``alpha`` and ``concentration`` go to ``estimate_prior``.
+    """
+
+    calibration: str | None
+    method: str = "em"
+    guard: str = "none"
+    alpha: float = 0.05
+    concentration: float = 0.0
+
+
+CALIBRATIONS = (None, "ts", "bcts", "confusion")
+UNKNOWN_PRIOR_METHODS: dict[str, UnknownPriorMethod] = {
+    "em": UnknownPriorMethod(calibration=None),
+    "em-ts": UnknownPriorMethod(calibration="ts"),
+    "em-bcts": UnknownPriorMethod(calibration="bcts"),
+    "bbse": UnknownPriorMethod(calibration="confusion", method="bbse"),
+    "em-bcts-lrt": UnknownPriorMethod(calibration="bcts", guard="lrt", alpha=0.05),
+}
+UNKNOWN_PRIOR_METHODS["auto"] = UNKNOWN_PRIOR_METHODS["em-bcts-lrt"]
+
+
+def estimate_unknown_prior(logits: torch.Tensor, calibration: dict[str, Any] | None = None,
+                           method: str | UnknownPriorMethod = "auto") -> PriorEstimate:
+    """The class prior of unlabelled data from a model's uniform-prior logits ``(N, C)`` on them.
+
+    ``calibration`` is the model's ``config.calibration`` (``holdout_calibration``); ``method`` names an
+    entry of ``UNKNOWN_PRIOR_METHODS``: ``em`` (EM on the raw posteriors, Saerens et al. 2002), ``em-ts``
+    (after temperature scaling), ``em-bcts`` (after BCTS, Alexandari et al. 2020), ``bbse`` (Lipton et al.
+    2018, from the held-out confusion matrix), ``em-bcts-lrt`` (``em-bcts`` that keeps the uniform prior
+    when a likelihood-ratio test does not support a shift) and ``auto``, the default (see the README's
+    label-shift section for how it was chosen). Predictions for the estimate are the logits plus
+    ``log(C * prior)``, which is ``model.set_target_prior(estimate.prior)``; the calibration is used to
+    estimate only, so a uniform estimate leaves the predictions exactly as they were. An
+    ``UnknownPriorMethod`` instead of a name runs other settings (e.g. another ``alpha``).
+    """
+    if isinstance(method, UnknownPriorMethod):
+        settings = method
+    elif method in UNKNOWN_PRIOR_METHODS:
+        settings = UNKNOWN_PRIOR_METHODS[method]
+    else:
+        raise ValueError(f"unknown prior-estimation method {method!r}; choose one of "
+                         f"{', '.join(UNKNOWN_PRIOR_METHODS)}.")
+    if settings.calibration not in CALIBRATIONS:
+        raise ValueError(f"UnknownPriorMethod.calibration must be one of {CALIBRATIONS}, got "
+                         f"{settings.calibration!r}.")
+    options: dict[str, Any] = {"method": settings.method, "guard": settings.guard, "alpha": settings.alpha,
+                               "concentration": settings.concentration}
+    if settings.calibration is not None:
+        if calibration is None:
+            raise ValueError(f"method {method!r} needs the model's held-out calibration, but its config has "
+                             "none: train with holdout_fraction > 0 (balpoe-train --holdout-fraction 0.1), "
+                             "or use method='em'.")
+        validate_calibration(calibration, validate_logits(logits).shape[1])
+        if settings.calibration == "ts":
+            options["temperature"] = calibration["ts_temperature"]
+        elif settings.calibration == "bcts":
+            options.update(temperature=calibration["temperature"], bias=calibration["bias"])
+        else:
+            options["confusion"] = torch.as_tensor(calibration["confusion"], dtype=torch.float64)
+    return estimate_prior(logits, **options)

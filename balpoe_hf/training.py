@@ -10,7 +10,9 @@ It runs in every process that ``accelerate launch`` starts (``balpoe-train``, ``
 and ``scripts/train.py`` are command lines over it), or in a plain Python process. The output directory gets
 the model (``save_pretrained``, loadable with ``AutoModelForImageClassification``) with its image processor,
 ``recipe.yaml``, ``train_results.json``, ``eval_results.json`` (the balanced test set) and one checkpoint per
-epoch (the last few are kept) for ``resume=True``.
+epoch (the last few are kept) for ``resume=True``. With ``recipe.holdout_fraction > 0`` the held-out split is
+evaluated after the last epoch: its calibration goes into the model's ``config.calibration`` and its
+``long_tail_report`` into ``holdout_results.json``.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from tqdm.auto import tqdm
 from . import checkpoints
 from .configuration_balpoe import BalPoEConfig
 from .data import shot_groups
+from .evaluation import calibration_effect
 from .loading import TrainingData, load_training_data
 from .metrics import long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
+from .priors import holdout_calibration
 from .recipes import Recipe, TrainingError, recipe_differences, save_recipe
-from .transforms import build_processor, with_transforms
+from .transforms import ImageTransform, build_processor, with_transforms
 
 
 @dataclass
@@ -146,11 +150,12 @@ def past_deadline(accelerator: Accelerator, deadline: float | None, epoch_second
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, recipe: Recipe,
-             class_counts: list[int]) -> tuple[dict, int]:
-    """``long_tail_report`` of the balanced test set and its size; every test image is counted once.
+def gather_logits(model: torch.nn.Module, loader: DataLoader,
+                  accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits ``(N, C)`` and the labels ``(N,)`` of every image of ``loader``, once each, on CPU.
 
-    The logits ``(N, C)`` are the model's, adjusted to a uniform prior.
+    Every process gets all of them. The logits are adjusted to the config's target prior (uniform in
+    training).
     """
     model.eval()
     all_logits, all_labels = [], []
@@ -160,10 +165,36 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerato
         logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
-    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, recipe: Recipe,
+             class_counts: list[int]) -> tuple[dict, int]:
+    """``long_tail_report`` of the balanced test set and its size; every test image is counted once.
+
+    The logits ``(N, C)`` are the model's, adjusted to a uniform prior. When the model has a held-out
+    calibration, the report adds the ECE and NLL after it (``calibration_effect``).
+    """
+    logits, labels = gather_logits(model, loader, accelerator)
     report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
                               few=recipe.few_threshold)
+    calibration = accelerator.unwrap_model(model).config.calibration
+    if calibration is not None:
+        report.update(calibration_effect(logits, labels, calibration, n_bins=15))
     return report, len(labels)
+
+
+def calibrate_on_holdout(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
+                         recipe: Recipe, class_counts: list[int]) -> dict[str, Any]:
+    """Fit the held-out calibration into the model's config; return the held-out ``long_tail_report``.
+
+    Every process fits the same ``holdout_calibration`` on the same gathered logits (float64 LBFGS).
+    """
+    logits, labels = gather_logits(model, loader, accelerator)
+    accelerator.unwrap_model(model).config.calibration = holdout_calibration(logits, labels)
+    report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
+                              few=recipe.few_threshold)
+    return {"holdout_samples": len(labels), **{f"holdout_{k}": v for k, v in report.items()}}
 
 
 def format_report(report: dict, groups: dict[str, list[int]]) -> str:
@@ -176,7 +207,10 @@ def format_report(report: dict, groups: dict[str, list[int]]) -> str:
             f"(accuracy {pct(report['accuracy'])} %)\n"
             f"many / medium / few-shot ({sizes} classes): {pct(report['many'])} / {pct(report['medium'])} / "
             f"{pct(report['few'])} %\n"
-            f"ECE (15 bins) {pct(report['ece'])} %   NLL {report['nll']:.4f}")
+            f"ECE (15 bins) {pct(report['ece'])} %   NLL {report['nll']:.4f}"
+            + ("" if "ece_bcts" not in report else
+               f"\nafter held-out calibration: ECE {pct(report['ece_temperature_scaling'])} % (temperature "
+               f"scaling), {pct(report['ece_bcts'])} % (BCTS)"))
 
 
 def _check_hub_upload_possible(push_to_hub: bool, hub_model_id: str | None) -> None:
@@ -234,7 +268,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     accelerator.print(f"{recipe.name}: {len(data.train):,} training images in {len(data.class_counts)} "
                       f"classes ({max(data.class_counts)} down to {min(data.class_counts)} per class), "
                       f"{len(data.test):,} test images; many/medium/few-shot classes "
-                      f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}")
+                      f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}"
+                      + ("" if data.holdout is None else f"; {len(data.holdout):,} held out for calibration "
+                         f"({max(data.holdout_counts)} down to {min(data.holdout_counts)} per class)"))
 
     # ---- model and optimizer (before the data loaders, so that a bad backbone fails fast)
     model = build_model(recipe, data)
@@ -256,6 +292,12 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                              persistent_workers=recipe.num_workers > 0, **loader_options)
     model, optimizer, train_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, test_loader)
+    holdout_loader, holdout_results = None, None
+    if data.holdout is not None:  # evaluated like the test set, at the end, to calibrate the model
+        holdout_set = data.holdout.with_transform(ImageTransform(recipe, processor),
+                                                  columns=[recipe.image_column, recipe.label_column])
+        holdout_loader = accelerator.prepare(DataLoader(holdout_set, batch_size=recipe.eval_batch_size,
+                                                        **loader_options))
     if len(train_loader) == 0:
         raise TrainingError(f"{len(data.train)} training images make no full batch of {recipe.batch_size} x "
                             f"{accelerator.num_processes} processes; lower --batch-size.")
@@ -344,6 +386,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                         step=(epoch + 1) * steps_per_epoch)
 
         last = epoch + 1 == recipe.epochs
+        if last and holdout_loader is not None:  # before the last evaluation, which reports its effect
+            holdout_results = calibrate_on_holdout(model, holdout_loader, accelerator, recipe,
+                                                   data.class_counts)
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
             report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts)
             history.append({"epoch": epoch + 1, "balanced_accuracy": report["balanced_accuracy"],
@@ -372,6 +417,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     train_runtime = time.perf_counter() - run_start
 
     if report is None:  # resumed from the final checkpoint: only the evaluation and the outputs are left
+        if holdout_loader is not None:
+            holdout_results = calibrate_on_holdout(model, holdout_loader, accelerator, recipe,
+                                                   data.class_counts)
         report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts)
 
     # ---- outputs: model + image processor, results
@@ -379,6 +427,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     model = accelerator.unwrap_model(model)
     train_results = {
         "epochs": recipe.epochs, "train_samples": len(data.train), "class_counts": data.class_counts,
+        "holdout_counts": data.holdout_counts,
         "train_loss": epoch_loss, "train_runtime": train_runtime,
         "train_samples_per_second": images_seen / train_runtime if images_seen else None,
         "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
@@ -391,8 +440,17 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                         **{f"eval_{k}": v for k, v in report.items()}}
         (output_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
         (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        if holdout_results is not None:
+            holdout_results = {"epoch": recipe.epochs, **holdout_results,
+                               "calibration": model.config.calibration}
+            (output_dir / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
         print(f"\n{recipe.name}: balanced test set ({num_test:,} images) after {recipe.epochs} epochs\n"
-              + format_report(report, groups) + f"\nsaved to {output_dir}")
+              + format_report(report, groups)
+              + ("" if holdout_results is None else
+                 f"\nheld-out split ({holdout_results['holdout_samples']:,} images): balanced accuracy "
+                 f"{100 * holdout_results['holdout_balanced_accuracy']:.2f} %, BCTS temperature "
+                 f"{model.config.calibration['temperature']:.3f}")
+              + f"\nsaved to {output_dir}")
     accelerator.end_training()
 
     if push_to_hub and accelerator.is_main_process:

@@ -108,7 +108,7 @@ def test_end_to_end_runs_the_model_once_and_writes_report_and_plots(run_dir, tes
             assert accuracy == shifts[shift]["reports"][mode]["accuracy"]
     # The uniform set is the balanced set: prior none gives the balanced report again.
     assert shifts["uniform"]["reports"]["none"]["accuracy"] == report["balanced"]["accuracy"]
-    assert 0 <= shifts["forward50"]["em_prior_error"] <= 1
+    assert 0 <= shifts["forward50"]["estimates"]["em"]["error"] <= 1
     for name in report["images"].values():
         png = output.parent / name
         assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 1000

@@ -101,11 +101,14 @@ class Recipe:
     imbalance_profile: Profile = field(default="exponential", metadata=_help(
         "Profile of the long-tailed split."))
     split_seed: int = field(default=0, metadata=_help(
-        "Seed of the long-tailed subsampling (the same split every run)."))
+        "Seed of the long-tailed subsampling and of the held-out split (the same split every run)."))
     selection: Selection = field(default="random", metadata=_help(
         "Which images the long-tailed split keeps (make_long_tailed): 'random' (numpy's default_rng) or "
         "'reference' (the official CIFAR-LT code's selection: the published split on CIFAR-10/100 whose "
         "rows of each class are in the original order)."))
+    holdout_fraction: float = field(default=0.0, metadata=_help(
+        "Hold out this fraction of every class of the long-tailed training split (at least one image per "
+        "class; never trained on) to calibrate the model and estimate test priors (0: no held-out split)."))
     many_threshold: int = field(default=100, metadata=_help(
         "Classes with more training images than this are many-shot."))
     few_threshold: int = field(default=20, metadata=_help(
@@ -241,6 +244,9 @@ class Recipe:
             raise TrainingError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise TrainingError("image_mean and image_std need 3 values (images are fed as RGB).")
+        if not 0 <= self.holdout_fraction < 1:
+            raise TrainingError(f"holdout_fraction must be in [0, 1) (0: no held-out split), got "
+                                f"{self.holdout_fraction}.")
         if self.eval_every < 0 or self.num_workers < 0 or self.warmup_epochs < 0:
             raise TrainingError("eval_every, num_workers and warmup_epochs must not be negative.")
         if not 0 <= self.cutout <= self.image_size:
