@@ -164,18 +164,49 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe) -> None:
     (run_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
 
 
-def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], priors: Sequence[str]
-                 ) -> dict[str, Any]:
+def balanced_validation_report(logits: torch.Tensor, labels: Sequence[int], num_classes: int,
+                               n_bins: int = 15) -> dict[str, float]:
+    """Balanced accuracy, ECE and NLL of uniform-prior logits ``(N, C)`` on a long-tailed held-out split, as
+    if it were balanced: every image is weighted by one over its class's count in the split.
+
+    This estimates the balanced test set's figures from training-distribution data (the weighting turns an
+    average over ``p_train(y)`` into one over the uniform prior), so methods can be compared and settings
+    chosen without the test set. Bins are equal-width in confidence, as ``metrics.calibration_bins``.
+    """
+    targets = torch.as_tensor(labels, dtype=torch.long)
+    log_probs = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
+    counts = torch.bincount(targets, minlength=num_classes).double()
+    present = counts > 0
+    weights = 1.0 / counts[targets]
+    weights = weights / weights.sum()
+    confidence, prediction = log_probs.exp().max(dim=1)
+    correct = (prediction == targets).double()
+    per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, targets, correct) / counts
+    # Bin i holds lower < p <= upper (p = 0 in bin 0), as metrics.calibration_bins.
+    edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    bins = (torch.bucketize(confidence, edges, right=False) - 1).clamp_min(0)
+    gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, weights * (correct - confidence))
+    nll = -(weights * log_probs.gather(1, targets[:, None]).squeeze(1)).sum()
+    return {"balanced_accuracy": float(per_class[present].mean()), "ece": float(gap.abs().sum()),
+            "nll": float(nll), "samples": len(targets)}
+
+
+def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], priors: Sequence[str] | None,
+                 holdout=None) -> dict[str, Any]:
     """The ``evaluate_model`` report of a finished run, cached in ``run_dir/eval/report.json``.
 
-    The report gets the balanced set's reliability bins (for the comparison picture) too. A derived run
-    (no ``eval_results.json`` yet) gets it written from the balanced-set report.
+    The report gets the balanced set's reliability bins (for the comparison picture) too, and with a
+    ``holdout`` split the ``balanced_validation_report`` of it under ``validation``. A derived run (no
+    ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
+    model's default prior modes (``evaluation.default_priors``).
     """
-    from .evaluation import evaluate_model, load_model, write_report
+    from .evaluation import evaluate_model, load_model, predict, write_report
+    from .loading import align_labels
     from .metrics import reliability_bins
 
     path = run_dir / EVAL_DIR / "report.json"
-    settings = {"shifts": list(shifts), "priors": list(priors)}
+    settings = {"shifts": list(shifts), "priors": None if priors is None else list(priors),
+                "validation": holdout is not None}
     weights = run_dir / "model.safetensors"
     if path.is_file() and (not weights.is_file() or path.stat().st_mtime >= weights.stat().st_mtime):
         report = json.loads(path.read_text())
@@ -190,6 +221,11 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     n_bins = result.report["settings"]["n_bins"]
     result.report["reliability"] = reliability_bins(result.logits, result.labels, n_bins=n_bins)
     result.report["comparison_settings"] = settings
+    if holdout is not None:
+        logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        labels = align_labels(holdout, recipe.label_column, names)
+        result.report["validation"] = balanced_validation_report(logits, labels, model.config.num_labels)
     write_report(result, path)
     if not (run_dir / "eval_results.json").is_file():
         balanced = {f"eval_{k}": v for k, v in result.report["balanced"].items()}
@@ -231,11 +267,12 @@ def summarize(method: str, report: Mapping[str, Any], run_dir: Path) -> dict[str
         "experts": report["experts"],
         "shift_accuracy": report["shift_accuracy"],
         "reliability": report["reliability"],
+        "validation": report.get("validation"),
     }
 
 
 def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, *,
-            shifts: str | Sequence[str] = "all", priors: str | Sequence[str] = ("none", "oracle", "em"),
+            shifts: str | Sequence[str] = "all", priors: str | Sequence[str] | None = None,
             deadline: float | None = None) -> Comparison:
     """Train (or resume, or skip) every method on ``base`` and evaluate it; see the module docstring.
 
@@ -243,7 +280,8 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
         base: the shared recipe; its ``method`` must be unset (each method sets its own).
         methods: method names (``balpoe_hf.methods.METHODS``), or a comma list of them.
         output_dir: the comparison's directory; method ``m`` trains into ``output_dir/m``.
-        shifts, priors: the shifted test sets and prior modes of ``evaluate_model``.
+        shifts, priors: the shifted test sets and prior modes of ``evaluate_model`` (``priors=None``: its
+            default, ``none``, ``oracle`` and ``auto`` or, without a held-out calibration, ``em``).
         deadline: a ``time.time()`` value; trainings stop after the epoch checkpoint that would otherwise
             end later than ``EVALUATION_RESERVE`` seconds before it, no new work starts after it. The
             methods left are listed in ``Comparison.pending``; call again to continue.
@@ -261,7 +299,8 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
         methods = parse_methods(methods)
     except ValueError as error:
         raise TrainingError(str(error)) from None
-    shifts, priors = parse_shifts(shifts), parse_priors(priors)
+    shifts = parse_shifts(shifts)
+    priors = None if priors is None else parse_priors(priors)
     output_dir = Path(output_dir)
     recipes = {method: method_recipe(base, method) for method in methods}
     # A run in output_dir that contradicts its method's recipe fails here, before any training.
@@ -306,7 +345,7 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
             if deadline is not None and time.time() >= deadline:
                 pending.append(method)
                 continue
-            report = evaluate_run(run_dir, recipe, data.test, shifts, priors)
+            report = evaluate_run(run_dir, recipe, data.test, shifts, priors, data.holdout)
             summaries[method] = summarize(method, report, run_dir)
             _release_memory()
         state.wait_for_everyone()
@@ -353,6 +392,17 @@ def format_method_table(summaries: Mapping[str, Mapping[str, Any]],
     return "\n".join(rows)
 
 
+def format_validation_table(summaries: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Markdown table of the held-out split's class-balanced figures per method (``None`` without one)."""
+    rows = [(m, s["validation"]) for m, s in summaries.items() if s.get("validation")]
+    if not rows:
+        return None
+    lines = ["| method | balanced acc. | ECE | NLL |", "|---|---:|---:|---:|"]
+    lines += [f"| {m} | {_pct(v['balanced_accuracy'])} | {_pct(v['ece'])} | {v['nll']:.3f} |"
+              for m, v in rows]
+    return "\n".join(lines)
+
+
 def format_shift_rows(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table like the paper's Table 10: per method and prior mode, top-1 accuracy on each shift."""
     first = next(iter(summaries.values()))
@@ -373,6 +423,10 @@ def format_comparison(comparison: Comparison, base: Recipe, budget: Budget | Non
         lines += ["", format_method_table(comparison.summaries, budget.paper if budget else None)]
         if budget and budget.paper:
             lines.append("paper: CIFAR-10-LT IR100, ResNet-32, 200 epochs (Sanchez Aimar et al., Tables 8-9)")
+        validation = format_validation_table(comparison.summaries)
+        if validation:
+            lines += ["", "Held-out validation split (part of the training data, never trained on; each "
+                      "image weighted by 1 / its class count, as if balanced):", "", validation]
         lines += ["", "Top-1 accuracy (%) on label-shifted test sets (prior: none = uniform target, oracle = "
                   "the shifted set's true prior, em = estimated from its unlabeled images):", "",
                   format_shift_rows(comparison.summaries)]
@@ -391,8 +445,9 @@ def write_comparison(comparison: Comparison, base: Recipe, output_dir: Path) -> 
     payload = {"base_recipe": base.to_dict(), "complete": comparison.complete, "pending": comparison.pending,
                "train_counts": comparison.train_counts, "methods": comparison.summaries}
     Path(files["json"]).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    Path(files["markdown"]).write_text(
-        format_method_table(comparison.summaries) + "\n\n" + format_shift_rows(comparison.summaries) + "\n")
+    tables = [format_method_table(comparison.summaries), format_shift_rows(comparison.summaries),
+              format_validation_table(comparison.summaries)]
+    Path(files["markdown"]).write_text("\n\n".join(t for t in tables if t) + "\n")
     method_comparison_plot(
         {m: {"reliability": s["reliability"], "per_class_accuracy": s["balanced"]["per_class_accuracy"]}
          for m, s in comparison.summaries.items()},
@@ -434,7 +489,9 @@ class CompareArguments:
     time_limit: float | None = field(default=None, metadata={"help": (
         "Wall-clock limit in seconds for this invocation: trainings stop cleanly after an epoch checkpoint "
         f"(keeping {EVALUATION_RESERVE:.0f} s for evaluation); rerun to continue.")})
-    prior: str = field(default="none,oracle,em", metadata={"help": "Comma list of prior modes to evaluate."})
+    prior: str | None = field(default=None, metadata={"help": (
+        "Comma list of prior modes to evaluate, or 'all' (default: none, oracle and auto; em instead of auto "
+        "without --holdout-fraction).")})
     shifts: str = field(default="all", metadata={"help": "'all' or a comma list of shifted test sets."})
 
 

@@ -159,9 +159,11 @@ def test_compare_command_line_errors(parquet, capsys):
 
 
 def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, monkeypatch):
-    base = _base(parquet)
+    base = _base(parquet, holdout_fraction=0.25)  # held out: 8 / 4 / 2 / 1 images
     result = compare.compare(base, "bs,lade", tmp_path, shifts=SHIFTS, priors="none,oracle")
     assert result.complete and list(result.summaries) == ["bs", "lade"]
+    assert result.summaries["bs"]["validation"]["samples"] == 15
+    assert "Held-out validation split" in compare.format_comparison(result, base)
     for method in ("bs", "lade"):
         run = tmp_path / method
         config = json.loads((run / "config.json").read_text())
@@ -174,7 +176,7 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
     assert json.loads((run / "config.json").read_text())["loss"] == "lade"
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["complete"] and list(saved["methods"]) == ["bs", "lade"]
-    assert saved["train_counts"] == [32, 16, 8, 4]
+    assert saved["train_counts"] == [24, 12, 6, 3]
     assert Image.open(tmp_path / "comparison.png").format == "PNG"
 
     def no_training(*args, **kwargs):
@@ -212,6 +214,27 @@ def test_deadline_in_the_past_leaves_every_method_pending(parquet, tmp_path):
     result = compare.compare(_base(parquet), ["bs"], tmp_path, shifts=SHIFTS, deadline=time.time())
     assert result.pending == ["bs"] and not result.summaries and not result.complete
     assert not (tmp_path / "bs").exists()
+
+
+def test_balanced_validation_report_by_hand():
+    # Class 0 has 3 held-out images, class 1 one: weights 1/6, 1/6, 1/6 and 1/2.
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.3, 0.7], [0.6, 0.4]], dtype=torch.float64)
+    report = compare.balanced_validation_report(probs.log(), [0, 0, 0, 1], num_classes=2)
+    assert math.isclose(report["balanced_accuracy"], (2 / 3 + 0) / 2)
+    # One image per occupied bin except 0.9 (two): |1/3 (1 - 0.9)| + |1/6 (0 - 0.7)| + |1/2 (0 - 0.6)|.
+    assert math.isclose(report["ece"], 1 / 30 + 0.7 / 6 + 0.3)
+    nll = -(2 / 6 * math.log(0.9) + 1 / 6 * math.log(0.3) + 1 / 2 * math.log(0.4))
+    assert math.isclose(report["nll"], nll)
+
+
+def test_balanced_validation_report_of_a_balanced_split_is_the_plain_one():
+    from balpoe_hf.metrics import calibration_report
+
+    logits = torch.randn(15, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    labels = [0, 1, 2] * 5
+    report = compare.balanced_validation_report(logits, labels, num_classes=3)
+    plain = calibration_report(logits, torch.tensor(labels))
+    assert math.isclose(report["ece"], plain["ece"]) and math.isclose(report["nll"], plain["nll"])
 
 
 # --------------------------------------------------------------------------- output
