@@ -140,24 +140,34 @@ def run_state(run_dir: Path, recipe: Recipe) -> RunState:
     return "finished" if finished else "unfinished"
 
 
-def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe) -> None:
+def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) -> None:
     """A finished run of ``recipe`` from the weights of a run whose training was identical.
 
-    Only the prediction settings (``remove_mean_lambda``, ``method``) change; ``train_results.json`` names
-    the source. ``eval_results.json`` (the finished marker) is written after the evaluation.
+    Only the prediction settings (``remove_mean_lambda``, ``method``) change, and a held-out calibration
+    (``config.calibration``, fitted to the source's logits) is fitted again on ``holdout`` for the new
+    logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
+    written after the evaluation.
     """
-    from transformers import AutoImageProcessor
-
-    from .modeling_balpoe import BalPoEForImageClassification
+    from .evaluation import load_model, predict
+    from .loading import align_labels
+    from .priors import holdout_calibration
 
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    model = BalPoEForImageClassification.from_pretrained(source_dir)
+    model, processor = load_model(source_dir, "cuda" if torch.cuda.is_available() else "cpu")
     model.config.remove_mean_lambda = recipe.remove_mean_lambda
     model.config.method = recipe.method
+    if model.config.calibration is not None:
+        if holdout is None:
+            raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was given "
+                                "to fit it again for the derived run.")
+        logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        model.config.calibration = holdout_calibration(logits, align_labels(holdout, recipe.label_column,
+                                                                            names))
     model.save_pretrained(run_dir)
-    AutoImageProcessor.from_pretrained(source_dir).save_pretrained(run_dir)
+    processor.save_pretrained(run_dir)
     save_recipe(recipe, run_dir / "recipe.yaml")
     train_results = json.loads((source_dir / "train_results.json").read_text())
     train_results["weights_from"] = str(source_dir)
@@ -331,7 +341,7 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
                 continue
             if source != method:
                 if state.is_main_process:
-                    derive_run(output_dir / source, run_dir, recipe)
+                    derive_run(output_dir / source, run_dir, recipe, data.holdout)
                 state.wait_for_everyone()
             else:
                 state.print(f"\n=== {method} ({METHOD_DESCRIPTIONS[method]}): "

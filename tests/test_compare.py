@@ -191,7 +191,7 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
 
 
 def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parquet, tmp_path, capsys):
-    base = _base(parquet, epochs=2)
+    base = _base(parquet, epochs=2, holdout_fraction=0.25)
     # A run cut short by its deadline: one epoch checkpoint, no model yet.
     cut = training.train(compare.method_recipe(base, "ce"), tmp_path / "ce", deadline=time.time())
     assert not cut.finished and cut.train_results["epochs_done"] == 1
@@ -207,6 +207,14 @@ def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parq
     configs = {m: json.loads((tmp_path / m / "config.json").read_text()) for m in ("ce", "ce-la")}
     assert (configs["ce"]["remove_mean_lambda"], configs["ce-la"]["remove_mean_lambda"]) == (False, True)
     assert configs["ce-la"]["method"] == "ce-la"
+    # The held-out calibration softmax(z / T + b) is fitted again for ce-la's logits z - log pi: the same
+    # likelihood is reached with the same T and b + log(pi) / T (up to a constant, softmax ignores it).
+    fitted = {m: configs[m]["calibration"] for m in ("ce", "ce-la")}
+    assert math.isclose(fitted["ce-la"]["temperature"], fitted["ce"]["temperature"], rel_tol=1e-3)
+    counts = torch.tensor(configs["ce"]["class_counts"], dtype=torch.float64)
+    shift = (torch.tensor(fitted["ce-la"]["bias"]) - torch.tensor(fitted["ce"]["bias"])
+             - torch.log(counts / counts.sum()) / fitted["ce"]["temperature"])
+    assert float(shift.max() - shift.min()) < 1e-2
     assert result.summaries["ce-la"]["train_runtime"] == result.summaries["ce"]["train_runtime"]
 
 
