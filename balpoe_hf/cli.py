@@ -28,7 +28,8 @@ TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Expe
 Every recipe field has a flag (--lambdas 1 0 -1 --mixup-alpha 0.4 ...); after --recipe/--config, --help shows
 the resolved values. The output directory gets the model (save_pretrained, loadable with
 AutoModelForImageClassification) with its image processor, recipe.yaml, train_results.json, eval_results.json
-(the balanced test set) and one checkpoint per epoch (the last few are kept) for --resume.
+(the balanced test set) and one checkpoint per epoch (--checkpoint-every-steps N adds some inside epochs;
+the last few are kept) for --resume.
 """
 
 
@@ -151,7 +152,8 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
 
     parser = HfArgumentParser(EvaluateArguments, description=EVALUATE_DESCRIPTION, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    # argparse's own parse_args: an unknown flag is a usage error (exit 2), not a ValueError traceback.
+    args = EvaluateArguments(**vars(parser.parse_args(argv)))
     recipe_file = Path(args.model) / "recipe.yaml"
     recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {} if recipe_file.is_file() else {}
     # The recipe names one data source; a data source on the command line replaces it as a whole.
@@ -219,11 +221,11 @@ def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
-    import torch
-
+    from .checkpoints import read_manifest, record_outputs
     from .evaluation import (
         EvaluationError,
         check_calibration_for,
+        check_output,
         default_priors,
         evaluate_model,
         format_balanced,
@@ -231,15 +233,23 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         load_model,
         parse_priors,
         parse_shifts,
+        resolve_device,
         write_report,
     )
     from .loading import DataError, load_list, load_split
+    from .recipes import TrainingError
 
     args = parse_evaluate_args(argv)
     try:
+        # Everything that can be checked before the inference is checked first.
         shifts = parse_shifts(args.shifts)
         priors = None if args.prior is None else parse_priors(args.prior)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if args.batch_size < 1 or args.n_bins < 1:
+            raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
+                                  f"{args.n_bins}.")
+        device = resolve_device(args.device)
+        if args.output:
+            check_output(args.output)
         model, processor = load_model(args.model, device)
         priors = priors or default_priors(model.config.calibration)
         check_calibration_for(priors, model.config.calibration, args.model)
@@ -264,7 +274,15 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
     print(format_shift_table(result.report["shift_accuracy"], shifts))
     if args.output:
-        images = write_report(result, args.output)
+        output = Path(args.output)
+        try:
+            images = write_report(result, output)
+            if read_manifest(args.model) is not None and output.resolve().is_relative_to(
+                    Path(args.model).resolve()):
+                # Inside a run: listed with the run's outputs (so that --overwrite removes a stale report).
+                record_outputs(args.model, [output, *(output.with_name(name) for name in images.values())])
+        except (OSError, TrainingError) as error:
+            return _fail(error)
         print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")
     return 0
 

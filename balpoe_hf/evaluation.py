@@ -20,8 +20,11 @@ the held-out calibration a run trained with ``holdout_fraction > 0`` saves in ``
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from .calibration import apply_calibration
 from .data import make_shifted_test, rank_by_count
@@ -83,6 +87,56 @@ def parse_priors(priors: str | Sequence[str]) -> list[str]:
     return modes
 
 
+def resolve_device(device: str | None) -> str:
+    """``device``, checked to exist here (default: ``cuda`` when available, else ``cpu``)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EvaluationError(f"unknown device {device!r}; use cpu, cuda or cuda:N.") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device}, but torch sees no CUDA GPU here "
+                              "(torch.cuda.is_available() is False); use --device cpu.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise EvaluationError(f"--device {device}, but MPS is not available here; use --device cpu.")
+    return device
+
+
+def check_output(output: str | Path) -> None:
+    """Check that the report and its pictures can be written at ``output``, before any inference.
+
+    The nearest existing folder on the way to ``output`` must take a new file (tried with a temporary
+    file, which is removed), and matplotlib must be installed for the pictures.
+    """
+    output = Path(output)
+    if output.is_dir():
+        raise EvaluationError(f"--output {output} is a directory; give a file name, e.g. "
+                              f"{output / 'report.json'}.")
+    folder = next(p for p in (output.parent, *output.parent.parents) if p.exists() or p == Path(p.anchor))
+    if not folder.is_dir():
+        raise EvaluationError(f"cannot write --output {output}: {folder} is a file, not a directory.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise EvaluationError(f"cannot write --output {output}: {folder} does not take new files "
+                              f"({error.strerror}). Choose another --output.") from None
+    for path in (output, *_picture_paths(output).values()):
+        if path.exists() and not os.access(path, os.W_OK):
+            raise EvaluationError(f"cannot write --output {output}: {path} exists and is read-only.")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise EvaluationError("--output also draws a reliability diagram and a per-class plot, which need "
+                              "matplotlib: pip install 'balpoe-hf[plots]'.")
+
+
+def check_shifts(labels: np.ndarray, train_counts: list[int], shifts: list[str], seed: int = 0) -> None:
+    """Build every shifted test set from the labels alone, so that a test set too small for a shift is
+    refused before the inference (``shifted_rows`` reads no image)."""
+    for shift in shifts:
+        shifted_rows(labels, train_counts, shift, seed)
+
+
 def _split_shift(name: str) -> tuple[str, float]:
     match = SHIFT_PATTERN.fullmatch(name)
     if match.group(1) is None:
@@ -100,6 +154,9 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
     try:
         model = BalPoEForImageClassification.from_pretrained(model_id)
         processor = AutoImageProcessor.from_pretrained(model_id)
+    except SafetensorError as error:
+        raise EvaluationError(f"the weights in {str(model_id)!r} cannot be read ({error}): the file is "
+                              "truncated or damaged; save the model again (or copy it again).") from None
     except OSError as error:
         hint = ("it is offline (HF_HUB_OFFLINE=1), so pass a local directory written by balpoe-train or "
                 "save_pretrained" if offline_mode() and not Path(model_id).exists()
@@ -342,6 +399,7 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     train_counts = [int(c) for c in model.config.class_counts]
     id2label = model.config.id2label
     labels = align_labels(ds, label_column, [id2label[i] for i in range(len(id2label))])
+    check_shifts(labels, train_counts, shifts, seed)
     report_kwargs = {"n_bins": n_bins, "many": many, "few": few}
 
     start = time.perf_counter()
@@ -373,6 +431,11 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     return EvaluationResult(report, uniform_logits, expert_logits, labels)
 
 
+def _picture_paths(output: Path) -> dict[str, Path]:
+    return {"reliability_diagram": output.with_name(f"{output.stem}_reliability.png"),
+            "per_class_accuracy": output.with_name(f"{output.stem}_per_class_accuracy.png")}
+
+
 def write_report(result: EvaluationResult, output: str | Path) -> dict[str, str]:
     """Write ``result.report`` as JSON to ``output``, and beside it a reliability diagram and per-class plot.
 
@@ -384,10 +447,7 @@ def write_report(result: EvaluationResult, output: str | Path) -> dict[str, str]
     output.parent.mkdir(parents=True, exist_ok=True)
     report = result.report
     settings = report["settings"]
-    images = {
-        "reliability_diagram": f"{output.stem}_reliability.png",
-        "per_class_accuracy": f"{output.stem}_per_class_accuracy.png",
-    }
+    images = {name: path.name for name, path in _picture_paths(output).items()}
     reliability_diagram(result.logits, result.labels, output.parent / images["reliability_diagram"],
                         n_bins=settings["n_bins"], from_probs=False, title="Balanced test set")
     per_class_accuracy_plot(report["balanced"]["per_class_accuracy"], report["train_counts"],

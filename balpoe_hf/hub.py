@@ -8,9 +8,11 @@ everything a Hub repository needs; ``push_to_hub`` does the same and uploads the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import shutil
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
+from .checkpoints import record_outputs, written_by_package
 from .data import imbalance_ratio
 from .methods import METHOD_DESCRIPTIONS
 
@@ -421,14 +424,22 @@ def _recipe_card_fields(recipe: Mapping[str, Any], recipe_text: str) -> dict[str
     }
 
 
-def _copy_png(source: Path, folder: Path, name: str) -> str | None:
-    """Copy a picture into ``folder/images`` (where the card links it); ``None`` if the source is missing."""
-    if not source.is_file():
-        return None
-    target = folder / IMAGES_DIR / name
-    if source.resolve() != target.resolve():
-        target.write_bytes(source.read_bytes())
-    return f"{IMAGES_DIR}/{name}"
+def _require_card_packages() -> None:
+    missing = [name for name in ("matplotlib", "jinja2") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise HubFolderError(f"rendering the model card needs {' and '.join(missing)}: pip install "
+                             "'balpoe-hf[hub]'. Nothing was written.")
+
+
+def _report_pictures(report: Mapping[str, Any], report_path: Path, folder: Path) -> dict[str, Path]:
+    """The report's pictures to copy: card-relative target -> source (a missing source is left out)."""
+    report_images = report.get("images") or {}
+    pictures = {}
+    for name in ("reliability_diagram", "per_class_accuracy"):
+        source = report_path.parent / report_images[name] if name in report_images else None
+        if source is not None and source.is_file():
+            pictures[f"{IMAGES_DIR}/{name}.png"] = source
+    return pictures
 
 
 def prepare_hub_folder(
@@ -445,14 +456,15 @@ def prepare_hub_folder(
     Reads ``config.json`` (class counts, lambdas, labels), ``eval_results.json`` and ``recipe.yaml`` (from
     ``scripts/train.py``) and the ``scripts/evaluate.py`` report ``eval_report`` (default
     ``MODEL_DIR/eval/report.json`` when it exists: its balanced-set metrics, label-shift table and
-    reliability diagram). Writes ``README.md`` and ``images/`` (nothing is deleted) and returns the card
-    and the files that ``push_to_hub`` would upload, so that the folder can be inspected first.
-    ``repo_id`` is used in the card's usage snippet (default: the folder name); ``dataset_id`` and
-    ``dataset_name`` override what the recipe says.
+    reliability diagram). Checks the folder first and writes nothing when it is not publishable; then writes
+    ``README.md`` and ``images/`` and lists them in the folder's manifest (``balpoe_hf.checkpoints``). A
+    ``README.md`` or picture that the package did not write there (or that was edited since) is never
+    replaced: ``HubFolderError`` asks to move it away. Returns the card and the files that ``push_to_hub``
+    would upload, so that the folder can be inspected first. ``repo_id`` is used in the card's usage
+    snippet (default: the folder name); ``dataset_id`` and ``dataset_name`` override what the recipe says.
     """
-    from .plots import class_count_histogram  # matplotlib is only needed when a card is rendered
-
     folder = Path(model_dir)
+    _require_card_packages()
     config = _read_json(folder / CONFIG_NAME)
     if config is None:
         raise HubFolderError(f"no {CONFIG_NAME} in {folder}: save the model with model.save_pretrained(dir).")
@@ -467,11 +479,6 @@ def prepare_hub_folder(
         card_fields.update(_recipe_card_fields(yaml.safe_load(recipe_text) or {}, recipe_text))
     card_fields.update({k: v for k, v in (("dataset_id", dataset_id), ("dataset_name", dataset_name)) if v})
 
-    (folder / IMAGES_DIR).mkdir(exist_ok=True)
-    images = {"class_counts": f"{IMAGES_DIR}/class_counts.png"}
-    class_count_histogram(counts, folder / images["class_counts"],
-                          class_names=_label_names(config, len(counts)))
-
     metrics = _read_json(folder / EVAL_RESULTS_NAME)
     report_path = Path(eval_report) if eval_report is not None else folder / DEFAULT_EVAL_REPORT
     report = _read_json(report_path)
@@ -479,24 +486,42 @@ def prepare_hub_folder(
         raise HubFolderError(f"evaluation report {report_path} does not exist: write it with "
                              f"scripts/evaluate.py --model {folder} --output {report_path}.")
     extra_files = []
+    pictures: dict[str, Path] = {}
     if report is not None:
         # The report's metrics and its reliability diagram come from the same evaluation: keep them together.
         metrics = report.get("balanced") or metrics
         settings = report.get("settings") or {}
         if "many" in settings and "few" in settings:
             card_fields["shot_thresholds"] = {"many": settings["many"], "few": settings["few"]}
-        report_images = report.get("images") or {}
-        for name in ("reliability_diagram", "per_class_accuracy"):
-            if name in report_images:
-                copied = _copy_png(report_path.parent / report_images[name], folder, f"{name}.png")
-                if copied:
-                    images[name] = copied
+        pictures = _report_pictures(report, report_path, folder)
         if report_path.resolve().is_relative_to(folder.resolve()):
             extra_files.append(report_path.resolve().relative_to(folder.resolve()).as_posix())
 
+    # Check first, then write: the folder must be publishable but for the card, and nothing of the user's
+    # may be replaced.
+    check_hub_folder(folder, require_card=False, extra_files=extra_files)
+    histogram = f"{IMAGES_DIR}/class_counts.png"
+    targets = [CARD_NAME, histogram, *pictures]
+    is_source = {name for name, source in pictures.items() if source.resolve() == (folder / name).resolve()}
+    foreign = [name for name in targets if (folder / name).exists() and name not in is_source
+               and not written_by_package(folder, name)]
+    if foreign:
+        raise HubFolderError(f"{folder} holds {foreign}, which balpoe-hf did not write there (or which were "
+                             "edited since): move them out of the folder to let it write the model card and "
+                             "its pictures. Nothing was written.")
+    images = {"class_counts": histogram, **{Path(name).stem: name for name in pictures}}
     card = render_model_card(config, metrics, report, repo_id=repo_id or folder.resolve().name, images=images,
                              license=license, **card_fields)
+
+    from .plots import class_count_histogram
+
+    (folder / IMAGES_DIR).mkdir(exist_ok=True)
+    class_count_histogram(counts, folder / histogram, class_names=_label_names(config, len(counts)))
+    for name, source in pictures.items():
+        if source.resolve() != (folder / name).resolve():
+            shutil.copyfile(source, folder / name)
     card.save(folder / CARD_NAME)
+    record_outputs(folder, [folder / name for name in targets])
     return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=extra_files), card=card)
 
 

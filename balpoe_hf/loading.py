@@ -12,16 +12,19 @@ split) both name their classes, test labels are matched by name; different names
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import math
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from huggingface_hub import constants as hub_constants
 
 from .data import _subsample, class_counts, labels_array, make_long_tailed
@@ -36,6 +39,17 @@ FASHION_MNIST_LABELS = [
 
 class DataError(TrainingError):
     """The data cannot be loaded or does not fit the model, with what to do about it."""
+
+
+class BadImageError(DataError):
+    """An image that cannot be decoded, named by its split, row and file.
+
+    An error raised in a ``DataLoader`` worker reaches the training process re-created from the worker's
+    whole traceback text (torch's ``ExceptionWrapper``); the constructor keeps only this error's message.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message.rsplit(f"{__name__}.{type(self).__qualname__}: ", 1)[-1].strip())
 
 
 def offline_mode() -> bool:
@@ -99,20 +113,44 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> datasets.Dataset
 # --------------------------------------------------------------------------- sources
 
 
+def _check_parquet(path: str) -> None:
+    """Read the footer of a parquet file (cheap), so that a CSV or a truncated file is named up front."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path} is not a readable parquet file ({error}). The data files must be parquet "
+                        "files (a CSV converts with datasets.load_dataset('csv', data_files=...)['train']"
+                        ".to_parquet(...); a truncated file must be written again) or one imagefolder "
+                        "directory per split.") from None
+
+
 def _load_files(files: dict[str, list[str]]) -> datasets.DatasetDict:
     """Parquet files or imagefolder directories, one entry per split (all of one kind)."""
     paths = [p for split_files in files.values() for p in split_files]
     if all(Path(p).is_dir() for p in paths):
         if any(len(split_files) != 1 for split_files in files.values()):
             raise DataError("an imagefolder dataset takes one directory per split.")
-        # One call over every folder, so that the class labels inferred from the sub-folder names are the
-        # same in all splits even if one of them lacks a class.
-        return datasets.load_dataset("imagefolder", data_files={
-            split: str(Path(split_files[0]) / "**") for split, split_files in files.items()})
+        try:
+            # One call over every folder, so that the class labels inferred from the sub-folder names are the
+            # same in all splits even if one of them lacks a class.
+            return datasets.load_dataset("imagefolder", data_files={
+                split: str(Path(split_files[0]) / "**") for split, split_files in files.items()})
+        except ValueError as error:  # "Instruction 'train' corresponds to no data!"
+            raise DataError(f"no images found in {paths} ({error}); an imagefolder directory holds one "
+                            "sub-folder of image files per class.") from None
     if any(Path(p).is_dir() for p in paths):
         raise DataError("train_file and test_file must both be imagefolder directories or both parquet "
                         "files.")
-    return datasets.load_dataset("parquet", data_files=files)
+    for path in paths:
+        _check_parquet(path)
+    # One call per split: a single call would read every split with the features of the first file, so a
+    # test file whose ClassLabel lists the classes in another order would keep its numbers under the training
+    # file's names, and align_labels could not see the difference.
+    return datasets.DatasetDict({split: datasets.load_dataset("parquet", data_files={split: split_files},
+                                                              split=split)
+                                 for split, split_files in files.items()})
 
 
 def _load_hub(dataset: str, config: str | None, splits: Sequence[str]) -> dict[str, datasets.Dataset]:
@@ -244,6 +282,7 @@ class TrainingData:
     test: datasets.Dataset
     class_names: list[str]
     class_counts: list[int]  # images per class actually trained on (after the held-out split), label order
+    class_count_source: str = "named by the label column's ClassLabel"  # where the class count comes from
     holdout: datasets.Dataset | None = None
     holdout_counts: list[int] | None = None
 
@@ -307,9 +346,47 @@ def _check_label_range(ds: datasets.Dataset, column: str, num_classes: int, spli
                         f"[0, {num_classes - 1}]; fix the labels or set --num-classes.")
 
 
+def _check_no_overlap(train: Sequence[str], test: Sequence[str]) -> None:
+    """Refuse test data that is (or lies inside, or holds) training data: the metrics would be inflated."""
+    for test_path in test:
+        for train_path in train:
+            a, b = Path(train_path).resolve(), Path(test_path).resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise DataError(f"the training data {train_path} and the test data {test_path} overlap: the "
+                                "model would be evaluated on images it was trained on. Give disjoint "
+                                "training and test data (check the glob patterns).")
+
+
+def input_paths(recipe: Recipe) -> list[Path]:
+    """The local files and directories a run reads (glob patterns expanded; those that match nothing are
+    left out, the data loading reports them)."""
+    patterns = [*(recipe.train_file or []), *(recipe.test_file or [])]
+    paths = [Path(p) for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))]
+    for folder_or_file in (recipe.data_dir, recipe.data_root, recipe.train_list, recipe.test_list):
+        if folder_or_file:
+            paths.append(Path(folder_or_file).expanduser())
+    return paths
+
+
+def _classes_from_labels(train: datasets.Dataset, test: datasets.Dataset, column: str) -> int:
+    """The class count of plain integer labels: the largest label + 1, which both splits must agree on.
+
+    An out-of-range label (a typo, an offset) would otherwise silently add classes to the model.
+    """
+    train_max = int(labels_array(train, column).max(initial=-1))
+    test_max = int(labels_array(test, column).max(initial=-1))
+    if train_max != test_max:
+        raise DataError(f"the label column {column!r} has no ClassLabel and --num-classes is not set, so the "
+                        f"class count comes from the largest label, but the training labels go up to "
+                        f"{train_max} and the test labels up to {test_max}. Fix the labels, or set "
+                        "--num-classes.")
+    return train_max + 1
+
+
 def _load_lists(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
     if recipe.test_list is None:
         raise DataError("--train-list needs --test-list (the balanced test set, e.g. ImageNet_LT_test.txt).")
+    _check_no_overlap([os.path.expanduser(recipe.train_list)], [os.path.expanduser(recipe.test_list)])
     columns = {"image_column": recipe.image_column, "label_column": recipe.label_column}
     train = load_list(recipe.train_list, recipe.data_root, recipe.num_classes, what="--train-list", **columns)
     test = load_list(recipe.test_list, recipe.data_root, recipe.num_classes, what="--test-list", **columns)
@@ -334,11 +411,15 @@ def _load_splits(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
                      "test": expand_paths(recipe.test_file or [], "test_file")}
         except FileNotFoundError as error:
             raise DataError(str(error)) from None
+        _check_no_overlap(files["train"], files["test"])
         splits = _load_files(files)
         return splits["train"], splits["test"]
     if recipe.dataset == FASHION_MNIST:
         splits = _load_fashion_mnist(recipe.data_dir)
         return splits["train"], splits["test"]
+    if recipe.train_split == recipe.test_split:
+        raise DataError(f"train_split and test_split are both {recipe.train_split!r}: the model would be "
+                        "evaluated on its training images. Name the balanced test split with --test-split.")
     splits = _load_hub(recipe.dataset, recipe.dataset_config, [recipe.train_split, recipe.test_split])
     return splits[recipe.train_split], splits[recipe.test_split]
 
@@ -357,10 +438,15 @@ def load_training_data(recipe: Recipe) -> TrainingData:
 
     feature = train.features[recipe.label_column]
     names = feature.names if isinstance(feature, datasets.ClassLabel) else None
-    num_classes = recipe.num_classes or (len(names) if names else None)
+    if recipe.num_classes is not None:
+        num_classes, source = recipe.num_classes, "set by --num-classes"
+    elif names:
+        num_classes, source = len(names), f"named by the ClassLabel of {recipe.label_column!r}"
+    else:
+        num_classes, source = None, "inferred from the largest label (no ClassLabel, no --num-classes)"
     try:
         if num_classes is None:
-            num_classes = int(labels_array(train, recipe.label_column).max(initial=-1)) + 1
+            num_classes = _classes_from_labels(train, test, recipe.label_column)
         for ds, split in ((train, "train"), (test, "test")):
             _check_label_range(ds, recipe.label_column, num_classes, split)
         if recipe.imbalance_ratio is not None:
@@ -371,8 +457,9 @@ def load_training_data(recipe: Recipe) -> TrainingData:
         raise DataError(str(error)) from None
     empty = [c for c, n in enumerate(counts) if n == 0]
     if empty:
-        raise DataError(f"classes {empty[:20]} have no training image; BalPoE needs every class in the "
-                        "training prior (set --num-classes to the number of classes actually present).")
+        raise DataError(f"classes {empty[:20]} have no training image (the {num_classes} classes are "
+                        f"{source}); BalPoE needs every class in the training prior. Fix the labels, or set "
+                        "--num-classes to the number of classes actually present.")
     holdout = holdout_counts = None
     if recipe.holdout_fraction > 0:
         try:
@@ -386,4 +473,98 @@ def load_training_data(recipe: Recipe) -> TrainingData:
         names = [str(c) for c in range(num_classes)]
     test = relabel(test, recipe.label_column, names)
     return TrainingData(train=train, test=test, class_names=list(names), class_counts=counts,
-                        holdout=holdout, holdout_counts=holdout_counts)
+                        class_count_source=source, holdout=holdout, holdout_counts=holdout_counts)
+
+
+# --------------------------------------------------------------------------- a split for a DataLoader
+
+
+@contextlib.contextmanager
+def _caller_random_state_kept() -> Iterator[None]:
+    """Run the block and restore the states of torch's CPU generator, numpy's and Python's ``random``."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _seed_generators(seed: int) -> None:
+    """Seed torch's CPU generator, Python's ``random`` and numpy's global generator with a 63-bit seed."""
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed([seed >> 32, seed & 0xFFFFFFFF])
+
+
+class LoaderSplit(torch.utils.data.Dataset):
+    """A split and its transform as the dataset of a ``DataLoader``: reproducible, and bad images named.
+
+    ``transform`` maps a batch ``{column: values}`` of ``columns`` (images decoded by the ``datasets.Image``
+    feature) to a batch of model inputs, like a ``Dataset.with_transform`` function. With a ``seed``
+    (training) every image is transformed with the global generators that augmentations draw from (torch's
+    CPU generator for torchvision, Python's ``random`` and numpy's for timm's RandAugment) seeded from
+    ``(seed, epoch, row)`` (``set_epoch``; accelerate's prepared loaders pass their ``set_epoch`` on, and
+    ``DataLoader`` workers, started afresh every epoch, receive it); the caller's states of the three are
+    restored afterwards. An image's augmentation is then a function of the seed, the epoch and its row
+    only: not of the batch it is drawn in, the worker or process that loads it, nor the batches loaded
+    before it, so a run resumed inside an epoch (``skip_first_batches`` skips batches without loading them)
+    and a run on another number of processes augment every image as the uninterrupted single-process run
+    does. Without a seed (evaluation) a batch is transformed at once. An image that cannot be decoded
+    raises ``BadImageError`` naming the split, the row and the image file instead of a bare PIL error.
+    """
+
+    def __init__(self, ds: datasets.Dataset, transform: Callable[[dict], dict], columns: Sequence[str],
+                 split: str, seed: int | None = None):
+        self.ds, self.transform = ds.select_columns(list(columns)), transform
+        self.split, self.seed, self.image_column = split, seed, columns[0]
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation the next batches get."""
+        self.epoch = epoch
+        # One 63-bit base per (seed, epoch) through SeedSequence; rows add to it, as DataLoader workers add
+        # their id to a base seed.
+        state = np.random.SeedSequence([self.seed or 0, epoch]).generate_state(1, np.uint64)[0]
+        self._base = int(state) >> 1
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        indices = [int(index) for index in indices]
+        try:
+            batch = self.ds[indices]
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a broken image file
+            bad = self._undecodable(indices)
+            if bad is None:
+                raise
+            raise BadImageError(f"cannot decode the {self.split} image at row {bad} ({error}); repair or "
+                                "remove it from the data.") from None
+        if self.seed is None:
+            out = self.transform(batch)
+        else:
+            parts = []
+            with _caller_random_state_kept():
+                for position, row in enumerate(indices):
+                    _seed_generators(self._base + row)
+                    one = {column: [values[position]] for column, values in batch.items()}
+                    parts.append(self.transform(one))
+            out = {key: [value for part in parts for value in part[key]] for key in parts[0]}
+        return [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
+
+    def _undecodable(self, indices: list[int]) -> str | None:
+        """The first of ``indices`` whose image does not decode, with its file name where known."""
+        images = self.ds.select_columns([self.image_column])
+        for index in indices:
+            try:
+                images[index]
+            except (OSError, ValueError, SyntaxError):
+                encoded = images.cast_column(self.image_column, datasets.Image(decode=False))
+                path = encoded[index][self.image_column].get("path")
+                return f"{index}" + (f", file {path}" if path else "")
+        return None

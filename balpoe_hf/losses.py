@@ -27,6 +27,17 @@ def _check_targets(targets: torch.Tensor, batch_size: int, num_classes: int) -> 
                 f"soft targets must have shape (batch, num_classes) = ({batch_size}, {num_classes}), "
                 f"got {tuple(targets.shape)}."
             )
+        # One host read per batch, like the range check of class indices below.
+        tolerance = 1e-3 if targets.dtype in (torch.float32, torch.float64) else 2e-2
+        off_one = (targets.float().sum(-1) - 1).abs() > tolerance
+        bad = (targets < 0).any(-1) | off_one | ~targets.isfinite().all(-1)
+        if targets.numel() and bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            values = ", ".join(f"{value:.4g}" for value in targets[row, :10].tolist())
+            raise ValueError(
+                f"soft targets must be probabilities (rows >= 0 summing to 1); row {row} is "
+                f"[{values}{', ...' if num_classes > 10 else ''}] (sum {float(targets[row].sum()):.4g})."
+            )
         return
     if targets.shape != (batch_size,):
         raise ValueError(f"class-index targets must have shape ({batch_size},), got {tuple(targets.shape)}.")

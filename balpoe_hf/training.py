@@ -17,6 +17,7 @@ evaluated after the last epoch: its calibration goes into the model's ``config.c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -37,11 +38,11 @@ from . import checkpoints
 from .configuration_balpoe import BalPoEConfig
 from .data import shot_groups
 from .evaluation import calibration_effect
-from .loading import TrainingData, load_training_data
+from .loading import TrainingData, input_paths, load_training_data
 from .metrics import long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
 from .priors import holdout_calibration
-from .recipes import Recipe, TrainingError, recipe_differences, save_recipe
+from .recipes import Recipe, TrainingError
 from .transforms import ImageTransform, build_processor, with_transforms
 
 
@@ -80,7 +81,7 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             method=recipe.method,
         )
         return BalPoEForImageClassification(config)
-    except (ValueError, KeyError, RuntimeError) as error:
+    except (ValueError, KeyError, RuntimeError, OSError) as error:  # OSError: pretrained weights offline
         raise TrainingError(f"cannot build the model: {error}") from None
 
 
@@ -213,6 +214,12 @@ def format_report(report: dict, groups: dict[str, list[int]]) -> str:
                f"scaling), {pct(report['ece_bcts'])} % (BCTS)"))
 
 
+def _check_tracker(report_to: str) -> None:
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise TrainingError("--report-to tensorboard needs the tensorboard package: pip install "
+                            "'balpoe-hf[train]' (or pip install tensorboard).")
+
+
 def _check_hub_upload_possible(push_to_hub: bool, hub_model_id: str | None) -> None:
     if not push_to_hub:
         return
@@ -233,8 +240,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     Args:
         recipe: the training settings (``balpoe_hf.recipes.load_recipe`` / ``make_recipe``).
         output_dir: where the model, results and checkpoints go (default ``runs/<recipe.name>``).
-        resume: continue from the latest complete checkpoint in ``output_dir`` (afresh if there is none).
-        overwrite: empty a non-empty ``output_dir`` first.
+        resume: continue from the latest loadable checkpoint in ``output_dir`` (afresh if there is none).
+        overwrite: delete what an earlier run wrote in ``output_dir`` (its manifest) first.
         report_to: ``"none"`` or ``"tensorboard"`` (logs in ``output_dir/logs``).
         push_to_hub, hub_model_id: upload the finished run to this Hub repository.
         deadline: a ``time.time()`` value: after each epoch's checkpoint, stop when the next epoch (timed
@@ -246,6 +253,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     recipe.validate()
     output_dir = Path(output_dir if output_dir is not None else Path("runs") / recipe.name)
     _check_hub_upload_possible(push_to_hub, hub_model_id)
+    _check_tracker(report_to)
     accelerator = Accelerator(
         mixed_precision=recipe.mixed_precision,
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
@@ -253,7 +261,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         project_dir=str(output_dir),
     )
     check_world_size(accelerator.num_processes)
-    checkpoints.check_output_dir(output_dir, resume, overwrite)
+    checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
     cores = len(os.sched_getaffinity(0))
     on_one_cpu_process = accelerator.device.type == "cpu" and accelerator.num_processes == 1
     if on_one_cpu_process and torch.get_num_threads() < cores:
@@ -266,7 +274,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     data = load_training_data(recipe)
     groups = shot_groups(data.class_counts, recipe.many_threshold, recipe.few_threshold)
     accelerator.print(f"{recipe.name}: {len(data.train):,} training images in {len(data.class_counts)} "
-                      f"classes ({max(data.class_counts)} down to {min(data.class_counts)} per class), "
+                      f"classes ({data.class_count_source}; {max(data.class_counts)} down to "
+                      f"{min(data.class_counts)} per class), "
                       f"{len(data.test):,} test images; many/medium/few-shot classes "
                       f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}"
                       + ("" if data.holdout is None else f"; {len(data.holdout):,} held out for calibration "
@@ -274,6 +283,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
 
     # ---- model and optimizer (before the data loaders, so that a bad backbone fails fast)
     model = build_model(recipe, data)
+    signature = checkpoints.model_signature(model.config)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
 
@@ -281,9 +291,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     processor = build_processor(recipe)  # the evaluation transform, saved with the model
     train_set, test_set = with_transforms(data, recipe, processor)
     loader_options = {"num_workers": recipe.num_workers, "pin_memory": accelerator.device.type == "cuda"}
-    # The shuffling generator is re-seeded every epoch, and the training workers are started afresh every
-    # epoch (not persistent) with seeds drawn from it, so that an epoch's order and augmentation depend on
-    # (seed, epoch) only: a resumed run sees exactly the batches the uninterrupted run would have seen.
+    # The shuffling generator is re-seeded every epoch, so that an epoch's order depends on (seed, epoch)
+    # only, and each image is augmented from (seed, epoch, row) (LoaderSplit): a resumed run sees exactly the
+    # batches the uninterrupted run would have seen, also inside an epoch.
     shuffle_generator = torch.Generator()
     # drop_last: mixup pairs each batch with its reverse and needs an even, full batch.
     train_loader = DataLoader(train_set, batch_size=recipe.batch_size, shuffle=True, drop_last=True,
@@ -312,26 +322,20 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                       num_classes=len(data.class_counts))
 
     # ---- output directory and resume
-    start_epoch, history = 0, []
-    found = checkpoints.completed_checkpoints(output_dir) if resume else []
+    state = checkpoints.load_checkpoint(accelerator, output_dir, recipe, signature,
+                                        len(train_loader)) if resume else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite and output_dir.is_dir():
-            checkpoints.clear_directory(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if found and (output_dir / "recipe.yaml").is_file():
-            changed = recipe_differences(recipe, output_dir / "recipe.yaml")
-            if changed:
-                print(f"warning: resuming with recipe changes {changed} (saved -> now)")
-        save_recipe(recipe, output_dir / "recipe.yaml")
+            checkpoints.clear_run_outputs(output_dir)
+        checkpoints.start_run(output_dir, recipe)
     accelerator.wait_for_everyone()
-    if found:
-        accelerator.load_state(str(found[-1]))
-        state = json.loads((found[-1] / checkpoints.TRAINER_STATE).read_text())
-        start_epoch, history = state["epoch"], state["eval_history"]
-        accelerator.print(f"resumed from {found[-1]} (epoch {start_epoch} of {recipe.epochs})")
-    elif resume:
+    if resume and state is None:
         accelerator.print(f"no checkpoint in {output_dir / checkpoints.CHECKPOINTS_DIR}: starting afresh")
+    # Progress and statistics, carried over by the checkpoints so that a resumed run reports the whole run.
+    state = state or {"epoch": 0, "step": 0, "eval_history": [], "train_loss": None, "train_runtime": 0.0,
+                      "images_seen": 0, "epoch_loss_sum": 0.0}
+    start_epoch, start_batch, history = state["epoch"], state["step"], state["eval_history"]
     if report_to != "none":
         # TensorBoard's hparams take scalars only.
         accelerator.init_trackers("logs", config={k: v if isinstance(v, int | float | str | bool) else str(v)
@@ -342,24 +346,43 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     accelerator.print(f"training {recipe.epochs} epochs of {steps_per_epoch} steps, global batch "
                       f"{global_batch} on {accelerator.num_processes} process(es) ({accelerator.device}, "
                       f"mixed precision {accelerator.mixed_precision})")
-    run_start = time.perf_counter()
-    images_seen, report, epoch_loss = 0, None, None
+    # The run's clock and counts go on from those of the checkpoint.
+    run_start = time.perf_counter() - state["train_runtime"]
+    images_seen, report, epoch_loss = state["images_seen"], None, state["train_loss"]
+    state.update(model=signature, batches_per_epoch=len(train_loader))
+    guard = checkpoints.NonFiniteLossGuard(accelerator.device)
+    multiplier = lr_lambda(recipe, steps_per_epoch)
+
+    def stop_if_diverged() -> None:
+        bad = guard.first_bad()  # waits for the device
+        if bad is not None:
+            raise checkpoints.non_finite_loss_error(
+                bad, len(train_loader), recipe.gradient_accumulation_steps,
+                lambda step: recipe.lr * multiplier(step), output_dir)
+
     for epoch in range(start_epoch, recipe.epochs):
-        # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-exact.
-        set_seed(recipe.seed + epoch, device_specific=True)
+        first_batch = start_batch if epoch == start_epoch else 0
+        if first_batch == 0:
+            # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-
+            # exact. (Within an epoch, load_state has restored the RNG states that the step checkpoint saved.)
+            set_seed(recipe.seed + epoch, device_specific=True)
         shuffle_generator.manual_seed(recipe.seed + epoch)
+        train_loader.set_epoch(epoch)  # the epoch's augmentation (accelerate passes it on to LoaderSplit)
         model.train()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        optimizer_step = epoch * steps_per_epoch  # for the tracker's x axis
+        loss_sum = torch.full((), state["epoch_loss_sum"] if first_batch else 0.0, device=accelerator.device)
+        optimizer_step = epoch * steps_per_epoch + first_batch // recipe.gradient_accumulation_steps
         epoch_start, epoch_images = time.perf_counter(), 0
-        progress = tqdm(train_loader, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
-                        disable=not accelerator.is_local_main_process)
-        for step, batch in enumerate(progress):
+        progress = tqdm(checkpoints.epoch_batches(train_loader, accelerator, first_batch),
+                        desc=f"epoch {epoch + 1}/{recipe.epochs}", total=len(train_loader),
+                        initial=first_batch, leave=False, disable=not accelerator.is_local_main_process)
+        for step, batch in enumerate(progress, start=first_batch):
             pixel_values, targets = batch["pixel_values"], batch["labels"]
             if mixup is not None:
                 pixel_values, targets = mixup(pixel_values, targets)
             with accelerator.accumulate(model):
                 loss = model(pixel_values=pixel_values, labels=targets).loss
+                if guard.update(loss, epoch * len(train_loader) + step):
+                    stop_if_diverged()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and recipe.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
@@ -376,6 +399,16 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
             optimizer_step += accelerator.sync_gradients
             if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0:
                 accelerator.log({"train/loss": loss.item(), "train/lr": lr}, step=optimizer_step)
+            every = recipe.checkpoint_every_steps
+            if every and accelerator.sync_gradients and optimizer_step % every == 0 \
+                    and step + 1 < len(train_loader):
+                # ---- step checkpoint: resumed, the epoch goes on from the next batch
+                stop_if_diverged()
+                state.update(epoch=epoch, step=step + 1, train_runtime=time.perf_counter() - run_start,
+                             images_seen=images_seen + epoch_images,
+                             epoch_loss_sum=accelerator.reduce(loss_sum, reduction="mean").item())
+                checkpoints.save_checkpoint(accelerator, output_dir, state, recipe.checkpoints_total_limit)
+        stop_if_diverged()
         epoch_loss = accelerator.reduce(loss_sum, reduction="mean").item() / len(train_loader)
         epoch_time = time.perf_counter() - epoch_start
         images_seen += epoch_images
@@ -399,22 +432,22 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                             step=(epoch + 1) * steps_per_epoch)
 
         # ---- checkpoint: accelerate's state (model, optimizer, scheduler, RNG) + our trainer state
-        checkpoint = checkpoints.checkpoint_dir(output_dir, epoch + 1)
-        accelerator.save_state(str(checkpoint))
-        if accelerator.is_main_process:
-            state = {"epoch": epoch + 1, "eval_history": history}
-            (checkpoint / checkpoints.TRAINER_STATE).write_text(json.dumps(state, indent=2))
-            checkpoints.prune_checkpoints(output_dir, recipe.checkpoints_total_limit)
-        accelerator.wait_for_everyone()
+        state.update(epoch=epoch + 1, step=0, train_loss=epoch_loss, images_seen=images_seen,
+                     train_runtime=time.perf_counter() - run_start, epoch_loss_sum=0.0)
+        checkpoints.save_checkpoint(accelerator, output_dir, state, recipe.checkpoints_total_limit)
         epoch_seconds = time.perf_counter() - epoch_start  # with its evaluation and checkpoint
         if epoch + 1 < recipe.epochs and past_deadline(accelerator, deadline, epoch_seconds):
             accelerator.print(f"stopping after epoch {epoch + 1} of {recipe.epochs}: the next epoch would "
-                              f"end after the deadline; resume to continue from {checkpoint}")
+                              f"end after the deadline; resume to continue from its checkpoint")
             accelerator.end_training()
             return TrainOutput(output_dir=output_dir, eval_report=None, finished=False,
                                train_results={"epochs_done": epoch + 1, "epochs": recipe.epochs,
                                               "eval_history": history})
     train_runtime = time.perf_counter() - run_start
+    # Resumed from the final checkpoint: the run was finished, and its statistics stay as they were.
+    finished = start_epoch == recipe.epochs
+    if finished:
+        train_runtime = state["train_runtime"]
 
     if report is None:  # resumed from the final checkpoint: only the evaluation and the outputs are left
         if holdout_loader is not None:
@@ -425,7 +458,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     # ---- outputs: model + image processor, results
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
-    train_results = {
+    results_file = output_dir / "train_results.json"
+    keep_results = finished and results_file.is_file()
+    train_results = json.loads(results_file.read_text()) if keep_results else {
         "epochs": recipe.epochs, "train_samples": len(data.train), "class_counts": data.class_counts,
         "holdout_counts": data.holdout_counts,
         "train_loss": epoch_loss, "train_runtime": train_runtime,
@@ -434,16 +469,18 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         "eval_history": history,
     }
     if accelerator.is_main_process:
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
-        eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
-                        **{f"eval_{k}": v for k, v in report.items()}}
-        (output_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
-        (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-        if holdout_results is not None:
-            holdout_results = {"epoch": recipe.epochs, **holdout_results,
-                               "calibration": model.config.calibration}
-            (output_dir / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
+        with checkpoints.recording(output_dir):
+            model.save_pretrained(output_dir)
+            processor.save_pretrained(output_dir)
+            eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
+                            **{f"eval_{k}": v for k, v in report.items()}}
+            if not keep_results:
+                results_file.write_text(json.dumps(train_results, indent=2))
+            (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+            if holdout_results is not None:
+                holdout_results = {"epoch": recipe.epochs, **holdout_results,
+                                   "calibration": model.config.calibration}
+                (output_dir / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
         print(f"\n{recipe.name}: balanced test set ({num_test:,} images) after {recipe.epochs} epochs\n"
               + format_report(report, groups)
               + ("" if holdout_results is None else

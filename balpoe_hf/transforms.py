@@ -11,9 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import datasets
-
-from .loading import TrainingData
+from .loading import LoaderSplit, TrainingData
 from .recipes import Recipe
 
 if TYPE_CHECKING:
@@ -127,9 +125,10 @@ class ImageTransform:
 
 
 def with_transforms(data: TrainingData, recipe: Recipe, processor: BaseImageProcessor
-                    ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """The two splits with their on-the-fly transforms (only the image and label columns are read)."""
+                    ) -> tuple[LoaderSplit, LoaderSplit]:
+    """The two splits with their on-the-fly transforms (only the image and label columns are read), as
+    ``DataLoader`` datasets; the training augmentation is seeded per image from ``(seed, epoch, row)``
+    (``LoaderSplit``: call ``set_epoch`` every epoch)."""
     columns = [recipe.image_column, recipe.label_column]
-    train = data.train.with_transform(ImageTransform(recipe), columns=columns)
-    test = data.test.with_transform(ImageTransform(recipe, processor), columns=columns)
-    return train, test
+    return (LoaderSplit(data.train, ImageTransform(recipe), columns, "train", seed=recipe.seed),
+            LoaderSplit(data.test, ImageTransform(recipe, processor), columns, "test"))

@@ -177,9 +177,12 @@ def test_parquet_data_keeps_counts_and_class_names(parquet):
     assert len(data.test) == TEST_PER_CLASS * len(CLASS_NAMES)
 
 
-def test_long_tailed_split_of_a_balanced_set(parquet):
-    # The balanced test file as training data, ratio 4: class i keeps int(8 * 4 ** (-i / 3)) images.
-    recipe = _local(parquet, train_file=[str(parquet[1])], imbalance_ratio=4.0)
+def test_long_tailed_split_of_a_balanced_set(parquet, tmp_path):
+    # A copy of the balanced test file as training data (the file itself would overlap the test data),
+    # ratio 4: class i keeps int(8 * 4 ** (-i / 3)) images.
+    balanced = tmp_path / "balanced.parquet"
+    balanced.write_bytes(parquet[1].read_bytes())
+    recipe = _local(parquet, train_file=[str(balanced)], imbalance_ratio=4.0)
     assert loading.load_training_data(recipe).class_counts == [8, 5, 3, 2]
 
 
@@ -284,6 +287,10 @@ def test_output_directory_rules(tmp_path):
     (tmp_path / "old" / "config.json").write_text("{}")
     with pytest.raises(TrainingError, match=r"not empty\. Pass --resume .* --overwrite"):
         checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
+    # --resume and --overwrite act on a run's directory only (tests/test_robustness.py has the details).
+    with pytest.raises(TrainingError, match="is not the directory of a balpoe-hf run"):
+        checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    checkpoints.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"])
     checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
     checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
 

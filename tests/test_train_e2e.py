@@ -177,6 +177,39 @@ def test_run_killed_after_an_epoch_resumes_to_the_same_weights_and_metrics(singl
         assert resumed_eval[key] == pytest.approx(single_eval[key], abs=1e-6), key
 
 
+def test_run_killed_inside_an_epoch_after_a_step_checkpoint_resumes_to_the_same_weights(single_run, data):
+    # Step checkpoints every 2 optimizer steps; killed with SIGKILL right after the first one in the second
+    # epoch, so that the resume skips batches inside an epoch (skip_first_batches, a DataLoader worker).
+    out = data["root"] / "killed-inside-an-epoch"
+    command = [*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
+               "--checkpoint-every-steps", "2"]
+    process = subprocess.Popen(command, env=data["env"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    # 7 batches an epoch: the second epoch's first step checkpoint is epoch-0001-step-000001.
+    step = out / "checkpoints" / "epoch-0001-step-000001" / "trainer_state.json"
+    deadline = time.monotonic() + 200
+    while not step.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it was killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert step.is_file(), "the run never wrote its step checkpoint"
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+
+    resumed = _run([*command, "--resume"], data["env"])
+    assert "batches into the next)" in resumed.stdout  # resumed from a step checkpoint, inside an epoch
+
+    # Saving step checkpoints changes nothing: the same weights as the run that never saved one.
+    expected, got = load_file(single_run["dir"] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+    _, single_eval = _results(single_run["dir"])
+    _, resumed_eval = _results(out)
+    for key in ("eval_accuracy", "eval_balanced_accuracy", "eval_ece", "eval_nll"):
+        assert resumed_eval[key] == pytest.approx(single_eval[key], abs=1e-6), key
+
+
 def test_launcher_asked_for_two_processes_but_started_one_is_stopped(data):
     # `accelerate launch --cpu --num_processes 2` starts a single process: the script must say so and stop.
     result = subprocess.run([*ACCELERATE, "--cpu", "--num_processes", "2", "--num_machines", "1",

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -200,7 +201,11 @@ class Recipe:
     eval_every: int = field(default=10, metadata=_help(
         "Evaluate on the test set every N epochs (0: only at the end)."))
     eval_batch_size: int = field(default=256, metadata=_help("Evaluation batch size per process."))
-    checkpoints_total_limit: int = field(default=2, metadata=_help("Keep the last K epoch checkpoints."))
+    checkpoints_total_limit: int = field(default=2, metadata=_help(
+        "Keep the last K checkpoints (epoch and step checkpoints alike)."))
+    checkpoint_every_steps: int = field(default=0, metadata=_help(
+        "Also save a checkpoint every N optimizer steps inside an epoch, so that --resume continues from "
+        "that step (0: only at the end of each epoch)."))
     num_workers: int = field(default=4, metadata=_help(
         "DataLoader worker processes per training process (0: load in the training process)."))
     logging_steps: int = field(default=50, metadata=_help(
@@ -208,7 +213,8 @@ class Recipe:
 
     def validate(self) -> Recipe:
         """Check the settings that would otherwise fail late or silently; returns ``self``."""
-        for name, hint in typing.get_type_hints(Recipe).items():
+        hints = typing.get_type_hints(Recipe)
+        for name, hint in hints.items():
             setattr(self, name, _coerce(name, hint, getattr(self, name)))
         if self.method is not None:
             for name, value in method_settings(self.method).items():
@@ -217,6 +223,11 @@ class Recipe:
                 raise TrainingError("method 'balpoe' trains with mixup, but mixup_alpha is 0: set "
                                     "--mixup-alpha (the paper: 0.8 on CIFAR-10-LT, 0.4 on CIFAR-100-LT) or "
                                     "use --method balpoe-erm.")
+        # NaN passes every comparison below as False, and inf makes the run diverge: refuse both first.
+        for name, value in self.to_dict().items():
+            values = value if isinstance(value, list) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise TrainingError(f"{name} must be finite, got {value}.")
         if self.lambdas is not None and len(self.lambdas) != self.num_experts:
             raise TrainingError(f"lambdas has {len(self.lambdas)} values but num_experts is "
                                 f"{self.num_experts}; "
@@ -232,6 +243,22 @@ class Recipe:
                                 "--method lade, or --num-experts 1 --lambdas 0.")
         if self.lade_weight < 0 or self.lade_remine_lambda < 0:
             raise TrainingError("lade_weight and lade_remine_lambda must not be negative.")
+        for name in ("lr", "lr_gamma", "classifier_scale", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise TrainingError(f"{name} must be positive, got {value}.")
+        not_negative = ("weight_decay", "momentum", "rotation", "color_jitter", "crop_padding",
+                        "checkpoint_every_steps", "eval_every", "num_workers", "warmup_epochs")
+        for name in not_negative:
+            if getattr(self, name) < 0:
+                raise TrainingError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if self.momentum >= 1:
+            raise TrainingError(f"momentum must be below 1, got {self.momentum}.")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise TrainingError(f"num_classes must be at least 2, got {self.num_classes}.")
+        if self.imbalance_ratio is not None and self.imbalance_ratio < 1:
+            raise TrainingError(f"imbalance_ratio must be >= 1 (head count / tail count), got "
+                                f"{self.imbalance_ratio}.")
         if self.mixup_alpha < 0:
             raise TrainingError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {self.mixup_alpha}.")
         if self.mixup_alpha > 0 and self.batch_size % 2:
@@ -247,8 +274,13 @@ class Recipe:
         if not 0 <= self.holdout_fraction < 1:
             raise TrainingError(f"holdout_fraction must be in [0, 1) (0: no held-out split), got "
                                 f"{self.holdout_fraction}.")
-        if self.eval_every < 0 or self.num_workers < 0 or self.warmup_epochs < 0:
-            raise TrainingError("eval_every, num_workers and warmup_epochs must not be negative.")
+        if min(self.image_std) <= 0:
+            raise TrainingError(f"image_std must be positive (pixels are divided by it), got "
+                                f"{self.image_std}.")
+        if self.image_column == self.label_column:
+            raise TrainingError(f"image_column and label_column are both {self.image_column!r}; name the "
+                                "column of the images with --image-column and that of the class labels with "
+                                "--label-column.")
         if not 0 <= self.cutout <= self.image_size:
             raise TrainingError(f"cutout must be between 0 (off) and image_size ({self.image_size}) pixels, "
                                 f"got {self.cutout}.")
@@ -441,8 +473,11 @@ class RunArguments:
     output_dir: str | None = field(default=None, metadata=_help(
         "Where the model, results and checkpoints go (default: runs/NAME)."))
     resume: bool = field(default=False, metadata=_help(
-        "Continue from the latest checkpoint in --output-dir (start afresh if there is none)."))
-    overwrite: bool = field(default=False, metadata=_help("Empty a non-empty --output-dir first."))
+        "Continue from the latest loadable checkpoint in --output-dir (start afresh if there is none); the "
+        "settings that define the model must be those of the run."))
+    overwrite: bool = field(default=False, metadata=_help(
+        "Start over in the --output-dir of an earlier run: the files that run wrote (listed in its "
+        "balpoe_outputs.json) are deleted first, nothing else."))
     report_to: Literal["none", "tensorboard"] = field(default="none", metadata=_help(
         "Experiment tracker (TensorBoard logs go to OUTPUT_DIR/logs)."))
     push_to_hub: bool = field(default=False, metadata=_help(

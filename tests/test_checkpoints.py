@@ -1,0 +1,269 @@
+"""Checkpoints and resume: step checkpoints inside an epoch, damaged checkpoints, refused recipe changes, a
+finished run's statistics, and the config as the one source of the prior and the lambdas.
+
+In-process runs of ``balpoe_hf.training.train`` on the tiny dataset of ``train_synthetic``; a run killed
+inside an epoch is simulated by copying what was on disk at that moment (the run directory with its
+checkpoints up to one step checkpoint), which is exactly what a kill leaves. The real ``kill -9`` of a
+launched run is in test_train_e2e.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_synthetic import TRAIN_COUNTS, write_parquet
+
+from balpoe_hf import checkpoints, recipes
+from balpoe_hf.recipes import TrainingError
+from balpoe_hf.training import train
+
+# 60 training images in batches of 8: 7 steps an epoch. A step checkpoint every 3 optimizer steps gives
+# epoch-0000-step-000003/6, epoch-0001-step-000002/5, epoch-0002-step-000001/4 and one per epoch.
+SETTINGS = {"image_column": "picture", "label_column": "target", "image_size": 16,
+            "backbone": "resnet20_cifar", "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0,
+            "lr_schedule": "cosine", "mixup_alpha": 0.2, "num_workers": 0, "eval_batch_size": 32,
+            "eval_every": 0, "many_threshold": 20, "few_threshold": 6, "checkpoint_every_steps": 3,
+            "checkpoints_total_limit": 20}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, Path]:
+    torch.set_num_threads(1)
+    return write_parquet(tmp_path_factory.mktemp("ckpt_data"))
+
+
+def _recipe(data, **changes) -> recipes.Recipe:
+    train_file, test_file = data
+    return recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
+                                **SETTINGS, **changes})
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """The uninterrupted run, keeping all of its checkpoints."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    train(_recipe(data), out)
+    return out
+
+
+def _killed_at(reference: Path, checkpoint: str, target: Path, extra: tuple[str, ...] = ()) -> Path:
+    """The run directory as a kill just after ``checkpoint`` left it: recipe, manifest, checkpoints."""
+    target.mkdir(parents=True)
+    for name in ("recipe.yaml", checkpoints.MANIFEST):
+        shutil.copy(reference / name, target / name)
+    for name in (checkpoint, *extra):
+        shutil.copytree(reference / "checkpoints" / name, target / "checkpoints" / name)
+    return target
+
+
+def _assert_same_weights(got_dir: Path, expected_dir: Path) -> None:
+    expected, got = load_file(expected_dir / "model.safetensors"), load_file(got_dir / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+# --------------------------------------------------------------------------- step checkpoints (issue 15.4)
+
+
+def test_step_checkpoints_are_named_by_epoch_and_batch(reference):
+    names = [p.name for p in checkpoints.completed_checkpoints(reference)]
+    assert names == ["epoch-0000-step-000003", "epoch-0000-step-000006", "epoch-0001",
+                     "epoch-0001-step-000002", "epoch-0001-step-000005", "epoch-0002",
+                     "epoch-0002-step-000001", "epoch-0002-step-000004", "epoch-0003"]
+    state = json.loads((reference / "checkpoints" / "epoch-0001-step-000005" / checkpoints.TRAINER_STATE)
+                       .read_text())
+    assert (state["epoch"], state["step"], state["batches_per_epoch"]) == (1, 5, 7)
+
+
+def test_run_killed_inside_an_epoch_resumes_to_the_same_weights(reference, data, tmp_path, capsys):
+    # Killed 4 batches into the last epoch: the epoch's loss so far, the RNG states (mixup, augmentation)
+    # and the data order all come from the step checkpoint, and skip_first_batches skips 4 batches.
+    out = _killed_at(reference, "epoch-0002-step-000004", tmp_path / "run")
+    result = train(_recipe(data), out, resume=True)
+    assert "epoch-0002-step-000004 (epoch 2 of 3, 4 batches into the next)" in capsys.readouterr().out
+    _assert_same_weights(out, reference)
+    expected = json.loads((reference / "train_results.json").read_text())
+    assert result.train_results["train_loss"] == expected["train_loss"]  # the restored partial epoch loss
+    assert json.loads((out / "eval_results.json").read_text()) == json.loads(
+        (reference / "eval_results.json").read_text())
+
+
+def test_prepared_loader_passes_the_epoch_on_to_the_split_also_when_skipping(data):
+    from accelerate import Accelerator
+
+    from balpoe_hf import loading, transforms
+
+    recipe = _recipe(data)
+    train_set, _ = transforms.with_transforms(loading.load_training_data(recipe), recipe, None)
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(torch.utils.data.DataLoader(train_set, batch_size=8, shuffle=True,
+                                                             drop_last=True, generator=torch.Generator()))
+    loader.set_epoch(2)
+    assert train_set.epoch == 2
+    batch = next(iter(accelerator.skip_first_batches(loader, 3)))
+    assert train_set.epoch == 2 and batch["pixel_values"].shape == (8, 3, 16, 16)
+
+
+# --------------------------------------------------------------------------- damaged checkpoints (14.9)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, data, tmp_path, capsys):
+    out = _killed_at(reference, "epoch-0001-step-000005", tmp_path / "run", extra=("epoch-0001-step-000002",))
+    weights = out / "checkpoints" / "epoch-0001-step-000005" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, e.g. by a full disk or a bad copy
+    train(_recipe(data), out, resume=True)
+    printed = capsys.readouterr().out
+    assert "warning: skipped the checkpoint" in printed and "epoch-0001-step-000005" in printed
+    assert "cannot be loaded (SafetensorError" in printed
+    assert "resumed from" in printed and "epoch-0001-step-000002 (epoch 1 of 3, 2 batches" in printed
+    _assert_same_weights(out, reference)
+
+
+def test_every_checkpoint_damaged_says_which_and_what_to_do(reference, data, tmp_path):
+    out = _killed_at(reference, "epoch-0001", tmp_path / "run")
+    (out / "checkpoints" / "epoch-0001" / "optimizer.bin").write_bytes(b"\0" * 10)
+    before = _snapshot(out)
+    with pytest.raises(TrainingError, match=r"no checkpoint of the run can be loaded:\n  .*epoch-0001, which "
+                                            r"cannot be loaded .*\nDelete them \(rm -r .*checkpoints\)"):
+        train(_recipe(data), out, resume=True)
+    assert _snapshot(out) == before
+
+
+class _FakeAccelerator(SimpleNamespace):
+    """What save_checkpoint uses of an Accelerator: one process, ``save_state`` given by the test."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_path):
+    def save_state(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"weights")
+
+    # A crash while saving epoch 2 left its temporary folder behind.
+    (tmp_path / "checkpoints" / "epoch-0002.tmp").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "epoch-0002.tmp" / "trainer_state.json").write_text("{}")
+    assert checkpoints.completed_checkpoints(tmp_path) == []
+    accelerator = _FakeAccelerator(save_state=save_state)
+    for epoch in (1, 2):
+        checkpoints.save_checkpoint(accelerator, tmp_path, {"epoch": epoch, "step": 0}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    assert json.loads((tmp_path / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text()) == {
+        "epoch": 2, "step": 0}
+
+
+def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
+    def save_state(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+    def full_disk(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        # What torch.save raised when a 200 kB tmpfs filled up while writing optimizer.bin.
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 918")
+
+    checkpoints.save_checkpoint(_FakeAccelerator(save_state=save_state), tmp_path, {"epoch": 1, "step": 0},
+                                keep=2)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
+    with pytest.raises(TrainingError, match=r"could not write the checkpoint .*epoch-0002: \[enforce fail "
+                                            r".*\. The disk is full\. Its partial files were removed"):
+        checkpoints.save_checkpoint(_FakeAccelerator(save_state=full_disk), tmp_path,
+                                    {"epoch": 2, "step": 0}, 2)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-0001"]
+    monkeypatch.undo()
+
+    def no_space(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(TrainingError, match=r"No space left on device\. The disk is full\."):
+        checkpoints.save_checkpoint(_FakeAccelerator(save_state=no_space), tmp_path, {"epoch": 2, "step": 0},
+                                    keep=2)
+
+
+# --------------------------------------------------------------------------- changed settings (14.6)
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"lambdas": [2.0, 0.0, -2.0]}, "lambdas: [1.0, 0.0, -1.0] -> [2.0, 0.0, -2.0]"),
+    ({"backbone": "resnet32_cifar"}, "backbone: 'resnet20_cifar' -> 'resnet32_cifar'"),
+    ({"image_mean": [0.5, 0.5, 0.5]}, "image_mean: [0.4914, 0.4822, 0.4465] -> [0.5, 0.5, 0.5]"),
+    ({"imbalance_ratio": 4.0}, "imbalance_ratio: None -> 4.0"),
+])
+def test_resume_with_a_changed_model_is_refused_and_touches_nothing(reference, data, tmp_path, changes,
+                                                                      named):
+    out = _killed_at(reference, "epoch-0001", tmp_path / "run")
+    before = _snapshot(out)
+    with pytest.raises(TrainingError) as error:
+        train(_recipe(data, **changes), out, resume=True)
+    message = str(error.value)
+    assert message.startswith(f"cannot resume {out}: its model was built with other settings")
+    assert named in message and "change them back, or start a new run" in message
+    assert _snapshot(out) == before
+
+
+def test_resume_with_other_training_data_is_refused(reference, data, tmp_path):
+    out = _killed_at(reference, "epoch-0001", tmp_path / "run")
+    (tmp_path / "moved").mkdir()
+    shutil.copy(data[1], tmp_path / "moved" / "train.parquet")  # 8 images per class, not 32/16/8/4
+    # Data may move (paths are not compared), but the class counts that define the prior must not change.
+    recipe = _recipe(data, train_file=[str(tmp_path / "moved" / "train.parquet")])
+    with pytest.raises(TrainingError, match=r"class_counts: \[32, 16, 8, 4\] -> \[8, 8, 8, 8\]"):
+        train(recipe, out, resume=True)
+
+
+def test_resume_with_more_epochs_is_allowed_with_a_warning(reference, data, tmp_path, capsys):
+    out = _killed_at(reference, "epoch-0003", tmp_path / "run")
+    train(_recipe(data, epochs=4, checkpoint_every_steps=0), out, resume=True)
+    printed = capsys.readouterr().out
+    assert "warning: resuming with recipe changes (saved -> now): epochs: 3 -> 4" in printed
+    assert "epoch 4/4" in printed
+
+
+def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference):
+    from balpoe_hf import BalPoEForImageClassification
+
+    config = json.loads((reference / "config.json").read_text())
+    assert config["class_counts"] == TRAIN_COUNTS and config["lambdas"] == [1.0, 0.0, -1.0]
+    # The weights hold no copy of them ...
+    assert not [k for k in load_file(reference / "model.safetensors") if "log_prior" in k or "taus" in k]
+    # ... and the loaded model's buffers are what config.json says, computed here by hand.
+    model = BalPoEForImageClassification.from_pretrained(reference)
+    log_prior = torch.log(torch.tensor(TRAIN_COUNTS, dtype=torch.float64) / sum(TRAIN_COUNTS))
+    torch.testing.assert_close(model.loss_fn.log_prior.double(), log_prior)
+    lambdas = torch.tensor([[1.0], [0.0], [-1.0]], dtype=torch.float64)
+    torch.testing.assert_close(model.loss_fn.taus.double(), (1 - lambdas).expand(3, 4))
+    # Editing config.json changes the model: there is no second source to disagree with it.
+    edited = reference.parent / "edited"
+    shutil.copytree(reference, edited, ignore=shutil.ignore_patterns("checkpoints"))
+    (edited / "config.json").write_text(json.dumps({**config, "lambdas": [2.0, 0.0, -2.0]}))
+    taus = BalPoEForImageClassification.from_pretrained(edited).loss_fn.taus
+    torch.testing.assert_close(taus[:, 0], torch.tensor([-1.0, 1.0, 3.0]))
+
+
+# --------------------------------------------------------------------------- a finished run (14.7)
+
+
+def test_resume_of_a_finished_run_keeps_its_statistics(reference, data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    saved = (out / "train_results.json").read_bytes()
+    result = train(_recipe(data), out, resume=True)
+    assert (out / "train_results.json").read_bytes() == saved
+    assert result.train_results == json.loads(saved)
+    assert result.train_results["train_loss"] is not None and result.train_results["train_runtime"] > 0
+    _assert_same_weights(out, reference)
