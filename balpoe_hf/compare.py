@@ -54,6 +54,9 @@ DEFAULT_METHODS = ("ce", "ce-la", "bs", "lade", "balpoe-erm", "balpoe")
 PER_METHOD_FIELDS = ("method", "num_experts", "lambdas", "loss", "remove_mean_lambda")
 # Fields that change how a trained model predicts, not how it is trained.
 PREDICTION_FIELDS = ("name", "description", "method", "remove_mean_lambda")
+# Fields that change neither the trained weights nor the comparison's evaluation: a run may differ in them.
+LOOP_FIELDS = ("description", "checkpoints_total_limit", "checkpoint_every_steps", "num_workers",
+               "logging_steps", "eval_every", "eval_batch_size")
 # Seconds kept free before --time-limit for evaluating a method that has just finished training.
 EVALUATION_RESERVE = 60.0
 EVAL_DIR = "eval"
@@ -131,7 +134,7 @@ def run_state(run_dir: Path, recipe: Recipe) -> RunState:
     if not saved.is_file():
         raise TrainingError(f"{run_dir} is not empty and holds no recipe.yaml: it is not a run of this "
                             "comparison. Choose another --output-dir or empty it.")
-    changed = recipe_differences(recipe, saved)
+    changed = {k: v for k, v in recipe_differences(recipe, saved).items() if k not in LOOP_FIELDS}
     if changed:
         listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise TrainingError(f"{run_dir} holds a run with other settings ({listed}); rerun with the settings "

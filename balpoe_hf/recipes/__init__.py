@@ -588,7 +588,13 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
 
 def recipe_differences(recipe: Recipe, path: str | Path) -> dict[str, tuple[Any, Any]]:
-    """Fields whose value in the saved recipe file differ from ``recipe``: name -> (saved, now)."""
+    """Fields whose value in the saved recipe file differ from ``recipe``: name -> (saved, now).
+
+    A field the file lacks (added to ``Recipe`` after the file was written) counts as its default.
+    """
     saved = _read_yaml(Path(path))
+    for name, spec in RECIPE_FIELDS.items():
+        if name not in saved:
+            saved[name] = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
     now = recipe.to_dict()
-    return {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+    return {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
