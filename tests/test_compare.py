@@ -155,6 +155,32 @@ def test_compare_command_line_errors(parquet, capsys):
         compare.compare(_base(parquet, method="bs"), ["ce"], "unused")
 
 
+def test_time_limit_must_be_positive():
+    with pytest.raises(TrainingError, match="--time-limit must be a positive number"):
+        recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--time-limit", "0"])
+    _, recipe = recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bs"])
+    assert recipe.method == "bs"
+
+
+def test_a_run_from_an_older_recipe_file_is_recognised(parquet, tmp_path):
+    import yaml
+
+    recipe = compare.method_recipe(_base(parquet), "bs")
+    run = tmp_path / "bs"
+    run.mkdir()
+    saved = recipe.to_dict()
+    # Written before holdout_fraction existed, with another checkpoint limit (which changes no weights).
+    del saved["holdout_fraction"]
+    saved["checkpoints_total_limit"] = 5
+    (run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert compare.run_state(run, recipe) == "unfinished"
+    (run / "config.json").write_text("{}")
+    (run / "eval_results.json").write_text("{}")
+    assert compare.run_state(run, recipe) == "finished"
+    with pytest.raises(TrainingError, match=r"holdout_fraction: 0.0 -> 0.1"):
+        compare.run_state(run, compare.method_recipe(_base(parquet, holdout_fraction=0.1), "bs"))
+
+
 # --------------------------------------------------------------------------- comparison
 
 
