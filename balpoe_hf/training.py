@@ -85,6 +85,23 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
         raise TrainingError(f"cannot build the model: {error}") from None
 
 
+def parameter_groups(model: BalPoEForImageClassification, recipe: Recipe) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one, or with ``recipe.scale_expert_lr`` and E > 1 experts two, the
+    experts' own parameters at ``E x lr`` and ``weight_decay / E``.
+
+    The loss is the mean of the E expert losses, so an expert's parameters get 1/E of its gradient; the
+    scaled group makes their SGD step ``lr * (grad_e + weight_decay * w)``, that of the expert trained alone.
+    """
+    scale = recipe.num_experts if recipe.scale_expert_lr else 1
+    if scale == 1:
+        return [{"params": list(model.parameters())}]
+    experts = list(model.balpoe.experts.parameters())
+    expert_ids = {id(p) for p in experts}
+    shared = [p for p in model.parameters() if id(p) not in expert_ids]
+    return [{"params": shared},
+            {"params": experts, "lr": recipe.lr * scale, "weight_decay": recipe.weight_decay / scale}]
+
+
 def lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at optimizer step ``step`` (for ``torch.optim.lr_scheduler.LambdaLR``).
 
@@ -284,7 +301,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     # ---- model and optimizer (before the data loaders, so that a bad backbone fails fast)
     model = build_model(recipe, data)
     signature = checkpoints.model_signature(model.config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+    optimizer = torch.optim.SGD(parameter_groups(model, recipe), lr=recipe.lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
 
     # ---- data loaders: decoding and augmentation on the fly, in worker processes

@@ -105,6 +105,32 @@ def test_presets_reach_the_model_config_and_its_predictions(method, parquet):
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_scale_expert_lr_gives_each_expert_its_alone_update(parquet):
+    import copy
+
+    recipe = _base(parquet, method="balpoe-erm", scale_expert_lr=True, momentum=0.0, nesterov=False)
+    data = SimpleNamespace(class_counts=[32, 16, 8, 4], class_names=["r", "g", "b", "y"])
+    torch.manual_seed(0)
+    model = training.build_model(recipe, data).train()
+    alone = copy.deepcopy(model)
+    pixels, labels = torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    groups = training.parameter_groups(model, recipe)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    optimizer = torch.optim.SGD(groups, lr=recipe.lr, momentum=0.0, weight_decay=recipe.weight_decay)
+    model(pixel_values=pixels, labels=labels).loss.backward()
+    optimizer.step()
+    # Expert 0 trained alone: its own loss (not the mean over 3 experts), the recipe's lr and weight decay.
+    alone(pixel_values=pixels, labels=labels).expert_losses[0].backward()
+    for (name, after), before in zip(model.balpoe.experts[0].named_parameters(),
+                                     alone.balpoe.experts[0].parameters(), strict=True):
+        expected = before - recipe.lr * (before.grad + recipe.weight_decay * before)
+        torch.testing.assert_close(after, expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    # One expert: nothing to compensate, one group at the recipe's settings.
+    single_recipe = _base(parquet, method="bs", scale_expert_lr=True)
+    single = training.build_model(single_recipe, data)
+    assert len(training.parameter_groups(single, single_recipe)) == 1
+
+
 # --------------------------------------------------------------------------- bad input
 
 
