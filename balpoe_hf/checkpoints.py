@@ -44,12 +44,14 @@ RUN_FOLDERS = (CHECKPOINTS_DIR, "logs")  # folders a run owns whole (TensorBoard
 PARTIAL_SUFFIX = ".tmp"
 _CHECKPOINT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?")
 
-# Recipe fields that define the model or the training data its prior comes from: a resumed run keeps them.
+# Recipe fields that define the model or the training data its prior comes from, or the optimizer's parameter
+# groups (scale_expert_lr): a resumed run keeps them.
 MODEL_FIELDS = ("backbone", "backbone_kwargs", "backbone_pretrained", "num_experts", "lambdas",
                 "shared_stages", "classifier", "classifier_scale", "remove_mean_lambda", "image_size",
                 "image_mean", "image_std", "crop_pct", "dataset", "dataset_config", "train_split",
                 "label_column", "num_classes", "imbalance_ratio", "imbalance_profile", "split_seed",
-                "selection")
+                "selection", "holdout_fraction", "method", "loss", "lade_weight", "lade_remine_lambda",
+                "scale_expert_lr")
 # Config keys of the built model compared on resume (they catch changed data behind unchanged paths).
 SIGNATURE_KEYS = ("backbone", "backbone_kwargs", "backbone_pretrained", "num_experts", "lambdas",
                   "shared_stages", "classifier", "classifier_scale", "remove_mean_lambda", "loss",

@@ -43,13 +43,17 @@ def _fail(error: Exception) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-train``: parse the run options and the recipe, then ``balpoe_hf.training.train``."""
+    import time
+
     from .recipes import TrainingError, parse_args
     from .training import train
 
+    start = time.time()
     try:
         run, recipe = parse_args(argv, description=TRAIN_DESCRIPTION)
+        deadline = None if run.time_limit is None else start + run.time_limit
         train(recipe, run.output_dir, resume=run.resume, overwrite=run.overwrite, report_to=run.report_to,
-              push_to_hub=run.push_to_hub, hub_model_id=run.hub_model_id)
+              push_to_hub=run.push_to_hub, hub_model_id=run.hub_model_id, deadline=deadline)
     except TrainingError as error:
         return _fail(error)
     return 0

@@ -104,6 +104,10 @@ class BalPoEConfig(PreTrainedConfig):
             time (it adds `log pi_test` to the expert mean, e.g. for ImageNet-LT with mean lambda -0.25).
             Both agree when the lambdas average to 0; with one expert and lambda 1 `False` gives the plain
             cross-entropy model's raw logits.
+        method (`str`, *optional*):
+            Name of the method preset the model was trained with (`balpoe_hf.methods`: `"ce"`, `"ce-la"`,
+            `"bs"`, `"lade"`, `"balpoe-erm"`, `"balpoe"`), recorded for the reader; the other settings
+            define the model.
     """
 
     model_type = "balpoe"
@@ -129,6 +133,7 @@ class BalPoEConfig(PreTrainedConfig):
     lade_weight: float = 0.1
     lade_remine_lambda: float = 0.1
     remove_mean_lambda: bool = True
+    method: str | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         labels_given = self.id2label is not None or kwargs.get("num_labels") is not None
@@ -183,6 +188,8 @@ class BalPoEConfig(PreTrainedConfig):
             validate_calibration(self.calibration, num_classes)
         if not isinstance(self.remove_mean_lambda, bool):
             raise ValueError(f"remove_mean_lambda must be True or False, got {self.remove_mean_lambda!r}.")
+        if self.method is not None and not isinstance(self.method, str):
+            raise ValueError(f"method must be a preset name (a string) or None, got {self.method!r}.")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
         if not self.classifier_scale > 0:

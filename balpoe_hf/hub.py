@@ -33,6 +33,7 @@ from transformers.utils import (
 
 from .checkpoints import record_outputs, written_by_package
 from .data import imbalance_ratio
+from .methods import METHOD_DESCRIPTIONS
 
 CARD_NAME = "README.md"
 IMAGES_DIR = "images"
@@ -199,6 +200,9 @@ def render_model_card(
         }
     if recipe_name:
         balpoe_meta["recipe"] = recipe_name
+    method = config.get("method")
+    if method:
+        balpoe_meta["method"] = method
 
     eval_entries = []
     metric_rows = []
@@ -271,6 +275,8 @@ def render_model_card(
         recipe_name=recipe_name,
         recipe_text=recipe_text.strip() if recipe_text else None,
         train_command=train_command,
+        method=method,
+        method_description=METHOD_DESCRIPTIONS.get(method),
     )
 
 

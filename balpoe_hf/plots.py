@@ -1,5 +1,5 @@
-"""Evaluation pictures as PNG files: reliability diagram, per-class accuracy against training count, and
-the training class-count histogram of a model card.
+"""Evaluation pictures as PNG files: reliability diagram, per-class accuracy against training count, a
+side-by-side comparison of methods, and the training class-count histogram of a model card.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing here needs a display or
 changes the caller's matplotlib backend.
@@ -7,7 +7,7 @@ changes the caller's matplotlib backend.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +50,20 @@ def reliability_diagram(probs_or_logits: ArrayLike, labels: ArrayLike, path: str
     if from_probs is None:
         from_probs = scores.ndim == 2 and _looks_like_probabilities(scores)
     bins = reliability_bins(scores, labels, n_bins=n_bins, from_probs=from_probs)
-    ece, _ = calibration_errors(bins)
+    fig, ax = _figure(4.5, 4.5)
+    _draw_reliability(ax, bins, title)
+    ax.legend(loc="upper left")
+    return _save(fig, path)
 
-    width = 1.0 / n_bins
+
+def _draw_reliability(ax, bins: dict[str, list], title: str) -> None:
+    """Accuracy bars per confidence bin (``calibration_bins`` statistics), gap shaded, ECE in the title."""
+    ece, _ = calibration_errors(bins)
     lower = np.asarray(bins["lower"])
+    width = float(np.asarray(bins["upper"])[0] - lower[0])
     filled = [i for i, n in enumerate(bins["count"]) if n > 0]
     accuracy = np.asarray([bins["accuracy"][i] for i in filled])
     confidence = np.asarray([bins["confidence"][i] for i in filled])
-    fig, ax = _figure(4.5, 4.5)
     ax.bar(lower[filled], accuracy, width=width, align="edge", color="tab:blue", edgecolor="black",
            linewidth=0.5, label="accuracy")
     # The gap: from each bin's accuracy to its mean confidence, hatched red (above or below the bar).
@@ -66,8 +72,6 @@ def reliability_diagram(probs_or_logits: ArrayLike, labels: ArrayLike, path: str
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
            title=f"{title} (ECE {100 * ece:.2f}%)")
-    ax.legend(loc="upper left")
-    return _save(fig, path)
 
 
 def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], train_counts: Sequence[int],
@@ -93,6 +97,53 @@ def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], train_co
     ax.set(ylim=(0, 1.08), xlabel="training samples of the class (log scale)", ylabel="test accuracy",
            title="Per-class accuracy")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def method_comparison_plot(methods: Mapping[str, Mapping[str, Sequence]], train_counts: Sequence[int],
+                           path: str | Path, many: int = 100, few: int = 20) -> Path:
+    """One picture comparing methods: a reliability diagram per method side by side, and below them the
+    per-class test accuracy of every method against the class's training count (log x-axis).
+
+    ``methods`` maps a method name to ``{"reliability": calibration_bins statistics, "per_class_accuracy":
+    one accuracy (or None) per class}``, e.g. from ``balpoe_hf.compare``. Returns the PNG path.
+    """
+    if not methods:
+        raise ValueError("no method to plot; pass at least one {name: {reliability, per_class_accuracy}}.")
+    for name, entry in methods.items():
+        if len(entry["per_class_accuracy"]) != len(train_counts):
+            raise ValueError(f"{name}: per_class_accuracy has {len(entry['per_class_accuracy'])} entries but "
+                             f"train_counts has {len(train_counts)}; give one of each per class.")
+    columns = len(methods)
+    fig = Figure(figsize=(3.2 * max(columns, 3), 7.2))
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, columns, height_ratios=[1, 1.1], hspace=0.35, wspace=0.3)
+    for column, (name, entry) in enumerate(methods.items()):
+        ax = fig.add_subplot(grid[0, column])
+        _draw_reliability(ax, entry["reliability"], name)
+        ax.title.set_fontsize(9)
+        if column:
+            ax.set_ylabel("")
+    ax = fig.add_subplot(grid[1, :])
+    counts = np.asarray(train_counts, dtype=np.float64)
+    # Methods at the same count are spread a little sideways (in log space) so their markers do not hide
+    # each other.
+    offsets = np.linspace(-0.04, 0.04, columns) if columns > 1 else np.zeros(1)
+    markers = "osD^v<>ph*"
+    for index, (name, entry) in enumerate(methods.items()):
+        shown = [(c, a) for c, a in zip(counts, entry["per_class_accuracy"], strict=True) if a is not None]
+        x, y = (np.asarray(v, dtype=np.float64) for v in zip(*shown, strict=True))
+        order = np.argsort(x)
+        ax.plot(x[order] * 10 ** offsets[index], y[order], marker=markers[index % len(markers)], markersize=4,
+                linewidth=0.8, label=name)
+    for threshold, label in ((many, "many-shot >"), (few, "few-shot <")):
+        ax.axvline(threshold, linestyle="--", color="gray", linewidth=0.8)
+        ax.text(threshold, 1.02, f"{label} {threshold}", ha="center", va="bottom", fontsize=7, color="gray")
+    ax.set_xscale("log")
+    ax.set(ylim=(0, 1.08), xlabel="training samples of the class (log scale)", ylabel="test accuracy",
+           title="Per-class accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(columns, 6), loc="lower right")
     return _save(fig, path)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.optimizer import ParamsT
 
 from .recipes import Recipe
 
@@ -46,15 +47,16 @@ def fused_sgd_available(device: torch.device) -> bool:
     return device.type in _get_fused_kernels_supported_devices()
 
 
-def build_optimizer(recipe: Recipe, model: nn.Module, device: torch.device) -> torch.optim.SGD:
-    """The recipe's SGD for ``model``, which will train on ``device``.
+def build_optimizer(recipe: Recipe, params: ParamsT, device: torch.device) -> torch.optim.SGD:
+    """The recipe's SGD over ``params`` (parameters or parameter groups, as ``torch.optim`` takes them),
+    which will train on ``device``.
 
     With ``recipe.fused_optimizer``, torch's fused kernel where it has one for the device (CUDA, CPU and
     others in recent versions; the same update in one kernel), else the multi-tensor (foreach) one.
     """
     fused = recipe.fused_optimizer and fused_sgd_available(device)
     # fused=None, not False: an explicit False would also switch off the default foreach kernel.
-    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                            nesterov=recipe.nesterov, weight_decay=recipe.weight_decay, fused=fused or None)
 
 

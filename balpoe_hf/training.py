@@ -52,8 +52,9 @@ class TrainOutput:
     """What ``train`` returns: where the run is, its balanced-test-set report and its training statistics."""
 
     output_dir: Path
-    eval_report: dict[str, Any]
+    eval_report: dict[str, Any] | None  # None when the run stopped at its deadline before the last epoch
     train_results: dict[str, Any]
+    finished: bool = True  # False: stopped at the deadline; ``train(..., resume=True)`` continues it
 
 
 def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassification:
@@ -75,10 +76,31 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
             image_size=recipe.image_size,
             image_mean=recipe.image_mean,
             image_std=recipe.image_std,
+            loss=recipe.loss,
+            lade_weight=recipe.lade_weight,
+            lade_remine_lambda=recipe.lade_remine_lambda,
+            method=recipe.method,
         )
         return BalPoEForImageClassification(config)
     except (ValueError, KeyError, RuntimeError, OSError) as error:  # OSError: pretrained weights offline
         raise TrainingError(f"cannot build the model: {error}") from None
+
+
+def parameter_groups(model: BalPoEForImageClassification, recipe: Recipe) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: one, or with ``recipe.scale_expert_lr`` and E > 1 experts two, the
+    experts' own parameters at ``E x lr`` and ``weight_decay / E``.
+
+    The loss is the mean of the E expert losses, so an expert's parameters get 1/E of its gradient; the
+    scaled group makes their SGD step ``lr * (grad_e + weight_decay * w)``, that of the expert trained alone.
+    """
+    scale = recipe.num_experts if recipe.scale_expert_lr else 1
+    if scale == 1:
+        return [{"params": list(model.parameters())}]
+    experts = list(model.balpoe.experts.parameters())
+    expert_ids = {id(p) for p in experts}
+    shared = [p for p in model.parameters() if id(p) not in expert_ids]
+    return [{"params": shared},
+            {"params": experts, "lr": recipe.lr * scale, "weight_decay": recipe.weight_decay / scale}]
 
 
 def lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
@@ -133,6 +155,17 @@ def check_world_size(num_processes: int) -> None:
         "scripts/train.py ...`, on N GPUs `accelerate launch --multi_gpu --num_processes N ...`, and for "
         "one process leave out --num_processes."
     )
+
+
+def past_deadline(accelerator: Accelerator, deadline: float | None, epoch_seconds: float) -> bool:
+    """Whether another epoch of ``epoch_seconds`` would end after ``deadline`` (``time.time()``).
+
+    Every process must stop at the same epoch, so the most pessimistic process decides.
+    """
+    if deadline is None:
+        return False
+    late = torch.tensor(float(time.time() + epoch_seconds > deadline), device=accelerator.device)
+    return bool(accelerator.reduce(late, reduction="sum").item() > 0)
 
 
 @torch.no_grad()
@@ -223,7 +256,7 @@ def _check_hub_upload_possible(push_to_hub: bool, hub_model_id: str | None) -> N
 
 def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, report_to: str = "none", push_to_hub: bool = False,
-          hub_model_id: str | None = None) -> TrainOutput:
+          hub_model_id: str | None = None, deadline: float | None = None) -> TrainOutput:
     """The whole run: set-up, data, model, the epoch loop with evaluation and checkpoints, outputs.
 
     Args:
@@ -233,6 +266,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         overwrite: delete what an earlier run wrote in ``output_dir`` (its manifest) first.
         report_to: ``"none"`` or ``"tensorboard"`` (logs in ``output_dir/logs``).
         push_to_hub, hub_model_id: upload the finished run to this Hub repository.
+        deadline: a ``time.time()`` value: after each epoch's checkpoint, stop when the next epoch (timed
+            as the last one) would end after it; the run is then unfinished (``finished=False``, no model
+            saved) and ``resume=True`` continues it. For jobs with a wall-clock limit.
 
     Raises ``TrainingError`` (a message for the user) for bad settings, data or output directories.
     """
@@ -272,7 +308,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     # recipe's speed options (channels_last, compile, fused SGD)
     model = speed.prepare_model(build_model(recipe, data), recipe)
     signature = checkpoints.model_signature(model.config)
-    optimizer = speed.build_optimizer(recipe, model, accelerator.device)
+    optimizer = speed.build_optimizer(recipe, parameter_groups(model, recipe), accelerator.device)
     speed.enable_fast_kernels(accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -421,6 +457,14 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         state.update(epoch=epoch + 1, step=0, train_loss=epoch_loss, images_seen=images_seen,
                      train_runtime=time.perf_counter() - run_start, epoch_loss_sum=0.0)
         checkpoints.save_checkpoint(accelerator, output_dir, state, recipe.checkpoints_total_limit)
+        epoch_seconds = time.perf_counter() - epoch_start  # with its evaluation and checkpoint
+        if epoch + 1 < recipe.epochs and past_deadline(accelerator, deadline, epoch_seconds):
+            accelerator.print(f"stopping after epoch {epoch + 1} of {recipe.epochs}: the next epoch would "
+                              f"end after the deadline; resume to continue from its checkpoint")
+            accelerator.end_training()
+            return TrainOutput(output_dir=output_dir, eval_report=None, finished=False,
+                               train_results={"epochs_done": epoch + 1, "epochs": recipe.epochs,
+                                              "eval_history": history})
     train_runtime = time.perf_counter() - run_start
     # Resumed from the final checkpoint: the run was finished, and its statistics stay as they were.
     finished = start_epoch == recipe.epochs

@@ -225,7 +225,7 @@ def one_step(model, optimizer, seed: int = 1) -> tuple[torch.Tensor, dict[str, t
 def train_two_steps(channels_last: bool, fused: bool) -> list[tuple[torch.Tensor, dict]]:
     recipe = make_recipe({"dataset": "x", "channels_last": channels_last, "fused_optimizer": fused})
     model = speed.prepare_model(tiny_model(), recipe)
-    optimizer = speed.build_optimizer(recipe, model, torch.device("cpu"))
+    optimizer = speed.build_optimizer(recipe, model.parameters(), torch.device("cpu"))
     assert optimizer.defaults["fused"] is (True if fused else None)  # None: torch's default foreach update
     assert (optimizer.defaults["nesterov"], optimizer.defaults["weight_decay"]) == (True, 5e-4)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -258,7 +258,8 @@ def test_channels_last_trains_as_the_default_layout_up_to_rounding():
 def test_fused_sgd_only_where_torch_has_a_kernel():
     assert speed.fused_sgd_available(torch.device("cpu")) is True  # torch >= 2.4
     assert speed.fused_sgd_available(torch.device("meta")) is False
-    optimizer = speed.build_optimizer(make_recipe({"dataset": "x"}), tiny_model(), torch.device("meta"))
+    optimizer = speed.build_optimizer(make_recipe({"dataset": "x"}), tiny_model().parameters(),
+                                      torch.device("meta"))
     assert optimizer.defaults["fused"] is None  # the default (foreach) update
 
 
@@ -268,7 +269,7 @@ def test_compiled_model_keeps_parameter_names_and_trains_as_eager():
     speed.prepare_model(compiled, make_recipe({"dataset": "x", "compile": True}), backend="eager")
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints resume either way
     recipe = make_recipe({"dataset": "x", "fused_optimizer": False})
-    eager_sgd, compiled_sgd = (speed.build_optimizer(recipe, m, torch.device("cpu"))
+    eager_sgd, compiled_sgd = (speed.build_optimizer(recipe, m.parameters(), torch.device("cpu"))
                                for m in (eager, compiled))
     for step in range(2):
         loss, state = one_step(eager, eager_sgd, step)
@@ -285,7 +286,7 @@ def test_inductor_compiled_step_matches_eager():
     eager, compiled = tiny_model(), tiny_model()
     speed.prepare_model(compiled, make_recipe({"dataset": "x", "compile": True, "channels_last": True}))
     recipe = make_recipe({"dataset": "x"})
-    eager_sgd, compiled_sgd = (speed.build_optimizer(recipe, m, torch.device("cpu"))
+    eager_sgd, compiled_sgd = (speed.build_optimizer(recipe, m.parameters(), torch.device("cpu"))
                                for m in (eager, compiled))
     start = time.perf_counter()
     for step in range(2):

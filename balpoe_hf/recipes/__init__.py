@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import re
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from ..methods import Method, method_conflicts, method_settings
 
 RECIPES_DIR = Path(__file__).parent  # the shipped YAML recipes live beside this module
 FASHION_MNIST = "fashion-mnist"
@@ -45,6 +48,7 @@ LRSchedule = Literal["multistep", "cosine", "constant"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 DataPipeline = Literal["auto", "device", "workers"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+Loss = Literal["balpoe", "lade"]
 
 
 class TrainingError(ValueError):
@@ -112,6 +116,12 @@ class Recipe:
         "Classes with more training images than this are many-shot."))
     few_threshold: int = field(default=20, metadata=_help(
         "Classes with fewer training images than this are few-shot."))
+    # --- method
+    method: Method | None = field(default=None, metadata=_help(
+        "Method preset applied on top of the recipe (balpoe_hf.methods): 'ce' (cross-entropy, raw logits), "
+        "'ce-la' (+ post-hoc logit adjustment), 'bs' (balanced softmax), 'lade', 'balpoe-erm' (3 experts, "
+        "no mixup), 'balpoe' (3 experts + the recipe's mixup). It sets num_experts, lambdas, mixup_alpha, "
+        "loss and remove_mean_lambda; 'none': the recipe as written."))
     # --- model
     backbone: str = field(default="resnet32_cifar", metadata=_help("timm model name of the backbone."))
     backbone_kwargs: dict = field(default_factory=dict, metadata=_help(
@@ -125,6 +135,12 @@ class Recipe:
         "Backbone stages shared by all experts; 'none': the backbone adapter's default."))
     classifier: Classifier = field(default="cosine", metadata=_help("Expert classifier."))
     classifier_scale: float = field(default=30.0, metadata=_help("Scale of the cosine classifier."))
+    loss: Loss = field(default="balpoe", metadata=_help(
+        "'balpoe' (each expert's logit-adjusted cross-entropy) or 'lade' (balanced softmax + the LADE "
+        "regulariser of Hong et al. 2021; one expert, lambda 0)."))
+    lade_weight: float = field(default=0.1, metadata=_help("'lade': weight of the LADE regulariser."))
+    lade_remine_lambda: float = field(default=0.1, metadata=_help(
+        "'lade': weight of the ReMINE penalty inside the LADE regulariser."))
     remove_mean_lambda: bool = field(default=True, metadata=_help(
         "Predict with the ensemble's mean bias removed (mean_e z_e - mean(lambda) log pi + log pi_t, "
         "Sec. 3.3 of the paper); --no-remove-mean-lambda keeps it (mean_e z_e + log pi_t), as the official "
@@ -169,6 +185,11 @@ class Recipe:
     momentum: float = field(default=0.9, metadata=_help("SGD momentum."))
     nesterov: bool = field(default=True, metadata=_help("Nesterov momentum."))
     weight_decay: float = field(default=5e-4, metadata=_help("Weight decay."))
+    scale_expert_lr: bool = field(default=False, metadata=_help(
+        "Train the experts' own parameters at num_experts x lr with weight decay / num_experts: the loss is "
+        "the mean over experts, so each expert gets 1/num_experts of the gradient, and this makes its update "
+        "the one it would get trained alone. Off: the paper's optimisation. Helps short budgets (README, "
+        "Comparing methods); no effect with one expert."))
     lr_schedule: LRSchedule = field(default="multistep", metadata=_help(
         "Learning-rate schedule after the warm-up."))
     warmup_epochs: float = field(default=5.0, metadata=_help("Linear warm-up length in epochs (0: none)."))
@@ -217,6 +238,13 @@ class Recipe:
         hints = typing.get_type_hints(Recipe)
         for name, hint in hints.items():
             setattr(self, name, _coerce(name, hint, getattr(self, name)))
+        if self.method is not None:
+            for name, value in method_settings(self.method).items():
+                setattr(self, name, value)
+            if self.method == "balpoe" and self.mixup_alpha == 0:
+                raise TrainingError("method 'balpoe' trains with mixup, but mixup_alpha is 0: set "
+                                    "--mixup-alpha (the paper: 0.8 on CIFAR-10-LT, 0.4 on CIFAR-100-LT) or "
+                                    "use --method balpoe-erm.")
         # NaN passes every comparison below as False, and inf makes the run diverge: refuse both first.
         for name, value in self.to_dict().items():
             values = value if isinstance(value, list) else [value]
@@ -231,6 +259,12 @@ class Recipe:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.loss == "lade" and (self.num_experts != 1 or any(self.lambdas or [0.0])):
+            raise TrainingError(f"loss 'lade' trains one classifier with the balanced softmax (lambda 0), "
+                                f"but num_experts is {self.num_experts} and lambdas {self.lambdas}; use "
+                                "--method lade, or --num-experts 1 --lambdas 0.")
+        if self.lade_weight < 0 or self.lade_remine_lambda < 0:
+            raise TrainingError("lade_weight and lade_remine_lambda must not be negative.")
         for name in ("lr", "lr_gamma", "classifier_scale", "max_grad_norm"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -374,7 +408,28 @@ def load_recipe(name: str | None = None, config: str | Path | None = None, **ove
 
     ``load_recipe("fashion-mnist-lt-quick", epochs=1)`` is ``--recipe fashion-mnist-lt-quick --epochs 1``.
     """
-    return make_recipe({**recipe_values(name, config), **overrides})
+    values = {**recipe_values(name, config), **overrides}
+    check_method_overrides(values.get("method"), {k: v for k, v in overrides.items() if k != "method"})
+    return make_recipe(values)
+
+
+def check_method_overrides(method: str | None, given: dict[str, Any]) -> None:
+    """Refuse settings the user gave explicitly (flags, keyword overrides) that ``method`` would replace.
+
+    A method preset overrides the recipe's own values on purpose; an explicit contradicting value is a
+    mistake that would otherwise be dropped silently.
+    """
+    if method is None:
+        return
+    try:
+        conflicts = method_conflicts(method, given)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if conflicts:
+        listed = ", ".join(f"{name}={given!r} (the method sets {value!r})"
+                           for name, (given, value) in conflicts.items())
+        raise TrainingError(f"method {method!r} sets {', '.join(conflicts)} itself, but {listed} was given; "
+                            "drop those settings or the method (see balpoe_hf.methods).")
 
 
 def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
@@ -407,7 +462,10 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if origin is Literal:
         if value in typing.get_args(base):
             return value
-        raise TrainingError(f"{name} must be one of {list(typing.get_args(base))}, got {value!r}.")
+        choices = [str(choice) for choice in typing.get_args(base)]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise TrainingError(f"{name} must be one of {list(typing.get_args(base))}, got {value!r}.{hint}")
     if origin is list:
         item = typing.get_args(base)[0]
         items = list(value) if isinstance(value, list | tuple) else [value]
@@ -448,6 +506,9 @@ class RunArguments:
         "Upload the trained model to the Hub (balpoe_hf.hub.push_to_hub) at the end."))
     hub_model_id: str | None = field(default=None, metadata=_help(
         "Hub repository for --push-to-hub (user/name)."))
+    time_limit: float | None = field(default=None, metadata=_help(
+        "Wall-clock limit in seconds: after an epoch's checkpoint, stop if the next epoch would end past it "
+        "(rerun with --resume to continue). 'none': no limit."))
 
 
 def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -467,11 +528,12 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """``HfArgumentParser`` over ``RunArguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
+def build_parser(description: str | None = None, run_arguments: type = RunArguments
+                 ) -> argparse.ArgumentParser:
+    """``HfArgumentParser`` over ``run_arguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((RunArguments, Recipe), description=description, allow_abbrev=False,
+    parser = HfArgumentParser((run_arguments, Recipe), description=description, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Recipe)
     actions = {action.dest: action for action in parser._actions}
@@ -488,17 +550,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None, description: str | None = None
-               ) -> tuple[RunArguments, Recipe]:
-    """The run options and the resolved recipe (defaults < recipe or config file < command line)."""
-    parser = build_parser(description)
-    # First pass: only which recipe or config file, whose values then become the parser's defaults (so that
-    # --help, answered by the second pass, shows them).
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    first.add_argument("--recipe")
-    first.add_argument("--config")
-    known, _ = first.parse_known_args(argv)
-    values = recipe_values(known.recipe, known.config)
+def parse_recipe_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None, values: dict[str, Any]
+                       ) -> tuple[argparse.Namespace, dict[str, Any], dict[str, Any]]:
+    """Parse ``argv`` with the recipe layer ``values`` as the defaults of the recipe flags.
+
+    Returns the namespace, every recipe field's value, and the fields the command line changed.
+    """
+    values = dict(values)
     for name, value in values.items():
         if name not in RECIPE_FIELDS:
             make_recipe(values)  # raises the "unknown recipe fields" error
@@ -510,6 +568,27 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
         value = getattr(namespace, name)
         # `--lambdas none` parses as [None]: the list field itself is unset.
         settings[name] = None if isinstance(value, list) and None in value else value
+    # Which recipe flags the command line holds: parse again with a marker as every recipe default (after
+    # the real parse, which answers --help with the resolved defaults).
+    unset = object()
+    parser.set_defaults(**dict.fromkeys(RECIPE_FIELDS, unset))
+    flagged = vars(parser.parse_args(argv))
+    given = {name: settings[name] for name in RECIPE_FIELDS if flagged[name] is not unset}
+    return namespace, settings, given
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str | None = None
+               ) -> tuple[RunArguments, Recipe]:
+    """The run options and the resolved recipe (defaults < recipe or config file < command line)."""
+    parser = build_parser(description)
+    # First pass: only which recipe or config file, whose values then become the parser's defaults (so that
+    # --help, answered by the second pass, shows them).
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--recipe")
+    first.add_argument("--config")
+    known, _ = first.parse_known_args(argv)
+    namespace, settings, given = parse_recipe_flags(parser, argv, recipe_values(known.recipe, known.config))
+    check_method_overrides(settings["method"], given)
     run = RunArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(RunArguments)})
     if run.recipe is None and run.config is None and settings["dataset"] is None \
             and settings["train_file"] is None and settings["train_list"] is None:
@@ -519,6 +598,8 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
     recipe = make_recipe(settings)
     if run.push_to_hub and not run.hub_model_id:
         raise TrainingError("--push-to-hub needs --hub-model-id USER/NAME.")
+    if run.time_limit is not None and run.time_limit <= 0:
+        raise TrainingError(f"--time-limit must be a positive number of seconds, got {run.time_limit}.")
     if run.output_dir is None:
         run.output_dir = str(Path("runs") / recipe.name)
     return run, recipe
@@ -529,7 +610,13 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
 
 def recipe_differences(recipe: Recipe, path: str | Path) -> dict[str, tuple[Any, Any]]:
-    """Fields whose value in the saved recipe file differ from ``recipe``: name -> (saved, now)."""
+    """Fields whose value in the saved recipe file differ from ``recipe``: name -> (saved, now).
+
+    A field the file lacks (added to ``Recipe`` after the file was written) counts as its default.
+    """
     saved = _read_yaml(Path(path))
+    for name, spec in RECIPE_FIELDS.items():
+        if name not in saved:
+            saved[name] = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
     now = recipe.to_dict()
-    return {k: (saved.get(k), now[k]) for k in now if saved.get(k) != now[k]}
+    return {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}

@@ -1,0 +1,560 @@
+"""Train several methods at the same budget and compare them, as Tables 2 / 9 / 10 of the BalPoE paper do.
+
+    from balpoe_hf.compare import budget_recipe, compare
+
+    base = budget_recipe("quick")
+    result = compare(base, ["ce", "bs", "balpoe"], "runs/compare-quick")
+    print(format_method_table(result.summaries))
+
+Every method (``balpoe_hf.methods``) is the same base recipe (data, split, seed, backbone, schedule) with the
+method's preset on top, trained by ``balpoe_hf.training.train`` into its own output directory
+``OUTPUT_DIR/METHOD`` exactly as ``scripts/train.py --method METHOD`` would, so that each is an ordinary,
+resumable run (loadable, evaluable, publishable). The trainings run one after the other in this process:
+one import of torch and the data per comparison, training errors arrive as exceptions, one deadline
+(``--time-limit``) covers all of them, and ``accelerate launch scripts/compare_methods.py`` distributes
+every training as it would a single run. Methods whose training is identical (``ce`` and ``ce-la`` differ
+only in how they predict) are trained once: the others get a copy of the weights with their own prediction
+setting.
+
+A rerun with the same settings skips the finished methods and resumes the unfinished ones from their last
+epoch checkpoint. Each finished method is evaluated with ``balpoe_hf.evaluation.evaluate_model`` (balanced
+test set, shifted test sets under every prior mode); its report is kept in ``OUTPUT_DIR/METHOD/eval``.
+The comparison goes to ``OUTPUT_DIR/comparison.json``, ``comparison.md`` and ``comparison.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .methods import METHOD_DESCRIPTIONS, METHODS, parse_methods
+from .recipes import (
+    Recipe,
+    TrainingError,
+    build_parser,
+    make_recipe,
+    parse_recipe_flags,
+    recipe_differences,
+    recipe_values,
+    save_recipe,
+)
+
+DEFAULT_METHODS = ("ce", "ce-la", "bs", "lade", "balpoe-erm", "balpoe")
+# Fields each method sets itself: setting them for the whole comparison would be overridden anyway.
+PER_METHOD_FIELDS = ("method", "num_experts", "lambdas", "loss", "remove_mean_lambda")
+# Fields that change how a trained model predicts, not how it is trained.
+PREDICTION_FIELDS = ("name", "description", "method", "remove_mean_lambda")
+# Fields that change neither the trained weights nor the comparison's evaluation: a run may differ in them.
+LOOP_FIELDS = ("description", "checkpoints_total_limit", "checkpoint_every_steps", "num_workers",
+               "logging_steps", "eval_every", "eval_batch_size")
+# Seconds kept free before --time-limit for evaluating a method that has just finished training.
+EVALUATION_RESERVE = 60.0
+EVAL_DIR = "eval"
+
+# The paper's CIFAR-10-LT IR100 rows (ResNet-32, 200 epochs; Tables 8 and 9), in percent.
+PAPER_CIFAR10_LT_IR100 = {
+    "ce": {"balanced_accuracy": 71.3, "ece": 19.1, "mce": 33.9},
+    "bs": {"balanced_accuracy": 83.1},
+    "balpoe-erm": {"balanced_accuracy": 80.5, "ece": 11.0, "mce": 27.7},
+    "balpoe": {"balanced_accuracy": 84.2, "ece": 6.3, "mce": 15.8},
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A comparison's base recipe: a shipped recipe and the settings changed for the budget."""
+
+    recipe: str
+    settings: Mapping[str, Any]
+    description: str
+    needs_files: bool = False  # the data comes from --train-file / --test-file
+    paper: Mapping[str, Mapping[str, float]] | None = None  # published rows to print beside the measured ones
+
+
+BUDGETS: dict[str, Budget] = {
+    "quick": Budget(
+        "fashion-mnist-lt-quick", {"eval_every": 0},
+        "Fashion-MNIST-LT IR100, ResNet-20, 4 epochs: a few minutes a method on 2 CPU cores"),
+    "cpu": Budget(
+        "cifar10-lt-local",
+        {"backbone": "resnet20_cifar", "epochs": 12, "lr_schedule": "cosine", "warmup_epochs": 1.0,
+         "eval_every": 0, "checkpoints_total_limit": 1, "num_workers": 2},
+        "CIFAR-10-LT IR100 from parquet, ResNet-20, 12 epochs cosine, mixup 0.8: about an hour for five "
+        "methods on 2 CPU cores", needs_files=True, paper=PAPER_CIFAR10_LT_IR100),
+    "paper": Budget(
+        "cifar10-lt-local", {"eval_every": 0, "checkpoints_total_limit": 1},
+        "CIFAR-10-LT IR100 from parquet, the paper's schedule: ResNet-32, 200 epochs, mixup 0.8 (a GPU)",
+        needs_files=True, paper=PAPER_CIFAR10_LT_IR100),
+}
+
+
+def budget_recipe(budget: str, **overrides: Any) -> Recipe:
+    """The base recipe of a budget (``method`` unset), with field overrides (e.g. ``train_file=[...]``)."""
+    if budget not in BUDGETS:
+        raise TrainingError(f"unknown budget {budget!r}; the budgets are {', '.join(BUDGETS)}.")
+    return make_recipe(budget_values(budget) | overrides)
+
+
+def budget_values(budget: str) -> dict[str, Any]:
+    spec = BUDGETS[budget]
+    return {**recipe_values(spec.recipe), **spec.settings, "name": f"compare-{budget}"}
+
+
+def method_recipe(base: Recipe, method: str) -> Recipe:
+    """``base`` with the preset of ``method`` on top, named ``<base name>-<method>``."""
+    return make_recipe({**base.to_dict(), "method": method, "name": f"{base.name}-{method}"})
+
+
+def _training_signature(recipe: Recipe) -> str:
+    return json.dumps({k: v for k, v in recipe.to_dict().items() if k not in PREDICTION_FIELDS},
+                      sort_keys=True)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+RunState = Literal["new", "unfinished", "finished"]
+
+
+def run_state(run_dir: Path, recipe: Recipe) -> RunState:
+    """Where a method's run stands; refuses a directory that holds something else than this run."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "new"
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise TrainingError(f"{run_dir} is not empty and holds no recipe.yaml: it is not a run of this "
+                            "comparison. Choose another --output-dir or empty it.")
+    changed = {k: v for k, v in recipe_differences(recipe, saved).items() if k not in LOOP_FIELDS}
+    if changed:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        raise TrainingError(f"{run_dir} holds a run with other settings ({listed}); rerun with the settings "
+                            "it was started with, or use another --output-dir.")
+    finished = (run_dir / "eval_results.json").is_file() and (run_dir / "config.json").is_file()
+    return "finished" if finished else "unfinished"
+
+
+def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) -> None:
+    """A finished run of ``recipe`` from the weights of a run whose training was identical.
+
+    Only the prediction settings (``remove_mean_lambda``, ``method``) change, and a held-out calibration
+    (``config.calibration``, fitted to the source's logits) is fitted again on ``holdout`` for the new
+    logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
+    written after the evaluation.
+    """
+    from .evaluation import load_model, predict
+    from .loading import align_labels
+    from .priors import holdout_calibration
+
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    model, processor = load_model(source_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    model.config.remove_mean_lambda = recipe.remove_mean_lambda
+    model.config.method = recipe.method
+    if model.config.calibration is not None:
+        if holdout is None:
+            raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was given "
+                                "to fit it again for the derived run.")
+        logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        model.config.calibration = holdout_calibration(logits, align_labels(holdout, recipe.label_column,
+                                                                            names))
+    model.save_pretrained(run_dir)
+    processor.save_pretrained(run_dir)
+    save_recipe(recipe, run_dir / "recipe.yaml")
+    train_results = json.loads((source_dir / "train_results.json").read_text())
+    train_results["weights_from"] = str(source_dir)
+    (run_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
+
+
+def balanced_validation_report(logits: torch.Tensor, labels: Sequence[int], num_classes: int,
+                               n_bins: int = 15) -> dict[str, float]:
+    """Balanced accuracy, ECE and NLL of uniform-prior logits ``(N, C)`` on a long-tailed held-out split, as
+    if it were balanced: every image is weighted by one over its class's count in the split.
+
+    This estimates the balanced test set's figures from training-distribution data (the weighting turns an
+    average over ``p_train(y)`` into one over the uniform prior), so methods can be compared and settings
+    chosen without the test set. Bins are equal-width in confidence, as ``metrics.calibration_bins``.
+    """
+    targets = torch.as_tensor(labels, dtype=torch.long)
+    log_probs = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
+    counts = torch.bincount(targets, minlength=num_classes).double()
+    present = counts > 0
+    weights = 1.0 / counts[targets]
+    weights = weights / weights.sum()
+    confidence, prediction = log_probs.exp().max(dim=1)
+    correct = (prediction == targets).double()
+    per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, targets, correct) / counts
+    # Bin i holds lower < p <= upper (p = 0 in bin 0), as metrics.calibration_bins.
+    edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
+    bins = (torch.bucketize(confidence, edges, right=False) - 1).clamp_min(0)
+    gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, weights * (correct - confidence))
+    nll = -(weights * log_probs.gather(1, targets[:, None]).squeeze(1)).sum()
+    return {"balanced_accuracy": float(per_class[present].mean()), "ece": float(gap.abs().sum()),
+            "nll": float(nll), "samples": len(targets)}
+
+
+def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], priors: Sequence[str] | None,
+                 holdout=None) -> dict[str, Any]:
+    """The ``evaluate_model`` report of a finished run, cached in ``run_dir/eval/report.json``.
+
+    The report gets the balanced set's reliability bins (for the comparison picture) too, and with a
+    ``holdout`` split the ``balanced_validation_report`` of it under ``validation``. A derived run (no
+    ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
+    model's default prior modes (``evaluation.default_priors``).
+    """
+    from .evaluation import evaluate_model, load_model, predict, write_report
+    from .loading import align_labels
+    from .metrics import reliability_bins
+
+    path = run_dir / EVAL_DIR / "report.json"
+    settings = {"shifts": list(shifts), "priors": None if priors is None else list(priors),
+                "validation": holdout is not None}
+    weights = run_dir / "model.safetensors"
+    if path.is_file() and (not weights.is_file() or path.stat().st_mtime >= weights.stat().st_mtime):
+        report = json.loads(path.read_text())
+        if report.get("comparison_settings") == settings:
+            return report
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, processor = load_model(run_dir, device)
+    result = evaluate_model(model, processor, test, image_column=recipe.image_column,
+                            label_column=recipe.label_column, shifts=shifts, priors=priors,
+                            batch_size=recipe.eval_batch_size, many=recipe.many_threshold,
+                            few=recipe.few_threshold)
+    n_bins = result.report["settings"]["n_bins"]
+    result.report["reliability"] = reliability_bins(result.logits, result.labels, n_bins=n_bins)
+    result.report["comparison_settings"] = settings
+    if holdout is not None:
+        logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        labels = align_labels(holdout, recipe.label_column, names)
+        result.report["validation"] = balanced_validation_report(logits, labels, model.config.num_labels)
+    write_report(result, path)
+    if not (run_dir / "eval_results.json").is_file():
+        balanced = {f"eval_{k}": v for k, v in result.report["balanced"].items()}
+        eval_results = {"epoch": recipe.epochs, "eval_samples": result.report["num_test_samples"], **balanced}
+        (run_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+    return json.loads(path.read_text())
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class Comparison:
+    """``compare``'s result: a summary per evaluated method, the methods still to do, and the files."""
+
+    summaries: dict[str, dict[str, Any]]
+    pending: list[str]
+    train_counts: list[int]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending
+
+
+def summarize(method: str, report: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """What the comparison keeps of a method's evaluation report (and its training time)."""
+    train_results = json.loads((run_dir / "train_results.json").read_text())
+    return {
+        "method": method,
+        "description": METHOD_DESCRIPTIONS[method],
+        "run_dir": str(run_dir),
+        "weights_from": train_results.get("weights_from"),
+        "train_runtime": train_results.get("train_runtime"),
+        "balanced": report["balanced"],
+        "experts": report["experts"],
+        "shift_accuracy": report["shift_accuracy"],
+        "reliability": report["reliability"],
+        "validation": report.get("validation"),
+    }
+
+
+def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, *,
+            shifts: str | Sequence[str] = "all", priors: str | Sequence[str] | None = None,
+            deadline: float | None = None) -> Comparison:
+    """Train (or resume, or skip) every method on ``base`` and evaluate it; see the module docstring.
+
+    Args:
+        base: the shared recipe; its ``method`` must be unset (each method sets its own).
+        methods: method names (``balpoe_hf.methods.METHODS``), or a comma list of them.
+        output_dir: the comparison's directory; method ``m`` trains into ``output_dir/m``.
+        shifts, priors: the shifted test sets and prior modes of ``evaluate_model`` (``priors=None``: its
+            default, ``none``, ``oracle`` and ``auto`` or, without a held-out calibration, ``em``).
+        deadline: a ``time.time()`` value; trainings stop after the epoch checkpoint that would otherwise
+            end later than ``EVALUATION_RESERVE`` seconds before it, no new work starts after it. The
+            methods left are listed in ``Comparison.pending``; call again to continue.
+    """
+    from accelerate import PartialState
+
+    from .evaluation import parse_priors, parse_shifts
+    from .loading import load_training_data
+    from .training import train
+
+    if base.method is not None:
+        raise TrainingError(f"the base recipe of a comparison sets method={base.method!r}; leave it unset "
+                            "(each method sets its own) and list the methods instead.")
+    try:
+        methods = parse_methods(methods)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    shifts = parse_shifts(shifts)
+    priors = None if priors is None else parse_priors(priors)
+    output_dir = Path(output_dir)
+    recipes = {method: method_recipe(base, method) for method in methods}
+    # A run in output_dir that contradicts its method's recipe fails here, before any training.
+    states = {method: run_state(output_dir / method, recipe) for method, recipe in recipes.items()}
+    # Training signature -> the method whose run trains those weights: the most advanced run, then the first.
+    progress = {"finished": 0, "unfinished": 1, "new": 2}
+    trained_by: dict[str, str] = {}
+    for method in sorted(methods, key=lambda m: progress[states[m]]):
+        trained_by.setdefault(_training_signature(recipes[method]), method)
+    state = PartialState()
+    data = load_training_data(base) if state.is_main_process else None
+    train_counts = data.class_counts if data is not None else []
+    summaries: dict[str, dict[str, Any]] = {}
+    pending: list[str] = []
+    train_deadline = None if deadline is None else deadline - EVALUATION_RESERVE
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.time() >= deadline - EVALUATION_RESERVE
+
+    # The methods whose runs others copy go first.
+    order = sorted(methods, key=lambda m: trained_by[_training_signature(recipes[m])] != m)
+    for method in order:
+        recipe, run_dir = recipes[method], output_dir / method
+        source = trained_by[_training_signature(recipe)]
+        if states[method] != "finished":
+            if out_of_time() or (source != method and source in pending):
+                pending.append(method)
+                continue
+            if source != method:
+                if state.is_main_process:
+                    derive_run(output_dir / source, run_dir, recipe, data.holdout)
+                state.wait_for_everyone()
+            else:
+                state.print(f"\n=== {method} ({METHOD_DESCRIPTIONS[method]}): "
+                            f"{'resuming' if states[method] == 'unfinished' else 'training'} in {run_dir}")
+                outcome = train(recipe, run_dir, resume=True, deadline=train_deadline)
+                _release_memory()
+                if not outcome.finished:
+                    pending.append(method)
+                    continue
+        if state.is_main_process:
+            if deadline is not None and time.time() >= deadline:
+                pending.append(method)
+                continue
+            report = evaluate_run(run_dir, recipe, data.test, shifts, priors, data.holdout)
+            summaries[method] = summarize(method, report, run_dir)
+            _release_memory()
+        state.wait_for_everyone()
+    comparison = Comparison(summaries={m: summaries[m] for m in methods if m in summaries},
+                            pending=[m for m in methods if m in pending], train_counts=train_counts)
+    if state.is_main_process and comparison.summaries:
+        comparison.files = write_comparison(comparison, base, output_dir)
+    return comparison
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def format_method_table(summaries: Mapping[str, Mapping[str, Any]],
+                        paper: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """Markdown table like the paper's Tables 2 / 9: balanced-test-set metrics per method, in percent.
+
+    With ``paper`` (method -> published values in percent), columns with the published accuracy and ECE.
+    """
+    header = "| method | balanced acc. | many | medium | few | ECE | MCE | NLL | train time |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if paper:
+        header += " paper acc. | paper ECE |"
+        rule += "---:|---:|"
+    rows = [header, rule]
+    for method, summary in summaries.items():
+        b = summary["balanced"]
+        runtime = summary.get("train_runtime")
+        if summary.get("weights_from"):
+            time_cell = f"(weights of {Path(summary['weights_from']).name})"
+        else:
+            time_cell = "n/a" if runtime is None else f"{runtime / 60:.1f} min"
+        row = (f"| {method} | {_pct(b['balanced_accuracy'])} | {_pct(b['many'])} | {_pct(b['medium'])} | "
+               f"{_pct(b['few'])} | {_pct(b['ece'])} | {_pct(b['mce'])} | {b['nll']:.3f} | {time_cell} |")
+        if paper:
+            published = paper.get(method, {})
+            row += "".join(f" {published[k]:.1f} |" if k in published else " - |"
+                           for k in ("balanced_accuracy", "ece"))
+        rows.append(row)
+    return "\n".join(rows)
+
+
+def format_validation_table(summaries: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Markdown table of the held-out split's class-balanced figures per method (``None`` without one)."""
+    rows = [(m, s["validation"]) for m, s in summaries.items() if s.get("validation")]
+    if not rows:
+        return None
+    lines = ["| method | balanced acc. | ECE | NLL |", "|---|---:|---:|---:|"]
+    lines += [f"| {m} | {_pct(v['balanced_accuracy'])} | {_pct(v['ece'])} | {v['nll']:.3f} |"
+              for m, v in rows]
+    return "\n".join(lines)
+
+
+def format_shift_rows(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table like the paper's Table 10: per method and prior mode, top-1 accuracy on each shift."""
+    first = next(iter(summaries.values()))
+    shifts = list(next(iter(first["shift_accuracy"].values())))
+    rows = ["| method | prior | " + " | ".join(shifts) + " |", "|---|---|" + "---:|" * len(shifts)]
+    for method, summary in summaries.items():
+        for mode, accuracy in summary["shift_accuracy"].items():
+            rows.append(f"| {method} | {mode} | " + " | ".join(f"{100 * accuracy[s]:.1f}" for s in shifts)
+                        + " |")
+    return "\n".join(rows)
+
+
+def format_comparison(comparison: Comparison, base: Recipe, budget: Budget | None = None) -> str:
+    """The printed result: the settings, both tables, and what is left to do."""
+    lines = [f"Methods on {base.name}: {base.backbone}, {base.epochs} epochs ({base.lr_schedule} lr "
+             f"{base.lr:g}), batch {base.batch_size}, seed {base.seed}, balanced test set"]
+    if comparison.summaries:
+        lines += ["", format_method_table(comparison.summaries, budget.paper if budget else None)]
+        if budget and budget.paper:
+            lines.append("paper: CIFAR-10-LT IR100, ResNet-32, 200 epochs (Sanchez Aimar et al., Tables 8-9)")
+        validation = format_validation_table(comparison.summaries)
+        if validation:
+            lines += ["", "Held-out validation split (part of the training data, never trained on; each "
+                      "image weighted by 1 / its class count, as if balanced):", "", validation]
+        lines += ["", "Top-1 accuracy (%) on label-shifted test sets (prior: none = uniform target, oracle = "
+                  "the shifted set's true prior, em = estimated from its unlabeled images):", "",
+                  format_shift_rows(comparison.summaries)]
+    if comparison.pending:
+        lines += ["", f"not done yet: {', '.join(comparison.pending)} (rerun the same command to continue)"]
+    return "\n".join(lines)
+
+
+def write_comparison(comparison: Comparison, base: Recipe, output_dir: Path) -> dict[str, str]:
+    """Write ``comparison.json``, ``.md`` and ``.png`` into ``output_dir``; returns their paths."""
+    from .plots import method_comparison_plot
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(output_dir / "comparison.json"), "markdown": str(output_dir / "comparison.md"),
+             "png": str(output_dir / "comparison.png")}
+    payload = {"base_recipe": base.to_dict(), "complete": comparison.complete, "pending": comparison.pending,
+               "train_counts": comparison.train_counts, "methods": comparison.summaries}
+    Path(files["json"]).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    tables = [format_method_table(comparison.summaries), format_shift_rows(comparison.summaries),
+              format_validation_table(comparison.summaries)]
+    Path(files["markdown"]).write_text("\n\n".join(t for t in tables if t) + "\n")
+    method_comparison_plot(
+        {m: {"reliability": s["reliability"], "per_class_accuracy": s["balanced"]["per_class_accuracy"]}
+         for m, s in comparison.summaries.items()},
+        comparison.train_counts, files["png"], many=base.many_threshold, few=base.few_threshold)
+    return files
+
+
+# --------------------------------------------------------------------------- command line
+
+
+DESCRIPTION = f"""Train several methods at the same budget and compare them (balanced accuracy,
+many/medium/few, ECE, MCE, NLL; accuracy on label-shifted test sets under each prior mode).
+
+    python scripts/compare_methods.py --budget quick
+    python scripts/compare_methods.py --budget cpu --train-file D/train.parquet --test-file D/test.parquet
+    python scripts/compare_methods.py --budget paper --train-file ... --test-file ... --time-limit 540
+
+Methods: {', '.join(f'{m} ({METHOD_DESCRIPTIONS[m]})' for m in METHODS)}.
+Budgets: {'; '.join(f'{name}: {b.description}' for name, b in BUDGETS.items())}.
+Every recipe flag changes the shared base recipe (e.g. --epochs 8 --mixup-alpha 0.4; the mixup of the
+'balpoe' method is the base recipe's). Each method trains into OUTPUT_DIR/METHOD as an ordinary resumable run;
+a rerun skips finished methods and resumes the others, so a long budget can be run in several jobs with
+--time-limit. Results: OUTPUT_DIR/comparison.json, comparison.md and comparison.png.
+"""
+
+
+@dataclass
+class CompareArguments:
+    """The options of ``scripts/compare_methods.py`` that are not recipe fields."""
+
+    _argument_group_name = "comparison"
+
+    budget: Literal["quick", "cpu", "paper"] = field(default="quick", metadata={"help": (
+        "The base recipe: " + "; ".join(f"{name}: {b.description}" for name, b in BUDGETS.items()) + ".")})
+    methods: str = field(default=",".join(DEFAULT_METHODS), metadata={"help": (
+        f"Comma list of methods out of {', '.join(METHODS)}.")})
+    output_dir: str | None = field(default=None, metadata={"help": (
+        "Where every method's run and the comparison go (default: runs/compare-BUDGET).")})
+    time_limit: float | None = field(default=None, metadata={"help": (
+        "Wall-clock limit in seconds for this invocation: trainings stop cleanly after an epoch checkpoint "
+        f"(keeping {EVALUATION_RESERVE:.0f} s for evaluation); rerun to continue.")})
+    prior: str | None = field(default=None, metadata={"help": (
+        "Comma list of prior modes to evaluate, or 'all' (default: none, oracle and auto; em instead of auto "
+        "without --holdout-fraction).")})
+    shifts: str = field(default="all", metadata={"help": "'all' or a comma list of shifted test sets."})
+
+
+def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArguments, Recipe, Budget]:
+    """The options, the base recipe (budget < command-line flags) and the budget."""
+    parser = build_parser(DESCRIPTION, CompareArguments)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--budget", default="quick", choices=list(BUDGETS))
+    known, _ = first.parse_known_args(argv)
+    namespace, settings, given = parse_recipe_flags(parser, argv, budget_values(known.budget))
+    args = CompareArguments(**{f.name: getattr(namespace, f.name) for f in fields(CompareArguments)})
+    try:
+        parse_methods(args.methods)
+    except ValueError as error:
+        raise TrainingError(f"--methods: {error}") from None
+    per_method = [name for name in PER_METHOD_FIELDS if name in given]
+    if per_method:
+        flags = ", ".join("--" + name.replace("_", "-") for name in per_method)
+        raise TrainingError(f"{flags}: every method sets these itself; choose the methods with --methods.")
+    budget = BUDGETS[args.budget]
+    base = make_recipe(settings)
+    if budget.needs_files and base.train_file is None:
+        raise TrainingError(f"the {args.budget} budget reads CIFAR-10 from local parquet files: pass "
+                            "--train-file PATH/train.parquet --test-file PATH/test.parquet (the Hub layout, "
+                            "columns img/label).")
+    if args.time_limit is not None and args.time_limit <= EVALUATION_RESERVE:
+        raise TrainingError(f"--time-limit must exceed {EVALUATION_RESERVE:.0f} s (the time kept for "
+                            f"evaluation), got {args.time_limit}.")
+    if args.output_dir is None:
+        args.output_dir = str(Path("runs") / f"compare-{args.budget}")
+    return args, base, budget
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``scripts/compare_methods.py``: parse, compare, print the tables; 2 on a user error."""
+    from accelerate import PartialState
+
+    from .evaluation import EvaluationError
+
+    start = time.time()
+    try:
+        args, base, budget = parse_compare_args(argv)
+        deadline = None if args.time_limit is None else start + args.time_limit
+        comparison = compare(base, args.methods, args.output_dir, shifts=args.shifts, priors=args.prior,
+                             deadline=deadline)
+    except (TrainingError, EvaluationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        print("\n" + format_comparison(comparison, base, budget))
+        if comparison.files:
+            print(f"\nwrote {', '.join(comparison.files.values())}")
+    return 0
