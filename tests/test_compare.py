@@ -62,7 +62,7 @@ def _base(parquet, **fields) -> recipes.Recipe:
 
 
 @pytest.mark.parametrize("method", list(DOCUMENTED))
-@pytest.mark.parametrize("recipe_name", ["cifar10-lt-ir100", "fashion-mnist-lt-quick"])
+@pytest.mark.parametrize("recipe_name", ["cifar10-lt-ir100", "cifar10-lt-local"])
 def test_presets_resolve_to_the_documented_settings(method, recipe_name):
     plain = recipes.load_recipe(recipe_name)
     recipe = recipes.load_recipe(recipe_name, method=method)

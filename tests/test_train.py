@@ -200,8 +200,11 @@ def test_fashion_mnist_lt_from_the_debian_files():
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         pytest.skip("dataset-fashion-mnist is not installed")
     data = loading.load_training_data(recipe)
-    assert len(data.train) == 14_886 and len(data.test) == 10_000
-    assert data.class_counts == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
+    # The long-tailed split's 14,886 images, a tenth of every class held out (recipe holdout_fraction 0.1,
+    # rounded: 600, 360, 216, 129, 77, 46, 28, 17, 10, 6).
+    assert len(data.train) + len(data.holdout) == 14_886 and len(data.test) == 10_000
+    assert data.holdout_counts == [600, 360, 216, 129, 77, 46, 28, 17, 10, 6]
+    assert data.class_counts == [5400, 3236, 1940, 1163, 697, 418, 250, 149, 90, 54]
     assert data.class_names[0] == "T - shirt / top"
 
 
