@@ -102,9 +102,12 @@ def test_fashion_mnist_quick_recipe_shot_groups_cover_every_group():
     recipe = recipes.make_recipe(recipes.recipe_values("fashion-mnist-lt-quick"))
     counts = long_tailed_counts(6000, 10, recipe.imbalance_ratio)
     assert counts == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
-    groups = shot_groups(counts, recipe.many_threshold, recipe.few_threshold)
+    # Training counts once a tenth of each class (rounded half up) is held out.
+    training = [5400, 3236, 1940, 1163, 697, 418, 250, 149, 90, 54]
+    assert recipe.holdout_fraction == 0.1
+    groups = shot_groups(training, recipe.many_threshold, recipe.few_threshold)
     assert groups == {"many": [0, 1, 2, 3], "medium": [4, 5, 6], "few": [7, 8, 9]}
-    assert shot_groups(counts)["few"] == []  # why the recipe sets its own thresholds
+    assert shot_groups(training)["few"] == []  # why the recipe sets its own thresholds
 
 
 def test_every_recipe_field_has_a_documented_flag():
