@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -90,6 +91,12 @@ def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], train_co
     counts, accuracy = (np.asarray(v, dtype=np.float64) for v in zip(*shown, strict=True))
     fig, ax = _figure(6, 4)
     ax.scatter(counts, accuracy, s=18, color="tab:blue", edgecolor="black", linewidth=0.4)
+    _per_class_axes(ax, many, few)
+    return _save(fig, path)
+
+
+def _per_class_axes(ax: Axes, many: int, few: int) -> None:
+    """Axes of a per-class accuracy plot: log training count, the shot-group thresholds, labels and grid."""
     for threshold, name in ((many, "many-shot >"), (few, "few-shot <")):
         ax.axvline(threshold, linestyle="--", color="gray", linewidth=0.8)
         ax.text(threshold, 1.02, f"{name} {threshold}", ha="center", va="bottom", fontsize=7, color="gray")
@@ -97,7 +104,6 @@ def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], train_co
     ax.set(ylim=(0, 1.08), xlabel="training samples of the class (log scale)", ylabel="test accuracy",
            title="Per-class accuracy")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
 
 
 def method_comparison_plot(methods: Mapping[str, Mapping[str, Sequence]], train_counts: Sequence[int],
@@ -136,13 +142,7 @@ def method_comparison_plot(methods: Mapping[str, Mapping[str, Sequence]], train_
         order = np.argsort(x)
         ax.plot(x[order] * 10 ** offsets[index], y[order], marker=markers[index % len(markers)], markersize=4,
                 linewidth=0.8, label=name)
-    for threshold, label in ((many, "many-shot >"), (few, "few-shot <")):
-        ax.axvline(threshold, linestyle="--", color="gray", linewidth=0.8)
-        ax.text(threshold, 1.02, f"{label} {threshold}", ha="center", va="bottom", fontsize=7, color="gray")
-    ax.set_xscale("log")
-    ax.set(ylim=(0, 1.08), xlabel="training samples of the class (log scale)", ylabel="test accuracy",
-           title="Per-class accuracy")
-    ax.grid(alpha=0.3)
+    _per_class_axes(ax, many, few)
     ax.legend(fontsize=8, ncol=min(columns, 6), loc="lower right")
     return _save(fig, path)
 

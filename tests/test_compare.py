@@ -35,13 +35,7 @@ DOCUMENTED = {
 SHIFTS = "forward2,uniform,backward2"  # 8 test images per class allow ratios up to 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: a second intra-op thread only adds contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,12 +36,7 @@ DRAWS = 4050  # 50 per crop offset of the 9 x 9 possible ones
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def coordinate_image(size: int = SIZE) -> torch.Tensor:

@@ -36,12 +36,7 @@ from balpoe_hf.transforms import build_processor
 NUM_TRAIN, NUM_TEST = sum(TRAIN_COUNTS), TEST_PER_CLASS * len(CLASS_NAMES)  # 60, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
