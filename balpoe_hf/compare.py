@@ -33,7 +33,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -48,6 +48,12 @@ from .recipes import (
     recipe_values,
     save_recipe,
 )
+
+if TYPE_CHECKING:  # only for annotations: the model and datasets load lazily
+    import datasets
+    import numpy as np
+
+    from .modeling_balpoe import BalPoEForImageClassification
 
 DEFAULT_METHODS = ("ce", "ce-la", "bs", "lade", "balpoe-erm", "balpoe")
 # Fields each method sets itself: setting them for the whole comparison would be overridden anyway.
@@ -147,6 +153,17 @@ def run_state(run_dir: Path, recipe: Recipe) -> RunState:
     return "finished" if finished else "unfinished"
 
 
+def holdout_logits(model: BalPoEForImageClassification, processor: Any, holdout: datasets.Dataset,
+                   recipe: Recipe) -> tuple[torch.Tensor, np.ndarray]:
+    """The model's uniform-prior logits on the held-out split and its labels as model class indices."""
+    from .evaluation import predict
+    from .loading import align_labels
+
+    logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return logits, align_labels(holdout, recipe.label_column, names)
+
+
 def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) -> None:
     """A finished run of ``recipe`` from the weights of a run whose training was identical.
 
@@ -155,24 +172,20 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
     written after the evaluation.
     """
-    from .evaluation import load_model, predict
-    from .loading import align_labels
+    from .evaluation import load_model, resolve_device
     from .priors import holdout_calibration
 
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    model, processor = load_model(source_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_model(source_dir, resolve_device(None))
     model.config.remove_mean_lambda = recipe.remove_mean_lambda
     model.config.method = recipe.method
     if model.config.calibration is not None:
         if holdout is None:
             raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was given "
                                 "to fit it again for the derived run.")
-        logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
-        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        model.config.calibration = holdout_calibration(logits, align_labels(holdout, recipe.label_column,
-                                                                            names))
+        model.config.calibration = holdout_calibration(*holdout_logits(model, processor, holdout, recipe))
     model.save_pretrained(run_dir)
     processor.save_pretrained(run_dir)
     save_recipe(recipe, run_dir / "recipe.yaml")
@@ -217,8 +230,7 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
     model's default prior modes (``evaluation.default_priors``).
     """
-    from .evaluation import evaluate_model, load_model, predict, write_report
-    from .loading import align_labels
+    from .evaluation import evaluate_model, load_model, resolve_device, write_report
     from .metrics import reliability_bins
 
     path = run_dir / EVAL_DIR / "report.json"
@@ -229,8 +241,7 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
         report = json.loads(path.read_text())
         if report.get("comparison_settings") == settings:
             return report
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load_model(run_dir, device)
+    model, processor = load_model(run_dir, resolve_device(None))
     result = evaluate_model(model, processor, test, image_column=recipe.image_column,
                             label_column=recipe.label_column, shifts=shifts, priors=priors,
                             batch_size=recipe.eval_batch_size, many=recipe.many_threshold,
@@ -239,9 +250,7 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     result.report["reliability"] = reliability_bins(result.logits, result.labels, n_bins=n_bins)
     result.report["comparison_settings"] = settings
     if holdout is not None:
-        logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
-        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-        labels = align_labels(holdout, recipe.label_column, names)
+        logits, labels = holdout_logits(model, processor, holdout, recipe)
         result.report["validation"] = balanced_validation_report(logits, labels, model.config.num_labels)
     write_report(result, path)
     if not (run_dir / "eval_results.json").is_file():

@@ -39,12 +39,12 @@ from .configuration_balpoe import BalPoEConfig
 from .data import shot_groups
 from .evaluation import calibration_effect
 from .loaders import build_loaders
-from .loading import LoaderSplit, TrainingData, input_paths, load_training_data
+from .loading import TrainingData, input_paths, load_training_data
 from .metrics import long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
 from .priors import holdout_calibration
 from .recipes import Recipe, TrainingError
-from .transforms import ImageTransform, build_processor
+from .transforms import build_processor, evaluation_split
 
 
 @dataclass
@@ -321,11 +321,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     accelerator.print(f"data pipeline: {loaders.pipeline.name} ({loaders.pipeline.reason})")
     holdout_loader, holdout_results = None, None
     if data.holdout is not None:  # evaluated like the test set, at the end, to calibrate the model
-        holdout_set = LoaderSplit(data.holdout, ImageTransform(recipe, processor),
-                                  [recipe.image_column, recipe.label_column], "holdout")
         holdout_loader = accelerator.prepare(DataLoader(
-            holdout_set, batch_size=recipe.eval_batch_size, num_workers=recipe.num_workers,
-            pin_memory=accelerator.device.type == "cuda"))
+            evaluation_split(data.holdout, recipe, processor, "holdout"), batch_size=recipe.eval_batch_size,
+            num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda"))
     steps_per_epoch = math.ceil(len(train_loader) / recipe.gradient_accumulation_steps)
     # Stepped once per optimizer step by hand (not prepared): the schedule is in optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps_per_epoch))

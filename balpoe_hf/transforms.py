@@ -15,6 +15,7 @@ from .loading import LoaderSplit, TrainingData
 from .recipes import Recipe
 
 if TYPE_CHECKING:
+    import datasets
     from transformers.image_processing_utils import BaseImageProcessor
 
 
@@ -130,5 +131,12 @@ def with_transforms(data: TrainingData, recipe: Recipe, processor: BaseImageProc
     ``DataLoader`` datasets; the training augmentation is seeded per image from ``(seed, epoch, row)``
     (``LoaderSplit``: call ``set_epoch`` every epoch)."""
     columns = [recipe.image_column, recipe.label_column]
-    return (LoaderSplit(data.train, ImageTransform(recipe), columns, "train", seed=recipe.seed),
-            LoaderSplit(data.test, ImageTransform(recipe, processor), columns, "test"))
+    train = LoaderSplit(data.train, ImageTransform(recipe), columns, "train", seed=recipe.seed)
+    return train, evaluation_split(data.test, recipe, processor, "test")
+
+
+def evaluation_split(ds: datasets.Dataset, recipe: Recipe, processor: BaseImageProcessor, name: str
+                     ) -> LoaderSplit:
+    """An evaluated split (test, held out) as a ``DataLoader`` dataset through the evaluation transform."""
+    columns = [recipe.image_column, recipe.label_column]
+    return LoaderSplit(ds, ImageTransform(recipe, processor), columns, name)

@@ -228,24 +228,27 @@ def train_two_steps(channels_last: bool, fused: bool) -> list[tuple[torch.Tensor
     return [one_step(model, optimizer, step) for step in range(2)]
 
 
+def assert_same_steps(steps: list, expected: list, loss_tol: tuple[float, float],
+                      state_tol: tuple[float, float]) -> None:
+    """Each step's loss and state agree with ``expected``'s within (rtol, atol)."""
+    for (loss, state), (expected_loss, expected_state) in zip(steps, expected, strict=True):
+        torch.testing.assert_close(loss, expected_loss, rtol=loss_tol[0], atol=loss_tol[1])
+        for name, tensor in expected_state.items():
+            torch.testing.assert_close(state[name], tensor, rtol=state_tol[0], atol=state_tol[1], msg=name)
+
+
 def test_fused_sgd_makes_the_same_update():
-    steps = zip(train_two_steps(False, False), train_two_steps(False, True), strict=True)
-    for (loss, state), (fused_loss, fused_state) in steps:
-        # The same arithmetic in one kernel (bitwise equal on the development machine; vector widths may
-        # round the last bit differently elsewhere).
-        torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-7)
-        for name, tensor in state.items():
-            torch.testing.assert_close(fused_state[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+    # The same arithmetic in one kernel (bitwise equal on the development machine; vector widths may round
+    # the last bit differently elsewhere).
+    assert_same_steps(train_two_steps(False, True), train_two_steps(False, False), loss_tol=(1e-6, 1e-7),
+                      state_tol=(1e-6, 1e-7))
 
 
 def test_channels_last_trains_as_the_default_layout_up_to_rounding():
-    steps = zip(train_two_steps(False, False), train_two_steps(True, True), strict=True)
-    for (loss, state), (fast_loss, fast_state) in steps:
-        # Other convolution kernels sum in another order; with batch norm over 4 images and lr 0.1 the
-        # weights move by about 1e-5 after two steps.
-        torch.testing.assert_close(fast_loss, loss, rtol=1e-4, atol=1e-5)
-        for name, tensor in state.items():
-            torch.testing.assert_close(fast_state[name], tensor, rtol=1e-3, atol=3e-4, msg=name)
+    # Other convolution kernels sum in another order; with batch norm over 4 images and lr 0.1 the weights
+    # move by about 1e-5 after two steps.
+    assert_same_steps(train_two_steps(True, True), train_two_steps(False, False), loss_tol=(1e-4, 1e-5),
+                      state_tol=(1e-3, 3e-4))
     model = speed.prepare_model(tiny_model(), make_recipe({"dataset": "x", "channels_last": True}))
     assert all(p.is_contiguous() for p in speed.to_contiguous_format(model).parameters())
 
