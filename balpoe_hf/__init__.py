@@ -4,9 +4,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_balpoe import BalPoEConfig
 from .data import class_counts, make_long_tailed, make_shifted_test, shot_groups
+from .label_shift import estimate_target_prior
 from .losses import BalPoELoss, logit_adjusted_cross_entropy
 from .modeling_balpoe import BalPoEForImageClassification, BalPoEModel
-from .priors import adjust_logits, class_prior, estimate_target_prior, log_class_prior, validate_prior
+from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
 from .processing import build_image_processor
 
 # `import balpoe_hf` makes "balpoe" checkpoints load through the transformers auto classes and pipelines.

@@ -181,7 +181,7 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     written after the evaluation.
     """
     from .evaluation import load_model, resolve_device
-    from .priors import holdout_calibration
+    from .label_shift import holdout_calibration
 
     if run_dir.is_dir():
         shutil.rmtree(run_dir)

@@ -1,7 +1,7 @@
 """Configuration of BalPoE models (``model_type="balpoe"``).
 
 This module is also shipped as remote code next to a saved model: it imports torch, timm, transformers and
-the flat ``.priors`` / ``.backbones`` modules only.
+the flat ``.label_shift`` / ``.priors`` / ``.backbones`` modules only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from transformers import PreTrainedConfig
 
 # Importing .backbones also registers the CIFAR ResNets (the default backbone) with timm.
 from .backbones import check_backbone_kwargs
-from .priors import expert_lambdas, validate_calibration, validate_class_counts, validate_prior
+from .label_shift import validate_calibration
+from .priors import expert_lambdas, validate_class_counts, validate_prior
 
 CLASSIFIERS = ("cosine", "linear")
 LOSSES = ("balpoe", "lade")

@@ -39,18 +39,18 @@ from safetensors import SafetensorError
 
 from .calibration import apply_calibration
 from .data import make_shifted_test, rank_by_count
-from .loading import align_labels, offline_mode
-from .metrics import accuracy_report, calibration_report, long_tail_report
-from .modeling_balpoe import BalPoEForImageClassification
-from .priors import (
+from .label_shift import (
     HOLDOUT_BIAS_STD,
     UNKNOWN_PRIOR_METHODS,
     PriorEstimate,
     UnknownPriorMethod,
-    adjust_logits,
     estimate_unknown_prior,
     holdout_calibration,
 )
+from .loading import align_labels, offline_mode
+from .metrics import accuracy_report, calibration_report, long_tail_report
+from .modeling_balpoe import BalPoEForImageClassification
+from .priors import adjust_logits
 
 ALL_SHIFTS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
               "backward2", "backward5", "backward10", "backward25", "backward50"]

@@ -10,7 +10,8 @@ prior buffers (and the loss's) are non-persistent, rebuilt from the config on ev
 weights file never holds a copy that could disagree with ``config.json``.
 
 This module is shipped as remote code with every saved model: it imports torch, timm, transformers and the
-flat ``.backbones`` / ``.configuration_balpoe`` / ``.losses`` / ``.priors`` / ``.processing`` modules only.
+flat ``.backbones`` / ``.configuration_balpoe`` / ``.label_shift`` / ``.losses`` / ``.priors`` /
+``.processing`` modules only.
 """
 
 from __future__ import annotations
@@ -31,15 +32,9 @@ from transformers.utils import IMAGE_PROCESSOR_NAME, logging
 
 from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .configuration_balpoe import BalPoEConfig
+from .label_shift import PriorEstimate, estimate_unknown_prior
 from .losses import BalPoELoss, LADELoss
-from .priors import (
-    PriorEstimate,
-    adjust_logits,
-    class_prior,
-    estimate_unknown_prior,
-    log_class_prior,
-    validate_prior,
-)
+from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
 from .processing import build_image_processor
 
 logger = logging.get_logger(__name__)

@@ -38,11 +38,11 @@ from . import checkpoints, speed
 from .configuration_balpoe import BalPoEConfig
 from .data import shot_groups
 from .evaluation import calibration_effect
+from .label_shift import holdout_calibration
 from .loaders import build_loaders
 from .loading import TrainingData, input_paths, load_training_data
 from .metrics import long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
-from .priors import holdout_calibration
 from .recipes import Recipe, TrainingError
 from .transforms import build_processor, evaluation_split
 

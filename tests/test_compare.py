@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from train_synthetic import write_parquet
 
 from balpoe_hf import compare, hub, methods, plots, recipes, training
-from balpoe_hf.priors import holdout_calibration
+from balpoe_hf.label_shift import holdout_calibration
 from balpoe_hf.recipes import TrainingError
 
 # The presets as the issue and the README define them (independent of balpoe_hf.methods' table):

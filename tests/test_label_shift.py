@@ -12,8 +12,8 @@ import torch
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, evaluation, loading, recipes, training
+from balpoe_hf.label_shift import UNKNOWN_PRIOR_METHODS, estimate_unknown_prior, holdout_calibration
 from balpoe_hf.loading import DataError, holdout_sizes, holdout_split
-from balpoe_hf.priors import UNKNOWN_PRIOR_METHODS, estimate_unknown_prior, holdout_calibration
 from balpoe_hf.recipes import TrainingError
 
 SOURCE_PRIOR = np.array([0.55, 0.25, 0.13, 0.07])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
+from balpoe_hf.label_shift import estimate_target_prior
 from balpoe_hf.metrics import (
     accuracy_report,
     calibration_bins,
@@ -16,7 +17,6 @@ from balpoe_hf.metrics import (
     long_tail_report,
     module_path,
 )
-from balpoe_hf.priors import estimate_target_prior
 
 # Four two-class samples, 4 bins with edges 0, .25, .5, .75, 1. Two confidences sit exactly on an edge.
 EDGE_PROBS = [[0.5, 0.5],    # tie -> class 0, confidence 0.5 -> bin (0.25, 0.5]; label 0: correct

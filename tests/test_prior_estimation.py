@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from balpoe_hf.calibration import fit_bcts
-from balpoe_hf.priors import (
+from balpoe_hf.label_shift import (
     bbse_prior,
     confusion_matrix,
     estimate_prior,
