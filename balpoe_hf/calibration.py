@@ -155,6 +155,31 @@ def fit_bcts(logits: torch.Tensor, labels: torch.Tensor | Sequence[int], *,
     return _fit(logits, labels, offset, with_bias=True, bias_std=bias_std, max_iter=max_iter)
 
 
+def bcts_bias_covariance(logits: torch.Tensor, temperature: float, bias: torch.Tensor | Sequence[float], *,
+                         offset: torch.Tensor | Sequence[float] | None = None,
+                         bias_std: float | None = None) -> torch.Tensor:
+    """Covariance ``(C, C)`` of BCTS biases fitted by ``fit_bcts`` on ``logits`` (Laplace approximation).
+
+    Minus the Hessian of the summed log-likelihood in ``b`` is ``sum_i diag(p_i) - p_i p_i^T`` with
+    ``p_i = softmax(z_i / T + b + o)``, plus ``I / bias_std^2`` for the Gaussian prior. The biases are
+    reported with mean 0, so the covariance is that of the centred biases, ``P H^+ P`` with ``P = I - 11^T /
+    C`` (``H^+`` the pseudo-inverse: without a prior, adding a constant to every bias changes nothing). The
+    temperature is held at its fitted value. A class with a handful of held-out images gets a large
+    variance; the biases of classes the model confuses are strongly correlated (their difference is known
+    better than either), which is why the gain guard (``label_shift.gain_guard``) draws from the covariance.
+    """
+    z = validate_logits(logits)
+    num_classes = z.shape[1]
+    shift = torch.zeros(num_classes, dtype=torch.float64) if offset is None else (
+        _check_class_vector(offset, num_classes, "offset"))
+    probs = torch.softmax(apply_calibration(z, temperature, bias) + shift, dim=1)
+    information = torch.diag(probs.sum(dim=0)) - probs.T @ probs
+    if bias_std is not None:
+        information = information + torch.eye(num_classes, dtype=torch.float64) / bias_std**2
+    centring = torch.eye(num_classes, dtype=torch.float64) - 1.0 / num_classes
+    return centring @ torch.linalg.pinv(information, hermitian=True) @ centring
+
+
 def apply_calibration(logits: torch.Tensor, temperature: float,
                       bias: torch.Tensor | Sequence[float] | None = None) -> torch.Tensor:
     """Calibrated logits ``z / T + b`` for ``logits`` ``(..., C)``, in the dtype and device of ``logits``.

@@ -20,14 +20,22 @@ This module is also shipped as remote code next to a saved model: it imports tor
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .calibration import apply_calibration, fit_bcts, fit_temperature, validate_logits
+from .calibration import (
+    apply_calibration,
+    bcts_bias_covariance,
+    fit_bcts,
+    fit_temperature,
+    validate_logits,
+)
 from .priors import PriorLike, as_vector, validate_prior
 
 # --------------------------------------------------------------------------- label-shift estimation
@@ -36,7 +44,8 @@ from .priors import PriorLike, as_vector, validate_prior
 #     l(pi) = sum_i log sum_c p_ic pi_c / pi_s,c,
 # which every estimator and test below uses.
 
-ESTIMATION_METHODS = ("em", "bbse")
+ESTIMATION_METHODS = ("em", "bbse", "rlls")
+CONFUSION_METHODS = ("bbse", "rlls")  # the estimators that read the held-out confusion matrix
 GUARDS = ("lrt", "none")
 
 
@@ -94,8 +103,8 @@ def _em_objective(posteriors: torch.Tensor, source: torch.Tensor, pseudo_counts:
 
 
 def _em(posteriors: torch.Tensor, source: torch.Tensor, pseudo_counts: torch.Tensor, tol: float,
-        max_iter: int, accelerate: bool) -> tuple[torch.Tensor, bool]:
-    """EM for the target prior from uniform, with at most ``max_iter`` updates (``_em_step``).
+        max_iter: int, accelerate: bool, start: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    """EM for the target prior from uniform (or ``start``), with at most ``max_iter`` updates (``_em_step``).
 
     Stops when no entry moves by more than ``tol``; returns the prior and whether that happened. EM is slow
     when the posteriors overlap (thousands of updates on 100 classes), so ``accelerate`` uses SQUAREM
@@ -111,7 +120,7 @@ def _em(posteriors: torch.Tensor, source: torch.Tensor, pseudo_counts: torch.Ten
         return _em_objective(posteriors, source, pseudo_counts, prior)
 
     num_classes = posteriors.shape[1]
-    target = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    target = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64) if start is None else start
     updates = 0
     while updates < max_iter:
         if accelerate and updates + 3 <= max_iter:
@@ -251,17 +260,10 @@ def project_to_simplex(vector: PriorLike) -> torch.Tensor:
     return (values - theta).clamp_min(0)
 
 
-def bbse_prior(confusion: torch.Tensor, target_prediction_counts: PriorLike) -> torch.Tensor:
-    """Black-box shift estimation (BBSE, Lipton et al., ICML 2018) of the target prior.
-
-    ``confusion`` ``(C, C)`` holds held-out counts (``confusion_matrix(pred, labels, C)``: rows true labels,
-    columns predictions); ``target_prediction_counts`` ``(C,)`` counts how often the same classifier predicts
-    each class on the unlabelled target data. Under label shift ``K_ij = P(yhat = j | y = i)`` is the same
-    in both domains, so ``mu = K^T pi_t`` with ``mu`` the target prediction frequencies. Solves that system
-    (least squares, minimum norm if ``K`` is singular) and projects the solution onto the simplex
-    (``project_to_simplex``). This equals Lipton et al.'s ``w = C^{-1} mu``, ``pi_t = w * pi_s`` with ``C``
-    the joint confusion and ``pi_s`` the held-out label frequencies. Returns float64 ``(C,)``.
-    """
+def _confusion_system(confusion: torch.Tensor, target_prediction_counts: PriorLike
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``K`` (``P(yhat = j | y = i)``, rows labels), the target prediction frequencies ``mu`` and the number
+    of held-out samples, from held-out confusion counts and target prediction counts, checked."""
     counts = torch.as_tensor(confusion, dtype=torch.float64).detach().cpu()
     if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] < 2:
         raise ValueError(f"confusion must be a square (num_classes, num_classes) matrix with "
@@ -276,12 +278,86 @@ def bbse_prior(confusion: torch.Tensor, target_prediction_counts: PriorLike) -> 
     row_totals = counts.sum(dim=1)
     empty = torch.nonzero(row_totals == 0).flatten().tolist()
     if empty:
-        raise ValueError(f"classes {empty} have no held-out sample, so P(prediction | label) is unknown for "
-                         "them; hold out samples of every class.")
-    conditional = counts / row_totals[:, None]
-    frequencies = predicted / predicted.sum()
+        raise ValueError(f"classes {empty} have no held-out sample, so P(prediction | label) is "
+                         "unknown for them; hold out samples of every class.")
+    return counts / row_totals[:, None], predicted / predicted.sum(), round(float(counts.sum()))
+
+
+def bbse_prior(confusion: torch.Tensor, target_prediction_counts: PriorLike) -> torch.Tensor:
+    """Black-box shift estimation (BBSE, Lipton et al., ICML 2018) of the target prior.
+
+    ``confusion`` ``(C, C)`` holds held-out counts (``confusion_matrix(pred, labels, C)``: rows true labels,
+    columns predictions); ``target_prediction_counts`` ``(C,)`` counts how often the same classifier predicts
+    each class on the unlabelled target data. Under label shift ``K_ij = P(yhat = j | y = i)`` is the same
+    in both domains, so ``mu = K^T pi_t`` with ``mu`` the target prediction frequencies. Solves that system
+    (least squares, minimum norm if ``K`` is singular) and projects the solution onto the simplex
+    (``project_to_simplex``). This equals Lipton et al.'s ``w = C^{-1} mu``, ``pi_t = w * pi_s`` with ``C``
+    the joint confusion and ``pi_s`` the held-out label frequencies. Returns float64 ``(C,)``.
+    """
+    conditional, frequencies, _ = _confusion_system(confusion, target_prediction_counts)
     solution = torch.linalg.lstsq(conditional.T, frequencies[:, None], driver="gelsd").solution[:, 0]
     return project_to_simplex(solution)
+
+
+# The confidence level delta of RLLS's regularisation constant Delta_C (Azizzadenesheli et al., 2019, Thm 1).
+RLLS_DELTA = 0.05
+
+
+def rlls_prior(confusion: torch.Tensor, target_prediction_counts: PriorLike, *, regularization: float = 1.0,
+               null_prior: PriorLike | None = None) -> torch.Tensor:
+    """Regularised learning under label shift (RLLS, Azizzadenesheli et al., ICLR 2019) of the target prior.
+
+    BBSE's system ``mu = K^T pi_t`` (see ``bbse_prior``) with the target prior written as importance weights
+    over ``null_prior`` (``None``: uniform, the prior of a BalPoE model's default logits),
+    ``pi_t = null * (1 + theta)``, solved as
+
+        theta = argmin |A theta - b|_2 + rho |theta|_2,   A = K^T diag(null),  b = mu - K^T null,
+
+    with ``rho = regularization * Delta_C`` and ``Delta_C = 3 (2 log(2C / delta) / (3 n) + sqrt(2 log(2C /
+    delta) / n))`` for ``n`` held-out samples (the paper's bound, ``delta = RLLS_DELTA``): the weights are
+    pulled towards "no shift" by as much as the held-out confusion matrix is uncertain, which is what makes
+    RLLS safer than BBSE on small held-out sets. The paper regularises towards the held-out (training) prior;
+    this package's logits are for a uniform prior, so "no shift" is ``null_prior``. ``regularization=0`` is
+    BBSE.
+
+    The optimum lies on the ridge path ``theta(m) = (A^T A + m I)^{-1} A^T b`` (the stationarity condition of
+    the two norms is a ridge equation with ``m = rho |A theta - b| / |theta|``), so it is found by a grid
+    search over ``log m`` with one SVD of ``A``; the result is projected onto the simplex (the paper's
+    ``theta >= -1``). Returns float64 ``(C,)``.
+    """
+    if not (regularization >= 0 and math.isfinite(regularization)):
+        raise ValueError(f"regularization must be a finite number >= 0, got {regularization}.")
+    conditional, frequencies, num_holdout = _confusion_system(confusion, target_prediction_counts)
+    num_classes = conditional.shape[0]
+    null = _positive_prior(null_prior, num_classes, "null_prior")
+    log_term = math.log(2 * num_classes / RLLS_DELTA)
+    rho = regularization * 3 * (2 * log_term / (3 * num_holdout) + math.sqrt(2 * log_term / num_holdout))
+    design = conditional.T * null[None, :]
+    target = frequencies - conditional.T @ null
+    left, singular, right_t = torch.linalg.svd(design)
+    keep = singular > singular[0] * 1e-12
+    basis, singular, projected = right_t[keep].T, singular[keep], (left.T @ target)[keep]
+
+    def path(log_ridges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``theta(m)`` ``(K, C)`` for ``m = exp(log_ridges)`` and the objective at each."""
+        shrunk = singular / (singular.square() + log_ridges.exp()[:, None]) * projected  # (K, r)
+        weights = shrunk @ basis.T
+        residual = (design @ weights.T).T - target
+        return weights, residual.norm(dim=1) + rho * weights.norm(dim=1)
+
+    # Ridge from 1e-13 to 1e4 times |A|^2 on a log grid, then finer grids between the best point's neighbours.
+    grid = 2 * singular[0].log() + torch.arange(-240, 81, dtype=torch.float64) / 8
+    for _ in range(2):
+        weights, values = path(grid)
+        best = int(values.argmin())
+        grid = torch.linspace(float(grid[max(best - 1, 0)]), float(grid[min(best + 1, len(grid) - 1)]), 65,
+                              dtype=torch.float64)
+    weights, values = path(grid)
+    best = int(values.argmin())
+    weights = weights[best]
+    if rho > 0 and float(target.norm()) <= float(values[best]):
+        weights = torch.zeros_like(weights)  # theta = 0 (no shift) is the optimum
+    return project_to_simplex(null * (1 + weights))
 
 
 @dataclass(frozen=True)
@@ -292,7 +368,8 @@ class PriorEstimate:
     estimator's answer before the guard. ``std_error``: its per-class standard error from the observed
     information (EM only, else ``None``). ``statistic`` and ``p_value``: the likelihood-ratio test of
     ``null_prior`` against the maximum-likelihood EM estimate (``likelihood_ratio_test``), reported whatever
-    the guard. ``converged``: every EM run stopped by ``tol`` before ``max_iter``.
+    the guard. ``converged``: every EM run stopped by ``tol`` before ``max_iter``. ``method``: the estimator.
+    ``details``: what the gain guard weighed (``gain_guard``), or why the estimate fell back to uniform.
     """
 
     prior: torch.Tensor
@@ -303,6 +380,7 @@ class PriorEstimate:
     guard_fired: bool
     converged: bool
     method: str
+    details: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and numbers, for a JSON report."""
@@ -315,6 +393,7 @@ class PriorEstimate:
             "guard_fired": self.guard_fired,
             "converged": self.converged,
             "method": self.method,
+            "details": self.details,
         }
 
 
@@ -322,7 +401,7 @@ def estimate_prior(logits: torch.Tensor, *, method: str = "em", temperature: flo
                    bias: PriorLike | None = None, source_prior: PriorLike | None = None,
                    confusion: torch.Tensor | None = None, concentration: float = 0.0,
                    null_prior: PriorLike | None = None, guard: str = "lrt", alpha: float = 0.05,
-                   tol: float = 1e-8, max_iter: int = 1000) -> PriorEstimate:
+                   regularization: float = 1.0, tol: float = 1e-8, max_iter: int = 1000) -> PriorEstimate:
     """Estimate the label distribution of unlabelled data, with a no-harm guard.
 
     ``logits`` ``(N, C)`` are the model's logits on the unlabelled target data; ``softmax(logits / T + b)``
@@ -339,6 +418,8 @@ def estimate_prior(logits: torch.Tensor, *, method: str = "em", temperature: flo
 
     ``method="bbse"``: ``bbse_prior(confusion, counts of argmax(logits))``; the predictions are the argmax of
     the raw ``logits``, so ``confusion`` must count the argmax of the same kind of logits on held-out data.
+    ``method="rlls"``: ``rlls_prior`` from the same counts, regularised towards ``null_prior`` with
+    ``regularization``.
 
     Guard (``guard="lrt"``): when the likelihood-ratio test of ``null_prior`` (``None``: uniform, the prior
     a BalPoE model assumes by default) has ``p_value > alpha``, the data do not support a shift and
@@ -354,11 +435,12 @@ def estimate_prior(logits: torch.Tensor, *, method: str = "em", temperature: flo
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}.")
     if not (concentration >= 0 and math.isfinite(concentration)):
         raise ValueError(f"concentration must be a finite number >= 0, got {concentration}.")
-    if method == "bbse" and confusion is None:
-        raise ValueError("method='bbse' needs confusion, the held-out confusion_matrix(pred, labels, C).")
-    if method != "bbse" and confusion is not None:
-        raise ValueError("confusion is used by method='bbse' only; drop it or set method='bbse'.")
-    if method == "bbse" and concentration > 0:
+    if method in CONFUSION_METHODS and confusion is None:
+        raise ValueError(f"method={method!r} needs confusion, the held-out confusion_matrix(pred, labels, "
+                         "C).")
+    if method not in CONFUSION_METHODS and confusion is not None:
+        raise ValueError("confusion is used by method='bbse' or 'rlls' only; drop it or set the method.")
+    if method in CONFUSION_METHODS and concentration > 0:
         raise ValueError("concentration applies to method='em' only.")
     _check_em_settings(tol, max_iter)
     raw = validate_logits(logits)
@@ -383,7 +465,10 @@ def estimate_prior(logits: torch.Tensor, *, method: str = "em", temperature: flo
             raise ValueError(f"confusion must have shape ({num_classes}, {num_classes}) for logits over "
                              f"{num_classes} classes, got {tuple(torch.as_tensor(confusion).shape)}.")
         predicted = torch.bincount(raw.argmax(dim=1), minlength=num_classes)
-        estimate = bbse_prior(confusion, predicted)
+        if method == "bbse":
+            estimate = bbse_prior(confusion, predicted)
+        else:
+            estimate = rlls_prior(confusion, predicted, regularization=regularization, null_prior=null)
     guard_fired = guard == "lrt" and p_value > alpha
     return PriorEstimate(prior=null.clone() if guard_fired else estimate, estimate=estimate,
                          std_error=std_error, statistic=statistic, p_value=p_value, guard_fired=guard_fired,
@@ -394,9 +479,15 @@ def estimate_prior(logits: torch.Tensor, *, method: str = "em", temperature: flo
 # What a saved model needs to estimate a test prior without its training data: BCTS and temperature-scaling
 # fits and the confusion matrix of its uniform-prior logits on held-out data, stored as config.calibration.
 
-CALIBRATION_KEYS = ("temperature", "bias", "bias_std", "ts_temperature", "holdout_counts", "confusion")
-# Models calibrated before bias_std was recorded lack it; it describes the fit and is not needed to use it.
-OPTIONAL_CALIBRATION_KEYS = ("bias_std",)
+CALIBRATION_KEYS = ("temperature", "bias", "bias_std", "bias_se", "bias_cov_factor", "ts_temperature",
+                    "holdout_counts", "confusion")
+# Models calibrated before bias_std, bias_se and bias_cov_factor were recorded lack them: bias_std describes
+# the fit, and without the others the gain guard draws the biases from a normal approximation of the
+# held-out counts alone (see _calibration_draw).
+OPTIONAL_CALIBRATION_KEYS = ("bias_std", "bias_se", "bias_cov_factor")
+# Rank of the low-rank part of the BCTS bias covariance kept in config.calibration (the rest is diagonal):
+# exact up to this many classes, and a few hundred kilobytes of JSON for a thousand.
+BIAS_COVARIANCE_RANK = 32
 # The Gaussian prior of the BCTS biases (calibration.fit_bcts): a class whose few held-out images the model
 # separates perfectly has no finite maximum-likelihood bias (the fit runs off to huge biases), and the biases
 # of classes with a handful of held-out images are noisy. On shifts simulated from held-out data (README,
@@ -414,9 +505,12 @@ def holdout_calibration(logits: torch.Tensor, labels: torch.Tensor | Sequence[in
     of the very data fitted. The returned ``temperature`` and ``bias`` (BCTS, ``calibration.fit_bcts``
     with ``bias_std``; ``None`` is the plain maximum-likelihood fit) and ``ts_temperature`` (temperature
     scaling, ``fit_temperature``) then calibrate ``z`` itself for a uniform prior: ``softmax(z / T + b)``.
-    ``confusion`` counts ``argmax z`` against the labels (rows labels, for ``bbse_prior``) and
-    ``holdout_counts`` are its row sums. Plain lists and numbers, ready for JSON. Raises a ``ValueError``
-    for a class without held-out sample.
+    ``bias_se`` (standard errors) and ``bias_cov_factor`` (``F``, ``(C, r)`` with ``r = min(C,
+    BIAS_COVARIANCE_RANK)``: the leading eigenvectors of the covariance scaled by the root of their
+    eigenvalues) describe the uncertainty of the biases (``calibration.bcts_bias_covariance``) for the gain
+    guard: ``F F^T`` plus a diagonal up to ``bias_se^2``. ``confusion`` counts ``argmax z`` against the
+    labels (rows labels, for ``bbse_prior``) and ``holdout_counts`` are its row sums. Plain lists and
+    numbers, ready for JSON. Raises a ``ValueError`` for a class without held-out sample.
     """
     z = validate_logits(logits)
     num_classes = z.shape[1]
@@ -430,10 +524,16 @@ def holdout_calibration(logits: torch.Tensor, labels: torch.Tensor | Sequence[in
                          "image of every class (a stratified split, e.g. recipe holdout_fraction).")
     offset = (counts / counts.sum()).log()
     temperature, bias = fit_bcts(z, targets, offset=offset, bias_std=bias_std)
+    covariance = bcts_bias_covariance(z, temperature, bias, offset=offset, bias_std=bias_std)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    rank = min(num_classes, BIAS_COVARIANCE_RANK)
+    factor = eigenvectors[:, -rank:] * eigenvalues[-rank:].clamp_min(0).sqrt()
     return {
         "temperature": temperature,
         "bias": bias.tolist(),
         "bias_std": bias_std,
+        "bias_se": covariance.diagonal().clamp_min(0).sqrt().tolist(),
+        "bias_cov_factor": factor.tolist(),
         "ts_temperature": fit_temperature(z, targets, offset=offset),
         "holdout_counts": [int(n) for n in counts.tolist()],
         "confusion": confusion.long().tolist(),
@@ -453,14 +553,25 @@ def validate_calibration(calibration: dict[str, Any], num_classes: int) -> None:
                if key not in calibration and key not in OPTIONAL_CALIBRATION_KEYS]
     unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
     if missing or unknown:
-        raise ValueError(f"calibration needs the keys {CALIBRATION_KEYS} (bias_std optional); missing "
-                         f"{missing}, unknown {unknown}. Build it with priors.holdout_calibration(logits, "
-                         "labels).")
+        optional = ", ".join(OPTIONAL_CALIBRATION_KEYS)
+        raise ValueError(f"calibration needs the keys {CALIBRATION_KEYS} ({optional} optional); missing "
+                         f"{missing}, unknown {unknown}. Build it with "
+                         "label_shift.holdout_calibration(logits, labels).")
     for key in ("temperature", "ts_temperature", "bias_std"):
         value = calibration.get(key)
         if not (_positive_finite(value) or (key == "bias_std" and value is None)):
             raise ValueError(f"calibration[{key!r}] must be a positive finite number, got {value!r}.")
     _check_class_values(calibration["bias"], num_classes, "calibration['bias']")
+    if calibration.get("bias_se") is not None:
+        standard_errors = _check_class_values(calibration["bias_se"], num_classes, "calibration['bias_se']")
+        if (standard_errors < 0).any():
+            raise ValueError("calibration['bias_se'] must be non-negative standard errors, one per class.")
+    if calibration.get("bias_cov_factor") is not None:
+        factor = torch.as_tensor(calibration["bias_cov_factor"], dtype=torch.float64)
+        if factor.ndim != 2 or factor.shape[0] != num_classes or not torch.isfinite(factor).all() or (
+                calibration.get("bias_se") is None):
+            raise ValueError(f"calibration['bias_cov_factor'] must be a finite ({num_classes}, rank) matrix, "
+                             "saved together with calibration['bias_se'].")
     counts = _check_class_values(calibration["holdout_counts"], num_classes, "calibration['holdout_counts']")
     if (counts <= 0).any() or (counts != counts.round()).any():
         raise ValueError("calibration['holdout_counts'] must be positive integers, one per class: every "
@@ -484,18 +595,24 @@ def _check_class_values(values: Any, num_classes: int, name: str) -> torch.Tenso
 
 # --------------------------------------------------------------------------- unknown test priors
 # The estimators a user picks by name (balpoe-evaluate --prior, model.adapt_to_unlabeled): which calibration
-# of the uniform-prior logits they use and how they call estimate_prior.
+# of the uniform-prior logits they use, how they call estimate_prior, and which guard they add.
+
+CALIBRATIONS = (None, "ts", "bcts", "confusion")
+UNKNOWN_PRIOR_GUARDS = ("none", "lrt", "gain")
+
 
 @dataclass(frozen=True)
 class UnknownPriorMethod:
-    """How ``estimate_unknown_prior`` runs one named estimator.
+    """How ``estimate_unknown_prior`` runs one estimator; saved as ``config.shift_estimator["settings"]``.
 
     ``calibration``: what of ``config.calibration`` it uses: ``None`` (nothing: raw posteriors), ``"ts"``
-    (temperature scaling), ``"bcts"`` or ``"confusion"`` (for ``method="bbse"``); ``method``, ``guard`` and
-    ``alpha`` go to ``estimate_prior``. ``shrinkage`` ``rho`` sets its Dirichlet-MAP ``concentration`` to
-    ``rho * N`` for ``N`` unlabelled images: the estimate is pulled towards the uniform prior as if ``rho``
-    times as many images followed it. Relative to ``N`` because the error it guards against, that of the
-    held-out calibration, does not shrink as ``N`` grows.
+    (temperature scaling), ``"bcts"``, or ``"confusion"`` (for ``method="bbse"`` and ``"rlls"``). ``method``
+    goes to ``estimate_prior``. ``shrinkage``: for EM, the Dirichlet-MAP ``concentration`` is ``shrinkage *
+    N`` for ``N`` unlabelled images (the estimate is pulled towards uniform as if ``shrinkage`` times as many
+    images followed it; relative to ``N`` because the error it guards against, that of the held-out
+    calibration, does not shrink as ``N`` grows); for RLLS, its ``regularization``; BBSE takes none.
+    ``guard``: ``"none"``; ``"lrt"``, the likelihood-ratio test at level ``alpha`` (``estimate_prior``);
+    ``"gain"``, the gain guard (``gain_guard``) with ``gain_margin``.
     """
 
     calibration: str | None
@@ -503,62 +620,258 @@ class UnknownPriorMethod:
     guard: str = "none"
     alpha: float = 0.05
     shrinkage: float = 0.0
+    gain_margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"UnknownPriorMethod.calibration must be one of {CALIBRATIONS}, got "
+                             f"{self.calibration!r}.")
+        if self.method not in ESTIMATION_METHODS:
+            raise ValueError(f"UnknownPriorMethod.method must be one of {ESTIMATION_METHODS}, got "
+                             f"{self.method!r}.")
+        if (self.method in CONFUSION_METHODS) != (self.calibration == "confusion"):
+            raise ValueError(f"method {self.method!r} with calibration {self.calibration!r}: bbse and rlls "
+                             "read the confusion matrix (calibration='confusion'), EM never does.")
+        if self.guard not in UNKNOWN_PRIOR_GUARDS:
+            raise ValueError(f"UnknownPriorMethod.guard must be one of {UNKNOWN_PRIOR_GUARDS}, got "
+                             f"{self.guard!r}.")
+        for name in ("alpha", "shrinkage", "gain_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    value >= 0 and math.isfinite(value)):
+                raise ValueError(f"UnknownPriorMethod.{name} must be a finite number >= 0, got {value!r}.")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"UnknownPriorMethod.alpha must lie in (0, 1), got {self.alpha}.")
+        if self.method == "bbse" and self.shrinkage > 0:
+            raise ValueError("BBSE takes no shrinkage; use method='rlls' for a regularised BBSE.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, values: Any) -> UnknownPriorMethod:
+        """The settings saved by ``to_dict``; a ``ValueError`` names a malformed mapping."""
+        known = set(cls.__dataclass_fields__)
+        if not isinstance(values, dict) or "calibration" not in values or set(values) - known:
+            raise ValueError(f"shift estimator settings must be a mapping with 'calibration' and keys among "
+                             f"{sorted(known)}, got {values!r}.")
+        return cls(**values)
 
 
-CALIBRATIONS = (None, "ts", "bcts", "confusion")
 UNKNOWN_PRIOR_METHODS: dict[str, UnknownPriorMethod] = {
     "em": UnknownPriorMethod(calibration=None),
     "em-ts": UnknownPriorMethod(calibration="ts"),
     "em-bcts": UnknownPriorMethod(calibration="bcts"),
     "bbse": UnknownPriorMethod(calibration="confusion", method="bbse"),
+    # RLLS with a tenth of the regularisation of its bound: the full bound keeps "no shift" for every shift of
+    # the evaluation protocol on held-out splits of a thousand images.
+    "rlls": UnknownPriorMethod(calibration="confusion", method="rlls", shrinkage=0.1),
     "em-bcts-lrt": UnknownPriorMethod(calibration="bcts", guard="lrt", alpha=0.05),
     "em-bcts-map": UnknownPriorMethod(calibration="bcts", shrinkage=0.25),
-    # The default: shrinkage 0.25 chosen on shifts simulated from the held-out split (README, label shift);
-    # the likelihood-ratio guard adds the fallback to uniform for small unlabelled sets.
-    "auto": UnknownPriorMethod(calibration="bcts", guard="lrt", alpha=0.05, shrinkage=0.25),
+    "em-bcts-gain": UnknownPriorMethod(calibration="bcts", guard="gain"),
+    "bbse-gain": UnknownPriorMethod(calibration="confusion", method="bbse", guard="gain"),
 }
+# What "auto" runs for a model without config.shift_estimator (saved before the per-model choice existed):
+# EM on BCTS posteriors shrunk towards uniform, with the likelihood-ratio guard.
+LEGACY_AUTO = UnknownPriorMethod(calibration="bcts", guard="lrt", alpha=0.05, shrinkage=0.25)
+UNKNOWN_PRIOR_MODES = (*UNKNOWN_PRIOR_METHODS, "auto")
+# Unlabelled sets with fewer images than classes cannot inform a prior over every class: the estimators
+# return the uniform prior for them, saying so in PriorEstimate.details.
+MIN_IMAGES_PER_CLASS = 1
+
+
+def resolve_unknown_prior_method(method: str | UnknownPriorMethod,
+                                 shift_estimator: dict[str, Any] | None = None
+                                 ) -> tuple[str, UnknownPriorMethod]:
+    """``(name, settings)`` of a prior mode: a name of ``UNKNOWN_PRIOR_METHODS``, ``"auto"`` or settings.
+
+    ``"auto"`` runs the model's own choice, ``config.shift_estimator`` (``shift_selection``), named
+    ``"auto (NAME)"``, or ``LEGACY_AUTO`` for a model saved without one.
+    """
+    if isinstance(method, UnknownPriorMethod):
+        return "custom", method
+    if method == "auto":
+        if shift_estimator is None:
+            return "auto", LEGACY_AUTO
+        validate_shift_estimator(shift_estimator)
+        return f"auto ({shift_estimator['name']})", UnknownPriorMethod.from_dict(shift_estimator["settings"])
+    if method in UNKNOWN_PRIOR_METHODS:
+        return method, UNKNOWN_PRIOR_METHODS[method]
+    raise ValueError(f"unknown prior-estimation method {method!r}; choose one of "
+                     f"{', '.join(UNKNOWN_PRIOR_MODES)}.")
+
+
+def validate_shift_estimator(shift_estimator: Any) -> None:
+    """Check a ``config.shift_estimator`` mapping: ``name`` and ``settings`` (``UnknownPriorMethod``), plus
+    whatever the choice recorded about itself (``shift_selection.choose_shift_estimator``)."""
+    if not isinstance(shift_estimator, dict) or not isinstance(shift_estimator.get("name"), str) or (
+            "settings" not in shift_estimator):
+        raise ValueError(f"shift_estimator must be a mapping with a 'name' and 'settings' (see "
+                         f"shift_selection.choose_shift_estimator), got {shift_estimator!r}.")
+    UnknownPriorMethod.from_dict(shift_estimator["settings"])
+
+
+def _point_estimate(logits: torch.Tensor, calibration: dict[str, Any] | None, settings: UnknownPriorMethod,
+                    name: str) -> PriorEstimate:
+    """``estimate_prior`` with the settings' calibration, shrinkage and likelihood-ratio guard."""
+    options: dict[str, Any] = {"method": settings.method, "alpha": settings.alpha,
+                               "guard": "lrt" if settings.guard == "lrt" else "none"}
+    if settings.method == "em":
+        options["concentration"] = settings.shrinkage * logits.shape[0]
+    elif settings.method == "rlls":
+        options["regularization"] = settings.shrinkage
+    if settings.calibration == "ts":
+        options["temperature"] = calibration["ts_temperature"]
+    elif settings.calibration == "bcts":
+        options.update(temperature=calibration["temperature"], bias=calibration["bias"])
+    elif settings.calibration == "confusion":
+        options["confusion"] = torch.as_tensor(calibration["confusion"], dtype=torch.float64)
+    return dataclasses.replace(estimate_prior(logits, **options), method=name)
 
 
 def estimate_unknown_prior(logits: torch.Tensor, calibration: dict[str, Any] | None = None,
-                           method: str | UnknownPriorMethod = "auto") -> PriorEstimate:
+                           method: str | UnknownPriorMethod = "auto",
+                           shift_estimator: dict[str, Any] | None = None) -> PriorEstimate:
     """The class prior of unlabelled data from a model's uniform-prior logits ``(N, C)`` on them.
 
-    ``calibration`` is the model's ``config.calibration`` (``holdout_calibration``); ``method`` names an
-    entry of ``UNKNOWN_PRIOR_METHODS``: ``em`` (EM on the raw posteriors, Saerens et al. 2002), ``em-ts``
-    (after temperature scaling), ``em-bcts`` (after BCTS, Alexandari et al. 2020), ``bbse`` (Lipton et al.
-    2018, from the held-out confusion matrix), ``em-bcts-lrt`` (``em-bcts`` that keeps the uniform prior
-    when a likelihood-ratio test does not support a shift), ``em-bcts-map`` (``em-bcts`` shrunk towards
-    uniform, see ``UnknownPriorMethod.shrinkage``) and ``auto``, the default: both guards (see the
-    README's label-shift section for how it was chosen). Predictions for the estimate are the logits plus
-    ``log(C * prior)``, which is ``model.set_target_prior(estimate.prior)``; the calibration is used to
-    estimate only, so a uniform estimate leaves the predictions exactly as they were. An
-    ``UnknownPriorMethod`` instead of a name runs other settings (e.g. another ``alpha``).
+    ``calibration`` is the model's ``config.calibration`` (``holdout_calibration``) and ``shift_estimator``
+    its ``config.shift_estimator``. ``method`` names a prior mode: ``auto`` (the default), the estimator
+    chosen for this model on its held-out split (``shift_selection``; today's fixed ``LEGACY_AUTO`` for a
+    model saved without a choice), or an entry of ``UNKNOWN_PRIOR_METHODS``: ``em`` (EM on the raw
+    posteriors, Saerens et al. 2002), ``em-ts`` (after temperature scaling), ``em-bcts`` (after BCTS,
+    Alexandari et al. 2020), ``bbse`` (Lipton et al. 2018) and ``rlls`` (Azizzadenesheli et al. 2019) from
+    the held-out confusion matrix, ``em-bcts-lrt`` (the likelihood-ratio guard), ``em-bcts-map`` (shrunk
+    towards uniform) and the gain-guarded ``em-bcts-gain`` and ``bbse-gain``. An ``UnknownPriorMethod``
+    runs other settings.
+
+    Predictions for the estimate are the logits plus ``log(C * prior)``, which is
+    ``model.set_target_prior(estimate.prior)``; the calibration is used to estimate only, so a uniform
+    estimate leaves the predictions exactly as they were. With fewer unlabelled images than classes
+    (``MIN_IMAGES_PER_CLASS``), the estimate is the uniform prior, with a warning and the reason in
+    ``details``.
     """
-    if isinstance(method, UnknownPriorMethod):
-        settings = method
-    elif method in UNKNOWN_PRIOR_METHODS:
-        settings = UNKNOWN_PRIOR_METHODS[method]
-    else:
-        raise ValueError(f"unknown prior-estimation method {method!r}; choose one of "
-                         f"{', '.join(UNKNOWN_PRIOR_METHODS)}.")
-    if settings.calibration not in CALIBRATIONS:
-        raise ValueError(f"UnknownPriorMethod.calibration must be one of {CALIBRATIONS}, got "
-                         f"{settings.calibration!r}.")
-    if not (settings.shrinkage >= 0 and math.isfinite(settings.shrinkage)):
-        raise ValueError(f"UnknownPriorMethod.shrinkage must be a finite number >= 0, got "
-                         f"{settings.shrinkage}.")
-    options: dict[str, Any] = {"method": settings.method, "guard": settings.guard, "alpha": settings.alpha,
-                               "concentration": settings.shrinkage * validate_logits(logits).shape[0]}
+    name, settings = resolve_unknown_prior_method(method, shift_estimator)
+    scores = validate_logits(logits)
+    num_samples, num_classes = scores.shape
     if settings.calibration is not None:
         if calibration is None:
-            raise ValueError(f"method {method!r} needs the model's held-out calibration, but its config has "
+            raise ValueError(f"method {name!r} needs the model's held-out calibration, but its config has "
                              "none: train with holdout_fraction > 0 (balpoe-train --holdout-fraction 0.1), "
                              "or use method='em'.")
-        validate_calibration(calibration, validate_logits(logits).shape[1])
-        if settings.calibration == "ts":
-            options["temperature"] = calibration["ts_temperature"]
-        elif settings.calibration == "bcts":
-            options.update(temperature=calibration["temperature"], bias=calibration["bias"])
-        else:
-            options["confusion"] = torch.as_tensor(calibration["confusion"], dtype=torch.float64)
-    return estimate_prior(logits, **options)
+        validate_calibration(calibration, num_classes)
+    if num_samples < MIN_IMAGES_PER_CLASS * num_classes:
+        reason = (f"{num_samples} unlabelled images for {num_classes} classes: too few to estimate a prior "
+                  "over every class, so the prior stays uniform; adapt on a larger set.")
+        warnings.warn(reason, stacklevel=2)
+        uniform = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+        return PriorEstimate(prior=uniform, estimate=uniform.clone(), std_error=None, statistic=0.0,
+                             p_value=1.0, guard_fired=True, converged=True, method=name,
+                             details={"reason": reason})
+    estimate = _point_estimate(scores, calibration, settings, name)
+    if settings.guard == "gain":
+        estimate = gain_guard(scores, calibration, settings, estimate)
+    return estimate
+
+
+# --------------------------------------------------------------------------- the gain guard
+# An estimate is worth using when the accuracy it gains is larger than its uncertainty. Miscalibration left
+# over from a small held-out split looks like a shift to every estimator, and a likelihood-ratio test cannot
+# tell the two apart once thousands of images make any "shift" significant; the bootstrap below redraws the
+# held-out calibration as well as the unlabelled images, so that such a "shift" shows up as noise.
+
+GAIN_DRAWS = 32
+GAIN_EM_TOL = 1e-6
+# Shrinkage steps the guard weighs: predictions with (1 - s) * estimate + s * uniform.
+GAIN_SHRINK_STEPS = (0.0, 0.25, 0.5, 0.75)
+
+
+def _calibration_draw(calibration: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+    """``calibration`` with the BCTS biases and the confusion matrix redrawn from their uncertainty.
+
+    Biases: ``b + F e + d * e'`` with ``e, e'`` standard normal, ``F = bias_cov_factor`` and ``d`` the rest
+    of ``bias_se`` (``sqrt(se^2 - rowsum(F^2))``); for a calibration saved without them, ``b + e' /
+    sqrt(held-out count)``, the normal approximation of a log-frequency. Confusion rows: a Bayesian bootstrap,
+    ``Dirichlet(counts)`` over the predictions seen, times the row's held-out count.
+    """
+    counts = torch.as_tensor(calibration["holdout_counts"], dtype=torch.float64)
+    bias = torch.as_tensor(calibration["bias"], dtype=torch.float64)
+    if calibration.get("bias_cov_factor") is not None:
+        factor = torch.as_tensor(calibration["bias_cov_factor"], dtype=torch.float64)
+        residual = (torch.as_tensor(calibration["bias_se"], dtype=torch.float64).square()
+                    - factor.square().sum(dim=1)).clamp_min(0).sqrt()
+        bias = bias + factor @ torch.randn(factor.shape[1], generator=generator, dtype=torch.float64)
+    else:
+        residual = counts.rsqrt()
+    noise = residual * torch.randn(bias.shape, generator=generator, dtype=torch.float64)
+    confusion = torch.as_tensor(calibration["confusion"], dtype=torch.float64)
+    seen = confusion > 0
+    gamma = torch._standard_gamma(torch.where(seen, confusion, torch.ones_like(confusion)),
+                                  generator=generator) * seen
+    return {**calibration, "bias": (bias + noise).tolist(),
+            "confusion": gamma / gamma.sum(dim=1, keepdim=True) * counts[:, None]}
+
+
+def _redrawn_estimate(logits: torch.Tensor, calibration: dict[str, Any] | None, settings: UnknownPriorMethod,
+                      start: torch.Tensor) -> torch.Tensor:
+    """The estimator of ``settings`` on a bootstrap draw, without the tests ``estimate_prior`` reports: EM
+    starts from the full-data estimate ``start`` (a draw lands near it) and stops at ``GAIN_EM_TOL``."""
+    num_classes = logits.shape[1]
+    if settings.method in CONFUSION_METHODS:
+        predicted = torch.bincount(logits.argmax(dim=1), minlength=num_classes)
+        if settings.method == "bbse":
+            return bbse_prior(calibration["confusion"], predicted)
+        return rlls_prior(calibration["confusion"], predicted, regularization=settings.shrinkage)
+    if settings.calibration == "ts":
+        logits = apply_calibration(logits, calibration["ts_temperature"])
+    elif settings.calibration == "bcts":
+        logits = apply_calibration(logits, calibration["temperature"], calibration["bias"])
+    uniform = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    pseudo_counts = settings.shrinkage * logits.shape[0] * uniform
+    # EM cannot leave a zero entry: start from a prior with every class.
+    first = (start + 1e-3 * uniform) / (1 + 1e-3)
+    return _em(torch.softmax(logits, dim=1), uniform, pseudo_counts, GAIN_EM_TOL, 1000, accelerate=True,
+               start=first)[0]
+
+
+def gain_guard(logits: torch.Tensor, calibration: dict[str, Any] | None, settings: UnknownPriorMethod,
+               estimate: PriorEstimate, *, draws: int = GAIN_DRAWS, seed: int = 0) -> PriorEstimate:
+    """Keep ``estimate.estimate``, shrink it towards uniform, or fall back to uniform, by its expected gain.
+
+    For ``q_s = (1 - s) * estimate + s * uniform`` (``s`` in ``GAIN_SHRINK_STEPS``), the expected accuracy
+    gain over the uniform prior on these unlabelled images is ``mean_i p(yhat_s,i | x_i) - p(yhat_u,i |
+    x_i)``, with ``yhat_s = argmax(z + log q_s)`` and ``p`` the calibrated posteriors (BCTS when the model
+    has a calibration, else softmax) re-weighted to the true prior. The true prior is unknown, so each of
+    ``draws`` bootstrap draws resamples the images, redraws the held-out calibration
+    (``_calibration_draw``), estimates the prior again with the same estimator and evaluates the gain under
+    that prior. The guard keeps the ``q_s`` with the largest ``mean - gain_margin * std`` of the gain over
+    the draws, and the uniform prior when none is positive (``guard_fired``). Seeded by ``seed``: the same
+    images give the same answer. ``details`` records the gains' means and standard deviations per step.
+    """
+    num_samples, num_classes = logits.shape
+    generator = torch.Generator().manual_seed(seed)
+    uniform = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+    candidates = torch.stack([(1 - step) * estimate.estimate + step * uniform for step in GAIN_SHRINK_STEPS])
+    floor = torch.finfo(torch.float64).tiny
+    # (S, N): each candidate's predictions, fixed across draws; only the truth they are judged by moves.
+    predictions = (logits[None] + candidates.clamp_min(floor).log()[:, None, :]).argmax(dim=2)
+    baseline = logits.argmax(dim=1)
+    gains = torch.empty(draws, len(GAIN_SHRINK_STEPS), dtype=torch.float64)
+    for draw in range(draws):
+        rows = torch.randint(num_samples, (num_samples,), generator=generator)
+        drawn = calibration if calibration is None else _calibration_draw(calibration, generator)
+        prior = _redrawn_estimate(logits[rows], drawn, settings, estimate.estimate)
+        calibrated = logits[rows] if calibration is None else apply_calibration(
+            logits[rows], drawn["temperature"], drawn["bias"])
+        posterior = torch.softmax(calibrated + prior.clamp_min(floor).log(), dim=1)  # (N, C)
+        correct_uniform = posterior.gather(1, baseline[rows, None]).squeeze(1)
+        correct = posterior.gather(1, predictions[:, rows].T).T  # (S, N)
+        gains[draw] = (correct - correct_uniform).mean(dim=1)
+    mean, spread = gains.mean(dim=0), gains.std(dim=0)
+    scores = mean - settings.gain_margin * spread
+    best = int(scores.argmax())
+    fired = not float(scores[best]) > 0
+    details = {"shrink_steps": list(GAIN_SHRINK_STEPS), "gain_mean": mean.tolist(),
+               "gain_std": spread.tolist(), "draws": draws,
+               "shrink": None if fired else GAIN_SHRINK_STEPS[best]}
+    return dataclasses.replace(estimate, prior=uniform if fired else candidates[best], guard_fired=fired,
+                               details=details)
