@@ -15,7 +15,7 @@ from transformers import PreTrainedConfig
 
 # Importing .backbones also registers the CIFAR ResNets (the default backbone) with timm.
 from .backbones import check_backbone_kwargs
-from .label_shift import validate_calibration
+from .label_shift import UnknownPriorMethod, validate_calibration, validate_shift_estimator
 from .priors import expert_lambdas, validate_class_counts, validate_prior
 
 CLASSIFIERS = ("cosine", "linear")
@@ -79,12 +79,18 @@ class BalPoEConfig(PreTrainedConfig):
             Test-time class prior the logits are adjusted to; `None` means uniform (balanced accuracy).
         calibration (`dict`, *optional*):
             What the model learnt about itself on held-out labelled data from the training distribution
-            (`balpoe_hf.priors.holdout_calibration`, filled in by training with `holdout_fraction > 0`):
-            `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the uniform-prior logits `z`)
-            fitted with `bias_std` (the Gaussian prior of the biases), `ts_temperature` (temperature
-            scaling alone), `holdout_counts` and `confusion` (held-out labels against `argmax z`). Used to
-            estimate an unknown test prior from unlabelled data (`adapt_to_unlabeled`); it does not change
-            the logits. `None`: no held-out data.
+            (`balpoe_hf.label_shift.holdout_calibration`, filled in by training with `holdout_fraction >
+            0`): `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the uniform-prior logits
+            `z`) fitted with `bias_std` (the Gaussian prior of the biases), with their uncertainty (`bias_se`,
+            `bias_cov_factor`), `ts_temperature` (temperature scaling alone), `holdout_counts` and
+            `confusion` (held-out labels against `argmax z`). Used to estimate an unknown test prior from
+            unlabelled data (`adapt_to_unlabeled`); it does not change the logits. `None`: no held-out data.
+        shift_estimator (`dict`, *optional*):
+            The label-shift estimator chosen for this model on its held-out split
+            (`balpoe_hf.shift_selection.choose_shift_estimator`): its `name`, its `settings`
+            (`balpoe_hf.label_shift.UnknownPriorMethod`) and what the choice saw. The default unknown-prior
+            mode `auto` runs it; `None` (a model saved before the choice existed, or without held-out
+            data) runs the fixed `label_shift.LEGACY_AUTO`.
         image_size (`int`, *optional*):
             Input resolution; defaults to `backbone_kwargs["img_size"]` or the timm model's input size.
         image_mean, image_std (`list[float]`, *optional*):
@@ -135,6 +141,7 @@ class BalPoEConfig(PreTrainedConfig):
     lade_remine_lambda: float = 0.1
     remove_mean_lambda: bool = True
     method: str | None = None
+    shift_estimator: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         labels_given = self.id2label is not None or kwargs.get("num_labels") is not None
@@ -187,6 +194,13 @@ class BalPoEConfig(PreTrainedConfig):
             validate_prior(self.target_prior, num_classes)
         if self.calibration is not None:
             validate_calibration(self.calibration, num_classes)
+        if self.shift_estimator is not None:
+            validate_shift_estimator(self.shift_estimator)
+            if UnknownPriorMethod.from_dict(self.shift_estimator["settings"]).calibration is not None and (
+                    self.calibration is None):
+                raise ValueError(f"shift_estimator {self.shift_estimator['name']!r} reads the held-out "
+                                 "calibration, but calibration is None; set both (training with "
+                                 "holdout_fraction > 0 does) or neither.")
         if not isinstance(self.remove_mean_lambda, bool):
             raise ValueError(f"remove_mean_lambda must be True or False, got {self.remove_mean_lambda!r}.")
         if self.method is not None and not isinstance(self.method, str):

@@ -406,16 +406,16 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         Args:
             images: ``pixel_values`` ``(N, C, H, W)`` (run in batches of ``batch_size``), or an iterable of
                 such tensors or of batches with a ``"pixel_values"`` entry, e.g. a ``DataLoader``.
-            method: a name of ``priors.UNKNOWN_PRIOR_METHODS``; the default ``"auto"`` is the guarded
-                estimator the README's label-shift section chose. Every method but ``"em"`` uses
-                ``config.calibration`` (saved by training with ``holdout_fraction > 0``), so this works on a
-                model loaded from the Hub or a folder, without the training data.
+            method: a prior mode of ``label_shift.estimate_unknown_prior``; the default ``"auto"`` runs the
+                estimator chosen for this model on its held-out split (``config.shift_estimator``), with the
+                gain guard. Every method but ``"em"`` uses ``config.calibration`` (saved by training with
+                ``holdout_fraction > 0``), so this works on a model loaded from the Hub or a folder, without
+                the training data.
             set_prior: call ``set_target_prior(estimate.prior)`` (predictions ``logits + log(C * prior)``;
                 the calibration only serves the estimate, so a fallback to uniform changes nothing).
 
-        Returns the ``priors.PriorEstimate``: ``prior`` (what was set), ``estimate`` with its ``std_error``,
-        the likelihood-ratio ``p_value`` against the uniform prior and whether the guard fired. The model is
-        in eval mode afterwards.
+        Returns the ``label_shift.PriorEstimate``: ``prior`` (what was set), ``estimate``, whether the guard
+        fired and what it weighed (``details``). The model is in eval mode afterwards.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -435,7 +435,8 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
             logits.append(self(pixel_values=pixel_values, target_prior="uniform").logits.double().cpu())
         if not logits:
             raise ValueError("no unlabelled images were given: the iterable yielded no batch.")
-        estimate = estimate_unknown_prior(torch.cat(logits), self.config.calibration, method)
+        estimate = estimate_unknown_prior(torch.cat(logits), self.config.calibration, method,
+                                          self.config.shift_estimator)
         if set_prior:
             self.set_target_prior(estimate.prior)
         return estimate
