@@ -185,8 +185,9 @@ def gather_logits(model: torch.nn.Module, loader: Iterable[dict], accelerator: A
         logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
-    # A DeviceLoader completes the last round of several processes with the first images, which
-    # gather_for_metrics cannot see; the gathered rows are the images in order, so keep the first num_images.
+    # Under several processes the last round is completed with images from the start; gather_for_metrics
+    # drops them (both loaders report the round's real images to accelerate), and the gathered rows are the
+    # images in order, so the first num_images are the test set whatever a loader reports.
     return torch.cat(all_logits)[:num_images], torch.cat(all_labels)[:num_images]
 
 
