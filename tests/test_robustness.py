@@ -35,6 +35,7 @@ from balpoe_hf import (
     training,
     transforms,
 )
+from balpoe_hf.data import long_tailed_counts, make_long_tailed, make_shifted_test
 from balpoe_hf.recipes import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -517,3 +518,31 @@ def test_optional_packages_are_extras_and_each_feature_names_its_extra(data, tmp
     with pytest.raises(hub.HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
         hub.prepare_hub_folder(tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- second sweep (issue 21)
+# Each case of the second hostile sweep: a clear message naming the problem and the fix, or the right answer.
+
+
+def test_constructors_refuse_what_would_fail_late_or_silently():
+    with pytest.raises(ValueError, match=r"lambdas must hold one bias per expert \(at least one expert\), "
+                                         r"got \[\]"):
+        BalPoELoss([30, 20, 10], lambdas=[])  # it used to construct and return NaN at the first call
+    ds = datasets.Dataset.from_dict({"label": [0] * 8 + [1] * 8 + [2] * 8})
+    with pytest.raises(ValueError, match=r"train_counts must be integers >= 0 \(images per class\), but "
+                                         r"classes \[1\] have \[-5\]"):
+        make_shifted_test(ds, [30, -5, 10], "forward", 2.0)
+    for build in (lambda: make_long_tailed(ds, float("nan")),
+                  lambda: make_shifted_test(ds, [30, 20, 10], "backward", float("nan")),
+                  lambda: long_tailed_counts(100, 10, float("inf"))):
+        with pytest.raises(ValueError, match=r"must be >= 1 and finite \(head count / tail count\)"):
+            build()
+    counts = {"backbone": "resnet20_cifar", "class_counts": [3, 2, 1]}
+    for values, message in [({"lambdas": [1.0, "a", -1.0]}, r"must hold numbers .* got lambdas=\[1.0, 'a'"),
+                            ({"classifier_scale": None}, "classifier_scale must be positive and finite"),
+                            ({"image_size": "32"}, "image_size must be a positive integer number of pixels"),
+                            ({"image_mean": "abc"}, "image_mean must be a list of finite numbers"),
+                            ({"backbone_kwargs": [1]}, "backbone_kwargs must be a mapping"),
+                            ({"backbone_pretrained": "yes"}, "backbone_pretrained must be True or False")]:
+        with pytest.raises(ValueError, match=message):
+            BalPoEConfig(**counts, **values)
