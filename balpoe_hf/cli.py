@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
 
     accelerate launch -m balpoe_hf.train --recipe fashion-mnist-lt-quick --output-dir runs/fmnist
@@ -152,12 +150,15 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     """``EvaluateArguments`` from the command line, completed from ``MODEL/recipe.yaml`` where it exists."""
     from transformers import HfArgumentParser
 
+    from .recipes import read_recipe_file
+
     parser = HfArgumentParser(EvaluateArguments, description=EVALUATE_DESCRIPTION, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     # argparse's own parse_args: an unknown flag is a usage error (exit 2), not a ValueError traceback.
     args = EvaluateArguments(**vars(parser.parse_args(argv)))
     recipe_file = Path(args.model) / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {} if recipe_file.is_file() else {}
+    # A malformed file is a TrainingError naming it; read_recipe_file drops the run's overridden_fields.
+    recipe = read_recipe_file(recipe_file) if recipe_file.is_file() else {}
     # The recipe names one data source; a data source on the command line replaces it as a whole.
     if args.dataset is not None or args.test_file is not None or args.test_list is not None:
         recipe = {k: v for k, v in recipe.items() if k not in ("dataset", "dataset_config", "test_file",
@@ -201,7 +202,7 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
 
 def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> None:
     """Print one line per test list and the prior-mode table; with --output write each list's report too."""
-    from .evaluation import format_shift_table, write_report
+    from .evaluation import format_shift_table, record_report, report_files, report_owner, write_report
 
     table = {mode: {name: result.report["shift_accuracy"][mode]["uniform"]
                     for name, result in results.items()} for mode in priors}
@@ -218,14 +219,15 @@ def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> 
         summary = {"model": args.model, "data_root": args.data_root, "shift_accuracy": table,
                    "reports": files}
         output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        record_report(report_files(output, list(results)), report_owner(output, args.model))
         print(f"\nwrote {args.output} and one report per test list beside it")
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
-    from .checkpoints import read_manifest, record_outputs
     from .evaluation import (
         EvaluationError,
+        absent_classes_warning,
         check_calibration_for,
         check_output,
         default_priors,
@@ -235,14 +237,17 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         load_model,
         parse_priors,
         parse_shifts,
+        record_report,
+        report_files,
+        report_owner,
         resolve_device,
         write_report,
     )
-    from .loading import DataError, load_list, load_split
+    from .loading import load_list, load_split
     from .recipes import TrainingError
 
-    args = parse_evaluate_args(argv)
     try:
+        args = parse_evaluate_args(argv)
         # Everything that can be checked before the inference is checked first.
         shifts = parse_shifts(args.shifts)
         priors = None if args.prior is None else parse_priors(args.prior)
@@ -250,12 +255,14 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
                                   f"{args.n_bins}.")
         device = resolve_device(args.device)
+        several_lists = bool(args.test_list) and len(args.test_list) > 1
         if args.output:
-            check_output(args.output)
+            check_output(args.output, args.model,
+                         [_list_name(path) for path in args.test_list] if several_lists else ())
         model, processor = load_model(args.model, device)
         priors = priors or default_priors(model.config.calibration)
         check_calibration_for(priors, model.config.calibration, args.model)
-        if args.test_list and len(args.test_list) > 1:
+        if several_lists:
             _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
             return 0
         if args.test_list:
@@ -269,9 +276,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
                                 label_column=args.label_column, shifts=shifts, priors=priors,
                                 batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
                                 seed=args.seed)
-    except (EvaluationError, DataError) as error:
+    except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
         return _fail(error)
     result.report = {"model": args.model, "dataset": source, **result.report}
+    if result.report["classes_without_test_images"]:
+        print(absent_classes_warning(result.report["classes_without_test_images"], model.config.num_labels),
+              file=sys.stderr)
     print(format_balanced(result.report["balanced"], result.report["num_test_samples"]))
     print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
     print(format_shift_table(result.report["shift_accuracy"], shifts))
@@ -279,10 +289,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         output = Path(args.output)
         try:
             images = write_report(result, output)
-            if read_manifest(args.model) is not None and output.resolve().is_relative_to(
-                    Path(args.model).resolve()):
-                # Inside a run: listed with the run's outputs (so that --overwrite removes a stale report).
-                record_outputs(args.model, [output, *(output.with_name(name) for name in images.values())])
+            # Listed as balpoe-evaluate's (in the run's manifest when inside a run, so that --overwrite
+            # removes a stale report; else beside it), so that a later report may replace it, and only it.
+            record_report(report_files(output), report_owner(output, args.model))
         except (OSError, TrainingError) as error:
             return _fail(error)
         print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")

@@ -18,15 +18,15 @@ SELECTIONS = ("random", "reference")
 SHIFT_KINDS = ("forward", "backward", "uniform")
 
 
-def format_classes(classes: Sequence, head: int = 5) -> str:
-    """Classes (indices or names) for a message: all of them when few, else the first ``head``, the last one
-    and how many, e.g. ``[10, 11, 12, 13, 14, ..., 999] (990 classes)``. Every message that lists classes
-    goes through it, so that a 1,000-class mismatch stays one line."""
-    items = [item.item() if hasattr(item, "item") else item for item in classes]
+def short_list(items: Sequence, noun: str = "classes", head: int = 5) -> str:
+    """A list for a message: all of it when short, else the first ``head`` items, the last one and how many,
+    e.g. ``[10, 11, 12, 13, 14, ..., 999] (990 classes)``. Every message that lists classes (or files) goes
+    through it, so that a 1,000-class mismatch stays one line."""
+    items = [item.item() if hasattr(item, "item") else item for item in items]
     if len(items) <= head + 2:
         return f"[{', '.join(map(repr, items))}]"
     shown = ", ".join(map(repr, items[:head]))
-    return f"[{shown}, ..., {items[-1]!r}] ({len(items)} classes)"
+    return f"[{shown}, ..., {items[-1]!r}] ({len(items)} {noun})"
 
 
 def _require_one_split(ds: object, caller: str, split: str, why: str) -> None:
@@ -83,7 +83,7 @@ def labels_array(ds: datasets.Dataset, label_column: str = "label",
     if num_classes is not None and labels.size and labels.max() >= num_classes:
         bad = np.unique(labels[labels >= num_classes]).tolist()
         raise ValueError(
-            f"label column {label_column!r} has labels {format_classes(bad)} outside the class range "
+            f"label column {label_column!r} has labels {short_list(bad)} outside the class range "
             f"[0, {num_classes - 1}]."
         )
     return labels
@@ -175,10 +175,10 @@ def _check_no_empty_class(keep: Sequence[int], available: Sequence[int], what: s
         return
     missing = [cls for cls in empty if available[cls] == 0]
     if missing:
-        raise ValueError(f"classes {format_classes(missing)} have no samples in the dataset, so {what} "
+        raise ValueError(f"classes {short_list(missing)} have no samples in the dataset, so {what} "
                          "cannot include them.")
     raise ValueError(
-        f"{what} would keep zero samples of classes {format_classes(empty)}; the largest ratio that keeps at "
+        f"{what} would keep zero samples of classes {short_list(empty)}; the largest ratio that keeps at "
         f"least one sample of every class is {largest_ratio:g}."
     )
 
@@ -232,7 +232,7 @@ def _check_train_counts(train_counts: Sequence[int]) -> None:
     bad = np.flatnonzero(~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts)))
     if bad.size:
         raise ValueError(f"train_counts must be integers >= 0 (images per class), but classes "
-                         f"{format_classes(bad)} have {format_classes(counts[bad])}.")
+                         f"{short_list(bad)} have {short_list(counts[bad])}.")
 
 
 def make_shifted_test(ds: datasets.Dataset, train_counts: Sequence[int], kind: str, ratio: float = 1.0,

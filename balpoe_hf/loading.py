@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from huggingface_hub import constants as hub_constants
 
-from .data import _subsample, class_counts, format_classes, labels_array, make_long_tailed
+from .data import _subsample, class_counts, labels_array, make_long_tailed, short_list
 from .recipes import FASHION_MNIST, FASHION_MNIST_DIR, Recipe, TrainingError
 from .split_lists import load_split_list
 
@@ -242,7 +242,7 @@ def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[
             _is_default_name(n, i) for i, n in enumerate(model_names)):
         bad = labels[labels >= num_classes]
         if bad.size:
-            raise DataError(f"test labels {format_classes(np.unique(bad))} are outside the model's "
+            raise DataError(f"test labels {short_list(np.unique(bad))} are outside the model's "
                             f"{num_classes} classes; check --label-column (and --num-classes).")
         return labels
     names = [str(n) for n in feature.names]
@@ -250,8 +250,8 @@ def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[
         return labels
     unknown = [n for n in names if n not in model_names]
     if unknown:
-        raise DataError(f"test classes {format_classes(unknown)} are not classes of the model "
-                        f"({format_classes(model_names)}); is this the right "
+        raise DataError(f"test classes {short_list(unknown)} are not classes of the model "
+                        f"({short_list(model_names)}); is this the right "
                         "dataset and --label-column?")
     to_model = np.asarray([model_names.index(n) for n in names], dtype=np.int64)
     return to_model[labels]
@@ -301,7 +301,7 @@ def holdout_sizes(counts: Sequence[int], fraction: float) -> list[int]:
     small = [c for c, (k, n) in enumerate(zip(sizes, counts, strict=True)) if k >= n]
     if small:
         raise ValueError(
-            f"holdout_fraction {fraction:g} leaves classes {format_classes(small)} (with as few as "
+            f"holdout_fraction {fraction:g} leaves classes {short_list(small)} (with as few as "
             f"{min(counts[c] for c in small)} images) without a training image: every class needs one "
             "held-out image and one to train on. Lower holdout_fraction or the imbalance ratio, or set "
             "holdout_fraction 0.")
@@ -345,7 +345,7 @@ def _check_label_range(ds: datasets.Dataset, column: str, num_classes: int, spli
     labels = labels_array(ds, column)
     bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
     if bad.size:
-        raise DataError(f"the {split} split has labels {format_classes(bad)} outside the class range "
+        raise DataError(f"the {split} split has labels {short_list(bad)} outside the class range "
                         f"[0, {num_classes - 1}]; fix the labels or set --num-classes.")
 
 
@@ -436,7 +436,7 @@ def _check_every_class_present(counts: list[int], source: str) -> None:
     present = len(counts) - len(empty)
     fix = (f"The data hold classes 0 to {present - 1}: set --num-classes {present}." if empty[0] == present
            else "Fix the labels, or set --num-classes to the number of classes the data hold.")
-    raise DataError(f"classes {format_classes(empty)} have no training image, but the model would have "
+    raise DataError(f"classes {short_list(empty)} have no training image, but the model would have "
                     f"{len(counts)} classes ({source}); BalPoE needs every class in the training prior. "
                     + fix)
 

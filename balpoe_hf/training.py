@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, speed
 from .configuration_balpoe import BalPoEConfig
-from .data import shot_groups
-from .evaluation import calibration_effect
+from .data import labels_array, shot_groups
+from .evaluation import absent_classes, absent_classes_warning, calibration_effect
 from .loaders import build_loaders
 from .loading import TrainingData, input_paths, load_training_data
 from .metrics import long_tail_report
@@ -325,6 +325,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     # ---- data: the long-tailed training split and the balanced test set
     data = load_training_data(recipe)
     groups = shot_groups(data.class_counts, recipe.many_threshold, recipe.few_threshold)
+    missing = absent_classes(labels_array(data.test, recipe.label_column), len(data.class_counts))
+    if missing:
+        accelerator.print(absent_classes_warning(missing, len(data.class_counts)))
     accelerator.print(f"{recipe.name}: {len(data.train):,} training images in {len(data.class_counts)} "
                       f"classes ({data.class_count_source}; {max(data.class_counts)} down to "
                       f"{min(data.class_counts)} per class), "

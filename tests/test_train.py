@@ -296,7 +296,7 @@ def test_output_directory_rules(tmp_path):
     # --resume and --overwrite act on a run's directory only (tests/test_robustness.py has the details).
     with pytest.raises(TrainingError, match="is not the directory of a balpoe-hf run"):
         checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
-    checkpoints.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"])
+    checkpoints.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], checkpoints.RUN_FOLDERS)
     checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
     checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
 
