@@ -28,6 +28,10 @@ the resolved values. The output directory gets the model (save_pretrained, loada
 AutoModelForImageClassification) with its image processor, recipe.yaml, train_results.json, eval_results.json
 (the balanced test set) and one checkpoint per epoch (--checkpoint-every-steps N adds some inside epochs;
 the last few are kept) for --resume.
+
+A refused setting or input stops the run with a one-line message and exit status 2, before any work where it
+can be seen up front. accelerate's launcher follows a failed run with its own traceback: `accelerate launch
+--quiet` (-q) leaves the message alone.
 """
 
 
@@ -315,6 +319,7 @@ before the upload and lists what would be uploaded (works offline).
 def push_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-push``: render the card, check the folder and upload it (or only list it with --dry-run)."""
     from .hub import HubFolderError, HubPublishError, prepare_hub_folder, push_to_hub
+    from .recipes import TrainingError
 
     parser = argparse.ArgumentParser(description=PUSH_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -344,7 +349,7 @@ def push_main(argv: Sequence[str] | None = None) -> int:
             return 0
         url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.commit_message, **card_options)
-    except (HubFolderError, HubPublishError) as error:
+    except (HubFolderError, HubPublishError, TrainingError) as error:  # TrainingError: a damaged manifest
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"published {args.model_dir} to {url}")

@@ -41,7 +41,7 @@ from .data import labels_array
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1  # bump when the decoded content for the same key changes
+CACHE_FORMAT_VERSION = 2  # bump when the decoded content for the same key changes
 RESIZE_MODES = ("crop", "squash")
 # How each training augmentation of the recipe resizes before its random part: 'cifar' is
 # Resize(size) + CenterCrop(size), 'none' is Resize((size, size)); 'imagenet' has no device version.
@@ -96,6 +96,8 @@ def _decode(ds: datasets.Dataset, image_column: str, image_size: int, resize: st
     """The images as ``uint8 (N, 3, size, size)``, through the same PIL operations as the training path."""
     from torchvision import transforms as T
 
+    from .transforms import to_rgb
+
     # The deterministic head of the training transform, so that the device pipeline starts from the same
     # pixels as the PIL one (both are identities for images already at the size).
     if resize == "crop":
@@ -108,7 +110,7 @@ def _decode(ds: datasets.Dataset, image_column: str, image_size: int, resize: st
     start = 0
     for batch in images.iter(batch_size=1000):
         for image in batch[image_column]:
-            out[start] = np.asarray(resize_op(image.convert("RGB")))
+            out[start] = np.asarray(resize_op(to_rgb(image)))
             start += 1
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 

@@ -53,6 +53,7 @@ from .priors import (
     holdout_calibration,
 )
 from .recipes import TrainingError
+from .transforms import to_rgb
 
 ALL_SHIFTS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
               "backward2", "backward5", "backward10", "backward25", "backward50"]
@@ -260,7 +261,7 @@ def predict(model: BalPoEForImageClassification, processor: Any, ds: datasets.Da
     device = next(model.parameters()).device
     logits, expert_logits = [], []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size][image_column]
+        batch = [to_rgb(image) for image in images[start:start + batch_size][image_column]]
         pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
         out = model(pixel_values=pixel_values, target_prior="uniform")
         logits.append(out.logits.float().cpu())  # (B, C)

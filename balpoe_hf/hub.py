@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub
-import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
@@ -31,9 +31,10 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
-from .checkpoints import record_outputs, written_by_package
+from .checkpoints import check_writable, record_outputs, written_by_package
 from .data import imbalance_ratio
 from .methods import METHOD_DESCRIPTIONS
+from .recipes import TrainingError, read_recipe_file
 
 CARD_NAME = "README.md"
 IMAGES_DIR = "images"
@@ -280,11 +281,43 @@ def render_model_card(
     )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, what: str = "file") -> dict[str, Any] | None:
+    """The JSON object in ``path`` (``None`` if there is no such file); ``HubFolderError`` naming ``what``
+    for anything else (malformed JSON, a binary file, a list)."""
     if not path.is_file():
         return None
-    with path.open(encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"is not valid JSON ({error})"
+    else:
+        if isinstance(values, dict):
+            return values
+        problem = f"holds a JSON {type(values).__name__}, not an object"
+    raise HubFolderError(f"the {what} {path} {problem}: give the file balpoe-hf wrote, or write it again. "
+                         "Nothing was written.")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a Hub repository id the Hub would refuse, before anything is written (it goes into the card)."""
+    try:
+        huggingface_hub.utils.validate_repo_id(repo_id)
+    except huggingface_hub.utils.HFValidationError as error:
+        raise HubFolderError(f"{repo_id!r} is not a Hub repository id ({error}); write it as NAME or "
+                             "USER/NAME, e.g. me/balpoe-cifar10-lt. Nothing was written.") from None
+
+
+def _check_folder_writable(folder: Path, names: Sequence[str]) -> None:
+    """Refuse a model folder that cannot take the card and its pictures (a read-only copy, say)."""
+    try:
+        check_writable(folder, "the model card into")
+    except TrainingError as error:
+        raise HubFolderError(f"{error} Nothing was written.") from None
+    read_only = [name for name in names if (folder / name).exists() and not os.access(folder / name, os.W_OK)]
+    if read_only:
+        raise HubFolderError(f"cannot write the model card into {folder}: {read_only} are read-only; make "
+                             "them writable or move them away. Nothing was written.")
 
 
 def _weight_files(folder: Path, problems: list[str]) -> list[str]:
@@ -294,9 +327,9 @@ def _weight_files(folder: Path, problems: list[str]) -> list[str]:
         problems.append(f"pickle weights {pickled}: this project publishes safetensors only. Load the model "
                         "and re-save it with model.save_pretrained(dir) (safetensors is the default), then "
                         "move the pickle files out of the folder.")
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+    index = _read_json(folder / SAFE_WEIGHTS_INDEX_NAME, "weights index")
+    if index is not None:
+        shards = sorted(set(index.get("weight_map", {}).values()))
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing:
             problems.append(f"{SAFE_WEIGHTS_INDEX_NAME} names missing shards {missing}: copy them in "
@@ -352,7 +385,7 @@ def check_hub_folder(model_dir: str | Path, require_card: bool = True, extra_fil
     if not folder.is_dir():
         raise HubFolderError(f"model directory {folder} does not exist.")
     problems: list[str] = []
-    config = _read_json(folder / CONFIG_NAME)
+    config = _read_json(folder / CONFIG_NAME, "model config")
     files = [CONFIG_NAME]
     if config is None:
         problems.append(f"no {CONFIG_NAME}: save the model with model.save_pretrained(dir).")
@@ -465,7 +498,11 @@ def prepare_hub_folder(
     """
     folder = Path(model_dir)
     _require_card_packages()
-    config = _read_json(folder / CONFIG_NAME)
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    if not folder.is_dir():
+        raise HubFolderError(f"model directory {folder} does not exist.")
+    config = _read_json(folder / CONFIG_NAME, "model config")
     if config is None:
         raise HubFolderError(f"no {CONFIG_NAME} in {folder}: save the model with model.save_pretrained(dir).")
     counts = [int(c) for c in config.get("class_counts") or []]
@@ -475,13 +512,19 @@ def prepare_hub_folder(
     card_fields: dict[str, Any] = {}
     recipe_path = folder / RECIPE_NAME
     if recipe_path.is_file():
-        recipe_text = recipe_path.read_text(encoding="utf-8")
-        card_fields.update(_recipe_card_fields(yaml.safe_load(recipe_text) or {}, recipe_text))
+        try:
+            recipe = read_recipe_file(recipe_path)
+        except TrainingError as error:
+            raise HubFolderError(f"{error} Nothing was written.") from None
+        card_fields.update(_recipe_card_fields(recipe, recipe_path.read_text(encoding="utf-8")))
     card_fields.update({k: v for k, v in (("dataset_id", dataset_id), ("dataset_name", dataset_name)) if v})
 
-    metrics = _read_json(folder / EVAL_RESULTS_NAME)
+    metrics = _read_json(folder / EVAL_RESULTS_NAME, "evaluation results")
     report_path = Path(eval_report) if eval_report is not None else folder / DEFAULT_EVAL_REPORT
-    report = _read_json(report_path)
+    report = _read_json(report_path, "evaluation report")
+    if report is not None and not isinstance(report.get("shift_accuracy", {}), dict):
+        raise HubFolderError(f"{report_path} is not a balpoe-evaluate report (its shift_accuracy is not a "
+                             "table): write it with balpoe-evaluate --output. Nothing was written.")
     if eval_report is not None and report is None:
         raise HubFolderError(f"evaluation report {report_path} does not exist: write it with "
                              f"scripts/evaluate.py --model {folder} --output {report_path}.")
@@ -509,6 +552,7 @@ def prepare_hub_folder(
         raise HubFolderError(f"{folder} holds {foreign}, which balpoe-hf did not write there (or which were "
                              "edited since): move them out of the folder to let it write the model card and "
                              "its pictures. Nothing was written.")
+    _check_folder_writable(folder, [*targets, IMAGES_DIR])
     images = {"class_counts": histogram, **{Path(name).stem: name for name in pictures}}
     card = render_model_card(config, metrics, report, repo_id=repo_id or folder.resolve().name, images=images,
                              license=license, **card_fields)
@@ -545,6 +589,7 @@ def push_to_hub(
                               "TRANSFORMERS_OFFLINE=1 is set): unset it to publish, or run "
                               "balpoe_hf.hub.prepare_hub_folder(model_dir) to render and check the folder "
                               "without uploading. Nothing was uploaded.")
+    check_repo_id(repo_id)
     token = token or huggingface_hub.get_token()
     if not token:
         raise HubPublishError("no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass "
