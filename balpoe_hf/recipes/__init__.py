@@ -291,10 +291,18 @@ class Recipe:
             if value is not None and value <= 0:
                 raise TrainingError(f"{name} must be positive, got {value}.")
         not_negative = ("weight_decay", "momentum", "rotation", "color_jitter", "crop_padding",
-                        "checkpoint_every_steps", "eval_every", "num_workers", "warmup_epochs")
+                        "checkpoint_every_steps", "eval_every", "num_workers", "warmup_epochs", "seed",
+                        "split_seed", "many_threshold", "few_threshold", "shared_stages")
         for name in not_negative:
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise TrainingError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if min(self.lr_milestones, default=0) < 0:
+            raise TrainingError(f"lr_milestones are epochs, so not negative; got {self.lr_milestones}.")
+        if self.rotation > 180:
+            raise TrainingError(f"rotation is the largest angle, at most 180 degrees; got {self.rotation}.")
+        if not all(0 <= value <= 1 for value in self.image_mean):
+            raise TrainingError(f"image_mean is the mean of pixels scaled to [0, 1], so each value lies in "
+                                f"[0, 1]; got {self.image_mean}.")
         if self.momentum >= 1:
             raise TrainingError(f"momentum must be below 1, got {self.momentum}.")
         if self.num_classes is not None and self.num_classes < 2:
@@ -651,7 +659,10 @@ def build_parser(description: str | None = None, run_arguments: type = RunArgume
     """``HfArgumentParser`` over ``run_arguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
     from transformers import HfArgumentParser
 
+    # A short usage line: argparse's own lists every flag (70 lines) above each usage error.
     parser = HfArgumentParser((run_arguments, Recipe), description=description, allow_abbrev=False,
+                              usage="%(prog)s [--recipe NAME | --config FILE.yaml] [--FIELD VALUE ...] "
+                                    "(every flag: --help)",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Recipe)
     actions = {action.dest: action for action in parser._actions}
