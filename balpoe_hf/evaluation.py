@@ -232,8 +232,8 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
         raise EvaluationError(_weights_mismatch(model_id, "have other shapes than")) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-    if info["missing_keys"] or info["mismatched_keys"]:
-        raise EvaluationError(_weights_mismatch(model_id, "lack tensors of", model.config))
+    if info["missing_keys"] or info["mismatched_keys"] or info["unexpected_keys"]:
+        raise EvaluationError(_weights_mismatch(model_id, "do not fit", model.config))
     if not model.config.class_counts:
         raise EvaluationError(f"{model_id} has no class_counts in its config: the training prior is needed "
                               "for the shot groups. Set BalPoEConfig.class_counts when training.")
@@ -244,7 +244,7 @@ def _weights_mismatch(model_id: str | Path, how: str, config: Any = None) -> str
     setting = "" if config is None else (f" (num_experts {config.num_experts}, {config.num_labels} classes, "
                                          f"backbone {config.backbone})")
     return (f"the weights in {model_id} {how} the model its config.json describes{setting}: they are of "
-            "another model, and evaluating would score layers initialised at random. Put the config.json "
+            "another model, whose layers would be initialised at random or left out. Put the config.json "
             "saved with these weights back, or save the model again with save_pretrained.")
 
 
