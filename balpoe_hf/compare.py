@@ -531,7 +531,8 @@ class CompareArguments:
 
 def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArguments, Recipe, Budget]:
     """The options, the base recipe (budget < command-line flags) and the budget."""
-    parser = build_parser(DESCRIPTION, CompareArguments)
+    parser = build_parser(DESCRIPTION, CompareArguments,
+                          "%(prog)s [--budget NAME] [--methods LIST] [--FIELD VALUE ...]")
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--budget", default="quick", choices=list(BUDGETS))
     known, _ = first.parse_known_args(argv)

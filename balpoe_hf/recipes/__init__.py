@@ -654,15 +654,15 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def build_parser(description: str | None = None, run_arguments: type = RunArguments
+def build_parser(description: str | None = None, run_arguments: type = RunArguments,
+                 usage: str = "%(prog)s [--recipe NAME | --config FILE.yaml] [--FIELD VALUE ...]"
                  ) -> argparse.ArgumentParser:
     """``HfArgumentParser`` over ``run_arguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
     from transformers import HfArgumentParser
 
     # A short usage line: argparse's own lists every flag (70 lines) above each usage error.
     parser = HfArgumentParser((run_arguments, Recipe), description=description, allow_abbrev=False,
-                              usage="%(prog)s [--recipe NAME | --config FILE.yaml] [--FIELD VALUE ...] "
-                                    "(every flag: --help)",
+                              usage=usage + " (every flag: --help)",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Recipe)
     actions = {action.dest: action for action in parser._actions}
