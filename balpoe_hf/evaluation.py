@@ -418,8 +418,8 @@ def simulate_holdout_shifts(logits: torch.Tensor, labels: torch.Tensor | np.ndar
     per_class = torch.bincount(targets, minlength=num_classes)
     if int(per_class.min()) < 2:
         few = torch.nonzero(per_class < 2).flatten().tolist()
-        raise EvaluationError(f"classes {few[:20]} have fewer than 2 held-out images; the simulation fits on "
-                              "one half and tests on the other.")
+        raise EvaluationError(f"classes {short_list(few)} have fewer than 2 held-out images; the simulation "
+                              "fits on one half and tests on the other.")
     rng = np.random.default_rng(seed)
     gains: dict[str, dict[str, list[float]]] = {name: {shift: [] for shift in shifts}
                                                 for name in ["oracle", *methods]}
