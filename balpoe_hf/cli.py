@@ -29,7 +29,7 @@ AutoModelForImageClassification) with its image processor, recipe.yaml, train_re
 (the balanced test set) and one checkpoint per epoch (--checkpoint-every-steps N adds some inside epochs;
 the last few are kept) for --resume.
 
-A refused setting or input stops the run with a one-line message and exit status 2, before any work where it
+A refused setting or input stops the run with a short message and exit status 2, before any work where it
 can be seen up front. accelerate's launcher follows a failed run with its own traceback: `accelerate launch
 --quiet` (-q) leaves the message alone.
 """

@@ -435,7 +435,7 @@ class DeviceLoader(DataLoaderStateMixin):
     def _batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         order, params = self._epoch_plan()
         self.begin()
-        # The real images of the last round (accelerate's `remainder`; -1: the round is dropped or full).
+        # The real images of the last round (accelerate's `remainder`; -1 with drop_last: none is padded).
         self.remainder = -1 if self.drop_last else len(self.images) % (self.batch_size * self.num_processes)
         try:
             for step in range(start, len(self)):

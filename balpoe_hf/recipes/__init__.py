@@ -431,7 +431,6 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-
 def _default(name: str) -> Any:
     spec = RECIPE_FIELDS[name]
     return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
