@@ -65,9 +65,11 @@ def test_presets_resolve_to_the_documented_settings(method, recipe_name):
     assert (recipe.num_experts, recipe.lambdas, recipe.loss, recipe.remove_mean_lambda) == (
         experts, lambdas, loss, remove_mean)
     assert recipe.mixup_alpha == (plain.mixup_alpha if mixup is None else mixup)
-    # Everything else is the recipe's.
+    # Everything else is the recipe's; its description says that the method was set over it.
     changed = {k for k, v in recipe.to_dict().items() if plain.to_dict()[k] != v}
-    assert changed <= {"method", "num_experts", "lambdas", "mixup_alpha", "loss", "remove_mean_lambda"}
+    assert changed <= {"method", "num_experts", "lambdas", "mixup_alpha", "loss", "remove_mean_lambda",
+                       "description"}
+    assert recipe.description == f"{plain.description} (overridden: method={method})"
 
 
 def test_method_flag_and_saved_recipe(tmp_path):
