@@ -301,10 +301,10 @@ def holdout_sizes(counts: Sequence[int], fraction: float) -> list[int]:
     small = [c for c, (k, n) in enumerate(zip(sizes, counts, strict=True)) if k >= n]
     if small:
         raise ValueError(
-            f"holdout_fraction {fraction:g} leaves classes {short_list(small)} (with as few as "
-            f"{min(counts[c] for c in small)} images) without a training image: every class needs one "
-            "held-out image and one to train on. Lower holdout_fraction or the imbalance ratio, or set "
-            "holdout_fraction 0.")
+            f"holdout_fraction {fraction:g} leaves classes {short_list(small)} (with "
+            f"{short_list([counts[c] for c in small], 'counts')} images) without a training image: every "
+            "class needs one held-out image and one to train on. Lower holdout_fraction or the imbalance "
+            "ratio, or set holdout_fraction 0.")
     return sizes
 
 
