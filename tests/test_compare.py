@@ -347,4 +347,4 @@ def test_card_names_the_method(tmp_path):
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.balpoe["method"] == "bs"
-    assert "**Method preset:** `bs` (balanced softmax)" in loaded.text
+    assert "| Method | `bs` (balanced softmax) |" in loaded.text
