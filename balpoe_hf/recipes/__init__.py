@@ -489,7 +489,7 @@ class RunArguments:
     _argument_group_name = "run"
 
     recipe: str | None = field(default=None, metadata=_help(
-        "Shipped recipe (see --list-recipes in the README or balpoe_hf.recipes.available_recipes())."))
+        "Shipped recipe (balpoe-train --list-recipes lists them)."))
     config: str | None = field(default=None, metadata=_help(
         "Your own recipe file (YAML mapping of recipe fields; `base: NAME` starts from a shipped recipe)."))
     output_dir: str | None = field(default=None, metadata=_help(
