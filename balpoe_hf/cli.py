@@ -88,10 +88,10 @@ distribution (forward50 ... uniform ... backward50), top-1 accuracy in the cells
 target prior), oracle (the shifted set's true label distribution), and estimators of that distribution from
 the model's logits on the unlabelled shifted set: em (EM on the raw posteriors), em-ts and em-bcts (EM after
 temperature scaling / BCTS), bbse (from the held-out confusion matrix), em-bcts-lrt (em-bcts with a
-likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (both guards; see
-the README). All but em need a model trained with
---holdout-fraction (its config.calibration). With --output it writes the JSON report and, beside it, a
-reliability diagram and a per-class accuracy plot of the balanced set.
+likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (see
+docs/evaluation.md). All but em need a model trained with --holdout-fraction (its config.calibration). With
+--output it writes the JSON report and, beside it, a reliability diagram and a per-class accuracy plot of the
+balanced set.
 
 Test data: by default the test set of the run's recipe.yaml; else --dataset fashion-mnist (the Debian package
 dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, --test-list with

@@ -41,7 +41,7 @@ IMAGES_DIR = "images"
 TEMPLATE_NAME = "modelcard_template.md"
 EVAL_RESULTS_NAME = "eval_results.json"
 RECIPE_NAME = "recipe.yaml"
-# Where the README tells scripts/evaluate.py to write its report (--output), relative to the run directory.
+# Where the docs tell balpoe-evaluate to write its report (--output), relative to the run directory.
 DEFAULT_EVAL_REPORT = "eval/report.json"
 # Run artefacts of scripts/train.py published next to the model when present.
 OPTIONAL_FILES = (EVAL_RESULTS_NAME, "train_results.json", RECIPE_NAME)
