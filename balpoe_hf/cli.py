@@ -1,4 +1,5 @@
-"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push`` and ``balpoe-describe-split``.
+"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push``, ``balpoe-describe-split`` and
+``balpoe-prepare-data``.
 
 Installed as console scripts with the package; ``python -m balpoe_hf.train`` (for ``accelerate launch -m``)
 and the repository's ``scripts/*.py`` call the same functions. Each parses its arguments, calls the library
@@ -17,6 +18,7 @@ from pathlib import Path
 
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
 
+    balpoe-train --list-recipes                 # the shipped recipes, one line each
     accelerate launch -m balpoe_hf.train --recipe fashion-mnist-lt-quick --output-dir runs/fmnist
     accelerate launch -m balpoe_hf.train --recipe cifar10-lt-local \\
         --train-file data/cifar10/train.parquet --test-file data/cifar10/test.parquet
@@ -43,6 +45,15 @@ def _fail(error: Exception) -> int:
 # --------------------------------------------------------------------------- balpoe-train
 
 
+def list_recipes() -> str:
+    """The shipped recipes, one ``name  description`` line each (``balpoe-train --list-recipes``)."""
+    from .recipes import available_recipes, recipe_values
+
+    names = available_recipes()
+    width = max(len(name) for name in names)
+    return "\n".join(f"{name:<{width}}  {recipe_values(name).get('description', '')}" for name in names)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-train``: parse the run options and the recipe, then ``balpoe_hf.training.train``."""
     import time
@@ -50,6 +61,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from .recipes import TrainingError, parse_args
     from .training import train
 
+    if "--list-recipes" in (sys.argv[1:] if argv is None else argv):
+        print(list_recipes())
+        return 0
     start = time.time()
     try:
         run, recipe = parse_args(argv, description=TRAIN_DESCRIPTION)
@@ -76,10 +90,10 @@ distribution (forward50 ... uniform ... backward50), top-1 accuracy in the cells
 target prior), oracle (the shifted set's true label distribution), and estimators of that distribution from
 the model's logits on the unlabelled shifted set: em (EM on the raw posteriors), em-ts and em-bcts (EM after
 temperature scaling / BCTS), bbse (from the held-out confusion matrix), em-bcts-lrt (em-bcts with a
-likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (both guards; see
-the README). All but em need a model trained with
---holdout-fraction (its config.calibration). With --output it writes the JSON report and, beside it, a
-reliability diagram and a per-class accuracy plot of the balanced set.
+likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (see
+docs/evaluation.md). All but em need a model trained with --holdout-fraction (its config.calibration). With
+--output it writes the JSON report and, beside it, a reliability diagram and a per-class accuracy plot of the
+balanced set.
 
 Test data: by default the test set of the run's recipe.yaml; else --dataset fashion-mnist (the Debian package
 dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, --test-list with
@@ -407,4 +421,41 @@ def describe_split_main(argv: Sequence[str] | None = None) -> int:
         print(f"  {cls:>3}  {label:<{width}}  {count:>6}  {group}")
     print(f"imbalance ratio {imbalance_ratio(counts):g}; many/medium/few = "
           + "/".join(str(len(groups[g])) for g in ("many", "medium", "few")))
+    return 0
+
+
+# --------------------------------------------------------------------------- balpoe-prepare-data
+
+
+PREPARE_DESCRIPTION = """Write a dataset as train.parquet and test.parquet in the Hub's layout (--train-file).
+
+    balpoe-prepare-data cifar10 --source ~/data/cifar-10-batches-py --output-dir data/cifar10   # offline
+    balpoe-prepare-data cifar10 --output-dir data/cifar10                                      # from the Hub
+    balpoe-prepare-data fashion-mnist --output-dir data/fashion-mnist     # Debian's dataset-fashion-mnist
+
+Then: balpoe-train --recipe cifar10-lt-local --train-file data/cifar10/train.parquet \\
+          --test-file data/cifar10/test.parquet
+"""
+
+
+def prepare_data_main(argv: Sequence[str] | None = None) -> int:
+    """``balpoe-prepare-data``: ``balpoe_hf.prepare_data.prepare_data`` from the command line."""
+    from .loading import DataError
+    from .prepare_data import DATASETS, prepare_data
+
+    parser = argparse.ArgumentParser(description=PREPARE_DESCRIPTION, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=DATASETS)
+    parser.add_argument("--output-dir", required=True, help="folder for train.parquet and test.parquet")
+    parser.add_argument("--source", default=None, help=(
+        "folder of the original files (CIFAR-10: the unpacked python archive, cifar-10-batches-py; "
+        "Fashion-MNIST: the four IDX files), or 'hub' (online). Default: Debian's Fashion-MNIST folder, "
+        "the Hub for CIFAR-10."))
+    parser.add_argument("--overwrite", action="store_true", help="replace existing parquet files")
+    args = parser.parse_args(argv)
+    try:
+        files = prepare_data(args.dataset, args.output_dir, args.source, overwrite=args.overwrite)
+    except DataError as error:
+        return _fail(error)
+    print("wrote " + " and ".join(str(path) for path in files.values()))
     return 0

@@ -460,6 +460,24 @@ def absent_classes_warning(absent: Sequence[int], num_classes: int, what: str = 
             f"{num_classes} classes it has.")
 
 
+def run_shot_thresholds(model: BalPoEForImageClassification) -> tuple[int, int]:
+    """The many- and few-shot thresholds of the run that trained ``model``: those of the ``recipe.yaml`` saved
+    beside it (in the folder or Hub repository it was loaded from), else CIFAR-100-LT's 100 and 20."""
+    import yaml
+    from transformers.utils import cached_file
+
+    recipe: dict[str, Any] = {}
+    if model.name_or_path:
+        try:
+            path = cached_file(model.name_or_path, "recipe.yaml", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:  # not a folder nor a reachable repository: the model was built in memory
+            path = None
+        if path is not None:
+            recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return int(recipe.get("many_threshold", 100)), int(recipe.get("few_threshold", 20))
+
+
 @dataclass
 class EvaluationResult:
     """``evaluate_model``'s output: the JSON-ready ``report`` and the predictions it was computed from."""
@@ -474,12 +492,13 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
                    image_column: str = "image", label_column: str = "label",
                    shifts: str | Sequence[str] = "all",
                    priors: str | Sequence[str] | None = None,
-                   batch_size: int = 256, n_bins: int = 15, many: int = 100, few: int = 20,
+                   batch_size: int = 256, n_bins: int = 15, many: int | None = None, few: int | None = None,
                    seed: int = 0) -> EvaluationResult:
     """The balanced-test-set report, each expert's accuracy, and the shifted sets under every prior mode.
 
     ``priors=None``: ``default_priors`` (``none``, ``oracle`` and ``auto``, or ``em`` when the model has no
-    held-out calibration).
+    held-out calibration). ``many`` / ``few``: the shot thresholds; by default those of the run that trained
+    the model (``run_shot_thresholds``), so that the groups are the ones its training printout used.
 
     The report is a JSON-ready dict: ``balanced`` (``long_tail_report``, plus ``calibration_effect`` when the
     model has a held-out calibration), ``experts`` (raw-logit accuracy of each expert as trained),
@@ -489,6 +508,9 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     (``absent_classes_warning`` says so).
     """
     calibration = model.config.calibration
+    if many is None or few is None:
+        run_many, run_few = run_shot_thresholds(model)
+        many, few = run_many if many is None else many, run_few if few is None else few
     shifts, priors = parse_shifts(shifts), parse_priors(priors or default_priors(calibration))
     check_calibration_for(priors, calibration, "the model")
     train_counts = [int(c) for c in model.config.class_counts]

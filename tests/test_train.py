@@ -369,3 +369,13 @@ def test_push_to_hub_needs_an_id_and_the_network(train_script, tmp_path, capsys,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert train_script.main([*argv, "--hub-model-id", "me/x"]) == 2  # before any training
     assert "--push-to-hub needs the network, but offline mode is on" in capsys.readouterr().err
+
+
+def test_list_recipes_prints_every_shipped_recipe(capsys):
+    from balpoe_hf import cli
+
+    assert cli.train_main(["--list-recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == recipes.available_recipes()
+    (quick,) = [line for line in lines if line.startswith("fashion-mnist-lt-quick ")]
+    assert "Fashion-MNIST-LT IR100" in quick

@@ -196,15 +196,15 @@ class Recipe:
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Batches accumulated per optimizer step."))
     lr: float = field(default=0.1, metadata=_help(
-        "Peak learning rate, for the recipe's global batch (see the README on scaling it)."))
+        "Peak learning rate, for the recipe's global batch (docs/training.md on scaling it)."))
     momentum: float = field(default=0.9, metadata=_help("SGD momentum."))
     nesterov: bool = field(default=True, metadata=_help("Nesterov momentum."))
     weight_decay: float = field(default=5e-4, metadata=_help("Weight decay."))
     scale_expert_lr: bool = field(default=False, metadata=_help(
         "Train the experts' own parameters at num_experts x lr with weight decay / num_experts: the loss is "
         "the mean over experts, so each expert gets 1/num_experts of the gradient, and this makes its update "
-        "the one it would get trained alone. Off: the paper's optimisation. Helps short budgets (README, "
-        "Comparing methods); no effect with one expert."))
+        "the one it would get trained alone. Off: the paper's optimisation. Helps short budgets (docs/"
+        "benchmarks.md); no effect with one expert."))
     lr_schedule: LRSchedule = field(default="multistep", metadata=_help(
         "Learning-rate schedule after the warm-up."))
     warmup_epochs: float = field(default=5.0, metadata=_help("Linear warm-up length in epochs (0: none)."))
@@ -614,7 +614,7 @@ class RunArguments:
     _argument_group_name = "run"
 
     recipe: str | None = field(default=None, metadata=_help(
-        "Shipped recipe (see --list-recipes in the README or balpoe_hf.recipes.available_recipes())."))
+        "Shipped recipe (balpoe-train --list-recipes lists them)."))
     config: str | None = field(default=None, metadata=_help(
         "Your own recipe file (YAML mapping of recipe fields; `base: NAME` starts from a shipped recipe)."))
     output_dir: str | None = field(default=None, metadata=_help(
