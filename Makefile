@@ -25,17 +25,18 @@ $(FASHION_MNIST):
 
 # The main job: BalPoE on Fashion-MNIST-LT (imbalance 100), a few minutes on 2 CPU cores; prints balanced,
 # many/medium/few-shot accuracy and ECE on the balanced test set, then the baselines measured at the same
-# recipe and budget by `scripts/compare_methods.py --budget quick` (quoted from benchmarks/, not retrained:
-# training them too would take twice as long). accelerate launch would otherwise run torch with one
-# thread, hence --num_cpu_threads_per_process; --quiet: an error prints its message only.
+# recipe and budget by `balpoe-compare --budget quick` (quoted from docs/benchmarks.md, not retrained:
+# training them too would take 14 minutes instead of 4). accelerate launch would otherwise run torch with one
+# thread, hence --num_cpu_threads_per_process; --quiet: an error prints its message only (exit status 1).
 train: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no --num_cpu_threads_per_process $$(nproc) \
 		scripts/train.py --recipe fashion-mnist-lt-quick --output-dir runs/fashion-mnist-lt-quick --overwrite
 	@echo
 	@echo "Baselines at the same recipe, split, seed and budget (the balpoe-erm row is this job's training),"
-	@echo "measured with 'python scripts/compare_methods.py --budget quick' (benchmarks/compare-quick.md):"
-	@awk '/^\| method \| balanced acc\. \| many/ {table = 1} table && NF == 0 {exit} table' benchmarks/compare-quick.md
+	@echo "measured with 'balpoe-compare --budget quick' (docs/benchmarks.md):"
+	@awk '/<!-- make-train-table/ {marked = 1} marked && /^\| method \|/ {table = 1} table && NF == 0 {exit} table' \
+		docs/benchmarks.md
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -2,8 +2,12 @@
 
 **Manifest.** ``balpoe_outputs.json`` lists the files the package wrote into a run directory, each with its
 SHA-256, and the folders the run owns whole (``checkpoints/``, ``logs/``). ``--overwrite`` deletes only
-those, and refuses when one of them was changed since; ``balpoe_hf.hub`` never replaces a file that is not
-listed with its current content. A directory without a manifest is not treated as a run.
+those, and refuses when one of them was changed since; no command replaces a file that is not listed with
+its current content: a run's outputs (``run_output_files``), ``balpoe_hf.hub``'s card, and
+``balpoe-evaluate``'s reports, which are listed under ``reports`` as well (in the run's manifest, or in one
+beside them), so that a report never replaces a model file. A directory is a run when its manifest lists the
+``checkpoints/`` folder, or (a run from before manifests) when it holds a checkpoint; ``--resume`` and
+``--overwrite`` refuse any other.
 
 **Checkpoints.** Each is accelerate's ``save_state`` folder (model, optimizer, scheduler, RNG states) plus
 ``trainer_state.json`` (progress, statistics and the settings that define the model). It is written under a
@@ -26,12 +30,14 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .data import short_list
 from .recipes import Recipe, TrainingError, recipe_differences, save_recipe
 
 if TYPE_CHECKING:
@@ -67,7 +73,8 @@ def _sha256(path: Path) -> str:
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
-    """The manifest of ``run_dir`` (``{"files": {path: sha256}, "folders": [...]}``), ``None`` if none."""
+    """The manifest of ``run_dir`` (``{"files": {path: sha256}, "folders": [...], "reports": [...]}``),
+    ``None`` if none."""
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         return None
@@ -76,21 +83,31 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TrainingError(f"{path} is damaged ({error}); delete the files of the run yourself, or use "
                             "another output directory.") from None
+    if not isinstance(manifest, dict):
+        raise TrainingError(f"{path} is damaged (not a JSON object); delete the files of the run yourself, "
+                            "or use another output directory.")
     manifest.setdefault("files", {})
     manifest.setdefault("folders", [])
+    manifest.setdefault("reports", [])
     return manifest
 
 
-def record_outputs(run_dir: str | Path, files: Iterable[str | Path] = (),
-                   folders: Iterable[str] = ()) -> None:
-    """Add ``files`` (paths in ``run_dir``, with their current content) and ``folders`` to its manifest."""
+def record_outputs(run_dir: str | Path, files: Iterable[str | Path] = (), folders: Iterable[str] = (),
+                   *, reports: bool = False) -> None:
+    """Add ``files`` (paths in ``run_dir``, with their current content) and ``folders`` to its manifest;
+    ``reports``: the files are ``balpoe-evaluate`` reports (listed under ``reports`` too)."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir) or {"written_by": "balpoe-hf", "files": {}, "folders": []}
+    manifest = read_manifest(run_dir) or {"written_by": "balpoe-hf", "files": {}, "folders": [],
+                                          "reports": []}
     root = run_dir.resolve()
+    names = []
     for file in files:
         path = Path(file)
-        manifest["files"][path.resolve().relative_to(root).as_posix()] = _sha256(path)
+        names.append(path.resolve().relative_to(root).as_posix())
+        manifest["files"][names[-1]] = _sha256(path)
     manifest["folders"] = sorted(set(manifest["folders"]) | set(folders))
+    if reports:
+        manifest["reports"] = sorted(set(manifest["reports"]) | set(names))
     partial = run_dir / (MANIFEST + PARTIAL_SUFFIX)
     partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(partial, run_dir / MANIFEST)
@@ -119,12 +136,59 @@ def recording(run_dir: str | Path) -> Iterator[None]:
     record_outputs(run_dir, changed)
 
 
-def written_by_package(run_dir: str | Path, name: str) -> bool:
-    """Whether ``run_dir/name`` is listed in the manifest with exactly its current content."""
+def written_by_package(run_dir: str | Path, name: str, report: bool = False) -> bool:
+    """Whether ``run_dir/name`` is listed in the manifest with exactly its current content (``report``: and
+    as a ``balpoe-evaluate`` report)."""
     path = Path(run_dir) / name
     manifest = read_manifest(run_dir)
-    digest = manifest["files"].get(Path(name).as_posix()) if manifest else None
+    key = Path(name).as_posix()
+    digest = manifest["files"].get(key) if manifest else None
+    if report and (manifest is None or key not in manifest["reports"]):
+        return False
     return digest is not None and path.is_file() and _sha256(path) == digest
+
+
+def run_output_files() -> list[str]:
+    """The files a run writes at the top of its directory: the model (``save_pretrained``, with the code files
+    of its remote code), the image processor, the recipe and the results."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+    from transformers.utils import (
+        CONFIG_NAME,
+        IMAGE_PROCESSOR_NAME,
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+    )
+
+    from . import configuration_balpoe, modeling_balpoe
+
+    code = {Path(file).name for module in (modeling_balpoe, configuration_balpoe)
+            for file in (module.__file__, *get_relative_import_files(module.__file__))}
+    return [CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, IMAGE_PROCESSOR_NAME, "recipe.yaml",
+            "train_results.json", "eval_results.json", "holdout_results.json", *sorted(code)]
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Refuse, with a ``TrainingError`` naming ``what``, a ``folder`` that cannot be created or take a new
+    file (tried with a temporary file in it or its nearest existing parent, which is removed)."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise TrainingError(f"cannot write {what} {folder}: {existing} is a file, not a folder.")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise TrainingError(f"cannot write {what} {folder}: {existing} does not take new files "
+                            f"({error.strerror}); choose a folder you can write to.") from None
+
+
+def is_run_dir(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a balpoe-hf run: its manifest lists the run's folders, or (a run from before
+    manifests) it holds a complete checkpoint."""
+    manifest = read_manifest(run_dir)
+    if manifest is not None:
+        return CHECKPOINTS_DIR in manifest["folders"]
+    return bool(completed_checkpoints(run_dir))
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -145,25 +209,36 @@ def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool,
         raise TrainingError(f"--output-dir {path} exists and is not a directory.")
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other; pick one.")
+    check_writable(path, "--output-dir")
     if not path.is_dir() or not any(path.iterdir()):
         return
     if not (resume or overwrite):
         raise TrainingError(f"the output directory {path} is not empty. Pass --resume to continue its run "
                             "from the latest checkpoint, --overwrite to start over (the files the run wrote "
                             "are deleted), or another --output-dir.")
+    flag = "--resume" if resume else "--overwrite"
     manifest = read_manifest(path)
-    if manifest is None and not (resume and (path / CHECKPOINTS_DIR).is_dir()):
+    if not is_run_dir(path) or (manifest is None and overwrite):
         raise TrainingError(
-            f"{path} is not the directory of a balpoe-hf run (it has no {MANIFEST} listing what a run "
-            f"wrote), so --{'resume' if resume else 'overwrite'} will not touch it: choose an empty or new "
-            "--output-dir, or empty this one yourself.")
-    if not overwrite:
+            f"{path} is not the directory of a balpoe-hf run (it has no {MANIFEST} listing what a run wrote, "
+            f"nor a checkpoint of one in {CHECKPOINTS_DIR}/), so {flag} will not touch it: choose an empty "
+            "or new --output-dir, or empty this one yourself.")
+    if manifest is None:  # a run from before manifests: what it wrote is not known
         return
     changed = [name for name in manifest["files"]
                if (path / name).is_file() and not written_by_package(path, name)]
-    if changed:
-        raise TrainingError(f"--overwrite would delete {changed[:5]} in {path}, changed since balpoe-hf "
-                            "wrote them: move them out of the directory first (nothing was deleted).")
+    if changed and overwrite:
+        raise TrainingError(f"--overwrite would delete {short_list(changed, 'files')} in {path}, changed "
+                            "since balpoe-hf wrote them: move them out of the directory first (nothing was "
+                            "deleted).")
+    foreign = [name for name in run_output_files()
+               if (path / name).exists() and not written_by_package(path, name)]
+    if foreign:
+        raise TrainingError(f"{flag} would write over {short_list(foreign, 'files')} in {path}, which "
+                            "balpoe-hf did not write there (or which were changed since): move them out of "
+                            "the directory first (nothing was written).")
+    if not overwrite:
+        return
     doomed = [(path / name).resolve() for name in [*manifest["files"], *manifest["folders"]]]
     for item in inputs:
         source = Path(item).resolve()

@@ -1,4 +1,5 @@
-"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push`` and ``balpoe-describe-split``.
+"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push``, ``balpoe-describe-split`` and
+``balpoe-prepare-data``.
 
 Installed as console scripts with the package; ``python -m balpoe_hf.train`` (for ``accelerate launch -m``)
 and the repository's ``scripts/*.py`` call the same functions. Each parses its arguments, calls the library
@@ -15,10 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
 
+    balpoe-train --list-recipes                 # the shipped recipes, one line each
     accelerate launch -m balpoe_hf.train --recipe fashion-mnist-lt-quick --output-dir runs/fmnist
     accelerate launch -m balpoe_hf.train --recipe cifar10-lt-local \\
         --train-file data/cifar10/train.parquet --test-file data/cifar10/test.parquet
@@ -30,6 +30,10 @@ the resolved values. The output directory gets the model (save_pretrained, loada
 AutoModelForImageClassification) with its image processor, recipe.yaml, train_results.json, eval_results.json
 (the balanced test set) and one checkpoint per epoch (--checkpoint-every-steps N adds some inside epochs;
 the last few are kept) for --resume.
+
+A refused setting or input stops the run with a short message and exit status 2, before any work where it
+can be seen up front. accelerate's launcher follows a failed run with its own traceback: `accelerate launch
+--quiet` (-q) leaves the message alone.
 """
 
 
@@ -41,6 +45,15 @@ def _fail(error: Exception) -> int:
 # --------------------------------------------------------------------------- balpoe-train
 
 
+def list_recipes() -> str:
+    """The shipped recipes, one ``name  description`` line each (``balpoe-train --list-recipes``)."""
+    from .recipes import available_recipes, recipe_values
+
+    names = available_recipes()
+    width = max(len(name) for name in names)
+    return "\n".join(f"{name:<{width}}  {recipe_values(name).get('description', '')}" for name in names)
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-train``: parse the run options and the recipe, then ``balpoe_hf.training.train``."""
     import time
@@ -48,6 +61,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from .recipes import TrainingError, parse_args
     from .training import train
 
+    if "--list-recipes" in (sys.argv[1:] if argv is None else argv):
+        print(list_recipes())
+        return 0
     start = time.time()
     try:
         run, recipe = parse_args(argv, description=TRAIN_DESCRIPTION)
@@ -74,10 +90,10 @@ distribution (forward50 ... uniform ... backward50), top-1 accuracy in the cells
 target prior), oracle (the shifted set's true label distribution), and estimators of that distribution from
 the model's logits on the unlabelled shifted set: em (EM on the raw posteriors), em-ts and em-bcts (EM after
 temperature scaling / BCTS), bbse (from the held-out confusion matrix), em-bcts-lrt (em-bcts with a
-likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (both guards; see
-the README). All but em need a model trained with
---holdout-fraction (its config.calibration). With --output it writes the JSON report and, beside it, a
-reliability diagram and a per-class accuracy plot of the balanced set.
+likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (see
+docs/evaluation.md). All but em need a model trained with --holdout-fraction (its config.calibration). With
+--output it writes the JSON report and, beside it, a reliability diagram and a per-class accuracy plot of the
+balanced set.
 
 Test data: by default the test set of the run's recipe.yaml; else --dataset fashion-mnist (the Debian package
 dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, --test-list with
@@ -152,12 +168,15 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     """``EvaluateArguments`` from the command line, completed from ``MODEL/recipe.yaml`` where it exists."""
     from transformers import HfArgumentParser
 
+    from .recipes import read_recipe_file
+
     parser = HfArgumentParser(EvaluateArguments, description=EVALUATE_DESCRIPTION, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     # argparse's own parse_args: an unknown flag is a usage error (exit 2), not a ValueError traceback.
     args = EvaluateArguments(**vars(parser.parse_args(argv)))
     recipe_file = Path(args.model) / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {} if recipe_file.is_file() else {}
+    # A malformed file is a TrainingError naming it; read_recipe_file drops the run's overridden_fields.
+    recipe = read_recipe_file(recipe_file) if recipe_file.is_file() else {}
     # The recipe names one data source; a data source on the command line replaces it as a whole.
     if args.dataset is not None or args.test_file is not None or args.test_list is not None:
         recipe = {k: v for k, v in recipe.items() if k not in ("dataset", "dataset_config", "test_file",
@@ -201,7 +220,7 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
 
 def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> None:
     """Print one line per test list and the prior-mode table; with --output write each list's report too."""
-    from .evaluation import format_shift_table, write_report
+    from .evaluation import format_shift_table, record_report, report_files, report_owner, write_report
 
     table = {mode: {name: result.report["shift_accuracy"][mode]["uniform"]
                     for name, result in results.items()} for mode in priors}
@@ -218,14 +237,15 @@ def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> 
         summary = {"model": args.model, "data_root": args.data_root, "shift_accuracy": table,
                    "reports": files}
         output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        record_report(report_files(output, list(results)), report_owner(output, args.model))
         print(f"\nwrote {args.output} and one report per test list beside it")
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
-    from .checkpoints import read_manifest, record_outputs
     from .evaluation import (
         EvaluationError,
+        absent_classes_warning,
         check_calibration_for,
         check_output,
         default_priors,
@@ -235,14 +255,17 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         load_model,
         parse_priors,
         parse_shifts,
+        record_report,
+        report_files,
+        report_owner,
         resolve_device,
         write_report,
     )
-    from .loading import DataError, load_list, load_split
+    from .loading import load_list, load_split
     from .recipes import TrainingError
 
-    args = parse_evaluate_args(argv)
     try:
+        args = parse_evaluate_args(argv)
         # Everything that can be checked before the inference is checked first.
         shifts = parse_shifts(args.shifts)
         priors = None if args.prior is None else parse_priors(args.prior)
@@ -250,12 +273,14 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
                                   f"{args.n_bins}.")
         device = resolve_device(args.device)
+        several_lists = bool(args.test_list) and len(args.test_list) > 1
         if args.output:
-            check_output(args.output)
+            check_output(args.output, args.model,
+                         [_list_name(path) for path in args.test_list] if several_lists else ())
         model, processor = load_model(args.model, device)
         priors = priors or default_priors(model.config.calibration)
         check_calibration_for(priors, model.config.calibration, args.model)
-        if args.test_list and len(args.test_list) > 1:
+        if several_lists:
             _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
             return 0
         if args.test_list:
@@ -269,9 +294,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
                                 label_column=args.label_column, shifts=shifts, priors=priors,
                                 batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
                                 seed=args.seed)
-    except (EvaluationError, DataError) as error:
+    except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
         return _fail(error)
     result.report = {"model": args.model, "dataset": source, **result.report}
+    if result.report["classes_without_test_images"]:
+        print(absent_classes_warning(result.report["classes_without_test_images"], model.config.num_labels),
+              file=sys.stderr)
     print(format_balanced(result.report["balanced"], result.report["num_test_samples"]))
     print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
     print(format_shift_table(result.report["shift_accuracy"], shifts))
@@ -279,10 +307,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         output = Path(args.output)
         try:
             images = write_report(result, output)
-            if read_manifest(args.model) is not None and output.resolve().is_relative_to(
-                    Path(args.model).resolve()):
-                # Inside a run: listed with the run's outputs (so that --overwrite removes a stale report).
-                record_outputs(args.model, [output, *(output.with_name(name) for name in images.values())])
+            # Listed as balpoe-evaluate's (in the run's manifest when inside a run, so that --overwrite
+            # removes a stale report; else beside it), so that a later report may replace it, and only it.
+            record_report(report_files(output), report_owner(output, args.model))
         except (OSError, TrainingError) as error:
             return _fail(error)
         print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")
@@ -306,6 +333,7 @@ before the upload and lists what would be uploaded (works offline).
 def push_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-push``: render the card, check the folder and upload it (or only list it with --dry-run)."""
     from .hub import HubFolderError, HubPublishError, prepare_hub_folder, push_to_hub
+    from .recipes import TrainingError
 
     parser = argparse.ArgumentParser(description=PUSH_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -335,7 +363,7 @@ def push_main(argv: Sequence[str] | None = None) -> int:
             return 0
         url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.commit_message, **card_options)
-    except (HubFolderError, HubPublishError) as error:
+    except (HubFolderError, HubPublishError, TrainingError) as error:  # TrainingError: a damaged manifest
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"published {args.model_dir} to {url}")
@@ -393,4 +421,41 @@ def describe_split_main(argv: Sequence[str] | None = None) -> int:
         print(f"  {cls:>3}  {label:<{width}}  {count:>6}  {group}")
     print(f"imbalance ratio {imbalance_ratio(counts):g}; many/medium/few = "
           + "/".join(str(len(groups[g])) for g in ("many", "medium", "few")))
+    return 0
+
+
+# --------------------------------------------------------------------------- balpoe-prepare-data
+
+
+PREPARE_DESCRIPTION = """Write a dataset as train.parquet and test.parquet in the Hub's layout (--train-file).
+
+    balpoe-prepare-data cifar10 --source ~/data/cifar-10-batches-py --output-dir data/cifar10   # offline
+    balpoe-prepare-data cifar10 --output-dir data/cifar10                                      # from the Hub
+    balpoe-prepare-data fashion-mnist --output-dir data/fashion-mnist     # Debian's dataset-fashion-mnist
+
+Then: balpoe-train --recipe cifar10-lt-local --train-file data/cifar10/train.parquet \\
+          --test-file data/cifar10/test.parquet
+"""
+
+
+def prepare_data_main(argv: Sequence[str] | None = None) -> int:
+    """``balpoe-prepare-data``: ``balpoe_hf.prepare_data.prepare_data`` from the command line."""
+    from .loading import DataError
+    from .prepare_data import DATASETS, prepare_data
+
+    parser = argparse.ArgumentParser(description=PREPARE_DESCRIPTION, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=DATASETS)
+    parser.add_argument("--output-dir", required=True, help="folder for train.parquet and test.parquet")
+    parser.add_argument("--source", default=None, help=(
+        "folder of the original files (CIFAR-10: the unpacked python archive, cifar-10-batches-py; "
+        "Fashion-MNIST: the four IDX files), or 'hub' (online). Default: Debian's Fashion-MNIST folder, "
+        "the Hub for CIFAR-10."))
+    parser.add_argument("--overwrite", action="store_true", help="replace existing parquet files")
+    args = parser.parse_args(argv)
+    try:
+        files = prepare_data(args.dataset, args.output_dir, args.source, overwrite=args.overwrite)
+    except DataError as error:
+        return _fail(error)
+    print("wrote " + " and ".join(str(path) for path in files.values()))
     return 0

@@ -449,6 +449,19 @@ def format_shift_rows(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+# How the caption of the shift table names each prior mode.
+PRIOR_CAPTIONS = {"none": "none = uniform target", "oracle": "oracle = the shifted set's true prior",
+                  "auto": "auto = estimated from its unlabeled images by the default estimator",
+                  "em": "em = estimated from its unlabeled images by EM on the raw posteriors"}
+
+
+def prior_caption(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """What the prior modes of the shift table mean, for the modes it has (in their order)."""
+    modes = dict.fromkeys(mode for summary in summaries.values() for mode in summary["shift_accuracy"])
+    return ", ".join(PRIOR_CAPTIONS.get(mode, f"{mode} = estimated from its unlabeled images")
+                     for mode in modes)
+
+
 def format_comparison(comparison: Comparison, base: Recipe, budget: Budget | None = None) -> str:
     """The printed result: the settings, both tables, and what is left to do."""
     lines = [f"Methods on {base.name}: {base.backbone}, {base.epochs} epochs ({base.lr_schedule} lr "
@@ -461,9 +474,8 @@ def format_comparison(comparison: Comparison, base: Recipe, budget: Budget | Non
         if validation:
             lines += ["", "Held-out validation split (part of the training data, never trained on; each "
                       "image weighted by 1 / its class count, as if balanced):", "", validation]
-        lines += ["", "Top-1 accuracy (%) on label-shifted test sets (prior: none = uniform target, oracle = "
-                  "the shifted set's true prior, em = estimated from its unlabeled images):", "",
-                  format_shift_rows(comparison.summaries)]
+        lines += ["", f"Top-1 accuracy (%) on label-shifted test sets (prior: "
+                  f"{prior_caption(comparison.summaries)}):", "", format_shift_rows(comparison.summaries)]
     if comparison.pending:
         lines += ["", f"not done yet: {', '.join(comparison.pending)} (rerun the same command to continue)"]
     return "\n".join(lines)
@@ -531,7 +543,8 @@ class CompareArguments:
 
 def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArguments, Recipe, Budget]:
     """The options, the base recipe (budget < command-line flags) and the budget."""
-    parser = build_parser(DESCRIPTION, CompareArguments)
+    parser = build_parser(DESCRIPTION, CompareArguments,
+                          "%(prog)s [--budget NAME] [--methods LIST] [--FIELD VALUE ...]")
     first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--budget", default="quick", choices=list(BUDGETS))
     known, _ = first.parse_known_args(argv)

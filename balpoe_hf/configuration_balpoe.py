@@ -6,7 +6,8 @@ the flat ``.label_shift`` / ``.priors`` / ``.backbones`` modules only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import timm
@@ -40,6 +41,10 @@ def _to_list(value: Any) -> Any:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class BalPoEConfig(PreTrainedConfig):
@@ -151,6 +156,9 @@ class BalPoEConfig(PreTrainedConfig):
         if self.id2label is not None and self.label2id is None:
             self.label2id = {label: index for index, label in self.id2label.items()}
 
+        if not isinstance(self.backbone_kwargs, Mapping | None):
+            raise ValueError(f"backbone_kwargs must be a mapping of timm.create_model arguments, got "
+                             f"{self.backbone_kwargs!r}.")
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
         for name in ("lambdas", "class_counts", "target_prior", "image_mean", "image_std"):
             setattr(self, name, _to_list(getattr(self, name)))
@@ -186,14 +194,31 @@ class BalPoEConfig(PreTrainedConfig):
         if not _is_int(self.num_experts) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}.")
         num_classes = self.num_labels
-        lambdas = expert_lambdas(self.lambdas, self.num_experts, num_classes)
-        self._check_loss(lambdas)
-        if self.class_counts is not None:
-            validate_class_counts(self.class_counts, num_classes)
-        if self.target_prior is not None:
-            validate_prior(self.target_prior, num_classes)
-        if self.calibration is not None:
-            validate_calibration(self.calibration, num_classes)
+        # The validators read numbers; a string or None where numbers belong (a hand-edited config.json) is a
+        # TypeError there, reported here as the setting's ValueError.
+        try:
+            lambdas = expert_lambdas(self.lambdas, self.num_experts, num_classes)
+            self._check_loss(lambdas)
+            if self.class_counts is not None:
+                validate_class_counts(self.class_counts, num_classes)
+            if self.target_prior is not None:
+                validate_prior(self.target_prior, num_classes)
+            if self.calibration is not None:
+                validate_calibration(self.calibration, num_classes)
+        except TypeError as error:
+            raise ValueError(f"lambdas, class_counts, target_prior and calibration must hold numbers "
+                             f"({error}); got lambdas={self.lambdas!r}, class_counts={self.class_counts!r}, "
+                             f"target_prior={self.target_prior!r}.") from None
+        if not isinstance(self.backbone_pretrained, bool):
+            raise ValueError(f"backbone_pretrained must be True or False, got {self.backbone_pretrained!r}.")
+        if self.image_size is not None and (not _is_int(self.image_size) or self.image_size < 1):
+            raise ValueError(f"image_size must be a positive integer number of pixels, got "
+                             f"{self.image_size!r}.")
+        for name in ("image_mean", "image_std"):
+            values = getattr(self, name)
+            if values is not None and not (isinstance(values, list) and all(map(_is_finite_number, values))):
+                raise ValueError(f"{name} must be a list of finite numbers, one per input channel, got "
+                                 f"{values!r}.")
         if self.shift_estimator is not None:
             validate_shift_estimator(self.shift_estimator)
             if UnknownPriorMethod.from_dict(self.shift_estimator["settings"]).calibration is not None and (
@@ -207,8 +232,9 @@ class BalPoEConfig(PreTrainedConfig):
             raise ValueError(f"method must be a preset name (a string) or None, got {self.method!r}.")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {self.classifier!r}.")
-        if not self.classifier_scale > 0:
-            raise ValueError(f"classifier_scale must be positive, got {self.classifier_scale!r}.")
+        if not _is_finite_number(self.classifier_scale) or self.classifier_scale <= 0:
+            raise ValueError(f"classifier_scale must be positive and finite, got "
+                             f"{self.classifier_scale!r}.")
         if self.shared_stages is not None and (not _is_int(self.shared_stages) or self.shared_stages < 0):
             raise ValueError(
                 "shared_stages must be None (the backbone's default) or an integer >= 0, "

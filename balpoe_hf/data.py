@@ -7,6 +7,7 @@ dataset takes milliseconds.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import datasets
@@ -15,6 +16,17 @@ import numpy as np
 PROFILES = ("exponential", "step")
 SELECTIONS = ("random", "reference")
 SHIFT_KINDS = ("forward", "backward", "uniform")
+
+
+def short_list(items: Sequence, noun: str = "classes", head: int = 5) -> str:
+    """A list for a message: all of it when short, else the first ``head`` items, the last one and how many,
+    e.g. ``[10, 11, 12, 13, 14, ..., 999] (990 classes)``. Every message that lists classes (or files) goes
+    through it, so that a 1,000-class mismatch stays one line."""
+    items = [item.item() if hasattr(item, "item") else item for item in items]
+    if len(items) <= head + 2:
+        return f"[{', '.join(map(repr, items))}]"
+    shown = ", ".join(map(repr, items[:head]))
+    return f"[{shown}, ..., {items[-1]!r}] ({len(items)} {noun})"
 
 
 def _require_one_split(ds: object, caller: str, split: str, why: str) -> None:
@@ -71,7 +83,7 @@ def labels_array(ds: datasets.Dataset, label_column: str = "label",
     if num_classes is not None and labels.size and labels.max() >= num_classes:
         bad = np.unique(labels[labels >= num_classes]).tolist()
         raise ValueError(
-            f"label column {label_column!r} has labels {bad[:10]} outside the class range "
+            f"label column {label_column!r} has labels {short_list(bad)} outside the class range "
             f"[0, {num_classes - 1}]."
         )
     return labels
@@ -87,9 +99,14 @@ def class_counts(ds: datasets.Dataset, label_column: str = "label",
     return np.bincount(labels, minlength=num_classes).tolist()
 
 
+def _check_ratio(ratio: float, name: str = "imbalance_ratio") -> None:
+    # NaN passes `ratio < 1` as False and then fails in int(); infinity would keep zero tail images.
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 1 <= ratio < math.inf:
+        raise ValueError(f"{name} must be >= 1 and finite (head count / tail count), got {ratio!r}.")
+
+
 def _check_profile(imbalance_ratio: float, profile: str) -> None:
-    if imbalance_ratio < 1:
-        raise ValueError(f"imbalance_ratio must be >= 1 (head count / tail count), got {imbalance_ratio}.")
+    _check_ratio(imbalance_ratio)
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}.")
 
@@ -158,10 +175,11 @@ def _check_no_empty_class(keep: Sequence[int], available: Sequence[int], what: s
         return
     missing = [cls for cls in empty if available[cls] == 0]
     if missing:
-        raise ValueError(f"classes {missing} have no samples in the dataset, so {what} cannot include them.")
+        raise ValueError(f"classes {short_list(missing)} have no samples in the dataset, so {what} "
+                         "cannot include them.")
     raise ValueError(
-        f"{what} would keep zero samples of classes {empty}; the largest ratio that keeps at least one "
-        f"sample of every class is {largest_ratio:g}."
+        f"{what} would keep zero samples of classes {short_list(empty)}; the largest ratio that keeps at "
+        f"least one sample of every class is {largest_ratio:g}."
     )
 
 
@@ -204,6 +222,19 @@ def rank_by_count(train_counts: Sequence[int]) -> list[int]:
     return sorted(range(len(train_counts)), key=lambda cls: (-train_counts[cls], cls))
 
 
+def _check_train_counts(train_counts: Sequence[int]) -> None:
+    """Training images per class: a non-empty sequence of integers >= 0 (they only rank the classes)."""
+    counts = np.asarray(train_counts) if isinstance(train_counts, Sequence | np.ndarray) else None
+    if counts is None or counts.ndim != 1 or counts.size == 0 or not (
+            np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
+        raise ValueError(f"train_counts must be the training images per class (a list of integers >= 0), "
+                         f"got {train_counts!r}.")
+    bad = np.flatnonzero(~np.isfinite(counts) | (counts < 0) | (counts != np.round(counts)))
+    if bad.size:
+        raise ValueError(f"train_counts must be integers >= 0 (images per class), but classes "
+                         f"{short_list(bad)} have {short_list(counts[bad])}.")
+
+
 def make_shifted_test(ds: datasets.Dataset, train_counts: Sequence[int], kind: str, ratio: float = 1.0,
                       label_column: str = "label", seed: int = 0) -> datasets.Dataset:
     """A label-shifted test set (the LADE / SADE protocol) from a balanced test set.
@@ -216,8 +247,8 @@ def make_shifted_test(ds: datasets.Dataset, train_counts: Sequence[int], kind: s
     _require_one_split(ds, "make_shifted_test", "test", "the shift is applied to a balanced test split")
     if kind not in SHIFT_KINDS:
         raise ValueError(f"unknown shift kind {kind!r}; choose one of {SHIFT_KINDS}.")
-    if ratio < 1:
-        raise ValueError(f"shift ratio must be >= 1, got {ratio}.")
+    _check_ratio(ratio, "shift ratio")
+    _check_train_counts(train_counts)
     labels = labels_array(ds, label_column, num_classes=len(train_counts))
     available = np.bincount(labels, minlength=len(train_counts)).tolist()
     if kind == "uniform" or ratio == 1:

@@ -34,12 +34,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+from accelerate.data_loader import DataLoaderStateMixin
+from accelerate.state import GradientState
 
 from .data import labels_array
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1  # bump when the decoded content for the same key changes
+CACHE_FORMAT_VERSION = 2  # bump when the decoded content for the same key changes
 RESIZE_MODES = ("crop", "squash")
 # How each training augmentation of the recipe resizes before its random part: 'cifar' is
 # Resize(size) + CenterCrop(size), 'none' is Resize((size, size)); 'imagenet' has no device version.
@@ -94,6 +96,8 @@ def _decode(ds: datasets.Dataset, image_column: str, image_size: int, resize: st
     """The images as ``uint8 (N, 3, size, size)``, through the same PIL operations as the training path."""
     from torchvision import transforms as T
 
+    from .transforms import to_rgb
+
     # The deterministic head of the training transform, so that the device pipeline starts from the same
     # pixels as the PIL one (both are identities for images already at the size).
     if resize == "crop":
@@ -106,7 +110,7 @@ def _decode(ds: datasets.Dataset, image_column: str, image_size: int, resize: st
     start = 0
     for batch in images.iter(batch_size=1000):
         for image in batch[image_column]:
-            out[start] = np.asarray(resize_op(image.convert("RGB")))
+            out[start] = np.asarray(resize_op(to_rgb(image)))
             start += 1
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
@@ -341,7 +345,7 @@ def _check_loader_inputs(images: torch.Tensor, labels: torch.Tensor, batch_size:
                          f"{batch_size}, process_index {process_index}, num_processes {num_processes}.")
 
 
-class DeviceLoader:
+class DeviceLoader(DataLoaderStateMixin):
     """Batches of normalised images from ``uint8`` images kept on the device, augmented there.
 
     Args:
@@ -366,6 +370,11 @@ class DeviceLoader:
     ``for batch in loader`` yields ``{"pixel_values": float32 (B, 3, H, W), "labels": int64 (B,)}`` on the
     device; ``loader.batches(start=k)`` yields batches ``k, k + 1, ...`` of the same epoch (mid-epoch
     resume). Do not pass the loader to ``accelerator.prepare``: it is already sharded and on the device.
+
+    Like accelerate's prepared loaders (``DataLoaderStateMixin``), it tells accelerate's ``GradientState``
+    while it is iterated and when it serves its last batch, so that ``accelerator.accumulate`` steps the
+    optimizer on the last, partial accumulation of every epoch and ``gather_for_metrics`` drops the images
+    that complete the last round of several processes.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
@@ -394,6 +403,7 @@ class DeviceLoader:
         single_tail = num_processes == 1 and not drop_last
         self.num_positions = len(images) if single_tail else self.num_rounds * per_round
         self.num_padded = max(0, self.num_positions - len(images))
+        self.gradient_state = GradientState()
 
     def __len__(self) -> int:
         return self.num_rounds
@@ -424,17 +434,24 @@ class DeviceLoader:
 
     def _batches(self, start: int) -> Iterator[dict[str, torch.Tensor]]:
         order, params = self._epoch_plan()
-        for step in range(start, len(self)):
-            first = (step * self.num_processes + self.process_index) * self.batch_size
-            positions = slice(first, min(first + self.batch_size, self.num_positions))
-            index = order[positions]
-            images = self.images[index]
-            if params is not None:
-                images = self.augment(images, params[positions])
-            pixel_values = normalize_uint8(images, self.mean, self.std)
-            if self.channels_last:
-                pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-            yield {"pixel_values": pixel_values, "labels": self.labels[index]}
+        self.begin()
+        # The real images of the last round (accelerate's `remainder`; -1 with drop_last: none is padded).
+        self.remainder = -1 if self.drop_last else len(self.images) % (self.batch_size * self.num_processes)
+        try:
+            for step in range(start, len(self)):
+                first = (step * self.num_processes + self.process_index) * self.batch_size
+                positions = slice(first, min(first + self.batch_size, self.num_positions))
+                index = order[positions]
+                images = self.images[index]
+                if params is not None:
+                    images = self.augment(images, params[positions])
+                pixel_values = normalize_uint8(images, self.mean, self.std)
+                if self.channels_last:
+                    pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+                self.end_of_dataloader = step + 1 == len(self)
+                yield {"pixel_values": pixel_values, "labels": self.labels[index]}
+        finally:
+            self.end()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.batches()

@@ -38,7 +38,8 @@ import torch
 from safetensors import SafetensorError
 
 from .calibration import apply_calibration
-from .data import make_shifted_test, rank_by_count
+from .checkpoints import read_manifest, record_outputs, written_by_package
+from .data import make_shifted_test, rank_by_count, short_list
 from .label_shift import (
     HOLDOUT_BIAS_STD,
     UNKNOWN_PRIOR_METHODS,
@@ -51,6 +52,8 @@ from .loading import align_labels, offline_mode
 from .metrics import accuracy_report, calibration_report, long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
 from .priors import adjust_logits
+from .recipes import TrainingError
+from .transforms import to_rgb
 
 ALL_SHIFTS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
               "backward2", "backward5", "backward10", "backward25", "backward50"]
@@ -105,11 +108,42 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def check_output(output: str | Path) -> None:
+def report_files(output: str | Path, list_names: Sequence[str] = ()) -> list[Path]:
+    """The files a report at ``output`` writes: the JSON and its two pictures, and for several test lists
+    (``list_names``) each list's report and pictures beside it."""
+    output = Path(output)
+    reports = [output, *(output.with_name(f"{output.stem}_{name}.json") for name in list_names)]
+    return [path for report in reports for path in (report, *_picture_paths(report).values())]
+
+
+def report_owner(output: str | Path, model_dir: str | Path | None = None) -> Path:
+    """The folder whose manifest lists the report at ``output``: the model's run folder when the report goes
+    inside a run, else the report's own folder."""
+    output = Path(output).resolve()
+    inside = model_dir is not None and Path(model_dir).is_dir() and output.is_relative_to(
+        Path(model_dir).resolve())
+    if inside:
+        try:
+            if read_manifest(model_dir) is not None:
+                return Path(model_dir)
+        except TrainingError:
+            pass  # a damaged manifest of the model's folder: the report keeps its own list
+    return output.parent
+
+
+def record_report(files: Sequence[Path], owner: str | Path) -> None:
+    """List the files of a report as ``balpoe-evaluate``'s in ``owner``'s manifest (``report_owner``)."""
+    record_outputs(owner, [path for path in files if path.is_file()], reports=True)
+
+
+def check_output(output: str | Path, model_dir: str | Path | None = None,
+                 list_names: Sequence[str] = ()) -> None:
     """Check that the report and its pictures can be written at ``output``, before any inference.
 
     The nearest existing folder on the way to ``output`` must take a new file (tried with a temporary
-    file, which is removed), and matplotlib must be installed for the pictures.
+    file, which is removed), and matplotlib must be installed for the pictures. A file the report would
+    replace must be one an earlier ``balpoe-evaluate`` wrote, unchanged since (listed in the manifest of
+    ``report_owner``): never a model's weights or config, nor a file of the user's.
     """
     output = Path(output)
     if output.is_dir():
@@ -124,9 +158,21 @@ def check_output(output: str | Path) -> None:
     except OSError as error:
         raise EvaluationError(f"cannot write --output {output}: {folder} does not take new files "
                               f"({error.strerror}). Choose another --output.") from None
-    for path in (output, *_picture_paths(output).values()):
+    files = report_files(output, list_names)
+    for path in files:
         if path.exists() and not os.access(path, os.W_OK):
             raise EvaluationError(f"cannot write --output {output}: {path} exists and is read-only.")
+    owner = report_owner(output, model_dir)
+    try:
+        foreign = [path for path in files if path.exists() and not written_by_package(
+            owner, path.resolve().relative_to(owner.resolve()).as_posix(), report=True)]
+    except TrainingError as error:  # a damaged manifest
+        raise EvaluationError(f"cannot write --output {output}: {error}") from None
+    if foreign:
+        listed = short_list([str(path) for path in foreign], "files")
+        raise EvaluationError(f"--output {output} would replace {listed}, which balpoe-evaluate did not "
+                              "write (or which were changed since): choose another --output (e.g. "
+                              "RUN_DIR/eval/report.json), or move those files away.")
     if importlib.util.find_spec("matplotlib") is None:
         raise EvaluationError("--output also draws a reliability diagram and a per-class plot, which need "
                               "matplotlib: pip install 'balpoe-hf[plots]'.")
@@ -150,11 +196,25 @@ def _split_shift(name: str) -> tuple[str, float]:
 
 
 def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImageClassification, Any]:
-    """The BalPoE model (in eval mode, on ``device``) and the image processor saved with it."""
-    from transformers import AutoImageProcessor
+    """The BalPoE model (in eval mode, on ``device``) and the image processor saved with it.
 
+    Refuses (``EvaluationError``) a folder without ``config.json``, a ``config.json`` that ``BalPoEConfig``
+    refuses, and weights that do not fit the config (missing tensors, other shapes): transformers would
+    initialise the missing layers at random and the report would be of a model that does not exist.
+    """
+    from transformers import AutoImageProcessor
+    from transformers.utils import CONFIG_NAME
+    from transformers.utils import logging as transformers_logging
+
+    folder = Path(model_id)
+    if folder.is_dir() and not (folder / CONFIG_NAME).is_file():
+        raise EvaluationError(f"{model_id} has no {CONFIG_NAME}: a BalPoE model folder holds its config "
+                              "beside the weights; pass the folder that balpoe-train or save_pretrained "
+                              "wrote.")
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its table of missing weights: refused below, in one message
     try:
-        model = BalPoEForImageClassification.from_pretrained(model_id)
+        model, info = BalPoEForImageClassification.from_pretrained(model_id, output_loading_info=True)
         processor = AutoImageProcessor.from_pretrained(model_id)
     except SafetensorError as error:
         raise EvaluationError(f"the weights in {str(model_id)!r} cannot be read ({error}): the file is "
@@ -165,10 +225,27 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
                 else "pass a directory holding config.json, the weights and preprocessor_config.json")
         raise EvaluationError(f"cannot load a BalPoE model and its image processor from {str(model_id)!r}: "
                               f"{error}\nHint: {hint}.") from None
+    except ValueError as error:  # BalPoEConfig's checks of the values in config.json
+        raise EvaluationError(f"the {CONFIG_NAME} of {model_id} is not a valid BalPoE config: {error} Fix "
+                              "it, or save the model again with save_pretrained.") from None
+    except RuntimeError:  # transformers: weights whose shapes do not fit the config
+        raise EvaluationError(_weights_mismatch(model_id, "have other shapes than")) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if info["missing_keys"] or info["mismatched_keys"] or info["unexpected_keys"]:
+        raise EvaluationError(_weights_mismatch(model_id, "do not fit", model.config))
     if not model.config.class_counts:
         raise EvaluationError(f"{model_id} has no class_counts in its config: the training prior is needed "
                               "for the shot groups. Set BalPoEConfig.class_counts when training.")
     return model.to(device).eval(), processor
+
+
+def _weights_mismatch(model_id: str | Path, how: str, config: Any = None) -> str:
+    setting = "" if config is None else (f" (num_experts {config.num_experts}, {config.num_labels} classes, "
+                                         f"backbone {config.backbone})")
+    return (f"the weights in {model_id} {how} the model its config.json describes{setting}: they are of "
+            "another model, whose layers would be initialised at random or left out. Put the config.json "
+            "saved with these weights back, or save the model again with save_pretrained.")
 
 
 @torch.inference_mode()
@@ -184,7 +261,7 @@ def predict(model: BalPoEForImageClassification, processor: Any, ds: datasets.Da
     device = next(model.parameters()).device
     logits, expert_logits = [], []
     for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size][image_column]
+        batch = [to_rgb(image) for image in images[start:start + batch_size][image_column]]
         pixel_values = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
         out = model(pixel_values=pixel_values, target_prior="uniform")
         logits.append(out.logits.float().cpu())  # (B, C)
@@ -341,8 +418,8 @@ def simulate_holdout_shifts(logits: torch.Tensor, labels: torch.Tensor | np.ndar
     per_class = torch.bincount(targets, minlength=num_classes)
     if int(per_class.min()) < 2:
         few = torch.nonzero(per_class < 2).flatten().tolist()
-        raise EvaluationError(f"classes {few[:20]} have fewer than 2 held-out images; the simulation fits on "
-                              "one half and tests on the other.")
+        raise EvaluationError(f"classes {short_list(few)} have fewer than 2 held-out images; the simulation "
+                              "fits on one half and tests on the other.")
     rng = np.random.default_rng(seed)
     gains: dict[str, dict[str, list[float]]] = {name: {shift: [] for shift in shifts}
                                                 for name in ["oracle", *methods]}
@@ -371,6 +448,36 @@ def simulate_holdout_shifts(logits: torch.Tensor, labels: torch.Tensor | np.ndar
             for name, row in gains.items()}
 
 
+def absent_classes(labels: np.ndarray, num_classes: int) -> list[int]:
+    """The classes without an image among ``labels`` (class indices)."""
+    return np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0).tolist()
+
+
+def absent_classes_warning(absent: Sequence[int], num_classes: int, what: str = "test set") -> str:
+    """The warning for a test set without images of some classes: its averages leave those classes out."""
+    return (f"warning: the {what} has no image of classes {short_list(absent)}: balanced accuracy and the "
+            f"many / medium / few-shot accuracies average over the {num_classes - len(absent)} of "
+            f"{num_classes} classes it has.")
+
+
+def run_shot_thresholds(model: BalPoEForImageClassification) -> tuple[int, int]:
+    """The many- and few-shot thresholds of the run that trained ``model``: those of the ``recipe.yaml`` saved
+    beside it (in the folder or Hub repository it was loaded from), else CIFAR-100-LT's 100 and 20."""
+    import yaml
+    from transformers.utils import cached_file
+
+    recipe: dict[str, Any] = {}
+    if model.name_or_path:
+        try:
+            path = cached_file(model.name_or_path, "recipe.yaml", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:  # not a folder nor a reachable repository: the model was built in memory
+            path = None
+        if path is not None:
+            recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    return int(recipe.get("many_threshold", 100)), int(recipe.get("few_threshold", 20))
+
+
 @dataclass
 class EvaluationResult:
     """``evaluate_model``'s output: the JSON-ready ``report`` and the predictions it was computed from."""
@@ -385,19 +492,25 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
                    image_column: str = "image", label_column: str = "label",
                    shifts: str | Sequence[str] = "all",
                    priors: str | Sequence[str] | None = None,
-                   batch_size: int = 256, n_bins: int = 15, many: int = 100, few: int = 20,
+                   batch_size: int = 256, n_bins: int = 15, many: int | None = None, few: int | None = None,
                    seed: int = 0) -> EvaluationResult:
     """The balanced-test-set report, each expert's accuracy, and the shifted sets under every prior mode.
 
     ``priors=None``: ``default_priors`` (``none``, ``oracle`` and ``auto``, or ``em`` when the model has no
-    held-out calibration).
+    held-out calibration). ``many`` / ``few``: the shot thresholds; by default those of the run that trained
+    the model (``run_shot_thresholds``), so that the groups are the ones its training printout used.
 
     The report is a JSON-ready dict: ``balanced`` (``long_tail_report``, plus ``calibration_effect`` when the
     model has a held-out calibration), ``experts`` (raw-logit accuracy of each expert as trained),
     ``shift_accuracy`` (prior mode -> shift -> top-1 accuracy) and ``shifts`` (per shift: its size, true
     prior, each estimator's prior with its error and guard, and a full report per prior mode).
+    ``classes_without_test_images`` lists the classes the test set lacks, which the averages leave out
+    (``absent_classes_warning`` says so).
     """
     calibration = model.config.calibration
+    if many is None or few is None:
+        run_many, run_few = run_shot_thresholds(model)
+        many, few = run_many if many is None else many, run_few if few is None else few
     shifts, priors = parse_shifts(shifts), parse_priors(priors or default_priors(calibration))
     check_calibration_for(priors, calibration, "the model")
     train_counts = [int(c) for c in model.config.class_counts]
@@ -424,6 +537,7 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
                       for mode in priors}
     report = {
         "num_test_samples": len(labels),
+        "classes_without_test_images": absent_classes(labels, len(train_counts)),
         "inference_seconds": round(seconds, 2),
         "train_counts": train_counts,
         "settings": {"n_bins": n_bins, "many": many, "few": few, "seed": seed},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import statistics
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub
-import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
@@ -31,16 +31,17 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
-from .checkpoints import record_outputs, written_by_package
+from .checkpoints import check_writable, record_outputs, written_by_package
 from .data import imbalance_ratio
 from .methods import METHOD_DESCRIPTIONS
+from .recipes import FASHION_MNIST, TrainingError, read_recipe_file
 
 CARD_NAME = "README.md"
 IMAGES_DIR = "images"
 TEMPLATE_NAME = "modelcard_template.md"
 EVAL_RESULTS_NAME = "eval_results.json"
 RECIPE_NAME = "recipe.yaml"
-# Where the README tells scripts/evaluate.py to write its report (--output), relative to the run directory.
+# Where the docs tell balpoe-evaluate to write its report (--output), relative to the run directory.
 DEFAULT_EVAL_REPORT = "eval/report.json"
 # Run artefacts of scripts/train.py published next to the model when present.
 OPTIONAL_FILES = (EVAL_RESULTS_NAME, "train_results.json", RECIPE_NAME)
@@ -61,6 +62,9 @@ BALANCED_METRICS = (
     ("nll", "nll", "Negative log-likelihood"),
     ("brier", "brier", "Brier score"),
 )
+# Column heads of the card's metrics table.
+SHORT_LABELS = {"balanced_accuracy": "Balanced acc.", "accuracy": "Accuracy", "many": "Many",
+                "medium": "Medium", "few": "Few", "ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier"}
 # Reported in percent in the card body; the others are plain numbers.
 PERCENT_METRICS = {"balanced_accuracy", "accuracy", "many", "medium", "few", "ece", "mce"}
 # Pickled weights can run code when loaded; this project publishes safetensors only.
@@ -105,28 +109,251 @@ def _balanced_report(eval_results: Mapping[str, Any] | None) -> dict[str, Any]:
     return {key.removeprefix("eval_"): value for key, value in eval_results.items()}
 
 
-def _target_prior_description(target_prior: Any) -> str:
-    if target_prior is None or target_prior == "uniform":
-        return "uniform (balanced predictions)"
-    if target_prior == "train":
-        return "the training prior"
-    return "a custom prior stored in `config.json` (`target_prior`)"
-
-
 def _label_names(config: Mapping[str, Any], num_classes: int) -> list[str]:
     id2label = config.get("id2label") or {}
     return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_classes)]
 
 
-def _shift_results(shift_report: Mapping[str, Any] | None) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """Columns (shift names) and ``{prior mode: {shift: accuracy}}`` from an evaluation report."""
-    if not shift_report:
-        return [], {}
-    table = shift_report.get("shift_accuracy") or {}
+def _number(value: Any) -> str:
+    return f"{float(value):g}"
+
+
+# --------------------------------------------------------------------------- what the run was
+
+
+def _local_name(path: str) -> str:
+    """A local file or folder as the card names it: its last part only, never where it lies on the machine
+    that trained (``/data/cifar10/train.parquet`` -> ``train.parquet``, a folder -> ``train/``)."""
+    name = Path(path).name or str(path)
+    return f"{name}/" if Path(path).is_dir() else name
+
+
+def describe_data(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """How the card names a run's data: ``train`` and ``test`` (Markdown), ``dataset_id`` (a Hub dataset
+    id or ``None``), ``name`` (short, for the model-index), ``flags`` (the data flags of the command that
+    retrains on the reader's own copy of the data) and ``note`` (what to adapt in it). Local paths are
+    reduced to their file names."""
+    if recipe.get("train_list"):
+        train, test = _local_name(recipe["train_list"]), _local_name(recipe.get("test_list") or "TEST_LIST")
+        return {"train": f"split list `{train}` (image paths relative to a data root)",
+                "test": f"split list `{test}`", "dataset_id": None, "name": test,
+                "flags": f"--train-list {train} --test-list {test} --data-root DATA_ROOT",
+                "note": "with the list files and the image folder where you keep them"}
+    if recipe.get("train_file"):
+        train = [_local_name(p) for p in recipe["train_file"]]
+        test = [_local_name(p) for p in recipe.get("test_file") or []] or ["TEST_FILE"]
+        return {"train": ", ".join(f"`{name}`" for name in train) + " (local files)",
+                "test": ", ".join(f"`{name}`" for name in test), "dataset_id": None,
+                "name": ", ".join(test),
+                "flags": f"--train-file {' '.join(train)} --test-file {' '.join(test)}",
+                "note": "with the data files where you keep them"}
+    dataset = recipe.get("dataset")
+    if dataset == FASHION_MNIST:
+        hub_id = LOCAL_DATASET_HUB_IDS[FASHION_MNIST]
+        return {"train": f"Fashion-MNIST training split (IDX files; on the Hub: [`{hub_id}`]"
+                         f"(https://huggingface.co/datasets/{hub_id}))",
+                "test": "Fashion-MNIST test split", "dataset_id": hub_id, "name": "Fashion-MNIST",
+                "flags": "", "note": "adding `--data-dir DIR` where Debian's `dataset-fashion-mnist` is not "
+                                     "installed (DIR: the four IDX files)"}
+    if dataset:
+        config = f" (configuration `{recipe['dataset_config']}`)" if recipe.get("dataset_config") else ""
+        link = f"[`{dataset}`](https://huggingface.co/datasets/{dataset}){config}"
+        return {"train": f"{link}, split `{recipe.get('train_split', 'train')}`",
+                "test": f"`{dataset}`, split `{recipe.get('test_split', 'test')}`", "dataset_id": dataset,
+                "name": dataset, "flags": "", "note": ""}
+    return {"train": "not recorded", "test": "not recorded", "dataset_id": None, "name": "test set",
+            "flags": "", "note": ""}
+
+
+def _loss_text(config: Mapping[str, Any], lambdas: list[float]) -> str:
+    if config.get("loss") == "lade":
+        weight = _number(config.get("lade_weight", 0.1))
+        return f"balanced softmax `CE(z + log pi, y)` + {weight} x the LADE regulariser (Hong et al., 2021)"
+    if len(lambdas) == 1:
+        return {1.0: "cross-entropy `CE(z, y)`",
+                0.0: "balanced softmax `CE(z + log pi, y)` (Ren et al., NeurIPS 2020)"}.get(
+            lambdas[0], f"logit-adjusted cross-entropy `CE(z + {_number(1 - lambdas[0])} log pi, y)`")
+    return "each expert's logit-adjusted cross-entropy `CE(z_e + (1 - lambda_e) log pi, y)`, averaged"
+
+
+def _prediction_text(lambdas: list[float], remove_mean_lambda: bool, per_class: bool) -> str:
+    zbar = "z" if len(lambdas) == 1 else "mean_e z_e"
+    mean = 0.0 if per_class or not lambdas else statistics.fmean(lambdas)
+    if mean == 0 or per_class:
+        bias = ""
+    elif remove_mean_lambda:
+        bias = " - log pi" if mean == 1 else f" - {_number(mean)} log pi"
+    elif len(lambdas) == 1 and mean == 1:
+        return "`z + log pi_target`: the raw logits, which keep the training distribution's bias"
+    else:
+        return (f"`{zbar} + log pi_target`, keeping the mean bias (mean lambda {_number(mean)}, as the "
+                "official BalPoE code)")
+    return f"`{zbar}{bias} + log pi_target`"
+
+
+def _schedule_text(recipe: Mapping[str, Any]) -> str:
+    schedule = recipe.get("lr_schedule", "multistep")
+    epochs = recipe.get("epochs")
+    if schedule == "multistep":
+        # Milestones past the last epoch never applied: a shortened paper schedule ran at a constant lr.
+        milestones = [str(m) for m in recipe.get("lr_milestones") or [] if m < (epochs or 0)]
+        schedule = (f"x{_number(recipe.get('lr_gamma', 0.1))} at epochs {', '.join(milestones)}" if milestones
+                    else "constant")
+    warmup = float(recipe.get("warmup_epochs") or 0)
+    text = (f"{epochs} epoch{'s' if epochs != 1 else ''}, batch {recipe.get('batch_size')}, SGD lr "
+            f"{_number(recipe.get('lr', 0.1))} ({schedule}"
+            + (f", {_number(warmup)} warm-up epoch{'s' if warmup != 1 else ''}" if warmup else "")
+            + f"), weight decay {_number(recipe.get('weight_decay', 0))}")
+    if recipe.get("scale_expert_lr") and int(recipe.get("num_experts") or 1) > 1:
+        text += "; the experts' own layers at num_experts x lr"
+    return text
+
+
+def _augmentation_text(recipe: Mapping[str, Any]) -> str:
+    augment = recipe.get("augment", "cifar")
+    if augment == "cifar":
+        steps = [f"random crop (padding {recipe.get('crop_padding', 4)})"]
+        if recipe.get("hflip", True):
+            steps.append("horizontal flip")
+        if recipe.get("rotation"):
+            steps.append(f"rotation up to {_number(recipe['rotation'])} degrees")
+    elif augment == "imagenet":
+        steps = ["random resized crop", "horizontal flip"]
+        if recipe.get("color_jitter"):
+            steps.append(f"colour jitter {_number(recipe['color_jitter'])}")
+    else:
+        steps = []
+    if recipe.get("auto_augment", "none") != "none":
+        steps.append(f"AutoAugment ({recipe['auto_augment']})")
+    if recipe.get("rand_augment"):
+        steps.append(f"RandAugment `{recipe['rand_augment']}`")
+    if recipe.get("cutout"):
+        steps.append(f"cutout {recipe['cutout']}")
+    return ", ".join(steps) or "none"
+
+
+def _headline(config: Mapping[str, Any], recipe: Mapping[str, Any] | None, backbone: str,
+              lambda_text: str) -> str:
+    """The card's first sentence: what kind of model this is, in the words of its method."""
+    method = config.get("method")
+    experts = int(config.get("num_experts") or 1)
+    mixup = float((recipe or {}).get("mixup_alpha") or 0)
+    # Mixup is named only when the recipe says it was on; without a recipe the card does not guess.
+    training = ("" if recipe is None else f", trained with mixup (alpha {_number(mixup)})" if mixup > 0
+                else ", trained without mixup")
+    if experts > 1:
+        if method == "balpoe-erm":
+            training = ", trained without mixup (the paper's ERM variant)"
+        return (f"A **Balanced Product of Calibrated Experts** (BalPoE, Sanchez Aimar et al., CVPR 2023) "
+                f"image classifier for long-tailed data{training}: {experts} experts "
+                f"(lambda = {lambda_text}) on a shared `{backbone}` trunk, averaged into one ensemble")
+    baseline = {"ce": "plain cross-entropy", "ce-la": "cross-entropy with post-hoc logit adjustment "
+                "(Menon et al., ICLR 2021)", "bs": "balanced softmax (Ren et al., NeurIPS 2020)",
+                "lade": "LADE (Hong et al., CVPR 2021)"}.get(method or "", "single-network")
+    return (f"A long-tailed image classifier, the **{baseline}** baseline built with balpoe-hf{training}: "
+            f"one `{backbone}` network")
+
+
+def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a card says about how its model was trained, from the saved config and the recipe as run.
+
+    Built from the fields themselves (a recipe's ``description`` is the shipped recipe's and need not hold
+    after command-line overrides, so it is not used). Returns ``headline`` (the first sentence) and
+    ``rows`` (``(setting, value)`` pairs of the card's training table); without a recipe only what the
+    config says (model, loss, prediction) is described.
+    """
+    recipe = dict(recipe or {})
+    counts = [int(c) for c in config.get("class_counts") or []]
+    lambdas_raw = list(config.get("lambdas") or [])
+    per_class = any(isinstance(x, list) for x in lambdas_raw)
+    lambdas = [] if per_class else [float(x) for x in lambdas_raw]
+    lambda_text = "per class (see `config.json`)" if per_class else ", ".join(_number(x) for x in lambdas)
+    backbone = str(config.get("backbone", "unknown"))
+    experts = int(config.get("num_experts") or max(1, len(lambdas_raw)))
+    remove_mean_lambda = bool(config.get("remove_mean_lambda", True))
+    method = config.get("method")
+    rows: list[tuple[str, str]] = []
+    rows.append(("Method", f"`{method}` ({METHOD_DESCRIPTIONS.get(method, 'see balpoe_hf.methods')})"
+                 if method else "the recipe's own settings (no method preset)"))
+    shared = config.get("shared_stages")
+    trunk = "a shared trunk" + ("" if shared is None else f" of {shared} stage{'s' if shared != 1 else ''}")
+    model = (f"`{backbone}` (timm): {trunk} and {experts} expert branches" if experts > 1
+             else f"one `{backbone}` network (timm)")
+    classifier = config.get("classifier", "cosine")
+    rows.append(("Model", f"{model}, {classifier} classifier; lambda = {lambda_text}"))
+    rows.append(("Loss", _loss_text(config, lambdas)))
+    if recipe:
+        mixup = float(recipe.get("mixup_alpha") or 0)
+        rows.append(("Mixup", f"alpha {_number(mixup)} (soft targets)" if mixup > 0 else "off"))
+    rows.append(("Prediction", _prediction_text(lambdas, remove_mean_lambda, per_class)
+                 + "; target prior " + _target_prior_text(config.get("target_prior"))))
+    if recipe:
+        data = describe_data(recipe)
+        rows.append(("Training data", data["train"]))
+        ratio = recipe.get("imbalance_ratio")
+        profile = recipe.get("imbalance_profile", "exponential")
+        split = (f"made long-tailed with imbalance ratio {_number(ratio)} ({profile} profile, seed "
+                 f"{recipe.get('split_seed', 0)})" if ratio is not None else "as given (not subsampled)")
+        if float(recipe.get("holdout_fraction") or 0) > 0:
+            split += (f"; {float(recipe['holdout_fraction']):.0%} of each class held out (never trained on) "
+                      "to calibrate the model")
+        rows.append(("Long-tailed split", split))
+    if counts:
+        ratio = imbalance_ratio(counts)
+        rows.append(("Training images", f"{sum(counts):,} in {len(counts)} classes, {max(counts):,} down to "
+                                        f"{min(counts):,} (imbalance ratio "
+                                        f"{'infinite' if math.isinf(ratio) else _number(round(ratio, 2))})"))
+    if recipe:
+        rows.append(("Test data", data["test"]))
+        rows.append(("Schedule", _schedule_text(recipe)))
+        rows.append(("Augmentation", f"{_augmentation_text(recipe)}; images {recipe.get('image_size')} px"))
+        rows.append(("Recipe", f"`{recipe.get('name', 'custom')}`, seed {recipe.get('seed', 0)}; every "
+                               f"setting in [`{RECIPE_NAME}`]({RECIPE_NAME})"))
+    return {"headline": _headline(config, recipe or None, backbone, lambda_text), "rows": rows,
+            "experts": experts}
+
+
+def _target_prior_text(target_prior: Any) -> str:
+    if target_prior is None or target_prior == "uniform":
+        return "uniform by default (balanced predictions)"
+    if target_prior == "train":
+        return "the training prior by default"
+    return "a custom prior by default (`config.json`, `target_prior`)"
+
+
+def _chosen_estimator(config: Mapping[str, Any]) -> str | None:
+    """The estimator ``auto`` chose for this model (``config.shift_estimator["name"]``), if recorded."""
+    estimator = config.get("shift_estimator")
+    return estimator.get("name") if isinstance(estimator, Mapping) else None
+
+
+def _card_shift_rows(shift_report: Mapping[str, Any] | None, config: Mapping[str, Any]
+                     ) -> tuple[list[str], list[tuple[str, str, dict[str, Any]]]]:
+    """The shifts and ``(mode, row label, {shift: accuracy})`` of the prior modes a card shows: ``none``,
+    ``oracle`` and the default unknown-prior mode; every other mode stays in the evaluation report."""
+    from .evaluation import default_priors
+
+    table = (shift_report or {}).get("shift_accuracy") or {}
+    modes = [mode for mode in default_priors(config.get("calibration")) if mode in table]
+    chosen = _chosen_estimator(config)
+    rows = [(mode, f"auto (chose {chosen})" if mode == "auto" and chosen else mode, dict(table[mode]))
+            for mode in modes]
     columns: list[str] = []
-    for accuracies in table.values():
+    for _, _, accuracies in rows:
         columns.extend(shift for shift in accuracies if shift not in columns)
-    return columns, {mode: dict(accuracies) for mode, accuracies in table.items()}
+    return columns, rows
+
+
+# What each row of the card's shift table predicts for.
+MODE_TEXT = {
+    "none": "`none` predicts for the uniform prior (balanced predictions)",
+    "oracle": "`oracle` for the test set's true label distribution (a reference, unknown in practice)",
+    "auto": "`auto` for the distribution estimated from the unlabeled test images by the default estimator "
+            "(`model.adapt_to_unlabeled`)",
+    "em": "`em` for the distribution estimated from the unlabeled test images by EM on the model's "
+          "posteriors (Saerens et al., 2002; the model has no held-out calibration, which the default `auto` "
+          "needs)",
+}
 
 
 def render_model_card(
@@ -136,90 +363,92 @@ def render_model_card(
     *,
     repo_id: str = "balpoe-model",
     images: Mapping[str, str] | None = None,
+    recipe: Mapping[str, Any] | None = None,
     dataset_id: str | None = None,
     dataset_name: str | None = None,
-    recipe_name: str | None = None,
-    recipe_text: str | None = None,
-    train_command: str | None = None,
-    shot_thresholds: Mapping[str, int] | None = None,
+    report_file: str | None = None,
     license: str | None = "apache-2.0",
 ) -> ModelCard:
-    """The Hub model card of a BalPoE model, from its ``config.json`` dict and its evaluation results.
+    """The Hub model card of a BalPoE model, from its ``config.json`` dict, the recipe it was trained with
+    and its evaluation results.
 
     Args:
         config: the model's config as saved in ``config.json`` (needs ``backbone``, ``lambdas``,
             ``class_counts``; ``id2label`` names the classes).
         eval_results: the balanced-test-set report (``long_tail_report`` keys, optionally ``eval_``-prefixed).
-        shift_report: a ``scripts/evaluate.py`` report; its ``shift_accuracy`` table
-            (``{prior mode: {shift: accuracy}}``) becomes the label-shift section and model-index entries.
+        shift_report: a ``balpoe-evaluate`` report; the ``none``, ``oracle`` and default unknown-prior rows
+            of its ``shift_accuracy`` table (``{prior mode: {shift: accuracy}}``) become the label-shift
+            table and model-index entries (the other modes stay in the report).
         repo_id: the Hub id used in the usage snippet and as the model name.
-        images: card-relative paths of the pictures: ``class_counts`` (required in the card),
-            ``reliability_diagram`` and ``per_class_accuracy`` (optional).
-        dataset_id: the Hub dataset id for the metadata (omit for local data).
-        dataset_name: a readable dataset name for the card and the model-index.
-        recipe_name, recipe_text, train_command: how the model was trained, for the Training section.
-        shot_thresholds: ``{"many": M, "few": F}`` of the many/medium/few split (default 100 / 20).
+        images: card-relative paths of the pictures: ``class_counts``, ``reliability_diagram`` and
+            ``per_class_accuracy`` (each optional).
+        recipe: the resolved recipe the run saved (``recipe.yaml``): the training table, the data names
+            (file names only, never local paths) and the shot thresholds.
+        dataset_id, dataset_name: override the Hub dataset id and the readable data name of the recipe.
+        report_file: the card-relative path of the uploaded evaluation report, linked as the full grid.
     """
     counts = [int(c) for c in config.get("class_counts") or []]
     if not counts:
         raise HubFolderError("config has no class_counts: the card needs the training class counts "
                              "(train with balpoe_hf so that BalPoEConfig.class_counts is set).")
     lambdas = list(config.get("lambdas") or [])
-    # Per-class lambdas (one list per expert) are too long for the card: it points to config.json instead.
     per_class_lambdas = any(isinstance(x, list) for x in lambdas)
-    # Models saved before the setting existed removed the mean bias.
-    remove_mean_lambda = bool(config.get("remove_mean_lambda", True))
-    mean_lambda = ("per class" if per_class_lambdas else
-                   f"{statistics.fmean(float(x) for x in lambdas):g}" if lambdas else "unknown")
     backbone = str(config.get("backbone", "unknown"))
     num_classes = len(counts)
     names = _label_names(config, num_classes)
     ratio = imbalance_ratio(counts)
     ratio_value = None if math.isinf(ratio) else round(ratio, 2)
-    listed = num_classes <= MAX_LISTED_CLASSES
+    recipe = dict(recipe or {})
+    data = describe_data(recipe) if recipe else None
+    dataset_id = dataset_id or (data or {}).get("dataset_id")
+    dataset_label = dataset_name or dataset_id or (data or {}).get("name") or "test set"
     report = _balanced_report(eval_results)
-    shift_columns, shift_rows = _shift_results(shift_report)
+    settings = (shift_report or {}).get("settings") or {}
+    shots = {"many": settings.get("many", recipe.get("many_threshold", 100)),
+             "few": settings.get("few", recipe.get("few_threshold", 20))}
+    shift_columns, shift_rows = _card_shift_rows(shift_report, config)
     model_name = repo_id.rstrip("/").split("/")[-1]
-    dataset_label = dataset_name or dataset_id or "test set"
+    run = describe_run(config, recipe)
+    method = config.get("method")
 
     balpoe_meta: dict[str, Any] = {
         "backbone": backbone,
-        "num_experts": int(config.get("num_experts", len(lambdas))),
+        "num_experts": run["experts"],
         "lambdas": "per class, see config.json" if per_class_lambdas else [float(x) for x in lambdas],
         "num_classes": num_classes,
         "imbalance_ratio": ratio_value,
         "target_prior": config.get("target_prior") or "uniform",
-        "remove_mean_lambda": remove_mean_lambda,
+        "remove_mean_lambda": bool(config.get("remove_mean_lambda", True)),
     }
-    if listed:
+    if method:
+        balpoe_meta["method"] = method
+    if recipe:
+        balpoe_meta.update({"recipe": recipe.get("name"), "epochs": recipe.get("epochs"),
+                            "mixup_alpha": float(recipe.get("mixup_alpha") or 0)})
+    if num_classes <= MAX_LISTED_CLASSES:
         balpoe_meta["class_counts"] = counts
     else:
         balpoe_meta["class_counts_summary"] = {
             "total": sum(counts), "max": max(counts), "median": statistics.median(counts), "min": min(counts),
             "full_list": "config.json: class_counts",
         }
-    if recipe_name:
-        balpoe_meta["recipe"] = recipe_name
-    method = config.get("method")
-    if method:
-        balpoe_meta["method"] = method
 
     eval_entries = []
-    metric_rows = []
+    metric_cells = []
     for key, metric_type, label in BALANCED_METRICS:
         if key not in report:
             continue
         value = report[key]
-        metric_rows.append({"name": label + (" (%)" if key in PERCENT_METRICS else ""),
-                            "value": _percent(value) if key in PERCENT_METRICS else
-                            ("n/a" if value is None else f"{value:.4f}")})
+        metric_cells.append({"name": SHORT_LABELS[key] + (" %" if key in PERCENT_METRICS else ""),
+                             "value": _percent(value) if key in PERCENT_METRICS else
+                             ("n/a" if value is None else f"{value:.3f}")})
         if value is not None:
             eval_entries.append(EvalResult(
                 task_type="image-classification", task_name="Long-tailed image classification",
                 dataset_type=dataset_id or "custom", dataset_name=f"{dataset_label} (balanced test set)",
                 dataset_split="test", metric_type=metric_type, metric_name=label,
                 metric_value=round(float(value), 4)))
-    for mode, accuracies in shift_rows.items():
+    for mode, _, accuracies in shift_rows:
         for shift, value in accuracies.items():
             if value is None:
                 continue
@@ -229,7 +458,7 @@ def render_model_card(
                 dataset_name=f"{dataset_label} (test, label shift {shift})",
                 dataset_split=f"test-{shift}", dataset_args={"label_shift": shift},
                 metric_type="accuracy", metric_name=f"Top-1 accuracy (target prior: {mode})",
-                metric_args={"target_prior": mode}, metric_value=round(float(value), 4)))
+                metric_value=round(float(value), 4)))
 
     card_data = ModelCardData(
         library_name="transformers",
@@ -242,49 +471,73 @@ def render_model_card(
         eval_results=eval_entries or None,
         balpoe=balpoe_meta,
     )
-    images = dict(images or {})  # a missing picture leaves its line out of the card
+    unknown_mode = "auto" if config.get("calibration") is not None else "em"
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
         model_name=model_name,
         repo_id=repo_id,
-        backbone=backbone,
-        num_experts=balpoe_meta["num_experts"],
-        lambdas=["per class (see `config.json`)"] if per_class_lambdas else [f"{x:g}" for x in lambdas],
-        classifier=config.get("classifier", "cosine"),
-        remove_mean_lambda=remove_mean_lambda,
-        mean_lambda=mean_lambda,
+        headline=run["headline"],
+        run_rows=run["rows"],
         num_classes=num_classes,
-        num_train=sum(counts),
-        imbalance_ratio="infinite" if ratio_value is None else f"{ratio_value:g}",
-        count_max=max(counts),
-        count_min=min(counts),
-        count_median=f"{statistics.median(counts):g}",
         class_table=[{"id": i, "label": names[i], "count": counts[i]} for i in range(num_classes)]
-        if listed else None,
-        target_prior_description=_target_prior_description(config.get("target_prior")),
-        dataset_name=dataset_name,
-        dataset_id=dataset_id,
-        metrics=metric_rows or None,
-        shot_thresholds=dict(shot_thresholds or {"many": 100, "few": 20}),
+        if num_classes <= MAX_LISTED_CLASSES else None,
+        test_data=(data or {}).get("test"),
+        num_test=(shift_report or {}).get("num_test_samples"),
+        metrics=metric_cells or None,
+        shot_thresholds=shots,
         shift_table={"columns": shift_columns,
-                     "rows": [{"mode": mode, "values": [_percent(acc.get(shift)) for shift in shift_columns]}
-                              for mode, acc in shift_rows.items()]} if shift_rows else None,
-        images=images,
+                     "rows": [{"label": label, "values": [_percent(acc.get(s)) for s in shift_columns]}
+                              for _, label, acc in shift_rows],
+                     "modes": [MODE_TEXT[mode] for mode, _, _ in shift_rows]} if shift_rows else None,
+        chosen_estimator=_chosen_estimator(config) if any(mode == "auto" for mode, _, _ in shift_rows)
+        else None,
+        report_file=report_file,
+        images=dict(images or {}),
         image_size=int(config.get("image_size") or 224),
-        recipe_name=recipe_name,
-        recipe_text=recipe_text.strip() if recipe_text else None,
-        train_command=train_command,
-        method=method,
-        method_description=METHOD_DESCRIPTIONS.get(method),
+        unknown_mode=unknown_mode,
+        retrain_command=(f"balpoe-train --config {RECIPE_NAME} {data['flags']}".strip() if data else None),
+        retrain_note=(data or {}).get("note"),
     )
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, what: str = "file") -> dict[str, Any] | None:
+    """The JSON object in ``path`` (``None`` if there is no such file); ``HubFolderError`` naming ``what``
+    for anything else (malformed JSON, a binary file, a list)."""
     if not path.is_file():
         return None
-    with path.open(encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with path.open(encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"is not valid JSON ({error})"
+    else:
+        if isinstance(values, dict):
+            return values
+        problem = f"holds a JSON {type(values).__name__}, not an object"
+    raise HubFolderError(f"the {what} {path} {problem}: give the file balpoe-hf wrote, or write it again. "
+                         "Nothing was written.")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a Hub repository id the Hub would refuse, before anything is written (it goes into the card)."""
+    try:
+        huggingface_hub.utils.validate_repo_id(repo_id)
+    except huggingface_hub.utils.HFValidationError as error:
+        raise HubFolderError(f"{repo_id!r} is not a Hub repository id ({error}); write it as NAME or "
+                             "USER/NAME, e.g. me/balpoe-cifar10-lt. Nothing was written.") from None
+
+
+def _check_folder_writable(folder: Path, names: Sequence[str]) -> None:
+    """Refuse a model folder that cannot take the card and its pictures (a read-only copy, say)."""
+    try:
+        check_writable(folder, "the model card into")
+    except TrainingError as error:
+        raise HubFolderError(f"{error} Nothing was written.") from None
+    read_only = [name for name in names if (folder / name).exists() and not os.access(folder / name, os.W_OK)]
+    if read_only:
+        raise HubFolderError(f"cannot write the model card into {folder}: {read_only} are read-only; make "
+                             "them writable or move them away. Nothing was written.")
 
 
 def _weight_files(folder: Path, problems: list[str]) -> list[str]:
@@ -294,9 +547,9 @@ def _weight_files(folder: Path, problems: list[str]) -> list[str]:
         problems.append(f"pickle weights {pickled}: this project publishes safetensors only. Load the model "
                         "and re-save it with model.save_pretrained(dir) (safetensors is the default), then "
                         "move the pickle files out of the folder.")
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values()))
+    index = _read_json(folder / SAFE_WEIGHTS_INDEX_NAME, "weights index")
+    if index is not None:
+        shards = sorted(set(index.get("weight_map", {}).values()))
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing:
             problems.append(f"{SAFE_WEIGHTS_INDEX_NAME} names missing shards {missing}: copy them in "
@@ -352,7 +605,7 @@ def check_hub_folder(model_dir: str | Path, require_card: bool = True, extra_fil
     if not folder.is_dir():
         raise HubFolderError(f"model directory {folder} does not exist.")
     problems: list[str] = []
-    config = _read_json(folder / CONFIG_NAME)
+    config = _read_json(folder / CONFIG_NAME, "model config")
     files = [CONFIG_NAME]
     if config is None:
         problems.append(f"no {CONFIG_NAME}: save the model with model.save_pretrained(dir).")
@@ -403,27 +656,6 @@ class HubPublishError(RuntimeError):
     """Publishing cannot start (offline mode or no token); nothing was uploaded, the folder is unchanged."""
 
 
-def _recipe_card_fields(recipe: Mapping[str, Any], recipe_text: str) -> dict[str, Any]:
-    """Card fields from the resolved recipe that scripts/train.py saves as ``recipe.yaml``."""
-    dataset = recipe.get("dataset")
-    train_file = recipe.get("train_file")
-    if train_file:  # local parquet or imagefolder data: there is no Hub dataset to point to
-        dataset_id, source = None, "local data"
-    else:
-        dataset_id = LOCAL_DATASET_HUB_IDS.get(dataset, dataset)
-        source = dataset_id or "local data"
-    return {
-        "recipe_name": recipe.get("name"),
-        "recipe_text": recipe_text,
-        "dataset_id": dataset_id,
-        "dataset_name": source,
-        # The uploaded recipe.yaml is the resolved recipe: training from it reproduces the run.
-        "train_command": f"accelerate launch scripts/train.py --config {RECIPE_NAME}",
-        "shot_thresholds": {"many": recipe.get("many_threshold", 100),
-                            "few": recipe.get("few_threshold", 20)},
-    }
-
-
 def _require_card_packages() -> None:
     missing = [name for name in ("matplotlib", "jinja2") if importlib.util.find_spec(name) is None]
     if missing:
@@ -465,23 +697,31 @@ def prepare_hub_folder(
     """
     folder = Path(model_dir)
     _require_card_packages()
-    config = _read_json(folder / CONFIG_NAME)
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    if not folder.is_dir():
+        raise HubFolderError(f"model directory {folder} does not exist.")
+    config = _read_json(folder / CONFIG_NAME, "model config")
     if config is None:
         raise HubFolderError(f"no {CONFIG_NAME} in {folder}: save the model with model.save_pretrained(dir).")
     counts = [int(c) for c in config.get("class_counts") or []]
     if not counts:
         raise HubFolderError(f"{folder / CONFIG_NAME} has no class_counts: the training prior must travel "
                              "with the model (set BalPoEConfig.class_counts).")
-    card_fields: dict[str, Any] = {}
     recipe_path = folder / RECIPE_NAME
+    recipe: dict[str, Any] = {}
     if recipe_path.is_file():
-        recipe_text = recipe_path.read_text(encoding="utf-8")
-        card_fields.update(_recipe_card_fields(yaml.safe_load(recipe_text) or {}, recipe_text))
-    card_fields.update({k: v for k, v in (("dataset_id", dataset_id), ("dataset_name", dataset_name)) if v})
+        try:
+            recipe = read_recipe_file(recipe_path)
+        except TrainingError as error:
+            raise HubFolderError(f"{error} Nothing was written.") from None
 
-    metrics = _read_json(folder / EVAL_RESULTS_NAME)
+    metrics = _read_json(folder / EVAL_RESULTS_NAME, "evaluation results")
     report_path = Path(eval_report) if eval_report is not None else folder / DEFAULT_EVAL_REPORT
-    report = _read_json(report_path)
+    report = _read_json(report_path, "evaluation report")
+    if report is not None and not isinstance(report.get("shift_accuracy", {}), dict):
+        raise HubFolderError(f"{report_path} is not a balpoe-evaluate report (its shift_accuracy is not a "
+                             "table): write it with balpoe-evaluate --output. Nothing was written.")
     if eval_report is not None and report is None:
         raise HubFolderError(f"evaluation report {report_path} does not exist: write it with "
                              f"scripts/evaluate.py --model {folder} --output {report_path}.")
@@ -490,9 +730,6 @@ def prepare_hub_folder(
     if report is not None:
         # The report's metrics and its reliability diagram come from the same evaluation: keep them together.
         metrics = report.get("balanced") or metrics
-        settings = report.get("settings") or {}
-        if "many" in settings and "few" in settings:
-            card_fields["shot_thresholds"] = {"many": settings["many"], "few": settings["few"]}
         pictures = _report_pictures(report, report_path, folder)
         if report_path.resolve().is_relative_to(folder.resolve()):
             extra_files.append(report_path.resolve().relative_to(folder.resolve()).as_posix())
@@ -509,9 +746,11 @@ def prepare_hub_folder(
         raise HubFolderError(f"{folder} holds {foreign}, which balpoe-hf did not write there (or which were "
                              "edited since): move them out of the folder to let it write the model card and "
                              "its pictures. Nothing was written.")
+    _check_folder_writable(folder, [*targets, IMAGES_DIR])
     images = {"class_counts": histogram, **{Path(name).stem: name for name in pictures}}
     card = render_model_card(config, metrics, report, repo_id=repo_id or folder.resolve().name, images=images,
-                             license=license, **card_fields)
+                             recipe=recipe, dataset_id=dataset_id, dataset_name=dataset_name,
+                             report_file=extra_files[0] if extra_files else None, license=license)
 
     from .plots import class_count_histogram
 
@@ -545,6 +784,7 @@ def push_to_hub(
                               "TRANSFORMERS_OFFLINE=1 is set): unset it to publish, or run "
                               "balpoe_hf.hub.prepare_hub_folder(model_dir) to render and check the folder "
                               "without uploading. Nothing was uploaded.")
+    check_repo_id(repo_id)
     token = token or huggingface_hub.get_token()
     if not token:
         raise HubPublishError("no Hugging Face token: log in with `hf auth login`, set HF_TOKEN, or pass "

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from huggingface_hub import constants as hub_constants
 
-from .data import _subsample, class_counts, labels_array, make_long_tailed
+from .data import _subsample, class_counts, labels_array, make_long_tailed, short_list
 from .recipes import FASHION_MNIST, FASHION_MNIST_DIR, Recipe, TrainingError
 from .split_lists import load_split_list
 
@@ -118,12 +118,15 @@ def _check_parquet(path: str) -> None:
     import pyarrow.parquet as pq
 
     try:
-        pq.read_metadata(path)
+        rows = pq.read_metadata(path).num_rows
     except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
         raise DataError(f"{path} is not a readable parquet file ({error}). The data files must be parquet "
                         "files (a CSV converts with datasets.load_dataset('csv', data_files=...)['train']"
                         ".to_parquet(...); a truncated file must be written again) or one imagefolder "
                         "directory per split.") from None
+    if rows == 0:
+        raise DataError(f"{path} is a parquet file without rows: give data files that hold images (was it "
+                        "written from an empty selection?).")
 
 
 def _load_files(files: dict[str, list[str]]) -> datasets.DatasetDict:
@@ -239,7 +242,7 @@ def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[
             _is_default_name(n, i) for i, n in enumerate(model_names)):
         bad = labels[labels >= num_classes]
         if bad.size:
-            raise DataError(f"test labels {np.unique(bad)[:10].tolist()} are outside the model's "
+            raise DataError(f"test labels {short_list(np.unique(bad))} are outside the model's "
                             f"{num_classes} classes; check --label-column (and --num-classes).")
         return labels
     names = [str(n) for n in feature.names]
@@ -247,8 +250,8 @@ def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[
         return labels
     unknown = [n for n in names if n not in model_names]
     if unknown:
-        raise DataError(f"test classes {unknown[:10]} are not classes of the model "
-                        f"({model_names[:10]}{' ...' if num_classes > 10 else ''}); is this the right "
+        raise DataError(f"test classes {short_list(unknown)} are not classes of the model "
+                        f"({short_list(model_names)}); is this the right "
                         "dataset and --label-column?")
     to_model = np.asarray([model_names.index(n) for n in names], dtype=np.int64)
     return to_model[labels]
@@ -298,10 +301,10 @@ def holdout_sizes(counts: Sequence[int], fraction: float) -> list[int]:
     small = [c for c, (k, n) in enumerate(zip(sizes, counts, strict=True)) if k >= n]
     if small:
         raise ValueError(
-            f"holdout_fraction {fraction:g} leaves classes {small[:20]} (with "
-            f"{[counts[c] for c in small[:20]]} images) without a training image: every class needs one "
-            "held-out image and one to train on. Lower holdout_fraction or the imbalance ratio, or set "
-            "holdout_fraction 0.")
+            f"holdout_fraction {fraction:g} leaves classes {short_list(small)} (with "
+            f"{short_list([counts[c] for c in small], 'counts')} images) without a training image: every "
+            "class needs one held-out image and one to train on. Lower holdout_fraction or the imbalance "
+            "ratio, or set holdout_fraction 0.")
     return sizes
 
 
@@ -342,7 +345,7 @@ def _check_label_range(ds: datasets.Dataset, column: str, num_classes: int, spli
     labels = labels_array(ds, column)
     bad = np.unique(labels[(labels < 0) | (labels >= num_classes)])
     if bad.size:
-        raise DataError(f"the {split} split has labels {bad[:10].tolist()} outside the class range "
+        raise DataError(f"the {split} split has labels {short_list(bad)} outside the class range "
                         f"[0, {num_classes - 1}]; fix the labels or set --num-classes.")
 
 
@@ -424,6 +427,20 @@ def _load_splits(recipe: Recipe) -> tuple[datasets.Dataset, datasets.Dataset]:
     return splits[recipe.train_split], splits[recipe.test_split]
 
 
+def _check_every_class_present(counts: list[int], source: str) -> None:
+    """Refuse a training split without images of some of the model's classes, saying where the class count
+    comes from and, when the classes present are 0 ... k - 1, that ``--num-classes k`` fits the data."""
+    empty = [c for c, n in enumerate(counts) if n == 0]
+    if not empty:
+        return
+    present = len(counts) - len(empty)
+    fix = (f"The data hold classes 0 to {present - 1}: set --num-classes {present}." if empty[0] == present
+           else "Fix the labels, or set --num-classes to the number of classes the data hold.")
+    raise DataError(f"classes {short_list(empty)} have no training image, but the model would have "
+                    f"{len(counts)} classes ({source}); BalPoE needs every class in the training prior. "
+                    + fix)
+
+
 def load_training_data(recipe: Recipe) -> TrainingData:
     """Load the recipe's data, make the training split long-tailed, and check columns and labels.
 
@@ -439,7 +456,7 @@ def load_training_data(recipe: Recipe) -> TrainingData:
     feature = train.features[recipe.label_column]
     names = feature.names if isinstance(feature, datasets.ClassLabel) else None
     if recipe.num_classes is not None:
-        num_classes, source = recipe.num_classes, "set by --num-classes"
+        num_classes, source = recipe.num_classes, "set by num_classes: the recipe's or --num-classes"
     elif names:
         num_classes, source = len(names), f"named by the ClassLabel of {recipe.label_column!r}"
     else:
@@ -449,17 +466,14 @@ def load_training_data(recipe: Recipe) -> TrainingData:
             num_classes = _classes_from_labels(train, test, recipe.label_column)
         for ds, split in ((train, "train"), (test, "test")):
             _check_label_range(ds, recipe.label_column, num_classes, split)
+        _check_every_class_present(class_counts(train, recipe.label_column, num_classes), source)
         if recipe.imbalance_ratio is not None:
             train = make_long_tailed(train, recipe.imbalance_ratio, recipe.label_column, recipe.split_seed,
                                      recipe.imbalance_profile, recipe.selection)
         counts = class_counts(train, recipe.label_column, num_classes)
     except ValueError as error:
         raise DataError(str(error)) from None
-    empty = [c for c, n in enumerate(counts) if n == 0]
-    if empty:
-        raise DataError(f"classes {empty[:20]} have no training image (the {num_classes} classes are "
-                        f"{source}); BalPoE needs every class in the training prior. Fix the labels, or set "
-                        "--num-classes to the number of classes actually present.")
+    _check_every_class_present(counts, source)
     holdout = holdout_counts = None
     if recipe.holdout_fraction > 0:
         try:

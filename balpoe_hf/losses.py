@@ -88,6 +88,9 @@ class BalPoELoss(nn.Module):
     def __init__(self, class_counts: PriorLike, lambdas: Sequence[float] | torch.Tensor) -> None:
         super().__init__()
         log_prior = log_class_prior(class_counts)
+        if not isinstance(lambdas, Sequence | torch.Tensor) or isinstance(lambdas, str) or len(lambdas) == 0:
+            # An empty ensemble's loss is the mean of no expert losses: NaN at the first call.
+            raise ValueError(f"lambdas must hold one bias per expert (at least one expert), got {lambdas!r}.")
         num_experts = len(lambdas)
         taus = 1.0 - expert_lambdas(lambdas, num_experts, log_prior.numel())
         self.register_buffer("log_prior", log_prior, persistent=False)  # (C,)

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, speed
 from .configuration_balpoe import BalPoEConfig
-from .data import shot_groups
-from .evaluation import calibration_effect
+from .data import labels_array, shot_groups
+from .evaluation import absent_classes, absent_classes_warning, calibration_effect
 from .label_shift import holdout_calibration
 from .loaders import build_loaders
 from .loading import TrainingData, input_paths, load_training_data
@@ -57,33 +57,58 @@ class TrainOutput:
     finished: bool = True  # False: stopped at the deadline; ``train(..., resume=True)`` continues it
 
 
+def model_config(recipe: Recipe, class_counts: list[int], class_names: list[str]) -> BalPoEConfig:
+    """The ``BalPoEConfig`` of the recipe's model for a training split with these classes and counts."""
+    return BalPoEConfig(
+        backbone=recipe.backbone,
+        backbone_kwargs=recipe.backbone_kwargs,
+        backbone_pretrained=recipe.backbone_pretrained,
+        num_experts=recipe.num_experts,
+        lambdas=recipe.lambdas,
+        shared_stages=recipe.shared_stages,
+        classifier=recipe.classifier,
+        classifier_scale=recipe.classifier_scale,
+        remove_mean_lambda=recipe.remove_mean_lambda,
+        class_counts=class_counts,
+        id2label=dict(enumerate(class_names)),
+        label2id={name: i for i, name in enumerate(class_names)},
+        image_size=recipe.image_size,
+        image_mean=recipe.image_mean,
+        image_std=recipe.image_std,
+        loss=recipe.loss,
+        lade_weight=recipe.lade_weight,
+        lade_remine_lambda=recipe.lade_remine_lambda,
+        method=recipe.method,
+    )
+
+
+def _model_error(recipe: Recipe, error: Exception) -> TrainingError:
+    if isinstance(error, TypeError):  # timm passes backbone_kwargs on to the model class
+        return TrainingError(f"cannot build the backbone {recipe.backbone} with backbone_kwargs "
+                             f"{recipe.backbone_kwargs}: {error}. Pass only arguments that "
+                             f"timm.create_model({recipe.backbone!r}, ...) takes and does not set itself "
+                             "(--backbone-kwargs), or none.")
+    return TrainingError(f"cannot build the model: {error}")
+
+
 def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassification:
     """A freshly initialised BalPoE model whose training prior is the long-tailed split's class counts."""
     try:
-        config = BalPoEConfig(
-            backbone=recipe.backbone,
-            backbone_kwargs=recipe.backbone_kwargs,
-            backbone_pretrained=recipe.backbone_pretrained,
-            num_experts=recipe.num_experts,
-            lambdas=recipe.lambdas,
-            shared_stages=recipe.shared_stages,
-            classifier=recipe.classifier,
-            classifier_scale=recipe.classifier_scale,
-            remove_mean_lambda=recipe.remove_mean_lambda,
-            class_counts=data.class_counts,
-            id2label=dict(enumerate(data.class_names)),
-            label2id={name: i for i, name in enumerate(data.class_names)},
-            image_size=recipe.image_size,
-            image_mean=recipe.image_mean,
-            image_std=recipe.image_std,
-            loss=recipe.loss,
-            lade_weight=recipe.lade_weight,
-            lade_remine_lambda=recipe.lade_remine_lambda,
-            method=recipe.method,
-        )
-        return BalPoEForImageClassification(config)
-    except (ValueError, KeyError, RuntimeError, OSError) as error:  # OSError: pretrained weights offline
-        raise TrainingError(f"cannot build the model: {error}") from None
+        return BalPoEForImageClassification(model_config(recipe, data.class_counts, data.class_names))
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as error:  # OSError: pretrained offline
+        raise _model_error(recipe, error) from None
+
+
+def check_model(recipe: Recipe) -> None:
+    """Build the recipe's model on the meta device (no memory, no weights, no download: a fraction of a
+    second), so that settings the backbone refuses stop a run before its data are loaded."""
+    num_classes = recipe.num_classes or 2
+    try:
+        config = model_config(recipe, [1] * num_classes, [str(c) for c in range(num_classes)])
+        with torch.device("meta"):
+            BalPoEForImageClassification(config)
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise _model_error(recipe, error) from None
 
 
 def parameter_groups(model: BalPoEForImageClassification, recipe: Recipe) -> list[dict[str, Any]]:
@@ -185,8 +210,9 @@ def gather_logits(model: torch.nn.Module, loader: Iterable[dict], accelerator: A
         logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
-    # A DeviceLoader completes the last round of several processes with the first images, which
-    # gather_for_metrics cannot see; the gathered rows are the images in order, so keep the first num_images.
+    # Under several processes the last round is completed with images from the start; gather_for_metrics
+    # drops them (both loaders report the round's real images to accelerate), and the gathered rows are the
+    # images in order, so the first num_images are the test set whatever a loader reports.
     return torch.cat(all_logits)[:num_images], torch.cat(all_labels)[:num_images]
 
 
@@ -285,6 +311,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     )
     check_world_size(accelerator.num_processes)
     checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
+    check_model(recipe)
+    for note in recipe.notes:
+        accelerator.print(f"note: {note}")
     cores = len(os.sched_getaffinity(0))
     on_one_cpu_process = accelerator.device.type == "cpu" and accelerator.num_processes == 1
     if on_one_cpu_process and torch.get_num_threads() < cores:
@@ -296,6 +325,9 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     # ---- data: the long-tailed training split and the balanced test set
     data = load_training_data(recipe)
     groups = shot_groups(data.class_counts, recipe.many_threshold, recipe.few_threshold)
+    missing = absent_classes(labels_array(data.test, recipe.label_column), len(data.class_counts))
+    if missing:
+        accelerator.print(absent_classes_warning(missing, len(data.class_counts)))
     accelerator.print(f"{recipe.name}: {len(data.train):,} training images in {len(data.class_counts)} "
                       f"classes ({data.class_count_source}; {max(data.class_counts)} down to "
                       f"{min(data.class_counts)} per class), "

@@ -11,12 +11,30 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
+from PIL import Image
+
 from .loading import LoaderSplit, TrainingData
 from .recipes import Recipe
 
 if TYPE_CHECKING:
     import datasets
     from transformers.image_processing_utils import BaseImageProcessor
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB, the input of every pipeline (grayscale becomes three equal channels).
+
+    16-bit grayscale (PIL's modes ``I;16``, ``I;16B``, ...; and ``I``, as which PIL reads some 16-bit files,
+    when a value exceeds 255) is scaled from 0-65535 to 0-255 first: PIL's ``convert`` clips it at 255
+    instead, which turns a 16-bit PNG into a nearly white image.
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or pixels.max(initial=0) > 255:
+            pixels = pixels / 257
+        image = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def build_processor(recipe: Recipe) -> BaseImageProcessor:
@@ -117,7 +135,7 @@ class ImageTransform:
         self.transform = T.Compose(steps)
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        images = [image.convert("RGB") for image in batch[self.image_column]]
+        images = [to_rgb(image) for image in batch[self.image_column]]
         if self.processor is not None:
             pixel_values = list(self.processor(images=images, return_tensors="pt")["pixel_values"])
         else:

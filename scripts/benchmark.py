@@ -7,7 +7,7 @@ For each backbone it times the plain timm classifier and BalPoE with 1 and 3 exp
 inference throughput (eval mode, no autograd) and training throughput (forward, backward and an SGD step
 with the BalPoE loss, or cross-entropy for the plain model), in images per second (batch size over the
 fastest step), on random 32x32 inputs.
-It prints a Markdown table. The numbers depend on the machine; the README lists a measured table.
+It prints a Markdown table. The numbers depend on the machine; docs/benchmarks.md lists a measured table.
 """
 
 from __future__ import annotations

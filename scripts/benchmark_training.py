@@ -5,8 +5,7 @@
         --train-images 2048 --test-images 1000
     # a GPU: the whole CIFAR-10-LT split, 3 epochs per configuration
     python scripts/benchmark_training.py --recipe cifar10-lt-local --epochs 3 \\
-        --train-file ../shared/data/cifar10-jpeg/train.parquet \\
-        --test-file ../shared/data/cifar10-jpeg/test.parquet
+        --train-file data/cifar10/train.parquet --test-file data/cifar10/test.parquet   # balpoe-prepare-data
 
 Every configuration is a real training run (``python -m balpoe_hf.train``, each in its own process so that
 compilation caches, memory and accelerate's state start afresh) of the given recipe for ``--epochs``

@@ -65,9 +65,11 @@ def test_presets_resolve_to_the_documented_settings(method, recipe_name):
     assert (recipe.num_experts, recipe.lambdas, recipe.loss, recipe.remove_mean_lambda) == (
         experts, lambdas, loss, remove_mean)
     assert recipe.mixup_alpha == (plain.mixup_alpha if mixup is None else mixup)
-    # Everything else is the recipe's.
+    # Everything else is the recipe's; its description says that the method was set over it.
     changed = {k for k, v in recipe.to_dict().items() if plain.to_dict()[k] != v}
-    assert changed <= {"method", "num_experts", "lambdas", "mixup_alpha", "loss", "remove_mean_lambda"}
+    assert changed <= {"method", "num_experts", "lambdas", "mixup_alpha", "loss", "remove_mean_lambda",
+                       "description"}
+    assert recipe.description == f"{plain.description} (overridden: method={method})"
 
 
 def test_method_flag_and_saved_recipe(tmp_path):
@@ -210,7 +212,9 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
     result = compare.compare(base, "bs,lade", tmp_path, shifts=SHIFTS, priors="none,oracle")
     assert result.complete and list(result.summaries) == ["bs", "lade"]
     assert result.summaries["bs"]["validation"]["samples"] == 15
-    assert "Held-out validation split" in compare.format_comparison(result, base)
+    printed = compare.format_comparison(result, base)
+    assert "Held-out validation split" in printed
+    assert "(prior: none = uniform target, oracle = the shifted set's true prior):" in printed
     for method in ("bs", "lade"):
         run = tmp_path / method
         config = json.loads((run / "config.json").read_text())
@@ -347,4 +351,13 @@ def test_card_names_the_method(tmp_path):
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     assert loaded.data.balpoe["method"] == "bs"
-    assert "**Method preset:** `bs` (balanced softmax)" in loaded.text
+    assert "| Method | `bs` (balanced softmax) |" in loaded.text
+
+
+def test_shift_caption_names_the_modes_of_the_table():
+    summaries = {"bs": {"shift_accuracy": {"none": {}, "oracle": {}, "auto": {}}},
+                 "ce": {"shift_accuracy": {"none": {}, "oracle": {}, "em": {}}}}
+    assert compare.prior_caption(summaries) == (
+        "none = uniform target, oracle = the shifted set's true prior, auto = estimated from its unlabeled "
+        "images by the default estimator, em = estimated from its unlabeled images by EM on the raw "
+        "posteriors")

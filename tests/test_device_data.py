@@ -353,6 +353,52 @@ def test_two_processes_share_the_epoch_like_accelerate(drop_last):
         assert set(shards[0].tolist()) | set(shards[1].tolist()) == set(range(103))
 
 
+def _accumulated_training(loader_kind: str, batches: int, accumulation: int, epochs: int = 2
+                          ) -> tuple[int, torch.Tensor]:
+    """Optimizer steps and final weights of the training loop's accumulation (``accelerator.accumulate``)
+    over ``epochs`` epochs of ``batches`` fixed batches, served by a DeviceLoader or a prepared DataLoader."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batches * 4, 3, 4, 4), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 2, (batches * 4,), generator=generator)
+    model = torch.nn.Linear(48, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(2, 48, generator=generator))
+        model.bias.zero_()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    steps = []
+    step = optimizer.step
+    optimizer.step = lambda *args, **kwargs: (steps.append(1), step(*args, **kwargs))[1]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if loader_kind == "device":
+        loader = DeviceLoader(images, labels, 4, mean=[0, 0, 0], std=[1, 1, 1], shuffle=False)
+    else:
+        rows = [{"pixel_values": image.float() / 255, "labels": label} for image, label in zip(images, labels,
+                                                                                                 strict=True)]
+        loader = accelerator.prepare(torch.utils.data.DataLoader(rows, batch_size=4, drop_last=True))
+    for _ in range(epochs):
+        for batch in loader:
+            with accelerator.accumulate(model):
+                logits = model(batch["pixel_values"].flatten(1))
+                accelerator.backward(torch.nn.functional.cross_entropy(logits, batch["labels"]))
+                optimizer.step()
+                optimizer.zero_grad()
+    return len(steps), accelerator.unwrap_model(model).weight.detach().clone()
+
+
+@pytest.mark.parametrize("batches,accumulation", [(2, 4), (7, 2), (7, 3)])
+def test_gradient_accumulation_steps_on_the_last_partial_accumulation_of_every_epoch(batches, accumulation):
+    # The loader tells accelerate where the epoch ends: ceil(batches / accumulation) steps per epoch, as the
+    # prepared DataLoader of the worker pipeline gets (the last accumulation of an epoch is partial).
+    steps, weights = _accumulated_training("device", batches, accumulation)
+    assert steps == 2 * math.ceil(batches / accumulation)
+    worker_steps, worker_weights = _accumulated_training("workers", batches, accumulation)
+    assert worker_steps == steps
+    torch.testing.assert_close(weights, worker_weights, rtol=0, atol=0)
+
+
 def test_eval_mode_keeps_order_and_the_last_partial_batch():
     loader = make_loader(n=10, batch_size=4, augment=None, shuffle=False, drop_last=False,
                          channels_last=True)

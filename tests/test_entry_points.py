@@ -23,7 +23,7 @@ from balpoe_hf.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPTS = ("balpoe-train", "balpoe-evaluate", "balpoe-push", "balpoe-describe-split",
-                   "balpoe-compare")
+                   "balpoe-compare", "balpoe-prepare-data")
 TINY = ["--image-column", "picture", "--label-column", "target", "--backbone", "resnet20_cifar",
         "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0", "--rotation", "0",
         "--many-threshold", "20", "--few-threshold", "6", "--num-workers", "0", "--eval-batch-size", "16"]

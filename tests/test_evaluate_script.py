@@ -166,3 +166,25 @@ def test_hub_dataset_while_offline_says_how_to_use_local_files(run_dir, monkeypa
 def test_bad_arguments_are_named(run_dir, test_file, capsys, argv, message):
     assert script.main(["--model", str(run_dir), "--test-file", str(test_file), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_shot_thresholds_default_to_those_of_the_run(run_dir, test_file, tmp_path):
+    import shutil
+
+    test = datasets.Dataset.from_parquet(str(test_file))
+    options = {"image_column": "img", "label_column": "fine", "shifts": ["uniform"], "priors": ["none"]}
+    model, processor = evaluation.load_model(run_dir)  # saved without a recipe: CIFAR-100-LT's 100 / 20
+    assert evaluation.evaluate_model(model, processor, test, **options).report["settings"]["many"] == 100
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "recipe.yaml").write_text("many_threshold: 200\nfew_threshold: 10\n")
+    model, processor = evaluation.load_model(run)
+    report = evaluation.evaluate_model(model, processor, test, **options).report
+    assert (report["settings"]["many"], report["settings"]["few"]) == (200, 10)
+    # Training counts 500, 299, ..., 8, 5: many-shot (> 200) are classes 0 and 1, few-shot (< 10) 8 and 9.
+    per_class = report["balanced"]["per_class_accuracy"]
+    assert report["balanced"]["many"] == pytest.approx(np.mean(per_class[:2]))
+    assert report["balanced"]["few"] == pytest.approx(np.mean(per_class[8:]))
+    # A caller's thresholds win over the run's.
+    report = evaluation.evaluate_model(model, processor, test, many=50, **options).report
+    assert (report["settings"]["many"], report["settings"]["few"]) == (50, 10)

@@ -51,8 +51,9 @@ def _metrics_by_name(card: ModelCard) -> dict[tuple[str, str], float]:
 
 def test_card_metadata_round_trips_through_model_card_load(tmp_path):
     card = hub.render_model_card(CONFIG, EVAL, SHIFTS, repo_id="me/tiny-balpoe", images=IMAGES,
-                                 dataset_id="uoft-cs/cifar10", dataset_name="CIFAR-10-LT",
-                                 recipe_name="cifar10-lt-ir50")
+                                 dataset_name="CIFAR-10-LT",
+                                 recipe={"name": "cifar10-lt-ir50", "dataset": "uoft-cs/cifar10",
+                                         "epochs": 200, "mixup_alpha": 0.8})
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     data = loaded.data
@@ -78,13 +79,16 @@ def test_card_metadata_round_trips_through_model_card_load(tmp_path):
     assert metrics[("test-forward50", "Top-1 accuracy (target prior: oracle)")] == 0.85
     assert metrics[("test-backward50", "Top-1 accuracy (target prior: none)")] == 0.7
     text = loaded.text
-    assert "| Balanced accuracy (%) | 75.00 |" in text
-    assert "| Few-shot accuracy (%) | n/a |" in text
+    # The balanced-set metrics: one header row and one value row, in BALANCED_METRICS order.
+    assert "| Balanced acc. % | Accuracy % | Many % | Medium % | Few % | ECE % |" in text
+    assert "| 75.00 | 81.00 | 90.00 | 70.00 | n/a | 3.40 |" in text
     assert "| oracle | 85.00 | 78.00 |" in text
     assert "| 4 | yak | 10 |" in text
     assert "![Training images per class](images/class_counts.png)" in text
-    assert 'from_pretrained("me/tiny-balpoe", trust_remote_code=True)' in text
-    assert "covariate shift" in text
+    assert 'repo = "me/tiny-balpoe"' in text and "from_pretrained(repo, trust_remote_code=True)" in text
+    assert 'pipeline("image-classification", model=repo, trust_remote_code=True)' in text
+    assert "trained with mixup (alpha 0.8)" in text and "| Schedule | 200 epochs," in text
+    assert "corrects for **label shift** only" in text and "new domains" in text
     assert "@InProceedings{SanchezAimar2023BalPoE_CalibratedLT" in text
     assert "pages     = {19967-19977}" in text
 
@@ -124,7 +128,7 @@ def test_template_ships_with_the_package():
 def test_usage_snippet_is_valid_python():
     card = hub.render_model_card(CONFIG, images=IMAGES, repo_id="me/tiny-balpoe")
     blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
-    assert len(blocks) == 2
+    assert len(blocks) == 1
     for block in blocks:
         compile(block, "<card>", "exec")
 
@@ -276,7 +280,7 @@ def test_uploaded_card_parses_and_links_only_uploaded_images(hub_snapshot):
                              "images/reliability_diagram.png"]
     for link in links:
         assert (repo / link).read_bytes().startswith(b"\x89PNG")
-    assert "accelerate launch scripts/train.py --config recipe.yaml" in card.text
+    assert "balpoe-train --config recipe.yaml\n" in card.text  # Fashion-MNIST: no data flags needed
 
 
 def _pixels(run: Path) -> tuple[list, torch.Tensor]:
@@ -302,42 +306,6 @@ def test_uploaded_folder_loads_back_with_the_same_logits(hub_snapshot, saved_run
         scores = {row["label"]: row["score"] for row in classifier(image)}
         want = {CONFIG["id2label"][str(i)]: float(p) for i, p in enumerate(logits.softmax(-1))}
         assert scores == pytest.approx(want, abs=1e-5)
-
-
-def test_uploaded_folder_loads_with_remote_code_without_the_package(hub_snapshot, saved_run, tmp_path):
-    _, model = saved_run
-    repo = hub_snapshot["repo"]
-    _, pixels = _pixels(repo)
-    torch.save(pixels, tmp_path / "pixels.pt")
-    script = (
-        "import sys, torch\n"
-        "sys.modules['balpoe_hf'] = None  # the package is not importable: only the repo's code files\n"
-        "from transformers import AutoModelForImageClassification\n"
-        f"model = AutoModelForImageClassification.from_pretrained({str(repo)!r}, trust_remote_code=True)\n"
-        f"pixels = torch.load({str(tmp_path / 'pixels.pt')!r})\n"
-        "with torch.no_grad():\n"
-        f"    torch.save(model.eval()(pixels).logits, {str(tmp_path / 'logits.pt')!r})\n"
-        "print(type(model).__module__)\n"
-    )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "balpoe_hf" not in result.stdout and "transformers_modules" in result.stdout
-    with torch.no_grad():
-        expected = model(pixels).logits
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-6)
-
-
-def test_card_usage_snippet_runs_as_written(hub_snapshot):
-    repo = hub_snapshot["repo"]
-    text = ModelCard.load(repo / "README.md").text
-    snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
-    assert '"me/tiny-balpoe"' in snippet
-    namespace: dict = {}
-    exec(snippet.replace('"me/tiny-balpoe"', repr(str(repo))), namespace)  # the Hub id -> the local copy
-    assert namespace["logits"].shape == (4, len(COUNTS))
-    assert namespace["shifted_logits"].shape == (4, len(COUNTS))
 
 
 # --------------------------------------------------------------------------- refusals
@@ -399,3 +367,202 @@ def test_report_outside_the_run_gives_its_pictures_but_is_not_uploaded(saved_run
     assert "### Under label shift" in folder.card.text
     with pytest.raises(hub.HubFolderError, match="does not exist"):
         hub.prepare_hub_folder(copy, eval_report=tmp_path / "missing.json")
+
+
+# --------------------------------------------------------------------------- cards of real runs
+
+
+COMMON_FLAGS = ["--recipe", "cifar10-lt-local", "--backbone", "resnet20_cifar", "--image-column", "picture",
+                "--label-column", "target", "--image-size", "16", "--batch-size", "8", "--warmup-epochs", "0",
+                "--num-workers", "0", "--eval-every", "0", "--many-threshold", "20", "--few-threshold", "6",
+                "--selection", "random", "--imbalance-ratio", "8"]
+# Each run as a user would start it: the shipped CIFAR-10-LT recipe (ResNet-32, 200 epochs, mixup 0.8 in its
+# file and its description) changed on the command line, as in a run whose card misdescribed it.
+RUNS = {
+    "balpoe-erm": ["--method", "balpoe-erm", "--epochs", "2", "--holdout-fraction", "0.25"],
+    "balpoe": ["--method", "balpoe", "--mixup-alpha", "0.4", "--epochs", "1"],
+    "ce-la": ["--method", "ce-la", "--epochs", "1", "--holdout-fraction", "0.25"],
+}
+# Any absolute path: a slash that starts a path rather than continuing a word, a URL or a relative path.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[\w.-]+/")
+
+
+@pytest.fixture(scope="module")
+def run_cards(tmp_path_factory) -> dict[str, dict]:
+    """Three runs trained by balpoe-train, evaluated by balpoe-evaluate and rendered by prepare_hub_folder."""
+    from train_synthetic import write_parquet
+
+    from balpoe_hf import cli
+
+    root = tmp_path_factory.mktemp("card_runs")
+    train_file, test_file = write_parquet(root / "data")
+    torch.set_num_threads(1)
+    cards = {}
+    for method, flags in RUNS.items():
+        run = root / "runs" / method
+        assert cli.train_main([*COMMON_FLAGS, *flags, "--train-file", str(train_file), "--test-file",
+                               str(test_file), "--output-dir", str(run)]) == 0
+        priors = "all" if "--holdout-fraction" in flags else "none,oracle,em"
+        assert cli.evaluate_main(["--model", str(run), "--shifts", "forward5,uniform,backward5", "--prior",
+                                  priors, "--output", str(run / "eval" / "report.json")]) == 0
+        folder = hub.prepare_hub_folder(run, f"me/run-{method}")
+        cards[method] = {"run": run, "folder": folder, "text": (run / "README.md").read_text(),
+                         "data": root / "data"}
+    return cards
+
+
+def _target_priors(card: ModelCard) -> set[str]:
+    """The prior modes of the card's model-index entries."""
+    names = [r.metric_name for r in card.data.eval_results]
+    return {match.group(1) for name in names if (match := re.fullmatch(r".*\(target prior: (.+)\)", name))}
+
+
+def _front_matter(text: str) -> str:
+    return text.split("---\n", 2)[1]
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_card_shows_no_local_path(run_cards, method):
+    card = run_cards[method]
+    text = card["text"]
+    assert str(card["data"]) not in text and str(card["run"]) not in text
+    assert not ABSOLUTE_PATH.findall(text)
+    assert "| Training data | `train.parquet` (local files) |" in text
+    assert "| Test data | `test.parquet` |" in text
+    assert "balpoe-train --config recipe.yaml --train-file train.parquet --test-file test.parquet" in text
+    # The shipped recipe's description (ResNet-32, 200 epochs, mixup 0.8) is true of none of these runs.
+    assert "ResNet-32" not in text and "200 epochs" not in text and "mixup 0.8" not in text
+
+
+def test_balpoe_erm_card_states_its_run(run_cards):
+    card = run_cards["balpoe-erm"]
+    text, data = card["text"], card["folder"].card.data
+    assert "trained without mixup (the paper's ERM variant): 3 experts (lambda = 1, 0, -1) on a shared " \
+           "`resnet20_cifar` trunk" in text
+    assert "| Method | `balpoe-erm` (BalPoE 1/0/-1 without mixup) |" in text
+    assert "| Mixup | off |" in text
+    body = text.split("---\n", 2)[2]
+    assert "with mixup" not in body and "alpha" not in body and "mixup soft targets" not in body
+    assert "| Schedule | 2 epochs, batch 8, SGD lr 0.1" in text
+    # 32/16/8/4 training images (ratio 8) less a quarter of each class held out: 24/12/6/3 trained on.
+    assert "made long-tailed with imbalance ratio 8" in text and "25% of each class held out" in text
+    assert "| Training images | 45 in 4 classes, 24 down to 3 (imbalance ratio 8) |" in text
+    assert (data.balpoe["method"], data.balpoe["epochs"]) == ("balpoe-erm", 2)
+    assert data.balpoe["mixup_alpha"] == 0.0
+    assert data.balpoe["backbone"] == "resnet20_cifar" and data.balpoe["class_counts"] == [24, 12, 6, 3]
+    assert data.datasets is None  # local files: no Hub dataset to point to
+
+
+def test_balpoe_card_states_its_mixup(run_cards):
+    text, data = run_cards["balpoe"]["text"], run_cards["balpoe"]["folder"].card.data
+    assert "trained with mixup (alpha 0.4): 3 experts (lambda = 1, 0, -1)" in text
+    assert "| Method | `balpoe` (BalPoE 1/0/-1 with mixup) |" in text
+    assert "| Mixup | alpha 0.4 (soft targets) |" in text
+    assert "| Schedule | 1 epoch, batch 8," in text
+    assert "held out" not in text  # trained without a held-out split
+    assert (data.balpoe["method"], data.balpoe["epochs"], data.balpoe["mixup_alpha"]) == ("balpoe", 1, 0.4)
+
+
+def test_ce_la_card_states_a_single_network(run_cards):
+    text, data = run_cards["ce-la"]["text"], run_cards["ce-la"]["folder"].card.data
+    assert "the **cross-entropy with post-hoc logit adjustment (Menon et al., ICLR 2021)** baseline" in text
+    body = text.split("---\n", 2)[2].split("## How to use")[0]
+    assert "one `resnet20_cifar` network" in body and "expert" not in body
+    assert "| Loss | cross-entropy `CE(z, y)` |" in text
+    assert "| Prediction | `z - log pi + log pi_target`;" in text
+    assert "| Mixup | off |" in text and "with mixup" not in text
+    assert (data.balpoe["method"], data.balpoe["num_experts"], data.balpoe["lambdas"]) == ("ce-la", 1, [1.0])
+
+
+@pytest.mark.parametrize("method,unknown", [("balpoe-erm", "auto"), ("balpoe", "em"), ("ce-la", "auto")])
+def test_card_shift_table_and_model_index_hold_three_prior_modes(run_cards, method, unknown):
+    card = run_cards[method]
+    text = card["text"]
+    report = json.loads((card["run"] / "eval" / "report.json").read_text())
+    assert len(report["shift_accuracy"]) == (9 if unknown == "auto" else 3)  # the report keeps every mode
+    body = text.split("## How to use")[0]
+    rows = re.findall(r"^\| ([\w-]+) \| [\d.]+ \|", body, flags=re.MULTILINE)
+    assert rows == ["none", "oracle", unknown]
+    assert "Rows: `none` predicts for the uniform prior" in body
+    assert f"; `{unknown}` for the distribution estimated from the unlabeled test images" in body
+    assert "[`eval/report.json`](eval/report.json)" in body
+    assert _target_priors(card["folder"].card) == {"none", "oracle", unknown}
+    # 9 balanced-set metrics + 3 modes x 3 shifts
+    assert len(card["folder"].card.data.eval_results) == 9 + 3 * 3
+    snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
+    call = 'adapt_to_unlabeled(inputs["pixel_values"]' + (', method="em")' if unknown == "em" else ")")
+    assert call in snippet and "estimate_target_prior" not in text
+
+
+def test_card_front_matter_stays_small_for_the_full_grid():
+    from balpoe_hf.evaluation import ALL_SHIFTS, PRIOR_MODES
+
+    grid = {"shift_accuracy": {mode: dict.fromkeys(ALL_SHIFTS, 0.5) for mode in PRIOR_MODES}}
+    calibrated = {**CONFIG, "calibration": {}, "shift_estimator": {"name": "em-bcts"}}
+    card = hub.render_model_card(calibrated, EVAL, grid, images=IMAGES)
+    assert _target_priors(card) == {"auto", "none", "oracle"}
+    assert len(card.data.eval_results) == len(EVAL) - 1 + 3 * len(ALL_SHIFTS)  # few-shot is None
+    assert len(_front_matter(str(card)).splitlines()) < 300  # the 11 x 9 grid took 680 lines
+    assert "| auto (chose em-bcts) |" in card.text and "For this model `auto` chose `em-bcts`." in card.text
+    assert "| em-bcts |" not in card.text
+    plain = hub.render_model_card({**CONFIG, "calibration": {}}, EVAL, grid, images=IMAGES)
+    assert "| auto | 50.00 |" in plain.text and "chose" not in plain.text
+
+
+def test_card_snippets_run_as_written_without_the_package(run_cards, hub_snapshot, saved_run, tmp_path):
+    """Every card's usage code, with its Hub id pointed at the uploaded folder, in a Python without
+    balpoe_hf: remote code, the pipeline, a known prior and adapt_to_unlabeled (auto and em). The remote-code
+    model of the pushed folder computes the logits of the model that was saved."""
+    _, saved_model = saved_run
+    _, pixels = _pixels(hub_snapshot["repo"])
+    torch.save(pixels, tmp_path / "pixels.pt")
+    folders = {"me/tiny-balpoe": hub_snapshot["repo"],
+               **{f"me/run-{method}": card["run"] for method, card in run_cards.items()}}
+    lines = ["import sys", "sys.modules['balpoe_hf'] = None  # only the repository's code files"]
+    for repo_id, folder in folders.items():
+        text = (folder / "README.md").read_text()
+        snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
+        assert f'repo = "{repo_id}"' in snippet
+        lines += [snippet.replace(f'repo = "{repo_id}"', f"repo = {str(folder)!r}"),
+                  "assert shifted_logits.shape == (8, model.config.num_labels)",
+                  "assert abs(float(estimate.prior.sum()) - 1) < 1e-6", "print('ran', repo)"]
+        if folder == hub_snapshot["repo"]:
+            lines += ["assert 'transformers_modules' in type(model).__module__",
+                      f"pixels = torch.load({str(tmp_path / 'pixels.pt')!r})",
+                      "with torch.no_grad():",
+                      f"    torch.save(model(pixels, target_prior='uniform').logits, "
+                      f"{str(tmp_path / 'logits.pt')!r})"]
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", "\n".join(lines)], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ran ") == len(folders)
+    with torch.no_grad():
+        expected = saved_model(pixels).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-6)
+
+
+def test_card_renders_as_the_hub_shows_it(run_cards, tmp_path):
+    """The card as HTML (YAML header stripped, Markdown rendered, images relative to the repository), and,
+    where chromium is installed, drawn by a headless browser. ``python tests/card_html.py README.md out.png``
+    draws any card for a person to look at."""
+    pytest.importorskip("markdown")
+    from card_html import card_html, chromium, screenshot
+
+    folder = run_cards["balpoe-erm"]["run"]
+    html = card_html(folder / "README.md")
+    assert "model-index" not in html and "library_name" not in html
+    # The run, the metrics, the shift table and the class counts: every table rendered, none left as text.
+    assert html.count("<table>") == 4 and "|---" not in html and "| none |" not in html
+    images = re.findall(r'<img alt="[^"]*" src="([^"]+)"', html)
+    assert sorted(images) == ["images/class_counts.png", "images/per_class_accuracy.png",
+                              "images/reliability_diagram.png"]
+    assert all((folder / image).is_file() for image in images)
+    assert '<code class="language-python">' in html and '<code class="language-bash">' in html
+    if chromium() is None:
+        pytest.skip("chromium is not installed: the page was rendered but not drawn")
+    png = Image.open(screenshot(html, tmp_path / "card.png", height=1200))
+    assert png.size == (1000, 1200)
+    # The title and the run's table are drawn: dark text on the white page.
+    assert png.convert("L").crop((0, 0, 1000, 600)).getextrema()[0] < 64

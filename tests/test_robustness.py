@@ -7,6 +7,7 @@ One section per item of the issue; checkpoints and resume (items 6, 7, 9 and the
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import random
@@ -19,6 +20,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_imagefolder, write_parquet
 
 from balpoe_hf import (
@@ -35,6 +38,7 @@ from balpoe_hf import (
     training,
     transforms,
 )
+from balpoe_hf.data import long_tailed_counts, make_long_tailed, make_shifted_test
 from balpoe_hf.recipes import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,8 +152,8 @@ def test_a_class_without_training_images_is_refused_saying_where_the_count_comes
     train = _plain_parquet(data[0], tmp_path / "train.parquet",
                            lambda labels: np.where(labels == 2, 1, labels))
     test = _plain_parquet(data[1], tmp_path / "test.parquet")
-    with pytest.raises(loading.DataError, match=r"classes \[2\] have no training image \(the 4 classes are "
-                                                r"inferred from the largest label"):
+    with pytest.raises(loading.DataError, match=r"classes \[2\] have no training image, but the model "
+                                                r"would have 4 classes \(inferred from the largest label"):
         loading.load_training_data(_recipe((train, test)))
     good = _plain_parquet(data[0], tmp_path / "good.parquet")
     loaded = loading.load_training_data(_recipe((good, test)))
@@ -517,3 +521,333 @@ def test_optional_packages_are_extras_and_each_feature_names_its_extra(data, tmp
     with pytest.raises(hub.HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
         hub.prepare_hub_folder(tmp_path)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- second sweep (issue 21)
+# Each case of the second hostile sweep: a clear message naming the problem and the fix, or the right answer.
+
+
+def test_constructors_refuse_what_would_fail_late_or_silently():
+    with pytest.raises(ValueError, match=r"lambdas must hold one bias per expert \(at least one expert\), "
+                                         r"got \[\]"):
+        BalPoELoss([30, 20, 10], lambdas=[])  # it used to construct and return NaN at the first call
+    ds = datasets.Dataset.from_dict({"label": [0] * 8 + [1] * 8 + [2] * 8})
+    with pytest.raises(ValueError, match=r"train_counts must be integers >= 0 \(images per class\), but "
+                                         r"classes \[1\] have \[-5\]"):
+        make_shifted_test(ds, [30, -5, 10], "forward", 2.0)
+    for build in (lambda: make_long_tailed(ds, float("nan")),
+                  lambda: make_shifted_test(ds, [30, 20, 10], "backward", float("nan")),
+                  lambda: long_tailed_counts(100, 10, float("inf"))):
+        with pytest.raises(ValueError, match=r"must be >= 1 and finite \(head count / tail count\)"):
+            build()
+    counts = {"backbone": "resnet20_cifar", "class_counts": [3, 2, 1]}
+    for values, message in [({"lambdas": [1.0, "a", -1.0]}, r"must hold numbers .* got lambdas=\[1.0, 'a'"),
+                            ({"classifier_scale": None}, "classifier_scale must be positive and finite"),
+                            ({"image_size": "32"}, "image_size must be a positive integer number of pixels"),
+                            ({"image_mean": "abc"}, "image_mean must be a list of finite numbers"),
+                            ({"backbone_kwargs": [1]}, "backbone_kwargs must be a mapping"),
+                            ({"backbone_pretrained": "yes"}, "backbone_pretrained must be True or False")]:
+        with pytest.raises(ValueError, match=message):
+            BalPoEConfig(**counts, **values)
+
+
+# Lost files: --resume, --output-dir, balpoe-evaluate --output
+
+
+def test_resume_on_a_folder_that_is_not_a_run_refuses_and_touches_nothing(data, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "checkpoints" / "drafts").mkdir(parents=True)
+    (mine / "checkpoints" / "drafts" / "notes.txt").write_text("years of work")
+    (mine / "recipe.yaml").write_text("my: settings\n")
+    (mine / "config.json").write_text("{}")
+    before = _snapshot(mine)
+    argv = ["--train-file", str(data[0]), "--test-file", str(data[1]), "--image-column", "picture",
+            "--label-column", "target", "--output-dir", str(mine), "--resume"]
+    assert cli.train_main(argv) == 2
+    assert "is not the directory of a balpoe-hf run (it has no balpoe_outputs.json listing what a run " \
+           "wrote, nor a checkpoint of one in checkpoints/), so --resume will not touch it" in \
+           capsys.readouterr().err
+    assert _snapshot(mine) == before
+
+
+def test_resume_never_writes_over_a_file_the_run_did_not_write(run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    checkpoints.check_output_dir(out, resume=True, overwrite=False)  # the run's own files: fine
+    (out / "holdout_results.json").write_text('{"mine": true}')  # a name the run writes, not written by it
+    with pytest.raises(TrainingError, match=r"--resume would write over \['holdout_results.json'\] in .*, "
+                                            r"which balpoe-hf did not write there .*\(nothing was written\)"):
+        checkpoints.check_output_dir(out, resume=True, overwrite=False)
+    with pytest.raises(TrainingError, match=r"--overwrite would write over \['holdout_results.json'\]"):
+        checkpoints.check_output_dir(out, resume=False, overwrite=True)
+    (out / "holdout_results.json").unlink()
+    (out / "config.json").write_text((out / "config.json").read_text() + "\n")  # edited since
+    with pytest.raises(TrainingError, match=r"--resume would write over \['config.json'\]"):
+        checkpoints.check_output_dir(out, resume=True, overwrite=False)
+
+
+def test_output_dir_that_takes_no_files_is_refused_before_the_data_load(data, tmp_path, capsys, monkeypatch):
+    def load(recipe):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr(training, "load_training_data", load)
+    argv = ["--train-file", str(data[0]), "--test-file", str(data[1]), "--image-column", "picture",
+            "--label-column", "target"]
+    (tmp_path / "a-file").write_text("")
+    assert cli.train_main([*argv, "--output-dir", str(tmp_path / "a-file" / "run")]) == 2
+    assert f"cannot write --output-dir {tmp_path / 'a-file' / 'run'}: {tmp_path / 'a-file'} is a file" in \
+        capsys.readouterr().err
+
+    def read_only(*args, **kwargs):  # what a folder without write permission answers (tests may run as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoints.tempfile, "NamedTemporaryFile", read_only)
+    assert cli.train_main([*argv, "--output-dir", str(tmp_path / "locked" / "run")]) == 2
+    assert f"{tmp_path} does not take new files (Permission denied); choose a folder you can write to" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "locked").exists()
+
+
+def test_evaluate_output_replaces_only_reports_balpoe_evaluate_wrote(run, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(run, model, ignore=shutil.ignore_patterns("checkpoints"))
+    before = _snapshot(model)
+    argv = ["--model", str(model), "--shifts", "uniform", "--prior", "none", "--device", "cpu", "--output"]
+    for target in ("model.safetensors", "config.json", "recipe.yaml"):
+        assert cli.evaluate_main([*argv, str(model / target)]) == 2
+        assert f"would replace ['{model / target}'], which balpoe-evaluate did not write" in \
+            capsys.readouterr().err
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "r_reliability.png").write_bytes(b"my picture")
+    assert cli.evaluate_main([*argv, str(reports / "r.json")]) == 2
+    assert f"would replace ['{reports / 'r_reliability.png'}']" in capsys.readouterr().err
+    assert _snapshot(model) == before and (reports / "r_reliability.png").read_bytes() == b"my picture"
+    # Its own reports: listed as balpoe-evaluate's (beside them, or in the run's manifest), replaced again.
+    for output, owner in ((reports / "s.json", reports), (model / "eval" / "report.json", model)):
+        assert cli.evaluate_main([*argv, str(output)]) == 0
+        assert cli.evaluate_main([*argv, str(output)]) == 0
+        manifest = checkpoints.read_manifest(owner)
+        assert output.relative_to(owner).as_posix() in manifest["reports"]
+    assert "model.safetensors" not in checkpoints.read_manifest(model)["reports"]
+    capsys.readouterr()
+
+
+# Silently wrong: gradient accumulation, 16-bit images, mismatched weights, a test set without a class
+
+
+@pytest.mark.parametrize("batch_size,accumulation,steps", [(24, 4, 1), (8, 2, 4)])
+def test_device_pipeline_steps_on_the_last_partial_accumulation(data, tmp_path, capsys, batch_size,
+                                                                 accumulation, steps):
+    # 60 training images: 2 batches of 24 with 4 accumulation steps, or 7 batches of 8 with 2: one and four
+    # optimizer steps (the last accumulation partial), as a hand count and the worker pipeline give.
+    recipe = _recipe(data, epochs=1, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                     data_pipeline="device")
+    training.train(recipe, tmp_path / "run")
+    assert f"training 1 epochs of {steps} steps" in capsys.readouterr().out
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch-0001"
+    # The lr scheduler, registered for checkpointing, steps once per optimizer step.
+    scheduler = torch.load(checkpoint / "custom_checkpoint_0.pkl", weights_only=False)
+    assert scheduler["last_epoch"] == steps
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    assert len(optimizer["state"]) > 0  # momentum buffers: the optimizer did step
+
+
+def _gray16(path: Path, values: np.ndarray) -> Path:
+    """A parquet file of one 16-bit grayscale PNG (PIL mode I;16) per row of ``values`` (N, H, W)."""
+    encoded = []
+    for pixels in values:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint16)).save(buffer, "PNG")
+        encoded.append({"bytes": buffer.getvalue(), "path": None})
+    features = datasets.Features({"picture": datasets.Image(),
+                                  "target": datasets.ClassLabel(names=CLASS_NAMES)})
+    datasets.Dataset.from_dict({"picture": encoded, "target": [0] * len(values)},
+                               features=features).to_parquet(path)
+    return path
+
+
+def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(run, tmp_path):
+    from balpoe_hf.device_data import decode_to_uint8
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (4, 16, 16))
+    gray16 = datasets.load_dataset("parquet", data_files=str(_gray16(tmp_path / "g.parquet", values)),
+                                   split="train")
+    assert gray16[0]["picture"].mode == "I;16"
+    expected = np.round(values / 257).astype(np.uint8)  # 65535 -> 255, linearly
+    assert np.array_equal(np.asarray(transforms.to_rgb(gray16[0]["picture"]))[..., 1], expected[0])
+    images, _ = decode_to_uint8(gray16, "picture", "target", 16, cache_dir=tmp_path / "cache")
+    assert torch.equal(images[:, 0], torch.from_numpy(expected))  # the device pipeline
+    # Evaluation sees what it sees for the same image saved with 8 bits.
+    gray8 = gray16.cast_column("picture", datasets.Image()).map(
+        lambda row, i: {"picture": Image.fromarray(expected[i])}, with_indices=True)
+    model, processor = evaluation.load_model(run)
+    logits16, _ = evaluation.predict(model, processor, gray16, image_column="picture")
+    logits8, _ = evaluation.predict(model, processor, gray8, image_column="picture")
+    torch.testing.assert_close(logits16, logits8, rtol=0, atol=0)
+
+
+def test_evaluate_refuses_weights_that_do_not_fit_their_config(run, tmp_path, capsys, no_inference):
+    model = tmp_path / "model"
+    shutil.copytree(run, model, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((model / "config.json").read_text())
+    argv = ["--model", str(model), "--device", "cpu"]
+    for changes, message in [
+            ({"num_experts": 4, "lambdas": [1.0, 0.5, 0.0, -1.5]}, "do not fit the model its config.json "
+                                                                   "describes (num_experts 4, 4 classes"),
+            ({"num_experts": 2, "lambdas": [1.0, -1.0]}, "do not fit the model its config.json describes"),
+            ({"lambdas": [1.0, 0.0]}, "is not a valid BalPoE config: lambdas has 2 entries but there are 3"),
+            ({"class_counts": [32, 16, 8]}, "class_counts has 3 entries but the model has 4 classes")]:
+        (model / "config.json").write_text(json.dumps({**config, **changes}))
+        assert cli.evaluate_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "MISSING" not in err, err  # no transformers load report either
+    (model / "config.json").unlink()
+    assert cli.evaluate_main(argv) == 2
+    assert f"{model} has no config.json: a BalPoE model folder holds its config beside the weights" in \
+        capsys.readouterr().err
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "recipe.yaml").write_text("epochs: [\n")
+    assert cli.evaluate_main(argv) == 2
+    assert f"cannot parse the recipe file {model / 'recipe.yaml'}" in capsys.readouterr().err
+
+
+def test_test_set_without_a_class_is_named_in_a_warning(run, data, tmp_path, capsys):
+    ds = datasets.load_dataset("parquet", data_files=str(data[1]), split="train")
+    without = tmp_path / "test.parquet"
+    ds.filter(lambda row: row["target"] != 2).to_parquet(without)
+    assert cli.evaluate_main(["--model", str(run), "--test-file", str(without), "--shifts", "uniform",
+                              "--prior", "none", "--device", "cpu", "--output",
+                              str(tmp_path / "report.json")]) == 0
+    assert "warning: the test set has no image of classes [2]: balanced accuracy and the many / medium / " \
+           "few-shot accuracies average over the 3 of 4 classes it has." in capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["classes_without_test_images"] == [2]
+    assert report["balanced"]["per_class_accuracy"][2] is None
+
+
+# Recipe overrides, class counts, backbone kwargs, recipe and data files
+
+
+def test_a_backbone_override_resets_what_the_recipe_set_for_its_backbone(tmp_path):
+    # The recipe's backbone_kwargs ({zero_init_last: false}) are for its ResNeXt; the CIFAR ResNet has none.
+    stale = recipes.make_recipe({**recipes.recipe_values("imagenet-lt-resnext50"),
+                                 "backbone": "resnet20_cifar"})
+    with pytest.raises(TrainingError, match=r"cannot build the backbone resnet20_cifar with backbone_kwargs "
+                                            r"\{'zero_init_last': False\}: .*unexpected keyword argument"):
+        training.check_model(stale)
+    _, recipe = recipes.parse_args(["--recipe", "imagenet-lt-resnext50", "--backbone", "resnet20_cifar",
+                                    "--epochs", "8"])
+    assert recipe.backbone_kwargs == {} and recipe.lambdas == [1.0, -0.25, -1.5]
+    assert recipe.overridden == ("backbone", "epochs", "backbone_kwargs")
+    assert recipe.notes == ("the recipe's backbone_kwargs {'zero_init_last': False} were set for its "
+                            "backbone resnext50_32x4d: dropped for resnet20_cifar (set them for it with "
+                            "--backbone-kwargs)",)
+    assert recipe.description.endswith("180 epochs, cosine lr 0.025, mixup 0.3 (overridden: "
+                                       "backbone=resnet20_cifar, epochs=8; reset: backbone_kwargs)")
+    training.check_model(recipe)  # builds
+    # Set with the override, they are the user's; the Python API resolves the same way.
+    _, given = recipes.parse_args(["--recipe", "imagenet-lt-resnext50", "--backbone", "resnet20_cifar",
+                                   "--backbone-kwargs", '{"drop_rate": 0.1}'])
+    assert given.backbone_kwargs == {"drop_rate": 0.1} and given.notes == ()
+    assert recipes.load_recipe("imagenet-lt-resnext50", backbone="resnet20_cifar", epochs=8).to_dict() == \
+        recipe.to_dict()
+    # recipe.yaml says which fields were overridden, and reads back as the same recipe.
+    checkpoints.start_run(tmp_path / "run", recipe)
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert saved[recipes.OVERRIDDEN_KEY] == ["backbone", "epochs", "backbone_kwargs"]
+    assert recipes.load_recipe(config=tmp_path / "run" / "recipe.yaml").to_dict() == recipe.to_dict()
+    # A config file over its base is an override too.
+    (tmp_path / "mine.yaml").write_text("base: imagenet-lt-resnext50\nbackbone: resnet50\nepochs: 2\n")
+    mine = recipes.load_recipe(config=tmp_path / "mine.yaml")
+    assert mine.backbone_kwargs == {} and mine.overridden == ("backbone", "epochs", "backbone_kwargs")
+    unchanged = recipes.load_recipe("imagenet-lt-resnext50")
+    assert unchanged.overridden == () and "overridden" not in unchanged.description
+
+
+def test_class_count_mismatch_is_one_line_naming_the_count_and_the_flag(data):
+    # Four classes in the files, a 1,000-class recipe: 996 empty classes, listed as first few, last, count.
+    with pytest.raises(loading.DataError) as error:
+        loading.load_training_data(_recipe(data, num_classes=1000, imbalance_ratio=10.0))
+    assert str(error.value) == (
+        "classes [4, 5, 6, 7, 8, ..., 999] (996 classes) have no training image, but the model would have "
+        "1000 classes (set by num_classes: the recipe's or --num-classes); BalPoE needs every class in the "
+        "training prior. The data hold classes 0 to 3: set --num-classes 4.")
+    from balpoe_hf.data import short_list
+
+    assert short_list([3, 1, 2]) == "[3, 1, 2]"
+    assert short_list(range(10, 20), "files") == "[10, 11, 12, 13, 14, ..., 19] (10 files)"
+
+
+def test_backbone_kwargs_the_backbone_refuses_stop_before_the_data_load(data, tmp_path, capsys, monkeypatch):
+    def load(recipe):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr(training, "load_training_data", load)
+    argv = ["--train-file", str(data[0]), "--test-file", str(data[1]), "--image-column", "picture",
+            "--label-column", "target", "--backbone", "resnet20_cifar", "--output-dir", str(tmp_path / "run")]
+    for kwargs, message in [('{"foo": 1}', "unexpected keyword argument 'foo'"),
+                            ('{"depth": 56}', "multiple values for keyword argument 'depth'")]:
+        assert cli.train_main([*argv, "--backbone-kwargs", kwargs]) == 2
+        err = capsys.readouterr().err
+        assert "cannot build the backbone resnet20_cifar with backbone_kwargs" in err and message in err
+        assert "takes and does not set itself (--backbone-kwargs), or none." in err
+    assert cli.train_main([*argv, "--backbone-kwargs", '{"in_chans": 1}']) == 2
+    assert "backbone_kwargs sets in_chans=1, but training feeds RGB images" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_files_that_are_not_one_yaml_mapping_are_refused(data, tmp_path, capsys):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("base: cifar10-lt-ir100\nepochs: 3\nbase: imagenet-lt-resnext50\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(data[0].read_bytes()[:2000])
+    for config, message in [(twice, f"cannot parse the recipe file {twice}: the key(s) ['base'] are given "
+                                     "twice; keep one"),
+                            (binary, f"the recipe file {binary} is not a text file"),
+                            (tmp_path, f"recipe file {tmp_path} is a folder")]:
+        assert cli.train_main(["--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_empty_parquet_file_is_named(data, tmp_path):
+    empty = tmp_path / "empty.parquet"
+    datasets.load_dataset("parquet", data_files=str(data[0]), split="train").select([]).to_parquet(empty)
+    with pytest.raises(loading.DataError, match=r"empty\.parquet is a parquet file without rows"):
+        loading.load_training_data(_recipe(data, train_file=[str(empty)]))
+
+
+# balpoe-push
+
+
+def test_push_refuses_bad_input_before_writing_anything(model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "data.parquet").write_bytes(b"PAR1\x15\x04\x80\xff")
+    before = _snapshot(model_dir)
+    cases = [
+        (["not a valid id!!"], "'not a valid id!!' is not a Hub repository id"),
+        (["me/model", "--eval-report", str(tmp_path / "list.json")], "holds a JSON list, not an object"),
+        (["me/model", "--eval-report", str(tmp_path / "broken.json")], "is not valid JSON"),
+        (["me/model", "--eval-report", str(tmp_path / "data.parquet")], "is not valid JSON"),
+    ]
+    for args, message in cases:
+        assert cli.push_main([str(model_dir), *args, "--dry-run"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Nothing was written" in err, err
+    config = (model_dir / "config.json").read_text()
+    (model_dir / "config.json").write_text(config[:-20])
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
+    assert f"the model config {model_dir / 'config.json'} is not valid JSON" in capsys.readouterr().err
+    (model_dir / "config.json").write_text(config)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoints.tempfile, "NamedTemporaryFile", read_only)
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
+    assert f"cannot write the model card into {model_dir}: {model_dir} does not take new files" in \
+        capsys.readouterr().err
+    assert _snapshot(model_dir) == before

@@ -296,7 +296,7 @@ def test_output_directory_rules(tmp_path):
     # --resume and --overwrite act on a run's directory only (tests/test_robustness.py has the details).
     with pytest.raises(TrainingError, match="is not the directory of a balpoe-hf run"):
         checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
-    checkpoints.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"])
+    checkpoints.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], checkpoints.RUN_FOLDERS)
     checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
     checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
 
@@ -369,3 +369,13 @@ def test_push_to_hub_needs_an_id_and_the_network(train_script, tmp_path, capsys,
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert train_script.main([*argv, "--hub-model-id", "me/x"]) == 2  # before any training
     assert "--push-to-hub needs the network, but offline mode is on" in capsys.readouterr().err
+
+
+def test_list_recipes_prints_every_shipped_recipe(capsys):
+    from balpoe_hf import cli
+
+    assert cli.train_main(["--list-recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == recipes.available_recipes()
+    (quick,) = [line for line in lines if line.startswith("fashion-mnist-lt-quick ")]
+    assert "Fashion-MNIST-LT IR100" in quick

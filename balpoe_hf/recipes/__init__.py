@@ -14,6 +14,15 @@ flag given on the command line wins and ``--help`` shows the resolved values), `
 no abbreviated flags (``--epoch`` must not silently mean ``--epochs``). ``HfArgumentParser.parse_dict`` /
 ``parse_yaml_file`` do not check value types, so YAML values are checked here (``_coerce``), as are the
 settings that would otherwise fail late or silently (``Recipe.validate``).
+
+A layer that changes the backbone (a ``--backbone`` flag over a recipe, a config file over its ``base``)
+resets the fields a recipe sets *for* its backbone (``BACKBONE_FIELDS``: ``backbone_kwargs`` such as
+``zero_init_last`` for a ResNeXt, ``shared_stages``) unless the same layer sets them too, with a note. The
+recipe's image size and normalisation stay: the shipped recipes give the statistics of their data, not of a
+backbone. The fields a layer changed are listed in ``Recipe.overridden``, the recipe's ``description`` says
+so (``"... (overridden: epochs=8, backbone=resnet20_cifar; reset: backbone_kwargs)"``) and a run's
+``recipe.yaml`` (``save_recipe``) lists them under ``overridden_fields`` (``OVERRIDDEN_KEY``), the one key of
+that file that is not a recipe field; reading the file back as a recipe drops it.
 """
 
 from __future__ import annotations
@@ -49,6 +58,12 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 DataPipeline = Literal["auto", "device", "workers"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 Loss = Literal["balpoe", "lade"]
+
+
+# A run's recipe.yaml: the fields set over the recipe (see the module docstring); not a recipe field.
+OVERRIDDEN_KEY = "overridden_fields"
+# Fields a recipe sets for its backbone, reset when a layer over it changes the backbone (module docstring).
+BACKBONE_FIELDS = ("backbone_kwargs", "shared_stages")
 
 
 class TrainingError(ValueError):
@@ -181,15 +196,15 @@ class Recipe:
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "Batches accumulated per optimizer step."))
     lr: float = field(default=0.1, metadata=_help(
-        "Peak learning rate, for the recipe's global batch (see the README on scaling it)."))
+        "Peak learning rate, for the recipe's global batch (docs/training.md on scaling it)."))
     momentum: float = field(default=0.9, metadata=_help("SGD momentum."))
     nesterov: bool = field(default=True, metadata=_help("Nesterov momentum."))
     weight_decay: float = field(default=5e-4, metadata=_help("Weight decay."))
     scale_expert_lr: bool = field(default=False, metadata=_help(
         "Train the experts' own parameters at num_experts x lr with weight decay / num_experts: the loss is "
         "the mean over experts, so each expert gets 1/num_experts of the gradient, and this makes its update "
-        "the one it would get trained alone. Off: the paper's optimisation. Helps short budgets (README, "
-        "Comparing methods); no effect with one expert."))
+        "the one it would get trained alone. Off: the paper's optimisation. Helps short budgets (docs/"
+        "benchmarks.md); no effect with one expert."))
     lr_schedule: LRSchedule = field(default="multistep", metadata=_help(
         "Learning-rate schedule after the warm-up."))
     warmup_epochs: float = field(default=5.0, metadata=_help("Linear warm-up length in epochs (0: none)."))
@@ -233,6 +248,12 @@ class Recipe:
     logging_steps: int = field(default=50, metadata=_help(
         "Log the training loss and lr to the tracker every N optimizer steps."))
 
+    # How the recipe was resolved (not settings: no flag, not in to_dict): the fields a config file or the
+    # command line changed, and notes for the user (e.g. backbone fields reset). Set by load_recipe and
+    # parse_args; save_recipe writes ``overridden`` into recipe.yaml.
+    overridden = ()
+    notes = ()
+
     def validate(self) -> Recipe:
         """Check the settings that would otherwise fail late or silently; returns ``self``."""
         hints = typing.get_type_hints(Recipe)
@@ -270,10 +291,18 @@ class Recipe:
             if value is not None and value <= 0:
                 raise TrainingError(f"{name} must be positive, got {value}.")
         not_negative = ("weight_decay", "momentum", "rotation", "color_jitter", "crop_padding",
-                        "checkpoint_every_steps", "eval_every", "num_workers", "warmup_epochs")
+                        "checkpoint_every_steps", "eval_every", "num_workers", "warmup_epochs", "seed",
+                        "split_seed", "many_threshold", "few_threshold", "shared_stages")
         for name in not_negative:
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise TrainingError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if min(self.lr_milestones, default=0) < 0:
+            raise TrainingError(f"lr_milestones are epochs, so not negative; got {self.lr_milestones}.")
+        if self.rotation > 180:
+            raise TrainingError(f"rotation is the largest angle, at most 180 degrees; got {self.rotation}.")
+        if not all(0 <= value <= 1 for value in self.image_mean):
+            raise TrainingError(f"image_mean is the mean of pixels scaled to [0, 1], so each value lies in "
+                                f"[0, 1]; got {self.image_mean}.")
         if self.momentum >= 1:
             raise TrainingError(f"momentum must be below 1, got {self.momentum}.")
         if self.num_classes is not None and self.num_classes < 2:
@@ -293,6 +322,10 @@ class Recipe:
             raise TrainingError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise TrainingError("image_mean and image_std need 3 values (images are fed as RGB).")
+        if self.backbone_kwargs.get("in_chans", 3) != 3:
+            raise TrainingError(f"backbone_kwargs sets in_chans={self.backbone_kwargs['in_chans']!r}, but "
+                                "training feeds RGB images (grayscale ones as three equal channels), so the "
+                                "backbone takes 3 input channels: drop in_chans from --backbone-kwargs.")
         if not 0 <= self.holdout_fraction < 1:
             raise TrainingError(f"holdout_fraction must be in [0, 1) (0: no held-out split), got "
                                 f"{self.holdout_fraction}.")
@@ -356,9 +389,37 @@ def available_recipes() -> list[str]:
     return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
+    twice = sorted({str(key) for key in keys if keys.count(key) > 1})
+    if twice:
+        raise yaml.constructor.ConstructorError(None, None, f"the key(s) {twice} are given twice; keep one",
+                                                node.start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of a recipe YAML file (a shipped recipe, a ``--config`` file, a run's ``recipe.yaml``).
+
+    Raises ``TrainingError`` for a file that cannot be read as YAML text (binary, a folder, malformed, a key
+    given twice) or that holds anything but a mapping.
+    """
+    path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text())
+        with path.open(encoding="utf-8") as handle:
+            values = yaml.load(handle, Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError:
+        raise TrainingError(f"the recipe file {path} is not a text file; give a YAML file of recipe fields "
+                            "(e.g. `epochs: 8`).") from None
+    except OSError as error:
+        raise TrainingError(f"cannot read the recipe file {path}: {error.strerror or error}.") from None
     except yaml.YAMLError as error:
         raise TrainingError(f"cannot parse the recipe file {path}: {error}") from None
     if values is None:
@@ -366,33 +427,89 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise TrainingError(f"the recipe file {path} must hold a mapping of recipe fields, got "
                             f"{type(values).__name__}.")
+    values.pop(OVERRIDDEN_KEY, None)  # a run's record of how its recipe was made, not a setting
     return values
 
 
-def recipe_values(name: str | None = None, config: str | Path | None = None) -> dict[str, Any]:
-    """The raw values of a shipped recipe ``name`` or of a YAML file ``config`` (with its ``base`` merged)."""
+def _default(name: str) -> Any:
+    spec = RECIPE_FIELDS[name]
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def _brief(name: str, value: Any) -> str:
+    """``name=value`` for a description; just ``name`` for a list or mapping (paths, lambdas)."""
+    return name if isinstance(value, list | dict) else f"{name}={value}"
+
+
+@dataclass
+class Resolution:
+    """A recipe layer with another over it (``override``): the values, what changed, notes for the user."""
+
+    values: dict[str, Any]
+    overridden: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def override(values: dict[str, Any], given: dict[str, Any]) -> Resolution:
+    """``values`` (a recipe or base layer) with ``given`` (a config file, flags, keywords) over it.
+
+    A ``given`` backbone other than the layer's resets the layer's ``BACKBONE_FIELDS`` that ``given`` does not
+    set (with a note); the fields that end up changed (``name`` and ``description`` aside) are listed, and the
+    layer's description gets them appended unless ``given`` has its own.
+    """
+    merged = {**values, **given}
+    reset, notes = [], []
+    backbone = values.get("backbone", _default("backbone"))
+    if "backbone" in given and given["backbone"] != backbone:
+        for name in BACKBONE_FIELDS:
+            if name not in given and values.get(name, _default(name)) != _default(name):
+                merged[name] = _default(name)
+                reset.append(name)
+                flag = "--" + name.replace("_", "-")
+                notes.append(f"the recipe's {name} {values[name]!r} were set for its backbone {backbone}: "
+                             f"dropped for {given['backbone']} (set them for it with {flag})")
+    changed = [name for name in given if name not in ("name", "description")
+               and given[name] != values.get(name, _default(name) if name in RECIPE_FIELDS else None)]
+    description = values.get("description")
+    if description and "description" not in given and (changed or reset):
+        what = ", ".join(_brief(name, merged[name]) for name in changed)
+        merged["description"] = (f"{description} (overridden: {what}" + (f"; reset: {', '.join(reset)}"
+                                                                          if reset else "") + ")")
+    return Resolution(merged, changed + reset, notes)
+
+
+def _resolve(name: str | None, config: str | Path | None) -> Resolution:
     if config is not None and name is not None:
         raise TrainingError("give either --recipe or --config, not both (a config file can start from a "
                             "recipe with `base: NAME`).")
     if config is not None:
         path = Path(config)
         if not path.is_file():
-            raise TrainingError(f"recipe file {path} does not exist.")
-        values = _read_yaml(path)
+            raise TrainingError(f"recipe file {path} {'is a folder' if path.is_dir() else 'does not exist'}.")
+        values = read_recipe_file(path)
         base = values.pop("base", None)
-        merged = recipe_values(base) if base else {}
-        merged.update(values)
-        return merged
+        if base is None:
+            return Resolution(values)
+        if not isinstance(base, str):
+            raise TrainingError(f"`base:` in {path} must name a shipped recipe, got {base!r}.")
+        lower = _resolve(base, None)
+        layer = override(lower.values, values)
+        return Resolution(layer.values, lower.overridden + layer.overridden, lower.notes + layer.notes)
     if name is None:
-        return {}
+        return Resolution({})
     path = RECIPES_DIR / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(available_recipes())
         raise TrainingError(f"unknown recipe {name!r}; the known recipes are: {known}. "
                             "Use --config FILE.yaml for your own.")
-    values = _read_yaml(path)
+    values = read_recipe_file(path)
     values.setdefault("name", name)
-    return values
+    return Resolution(values)
+
+
+def recipe_values(name: str | None = None, config: str | Path | None = None) -> dict[str, Any]:
+    """The raw values of a shipped recipe ``name`` or of a YAML file ``config`` (with its ``base`` merged)."""
+    return _resolve(name, config).values
 
 
 def make_recipe(values: dict[str, Any]) -> Recipe:
@@ -403,14 +520,22 @@ def make_recipe(values: dict[str, Any]) -> Recipe:
     return Recipe(**values).validate()
 
 
+def _resolved_recipe(lower: Resolution, given: dict[str, Any]) -> Recipe:
+    layer = override(lower.values, given)
+    check_method_overrides(layer.values.get("method"), {k: v for k, v in given.items() if k != "method"})
+    recipe = make_recipe(layer.values)
+    recipe.overridden = tuple(dict.fromkeys(lower.overridden + layer.overridden))
+    recipe.notes = tuple(lower.notes + layer.notes)
+    return recipe
+
+
 def load_recipe(name: str | None = None, config: str | Path | None = None, **overrides: Any) -> Recipe:
     """A shipped recipe or a YAML file, with field overrides: the Python equivalent of the command line.
 
-    ``load_recipe("fashion-mnist-lt-quick", epochs=1)`` is ``--recipe fashion-mnist-lt-quick --epochs 1``.
+    ``load_recipe("fashion-mnist-lt-quick", epochs=1)`` is ``--recipe fashion-mnist-lt-quick --epochs 1``;
+    ``recipe.overridden`` lists the fields changed from the recipe, ``recipe.notes`` what was reset.
     """
-    values = {**recipe_values(name, config), **overrides}
-    check_method_overrides(values.get("method"), {k: v for k, v in overrides.items() if k != "method"})
-    return make_recipe(values)
+    return _resolved_recipe(_resolve(name, config), overrides)
 
 
 def check_method_overrides(method: str | None, given: dict[str, Any]) -> None:
@@ -489,7 +614,7 @@ class RunArguments:
     _argument_group_name = "run"
 
     recipe: str | None = field(default=None, metadata=_help(
-        "Shipped recipe (see --list-recipes in the README or balpoe_hf.recipes.available_recipes())."))
+        "Shipped recipe (balpoe-train --list-recipes lists them)."))
     config: str | None = field(default=None, metadata=_help(
         "Your own recipe file (YAML mapping of recipe fields; `base: NAME` starts from a shipped recipe)."))
     output_dir: str | None = field(default=None, metadata=_help(
@@ -528,12 +653,15 @@ def _json_object(text: str) -> dict:
     return value
 
 
-def build_parser(description: str | None = None, run_arguments: type = RunArguments
+def build_parser(description: str | None = None, run_arguments: type = RunArguments,
+                 usage: str = "%(prog)s [--recipe NAME | --config FILE.yaml] [--FIELD VALUE ...]"
                  ) -> argparse.ArgumentParser:
     """``HfArgumentParser`` over ``run_arguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
     from transformers import HfArgumentParser
 
+    # A short usage line: argparse's own lists every flag (70 lines) above each usage error.
     parser = HfArgumentParser((run_arguments, Recipe), description=description, allow_abbrev=False,
+                              usage=usage + " (every flag: --help)",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Recipe)
     actions = {action.dest: action for action in parser._actions}
@@ -587,15 +715,15 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
     first.add_argument("--recipe")
     first.add_argument("--config")
     known, _ = first.parse_known_args(argv)
-    namespace, settings, given = parse_recipe_flags(parser, argv, recipe_values(known.recipe, known.config))
-    check_method_overrides(settings["method"], given)
+    lower = _resolve(known.recipe, known.config)
+    namespace, settings, given = parse_recipe_flags(parser, argv, lower.values)
     run = RunArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(RunArguments)})
     if run.recipe is None and run.config is None and settings["dataset"] is None \
             and settings["train_file"] is None and settings["train_list"] is None:
         parser.error(f"pass --recipe NAME (one of: {', '.join(available_recipes())}), --config FILE.yaml, "
                      "or the data flags (--dataset / --train-file and --test-file / --train-list, "
                      "--test-list and --data-root).")
-    recipe = make_recipe(settings)
+    recipe = _resolved_recipe(lower, given)
     if run.push_to_hub and not run.hub_model_id:
         raise TrainingError("--push-to-hub needs --hub-model-id USER/NAME.")
     if run.time_limit is not None and run.time_limit <= 0:
@@ -606,7 +734,11 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    """Write the resolved recipe as YAML, with ``overridden_fields`` when flags or a config changed fields."""
+    values = recipe.to_dict()
+    if recipe.overridden:
+        values[OVERRIDDEN_KEY] = list(recipe.overridden)
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))
 
 
 def recipe_differences(recipe: Recipe, path: str | Path) -> dict[str, tuple[Any, Any]]:
@@ -614,7 +746,7 @@ def recipe_differences(recipe: Recipe, path: str | Path) -> dict[str, tuple[Any,
 
     A field the file lacks (added to ``Recipe`` after the file was written) counts as its default.
     """
-    saved = _read_yaml(Path(path))
+    saved = read_recipe_file(Path(path))
     for name, spec in RECIPE_FIELDS.items():
         if name not in saved:
             saved[name] = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
