@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .label_shift import UNKNOWN_PRIOR_MODES
+
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
 
     balpoe-train --list-recipes                 # the shipped recipes, one line each
@@ -133,9 +135,17 @@ class EvaluateArguments:
     shifts: str = field(default="all", metadata={"help": (
         "'all' (forward50 ... uniform ... backward50) or a comma list of shift names.")})
     prior: str | None = field(default=None, metadata={"help": (
-        "Comma list of prior modes, or 'all': none, oracle, em, em-ts, em-bcts, bbse, em-bcts-lrt, "
-        "em-bcts-map, auto (default: none,oracle,auto; none,oracle,em for a model trained without "
-        "--holdout-fraction).")})
+        "Comma list of prior modes, or 'all': " + ", ".join(("none", "oracle", *UNKNOWN_PRIOR_MODES))
+        + " (default: none,oracle,auto; "
+        "none,oracle,em for a model trained without --holdout-fraction). auto runs the estimator chosen for "
+        "the model on its held-out split.")})
+    fit_shift_estimator: bool = field(default=False, metadata={"help": (
+        "First choose the model's label-shift estimator on its held-out split, as training does (for runs "
+        "saved before the choice existed; needs the run's folder and data), and save it with the model.")})
+    deployment_sizes: str | None = field(default=None, metadata={"help": (
+        "Comma list of small batch sizes, e.g. 100,300,1000: also adapt on batches of these sizes drawn "
+        "from each shifted set, as a deployment would (mean and worst gain over --deployment-draws).")})
+    deployment_draws: int = field(default=10, metadata={"help": "Batches drawn per size and shift."})
     output: str | None = field(default=None, metadata={
         "help": "Write the JSON report here, and the PNG plots beside it."})
     batch_size: int = field(default=256, metadata={"help": "Inference batch size."})
@@ -241,6 +251,21 @@ def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> 
         print(f"\nwrote {args.output} and one report per test list beside it")
 
 
+def _parse_sizes(text: str | None) -> list[int]:
+    from .evaluation import EvaluationError
+
+    if not text:
+        return []
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise EvaluationError(f"--deployment-sizes must be a comma list of positive batch sizes, e.g. "
+                              f"100,300,1000; got {text!r}.")
+    return sizes
+
+
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
     from .evaluation import (
@@ -250,7 +275,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         check_output,
         default_priors,
         evaluate_model,
+        fit_shift_estimator,
         format_balanced,
+        format_deployment_table,
+        format_shift_estimator,
         format_shift_table,
         load_model,
         parse_priors,
@@ -277,9 +305,13 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         if args.output:
             check_output(args.output, args.model,
                          [_list_name(path) for path in args.test_list] if several_lists else ())
+        sizes = _parse_sizes(args.deployment_sizes)
+        if args.fit_shift_estimator:
+            choice = fit_shift_estimator(args.model, device)
+            print(format_shift_estimator(choice))
         model, processor = load_model(args.model, device)
         priors = priors or default_priors(model.config.calibration)
-        check_calibration_for(priors, model.config.calibration, args.model)
+        check_calibration_for(priors, model.config.calibration, args.model, model.config.shift_estimator)
         if several_lists:
             _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
             return 0
@@ -293,7 +325,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         result = evaluate_model(model, processor, ds, image_column=args.image_column,
                                 label_column=args.label_column, shifts=shifts, priors=priors,
                                 batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
-                                seed=args.seed)
+                                seed=args.seed, deployment_sizes=sizes,
+                                deployment_draws=args.deployment_draws)
     except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
         return _fail(error)
     result.report = {"model": args.model, "dataset": source, **result.report}
@@ -303,6 +336,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     print(format_balanced(result.report["balanced"], result.report["num_test_samples"]))
     print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
     print(format_shift_table(result.report["shift_accuracy"], shifts))
+    if result.report["shift_estimator"]:
+        print(f"(auto ran {result.report['shift_estimator']})")
+    if sizes:
+        print("\nGain over none (points) adapting on small batches drawn from each shifted set, mean over "
+              f"{args.deployment_draws} draws (worst draw in brackets):")
+        print(format_deployment_table(result.report["deployment_batches"], shifts))
     if args.output:
         output = Path(args.output)
         try:

@@ -24,10 +24,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,26 +38,23 @@ from safetensors import SafetensorError
 
 from .calibration import apply_calibration
 from .checkpoints import read_manifest, record_outputs, written_by_package
-from .data import make_shifted_test, rank_by_count, short_list
+from .data import make_shifted_test, short_list
 from .label_shift import (
-    HOLDOUT_BIAS_STD,
-    UNKNOWN_PRIOR_METHODS,
+    UNKNOWN_PRIOR_MODES,
     PriorEstimate,
-    UnknownPriorMethod,
     estimate_unknown_prior,
     holdout_calibration,
+    resolve_unknown_prior_method,
 )
 from .loading import align_labels, offline_mode
 from .metrics import accuracy_report, calibration_report, long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
 from .priors import adjust_logits
 from .recipes import TrainingError
+from .shift_selection import ALL_SHIFTS, choose_shift_estimator, split_shift
 from .transforms import to_rgb
 
-ALL_SHIFTS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
-              "backward2", "backward5", "backward10", "backward25", "backward50"]
-PRIOR_MODES = ("none", "oracle", *UNKNOWN_PRIOR_METHODS)
-SHIFT_PATTERN = re.compile(r"(forward|backward)(\d+(?:\.\d+)?)|uniform")
+PRIOR_MODES = ("none", "oracle", *UNKNOWN_PRIOR_MODES)
 
 
 class EvaluationError(ValueError):
@@ -72,7 +68,12 @@ def parse_shifts(shifts: str | Sequence[str]) -> list[str]:
             return list(ALL_SHIFTS)
         shifts = shifts.split(",")
     names = [name.strip() for name in shifts if name.strip()]
-    bad = [name for name in names if not SHIFT_PATTERN.fullmatch(name)]
+    bad = []
+    for name in names:
+        try:
+            split_shift(name)
+        except ValueError:
+            bad.append(name)
     if bad or not names:
         raise EvaluationError(f"unknown shifts {bad or shifts!r}; use 'all' or names like forward50, "
                               "uniform, backward10 (forward/backward followed by an imbalance ratio >= 1).")
@@ -185,13 +186,6 @@ def check_shifts(labels: np.ndarray, train_counts: list[int], shifts: list[str],
         shifted_rows(labels, train_counts, shift, seed)
 
 
-def _split_shift(name: str) -> tuple[str, float]:
-    match = SHIFT_PATTERN.fullmatch(name)
-    if match.group(1) is None:
-        return "uniform", 1.0
-    return match.group(1), float(match.group(2))
-
-
 # --------------------------------------------------------------------------- model and predictions
 
 
@@ -275,11 +269,13 @@ def fit_target_prior(model: BalPoEForImageClassification, processor: Any, ds: da
     """``model.adapt_to_unlabeled`` for a ``datasets.Dataset`` of unlabelled images (labels are not read).
 
     Preprocesses ``ds[image_column]`` with ``processor`` (the model's image processor), estimates the class
-    prior with ``priors.estimate_unknown_prior(logits, model.config.calibration, method)`` and, with
-    ``set_prior``, calls ``model.set_target_prior(estimate.prior)``. Returns the ``PriorEstimate``.
+    prior with ``label_shift.estimate_unknown_prior`` (``method="auto"``: the estimator chosen for this
+    model, ``config.shift_estimator``) and, with ``set_prior``, calls
+    ``model.set_target_prior(estimate.prior)``. Returns the ``PriorEstimate``.
     """
     logits, _ = predict(model, processor, ds, image_column, batch_size)
-    estimate = estimate_unknown_prior(logits, model.config.calibration, method)
+    config = model.config
+    estimate = estimate_unknown_prior(logits, config.calibration, method, config.shift_estimator)
     if set_prior:
         model.set_target_prior(estimate.prior)
     return estimate
@@ -290,7 +286,7 @@ def fit_target_prior(model: BalPoEForImageClassification, processor: Any, ds: da
 
 def shifted_rows(labels: np.ndarray, train_counts: list[int], shift: str, seed: int = 0) -> np.ndarray:
     """Row indices of the balanced test set that make up one shifted test set."""
-    kind, ratio = _split_shift(shift)
+    kind, ratio = split_shift(shift)
     # make_shifted_test reads only the label column: give it the labels and a row number, no images.
     table = datasets.Dataset.from_dict({"label": labels, "row": np.arange(len(labels))})
     try:
@@ -321,10 +317,12 @@ def _estimate_summary(estimate: PriorEstimate, true_prior: torch.Tensor) -> dict
 
 def evaluate_shifts(uniform_logits: torch.Tensor, labels: np.ndarray, train_counts: list[int],
                     shifts: list[str], priors: list[str], seed: int = 0,
-                    calibration: dict[str, Any] | None = None, **report_kwargs: Any) -> dict[str, Any]:
+                    calibration: dict[str, Any] | None = None, shift_estimator: dict[str, Any] | None = None,
+                    **report_kwargs: Any) -> dict[str, Any]:
     """Per shift: its size, true prior, each estimator's prior, and a long_tail_report per prior mode.
 
-    ``calibration`` is the model's ``config.calibration``, needed by every estimator but ``em``.
+    ``calibration`` is the model's ``config.calibration``, needed by every estimator but ``em``, and
+    ``shift_estimator`` its ``config.shift_estimator``, which ``auto`` runs.
     """
     num_classes = uniform_logits.shape[1]
     results: dict[str, Any] = {}
@@ -340,11 +338,51 @@ def evaluate_shifts(uniform_logits: torch.Tensor, labels: np.ndarray, train_coun
             elif mode == "oracle":
                 adjusted = with_target_prior(logits, true_prior)
             else:
-                estimate = estimate_unknown_prior(logits, calibration, mode)
+                estimate = estimate_unknown_prior(logits, calibration, mode, shift_estimator)
                 entry["estimates"][mode] = _estimate_summary(estimate, true_prior)
                 adjusted = with_target_prior(logits, estimate.prior)
             entry["reports"][mode] = long_tail_report(adjusted, targets, train_counts, **report_kwargs)
         results[shift] = entry
+    return results
+
+
+def deployment_batches(uniform_logits: torch.Tensor, labels: np.ndarray, train_counts: list[int],
+                       shifts: list[str], priors: list[str], sizes: Sequence[int], draws: int = 10,
+                       seed: int = 0, calibration: dict[str, Any] | None = None,
+                       shift_estimator: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Prior modes adapting on small unlabelled batches, as a deployment would: per batch size and shift,
+    ``draws`` batches drawn without replacement from the shifted test set, each adapted on its own images and
+    scored on them. Returns size -> shift -> mode -> ``{"mean_gain", "worst_gain"}``, the top-1 gain over
+    ``none`` (fractions) averaged over the draws and the worst draw. A size larger than a shifted set is
+    skipped for that set."""
+    if draws < 1 or any(size < 1 for size in sizes):
+        raise EvaluationError(f"deployment batch sizes and draws must be positive, got sizes {list(sizes)} "
+                              f"and draws {draws}.")
+    num_classes = uniform_logits.shape[1]
+    rng = np.random.default_rng(seed)
+    modes = [mode for mode in priors if mode != "none"]
+    results: dict[str, Any] = {}
+    for size in sizes:
+        results[str(size)] = {}
+        for shift in shifts:
+            rows = shifted_rows(labels, train_counts, shift, seed)
+            if len(rows) < size:
+                continue
+            gains: dict[str, list[float]] = {mode: [] for mode in modes}
+            for _ in range(draws):
+                batch = rng.choice(rows, size, replace=False)
+                logits, targets = uniform_logits[batch], labels[batch]
+                baseline = float((logits.argmax(1).numpy() == targets).mean())
+                for mode in modes:
+                    if mode == "oracle":
+                        prior = torch.from_numpy(np.bincount(targets, minlength=num_classes) / size)
+                    else:
+                        prior = estimate_unknown_prior(logits, calibration, mode, shift_estimator).prior
+                    adjusted = with_target_prior(logits, prior)
+                    gains[mode].append(float((adjusted.argmax(1).numpy() == targets).mean()) - baseline)
+            results[str(size)][shift] = {
+                mode: {"mean_gain": float(np.mean(values)), "worst_gain": min(values)}
+                for mode, values in gains.items()}
     return results
 
 
@@ -354,10 +392,11 @@ def default_priors(calibration: dict[str, Any] | None) -> list[str]:
     return ["none", "oracle", "auto" if calibration is not None else "em"]
 
 
-def check_calibration_for(priors: Sequence[str], calibration: dict[str, Any] | None, model_id: str) -> None:
+def check_calibration_for(priors: Sequence[str], calibration: dict[str, Any] | None, model_id: str,
+                          shift_estimator: dict[str, Any] | None = None) -> None:
     """Raise an ``EvaluationError`` when a prior mode needs the held-out calibration the model lacks."""
-    needy = [mode for mode in priors if UNKNOWN_PRIOR_METHODS.get(mode) is not None
-             and UNKNOWN_PRIOR_METHODS[mode].calibration is not None]
+    needy = [mode for mode in priors if mode not in ("none", "oracle")
+             and resolve_unknown_prior_method(mode, shift_estimator)[1].calibration is not None]
     if needy and calibration is None:
         raise EvaluationError(
             f"prior modes {needy} need the held-out calibration (config.calibration), which {model_id} "
@@ -379,73 +418,6 @@ def calibration_effect(logits: torch.Tensor, labels: torch.Tensor | np.ndarray, 
                                                 calibration["bias"]), labels, n_bins)
     return {"ece_temperature_scaling": scaled["ece"], "nll_temperature_scaling": scaled["nll"],
             "ece_bcts": bcts["ece"], "nll_bcts": bcts["nll"]}
-
-
-def shift_prior(train_counts: Sequence[int], shift: str) -> torch.Tensor:
-    """The class proportions of a shifted test set before rounding: the class of training rank ``k``
-    (``rank_by_count``) gets ``ratio ** (-k / (C - 1))`` (forward) or the reverse (backward), normalised."""
-    kind, ratio = _split_shift(shift)
-    num_classes = len(train_counts)
-    ranks = torch.empty(num_classes, dtype=torch.float64)
-    ranks[rank_by_count(train_counts)] = torch.arange(num_classes, dtype=torch.float64)
-    if kind == "backward":
-        ranks = num_classes - 1 - ranks
-    weights = float(ratio) ** (-ranks / max(1, num_classes - 1))
-    return weights / weights.sum()
-
-
-def simulate_holdout_shifts(logits: torch.Tensor, labels: torch.Tensor | np.ndarray,
-                            train_counts: Sequence[int], methods: Mapping[str, str | UnknownPriorMethod],
-                            shifts: Sequence[str] = ALL_SHIFTS, *, size: int = 2000, repeats: int = 10,
-                            seed: int = 0,
-                            bias_std: float | None = HOLDOUT_BIAS_STD) -> dict[str, dict[str, float]]:
-    """Label shifts simulated from held-out data, to choose estimator settings without the test set.
-
-    ``logits`` ``(N, C)`` are a model's uniform-prior logits on its held-out split and ``labels`` ``(N,)``
-    their classes. Each of ``repeats`` rounds halves the held-out data per class; each half in turn fits a
-    calibration (``holdout_calibration`` with ``bias_std``), and the other half is resampled with
-    replacement into a set of ``size`` images per shift, with class proportions ``shift_prior``. The
-    calibration never sees the images it is judged on, as for a real test set; tail classes with a handful
-    of held-out images make the resampled sets repetitive, and each calibration sees half the held-out data,
-    so read the results as a comparison of settings, not as test accuracies.
-
-    ``methods`` maps a row name to a method name or an ``UnknownPriorMethod`` (``estimate_unknown_prior``);
-    the row ``oracle`` (the drawn sample's class proportions) is added. Returns row -> shift -> mean top-1
-    gain over the uniform prior (fractions; negative means harm). Every class needs two held-out images.
-    """
-    scores, targets = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels).long()
-    num_classes = scores.shape[1]
-    per_class = torch.bincount(targets, minlength=num_classes)
-    if int(per_class.min()) < 2:
-        few = torch.nonzero(per_class < 2).flatten().tolist()
-        raise EvaluationError(f"classes {short_list(few)} have fewer than 2 held-out images; the simulation "
-                              "fits on one half and tests on the other.")
-    rng = np.random.default_rng(seed)
-    gains: dict[str, dict[str, list[float]]] = {name: {shift: [] for shift in shifts}
-                                                for name in ["oracle", *methods]}
-    for _ in range(repeats):
-        half = torch.zeros(len(targets), dtype=torch.bool)
-        for cls in range(num_classes):
-            rows = rng.permutation(np.flatnonzero(targets.numpy() == cls))
-            half[torch.from_numpy(rows[: len(rows) // 2])] = True
-        for fit in (half, ~half):
-            calibration = holdout_calibration(scores[fit], targets[fit], bias_std=bias_std)
-            pools = [np.flatnonzero(((targets == cls) & ~fit).numpy()) for cls in range(num_classes)]
-            for shift in shifts:
-                drawn = rng.multinomial(size, shift_prior(train_counts, shift).numpy())
-                rows = np.concatenate([rng.choice(pool, n) for pool, n in zip(pools, drawn, strict=True)])
-                sample, truth = scores[rows], targets[rows]
-
-                def accuracy(prior: torch.Tensor, sample=sample, truth=truth) -> float:
-                    return float((with_target_prior(sample, prior).argmax(1) == truth).double().mean())
-
-                uniform = accuracy(torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64))
-                gains["oracle"][shift].append(accuracy(torch.from_numpy(drawn / size)) - uniform)
-                for name, method in methods.items():
-                    prior = estimate_unknown_prior(sample, calibration, method).prior
-                    gains[name][shift].append(accuracy(prior) - uniform)
-    return {name: {shift: float(np.mean(values)) for shift, values in row.items()}
-            for name, row in gains.items()}
 
 
 def absent_classes(labels: np.ndarray, num_classes: int) -> list[int]:
@@ -493,7 +465,8 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
                    shifts: str | Sequence[str] = "all",
                    priors: str | Sequence[str] | None = None,
                    batch_size: int = 256, n_bins: int = 15, many: int | None = None, few: int | None = None,
-                   seed: int = 0) -> EvaluationResult:
+                   seed: int = 0, deployment_sizes: Sequence[int] = (),
+                   deployment_draws: int = 10) -> EvaluationResult:
     """The balanced-test-set report, each expert's accuracy, and the shifted sets under every prior mode.
 
     ``priors=None``: ``default_priors`` (``none``, ``oracle`` and ``auto``, or ``em`` when the model has no
@@ -504,15 +477,18 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     model has a held-out calibration), ``experts`` (raw-logit accuracy of each expert as trained),
     ``shift_accuracy`` (prior mode -> shift -> top-1 accuracy) and ``shifts`` (per shift: its size, true
     prior, each estimator's prior with its error and guard, and a full report per prior mode).
-    ``classes_without_test_images`` lists the classes the test set lacks, which the averages leave out
-    (``absent_classes_warning`` says so).
+    ``shift_estimator`` names what ``auto`` ran (``"auto (NAME)"`` for the model's own choice). With
+    ``deployment_sizes``, ``deployment_batches`` holds each mode on ``deployment_draws`` small batches per
+    shift (``deployment_batches``). ``classes_without_test_images`` lists the classes the test set lacks,
+    which the averages leave out (``absent_classes_warning`` says so).
     """
     calibration = model.config.calibration
     if many is None or few is None:
         run_many, run_few = run_shot_thresholds(model)
         many, few = run_many if many is None else many, run_few if few is None else few
     shifts, priors = parse_shifts(shifts), parse_priors(priors or default_priors(calibration))
-    check_calibration_for(priors, calibration, "the model")
+    shift_estimator = model.config.shift_estimator
+    check_calibration_for(priors, calibration, "the model", shift_estimator)
     train_counts = [int(c) for c in model.config.class_counts]
     id2label = model.config.id2label
     labels = align_labels(ds, label_column, [id2label[i] for i in range(len(id2label))])
@@ -532,7 +508,7 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
         accuracy.pop("per_class_accuracy")
         experts.append({"lambda": model.config.lambdas[e], **accuracy})
     shift_results = evaluate_shifts(uniform_logits, labels, train_counts, shifts, priors, seed, calibration,
-                                    **report_kwargs)
+                                    shift_estimator, **report_kwargs)
     shift_accuracy = {mode: {shift: shift_results[shift]["reports"][mode]["accuracy"] for shift in shifts}
                       for mode in priors}
     report = {
@@ -544,9 +520,58 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
         "balanced": balanced,
         "experts": experts,
         "shift_accuracy": shift_accuracy,
+        "shift_estimator": resolve_unknown_prior_method("auto", shift_estimator)[0] if (
+            "auto" in priors) else None,
         "shifts": shift_results,
     }
+    if deployment_sizes:
+        report["deployment_batches"] = deployment_batches(
+            uniform_logits, labels, train_counts, shifts, priors, deployment_sizes, deployment_draws, seed,
+            calibration, shift_estimator)
     return EvaluationResult(report, uniform_logits, expert_logits, labels)
+
+
+def fit_shift_estimator(run_dir: str | Path, device: str | None = None) -> dict[str, Any]:
+    """Choose the label-shift estimator of a saved run, as training does at its end; save it with the model.
+
+    For runs saved before the choice existed. Rebuilds the run's held-out split from its ``recipe.yaml`` (the
+    same data, seed and ``holdout_fraction``), predicts on it, fits ``config.calibration`` again (so that it
+    records the uncertainty of its biases) and chooses ``config.shift_estimator``
+    (``shift_selection.choose_shift_estimator``); then saves the model again (``save_pretrained``: config,
+    code files and the unchanged weights), recorded in the run's manifest. Refuses a run without a held-out
+    split, or whose files the package did not write. Returns the choice.
+    """
+    from .checkpoints import record_outputs, run_output_files
+    from .loading import load_training_data
+    from .recipes import load_recipe
+
+    run_dir = Path(run_dir)
+    recipe_path = run_dir / "recipe.yaml"
+    if not recipe_path.is_file():
+        raise EvaluationError(f"{run_dir} has no recipe.yaml: fitting the shift estimator rebuilds the run's "
+                              "held-out split from it, so give the folder of a balpoe-train run.")
+    recipe = load_recipe(config=recipe_path)
+    if recipe.holdout_fraction <= 0:
+        raise EvaluationError(f"{run_dir} was trained without a held-out split (holdout_fraction 0), so "
+                              "there is nothing to choose an estimator on: train with --holdout-fraction "
+                              "0.1.")
+    foreign = [name for name in run_output_files()
+               if (run_dir / name).is_file()
+               and not written_by_package(run_dir, name)]
+    if foreign:
+        raise EvaluationError(f"{run_dir} holds {short_list(foreign, 'files')}, which balpoe-hf did not "
+                              "write there (or which were changed since): saving the model would replace "
+                              "them. Move them away first.")
+    model, processor = load_model(run_dir, resolve_device(device))
+    data = load_training_data(recipe)
+    logits, _ = predict(model, processor, data.holdout, recipe.image_column, recipe.eval_batch_size)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    labels = align_labels(data.holdout, recipe.label_column, names)
+    model.config.calibration = holdout_calibration(logits, labels)
+    model.config.shift_estimator = choose_shift_estimator(logits, labels, model.config.class_counts)
+    model.save_pretrained(run_dir)
+    record_outputs(run_dir, [run_dir / name for name in run_output_files() if (run_dir / name).is_file()])
+    return model.config.shift_estimator
 
 
 def _picture_paths(output: Path) -> dict[str, Path]:
@@ -597,6 +622,36 @@ def format_balanced(report: dict[str, Any], num_samples: int) -> str:
                                        f"{_pct(report['ece_bcts'])} (BCTS) %"))
     lines = [f"Balanced test set ({num_samples} images, uniform target prior):"]
     lines += [f"  {name:<20} {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def format_deployment_table(deployment: dict[str, Any], shifts: list[str]) -> str:
+    """Per batch size, the mean (worst) gain over ``none`` in points of each mode on each shift."""
+    lines = []
+    for size, by_shift in deployment.items():
+        measured = [shift for shift in shifts if shift in by_shift]
+        if not measured:
+            lines.append(f"batches of {size}: larger than every shifted set")
+            continue
+        modes = list(next(iter(by_shift.values())))
+        lines.append(f"batches of {size}:")
+        lines.append("| prior | " + " | ".join(measured) + " |")
+        lines.append("|---|" + "---:|" * len(measured))
+        for mode in modes:
+            cells = [f"{100 * by_shift[s][mode]['mean_gain']:+.1f} "
+                     f"({100 * by_shift[s][mode]['worst_gain']:+.1f})" for s in measured]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_shift_estimator(choice: dict[str, Any]) -> str:
+    """What ``choose_shift_estimator`` chose and every candidate's simulated figures, in points."""
+    lines = [f"label-shift estimator for 'auto': {choice['name']} (chosen on {choice['holdout_samples']:,} "
+             f"held-out images: {choice['rule']})",
+             "| candidate | worst harm | worst gain | mean gain | recovered |", "|---|---:|---:|---:|---:|"]
+    for name, row in choice["simulation"].items():
+        lines.append(f"| {name} | {100 * row['harm']:.2f} | {100 * row['worst']:.2f} | "
+                     f"{100 * row['mean']:.2f} | {row['recovered']:.2f} |")
     return "\n".join(lines)
 
 

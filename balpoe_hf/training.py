@@ -44,6 +44,7 @@ from .loading import TrainingData, input_paths, load_training_data
 from .metrics import long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
 from .recipes import Recipe, TrainingError
+from .shift_selection import choose_shift_estimator
 from .transforms import build_processor, evaluation_split
 
 
@@ -235,12 +236,16 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accele
 
 def calibrate_on_holdout(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
                          recipe: Recipe, class_counts: list[int]) -> dict[str, Any]:
-    """Fit the held-out calibration into the model's config; return the held-out ``long_tail_report``.
+    """Fit the held-out calibration and choose the label-shift estimator into the model's config; return the
+    held-out ``long_tail_report``.
 
-    Every process fits the same ``holdout_calibration`` on the same gathered logits (float64 LBFGS).
+    Every process fits the same ``holdout_calibration`` and makes the same seeded
+    ``choose_shift_estimator`` on the same gathered logits (float64).
     """
     logits, labels = gather_logits(model, loader, accelerator, len(loader.dataset))
-    accelerator.unwrap_model(model).config.calibration = holdout_calibration(logits, labels)
+    config = accelerator.unwrap_model(model).config
+    config.calibration = holdout_calibration(logits, labels)
+    config.shift_estimator = choose_shift_estimator(logits, labels, class_counts)
     report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
                               few=recipe.few_threshold)
     return {"holdout_samples": len(labels), **{f"holdout_{k}": v for k, v in report.items()}}
@@ -540,7 +545,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
               + ("" if holdout_results is None else
                  f"\nheld-out split ({holdout_results['holdout_samples']:,} images): balanced accuracy "
                  f"{100 * holdout_results['holdout_balanced_accuracy']:.2f} %, BCTS temperature "
-                 f"{model.config.calibration['temperature']:.3f}")
+                 f"{model.config.calibration['temperature']:.3f}; label-shift estimator for 'auto': "
+                 f"{model.config.shift_estimator['name']}")
               + f"\nsaved to {output_dir}")
     accelerator.end_training()
 
