@@ -780,7 +780,9 @@ def estimate_unknown_prior(logits: torch.Tensor, calibration: dict[str, Any] | N
 # held-out calibration as well as the unlabelled images, so that such a "shift" shows up as noise.
 
 GAIN_DRAWS = 32
-GAIN_EM_TOL = 1e-6
+GAIN_EM_TOL = 1e-4  # a bootstrap draw needs the prior to a hundredth of a percent, not more
+GAIN_EM_MAX_ITER = 500
+GAIN_CHUNK_ELEMENTS = 2**23
 # Shrinkage steps the guard weighs: predictions with (1 - s) * estimate + s * uniform.
 GAIN_SHRINK_STEPS = (0.0, 0.25, 0.5, 0.75)
 
@@ -811,26 +813,50 @@ def _calibration_draw(calibration: dict[str, Any], generator: torch.Generator) -
             "confusion": gamma / gamma.sum(dim=1, keepdim=True) * counts[:, None]}
 
 
-def _redrawn_estimate(logits: torch.Tensor, calibration: dict[str, Any] | None, settings: UnknownPriorMethod,
-                      start: torch.Tensor) -> torch.Tensor:
-    """The estimator of ``settings`` on a bootstrap draw, without the tests ``estimate_prior`` reports: EM
-    starts from the full-data estimate ``start`` (a draw lands near it) and stops at ``GAIN_EM_TOL``."""
+def _batched_em(posteriors: torch.Tensor, start: torch.Tensor, pseudo_counts: torch.Tensor
+                ) -> torch.Tensor:
+    """EM (``_em_step`` under a uniform source prior) on a batch of draws ``(D, N, C)`` at once, from
+    ``start`` ``(C,)``, until no entry of any draw moves by more than ``GAIN_EM_TOL`` (at most
+    ``GAIN_EM_MAX_ITER`` updates). Returns ``(D, C)``."""
+    num_classes = posteriors.shape[2]
+    prior = start.expand(posteriors.shape[0], num_classes).clone()
+    tiny = torch.finfo(torch.float64).tiny
+    for _ in range(GAIN_EM_MAX_ITER):
+        ratio = prior * num_classes
+        mixture = torch.bmm(posteriors, ratio[:, :, None]).clamp_min(tiny)  # (D, N, 1)
+        updated = ratio * torch.bmm(posteriors.transpose(1, 2), mixture.reciprocal())[:, :, 0] + pseudo_counts
+        updated = updated / updated.sum(dim=1, keepdim=True)
+        converged = bool((updated - prior).abs().max() <= GAIN_EM_TOL)
+        prior = updated
+        if converged:
+            break
+    return prior
+
+
+def _redrawn_estimates(logits: torch.Tensor, rows: torch.Tensor, calibrations: list[dict[str, Any] | None],
+                       settings: UnknownPriorMethod, start: torch.Tensor) -> torch.Tensor:
+    """The estimator of ``settings`` on bootstrap draws (``rows`` ``(D, N)`` of ``logits``, each with its own
+    redrawn calibration), without the tests ``estimate_prior`` reports; EM runs on every draw at once, from
+    the full-data estimate ``start`` (a draw lands near it). Returns ``(D, C)``."""
     num_classes = logits.shape[1]
     if settings.method in CONFUSION_METHODS:
-        predicted = torch.bincount(logits.argmax(dim=1), minlength=num_classes)
-        if settings.method == "bbse":
-            return bbse_prior(calibration["confusion"], predicted)
-        return rlls_prior(calibration["confusion"], predicted, regularization=settings.shrinkage)
+        estimates = []
+        for draw, calibration in zip(rows, calibrations, strict=True):
+            predicted = torch.bincount(logits[draw].argmax(dim=1), minlength=num_classes)
+            confusion = calibration["confusion"]
+            estimates.append(bbse_prior(confusion, predicted) if settings.method == "bbse" else
+                             rlls_prior(confusion, predicted, regularization=settings.shrinkage))
+        return torch.stack(estimates)
+    scores = logits[rows]  # (D, N, C)
     if settings.calibration == "ts":
-        logits = apply_calibration(logits, calibration["ts_temperature"])
+        scores = scores / calibrations[0]["ts_temperature"]
     elif settings.calibration == "bcts":
-        logits = apply_calibration(logits, calibration["temperature"], calibration["bias"])
+        scores = scores / calibrations[0]["temperature"] + torch.tensor(
+            [calibration["bias"] for calibration in calibrations], dtype=torch.float64)[:, None, :]
     uniform = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
     pseudo_counts = settings.shrinkage * logits.shape[0] * uniform
     # EM cannot leave a zero entry: start from a prior with every class.
-    first = (start + 1e-3 * uniform) / (1 + 1e-3)
-    return _em(torch.softmax(logits, dim=1), uniform, pseudo_counts, GAIN_EM_TOL, 1000, accelerate=True,
-               start=first)[0]
+    return _batched_em(torch.softmax(scores, dim=2), (start + 1e-3 * uniform) / (1 + 1e-3), pseudo_counts)
 
 
 def gain_guard(logits: torch.Tensor, calibration: dict[str, Any] | None, settings: UnknownPriorMethod,
@@ -855,17 +881,25 @@ def gain_guard(logits: torch.Tensor, calibration: dict[str, Any] | None, setting
     # (S, N): each candidate's predictions, fixed across draws; only the truth they are judged by moves.
     predictions = (logits[None] + candidates.clamp_min(floor).log()[:, None, :]).argmax(dim=2)
     baseline = logits.argmax(dim=1)
-    gains = torch.empty(draws, len(GAIN_SHRINK_STEPS), dtype=torch.float64)
-    for draw in range(draws):
-        rows = torch.randint(num_samples, (num_samples,), generator=generator)
-        drawn = calibration if calibration is None else _calibration_draw(calibration, generator)
-        prior = _redrawn_estimate(logits[rows], drawn, settings, estimate.estimate)
-        calibrated = logits[rows] if calibration is None else apply_calibration(
-            logits[rows], drawn["temperature"], drawn["bias"])
-        posterior = torch.softmax(calibrated + prior.clamp_min(floor).log(), dim=1)  # (N, C)
-        correct_uniform = posterior.gather(1, baseline[rows, None]).squeeze(1)
-        correct = posterior.gather(1, predictions[:, rows].T).T  # (S, N)
-        gains[draw] = (correct - correct_uniform).mean(dim=1)
+    gains = []
+    # Draws in chunks of about GAIN_CHUNK_ELEMENTS posteriors, so that memory stays flat for many classes.
+    chunk = max(1, GAIN_CHUNK_ELEMENTS // (num_samples * num_classes))
+    for first in range(0, draws, chunk):
+        size = min(chunk, draws - first)
+        rows = torch.randint(num_samples, (size, num_samples), generator=generator)
+        drawn = [None if calibration is None else _calibration_draw(calibration, generator)
+                 for _ in range(size)]
+        priors = _redrawn_estimates(logits, rows, drawn, settings, estimate.estimate)  # (D, C)
+        scores = logits[rows]  # (D, N, C)
+        if calibration is not None:
+            scores = scores / calibration["temperature"] + torch.tensor(
+                [d["bias"] for d in drawn], dtype=torch.float64)[:, None, :]
+        posterior = torch.softmax(scores + priors.clamp_min(floor).log()[:, None, :], dim=2)
+        correct_uniform = posterior.gather(2, baseline[rows][..., None]).squeeze(2)  # (D, N)
+        correct = torch.stack([posterior.gather(2, predictions[s][rows][..., None]).squeeze(2)
+                               for s in range(len(GAIN_SHRINK_STEPS))], dim=1)  # (D, S, N)
+        gains.append((correct - correct_uniform[:, None, :]).mean(dim=2))
+    gains = torch.cat(gains)  # (draws, S)
     mean, spread = gains.mean(dim=0), gains.std(dim=0)
     scores = mean - settings.gain_margin * spread
     best = int(scores.argmax())

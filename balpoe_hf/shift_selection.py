@@ -45,14 +45,14 @@ CANDIDATES: dict[str, UnknownPriorMethod] = {
     f"{name}-gain": dataclasses.replace(UNKNOWN_PRIOR_METHODS[name], guard="gain")
     for name in ("em-bcts", "rlls", "bbse", "em")}
 # Simulated set sizes: a test set, and a small deployment batch.
-SIMULATION_SIZES = (2000, 300)
+SIMULATION_SIZES = (1000, 300)
 # The rule (choose_from_summary): a candidate is useful when it recovers at least USEFUL_SHARE of the oracle's
 # simulated gain on the strongest shifts (an estimator that never adapts is safe and useless). The simulation
 # resolves harm only coarsely: its shifted sets resample the handful of held-out images of each tail class,
 # so that even the true prior can lose points on simulated tail-heavy sets that it gains on real ones. Harm
 # differences smaller than the oracle's own worst simulated loss (at least MIN_HARM_TOLERANCE) are within
 # that error; among the candidates that close to the least harm, the first in CANDIDATES' order is chosen.
-USEFUL_SHARE = 0.25
+USEFUL_SHARE = 0.1
 MIN_HARM_TOLERANCE = 0.005
 
 
