@@ -612,7 +612,7 @@ class UnknownPriorMethod:
     images followed it; relative to ``N`` because the error it guards against, that of the held-out
     calibration, does not shrink as ``N`` grows); for RLLS, its ``regularization``; BBSE takes none.
     ``guard``: ``"none"``; ``"lrt"``, the likelihood-ratio test at level ``alpha`` (``estimate_prior``);
-    ``"gain"``, the gain guard (``gain_guard``) with ``gain_margin``.
+    ``"gain"``, the gain guard (``gain_guard``) at ``gain_quantile``.
     """
 
     calibration: str | None
@@ -620,7 +620,7 @@ class UnknownPriorMethod:
     guard: str = "none"
     alpha: float = 0.05
     shrinkage: float = 0.0
-    gain_margin: float = 1.0
+    gain_quantile: float = 0.9
 
     def __post_init__(self) -> None:
         if self.calibration not in CALIBRATIONS:
@@ -635,13 +635,14 @@ class UnknownPriorMethod:
         if self.guard not in UNKNOWN_PRIOR_GUARDS:
             raise ValueError(f"UnknownPriorMethod.guard must be one of {UNKNOWN_PRIOR_GUARDS}, got "
                              f"{self.guard!r}.")
-        for name in ("alpha", "shrinkage", "gain_margin"):
+        for name in ("alpha", "shrinkage", "gain_quantile"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not (
                     value >= 0 and math.isfinite(value)):
                 raise ValueError(f"UnknownPriorMethod.{name} must be a finite number >= 0, got {value!r}.")
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"UnknownPriorMethod.alpha must lie in (0, 1), got {self.alpha}.")
+        for name in ("alpha", "gain_quantile"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"UnknownPriorMethod.{name} must lie in (0, 1), got {getattr(self, name)}.")
         if self.method == "bbse" and self.shrinkage > 0:
             raise ValueError("BBSE takes no shrinkage; use method='rlls' for a regularised BBSE.")
 
@@ -774,10 +775,12 @@ def estimate_unknown_prior(logits: torch.Tensor, calibration: dict[str, Any] | N
 
 
 # --------------------------------------------------------------------------- the gain guard
-# An estimate is worth using when the accuracy it gains is larger than its uncertainty. Miscalibration left
-# over from a small held-out split looks like a shift to every estimator, and a likelihood-ratio test cannot
-# tell the two apart once thousands of images make any "shift" significant; the bootstrap below redraws the
-# held-out calibration as well as the unlabelled images, so that such a "shift" shows up as noise.
+# An estimate is worth using when the accuracy it gains is larger than what noise alone would claim.
+# Miscalibration left over from a small held-out split looks like a shift to every estimator, and a
+# likelihood-ratio test cannot tell the two apart once thousands of images make any "shift" significant. The
+# guard compares the gain an estimate claims with the gains claimed on bootstrap draws where there is no shift
+# (the images re-weighted to the uniform prior), the held-out calibration redrawn from its uncertainty, so
+# that such a "shift" shows up as noise, and so does a mild shift whose gain is smaller than the noise.
 
 GAIN_DRAWS = 32
 GAIN_EM_TOL = 1e-4  # a bootstrap draw needs the prior to a hundredth of a percent, not more
@@ -859,53 +862,76 @@ def _redrawn_estimates(logits: torch.Tensor, rows: torch.Tensor, calibrations: l
     return _batched_em(torch.softmax(scores, dim=2), (start + 1e-3 * uniform) / (1 + 1e-3), pseudo_counts)
 
 
+def _posteriors(logits: torch.Tensor, calibration: dict[str, Any] | None, prior: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Calibrated posteriors ``(..., N, C)`` under ``prior`` ``(..., C)``: ``softmax(z / T + b + log prior)``
+    (BCTS, with ``bias`` ``(..., C)`` in place of the calibration's), or ``softmax(z + log prior)`` without a
+    calibration."""
+    floor = torch.finfo(torch.float64).tiny
+    scores = logits
+    if calibration is not None:
+        scores = logits / calibration["temperature"] + (
+            torch.as_tensor(calibration["bias"], dtype=torch.float64) if bias is None else bias[..., None, :])
+    return torch.softmax(scores + prior.clamp_min(floor).log()[..., None, :], dim=-1)
+
+
+def _claimed_gains(logits: torch.Tensor, posteriors: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+    """The accuracy gain over the uniform prior that predicting with each shrinkage step of ``priors``
+    ``(..., C)`` has if ``posteriors`` ``(..., N, C)`` are right: ``mean_i p(argmax(z_i + log q_s) | x_i) -
+    p(argmax z_i | x_i)``, ``(..., S)``."""
+    floor = torch.finfo(torch.float64).tiny
+    uniform = torch.full_like(priors, 1.0 / priors.shape[-1])
+    baseline = posteriors.gather(-1, logits.argmax(dim=-1, keepdim=True)).squeeze(-1)  # (..., N)
+    gains = []
+    for step in GAIN_SHRINK_STEPS:
+        shrunk = ((1 - step) * priors + step * uniform).clamp_min(floor).log()
+        predicted = (logits + shrunk[..., None, :]).argmax(dim=-1, keepdim=True)
+        gains.append((posteriors.gather(-1, predicted).squeeze(-1) - baseline).mean(dim=-1))
+    return torch.stack(gains, dim=-1)
+
+
 def gain_guard(logits: torch.Tensor, calibration: dict[str, Any] | None, settings: UnknownPriorMethod,
                estimate: PriorEstimate, *, draws: int = GAIN_DRAWS, seed: int = 0) -> PriorEstimate:
     """Keep ``estimate.estimate``, shrink it towards uniform, or fall back to uniform, by its expected gain.
 
-    For ``q_s = (1 - s) * estimate + s * uniform`` (``s`` in ``GAIN_SHRINK_STEPS``), the expected accuracy
-    gain over the uniform prior on these unlabelled images is ``mean_i p(yhat_s,i | x_i) - p(yhat_u,i |
-    x_i)``, with ``yhat_s = argmax(z + log q_s)`` and ``p`` the calibrated posteriors (BCTS when the model
-    has a calibration, else softmax) re-weighted to the true prior. The true prior is unknown, so each of
-    ``draws`` bootstrap draws resamples the images, redraws the held-out calibration
-    (``_calibration_draw``), estimates the prior again with the same estimator and evaluates the gain under
-    that prior. The guard keeps the ``q_s`` with the largest ``mean - gain_margin * std`` of the gain over
-    the draws, and the uniform prior when none is positive (``guard_fired``). Seeded by ``seed``: the same
-    images give the same answer. ``details`` records the gains' means and standard deviations per step.
+    For ``q_s = (1 - s) * estimate + s * uniform`` (``s`` in ``GAIN_SHRINK_STEPS``) the estimate claims an
+    accuracy gain over the uniform prior on these images, ``mean_i p(yhat_s,i | x_i) - p(yhat_u,i | x_i)``
+    with ``yhat_s = argmax(z + log q_s)`` and ``p`` the calibrated posteriors (BCTS when the model has a
+    calibration, else softmax) under the estimate. Noise claims gains too: each of ``draws`` bootstrap draws
+    resamples the images re-weighted to the uniform prior (weights ``sum_c p(c | x) / (C * estimate_c)``,
+    which undo the estimated shift), redraws the held-out calibration from its uncertainty
+    (``_calibration_draw``), estimates the prior again with the same estimator and records the gain that
+    estimate claims. The guard keeps the ``q_s`` whose claimed gain exceeds the ``gain_quantile`` quantile of
+    the no-shift claims by the most, and the uniform prior when none exceeds it (``guard_fired``). Seeded by
+    ``seed``: the same images give the same answer. ``details`` records the claims per step.
     """
     num_samples, num_classes = logits.shape
     generator = torch.Generator().manual_seed(seed)
     uniform = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
-    candidates = torch.stack([(1 - step) * estimate.estimate + step * uniform for step in GAIN_SHRINK_STEPS])
+    posteriors = _posteriors(logits, calibration, estimate.estimate)
+    claimed = _claimed_gains(logits, posteriors, estimate.estimate)  # (S,)
+    # Importance weights from the estimated prior to the uniform one: a draw has (about) no shift.
     floor = torch.finfo(torch.float64).tiny
-    # (S, N): each candidate's predictions, fixed across draws; only the truth they are judged by moves.
-    predictions = (logits[None] + candidates.clamp_min(floor).log()[:, None, :]).argmax(dim=2)
-    baseline = logits.argmax(dim=1)
-    gains = []
+    weights = posteriors @ (uniform / estimate.estimate.clamp_min(floor))
+    null_claims = []
     # Draws in chunks of about GAIN_CHUNK_ELEMENTS posteriors, so that memory stays flat for many classes.
     chunk = max(1, GAIN_CHUNK_ELEMENTS // (num_samples * num_classes))
     for first in range(0, draws, chunk):
         size = min(chunk, draws - first)
-        rows = torch.randint(num_samples, (size, num_samples), generator=generator)
+        rows = torch.multinomial(weights.expand(size, num_samples), num_samples, replacement=True,
+                                 generator=generator)  # (D, N)
         drawn = [None if calibration is None else _calibration_draw(calibration, generator)
                  for _ in range(size)]
-        priors = _redrawn_estimates(logits, rows, drawn, settings, estimate.estimate)  # (D, C)
-        scores = logits[rows]  # (D, N, C)
-        if calibration is not None:
-            scores = scores / calibration["temperature"] + torch.tensor(
-                [d["bias"] for d in drawn], dtype=torch.float64)[:, None, :]
-        posterior = torch.softmax(scores + priors.clamp_min(floor).log()[:, None, :], dim=2)
-        correct_uniform = posterior.gather(2, baseline[rows][..., None]).squeeze(2)  # (D, N)
-        correct = torch.stack([posterior.gather(2, predictions[s][rows][..., None]).squeeze(2)
-                               for s in range(len(GAIN_SHRINK_STEPS))], dim=1)  # (D, S, N)
-        gains.append((correct - correct_uniform[:, None, :]).mean(dim=2))
-    gains = torch.cat(gains)  # (draws, S)
-    mean, spread = gains.mean(dim=0), gains.std(dim=0)
-    scores = mean - settings.gain_margin * spread
-    best = int(scores.argmax())
-    fired = not float(scores[best]) > 0
-    details = {"shrink_steps": list(GAIN_SHRINK_STEPS), "gain_mean": mean.tolist(),
-               "gain_std": spread.tolist(), "draws": draws,
-               "shrink": None if fired else GAIN_SHRINK_STEPS[best]}
-    return dataclasses.replace(estimate, prior=uniform if fired else candidates[best], guard_fired=fired,
-                               details=details)
+        priors = _redrawn_estimates(logits, rows, drawn, settings, uniform)  # (D, C)
+        bias = None if calibration is None else torch.tensor([d["bias"] for d in drawn], dtype=torch.float64)
+        null_claims.append(_claimed_gains(logits[rows], _posteriors(logits[rows], calibration, priors, bias),
+                                          priors))
+    noise = torch.quantile(torch.cat(null_claims), settings.gain_quantile, dim=0)  # (S,)
+    margin = claimed - noise
+    best = int(margin.argmax())
+    fired = not float(margin[best]) > 0
+    step = GAIN_SHRINK_STEPS[best]
+    details = {"shrink_steps": list(GAIN_SHRINK_STEPS), "claimed_gain": claimed.tolist(),
+               "no_shift_quantile": noise.tolist(), "draws": draws, "shrink": None if fired else step}
+    prior = uniform if fired else (1 - step) * estimate.estimate + step * uniform
+    return dataclasses.replace(estimate, prior=prior, guard_fired=fired, details=details)

@@ -181,11 +181,12 @@ def choose_from_summary(summary: Mapping[str, Mapping[str, float]], candidates: 
 def choose_shift_estimator(logits: torch.Tensor, labels: torch.Tensor | np.ndarray,
                            train_counts: Sequence[int], *,
                            candidates: Mapping[str, UnknownPriorMethod] | None = None,
-                           repeats: int = 2, seed: int = 0) -> dict[str, Any]:
+                           sizes: Sequence[int] = SIMULATION_SIZES, repeats: int = 2,
+                           seed: int = 0) -> dict[str, Any]:
     """``config.shift_estimator`` for a model, from its uniform-prior logits on its held-out split.
 
     Simulates ``CANDIDATES`` (or ``candidates``) on every shift of the evaluation protocol at each of
-    ``SIMULATION_SIZES`` (``simulate_holdout_shifts``) and chooses with ``choose_from_summary``. Returns
+    ``sizes`` (``simulate_holdout_shifts``) and chooses with ``choose_from_summary``. Returns
     ``{"name", "settings", "rule", "simulation", "holdout_samples"}``: the chosen candidate, its
     ``UnknownPriorMethod`` settings, the rule and every candidate's summary (``summarize_simulation``), plain
     JSON.
@@ -193,8 +194,8 @@ def choose_shift_estimator(logits: torch.Tensor, labels: torch.Tensor | np.ndarr
     pool = dict(CANDIDATES if candidates is None else candidates)
     if not pool:
         raise ValueError("candidates is empty; give at least one estimator to choose from.")
-    simulation = simulate_holdout_shifts(logits, labels, train_counts, pool, sizes=SIMULATION_SIZES,
-                                         repeats=repeats, seed=seed)
+    simulation = simulate_holdout_shifts(logits, labels, train_counts, pool, sizes=sizes, repeats=repeats,
+                                         seed=seed)
     summary = summarize_simulation(simulation)
     name = choose_from_summary(summary, list(pool))
     return {

@@ -245,7 +245,11 @@ def calibrate_on_holdout(model: torch.nn.Module, loader: DataLoader, accelerator
     logits, labels = gather_logits(model, loader, accelerator, len(loader.dataset))
     config = accelerator.unwrap_model(model).config
     config.calibration = holdout_calibration(logits, labels)
-    config.shift_estimator = choose_shift_estimator(logits, labels, class_counts)
+    try:
+        config.shift_estimator = choose_shift_estimator(logits, labels, class_counts)
+    except ValueError as error:  # fewer than 2 held-out images of a class: nothing to cross-fit on
+        config.shift_estimator = None
+        accelerator.print(f"no label-shift estimator chosen ({error}); 'auto' runs the fixed default.")
     report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
                               few=recipe.few_threshold)
     return {"holdout_samples": len(labels), **{f"holdout_{k}": v for k, v in report.items()}}
@@ -546,7 +550,7 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
                  f"\nheld-out split ({holdout_results['holdout_samples']:,} images): balanced accuracy "
                  f"{100 * holdout_results['holdout_balanced_accuracy']:.2f} %, BCTS temperature "
                  f"{model.config.calibration['temperature']:.3f}; label-shift estimator for 'auto': "
-                 f"{model.config.shift_estimator['name']}")
+                 f"{(model.config.shift_estimator or {'name': 'the fixed default'})['name']}")
               + f"\nsaved to {output_dir}")
     accelerator.end_training()
 
