@@ -479,7 +479,10 @@ def test_card_shift_table_and_model_index_hold_three_prior_modes(run_cards, meth
     card = run_cards[method]
     text = card["text"]
     report = json.loads((card["run"] / "eval" / "report.json").read_text())
-    assert len(report["shift_accuracy"]) == (9 if unknown == "auto" else 3)  # the report keeps every mode
+    from balpoe_hf.evaluation import PRIOR_MODES
+
+    # The report keeps every mode.
+    assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if unknown == "auto" else 3)
     body = text.split("## How to use")[0]
     rows = re.findall(r"^\| ([\w-]+) \| [\d.]+ \|", body, flags=re.MULTILINE)
     assert rows == ["none", "oracle", unknown]

@@ -217,7 +217,7 @@ def test_prior_estimate_to_dict_is_plain():
         (torch.zeros(2, 2), {"alpha": 1.0}, ValueError, "alpha"),
         (torch.zeros(2, 2), {"concentration": -1.0}, ValueError, "concentration"),
         (torch.zeros(2, 2), {"method": "bbse"}, ValueError, "needs confusion"),
-        (torch.zeros(2, 2), {"confusion": torch.eye(2)}, ValueError, "method='bbse' only"),
+        (torch.zeros(2, 2), {"confusion": torch.eye(2)}, ValueError, "method='bbse' or 'rlls' only"),
         (torch.zeros(2, 2), {"method": "bbse", "confusion": torch.eye(3)}, ValueError, "confusion must have"),
         (torch.zeros(2, 2), {"null_prior": [1.0, 0.0]}, ValueError, "null_prior is zero for classes \\[1\\]"),
         (torch.zeros(2, 2), {"source_prior": [0.5, 0.6]}, ValueError, "must sum to 1"),
