@@ -567,8 +567,12 @@ def fit_shift_estimator(run_dir: str | Path, device: str | None = None) -> dict[
     logits, _ = predict(model, processor, data.holdout, recipe.image_column, recipe.eval_batch_size)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     labels = align_labels(data.holdout, recipe.label_column, names)
-    model.config.calibration = holdout_calibration(logits, labels)
-    model.config.shift_estimator = choose_shift_estimator(logits, labels, model.config.class_counts)
+    try:
+        calibration = holdout_calibration(logits, labels)
+        choice = choose_shift_estimator(logits, labels, model.config.class_counts)
+    except ValueError as error:  # a class with too few held-out images
+        raise EvaluationError(f"cannot choose a label-shift estimator for {run_dir}: {error}") from None
+    model.config.calibration, model.config.shift_estimator = calibration, choice
     model.save_pretrained(run_dir)
     record_outputs(run_dir, [run_dir / name for name in run_output_files() if (run_dir / name).is_file()])
     return model.config.shift_estimator

@@ -186,14 +186,16 @@ def choose_shift_estimator(logits: torch.Tensor, labels: torch.Tensor | np.ndarr
     """``config.shift_estimator`` for a model, from its uniform-prior logits on its held-out split.
 
     Simulates ``CANDIDATES`` (or ``candidates``) on every shift of the evaluation protocol at each of
-    ``sizes`` (``simulate_holdout_shifts``) and chooses with ``choose_from_summary``. Returns
-    ``{"name", "settings", "rule", "simulation", "holdout_samples"}``: the chosen candidate, its
-    ``UnknownPriorMethod`` settings, the rule and every candidate's summary (``summarize_simulation``), plain
-    JSON.
+    ``sizes``, none larger than the held-out split (``simulate_holdout_shifts``), and chooses with
+    ``choose_from_summary``. Returns ``{"name", "settings", "rule", "simulation", "holdout_samples"}``: the
+    chosen candidate, its ``UnknownPriorMethod`` settings, the rule and every candidate's summary
+    (``summarize_simulation``), plain JSON.
     """
     pool = dict(CANDIDATES if candidates is None else candidates)
     if not pool:
         raise ValueError("candidates is empty; give at least one estimator to choose from.")
+    # A simulated set larger than the held-out split it resamples adds repeats, not information.
+    sizes = sorted({min(size, len(labels)) for size in sizes}, reverse=True)
     simulation = simulate_holdout_shifts(logits, labels, train_counts, pool, sizes=sizes, repeats=repeats,
                                          seed=seed)
     summary = summarize_simulation(simulation)

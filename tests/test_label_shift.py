@@ -11,7 +11,8 @@ import pytest
 import torch
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, evaluation, loading, recipes, training
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, evaluation, loading, recipes, training
+from balpoe_hf.checkpoints import record_outputs, written_by_package
 from balpoe_hf.label_shift import (
     UNKNOWN_PRIOR_METHODS,
     UNKNOWN_PRIOR_MODES,
@@ -20,6 +21,7 @@ from balpoe_hf.label_shift import (
 )
 from balpoe_hf.loading import DataError, holdout_sizes, holdout_split
 from balpoe_hf.recipes import TrainingError
+from balpoe_hf.shift_selection import CANDIDATES
 
 SOURCE_PRIOR = np.array([0.55, 0.25, 0.13, 0.07])
 
@@ -107,23 +109,39 @@ def test_holdout_errors_reach_the_user(parquet):
             recipes.make_recipe({**values, "holdout_fraction": fraction})
 
 
-def test_training_with_a_holdout_saves_its_calibration_and_report(parquet, tmp_path):
+def test_training_with_a_holdout_saves_its_calibration_estimator_choice_and_report(parquet, tmp_path, capsys):
     train_file, test_file = parquet
     recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
                                   "image_column": "picture", "label_column": "target", "image_size": 16,
-                                  "holdout_fraction": 0.25, "epochs": 1, "batch_size": 8, "num_workers": 0,
-                                  "eval_every": 0, "warmup_epochs": 0, "lr": 0.02, "many_threshold": 20,
-                                  "few_threshold": 6})
-    training.train(recipe, tmp_path / "run")
-    holdout = json.loads((tmp_path / "run" / "holdout_results.json").read_text())
-    assert holdout["holdout_samples"] == 15 and 0 <= holdout["holdout_balanced_accuracy"] <= 1
-    assert holdout["calibration"]["holdout_counts"] == [8, 4, 2, 1]
-    evaluation_results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+                                  "holdout_fraction": 0.5, "epochs": 1, "batch_size": 8, "num_workers": 0,
+                                  "eval_every": 0, "warmup_epochs": 0, "lr": 0.02, "many_threshold": 10,
+                                  "few_threshold": 3})
+    run = tmp_path / "run"
+    training.train(recipe, run)
+    holdout = json.loads((run / "holdout_results.json").read_text())
+    assert holdout["holdout_samples"] == 30 and 0 <= holdout["holdout_balanced_accuracy"] <= 1
+    assert holdout["calibration"]["holdout_counts"] == [16, 8, 4, 2]
+    evaluation_results = json.loads((run / "eval_results.json").read_text())
     assert {"eval_ece_temperature_scaling", "eval_ece_bcts"} <= set(evaluation_results)
-    model = BalPoEForImageClassification.from_pretrained(tmp_path / "run")
-    assert model.config.class_counts == [24, 12, 6, 3]  # the images trained on
+    model = BalPoEForImageClassification.from_pretrained(run)
+    assert model.config.class_counts == [16, 8, 4, 2]  # the images trained on
     assert model.config.calibration == holdout["calibration"]
-    assert recipes.load_recipe(config=tmp_path / "run" / "recipe.yaml").holdout_fraction == 0.25
+    assert recipes.load_recipe(config=run / "recipe.yaml").holdout_fraction == 0.5
+    choice = model.config.shift_estimator
+    assert choice["name"] in CANDIDATES and choice["holdout_samples"] == 30
+    assert f"label-shift estimator for 'auto': {choice['name']}" in capsys.readouterr().out
+
+    # A run saved before the choice existed gets it from the command line, the same (seeded) one; the
+    # saved files stay the run's own (the manifest follows them).
+    model.config.shift_estimator = None
+    model.save_pretrained(run)
+    record_outputs(run, [run / "config.json"])
+    assert cli.evaluate_main(["--model", str(run), "--fit-shift-estimator", "--shifts", "uniform,backward4",
+                              "--deployment-sizes", "16", "--deployment-draws", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"label-shift estimator for 'auto': {choice['name']}" in printed and "batches of 16:" in printed
+    assert BalPoEForImageClassification.from_pretrained(run).config.shift_estimator == choice
+    assert written_by_package(run, "config.json")
 
 
 # --------------------------------------------------------------------------- calibration in the config
