@@ -43,16 +43,23 @@ def validate_logits(logits: torch.Tensor, name: str = "logits") -> torch.Tensor:
     return tensor.to(torch.float64)
 
 
-def _check_labels(labels: torch.Tensor | Sequence[int], num_samples: int, num_classes: int) -> torch.Tensor:
+def validate_labels(labels: torch.Tensor | Sequence[int], num_classes: int, num_samples: int | None = None,
+                    name: str = "labels") -> torch.Tensor:
+    """Check class indices ``(N,)`` in ``[0, num_classes)``, ``N = num_samples`` when given (one per row of
+    the scores they go with); return them as an ``int64`` CPU tensor.
+
+    The one label check of the package (calibration, metrics, label-shift estimation): a ``TypeError`` for
+    values that are not integers, a ``ValueError`` naming the shape or the range otherwise.
+    """
     tensor = torch.as_tensor(labels).detach().cpu()
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"labels must be integer class indices, got dtype {tensor.dtype}.")
-    if tensor.shape != (num_samples,):
-        raise ValueError(f"labels must have shape ({num_samples},), one per row of logits, "
-                         f"got {tuple(tensor.shape)}.")
-    if int(tensor.min()) < 0 or int(tensor.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes - 1}] for {num_classes} classes, got values "
-                         f"in [{int(tensor.min())}, {int(tensor.max())}].")
+        raise TypeError(f"{name} must be integer class indices, got dtype {tensor.dtype}.")
+    if tensor.ndim != 1 or (num_samples is not None and tensor.numel() != num_samples):
+        expected = "(num_samples,)" if num_samples is None else f"({num_samples},), one per sample"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}.")
+    if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] for {num_classes} classes, got values "
+                         f"from {int(tensor.min())} to {int(tensor.max())}.")
     return tensor.long()
 
 
@@ -72,7 +79,7 @@ def _fit(logits: torch.Tensor, labels: torch.Tensor | Sequence[int],
     """Minimise ``mean NLL(softmax(z * exp(-s) + b + offset))`` over ``s = log T`` (and ``b``) with LBFGS."""
     z = validate_logits(logits)
     num_samples, num_classes = z.shape
-    y = _check_labels(labels, num_samples, num_classes)
+    y = validate_labels(labels, num_classes, num_samples)
     shift = torch.zeros(num_classes, dtype=torch.float64) if offset is None else (
         _check_class_vector(offset, num_classes, "offset"))
     if max_iter < 1:

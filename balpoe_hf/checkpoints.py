@@ -37,8 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .configuration_balpoe import POST_TRAINING_SETTINGS, SETTINGS
 from .data import short_list
-from .recipes import Recipe, TrainingError, recipe_differences, save_recipe
+from .errors import TrainingError
+from .recipes import CONFIG_FIELDS, Recipe, recipe_differences, save_recipe
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -50,18 +52,15 @@ RUN_FOLDERS = (CHECKPOINTS_DIR, "logs")  # folders a run owns whole (TensorBoard
 PARTIAL_SUFFIX = ".tmp"
 _CHECKPOINT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?")
 
-# Recipe fields that define the model or the training data its prior comes from, or the optimizer's parameter
-# groups (scale_expert_lr): a resumed run keeps them.
-MODEL_FIELDS = ("backbone", "backbone_kwargs", "backbone_pretrained", "num_experts", "lambdas",
-                "shared_stages", "classifier", "classifier_scale", "remove_mean_lambda", "image_size",
-                "image_mean", "image_std", "crop_pct", "dataset", "dataset_config", "train_split",
-                "label_column", "num_classes", "imbalance_ratio", "imbalance_profile", "split_seed",
-                "selection", "holdout_fraction", "method", "loss", "lade_weight", "lade_remine_lambda",
-                "scale_expert_lr")
-# Config keys of the built model compared on resume (they catch changed data behind unchanged paths).
-SIGNATURE_KEYS = ("backbone", "backbone_kwargs", "backbone_pretrained", "num_experts", "lambdas",
-                  "shared_stages", "classifier", "classifier_scale", "remove_mean_lambda", "loss",
-                  "class_counts", "id2label", "image_size", "image_mean", "image_std")
+# Recipe fields a resumed run keeps: those of the model's config (recipes.CONFIG_FIELDS), and those that
+# define the training data its prior comes from, the evaluation transform saved with it (crop_pct) and the
+# optimizer's parameter groups (scale_expert_lr).
+RESUME_FIELDS = (*CONFIG_FIELDS, "crop_pct", "dataset", "dataset_config", "train_split", "label_column",
+                 "num_classes", "imbalance_ratio", "imbalance_profile", "split_seed", "selection",
+                 "holdout_fraction", "scale_expert_lr")
+# Config settings of the built model compared on resume (they catch changed data behind unchanged paths): all
+# that it is built with, and the class names.
+SIGNATURE_KEYS = (*(name for name in SETTINGS if name not in POST_TRAINING_SETTINGS), "id2label")
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -361,17 +360,18 @@ def check_resume(output_dir: str | Path, recipe: Recipe, state: dict[str, Any], 
                  batches_per_epoch: int) -> list[str]:
     """Refuse to resume ``state`` with a recipe that changes the model; return the other changed fields.
 
-    Compared: the model-defining fields of the run's ``recipe.yaml`` (``MODEL_FIELDS``), the built model's
+    Compared: the model-defining fields of the run's ``recipe.yaml`` (``RESUME_FIELDS``), the built model's
     ``signature`` with the one saved in the checkpoint (which catches changed data, e.g. other class
     counts), and for a checkpoint inside an epoch the number of batches per epoch (the batches to skip).
     """
     recipe_file = Path(output_dir) / "recipe.yaml"
     changed = recipe_differences(recipe, recipe_file) if recipe_file.is_file() else {}
     conflicts = [f"{key}: {changed[key][0]!r} -> {changed[key][1]!r}"
-                 for key in MODEL_FIELDS if key in changed]
-    saved_model = state.get("model", signature)  # checkpoints from before signatures: the recipe check only
-    conflicts += [f"{key}: {saved_model.get(key)!r} -> {signature.get(key)!r}" for key in SIGNATURE_KEYS
-                  if saved_model.get(key) != signature.get(key) and key not in changed]
+                 for key in RESUME_FIELDS if key in changed]
+    # Checkpoints from before signatures have none (the recipe check only), older ones fewer keys.
+    saved_model = state.get("model", signature)
+    conflicts += [f"{key}: {saved_model[key]!r} -> {signature.get(key)!r}" for key in SIGNATURE_KEYS
+                  if key in saved_model and saved_model[key] != signature.get(key) and key not in changed]
     if state.get("step") and state.get("batches_per_epoch") != batches_per_epoch:
         conflicts.append(f"batches per epoch: {state.get('batches_per_epoch')} -> {batches_per_epoch} (the "
                          "batch size or the number of processes; a step checkpoint needs the same batches)")
@@ -381,7 +381,7 @@ def check_resume(output_dir: str | Path, recipe: Recipe, state: dict[str, Any], 
             + "\n  ".join(conflicts) + "\nA resumed run keeps its model and data: change them back, or start "
             "a new run (another --output-dir, or --overwrite).")
     return [f"{key}: {saved!r} -> {now!r}"
-            for key, (saved, now) in changed.items() if key not in MODEL_FIELDS]
+            for key, (saved, now) in changed.items() if key not in RESUME_FIELDS]
 
 
 def _try_load(accelerator: Accelerator, path: Path, output_dir: str | Path, recipe: Recipe,

@@ -1,10 +1,11 @@
-"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push``, ``balpoe-describe-split`` and
-``balpoe-prepare-data``.
+"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push``, ``balpoe-describe-split``,
+``balpoe-compare`` and ``balpoe-prepare-data``.
 
 Installed as console scripts with the package; ``python -m balpoe_hf.train`` (for ``accelerate launch -m``)
 and the repository's ``scripts/*.py`` call the same functions. Each parses its arguments, calls the library
-(``balpoe_hf.training``, ``balpoe_hf.evaluation``, ``balpoe_hf.hub``, ``balpoe_hf.data``) and turns the
-library's user errors into a one-line message and a non-zero exit status.
+(``balpoe_hf.training``, ``balpoe_hf.evaluation``, ``balpoe_hf.hub``, ``balpoe_hf.data``,
+``balpoe_hf.compare``, ``balpoe_hf.prepare_data``) and turns the library's user errors
+(``balpoe_hf.errors``) into a one-line message and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -12,11 +13,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
+from .arguments import build_parser, parse_args, parse_recipe_flags
+from .compare import (
+    BUDGETS,
+    DEFAULT_METHODS,
+    EVALUATION_RESERVE,
+    Budget,
+    budget_values,
+    compare,
+    format_comparison,
+)
+from .errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
 from .label_shift import UNKNOWN_PRIOR_MODES
+from .methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
+from .recipes import Recipe, make_recipe
 
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
 
@@ -58,9 +74,6 @@ def list_recipes() -> str:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-train``: parse the run options and the recipe, then ``balpoe_hf.training.train``."""
-    import time
-
-    from .recipes import TrainingError, parse_args
     from .training import train
 
     if "--list-recipes" in (sys.argv[1:] if argv is None else argv):
@@ -211,7 +224,7 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
     The ``uniform`` shift of ``evaluate_model`` is the set unchanged, so its ``oracle`` mode uses the file's
     own label distribution and ``em`` estimates it, as for a shifted set drawn from a balanced one.
     """
-    from .evaluation import EvaluationError, evaluate_model
+    from .evaluation import evaluate_model
     from .loading import load_list
 
     names = [_list_name(path) for path in args.test_list]
@@ -252,8 +265,6 @@ def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> 
 
 
 def _parse_sizes(text: str | None) -> list[int]:
-    from .evaluation import EvaluationError
-
     if not text:
         return []
     try:
@@ -269,7 +280,6 @@ def _parse_sizes(text: str | None) -> list[int]:
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
     from .evaluation import (
-        EvaluationError,
         absent_classes_warning,
         check_calibration_for,
         check_output,
@@ -290,7 +300,6 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         write_report,
     )
     from .loading import load_list, load_split
-    from .recipes import TrainingError
 
     try:
         args = parse_evaluate_args(argv)
@@ -333,7 +342,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     if result.report["classes_without_test_images"]:
         print(absent_classes_warning(result.report["classes_without_test_images"], model.config.num_labels),
               file=sys.stderr)
-    print(format_balanced(result.report["balanced"], result.report["num_test_samples"]))
+    title = f"Balanced test set ({result.report['num_test_samples']} images, uniform target prior):"
+    print(format_balanced(result.report["balanced"], title))
     print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
     print(format_shift_table(result.report["shift_accuracy"], shifts))
     if result.report["shift_estimator"]:
@@ -371,8 +381,7 @@ before the upload and lists what would be uploaded (works offline).
 
 def push_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-push``: render the card, check the folder and upload it (or only list it with --dry-run)."""
-    from .hub import HubFolderError, HubPublishError, prepare_hub_folder, push_to_hub
-    from .recipes import TrainingError
+    from .hub import prepare_hub_folder, push_to_hub
 
     parser = argparse.ArgumentParser(description=PUSH_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -424,7 +433,7 @@ def describe_split_main(argv: Sequence[str] | None = None) -> int:
     import datasets
 
     from .data import class_counts, imbalance_ratio, make_long_tailed, shot_groups
-    from .loading import DataError, load_fashion_mnist, load_split
+    from .loading import load_fashion_mnist, load_split
 
     parser = argparse.ArgumentParser(description=DESCRIBE_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,6 +472,97 @@ def describe_split_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- balpoe-compare
+
+
+COMPARE_DESCRIPTION = f"""Train several methods at the same budget and compare them (balanced accuracy,
+many/medium/few, ECE, MCE, NLL; accuracy on label-shifted test sets under each prior mode).
+
+    balpoe-compare --budget quick
+    balpoe-compare --budget cpu --train-file D/train.parquet --test-file D/test.parquet
+    balpoe-compare --budget paper --train-file ... --test-file ... --time-limit 540
+
+Methods: {', '.join(f'{m} ({METHOD_DESCRIPTIONS[m]})' for m in METHODS)}.
+Budgets: {'; '.join(f'{name}: {b.description}' for name, b in BUDGETS.items())}.
+Every recipe flag changes the shared base recipe (e.g. --epochs 8 --mixup-alpha 0.4; the mixup of the
+'balpoe' method is the base recipe's). Each method trains into OUTPUT_DIR/METHOD as an ordinary resumable run;
+a rerun skips finished methods and resumes the others, so a long budget can be run in several jobs with
+--time-limit. Results: OUTPUT_DIR/comparison.json, comparison.md and comparison.png.
+"""
+
+
+@dataclass
+class CompareArguments:
+    """The options of ``balpoe-compare`` that are not recipe fields."""
+
+    _argument_group_name = "comparison"
+
+    budget: Literal["quick", "cpu", "cpu-long", "paper"] = field(default="quick", metadata={"help": (
+        "The base recipe: " + "; ".join(f"{name}: {b.description}" for name, b in BUDGETS.items()) + ".")})
+    methods: str = field(default=",".join(DEFAULT_METHODS), metadata={"help": (
+        f"Comma list of methods out of {', '.join(METHODS)}.")})
+    output_dir: str | None = field(default=None, metadata={"help": (
+        "Where every method's run and the comparison go (default: runs/compare-BUDGET).")})
+    time_limit: float | None = field(default=None, metadata={"help": (
+        "Wall-clock limit in seconds for this invocation: trainings stop cleanly after an epoch checkpoint "
+        f"(keeping {EVALUATION_RESERVE:.0f} s for evaluation); rerun to continue.")})
+    prior: str | None = field(default=None, metadata={"help": (
+        "Comma list of prior modes to evaluate, or 'all' (default: none, oracle and auto; em instead of auto "
+        "without --holdout-fraction).")})
+    shifts: str = field(default="all", metadata={"help": "'all' or a comma list of shifted test sets."})
+
+
+def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArguments, Recipe, Budget]:
+    """The options, the base recipe (budget < command-line flags) and the budget."""
+    parser = build_parser(COMPARE_DESCRIPTION, CompareArguments,
+                          "%(prog)s [--budget NAME] [--methods LIST] [--FIELD VALUE ...]")
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--budget", default="quick", choices=list(BUDGETS))
+    known, _ = first.parse_known_args(argv)
+    namespace, settings, given = parse_recipe_flags(parser, argv, budget_values(known.budget))
+    args = CompareArguments(**{f.name: getattr(namespace, f.name) for f in fields(CompareArguments)})
+    try:
+        parse_methods(args.methods)
+    except ValueError as error:
+        raise TrainingError(f"--methods: {error}") from None
+    per_method = [name for name in ("method", *EVERY_METHOD_FIELDS) if name in given]
+    if per_method:
+        flags = ", ".join("--" + name.replace("_", "-") for name in per_method)
+        raise TrainingError(f"{flags}: every method sets these itself; choose the methods with --methods.")
+    budget = BUDGETS[args.budget]
+    base = make_recipe(settings)
+    if budget.needs_files and base.train_file is None:
+        raise TrainingError(f"the {args.budget} budget reads CIFAR-10 from local parquet files: pass "
+                            "--train-file PATH/train.parquet --test-file PATH/test.parquet (the Hub layout, "
+                            "columns img/label).")
+    if args.time_limit is not None and args.time_limit <= EVALUATION_RESERVE:
+        raise TrainingError(f"--time-limit must exceed {EVALUATION_RESERVE:.0f} s (the time kept for "
+                            f"evaluation), got {args.time_limit}.")
+    if args.output_dir is None:
+        args.output_dir = str(Path("runs") / f"compare-{args.budget}")
+    return args, base, budget
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    """``balpoe-compare``: parse, compare (``balpoe_hf.compare.compare``), print the tables."""
+    from accelerate import PartialState
+
+    start = time.time()
+    try:
+        args, base, budget = parse_compare_args(argv)
+        deadline = None if args.time_limit is None else start + args.time_limit
+        comparison = compare(base, args.methods, args.output_dir, shifts=args.shifts, priors=args.prior,
+                             deadline=deadline)
+    except (TrainingError, EvaluationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        print("\n" + format_comparison(comparison, base, budget))
+        if comparison.files:
+            print(f"\nwrote {', '.join(comparison.files.values())}")
+    return 0
+
+
 # --------------------------------------------------------------------------- balpoe-prepare-data
 
 
@@ -479,7 +579,6 @@ Then: balpoe-train --recipe cifar10-lt-local --train-file data/cifar10/train.par
 
 def prepare_data_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-prepare-data``: ``balpoe_hf.prepare_data.prepare_data`` from the command line."""
-    from .loading import DataError
     from .prepare_data import DATASETS, prepare_data
 
     parser = argparse.ArgumentParser(description=PREPARE_DESCRIPTION, allow_abbrev=False,

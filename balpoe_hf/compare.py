@@ -24,30 +24,22 @@ The comparison goes to ``OUTPUT_DIR/comparison.json``, ``comparison.md`` and ``c
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import shutil
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .methods import METHOD_DESCRIPTIONS, METHODS, parse_methods
-from .recipes import (
-    Recipe,
-    TrainingError,
-    build_parser,
-    make_recipe,
-    parse_recipe_flags,
-    recipe_differences,
-    recipe_values,
-    save_recipe,
-)
+from .configuration_balpoe import PREDICTION_SETTINGS
+from .errors import TrainingError
+from .methods import METHOD_DESCRIPTIONS, parse_methods
+from .metrics import calibration_bins, calibration_errors, percent
+from .recipes import CONFIG_FIELDS, Recipe, make_recipe, recipe_differences, recipe_values, save_recipe
 
 if TYPE_CHECKING:  # only for annotations: the model and datasets load lazily
     import datasets
@@ -56,10 +48,8 @@ if TYPE_CHECKING:  # only for annotations: the model and datasets load lazily
     from .modeling_balpoe import BalPoEForImageClassification
 
 DEFAULT_METHODS = ("ce", "ce-la", "bs", "lade", "balpoe-erm", "balpoe")
-# Fields each method sets itself: setting them for the whole comparison would be overridden anyway.
-PER_METHOD_FIELDS = ("method", "num_experts", "lambdas", "loss", "remove_mean_lambda")
-# Fields that change how a trained model predicts, not how it is trained.
-PREDICTION_FIELDS = ("name", "description", "method", "remove_mean_lambda")
+# Recipe fields that change how a trained model predicts, not how it is trained (the config's).
+PREDICTION_FIELDS = tuple(name for name in PREDICTION_SETTINGS if name in CONFIG_FIELDS)
 # Fields that change neither the trained weights nor the comparison's evaluation: a run may differ in them.
 LOOP_FIELDS = ("description", "checkpoints_total_limit", "checkpoint_every_steps", "num_workers",
                "logging_steps", "eval_every", "eval_batch_size")
@@ -134,8 +124,8 @@ def method_recipe(base: Recipe, method: str) -> Recipe:
 
 
 def _training_signature(recipe: Recipe) -> str:
-    return json.dumps({k: v for k, v in recipe.to_dict().items() if k not in PREDICTION_FIELDS},
-                      sort_keys=True)
+    return json.dumps({k: v for k, v in recipe.to_dict().items()
+                       if k not in ("name", "description", *PREDICTION_FIELDS)}, sort_keys=True)
 
 
 # --------------------------------------------------------------------------- runs
@@ -175,7 +165,7 @@ def holdout_logits(model: BalPoEForImageClassification, processor: Any, holdout:
 def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) -> None:
     """A finished run of ``recipe`` from the weights of a run whose training was identical.
 
-    Only the prediction settings (``remove_mean_lambda``, ``method``) change, and a held-out calibration
+    Only the prediction settings (``PREDICTION_FIELDS``) change, and a held-out calibration
     (``config.calibration``, fitted to the source's logits) is fitted again on ``holdout`` for the new
     logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
     written after the evaluation.
@@ -187,15 +177,15 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     model, processor = load_model(source_dir, resolve_device(None))
-    model.config.remove_mean_lambda = recipe.remove_mean_lambda
-    model.config.method = recipe.method
+    for name in PREDICTION_FIELDS:
+        setattr(model.config, name, getattr(recipe, name))
     if model.config.calibration is not None:
         if holdout is None:
             raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was given "
                                 "to fit it again for the derived run.")
         model.config.calibration = holdout_calibration(*holdout_logits(model, processor, holdout, recipe))
+    processor.save_pretrained(run_dir)  # first: save_pretrained writes a processor only where there is none
     model.save_pretrained(run_dir)
-    processor.save_pretrained(run_dir)
     save_recipe(recipe, run_dir / "recipe.yaml")
     train_results = json.loads((source_dir / "train_results.json").read_text())
     train_results["weights_from"] = str(source_dir)
@@ -209,7 +199,7 @@ def balanced_validation_report(logits: torch.Tensor, labels: Sequence[int], num_
 
     This estimates the balanced test set's figures from training-distribution data (the weighting turns an
     average over ``p_train(y)`` into one over the uniform prior), so methods can be compared and settings
-    chosen without the test set. Bins are equal-width in confidence, as ``metrics.calibration_bins``.
+    chosen without the test set. The ECE is ``metrics.calibration_bins``'s, with these weights.
     """
     targets = torch.as_tensor(labels, dtype=torch.long)
     log_probs = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
@@ -220,13 +210,10 @@ def balanced_validation_report(logits: torch.Tensor, labels: Sequence[int], num_
     confidence, prediction = log_probs.exp().max(dim=1)
     correct = (prediction == targets).double()
     per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, targets, correct) / counts
-    # Bin i holds lower < p <= upper (p = 0 in bin 0), as metrics.calibration_bins.
-    edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
-    bins = (torch.bucketize(confidence, edges, right=False) - 1).clamp_min(0)
-    gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, weights * (correct - confidence))
+    ece, _ = calibration_errors(calibration_bins(confidence, correct, n_bins, weights=weights))
     nll = -(weights * log_probs.gather(1, targets[:, None]).squeeze(1)).sum()
-    return {"balanced_accuracy": float(per_class[present].mean()), "ece": float(gap.abs().sum()),
-            "nll": float(nll), "samples": len(targets)}
+    return {"balanced_accuracy": float(per_class[present].mean()), "ece": ece, "nll": float(nll),
+            "samples": len(targets)}
 
 
 def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], priors: Sequence[str] | None,
@@ -393,10 +380,6 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
 # --------------------------------------------------------------------------- output
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def format_method_table(summaries: Mapping[str, Mapping[str, Any]],
                         paper: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """Markdown table like the paper's Tables 2 / 9: balanced-test-set metrics per method, in percent.
@@ -416,8 +399,8 @@ def format_method_table(summaries: Mapping[str, Mapping[str, Any]],
             time_cell = f"(weights of {Path(summary['weights_from']).name})"
         else:
             time_cell = "n/a" if runtime is None else f"{runtime / 60:.1f} min"
-        row = (f"| {method} | {_pct(b['balanced_accuracy'])} | {_pct(b['many'])} | {_pct(b['medium'])} | "
-               f"{_pct(b['few'])} | {_pct(b['ece'])} | {_pct(b['mce'])} | {b['nll']:.3f} | {time_cell} |")
+        cells = [percent(b[key]) for key in ("balanced_accuracy", "many", "medium", "few", "ece", "mce")]
+        row = f"| {method} | {' | '.join(cells)} | {b['nll']:.3f} | {time_cell} |"
         if paper:
             published = paper.get(method, {})
             row += "".join(f" {published[k]:.1f} |" if k in published else " - |"
@@ -432,7 +415,7 @@ def format_validation_table(summaries: Mapping[str, Mapping[str, Any]]) -> str |
     if not rows:
         return None
     lines = ["| method | balanced acc. | ECE | NLL |", "|---|---:|---:|---:|"]
-    lines += [f"| {m} | {_pct(v['balanced_accuracy'])} | {_pct(v['ece'])} | {v['nll']:.3f} |"
+    lines += [f"| {m} | {percent(v['balanced_accuracy'])} | {percent(v['ece'])} | {v['nll']:.3f} |"
               for m, v in rows]
     return "\n".join(lines)
 
@@ -444,7 +427,7 @@ def format_shift_rows(summaries: Mapping[str, Mapping[str, Any]]) -> str:
     rows = ["| method | prior | " + " | ".join(shifts) + " |", "|---|---|" + "---:|" * len(shifts)]
     for method, summary in summaries.items():
         for mode, accuracy in summary["shift_accuracy"].items():
-            rows.append(f"| {method} | {mode} | " + " | ".join(f"{100 * accuracy[s]:.1f}" for s in shifts)
+            rows.append(f"| {method} | {mode} | " + " | ".join(percent(accuracy[s], 1) for s in shifts)
                         + " |")
     return "\n".join(rows)
 
@@ -499,96 +482,3 @@ def write_comparison(comparison: Comparison, base: Recipe, output_dir: Path) -> 
          for m, s in comparison.summaries.items()},
         comparison.train_counts, files["png"], many=base.many_threshold, few=base.few_threshold)
     return files
-
-
-# --------------------------------------------------------------------------- command line
-
-
-DESCRIPTION = f"""Train several methods at the same budget and compare them (balanced accuracy,
-many/medium/few, ECE, MCE, NLL; accuracy on label-shifted test sets under each prior mode).
-
-    python scripts/compare_methods.py --budget quick
-    python scripts/compare_methods.py --budget cpu --train-file D/train.parquet --test-file D/test.parquet
-    python scripts/compare_methods.py --budget paper --train-file ... --test-file ... --time-limit 540
-
-Methods: {', '.join(f'{m} ({METHOD_DESCRIPTIONS[m]})' for m in METHODS)}.
-Budgets: {'; '.join(f'{name}: {b.description}' for name, b in BUDGETS.items())}.
-Every recipe flag changes the shared base recipe (e.g. --epochs 8 --mixup-alpha 0.4; the mixup of the
-'balpoe' method is the base recipe's). Each method trains into OUTPUT_DIR/METHOD as an ordinary resumable run;
-a rerun skips finished methods and resumes the others, so a long budget can be run in several jobs with
---time-limit. Results: OUTPUT_DIR/comparison.json, comparison.md and comparison.png.
-"""
-
-
-@dataclass
-class CompareArguments:
-    """The options of ``scripts/compare_methods.py`` that are not recipe fields."""
-
-    _argument_group_name = "comparison"
-
-    budget: Literal["quick", "cpu", "cpu-long", "paper"] = field(default="quick", metadata={"help": (
-        "The base recipe: " + "; ".join(f"{name}: {b.description}" for name, b in BUDGETS.items()) + ".")})
-    methods: str = field(default=",".join(DEFAULT_METHODS), metadata={"help": (
-        f"Comma list of methods out of {', '.join(METHODS)}.")})
-    output_dir: str | None = field(default=None, metadata={"help": (
-        "Where every method's run and the comparison go (default: runs/compare-BUDGET).")})
-    time_limit: float | None = field(default=None, metadata={"help": (
-        "Wall-clock limit in seconds for this invocation: trainings stop cleanly after an epoch checkpoint "
-        f"(keeping {EVALUATION_RESERVE:.0f} s for evaluation); rerun to continue.")})
-    prior: str | None = field(default=None, metadata={"help": (
-        "Comma list of prior modes to evaluate, or 'all' (default: none, oracle and auto; em instead of auto "
-        "without --holdout-fraction).")})
-    shifts: str = field(default="all", metadata={"help": "'all' or a comma list of shifted test sets."})
-
-
-def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArguments, Recipe, Budget]:
-    """The options, the base recipe (budget < command-line flags) and the budget."""
-    parser = build_parser(DESCRIPTION, CompareArguments,
-                          "%(prog)s [--budget NAME] [--methods LIST] [--FIELD VALUE ...]")
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    first.add_argument("--budget", default="quick", choices=list(BUDGETS))
-    known, _ = first.parse_known_args(argv)
-    namespace, settings, given = parse_recipe_flags(parser, argv, budget_values(known.budget))
-    args = CompareArguments(**{f.name: getattr(namespace, f.name) for f in fields(CompareArguments)})
-    try:
-        parse_methods(args.methods)
-    except ValueError as error:
-        raise TrainingError(f"--methods: {error}") from None
-    per_method = [name for name in PER_METHOD_FIELDS if name in given]
-    if per_method:
-        flags = ", ".join("--" + name.replace("_", "-") for name in per_method)
-        raise TrainingError(f"{flags}: every method sets these itself; choose the methods with --methods.")
-    budget = BUDGETS[args.budget]
-    base = make_recipe(settings)
-    if budget.needs_files and base.train_file is None:
-        raise TrainingError(f"the {args.budget} budget reads CIFAR-10 from local parquet files: pass "
-                            "--train-file PATH/train.parquet --test-file PATH/test.parquet (the Hub layout, "
-                            "columns img/label).")
-    if args.time_limit is not None and args.time_limit <= EVALUATION_RESERVE:
-        raise TrainingError(f"--time-limit must exceed {EVALUATION_RESERVE:.0f} s (the time kept for "
-                            f"evaluation), got {args.time_limit}.")
-    if args.output_dir is None:
-        args.output_dir = str(Path("runs") / f"compare-{args.budget}")
-    return args, base, budget
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``scripts/compare_methods.py``: parse, compare, print the tables; 2 on a user error."""
-    from accelerate import PartialState
-
-    from .evaluation import EvaluationError
-
-    start = time.time()
-    try:
-        args, base, budget = parse_compare_args(argv)
-        deadline = None if args.time_limit is None else start + args.time_limit
-        comparison = compare(base, args.methods, args.output_dir, shifts=args.shifts, priors=args.prior,
-                             deadline=deadline)
-    except (TrainingError, EvaluationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if PartialState().is_main_process:
-        print("\n" + format_comparison(comparison, base, budget))
-        if comparison.files:
-            print(f"\nwrote {', '.join(comparison.files.values())}")
-    return 0

@@ -6,6 +6,7 @@ the flat ``.label_shift`` / ``.priors`` / ``.backbones`` modules only.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -282,5 +283,16 @@ class BalPoEConfig(PreTrainedConfig):
 
 
 BalPoEConfig.register_for_auto_class()
+
+# The settings BalPoEConfig adds to transformers' PreTrainedConfig, in their order: the one list of what
+# defines a BalPoE model (training copies the recipe's fields of these names, resume compares them).
+SETTINGS = tuple(f.name for f in dataclasses.fields(BalPoEConfig)
+                 if f.name not in {base.name for base in dataclasses.fields(PreTrainedConfig)})
+# Settings that change how a trained model predicts, not what it learns: models that differ only in them
+# can share their weights.
+PREDICTION_SETTINGS = ("remove_mean_lambda", "target_prior", "method")
+# Settings given to a trained model (the target prior; what is fitted on held-out data after the last epoch):
+# they leave its weights alone, and a model is built without them.
+POST_TRAINING_SETTINGS = ("target_prior", "calibration", "shift_estimator")
 
 __all__ = ["BalPoEConfig"]

@@ -1,4 +1,4 @@
-"""Long-tailed training splits, shifted test sets and shot groups on ``datasets.Dataset``.
+"""Long-tailed training splits, held-out splits, shifted test sets and shot groups on ``datasets.Dataset``.
 
 Everything here reads only the label column, never the images, so building a split of a 50,000-image
 dataset takes milliseconds.
@@ -215,6 +215,39 @@ def make_long_tailed(ds: datasets.Dataset, imbalance_ratio: float, label_column:
     # int(n_max / r) >= 1 exactly when r <= n_max, for both profiles.
     _check_no_empty_class(keep, available, f"imbalance ratio {imbalance_ratio:g}", float(n_max))
     return ds.select(_subsample(labels, keep, rng))
+
+
+def holdout_sizes(counts: Sequence[int], fraction: float) -> list[int]:
+    """Images to hold out per class: ``fraction * n_c`` rounded half up, at least 1, leaving at least 1.
+
+    Raises ``ValueError`` naming the classes too small to give one image to each side.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}.")
+    sizes = [max(1, math.floor(fraction * n + 0.5)) for n in counts]
+    small = [c for c, (k, n) in enumerate(zip(sizes, counts, strict=True)) if k >= n]
+    if small:
+        raise ValueError(
+            f"holdout_fraction {fraction:g} leaves classes {short_list(small)} (with "
+            f"{short_list([counts[c] for c in small], 'counts')} images) without a training image: every "
+            "class needs one held-out image and one to train on. Lower holdout_fraction or the imbalance "
+            "ratio, or set holdout_fraction 0.")
+    return sizes
+
+
+def holdout_split(ds: datasets.Dataset, fraction: float, label_column: str = "label", seed: int = 0,
+                  num_classes: int | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train, holdout)``: a stratified split holding out ``holdout_sizes(counts, fraction)`` per class.
+
+    Each class's held-out rows are the first of a permutation drawn by ``numpy.random.default_rng((seed,
+    1))``, a stream apart from the long-tailed subsampling's ``default_rng(seed)``, so that the split is a
+    function of ``seed`` alone. Both parts keep the dataset's row order and share no row.
+    """
+    labels = labels_array(ds, label_column, num_classes)
+    counts = np.bincount(labels, minlength=num_classes or 0).tolist()
+    held_out = _subsample(labels, holdout_sizes(counts, fraction), np.random.default_rng((seed, 1)))
+    kept = np.setdiff1d(np.arange(len(labels)), held_out, assume_unique=True)
+    return ds.select(kept), ds.select(held_out)
 
 
 def rank_by_count(train_counts: Sequence[int]) -> list[int]:

@@ -38,6 +38,7 @@ from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
 from .data import labels_array
+from .transforms import epoch_seed
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,6 @@ DECODE_RESIZE = {"cifar": "crop", "none": "squash"}
 def uint8_nbytes(num_images: int, image_size: int) -> int:
     """Bytes that ``num_images`` RGB ``image_size`` x ``image_size`` images and their labels take."""
     return num_images * (3 * image_size * image_size + 8)  # uint8 pixels + an int64 label
-
-
-def fits_in_memory(num_images: int, image_size: int, limit_bytes: int) -> bool:
-    """Whether ``num_images`` images at ``image_size`` take at most ``limit_bytes`` as ``uint8``."""
-    return uint8_nbytes(num_images, image_size) <= limit_bytes
 
 
 def _check_image_column(ds: datasets.Dataset, image_column: str) -> None:
@@ -311,10 +307,8 @@ def normalize_uint8(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, epoch)`` through numpy's ``SeedSequence``, so that no two pairs
-    share a stream (``seed + epoch`` would give seed 1 / epoch 0 the stream of seed 0 / epoch 1)."""
-    state = np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    """A CPU generator seeded with ``transforms.epoch_seed(seed, epoch)``."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
 
 def _describe(value: object) -> str:

@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from .calibration import apply_calibration
 from .checkpoints import read_manifest, record_outputs, written_by_package
 from .data import make_shifted_test, short_list
+from .errors import EvaluationError, TrainingError
 from .label_shift import (
     UNKNOWN_PRIOR_MODES,
     PriorEstimate,
@@ -47,18 +48,13 @@ from .label_shift import (
     resolve_unknown_prior_method,
 )
 from .loading import align_labels, offline_mode
-from .metrics import accuracy_report, calibration_report, long_tail_report
+from .metrics import accuracy_report, calibration_report, long_tail_report, percent
 from .modeling_balpoe import BalPoEForImageClassification
 from .priors import adjust_logits
-from .recipes import TrainingError
 from .shift_selection import ALL_SHIFTS, choose_shift_estimator, split_shift
 from .transforms import to_rgb
 
 PRIOR_MODES = ("none", "oracle", *UNKNOWN_PRIOR_MODES)
-
-
-class EvaluationError(ValueError):
-    """A problem with the settings, the model or the test data, with what to do about it."""
 
 
 def parse_shifts(shifts: str | Sequence[str]) -> list[str]:
@@ -608,25 +604,26 @@ def write_report(result: EvaluationResult, output: str | Path) -> dict[str, str]
 # --------------------------------------------------------------------------- printing
 
 
-def _pct(value: float | None, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f}"
+def format_balanced(report: dict[str, Any], title: str, groups: dict[str, list[int]] | None = None) -> str:
+    """A ``long_tail_report`` (with ``calibration_effect``'s figures where present) under ``title`` as a few
+    aligned lines, in percent; ``groups`` (``data.shot_groups``) adds the number of classes of each group.
 
-
-def format_balanced(report: dict[str, Any], num_samples: int) -> str:
-    """The balanced-test-set report as a few aligned lines, in percent."""
+    What ``balpoe-train`` prints after its evaluations, and ``balpoe-evaluate`` for the balanced set.
+    """
+    shots = ("many", "medium", "few")
+    sizes = "" if groups is None else f" ({'/'.join(str(len(groups[g])) for g in shots)} classes)"
     rows = [
-        ("accuracy", f"{_pct(report['accuracy'])}%"),
-        ("balanced accuracy", f"{_pct(report['balanced_accuracy'])}%"),
-        ("many / medium / few", " / ".join(f"{_pct(report[g])}" for g in ("many", "medium", "few")) + " %"),
-        ("ECE / MCE", f"{_pct(report['ece'])} / {_pct(report['mce'])} %"),
+        ("accuracy", f"{percent(report['accuracy'])} %"),
+        ("balanced accuracy", f"{percent(report['balanced_accuracy'])} %"),
+        ("many / medium / few" + sizes, " / ".join(percent(report[g]) for g in shots) + " %"),
+        ("ECE / MCE", f"{percent(report['ece'])} / {percent(report['mce'])} %"),
         ("NLL / Brier", f"{report['nll']:.4f} / {report['brier']:.4f}"),
     ]
     if "ece_bcts" in report:
-        rows.append(("ECE calibrated", f"{_pct(report['ece_temperature_scaling'])} (temperature scaling) / "
-                                       f"{_pct(report['ece_bcts'])} (BCTS) %"))
-    lines = [f"Balanced test set ({num_samples} images, uniform target prior):"]
-    lines += [f"  {name:<20} {value}" for name, value in rows]
-    return "\n".join(lines)
+        rows.append(("ECE calibrated", f"{percent(report['ece_temperature_scaling'])} (temperature "
+                                       f"scaling) / {percent(report['ece_bcts'])} (BCTS) %"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join([title, *(f"  {name:<{width}}  {value}" for name, value in rows)])
 
 
 def format_deployment_table(deployment: dict[str, Any], shifts: list[str]) -> str:
@@ -654,8 +651,8 @@ def format_shift_estimator(choice: dict[str, Any]) -> str:
              f"held-out images: {choice['rule']})",
              "| candidate | worst harm | worst gain | mean gain | recovered |", "|---|---:|---:|---:|---:|"]
     for name, row in choice["simulation"].items():
-        lines.append(f"| {name} | {100 * row['harm']:.2f} | {100 * row['worst']:.2f} | "
-                     f"{100 * row['mean']:.2f} | {row['recovered']:.2f} |")
+        lines.append(f"| {name} | {percent(row['harm'])} | {percent(row['worst'])} | "
+                     f"{percent(row['mean'])} | {row['recovered']:.2f} |")
     return "\n".join(lines)
 
 
@@ -663,6 +660,6 @@ def format_shift_table(shift_accuracy: dict[str, dict[str, float]], shifts: list
     """A Markdown table: rows are prior modes, columns the test distributions, cells top-1 accuracy (%)."""
     header = "| prior \u2193 / test set \u2192 | " + " | ".join(shifts) + " |"
     rule = "|---|" + "---:|" * len(shifts)
-    rows = [f"| {mode} | " + " | ".join(_pct(acc.get(s), 1) for s in shifts) + " |"
+    rows = [f"| {mode} | " + " | ".join(percent(acc.get(s), 1) for s in shifts) + " |"
             for mode, acc in shift_accuracy.items()]
     return "\n".join([header, rule, *rows])

@@ -33,8 +33,11 @@ from transformers.utils import (
 
 from .checkpoints import check_writable, record_outputs, written_by_package
 from .data import imbalance_ratio
+from .errors import HubFolderError, HubPublishError, TrainingError
+from .loading import FASHION_MNIST
 from .methods import METHOD_DESCRIPTIONS
-from .recipes import FASHION_MNIST, TrainingError, read_recipe_file
+from .metrics import percent
+from .recipes import read_recipe_file
 
 CARD_NAME = "README.md"
 IMAGES_DIR = "images"
@@ -71,10 +74,6 @@ PERCENT_METRICS = {"balanced_accuracy", "accuracy", "many", "medium", "few", "ec
 PICKLE_WEIGHT_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
-class HubFolderError(ValueError):
-    """The model directory cannot be published as it is; the message lists every problem and its fix."""
-
-
 @dataclass
 class HubFolder:
     """A model directory ready to upload: the rendered card and the files that would be uploaded."""
@@ -96,10 +95,6 @@ def template_path() -> Path:
             return folder / TEMPLATE_NAME
     raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found next to {package_dir}; "
                             "reinstall balpoe-hf.")
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
 
 
 def _balanced_report(eval_results: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -440,7 +435,7 @@ def render_model_card(
             continue
         value = report[key]
         metric_cells.append({"name": SHORT_LABELS[key] + (" %" if key in PERCENT_METRICS else ""),
-                             "value": _percent(value) if key in PERCENT_METRICS else
+                             "value": percent(value) if key in PERCENT_METRICS else
                              ("n/a" if value is None else f"{value:.3f}")})
         if value is not None:
             eval_entries.append(EvalResult(
@@ -487,7 +482,7 @@ def render_model_card(
         metrics=metric_cells or None,
         shot_thresholds=shots,
         shift_table={"columns": shift_columns,
-                     "rows": [{"label": label, "values": [_percent(acc.get(s)) for s in shift_columns]}
+                     "rows": [{"label": label, "values": [percent(acc.get(s)) for s in shift_columns]}
                               for _, label, acc in shift_rows],
                      "modes": [MODE_TEXT[mode] for mode, _, _ in shift_rows]} if shift_rows else None,
         chosen_estimator=_chosen_estimator(config) if any(mode == "auto" for mode, _, _ in shift_rows)
@@ -650,10 +645,6 @@ def _linked_images(markdown: str) -> list[str]:
     """Local image paths linked as ``![alt](path)`` in a markdown text (web links are skipped)."""
     links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)", markdown)
     return [link for link in links if "://" not in link]
-
-
-class HubPublishError(RuntimeError):
-    """Publishing cannot start (offline mode or no token); nothing was uploaded, the folder is unchanged."""
 
 
 def _require_card_packages() -> None:

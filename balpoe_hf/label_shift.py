@@ -34,6 +34,7 @@ from .calibration import (
     bcts_bias_covariance,
     fit_bcts,
     fit_temperature,
+    validate_labels,
     validate_logits,
 )
 from .priors import PriorLike, as_vector, validate_prior
@@ -230,18 +231,9 @@ def confusion_matrix(predictions: torch.Tensor | Sequence[int], labels: torch.Te
     Rows are true labels and columns predictions, as in scikit-learn and torchmetrics (written here because
     remote code cannot import either).
     """
-    preds, targets = torch.as_tensor(predictions).detach().cpu(), torch.as_tensor(labels).detach().cpu()
-    for name, tensor in (("predictions", preds), ("labels", targets)):
-        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool or (
-                tensor.ndim != 1):
-            raise TypeError(f"{name} must be a 1-D tensor of integer class indices, got dtype {tensor.dtype} "
-                            f"and shape {tuple(tensor.shape)}.")
-        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= num_classes):
-            raise ValueError(f"{name} must lie in [0, {num_classes - 1}] for {num_classes} classes.")
-    if preds.shape != targets.shape:
-        raise ValueError(f"predictions and labels must have the same length, got {preds.numel()} and "
-                         f"{targets.numel()}.")
-    flat = targets.long() * num_classes + preds.long()
+    preds = validate_labels(predictions, num_classes, name="predictions")
+    targets = validate_labels(labels, num_classes, len(preds))
+    flat = targets * num_classes + preds
     return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes).to(torch.float64)
 
 

@@ -32,13 +32,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from .device_data import DECODE_RESIZE, DeviceLoader, decode_to_uint8, device_augment, uint8_nbytes
-from .loading import BadImageError, LoaderSplit, TrainingData
-from .recipes import Recipe, TrainingError
-from .transforms import with_transforms
+from .errors import BadImageError, TrainingError
+from .transforms import undecodable_row, with_transforms
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers.image_processing_utils import BaseImageProcessor
+
+    from .loading import TrainingData
+    from .recipes import Recipe
 
 # Largest uint8 size of the two splits together that "auto" keeps on the device. A constant, not a share of
 # the device's memory, so that the choice (and with it every batch of the run) depends on the recipe and the
@@ -114,8 +116,7 @@ def decode_split(recipe: Recipe, ds: datasets.Dataset, split: str, resize: str
         return decode_to_uint8(ds, recipe.image_column, recipe.label_column, recipe.image_size, resize=resize)
     except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a broken image file
         # The worker pipeline's search for the culprit, row by row (only once decoding has failed).
-        columns = [recipe.image_column, recipe.label_column]
-        bad = LoaderSplit(ds, dict, columns, split)._undecodable(range(len(ds)))
+        bad = undecodable_row(ds, recipe.image_column, range(len(ds)))
         if bad is None:
             raise
         raise BadImageError(f"cannot decode the {split} image at row {bad} ({error}); repair or remove it "
@@ -149,8 +150,8 @@ def worker_loaders(recipe: Recipe, data: TrainingData, processor: BaseImageProce
     """The worker pipeline's training and test ``DataLoader``s (not yet sharded: ``accelerator.prepare``).
 
     Training order comes from ``generator`` and each image's augmentation from ``(seed, epoch, row)``
-    (``loading.LoaderSplit``), both set every epoch by ``Loaders.set_epoch``, so an epoch's batches depend on
-    ``(seed, epoch)`` only.
+    (``transforms.LoaderSplit``), both set every epoch by ``Loaders.set_epoch``, so an epoch's batches depend
+    on ``(seed, epoch)`` only.
     """
     train_set, test_set = with_transforms(data, recipe, processor)
     options = {"num_workers": recipe.num_workers, "pin_memory": pin_memory}

@@ -1,8 +1,8 @@
 """Where the images come from: the Hub, parquet files, imagefolder directories, split-list files (ImageNet-LT,
-Places-LT, iNaturalist-2018), Fashion-MNIST's IDX files.
+Places-LT, iNaturalist-2018), Fashion-MNIST's IDX files; the label checks; a run's data.
 
 ``load_training_data(recipe)`` gives a run its long-tailed training split, its optional held-out split
-(``holdout_split``) and its balanced test set, with the class names and counts the model needs;
+(``data.holdout_split``) and its balanced test set, with the class names and counts the model needs;
 ``load_split`` gives an evaluation its test set alone. Images are
 not decoded here: the ``datasets.Image`` column decodes on access, in the transforms.
 
@@ -12,44 +12,31 @@ split) both name their classes, test labels are matched by name; different names
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import gzip
-import math
 import os
-import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
-import torch
 from huggingface_hub import constants as hub_constants
 
-from .data import _subsample, class_counts, labels_array, make_long_tailed, short_list
-from .recipes import FASHION_MNIST, FASHION_MNIST_DIR, Recipe, TrainingError
+from .data import class_counts, holdout_split, labels_array, make_long_tailed, short_list
+from .errors import DataError
 from .split_lists import load_split_list
 
+if TYPE_CHECKING:
+    from .recipes import Recipe
+
+FASHION_MNIST = "fashion-mnist"  # the recipe's dataset name for Fashion-MNIST's IDX files
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist has them
 FASHION_MNIST_LABELS = [
     "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-
-
-class DataError(TrainingError):
-    """The data cannot be loaded or does not fit the model, with what to do about it."""
-
-
-class BadImageError(DataError):
-    """An image that cannot be decoded, named by its split, row and file.
-
-    An error raised in a ``DataLoader`` worker reaches the training process re-created from the worker's
-    whole traceback text (torch's ``ExceptionWrapper``); the constructor keeps only this error's message.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(message.rsplit(f"{__name__}.{type(self).__qualname__}: ", 1)[-1].strip())
 
 
 def offline_mode() -> bool:
@@ -290,39 +277,6 @@ class TrainingData:
     holdout_counts: list[int] | None = None
 
 
-def holdout_sizes(counts: Sequence[int], fraction: float) -> list[int]:
-    """Images to hold out per class: ``fraction * n_c`` rounded half up, at least 1, leaving at least 1.
-
-    Raises ``ValueError`` naming the classes too small to give one image to each side.
-    """
-    if not 0 < fraction < 1:
-        raise ValueError(f"holdout_fraction must be in (0, 1), got {fraction}.")
-    sizes = [max(1, math.floor(fraction * n + 0.5)) for n in counts]
-    small = [c for c, (k, n) in enumerate(zip(sizes, counts, strict=True)) if k >= n]
-    if small:
-        raise ValueError(
-            f"holdout_fraction {fraction:g} leaves classes {short_list(small)} (with "
-            f"{short_list([counts[c] for c in small], 'counts')} images) without a training image: every "
-            "class needs one held-out image and one to train on. Lower holdout_fraction or the imbalance "
-            "ratio, or set holdout_fraction 0.")
-    return sizes
-
-
-def holdout_split(ds: datasets.Dataset, fraction: float, label_column: str = "label", seed: int = 0,
-                  num_classes: int | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """``(train, holdout)``: a stratified split holding out ``holdout_sizes(counts, fraction)`` per class.
-
-    Each class's held-out rows are the first of a permutation drawn by ``numpy.random.default_rng((seed,
-    1))``, a stream apart from the long-tailed subsampling's ``default_rng(seed)``, so that the split is a
-    function of ``seed`` alone. Both parts keep the dataset's row order and share no row.
-    """
-    labels = labels_array(ds, label_column, num_classes)
-    counts = np.bincount(labels, minlength=num_classes or 0).tolist()
-    held_out = _subsample(labels, holdout_sizes(counts, fraction), np.random.default_rng((seed, 1)))
-    kept = np.setdiff1d(np.arange(len(labels)), held_out, assume_unique=True)
-    return ds.select(kept), ds.select(held_out)
-
-
 def _check_columns(ds: datasets.Dataset, recipe: Recipe, split: str) -> None:
     for kind in ("image", "label"):
         column = getattr(recipe, f"{kind}_column")
@@ -488,97 +442,3 @@ def load_training_data(recipe: Recipe) -> TrainingData:
     test = relabel(test, recipe.label_column, names)
     return TrainingData(train=train, test=test, class_names=list(names), class_counts=counts,
                         class_count_source=source, holdout=holdout, holdout_counts=holdout_counts)
-
-
-# --------------------------------------------------------------------------- a split for a DataLoader
-
-
-@contextlib.contextmanager
-def _caller_random_state_kept() -> Iterator[None]:
-    """Run the block and restore the states of torch's CPU generator, numpy's and Python's ``random``."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
-
-
-def _seed_generators(seed: int) -> None:
-    """Seed torch's CPU generator, Python's ``random`` and numpy's global generator with a 63-bit seed."""
-    torch.random.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed([seed >> 32, seed & 0xFFFFFFFF])
-
-
-class LoaderSplit(torch.utils.data.Dataset):
-    """A split and its transform as the dataset of a ``DataLoader``: reproducible, and bad images named.
-
-    ``transform`` maps a batch ``{column: values}`` of ``columns`` (images decoded by the ``datasets.Image``
-    feature) to a batch of model inputs, like a ``Dataset.with_transform`` function. With a ``seed``
-    (training) every image is transformed with the global generators that augmentations draw from (torch's
-    CPU generator for torchvision, Python's ``random`` and numpy's for timm's RandAugment) seeded from
-    ``(seed, epoch, row)`` (``set_epoch``; accelerate's prepared loaders pass their ``set_epoch`` on, and
-    ``DataLoader`` workers, started afresh every epoch, receive it); the caller's states of the three are
-    restored afterwards. An image's augmentation is then a function of the seed, the epoch and its row
-    only: not of the batch it is drawn in, the worker or process that loads it, nor the batches loaded
-    before it, so a run resumed inside an epoch (``skip_first_batches`` skips batches without loading them)
-    and a run on another number of processes augment every image as the uninterrupted single-process run
-    does. Without a seed (evaluation) a batch is transformed at once. An image that cannot be decoded
-    raises ``BadImageError`` naming the split, the row and the image file instead of a bare PIL error.
-    """
-
-    def __init__(self, ds: datasets.Dataset, transform: Callable[[dict], dict], columns: Sequence[str],
-                 split: str, seed: int | None = None):
-        self.ds, self.transform = ds.select_columns(list(columns)), transform
-        self.split, self.seed, self.image_column = split, seed, columns[0]
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose augmentation the next batches get."""
-        self.epoch = epoch
-        # One 63-bit base per (seed, epoch) through SeedSequence; rows add to it, as DataLoader workers add
-        # their id to a base seed.
-        state = np.random.SeedSequence([self.seed or 0, epoch]).generate_state(1, np.uint64)[0]
-        self._base = int(state) >> 1
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
-        indices = [int(index) for index in indices]
-        try:
-            batch = self.ds[indices]
-        except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a broken image file
-            bad = self._undecodable(indices)
-            if bad is None:
-                raise
-            raise BadImageError(f"cannot decode the {self.split} image at row {bad} ({error}); repair or "
-                                "remove it from the data.") from None
-        if self.seed is None:
-            out = self.transform(batch)
-        else:
-            parts = []
-            with _caller_random_state_kept():
-                for position, row in enumerate(indices):
-                    _seed_generators(self._base + row)
-                    one = {column: [values[position]] for column, values in batch.items()}
-                    parts.append(self.transform(one))
-            out = {key: [value for part in parts for value in part[key]] for key in parts[0]}
-        return [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
-
-    def _undecodable(self, indices: list[int]) -> str | None:
-        """The first of ``indices`` whose image does not decode, with its file name where known."""
-        images = self.ds.select_columns([self.image_column])
-        for index in indices:
-            try:
-                images[index]
-            except (OSError, ValueError, SyntaxError):
-                encoded = images.cast_column(self.image_column, datasets.Image(decode=False))
-                path = encoded[index][self.image_column].get("path")
-                return f"{index}" + (f", file {path}" if path else "")
-        return None

@@ -32,12 +32,19 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
+from .calibration import validate_labels
 from .data import shot_groups
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
 EVALUATE_MODULES_DIR = Path(__file__).parent / "evaluate_modules"
 # Rows of given probabilities must sum to one within this tolerance (float32 softmax outputs included).
 PROB_SUM_TOLERANCE = 1e-3
+
+
+def percent(value: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage for printed reports and tables, ``"n/a"`` for ``None`` (undefined):
+    ``percent(0.52345) == "52.35"``."""
+    return "n/a" if value is None else f"{100 * value:.{digits}f}"
 
 
 def module_path(name: str) -> str:
@@ -70,17 +77,7 @@ def _as_scores(scores: ArrayLike, name: str) -> torch.Tensor:
 
 
 def _as_labels(labels: ArrayLike, num_samples: int, num_classes: int, name: str = "labels") -> torch.Tensor:
-    tensor = _to_tensor(labels)
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise ValueError(f"{name} must be integer class indices, got dtype {tensor.dtype}.")
-    if tensor.ndim != 1 or tensor.numel() != num_samples:
-        raise ValueError(f"{name} must have shape ({num_samples},) to match the scores, "
-                         f"got {tuple(tensor.shape)}.")
-    tensor = tensor.long()
-    if tensor.min() < 0 or tensor.max() >= num_classes:
-        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] ({num_classes} classes), "
-                         f"got values from {int(tensor.min())} to {int(tensor.max())}.")
-    return tensor
+    return validate_labels(_to_tensor(labels), num_classes, num_samples, name)
 
 
 def log_probabilities(scores: ArrayLike, from_probs: bool = False) -> torch.Tensor:
@@ -111,12 +108,15 @@ def _bin_edges(n_bins: int) -> torch.Tensor:
     return torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
 
 
-def calibration_bins(confidences: ArrayLike, correct: ArrayLike, n_bins: int = 15) -> dict[str, list]:
+def calibration_bins(confidences: ArrayLike, correct: ArrayLike, n_bins: int = 15,
+                     weights: ArrayLike | None = None) -> dict[str, list]:
     """Per-bin statistics of equal-width confidence bins, the data of a reliability diagram.
 
     A confidence ``p`` falls in the bin with ``lower < p <= upper`` (``p = 0`` in the first bin). Returns
     lists of length ``n_bins``: ``lower``, ``upper``, ``count``, ``confidence`` (mean confidence) and
-    ``accuracy``; the last two are ``None`` for an empty bin.
+    ``accuracy``; the last two are ``None`` for an empty bin. With ``weights`` (one per sample, >= 0) the
+    means are weighted, and ``weight`` holds each bin's total weight (``calibration_errors`` weighs the bins
+    by it instead of ``count``).
     """
     edges = _bin_edges(n_bins)
     conf = _to_tensor(confidences).to(torch.float64).flatten()
@@ -129,15 +129,25 @@ def calibration_bins(confidences: ArrayLike, correct: ArrayLike, n_bins: int = 1
     # bucketize(right=False) returns i with edges[i - 1] < p <= edges[i]; p = 0 gives 0, moved to bin 0.
     index = (torch.bucketize(conf, edges, right=False) - 1).clamp_min(0)
     count = torch.bincount(index, minlength=n_bins).to(torch.float64)
+    total = count
+    if weights is not None:
+        sample_weights = _to_tensor(weights).to(torch.float64).flatten()
+        if sample_weights.shape != conf.shape or (sample_weights < 0).any():
+            raise ValueError("weights must be one number >= 0 per confidence.")
+        conf, hits = conf * sample_weights, hits * sample_weights
+        total = torch.bincount(index, weights=sample_weights, minlength=n_bins)
     conf_sum = torch.bincount(index, weights=conf, minlength=n_bins)
     hit_sum = torch.bincount(index, weights=hits, minlength=n_bins)
-    return {
+    bins = {
         "lower": edges[:-1].tolist(),
         "upper": edges[1:].tolist(),
         "count": [int(c) for c in count.tolist()],
-        "confidence": [float(s / c) if c > 0 else None for s, c in zip(conf_sum, count, strict=True)],
-        "accuracy": [float(s / c) if c > 0 else None for s, c in zip(hit_sum, count, strict=True)],
+        "confidence": [float(s / w) if w > 0 else None for s, w in zip(conf_sum, total, strict=True)],
+        "accuracy": [float(s / w) if w > 0 else None for s, w in zip(hit_sum, total, strict=True)],
     }
+    if weights is not None:
+        bins["weight"] = total.tolist()
+    return bins
 
 
 def calibration_report(scores: ArrayLike, labels: ArrayLike, n_bins: int = 15,
@@ -155,8 +165,9 @@ def reliability_bins(scores: ArrayLike, labels: ArrayLike, n_bins: int = 15,
 
 
 def calibration_errors(bins: dict[str, list]) -> tuple[float, float]:
-    """``(ece, mce)`` from :func:`calibration_bins` statistics (bins with samples only)."""
-    stats = zip(bins["accuracy"], bins["confidence"], bins["count"], strict=True)
+    """``(ece, mce)`` from :func:`calibration_bins` statistics (bins with samples only; weighted bins by
+    their ``weight``)."""
+    stats = zip(bins["accuracy"], bins["confidence"], bins.get("weight", bins["count"]), strict=True)
     gaps = [(abs(acc - conf), n) for acc, conf, n in stats if n > 0]
     if not gaps:
         raise ValueError("every bin is empty: there are no samples to compute a calibration error on.")

@@ -25,8 +25,8 @@ from typing import Literal
 import datasets
 import numpy as np
 
-from .loading import DataError, load_fashion_mnist, offline_mode
-from .recipes import FASHION_MNIST_DIR
+from .errors import DataError
+from .loading import FASHION_MNIST_DIR, load_fashion_mnist, offline_mode
 
 DATASETS = ("cifar10", "fashion-mnist")
 HUB_IDS = {"cifar10": "uoft-cs/cifar10", "fashion-mnist": "zalando-datasets/fashion_mnist"}

@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from . import checkpoints, speed
 from .configuration_balpoe import BalPoEConfig
 from .data import labels_array, shot_groups
+from .errors import TrainingError
 from .evaluation import absent_classes, absent_classes_warning, calibration_effect
 from .label_shift import holdout_calibration
 from .loaders import build_loaders
 from .loading import TrainingData, input_paths, load_training_data
 from .metrics import long_tail_report
 from .modeling_balpoe import BalPoEForImageClassification
-from .recipes import Recipe, TrainingError
+from .recipes import CONFIG_FIELDS, Recipe
 from .shift_selection import choose_shift_estimator
 from .transforms import build_processor, evaluation_split
 
@@ -59,28 +60,11 @@ class TrainOutput:
 
 
 def model_config(recipe: Recipe, class_counts: list[int], class_names: list[str]) -> BalPoEConfig:
-    """The ``BalPoEConfig`` of the recipe's model for a training split with these classes and counts."""
-    return BalPoEConfig(
-        backbone=recipe.backbone,
-        backbone_kwargs=recipe.backbone_kwargs,
-        backbone_pretrained=recipe.backbone_pretrained,
-        num_experts=recipe.num_experts,
-        lambdas=recipe.lambdas,
-        shared_stages=recipe.shared_stages,
-        classifier=recipe.classifier,
-        classifier_scale=recipe.classifier_scale,
-        remove_mean_lambda=recipe.remove_mean_lambda,
-        class_counts=class_counts,
-        id2label=dict(enumerate(class_names)),
-        label2id={name: i for i, name in enumerate(class_names)},
-        image_size=recipe.image_size,
-        image_mean=recipe.image_mean,
-        image_std=recipe.image_std,
-        loss=recipe.loss,
-        lade_weight=recipe.lade_weight,
-        lade_remine_lambda=recipe.lade_remine_lambda,
-        method=recipe.method,
-    )
+    """The ``BalPoEConfig`` of the recipe's model for a training split with these classes and counts: the
+    recipe's ``CONFIG_FIELDS`` (the fields named like config settings) and the split's classes."""
+    return BalPoEConfig(**{name: getattr(recipe, name) for name in CONFIG_FIELDS}, class_counts=class_counts,
+                        id2label=dict(enumerate(class_names)),
+                        label2id={name: i for i, name in enumerate(class_names)})
 
 
 def _model_error(recipe: Recipe, error: Exception) -> TrainingError:
@@ -533,8 +517,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     }
     if accelerator.is_main_process:
         with checkpoints.recording(output_dir):
+            processor.save_pretrained(output_dir)  # first: save_pretrained then adds no processor of its own
             model.save_pretrained(output_dir)
-            processor.save_pretrained(output_dir)
             eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
                             **{f"eval_{k}": v for k, v in report.items()}}
             if not keep_results:

@@ -1,4 +1,5 @@
-"""Image transforms: the training augmentation and the evaluation transform saved with the model.
+"""Image transforms: the training augmentation and the evaluation transform saved with the model, and the
+splits of the worker pipeline's ``DataLoader`` (``LoaderSplit``), which apply them.
 
 Training images go through the recipe's augmentation (torchvision transforms on PIL images, in DataLoader
 workers, with the optional AutoAugment, RandAugment and Cutout policies); evaluation images through the image
@@ -8,18 +9,23 @@ exactly what the run's evaluation saw. Every image is converted to RGB, so every
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import datasets
 import numpy as np
+import torch
 from PIL import Image
 
-from .loading import LoaderSplit, TrainingData
-from .recipes import Recipe
+from .errors import BadImageError
 
 if TYPE_CHECKING:
-    import datasets
     from transformers.image_processing_utils import BaseImageProcessor
+
+    from .loading import TrainingData
+    from .recipes import Recipe
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -141,6 +147,110 @@ class ImageTransform:
         else:
             pixel_values = [self.transform(image) for image in images]
         return {"pixel_values": pixel_values, "labels": batch[self.label_column]}
+
+
+# --------------------------------------------------------------------------- a split for a DataLoader
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The 64-bit seed of epoch ``epoch`` of a run seeded ``seed``, from which both data pipelines draw the
+    epoch's order and augmentation (``LoaderSplit``, ``device_data.DeviceLoader``).
+
+    Through numpy's ``SeedSequence``, so that no two pairs share a stream (``seed + epoch`` would give seed
+    1 / epoch 0 the stream of seed 0 / epoch 1).
+    """
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0])
+
+
+@contextlib.contextmanager
+def _caller_random_state_kept() -> Iterator[None]:
+    """Run the block and restore the states of torch's CPU generator, numpy's and Python's ``random``."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _seed_generators(seed: int) -> None:
+    """Seed torch's CPU generator, Python's ``random`` and numpy's global generator with a 63-bit seed."""
+    torch.random.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed([seed >> 32, seed & 0xFFFFFFFF])
+
+
+class LoaderSplit(torch.utils.data.Dataset):
+    """A split and its transform as the dataset of a ``DataLoader``: reproducible, and bad images named.
+
+    ``transform`` maps a batch ``{column: values}`` of ``columns`` (images decoded by the ``datasets.Image``
+    feature) to a batch of model inputs, like a ``Dataset.with_transform`` function. With a ``seed``
+    (training) every image is transformed with the global generators that augmentations draw from (torch's
+    CPU generator for torchvision, Python's ``random`` and numpy's for timm's RandAugment) seeded from
+    ``(seed, epoch, row)`` (``set_epoch``; accelerate's prepared loaders pass their ``set_epoch`` on, and
+    ``DataLoader`` workers, started afresh every epoch, receive it); the caller's states of the three are
+    restored afterwards. An image's augmentation is then a function of the seed, the epoch and its row
+    only: not of the batch it is drawn in, the worker or process that loads it, nor the batches loaded
+    before it, so a run resumed inside an epoch (``skip_first_batches`` skips batches without loading them)
+    and a run on another number of processes augment every image as the uninterrupted single-process run
+    does. Without a seed (evaluation) a batch is transformed at once. An image that cannot be decoded
+    raises ``BadImageError`` naming the split, the row and the image file instead of a bare PIL error.
+    """
+
+    def __init__(self, ds: datasets.Dataset, transform: Callable[[dict], dict], columns: Sequence[str],
+                 split: str, seed: int | None = None):
+        self.ds, self.transform = ds.select_columns(list(columns)), transform
+        self.split, self.seed, self.image_column = split, seed, columns[0]
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation the next batches get."""
+        self.epoch = epoch
+        # A 63-bit base per (seed, epoch); rows add to it, as DataLoader workers add their id to a base seed.
+        self._base = epoch_seed(self.seed or 0, epoch) >> 1
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        indices = [int(index) for index in indices]
+        try:
+            batch = self.ds[indices]
+        except (OSError, ValueError, SyntaxError) as error:  # PIL's errors for a broken image file
+            bad = undecodable_row(self.ds, self.image_column, indices)
+            if bad is None:
+                raise
+            raise BadImageError(f"cannot decode the {self.split} image at row {bad} ({error}); repair or "
+                                "remove it from the data.") from None
+        if self.seed is None:
+            out = self.transform(batch)
+        else:
+            parts = []
+            with _caller_random_state_kept():
+                for position, row in enumerate(indices):
+                    _seed_generators(self._base + row)
+                    one = {column: [values[position]] for column, values in batch.items()}
+                    parts.append(self.transform(one))
+            out = {key: [value for part in parts for value in part[key]] for key in parts[0]}
+        return [dict(zip(out, values, strict=True)) for values in zip(*out.values(), strict=True)]
+
+
+def undecodable_row(ds: datasets.Dataset, image_column: str, indices: Iterable[int]) -> str | None:
+    """The first of ``indices`` whose image in ``ds`` does not decode, with its file name where known (for the
+    message of a ``BadImageError``); ``None`` if they all decode."""
+    images = ds.select_columns([image_column])
+    for index in indices:
+        try:
+            images[index]
+        except (OSError, ValueError, SyntaxError):  # PIL's errors for a broken image file
+            encoded = images.cast_column(image_column, datasets.Image(decode=False))
+            path = encoded[index][image_column].get("path")
+            return f"{index}" + (f", file {path}" if path else "")
+    return None
 
 
 def with_transforms(data: TrainingData, recipe: Recipe, processor: BaseImageProcessor

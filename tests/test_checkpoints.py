@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
 from balpoe_hf import checkpoints, recipes
-from balpoe_hf.recipes import TrainingError
+from balpoe_hf.errors import TrainingError
 from balpoe_hf.training import train
 
 # 60 training images in batches of 8: 7 steps an epoch. A step checkpoint every 3 optimizer steps gives

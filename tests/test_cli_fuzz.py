@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from balpoe_hf import cli, training
-from balpoe_hf.recipes import RECIPE_FIELDS, Recipe, _unwrap_optional
+from balpoe_hf.recipes import RECIPE_FIELDS, Recipe, unwrap_optional
 
 HINTS = typing.get_type_hints(Recipe)
 DATA = ["--train-file", "train.parquet", "--test-file", "test.parquet"]
@@ -27,7 +27,7 @@ TRIPLES = {"lambdas", "image_mean", "image_std"}
 
 def _kind(name: str) -> tuple[type, bool]:
     """The field's type (of its items, for a list) and whether it is a Literal (choices)."""
-    base, _ = _unwrap_optional(HINTS[name])
+    base, _ = unwrap_optional(HINTS[name])
     item = typing.get_args(base)[0] if typing.get_origin(base) is list else base
     return item, typing.get_origin(item) is typing.Literal
 

@@ -18,9 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from train_synthetic import write_parquet
 
-from balpoe_hf import compare, hub, methods, plots, recipes, training
+from balpoe_hf import arguments, cli, compare, hub, methods, plots, recipes, training
+from balpoe_hf.errors import TrainingError
 from balpoe_hf.label_shift import holdout_calibration
-from balpoe_hf.recipes import TrainingError
 
 # The presets as the issue and the README define them (independent of balpoe_hf.methods' table):
 # (num_experts, lambdas, mixup_alpha, loss, remove_mean_lambda); None: the recipe's mixup.
@@ -73,13 +73,13 @@ def test_presets_resolve_to_the_documented_settings(method, recipe_name):
 
 
 def test_method_flag_and_saved_recipe(tmp_path):
-    _, recipe = recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bs", "--epochs", "3"])
+    _, recipe = arguments.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bs", "--epochs", "3"])
     assert (recipe.method, recipe.num_experts, recipe.lambdas, recipe.epochs) == ("bs", 1, [0.0], 3)
     # recipe.yaml records the method and its settings, and reloads to the same recipe.
     recipes.save_recipe(recipe, tmp_path / "recipe.yaml")
     assert recipes.load_recipe(config=tmp_path / "recipe.yaml") == recipe
     # A flag that agrees with the method is fine.
-    _, recipe = recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "balpoe-erm",
+    _, recipe = arguments.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "balpoe-erm",
                                     "--num-experts", "3", "--mixup-alpha", "0"])
     assert recipe.mixup_alpha == 0.0
 
@@ -141,21 +141,21 @@ def test_unknown_method_suggests_the_closest():
     with pytest.raises(ValueError, match="no method"):
         methods.parse_methods(" , ")
     with pytest.raises(SystemExit):  # argparse: invalid choice, with the list of choices
-        recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bss"])
+        arguments.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bss"])
 
 
 def test_lade_needs_one_expert_and_lambda_zero():
     with pytest.raises(TrainingError, match=r"loss 'lade' trains one classifier.*--method lade"):
         recipes.load_recipe("cifar10-lt-ir100", loss="lade")
     with pytest.raises(TrainingError, match="method 'lade' sets num_experts"):
-        recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "lade", "--num-experts", "3"])
+        arguments.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "lade", "--num-experts", "3"])
 
 
 def test_explicit_settings_that_contradict_the_method_are_refused():
     with pytest.raises(TrainingError, match=r"mixup_alpha=0.4 \(the method sets 0.0\)"):
         recipes.load_recipe("cifar10-lt-ir100", method="bs", mixup_alpha=0.4)
     with pytest.raises(TrainingError, match="remove_mean_lambda"):
-        recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "ce", "--remove-mean-lambda"])
+        arguments.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "ce", "--remove-mean-lambda"])
     with pytest.raises(TrainingError, match="method 'balpoe' trains with mixup"):
         recipes.load_recipe("cifar10-lt-ir100", method="balpoe", mixup_alpha=0)
 
@@ -172,7 +172,7 @@ def test_compare_command_line_errors(parquet, capsys):
         (["--time-limit", "30", *data], "--time-limit must exceed 60 s"),
     ]
     for argv, message in cases:
-        assert compare.main(argv) == 2
+        assert cli.compare_main(argv) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(TrainingError, match="leave it unset"):
         compare.compare(_base(parquet, method="bs"), ["ce"], "unused")
@@ -180,8 +180,8 @@ def test_compare_command_line_errors(parquet, capsys):
 
 def test_time_limit_must_be_positive():
     with pytest.raises(TrainingError, match="--time-limit must be a positive number"):
-        recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--time-limit", "0"])
-    _, recipe = recipes.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bs"])
+        arguments.parse_args(["--recipe", "cifar10-lt-ir100", "--time-limit", "0"])
+    _, recipe = arguments.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "bs"])
     assert recipe.method == "bs"
 
 

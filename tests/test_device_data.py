@@ -28,7 +28,6 @@ from balpoe_hf.device_data import (
     DeviceLoader,
     decode_to_uint8,
     device_augment,
-    fits_in_memory,
 )
 
 SIZE, PAD, DEG = 32, 4, 15.0
@@ -442,11 +441,6 @@ def image_dataset(images: list[Image.Image]) -> datasets.Dataset:
                                   "name": datasets.Value("string")})
     return datasets.Dataset.from_dict({"img": images, "label": [i % 3 for i in range(len(images))],
                                        "name": [f"x{i}" for i in range(len(images))]}, features=features)
-
-
-def test_fits_in_memory():
-    cifar = 50_000 * (3 * 32 * 32 + 8)  # 154 MB: pixels and int64 labels
-    assert fits_in_memory(50_000, 32, cifar) and not fits_in_memory(50_000, 32, cifar - 1)
 
 
 def test_decode_to_uint8_and_cache(tmp_path, monkeypatch):

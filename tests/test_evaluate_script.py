@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, evaluation
-from balpoe_hf.loading import DataError, align_labels
+from balpoe_hf.errors import DataError
+from balpoe_hf.loading import align_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10

@@ -13,14 +13,14 @@ from train_synthetic import TRAIN_COUNTS, write_parquet
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, evaluation, loading, recipes, training
 from balpoe_hf.checkpoints import record_outputs, written_by_package
+from balpoe_hf.data import holdout_sizes, holdout_split
+from balpoe_hf.errors import DataError, TrainingError
 from balpoe_hf.label_shift import (
     UNKNOWN_PRIOR_METHODS,
     UNKNOWN_PRIOR_MODES,
     estimate_unknown_prior,
     holdout_calibration,
 )
-from balpoe_hf.loading import DataError, holdout_sizes, holdout_split
-from balpoe_hf.recipes import TrainingError
 from balpoe_hf.shift_selection import CANDIDATES
 
 SOURCE_PRIOR = np.array([0.55, 0.25, 0.13, 0.07])

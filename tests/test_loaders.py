@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
 from balpoe_hf import checkpoints, speed
+from balpoe_hf.arguments import parse_args
 from balpoe_hf.configuration_balpoe import BalPoEConfig
 from balpoe_hf.device_data import DeviceLoader
+from balpoe_hf.errors import TrainingError
 from balpoe_hf.loaders import (
     DEVICE_DATA_LIMIT_BYTES,
     build_loaders,
@@ -29,7 +31,7 @@ from balpoe_hf.loaders import (
 )
 from balpoe_hf.loading import load_training_data
 from balpoe_hf.modeling_balpoe import BalPoEForImageClassification
-from balpoe_hf.recipes import TrainingError, make_recipe, parse_args
+from balpoe_hf.recipes import make_recipe
 from balpoe_hf.training import train
 from balpoe_hf.transforms import build_processor
 

@@ -18,8 +18,9 @@ import torch
 import yaml
 from PIL import Image
 
-from balpoe_hf import cli, loading, recipes, training, transforms
-from balpoe_hf.recipes import RECIPES_DIR, TrainingError
+from balpoe_hf import arguments, cli, loading, recipes, training, transforms
+from balpoe_hf.errors import TrainingError
+from balpoe_hf.recipes import RECIPES_DIR
 
 CONFIGS = "emasa/BalPoE-CalibratedLT configs/mixup/{}_training/config_{}_bs-experts.json"
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
@@ -169,7 +170,7 @@ def test_mean_lambda_setting_reaches_the_saved_config_and_the_predictions(tmp_pa
     # Sec. 3.3: the mean bias, mean(1, -0.25, -1.5) * log pi_train = -0.25 * log pi_train, removed.
     log_pi = torch.log(torch.tensor(counts, dtype=torch.float32) / sum(counts))
     torch.testing.assert_close(out_removed.logits.softmax(1), (zbar + 0.25 * log_pi).softmax(1))
-    _, parsed = recipes.parse_args(["--recipe", "imagenet-lt-resnet50", "--remove-mean-lambda"])
+    _, parsed = arguments.parse_args(["--recipe", "imagenet-lt-resnet50", "--remove-mean-lambda"])
     assert parsed.remove_mean_lambda is True
 
 

@@ -252,7 +252,7 @@ def test_bbse_and_confusion_bad_input():
         bbse_prior(torch.ones(2, 3), [1, 1])
     with pytest.raises(ValueError, match="positive total"):
         bbse_prior(torch.eye(2), [0, 0])
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\), one per sample, got \(1,\)"):
         confusion_matrix([0, 1], [0], 2)
     with pytest.raises(ValueError, match="must lie in"):
         confusion_matrix([0, 3], [0, 1], 2)

@@ -28,6 +28,7 @@ from balpoe_hf import (
     BalPoEConfig,
     BalPoEForImageClassification,
     BalPoELoss,
+    arguments,
     build_image_processor,
     checkpoints,
     cli,
@@ -39,7 +40,7 @@ from balpoe_hf import (
     transforms,
 )
 from balpoe_hf.data import long_tailed_counts, make_long_tailed, make_shifted_test
-from balpoe_hf.recipes import TrainingError
+from balpoe_hf.errors import TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"image_column": "picture", "label_column": "target", "image_size": 16,
@@ -737,7 +738,7 @@ def test_a_backbone_override_resets_what_the_recipe_set_for_its_backbone(tmp_pat
     with pytest.raises(TrainingError, match=r"cannot build the backbone resnet20_cifar with backbone_kwargs "
                                             r"\{'zero_init_last': False\}: .*unexpected keyword argument"):
         training.check_model(stale)
-    _, recipe = recipes.parse_args(["--recipe", "imagenet-lt-resnext50", "--backbone", "resnet20_cifar",
+    _, recipe = arguments.parse_args(["--recipe", "imagenet-lt-resnext50", "--backbone", "resnet20_cifar",
                                     "--epochs", "8"])
     assert recipe.backbone_kwargs == {} and recipe.lambdas == [1.0, -0.25, -1.5]
     assert recipe.overridden == ("backbone", "epochs", "backbone_kwargs")
@@ -748,7 +749,7 @@ def test_a_backbone_override_resets_what_the_recipe_set_for_its_backbone(tmp_pat
                                        "backbone=resnet20_cifar, epochs=8; reset: backbone_kwargs)")
     training.check_model(recipe)  # builds
     # Set with the override, they are the user's; the Python API resolves the same way.
-    _, given = recipes.parse_args(["--recipe", "imagenet-lt-resnext50", "--backbone", "resnet20_cifar",
+    _, given = arguments.parse_args(["--recipe", "imagenet-lt-resnext50", "--backbone", "resnet20_cifar",
                                    "--backbone-kwargs", '{"drop_rate": 0.1}'])
     assert given.backbone_kwargs == {"drop_rate": 0.1} and given.notes == ()
     assert recipes.load_recipe("imagenet-lt-resnext50", backbone="resnet20_cifar", epochs=8).to_dict() == \

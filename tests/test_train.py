@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_imagefolder, write_parquet
 
-from balpoe_hf import checkpoints, loading, recipes, training, transforms
-from balpoe_hf.recipes import Recipe, TrainingError
+from balpoe_hf import arguments, checkpoints, loading, recipes, training, transforms
+from balpoe_hf.errors import TrainingError
+from balpoe_hf.recipes import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,14 +112,14 @@ def test_fashion_mnist_quick_recipe_shot_groups_cover_every_group():
 
 
 def test_every_recipe_field_has_a_documented_flag():
-    help_text = recipes.build_parser().format_help()
+    help_text = arguments.build_parser().format_help()
     for name, field in recipes.RECIPE_FIELDS.items():
         assert "--" + name.replace("_", "-") in help_text, name
         assert field.metadata["help"]
 
 
 def test_command_line_overrides_the_recipe():
-    args, recipe = recipes.parse_args([
+    args, recipe = arguments.parse_args([
         "--recipe", "cifar100-lt-ir100", "--epochs", "5", "--lambdas", "1", "0", "-1", "--num-experts", "3",
         "--mixup-alpha", "0", "--no-hflip", "--backbone-kwargs", '{"drop_rate": 0.1}',
         "--imbalance-ratio", "none", "--lr-milestones", "3", "4", "--mixed-precision", "bf16",
@@ -131,7 +132,7 @@ def test_command_line_overrides_the_recipe():
     # Fields left alone keep the recipe's value.
     assert recipe.lr == 0.1 and recipe.label_column == "fine_label"
     assert args.output_dir == "runs/cifar100-lt-ir100"
-    _, recipe = recipes.parse_args(["--recipe", "cifar100-lt-ir100", "--num-experts", "5",
+    _, recipe = arguments.parse_args(["--recipe", "cifar100-lt-ir100", "--num-experts", "5",
                                      "--lambdas", "none"])
     assert recipe.lambdas is None  # BalPoEConfig then spaces 5 lambdas evenly from 1 to -1
 
@@ -139,7 +140,7 @@ def test_command_line_overrides_the_recipe():
 def test_config_file_starts_from_a_base_recipe(tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text("base: cifar10-lt-ir50\nname: mine\nepochs: 3\nlambdas: [0.5, -0.5]\nnum_experts: 2\n")
-    args, recipe = recipes.parse_args(["--config", str(config), "--epochs", "7"])
+    args, recipe = arguments.parse_args(["--config", str(config), "--epochs", "7"])
     assert (recipe.name, recipe.epochs, recipe.lambdas, recipe.num_experts) == ("mine", 7, [0.5, -0.5], 2)
     assert recipe.imbalance_ratio == 50 and recipe.mixup_alpha == 0.8  # from the base
     assert args.output_dir == "runs/mine"

@@ -1,19 +1,13 @@
-"""Training recipes: the ``Recipe`` dataclass, the shipped YAML recipes, and the command line over them.
+"""Training recipes: the ``Recipe`` dataclass, the shipped YAML recipes, and how a run's recipe is resolved.
 
 A *recipe* is a flat set of training settings (``Recipe``), shipped as YAML files in
 ``balpoe_hf/recipes/``. A run resolves its settings in three layers: the ``Recipe`` defaults, then a
 shipped recipe (``--recipe NAME``) or the user's own YAML file (``--config FILE``, which may start from a
-shipped recipe with ``base: NAME``), then command-line flags, one per recipe field
-(``--epochs 5 --lambdas 1 0 -1``).
-
-The command line is transformers' ``HfArgumentParser`` over ``RunArguments`` and ``Recipe``: it makes a flag
-per field with its help, ``Literal`` choices, ``--flag/--no-flag`` booleans and ``nargs="+"`` lists. What it
-lacks is added here, on the parser it builds: the recipe layer (its values become the parser's defaults, so a
-flag given on the command line wins and ``--help`` shows the resolved values), ``none`` for optional fields
-(``--num-classes none``), JSON for the one ``dict`` field (``--backbone-kwargs '{"drop_rate": 0.1}'``), and
-no abbreviated flags (``--epoch`` must not silently mean ``--epochs``). ``HfArgumentParser.parse_dict`` /
-``parse_yaml_file`` do not check value types, so YAML values are checked here (``_coerce``), as are the
-settings that would otherwise fail late or silently (``Recipe.validate``).
+shipped recipe with ``base: NAME``), then the overrides: command-line flags, one per recipe field
+(``--epochs 5 --lambdas 1 0 -1``, ``balpoe_hf.arguments``), or ``load_recipe``'s keyword arguments. YAML
+values are checked against the field types here (``coerce_field``: ``HfArgumentParser.parse_dict`` /
+``parse_yaml_file`` do not check them), as are the settings that would otherwise fail late or silently
+(``Recipe.validate``).
 
 A layer that changes the backbone (a ``--backbone`` flag over a recipe, a config file over its ``base``)
 resets the fields a recipe sets *for* its backbone (``BACKBONE_FIELDS``: ``backbone_kwargs`` such as
@@ -23,30 +17,30 @@ backbone. The fields a layer changed are listed in ``Recipe.overridden``, the re
 so (``"... (overridden: epochs=8, backbone=resnet20_cifar; reset: backbone_kwargs)"``) and a run's
 ``recipe.yaml`` (``save_recipe``) lists them under ``overridden_fields`` (``OVERRIDDEN_KEY``), the one key of
 that file that is not a recipe field; reading the file back as a recipe drops it.
+
+The recipe fields named like ``BalPoEConfig`` settings (``CONFIG_FIELDS``) are the model's: a run copies
+them into its config, and a resumed run must keep them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
-import json
 import math
 import re
 import types
 import typing
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from ..configuration_balpoe import SETTINGS as CONFIG_SETTINGS
+from ..errors import TrainingError
 from ..methods import Method, method_conflicts, method_settings
 
 RECIPES_DIR = Path(__file__).parent  # the shipped YAML recipes live beside this module
-FASHION_MNIST = "fashion-mnist"
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 Profile = Literal["exponential", "step"]
 Classifier = Literal["cosine", "linear"]
@@ -64,13 +58,6 @@ Loss = Literal["balpoe", "lade"]
 OVERRIDDEN_KEY = "overridden_fields"
 # Fields a recipe sets for its backbone, reset when a layer over it changes the backbone (module docstring).
 BACKBONE_FIELDS = ("backbone_kwargs", "shared_stages")
-
-
-class TrainingError(ValueError):
-    """A problem with the recipe, the data or the output directory, explained for the user.
-
-    The command lines print the message and exit with a non-zero status instead of a traceback.
-    """
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -93,7 +80,8 @@ class Recipe:
     dataset_config: str | None = field(default=None, metadata=_help(
         "Configuration name of the Hub dataset, if it has several."))
     data_dir: str | None = field(default=None, metadata=_help(
-        f"Directory of the Fashion-MNIST IDX files (default {FASHION_MNIST_DIR})."))
+        "Directory of the Fashion-MNIST IDX files (default: the folder of Debian's dataset-fashion-mnist, "
+        "balpoe_hf.loading.FASHION_MNIST_DIR)."))
     train_file: list[str] | None = field(default=None, metadata=_help(
         "Local training data: parquet file(s) (glob patterns allowed) or one imagefolder directory "
         "(a sub-folder per class). Takes precedence over --dataset."))
@@ -258,7 +246,7 @@ class Recipe:
         """Check the settings that would otherwise fail late or silently; returns ``self``."""
         hints = typing.get_type_hints(Recipe)
         for name, hint in hints.items():
-            setattr(self, name, _coerce(name, hint, getattr(self, name)))
+            setattr(self, name, coerce_field(name, hint, getattr(self, name)))
         if self.method is not None:
             for name, value in method_settings(self.method).items():
                 setattr(self, name, value)
@@ -362,6 +350,9 @@ class Recipe:
 
 
 RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+# The recipe fields that are settings of the model's config (by name): training.model_config copies them into
+# the BalPoEConfig, and a resumed run must keep them (checkpoints.RESUME_FIELDS).
+CONFIG_FIELDS = tuple(name for name in CONFIG_SETTINGS if name in RECIPE_FIELDS)
 
 
 # timm's RandAugment string: 'rand' then dash-separated sections; timm skips a section it cannot parse
@@ -478,7 +469,8 @@ def override(values: dict[str, Any], given: dict[str, Any]) -> Resolution:
     return Resolution(merged, changed + reset, notes)
 
 
-def _resolve(name: str | None, config: str | Path | None) -> Resolution:
+def resolve_layers(name: str | None, config: str | Path | None) -> Resolution:
+    """The recipe layer: the shipped recipe ``name`` or the YAML file ``config`` (over its ``base``)."""
     if config is not None and name is not None:
         raise TrainingError("give either --recipe or --config, not both (a config file can start from a "
                             "recipe with `base: NAME`).")
@@ -492,7 +484,7 @@ def _resolve(name: str | None, config: str | Path | None) -> Resolution:
             return Resolution(values)
         if not isinstance(base, str):
             raise TrainingError(f"`base:` in {path} must name a shipped recipe, got {base!r}.")
-        lower = _resolve(base, None)
+        lower = resolve_layers(base, None)
         layer = override(lower.values, values)
         return Resolution(layer.values, lower.overridden + layer.overridden, lower.notes + layer.notes)
     if name is None:
@@ -509,7 +501,7 @@ def _resolve(name: str | None, config: str | Path | None) -> Resolution:
 
 def recipe_values(name: str | None = None, config: str | Path | None = None) -> dict[str, Any]:
     """The raw values of a shipped recipe ``name`` or of a YAML file ``config`` (with its ``base`` merged)."""
-    return _resolve(name, config).values
+    return resolve_layers(name, config).values
 
 
 def make_recipe(values: dict[str, Any]) -> Recipe:
@@ -520,7 +512,8 @@ def make_recipe(values: dict[str, Any]) -> Recipe:
     return Recipe(**values).validate()
 
 
-def _resolved_recipe(lower: Resolution, given: dict[str, Any]) -> Recipe:
+def resolved_recipe(lower: Resolution, given: dict[str, Any]) -> Recipe:
+    """The validated ``Recipe`` of the layer ``lower`` with the explicit settings ``given`` over it."""
     layer = override(lower.values, given)
     check_method_overrides(layer.values.get("method"), {k: v for k, v in given.items() if k != "method"})
     recipe = make_recipe(layer.values)
@@ -535,7 +528,7 @@ def load_recipe(name: str | None = None, config: str | Path | None = None, **ove
     ``load_recipe("fashion-mnist-lt-quick", epochs=1)`` is ``--recipe fashion-mnist-lt-quick --epochs 1``;
     ``recipe.overridden`` lists the fields changed from the recipe, ``recipe.notes`` what was reset.
     """
-    return _resolved_recipe(_resolve(name, config), overrides)
+    return resolved_recipe(resolve_layers(name, config), overrides)
 
 
 def check_method_overrides(method: str | None, given: dict[str, Any]) -> None:
@@ -557,7 +550,8 @@ def check_method_overrides(method: str | None, given: dict[str, Any]) -> None:
                             "drop those settings or the method (see balpoe_hf.methods).")
 
 
-def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+def unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """``(T, True)`` for a field type ``T | None``, ``(T, False)`` for ``T``."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return args[0], len(args) < len(typing.get_args(hint))
@@ -565,7 +559,7 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
 
 
 def _type_name(hint: Any) -> str:
-    base, optional = _unwrap_optional(hint)
+    base, optional = unwrap_optional(hint)
     origin = typing.get_origin(base)
     if origin is Literal:
         name = f"one of {list(typing.get_args(base))}"
@@ -576,9 +570,9 @@ def _type_name(hint: Any) -> str:
     return f"{name} or null" if optional else name
 
 
-def _coerce(name: str, hint: Any, value: Any) -> Any:
+def coerce_field(name: str, hint: Any, value: Any) -> Any:
     """``value`` checked against the field type ``hint`` (ints are accepted for floats, tuples for lists)."""
-    base, optional = _unwrap_optional(hint)
+    base, optional = unwrap_optional(hint)
     if value is None:
         if optional:
             return None
@@ -594,7 +588,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if origin is list:
         item = typing.get_args(base)[0]
         items = list(value) if isinstance(value, list | tuple) else [value]
-        return [_coerce(name, item, v) for v in items]
+        return [coerce_field(name, item, v) for v in items]
     if base is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if base is dict and isinstance(value, dict):
@@ -602,135 +596,6 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     raise TrainingError(f"recipe field {name} must be {_type_name(hint)}, got {value!r}.")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-@dataclass
-class RunArguments:
-    """The options of a run that are not training settings (``balpoe-train`` / ``scripts/train.py``)."""
-
-    _argument_group_name = "run"
-
-    recipe: str | None = field(default=None, metadata=_help(
-        "Shipped recipe (balpoe-train --list-recipes lists them)."))
-    config: str | None = field(default=None, metadata=_help(
-        "Your own recipe file (YAML mapping of recipe fields; `base: NAME` starts from a shipped recipe)."))
-    output_dir: str | None = field(default=None, metadata=_help(
-        "Where the model, results and checkpoints go (default: runs/NAME)."))
-    resume: bool = field(default=False, metadata=_help(
-        "Continue from the latest loadable checkpoint in --output-dir (start afresh if there is none); the "
-        "settings that define the model must be those of the run."))
-    overwrite: bool = field(default=False, metadata=_help(
-        "Start over in the --output-dir of an earlier run: the files that run wrote (listed in its "
-        "balpoe_outputs.json) are deleted first, nothing else."))
-    report_to: Literal["none", "tensorboard"] = field(default="none", metadata=_help(
-        "Experiment tracker (TensorBoard logs go to OUTPUT_DIR/logs)."))
-    push_to_hub: bool = field(default=False, metadata=_help(
-        "Upload the trained model to the Hub (balpoe_hf.hub.push_to_hub) at the end."))
-    hub_model_id: str | None = field(default=None, metadata=_help(
-        "Hub repository for --push-to-hub (user/name)."))
-    time_limit: float | None = field(default=None, metadata=_help(
-        "Wall-clock limit in seconds: after an epoch's checkpoint, stop if the next epoch would end past it "
-        "(rerun with --resume to continue). 'none': no limit."))
-
-
-def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "null") else convert(text)
-    parse.__name__ = getattr(convert, "__name__", "value")
-    return parse
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"in_chans\": 3}}', got {text!r}")
-    return value
-
-
-def build_parser(description: str | None = None, run_arguments: type = RunArguments,
-                 usage: str = "%(prog)s [--recipe NAME | --config FILE.yaml] [--FIELD VALUE ...]"
-                 ) -> argparse.ArgumentParser:
-    """``HfArgumentParser`` over ``run_arguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
-    from transformers import HfArgumentParser
-
-    # A short usage line: argparse's own lists every flag (70 lines) above each usage error.
-    parser = HfArgumentParser((run_arguments, Recipe), description=description, allow_abbrev=False,
-                              usage=usage + " (every flag: --help)",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    hints = typing.get_type_hints(Recipe)
-    actions = {action.dest: action for action in parser._actions}
-    for name in RECIPE_FIELDS:
-        base, optional = _unwrap_optional(hints[name])
-        action = actions[name]
-        if base is dict:
-            action.type, action.metavar = _json_object, "JSON"
-        elif optional and base is not bool:
-            action.type = _none_or(action.type)
-            if action.choices is not None:
-                action.choices = (*action.choices, None)
-        action.help = action.help.replace("%", "%%") + " (default: %(default)s)"
-    return parser
-
-
-def parse_recipe_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None, values: dict[str, Any]
-                       ) -> tuple[argparse.Namespace, dict[str, Any], dict[str, Any]]:
-    """Parse ``argv`` with the recipe layer ``values`` as the defaults of the recipe flags.
-
-    Returns the namespace, every recipe field's value, and the fields the command line changed.
-    """
-    values = dict(values)
-    for name, value in values.items():
-        if name not in RECIPE_FIELDS:
-            make_recipe(values)  # raises the "unknown recipe fields" error
-        values[name] = _coerce(name, typing.get_type_hints(Recipe)[name], value)
-    parser.set_defaults(**values)
-    namespace = parser.parse_args(argv)
-    settings = {}
-    for name in RECIPE_FIELDS:
-        value = getattr(namespace, name)
-        # `--lambdas none` parses as [None]: the list field itself is unset.
-        settings[name] = None if isinstance(value, list) and None in value else value
-    # Which recipe flags the command line holds: parse again with a marker as every recipe default (after
-    # the real parse, which answers --help with the resolved defaults).
-    unset = object()
-    parser.set_defaults(**dict.fromkeys(RECIPE_FIELDS, unset))
-    flagged = vars(parser.parse_args(argv))
-    given = {name: settings[name] for name in RECIPE_FIELDS if flagged[name] is not unset}
-    return namespace, settings, given
-
-
-def parse_args(argv: Sequence[str] | None = None, description: str | None = None
-               ) -> tuple[RunArguments, Recipe]:
-    """The run options and the resolved recipe (defaults < recipe or config file < command line)."""
-    parser = build_parser(description)
-    # First pass: only which recipe or config file, whose values then become the parser's defaults (so that
-    # --help, answered by the second pass, shows them).
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    first.add_argument("--recipe")
-    first.add_argument("--config")
-    known, _ = first.parse_known_args(argv)
-    lower = _resolve(known.recipe, known.config)
-    namespace, settings, given = parse_recipe_flags(parser, argv, lower.values)
-    run = RunArguments(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(RunArguments)})
-    if run.recipe is None and run.config is None and settings["dataset"] is None \
-            and settings["train_file"] is None and settings["train_list"] is None:
-        parser.error(f"pass --recipe NAME (one of: {', '.join(available_recipes())}), --config FILE.yaml, "
-                     "or the data flags (--dataset / --train-file and --test-file / --train-list, "
-                     "--test-list and --data-root).")
-    recipe = _resolved_recipe(lower, given)
-    if run.push_to_hub and not run.hub_model_id:
-        raise TrainingError("--push-to-hub needs --hub-model-id USER/NAME.")
-    if run.time_limit is not None and run.time_limit <= 0:
-        raise TrainingError(f"--time-limit must be a positive number of seconds, got {run.time_limit}.")
-    if run.output_dir is None:
-        run.output_dir = str(Path("runs") / recipe.name)
-    return run, recipe
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
