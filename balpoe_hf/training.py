@@ -13,6 +13,12 @@ the model (``save_pretrained``, loadable with ``AutoModelForImageClassification`
 epoch (the last few are kept) for ``resume=True``. With ``recipe.holdout_fraction > 0`` the held-out split is
 evaluated after the last epoch: its calibration goes into the model's ``config.calibration`` and its
 ``long_tail_report`` into ``holdout_results.json``.
+
+``train`` runs four phases, each a function of its own: ``set_up`` (checks, accelerator, data, model,
+optimizer, loaders, output directory, resume; a ``Run`` and the ``TrainState`` to go on from),
+``train_one_epoch`` (with its step checkpoints and logging, each expert's loss included),
+``evaluate_and_calibrate`` (the test set; after the last epoch the held-out calibration and label-shift
+estimator first) and ``save_outputs``; an epoch checkpoint follows each epoch.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +43,12 @@ from tqdm.auto import tqdm
 from . import checkpoints, speed
 from .configuration_balpoe import BalPoEConfig
 from .data import labels_array, shot_groups
-from .errors import TrainingError
-from .evaluation import absent_classes, absent_classes_warning, calibration_effect
+from .errors import HubFolderError, HubPublishError, TrainingError
+from .evaluation import absent_classes, absent_classes_warning, calibration_effect, format_balanced
 from .label_shift import holdout_calibration
-from .loaders import build_loaders
+from .loaders import Loaders, build_loaders
 from .loading import TrainingData, input_paths, load_training_data
-from .metrics import long_tail_report
+from .metrics import long_tail_report, percent
 from .modeling_balpoe import BalPoEForImageClassification
 from .recipes import CONFIG_FIELDS, Recipe
 from .shift_selection import choose_shift_estimator
@@ -239,22 +245,6 @@ def calibrate_on_holdout(model: torch.nn.Module, loader: DataLoader, accelerator
     return {"holdout_samples": len(labels), **{f"holdout_{k}": v for k, v in report.items()}}
 
 
-def format_report(report: dict, groups: dict[str, list[int]]) -> str:
-    """The headline metrics of a ``long_tail_report``, in percent."""
-    def pct(value):
-        return "  n/a " if value is None else f"{100 * value:6.2f}"
-
-    sizes = "/".join(str(len(groups[g])) for g in ("many", "medium", "few"))
-    return (f"balanced accuracy {pct(report['balanced_accuracy'])} %  "
-            f"(accuracy {pct(report['accuracy'])} %)\n"
-            f"many / medium / few-shot ({sizes} classes): {pct(report['many'])} / {pct(report['medium'])} / "
-            f"{pct(report['few'])} %\n"
-            f"ECE (15 bins) {pct(report['ece'])} %   NLL {report['nll']:.4f}"
-            + ("" if "ece_bcts" not in report else
-               f"\nafter held-out calibration: ECE {pct(report['ece_temperature_scaling'])} % (temperature "
-               f"scaling), {pct(report['ece_bcts'])} % (BCTS)"))
-
-
 def _check_tracker(report_to: str) -> None:
     if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise TrainingError("--report-to tensorboard needs the tensorboard package: pip install "
@@ -273,10 +263,354 @@ def _check_hub_upload_possible(push_to_hub: bool, hub_model_id: str | None) -> N
                             "unset it, or publish later with balpoe-push (scripts/push_to_hub.py).")
 
 
+@dataclass
+class TrainState:
+    """A run's progress and statistics, saved in every checkpoint (``trainer_state.json``) so that a resumed
+    run goes on exactly where it stopped and reports the whole run."""
+
+    epoch: int = 0  # epochs done
+    step: int = 0  # batches done of the next epoch (a step checkpoint; 0 after a whole epoch)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    train_loss: float | None = None  # mean loss of the last whole epoch
+    train_runtime: float = 0.0  # seconds of training so far, over every resume
+    images_seen: int = 0
+    epoch_loss_sum: float = 0.0  # summed loss of the ``step`` batches done of the next epoch
+    model: dict[str, Any] | None = None  # checkpoints.model_signature of the model, checked on resume
+    batches_per_epoch: int | None = None  # a step checkpoint's resume skips ``step`` of them
+    epoch_expert_loss_sums: list[float] | None = None  # each expert's ``epoch_loss_sum``
+    train_expert_losses: list[float] | None = None  # each expert's ``train_loss``
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
+        """The state of a checkpoint's ``trainer_state.json`` (one saved before a field existed gets its
+        default)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
+@dataclass
+class Run:
+    """What ``set_up`` prepares for the phases of a run: its settings, the prepared model, optimizer and
+    loaders, and the figures the printouts use."""
+
+    recipe: Recipe
+    output_dir: Path
+    accelerator: Accelerator
+    data: TrainingData
+    groups: dict[str, list[int]]  # shot groups of the training counts
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loaders: Loaders
+    holdout_loader: DataLoader | None
+    processor: Any  # the evaluation transform, saved with the model
+    mixup: Mixup | None
+    guard: checkpoints.NonFiniteLossGuard
+    steps_per_epoch: int  # optimizer steps
+    run_start: float  # time.perf_counter() at the run's start, counting the sessions before a resume
+
+    @property
+    def global_batch(self) -> int:
+        recipe = self.recipe
+        return recipe.batch_size * self.accelerator.num_processes * recipe.gradient_accumulation_steps
+
+    def stop_if_diverged(self) -> None:
+        """Raise the non-finite-loss error if a loss so far was NaN or infinite (one device sync)."""
+        bad = self.guard.first_bad()
+        if bad is not None:
+            multiplier = lr_lambda(self.recipe, self.steps_per_epoch)
+            raise checkpoints.non_finite_loss_error(
+                bad, len(self.loaders.train), self.recipe.gradient_accumulation_steps,
+                lambda step: self.recipe.lr * multiplier(step), self.output_dir)
+
+    def save_checkpoint(self, state: TrainState) -> None:
+        """Save accelerate's state (model, optimizer, scheduler, RNG) with ``state`` as a checkpoint."""
+        checkpoints.save_checkpoint(self.accelerator, self.output_dir, asdict(state),
+                                    self.recipe.checkpoints_total_limit)
+
+
+def _accelerator(recipe: Recipe, output_dir: Path, report_to: str) -> Accelerator:
+    accelerator = Accelerator(
+        mixed_precision=recipe.mixed_precision,
+        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        log_with=None if report_to == "none" else report_to,
+        project_dir=str(output_dir),
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on GPUs
+    )
+    check_world_size(accelerator.num_processes)
+    return accelerator
+
+
+def _describe_data(recipe: Recipe, data: TrainingData, groups: dict[str, list[int]]) -> str:
+    counts = data.class_counts
+    return (f"{recipe.name}: {len(data.train):,} training images in {len(counts)} classes "
+            f"({data.class_count_source}; {max(counts)} down to {min(counts)} per class), "
+            f"{len(data.test):,} test images; many/medium/few-shot classes "
+            f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}"
+            + ("" if data.holdout is None else f"; {len(data.holdout):,} held out for calibration "
+               f"({max(data.holdout_counts)} down to {min(data.holdout_counts)} per class)"))
+
+
+def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, report_to: str
+           ) -> tuple[Run, TrainState]:
+    """Phase 1: the checks, the accelerator, the data, the model and optimizer, the loaders, the output
+    directory and, with ``resume``, the latest checkpoint; the state the run goes on from.
+
+    The random draws (weights, data order) happen in a fixed order after ``set_seed(recipe.seed)``, so that a
+    run is the same every time; a resumed one then restores the checkpoint's RNG states.
+    """
+    accelerator = _accelerator(recipe, output_dir, report_to)
+    checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
+    check_model(recipe)
+    for note in recipe.notes:
+        accelerator.print(f"note: {note}")
+    cores = len(os.sched_getaffinity(0))
+    on_one_cpu_process = accelerator.device.type == "cpu" and accelerator.num_processes == 1
+    if on_one_cpu_process and torch.get_num_threads() < cores:
+        # A plain `accelerate launch` sets OMP_NUM_THREADS=1.
+        accelerator.print(f"note: torch uses {torch.get_num_threads()} of {cores} CPU cores; "
+                          f"`accelerate launch --num_cpu_threads_per_process {cores}` trains faster")
+    set_seed(recipe.seed)
+
+    # The long-tailed training split, its held-out part and the balanced test set.
+    data = load_training_data(recipe)
+    groups = shot_groups(data.class_counts, recipe.many_threshold, recipe.few_threshold)
+    missing = absent_classes(labels_array(data.test, recipe.label_column), len(data.class_counts))
+    if missing:
+        accelerator.print(absent_classes_warning(missing, len(data.class_counts)))
+    accelerator.print(_describe_data(recipe, data, groups))
+
+    # The model and optimizer before the data loaders, so that a bad backbone fails fast; with the recipe's
+    # speed options (channels_last, compile, fused SGD).
+    model = speed.prepare_model(build_model(recipe, data), recipe)
+    signature = checkpoints.model_signature(model.config)
+    optimizer = speed.build_optimizer(recipe, parameter_groups(model, recipe), accelerator.device)
+    speed.enable_fast_kernels(accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # The device-resident pipeline or PIL in workers (balpoe_hf.loaders); either way an epoch's order and
+    # augmentation are a function of (seed, epoch), so a resumed run sees exactly the batches the
+    # uninterrupted run would have seen, also inside an epoch.
+    processor = build_processor(recipe)
+    loaders = build_loaders(recipe, data, processor, accelerator)
+    accelerator.print(f"data pipeline: {loaders.pipeline.name} ({loaders.pipeline.reason})")
+    holdout_loader = None
+    if data.holdout is not None:  # evaluated like the test set, at the end, to calibrate the model
+        holdout_loader = accelerator.prepare(DataLoader(
+            evaluation_split(data.holdout, recipe, processor, "holdout"), batch_size=recipe.eval_batch_size,
+            num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda"))
+    steps_per_epoch = math.ceil(len(loaders.train) / recipe.gradient_accumulation_steps)
+    # Stepped once per optimizer step by hand (not prepared): the schedule is in optimizer steps.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps_per_epoch))
+    accelerator.register_for_checkpointing(scheduler)
+    mixup = None
+    if recipe.mixup_alpha > 0:
+        # Soft targets (B, C) for BalPoELoss; no label smoothing, which would change the training prior.
+        mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=0.0, label_smoothing=0.0,
+                      num_classes=len(data.class_counts))
+
+    # The output directory, and the checkpoint to resume from.
+    saved = checkpoints.load_checkpoint(accelerator, output_dir, recipe, signature,
+                                        len(loaders.train)) if resume else None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if overwrite and output_dir.is_dir():
+            checkpoints.clear_run_outputs(output_dir)
+        checkpoints.start_run(output_dir, recipe)
+    accelerator.wait_for_everyone()
+    if resume and saved is None:
+        accelerator.print(f"no checkpoint in {output_dir / checkpoints.CHECKPOINTS_DIR}: starting afresh")
+    state = TrainState() if saved is None else TrainState.from_checkpoint(saved)
+    state.model, state.batches_per_epoch = signature, len(loaders.train)
+    if report_to != "none":
+        # TensorBoard's hparams take scalars only.
+        accelerator.init_trackers("logs", config={k: v if isinstance(v, int | float | str | bool) else str(v)
+                                                  for k, v in recipe.to_dict().items()})
+    run = Run(recipe, output_dir, accelerator, data, groups, model, optimizer, scheduler, loaders,
+              holdout_loader, processor, mixup, checkpoints.NonFiniteLossGuard(accelerator.device),
+              steps_per_epoch, run_start=0.0)
+    accelerator.print(f"training {recipe.epochs} epochs of {steps_per_epoch} steps, global batch "
+                      f"{run.global_batch} on {accelerator.num_processes} process(es) ({accelerator.device}, "
+                      f"mixed precision {accelerator.mixed_precision})")
+    run.run_start = time.perf_counter() - state.train_runtime  # the run's clock goes on from the checkpoint's
+    return run, state
+
+
+def _experts(losses: Sequence[float]) -> str:
+    return "" if len(losses) < 2 else " (experts " + " / ".join(f"{loss:.4f}" for loss in losses) + ")"
+
+
+def train_one_epoch(run: Run, state: TrainState, epoch: int) -> float:
+    """Phase 2: epoch ``epoch`` (from batch ``state.step`` when it resumes a step checkpoint), with its step
+    checkpoints; updates ``state`` with its loss and images and returns its images per second.
+
+    Logs the mean loss and each expert's at the logging points (``recipe.logging_steps``), and both per
+    epoch: a BalPoE run that has one expert lag shows it there.
+    """
+    recipe, accelerator, model = run.recipe, run.accelerator, run.model
+    first_batch, num_batches = state.step, len(run.loaders.train)
+    if first_batch == 0:
+        # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-exact.
+        # (Within an epoch, load_state has restored the RNG states that the step checkpoint saved.)
+        set_seed(recipe.seed + epoch, device_specific=True)
+        state.epoch_loss_sum, state.epoch_expert_loss_sums = 0.0, None
+    run.loaders.set_epoch(epoch)
+    model.train()
+    loss_sum = torch.full((), state.epoch_loss_sum, device=accelerator.device)
+    expert_sums = torch.tensor(state.epoch_expert_loss_sums or [0.0] * recipe.num_experts,
+                               device=accelerator.device)
+    logged = (state.epoch_loss_sum, expert_sums.tolist(), first_batch)  # (loss sums, batches) at the last log
+    optimizer_step = epoch * run.steps_per_epoch + first_batch // recipe.gradient_accumulation_steps
+    epoch_start, epoch_images = time.perf_counter(), 0
+    progress = tqdm(checkpoints.epoch_batches(run.loaders.train, accelerator, first_batch),
+                    desc=f"epoch {epoch + 1}/{recipe.epochs}", total=num_batches, initial=first_batch,
+                    leave=False, disable=not accelerator.is_local_main_process)
+    for step, batch in enumerate(progress, start=first_batch):
+        pixel_values, targets = batch["pixel_values"], batch["labels"]
+        if run.mixup is not None:
+            pixel_values, targets = run.mixup(pixel_values, targets)
+        else:  # soft targets skip the loss's label-range check, a host-device sync (checked at loading)
+            targets = torch.nn.functional.one_hot(targets, len(run.data.class_counts)).float()
+        with accelerator.accumulate(model):
+            output = model(pixel_values=pixel_values, labels=targets)
+            loss = output.loss
+            if run.guard.update(loss, epoch * num_batches + step):
+                run.stop_if_diverged()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and recipe.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad()
+        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+            run.scheduler.step()
+        loss_sum += loss.detach()
+        expert_sums += output.expert_losses.detach().float()
+        epoch_images += pixel_values.shape[0] * accelerator.num_processes
+        lr = run.scheduler.get_last_lr()[0]
+        optimizer_step += accelerator.sync_gradients
+        if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0 \
+                and accelerator.is_main_process:
+            # A host-device synchronisation at logging points only: the mean losses since the last one.
+            total, experts, batches = loss_sum.item(), expert_sums.tolist(), step + 1 - logged[2]
+            window_loss = (total - logged[0]) / batches
+            window_experts = [(now - then) / batches for now, then in zip(experts, logged[1], strict=True)]
+            logged = (total, experts, step + 1)
+            throughput = epoch_images / (time.perf_counter() - epoch_start)
+            progress.set_postfix(loss=f"{window_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{throughput:.0f}")
+            accelerator.log({"train/loss": window_loss, "train/lr": lr,
+                             **{f"train/loss_expert_{e}": v for e, v in enumerate(window_experts)}},
+                            step=optimizer_step)
+        every = recipe.checkpoint_every_steps
+        if every and accelerator.sync_gradients and optimizer_step % every == 0 and step + 1 < num_batches:
+            # A step checkpoint: resumed, the epoch goes on from the next batch.
+            run.stop_if_diverged()
+            run.save_checkpoint(replace(
+                state, epoch=epoch, step=step + 1, train_runtime=time.perf_counter() - run.run_start,
+                images_seen=state.images_seen + epoch_images,
+                epoch_loss_sum=accelerator.reduce(loss_sum, reduction="mean").item(),
+                epoch_expert_loss_sums=accelerator.reduce(expert_sums, reduction="mean").tolist()))
+    run.stop_if_diverged()
+    state.train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / num_batches
+    state.train_expert_losses = [s / num_batches for s in
+                                 accelerator.reduce(expert_sums, reduction="mean").tolist()]
+    epoch_time = time.perf_counter() - epoch_start
+    state.images_seen += epoch_images
+    accelerator.print(f"epoch {epoch + 1}/{recipe.epochs}: loss {state.train_loss:.4f}"
+                      f"{_experts(state.train_expert_losses)}, lr {lr:.5f}, "
+                      f"{epoch_images / epoch_time:.0f} images/s, {epoch_time:.0f} s")
+    accelerator.log({"train/epoch_loss": state.train_loss,
+                     "train/images_per_second": epoch_images / epoch_time,
+                     **{f"train/epoch_loss_expert_{e}": v for e, v in enumerate(state.train_expert_losses)}},
+                    step=(epoch + 1) * run.steps_per_epoch)
+    return epoch_images / epoch_time
+
+
+def evaluate_and_calibrate(run: Run, calibrate: bool) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
+    """Phase 3: the balanced test set's report and size; with ``calibrate`` (after the last epoch) the
+    held-out calibration and label-shift estimator are fitted into the model's config first, so that the
+    report shows their effect, and the held-out report is returned too (else ``None``)."""
+    holdout_results = None
+    if calibrate and run.holdout_loader is not None:
+        holdout_results = calibrate_on_holdout(run.model, run.holdout_loader, run.accelerator, run.recipe,
+                                               run.data.class_counts)
+    report, num_test = evaluate(run.model, run.loaders.test, run.accelerator, run.recipe,
+                                run.data.class_counts, len(run.data.test))
+    return report, num_test, holdout_results
+
+
+def _log_evaluation(run: Run, state: TrainState, epochs_done: int, report: dict[str, Any],
+                    num_test: int) -> None:
+    state.eval_history.append({"epoch": epochs_done, "balanced_accuracy": report["balanced_accuracy"],
+                               "accuracy": report["accuracy"], "ece": report["ece"]})
+    run.accelerator.print(format_balanced(report, f"eval after epoch {epochs_done} on {num_test:,} test "
+                                                  "images:", run.groups))
+    run.accelerator.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)},
+                        step=epochs_done * run.steps_per_epoch)
+
+
+def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: int,
+                 holdout_results: dict[str, Any] | None, throughputs: list[float], resumed_finished: bool
+                 ) -> dict[str, Any]:
+    """Phase 4: the model with its image processor, ``train_results.json``, ``eval_results.json`` and
+    ``holdout_results.json``, and the printed summary; returns the training statistics.
+
+    A run resumed from its final checkpoint (``resumed_finished``) keeps the statistics it saved.
+    """
+    recipe, accelerator, output_dir = run.recipe, run.accelerator, run.output_dir
+    accelerator.wait_for_everyone()
+    train_runtime = state.train_runtime if resumed_finished else time.perf_counter() - run.run_start
+    model = speed.to_contiguous_format(accelerator.unwrap_model(run.model))
+    results_file = output_dir / "train_results.json"
+    keep_results = resumed_finished and results_file.is_file()
+    train_results = json.loads(results_file.read_text()) if keep_results else {
+        "epochs": recipe.epochs, "train_samples": len(run.data.train), "class_counts": run.data.class_counts,
+        "holdout_counts": run.data.holdout_counts,
+        "train_loss": state.train_loss, "train_expert_losses": state.train_expert_losses,
+        "train_runtime": train_runtime,
+        "train_samples_per_second": state.images_seen / train_runtime if state.images_seen else None,
+        "epoch_images_per_second": throughputs, "data_pipeline": run.loaders.pipeline.name,
+        "num_processes": accelerator.num_processes, "global_batch_size": run.global_batch,
+        "eval_history": state.eval_history,
+    }
+    if not accelerator.is_main_process:
+        return train_results
+    with checkpoints.recording(output_dir):
+        run.processor.save_pretrained(output_dir)  # first: save_pretrained then adds no processor of its own
+        model.save_pretrained(output_dir)
+        eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
+                        **{f"eval_{k}": v for k, v in report.items()}}
+        if not keep_results:
+            results_file.write_text(json.dumps(train_results, indent=2))
+        (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        if holdout_results is not None:
+            holdout_results = {"epoch": recipe.epochs, **holdout_results,
+                               "calibration": model.config.calibration}
+            (output_dir / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
+    print("\n" + format_balanced(report, f"{recipe.name}: balanced test set ({num_test:,} images) after "
+                                         f"{recipe.epochs} epochs", run.groups)
+          + ("" if holdout_results is None else
+             f"\nheld-out split ({holdout_results['holdout_samples']:,} images): balanced accuracy "
+             f"{percent(holdout_results['holdout_balanced_accuracy'])} %, BCTS temperature "
+             f"{model.config.calibration['temperature']:.3f}; label-shift estimator for 'auto': "
+             f"{(model.config.shift_estimator or {'name': 'the fixed default'})['name']}")
+          + f"\nsaved to {output_dir}")
+    return train_results
+
+
+def _upload(output_dir: Path, hub_model_id: str) -> None:
+    from .hub import push_to_hub
+
+    try:
+        url = push_to_hub(output_dir, hub_model_id)
+    except (HubPublishError, HubFolderError) as error:
+        raise TrainingError(f"training finished and the model is saved in {output_dir}, but the upload "
+                            f"failed: {error}") from None
+    print(f"pushed to {url}")
+
+
 def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool = False,
           overwrite: bool = False, report_to: str = "none", push_to_hub: bool = False,
           hub_model_id: str | None = None, deadline: float | None = None) -> TrainOutput:
-    """The whole run: set-up, data, model, the epoch loop with evaluation and checkpoints, outputs.
+    """The whole run: set-up, then each epoch with its evaluation and checkpoint, then the outputs.
 
     Args:
         recipe: the training settings (``balpoe_hf.recipes.load_recipe`` / ``make_recipe``).
@@ -295,257 +629,31 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     output_dir = Path(output_dir if output_dir is not None else Path("runs") / recipe.name)
     _check_hub_upload_possible(push_to_hub, hub_model_id)
     _check_tracker(report_to)
-    accelerator = Accelerator(
-        mixed_precision=recipe.mixed_precision,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
-        log_with=None if report_to == "none" else report_to,
-        project_dir=str(output_dir),
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on GPUs
-    )
-    check_world_size(accelerator.num_processes)
-    checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
-    check_model(recipe)
-    for note in recipe.notes:
-        accelerator.print(f"note: {note}")
-    cores = len(os.sched_getaffinity(0))
-    on_one_cpu_process = accelerator.device.type == "cpu" and accelerator.num_processes == 1
-    if on_one_cpu_process and torch.get_num_threads() < cores:
-        # A plain `accelerate launch` sets OMP_NUM_THREADS=1.
-        accelerator.print(f"note: torch uses {torch.get_num_threads()} of {cores} CPU cores; "
-                          f"`accelerate launch --num_cpu_threads_per_process {cores}` trains faster")
-    set_seed(recipe.seed)
-
-    # ---- data: the long-tailed training split and the balanced test set
-    data = load_training_data(recipe)
-    groups = shot_groups(data.class_counts, recipe.many_threshold, recipe.few_threshold)
-    missing = absent_classes(labels_array(data.test, recipe.label_column), len(data.class_counts))
-    if missing:
-        accelerator.print(absent_classes_warning(missing, len(data.class_counts)))
-    accelerator.print(f"{recipe.name}: {len(data.train):,} training images in {len(data.class_counts)} "
-                      f"classes ({data.class_count_source}; {max(data.class_counts)} down to "
-                      f"{min(data.class_counts)} per class), "
-                      f"{len(data.test):,} test images; many/medium/few-shot classes "
-                      f"{len(groups['many'])}/{len(groups['medium'])}/{len(groups['few'])}"
-                      + ("" if data.holdout is None else f"; {len(data.holdout):,} held out for calibration "
-                         f"({max(data.holdout_counts)} down to {min(data.holdout_counts)} per class)"))
-
-    # ---- model and optimizer (before the data loaders, so that a bad backbone fails fast), with the
-    # recipe's speed options (channels_last, compile, fused SGD)
-    model = speed.prepare_model(build_model(recipe, data), recipe)
-    signature = checkpoints.model_signature(model.config)
-    optimizer = speed.build_optimizer(recipe, parameter_groups(model, recipe), accelerator.device)
-    speed.enable_fast_kernels(accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    # ---- data loaders: the device-resident pipeline or PIL in workers (balpoe_hf.loaders); either way an
-    # epoch's order and augmentation are a function of (seed, epoch), so a resumed run sees exactly the
-    # batches the uninterrupted run would have seen, also inside an epoch.
-    processor = build_processor(recipe)  # the evaluation transform, saved with the model
-    loaders = build_loaders(recipe, data, processor, accelerator)
-    train_loader, test_loader = loaders.train, loaders.test
-    accelerator.print(f"data pipeline: {loaders.pipeline.name} ({loaders.pipeline.reason})")
-    holdout_loader, holdout_results = None, None
-    if data.holdout is not None:  # evaluated like the test set, at the end, to calibrate the model
-        holdout_loader = accelerator.prepare(DataLoader(
-            evaluation_split(data.holdout, recipe, processor, "holdout"), batch_size=recipe.eval_batch_size,
-            num_workers=recipe.num_workers, pin_memory=accelerator.device.type == "cuda"))
-    steps_per_epoch = math.ceil(len(train_loader) / recipe.gradient_accumulation_steps)
-    # Stepped once per optimizer step by hand (not prepared): the schedule is in optimizer steps.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps_per_epoch))
-    accelerator.register_for_checkpointing(scheduler)
-    mixup = None
-    if recipe.mixup_alpha > 0:
-        # Soft targets (B, C) for BalPoELoss; no label smoothing, which would change the training prior.
-        mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=0.0, label_smoothing=0.0,
-                      num_classes=len(data.class_counts))
-
-    # ---- output directory and resume
-    state = checkpoints.load_checkpoint(accelerator, output_dir, recipe, signature,
-                                        len(train_loader)) if resume else None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if overwrite and output_dir.is_dir():
-            checkpoints.clear_run_outputs(output_dir)
-        checkpoints.start_run(output_dir, recipe)
-    accelerator.wait_for_everyone()
-    if resume and state is None:
-        accelerator.print(f"no checkpoint in {output_dir / checkpoints.CHECKPOINTS_DIR}: starting afresh")
-    # Progress and statistics, carried over by the checkpoints so that a resumed run reports the whole run.
-    state = state or {"epoch": 0, "step": 0, "eval_history": [], "train_loss": None, "train_runtime": 0.0,
-                      "images_seen": 0, "epoch_loss_sum": 0.0}
-    start_epoch, start_batch, history = state["epoch"], state["step"], state["eval_history"]
-    if report_to != "none":
-        # TensorBoard's hparams take scalars only.
-        accelerator.init_trackers("logs", config={k: v if isinstance(v, int | float | str | bool) else str(v)
-                                                  for k, v in recipe.to_dict().items()})
-
-    # ---- training
-    global_batch = recipe.batch_size * accelerator.num_processes * recipe.gradient_accumulation_steps
-    accelerator.print(f"training {recipe.epochs} epochs of {steps_per_epoch} steps, global batch "
-                      f"{global_batch} on {accelerator.num_processes} process(es) ({accelerator.device}, "
-                      f"mixed precision {accelerator.mixed_precision})")
-    # The run's clock and counts go on from those of the checkpoint.
-    run_start = time.perf_counter() - state["train_runtime"]
-    images_seen, report, epoch_loss, throughputs = state["images_seen"], None, state["train_loss"], []
-    state.update(model=signature, batches_per_epoch=len(train_loader))
-    guard = checkpoints.NonFiniteLossGuard(accelerator.device)
-    multiplier = lr_lambda(recipe, steps_per_epoch)
-
-    def stop_if_diverged() -> None:
-        bad = guard.first_bad()  # waits for the device
-        if bad is not None:
-            raise checkpoints.non_finite_loss_error(
-                bad, len(train_loader), recipe.gradient_accumulation_steps,
-                lambda step: recipe.lr * multiplier(step), output_dir)
-
+    run, state = set_up(recipe, output_dir, resume=resume, overwrite=overwrite, report_to=report_to)
+    start_epoch, report, holdout_results, throughputs = state.epoch, None, None, []
     for epoch in range(start_epoch, recipe.epochs):
-        first_batch = start_batch if epoch == start_epoch else 0
-        if first_batch == 0:
-            # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-
-            # exact. (Within an epoch, load_state has restored the RNG states that the step checkpoint saved.)
-            set_seed(recipe.seed + epoch, device_specific=True)
-        loaders.set_epoch(epoch)
-        model.train()
-        loss_sum = torch.full((), state["epoch_loss_sum"] if first_batch else 0.0, device=accelerator.device)
-        logged = (state["epoch_loss_sum"] if first_batch else 0.0, first_batch)  # (loss sum, batches) logged
-        optimizer_step = epoch * steps_per_epoch + first_batch // recipe.gradient_accumulation_steps
-        epoch_start, epoch_images = time.perf_counter(), 0
-        progress = tqdm(checkpoints.epoch_batches(train_loader, accelerator, first_batch),
-                        desc=f"epoch {epoch + 1}/{recipe.epochs}", total=len(train_loader),
-                        initial=first_batch, leave=False, disable=not accelerator.is_local_main_process)
-        for step, batch in enumerate(progress, start=first_batch):
-            pixel_values, targets = batch["pixel_values"], batch["labels"]
-            if mixup is not None:
-                pixel_values, targets = mixup(pixel_values, targets)
-            else:  # soft targets skip the loss's label-range check, a host-device sync (checked at loading)
-                targets = torch.nn.functional.one_hot(targets, len(data.class_counts)).float()
-            with accelerator.accumulate(model):
-                loss = model(pixel_values=pixel_values, labels=targets).loss
-                if guard.update(loss, epoch * len(train_loader) + step):
-                    stop_if_diverged()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and recipe.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            loss_sum += loss.detach()
-            epoch_images += pixel_values.shape[0] * accelerator.num_processes
-            lr = scheduler.get_last_lr()[0]
-            optimizer_step += accelerator.sync_gradients
-            if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0 \
-                    and accelerator.is_main_process:
-                # A host-device synchronisation at logging points only: the mean loss since the last one.
-                total = loss_sum.item()
-                window_loss, logged = (total - logged[0]) / (step + 1 - logged[1]), (total, step + 1)
-                throughput = epoch_images / (time.perf_counter() - epoch_start)
-                progress.set_postfix(loss=f"{window_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{throughput:.0f}")
-                accelerator.log({"train/loss": window_loss, "train/lr": lr}, step=optimizer_step)
-            every = recipe.checkpoint_every_steps
-            if every and accelerator.sync_gradients and optimizer_step % every == 0 \
-                    and step + 1 < len(train_loader):
-                # ---- step checkpoint: resumed, the epoch goes on from the next batch
-                stop_if_diverged()
-                state.update(epoch=epoch, step=step + 1, train_runtime=time.perf_counter() - run_start,
-                             images_seen=images_seen + epoch_images,
-                             epoch_loss_sum=accelerator.reduce(loss_sum, reduction="mean").item())
-                checkpoints.save_checkpoint(accelerator, output_dir, state, recipe.checkpoints_total_limit)
-        stop_if_diverged()
-        epoch_loss = accelerator.reduce(loss_sum, reduction="mean").item() / len(train_loader)
-        epoch_time = time.perf_counter() - epoch_start
-        images_seen += epoch_images
-        throughputs.append(epoch_images / epoch_time)
-        accelerator.print(f"epoch {epoch + 1}/{recipe.epochs}: loss {epoch_loss:.4f}, lr {lr:.5f}, "
-                          f"{epoch_images / epoch_time:.0f} images/s, {epoch_time:.0f} s")
-        accelerator.log({"train/epoch_loss": epoch_loss,
-                         "train/images_per_second": epoch_images / epoch_time},
-                        step=(epoch + 1) * steps_per_epoch)
-
+        epoch_start = time.perf_counter()
+        throughputs.append(train_one_epoch(run, state, epoch))
         last = epoch + 1 == recipe.epochs
-        if last and holdout_loader is not None:  # before the last evaluation, which reports its effect
-            holdout_results = calibrate_on_holdout(model, holdout_loader, accelerator, recipe,
-                                                   data.class_counts)
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
-            report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts,
-                                        len(data.test))
-            history.append({"epoch": epoch + 1, "balanced_accuracy": report["balanced_accuracy"],
-                            "accuracy": report["accuracy"], "ece": report["ece"]})
-            accelerator.print(f"eval after epoch {epoch + 1} on {num_test:,} test images:\n"
-                              + format_report(report, groups))
-            accelerator.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)},
-                            step=(epoch + 1) * steps_per_epoch)
-
-        # ---- checkpoint: accelerate's state (model, optimizer, scheduler, RNG) + our trainer state
-        state.update(epoch=epoch + 1, step=0, train_loss=epoch_loss, images_seen=images_seen,
-                     train_runtime=time.perf_counter() - run_start, epoch_loss_sum=0.0)
-        checkpoints.save_checkpoint(accelerator, output_dir, state, recipe.checkpoints_total_limit)
+            report, num_test, holdout_results = evaluate_and_calibrate(run, calibrate=last)
+            _log_evaluation(run, state, epoch + 1, report, num_test)
+        state.epoch, state.step, state.epoch_loss_sum, state.epoch_expert_loss_sums = epoch + 1, 0, 0.0, None
+        state.train_runtime = time.perf_counter() - run.run_start
+        run.save_checkpoint(state)
         epoch_seconds = time.perf_counter() - epoch_start  # with its evaluation and checkpoint
-        if epoch + 1 < recipe.epochs and past_deadline(accelerator, deadline, epoch_seconds):
-            accelerator.print(f"stopping after epoch {epoch + 1} of {recipe.epochs}: the next epoch would "
-                              f"end after the deadline; resume to continue from its checkpoint")
-            accelerator.end_training()
+        if not last and past_deadline(run.accelerator, deadline, epoch_seconds):
+            run.accelerator.print(f"stopping after epoch {epoch + 1} of {recipe.epochs}: the next epoch "
+                                  "would end after the deadline; resume to continue from its checkpoint")
+            run.accelerator.end_training()
             return TrainOutput(output_dir=output_dir, eval_report=None, finished=False,
                                train_results={"epochs_done": epoch + 1, "epochs": recipe.epochs,
-                                              "eval_history": history})
-    train_runtime = time.perf_counter() - run_start
-    # Resumed from the final checkpoint: the run was finished, and its statistics stay as they were.
-    finished = start_epoch == recipe.epochs
-    if finished:
-        train_runtime = state["train_runtime"]
-
+                                              "eval_history": state.eval_history})
+    resumed_finished = start_epoch == recipe.epochs
     if report is None:  # resumed from the final checkpoint: only the evaluation and the outputs are left
-        if holdout_loader is not None:
-            holdout_results = calibrate_on_holdout(model, holdout_loader, accelerator, recipe,
-                                                   data.class_counts)
-        report, num_test = evaluate(model, test_loader, accelerator, recipe, data.class_counts,
-                                    len(data.test))
-
-    # ---- outputs: model + image processor, results
-    accelerator.wait_for_everyone()
-    model = speed.to_contiguous_format(accelerator.unwrap_model(model))
-    results_file = output_dir / "train_results.json"
-    keep_results = finished and results_file.is_file()
-    train_results = json.loads(results_file.read_text()) if keep_results else {
-        "epochs": recipe.epochs, "train_samples": len(data.train), "class_counts": data.class_counts,
-        "holdout_counts": data.holdout_counts,
-        "train_loss": epoch_loss, "train_runtime": train_runtime,
-        "train_samples_per_second": images_seen / train_runtime if images_seen else None,
-        "epoch_images_per_second": throughputs, "data_pipeline": loaders.pipeline.name,
-        "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
-        "eval_history": history,
-    }
-    if accelerator.is_main_process:
-        with checkpoints.recording(output_dir):
-            processor.save_pretrained(output_dir)  # first: save_pretrained then adds no processor of its own
-            model.save_pretrained(output_dir)
-            eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
-                            **{f"eval_{k}": v for k, v in report.items()}}
-            if not keep_results:
-                results_file.write_text(json.dumps(train_results, indent=2))
-            (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-            if holdout_results is not None:
-                holdout_results = {"epoch": recipe.epochs, **holdout_results,
-                                   "calibration": model.config.calibration}
-                (output_dir / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
-        print(f"\n{recipe.name}: balanced test set ({num_test:,} images) after {recipe.epochs} epochs\n"
-              + format_report(report, groups)
-              + ("" if holdout_results is None else
-                 f"\nheld-out split ({holdout_results['holdout_samples']:,} images): balanced accuracy "
-                 f"{100 * holdout_results['holdout_balanced_accuracy']:.2f} %, BCTS temperature "
-                 f"{model.config.calibration['temperature']:.3f}; label-shift estimator for 'auto': "
-                 f"{(model.config.shift_estimator or {'name': 'the fixed default'})['name']}")
-              + f"\nsaved to {output_dir}")
-    accelerator.end_training()
-
-    if push_to_hub and accelerator.is_main_process:
-        from .hub import HubFolderError, HubPublishError
-        from .hub import push_to_hub as upload
-
-        try:
-            url = upload(output_dir, hub_model_id)
-        except (HubPublishError, HubFolderError) as error:
-            raise TrainingError(f"training finished and the model is saved in {output_dir}, but the upload "
-                                f"failed: {error}") from None
-        print(f"pushed to {url}")
+        report, num_test, holdout_results = evaluate_and_calibrate(run, calibrate=True)
+    train_results = save_outputs(run, state, report, num_test, holdout_results, throughputs, resumed_finished)
+    run.accelerator.end_training()
+    if push_to_hub and run.accelerator.is_main_process:
+        _upload(output_dir, hub_model_id)
     return TrainOutput(output_dir=output_dir, eval_report=report, train_results=train_results)
