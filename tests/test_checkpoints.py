@@ -87,17 +87,19 @@ def test_step_checkpoints_are_named_by_epoch_and_batch(reference):
     assert (state["epoch"], state["step"], state["batches_per_epoch"]) == (1, 5, 7)
 
 
-def test_run_killed_inside_an_epoch_resumes_to_the_same_weights(reference, data, tmp_path, capsys):
-    # Killed 4 batches into the last epoch: the epoch's loss so far, the RNG states (mixup, augmentation)
-    # and the data order all come from the step checkpoint, and skip_first_batches skips 4 batches.
+def test_checkpoint_saved_before_newer_trainer_state_fields_resumes(reference, data, tmp_path):
+    # A checkpoint from before the per-expert losses and before the signature named every config setting:
+    # resume compares the settings it has and goes on to the same weights.
     out = _killed_at(reference, "epoch-0002-step-000004", tmp_path / "run")
-    result = train(_recipe(data), out, resume=True)
-    assert "epoch-0002-step-000004 (epoch 2 of 3, 4 batches into the next)" in capsys.readouterr().out
+    state_file = out / "checkpoints" / "epoch-0002-step-000004" / checkpoints.TRAINER_STATE
+    state = json.loads(state_file.read_text())
+    for key in ("epoch_expert_loss_sums", "train_expert_losses"):
+        del state[key]
+    for key in ("lade_weight", "lade_remine_lambda", "method", "backbone_weights_file"):
+        del state["model"][key]
+    state_file.write_text(json.dumps(state))
+    train(_recipe(data), out, resume=True)
     _assert_same_weights(out, reference)
-    expected = json.loads((reference / "train_results.json").read_text())
-    assert result.train_results["train_loss"] == expected["train_loss"]  # the restored partial epoch loss
-    assert json.loads((out / "eval_results.json").read_text()) == json.loads(
-        (reference / "eval_results.json").read_text())
 
 
 def test_prepared_loader_passes_the_epoch_on_to_the_split_also_when_skipping(data):
@@ -232,6 +234,33 @@ def test_resume_with_more_epochs_is_allowed_with_a_warning(reference, data, tmp_
     printed = capsys.readouterr().out
     assert "warning: resuming with recipe changes (saved -> now): epochs: 3 -> 4" in printed
     assert "epoch 4/4" in printed
+
+
+def test_every_model_setting_of_the_recipe_reaches_the_config_and_a_resume_keeps_it():
+    from balpoe_hf.training import model_config
+
+    # The recipe fields that are BalPoEConfig settings, listed here by hand.
+    settings = {
+        "backbone": "resnet20_cifar", "backbone_kwargs": {"drop_rate": 0.1}, "backbone_pretrained": False,
+        "num_experts": 2, "lambdas": [0.5, -0.5], "shared_stages": 2, "classifier": "linear",
+        "classifier_scale": 16.0, "image_size": 16, "image_mean": [0.5, 0.4, 0.3],
+        "image_std": [0.2, 0.3, 0.4], "loss": "balpoe", "lade_weight": 0.2, "lade_remine_lambda": 0.3,
+        "remove_mean_lambda": False, "method": None,
+    }
+    assert set(recipes.CONFIG_FIELDS) == set(settings)
+    config = model_config(recipes.make_recipe({"dataset": "x", **settings}), [3, 2], ["a", "b"])
+    assert {name: getattr(config, name) for name in settings} == settings
+    assert (config.class_counts, config.id2label) == ([3, 2], {0: "a", 1: "b"})
+    assert set(settings) <= set(checkpoints.RESUME_FIELDS)
+
+
+def test_each_experts_loss_is_reported_and_averages_to_the_loss(reference):
+    results = json.loads((reference / "train_results.json").read_text())
+    # The training loss is the mean of the three experts' losses, batch by batch.
+    assert len(results["train_expert_losses"]) == 3
+    assert sum(results["train_expert_losses"]) / 3 == pytest.approx(results["train_loss"], rel=1e-5)
+    state = json.loads((reference / "checkpoints" / "epoch-0003" / checkpoints.TRAINER_STATE).read_text())
+    assert state["train_expert_losses"] == results["train_expert_losses"]
 
 
 def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference):

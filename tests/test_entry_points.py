@@ -1,21 +1,27 @@
-"""The package without the repository: the wheel's contents, its console scripts and ``python -m``, and the
-Python API that the command lines are thin layers over.
+"""The package without the repository: the wheel's contents, one run of each console script, ``python -m``,
+and the Python API that the command lines are thin layers over.
 
 The wheel is built from this checkout and installed (without dependencies) into a folder that is put first on
 ``PYTHONPATH``; the commands then run from a directory outside the checkout, so nothing in ``scripts/`` or the
-source tree can be reached.
+source tree can be reached. Each console script starts once as a process (a few seconds of imports each);
+what they parse and print is tested in-process elsewhere (tests/test_cli_fuzz.py, tests/test_docs.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
 from balpoe_hf.recipes import available_recipes, load_recipe
@@ -24,9 +30,24 @@ from balpoe_hf.training import train
 REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPTS = ("balpoe-train", "balpoe-evaluate", "balpoe-push", "balpoe-describe-split",
                    "balpoe-compare", "balpoe-prepare-data")
-TINY = ["--image-column", "picture", "--label-column", "target", "--backbone", "resnet20_cifar",
-        "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--warmup-epochs", "0", "--rotation", "0",
-        "--many-threshold", "20", "--few-threshold", "6", "--num-workers", "0", "--eval-batch-size", "16"]
+TINY = {"image_column": "picture", "label_column": "target", "backbone": "resnet20_cifar", "image_size": 16,
+        "epochs": 1, "batch_size": 8, "warmup_epochs": 0, "rotation": 0.0, "many_threshold": 20,
+        "few_threshold": 6, "num_workers": 0, "eval_batch_size": 16}
+# Every process started here records which balpoe_hf it imported (Python runs sitecustomize at start-up).
+SITECUSTOMIZE = """import atexit, os, sys
+
+def _record():
+    module = sys.modules.get("balpoe_hf")
+    if module is not None:
+        with open(os.environ["BALPOE_IMPORTS"], "a") as log:
+            log.write(module.__file__ + "\\n")
+
+atexit.register(_record)
+"""
+
+
+def _flags(settings: dict) -> list[str]:
+    return [word for name, value in settings.items() for word in ("--" + name.replace("_", "-"), str(value))]
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +66,30 @@ def installed(wheel, tmp_path_factory) -> dict:
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
+    probe = tmp_path_factory.mktemp("probe")
+    (probe / "sitecustomize.py").write_text(SITECUSTOMIZE)
     cwd = tmp_path_factory.mktemp("elsewhere")
-    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(cwd / "hf_cache"), "OMP_NUM_THREADS": "1"}
-    return {"target": target, "bin": target / "bin", "cwd": cwd, "env": env}
+    env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{probe}", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(cwd / "hf_cache"), "OMP_NUM_THREADS": "1",
+           "BALPOE_IMPORTS": str(probe / "imports.txt")}
+    yield {"target": target, "bin": target / "bin", "cwd": cwd, "env": env}
+    # Every command above ran the installed package, not the checkout (nor an editable install of it).
+    imported = (probe / "imports.txt").read_text().split()
+    assert imported and all(path.startswith(str(target)) for path in imported), imported
 
 
-def _run(command: list[str], installed: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+def _run(script: str, args: list[str], installed: dict) -> subprocess.CompletedProcess:
+    command = [str(installed["bin"] / script), *args]
     result = subprocess.run(command, cwd=installed["cwd"], env=installed["env"], capture_output=True,
-                            text=True, timeout=timeout)
+                            text=True, timeout=300)
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
 def test_wheel_holds_the_package_its_data_and_the_console_scripts(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for module in ("recipes/__init__", "training", "evaluation", "loading", "transforms", "checkpoints",
-                   "cli", "train", "modeling_balpoe", "configuration_balpoe"):
+    for module in ("recipes/__init__", "arguments", "errors", "training", "evaluation", "loading",
+                   "transforms", "checkpoints", "cli", "train", "modeling_balpoe", "configuration_balpoe"):
         assert f"balpoe_hf/{module}.py" in names, module
     assert {f"balpoe_hf/recipes/{name}.yaml" for name in available_recipes()} <= names
     assert "balpoe_hf/model_cards/modelcard_template.md" in names
@@ -69,65 +97,73 @@ def test_wheel_holds_the_package_its_data_and_the_console_scripts(wheel):
     assert not any(name.startswith(("scripts/", "tests/")) for name in names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for script in CONSOLE_SCRIPTS:
-        assert f"{script} = balpoe_hf." in text
+    assert sorted(line.split(" = ")[1] for line in text.splitlines() if " = " in line) == sorted(
+        f"balpoe_hf.cli:{name.removeprefix('balpoe-').replace('-', '_')}_main" for name in CONSOLE_SCRIPTS)
     (license_file,) = [n for n in names if n.endswith("LICENSE")]
     assert "Apache License" in zipfile.ZipFile(wheel).read(license_file).decode()[:200]
 
 
-def test_installed_package_is_the_one_imported(installed):
-    result = _run([sys.executable, "-c", "import balpoe_hf; print(balpoe_hf.__file__)"], installed)
-    assert result.stdout.strip().startswith(str(installed["target"]))
-
-
-@pytest.mark.parametrize("script", CONSOLE_SCRIPTS)
-def test_console_scripts_answer_help(installed, script):
-    result = _run([str(installed["bin"] / script), "--help"], installed)
-    assert "usage:" in result.stdout
-
-
-def test_python_m_train_shows_every_recipe_field_with_its_resolved_value(installed):
-    result = _run([sys.executable, "-m", "balpoe_hf.train", "--recipe", "fashion-mnist-lt-quick", "--help"],
+@pytest.fixture(scope="module")
+def installed_run(installed, tmp_path_factory) -> dict:
+    """balpoe-train, balpoe-evaluate and balpoe-push --dry-run of the installed wheel, one after the other."""
+    root = tmp_path_factory.mktemp("installed_run")
+    train_file, test_file = write_parquet(root / "data")
+    run = root / "run"
+    _run("balpoe-train", ["--train-file", str(train_file), "--test-file", str(test_file), *_flags(TINY),
+                          "--output-dir", str(run)], installed)
+    report_file = root / "eval" / "report.json"
+    evaluated = _run("balpoe-evaluate", ["--model", str(run), "--shifts", "forward2,uniform", "--output",
+                                         str(report_file)], installed)
+    pushed = _run("balpoe-push", [str(run), "me/tiny", "--eval-report", str(report_file), "--dry-run"],
                   installed)
-    assert "--mixup-alpha" in result.stdout and "--lambdas" in result.stdout
-    # After --recipe, --help shows the recipe's value as the default (4 epochs, not the built-in 200).
-    options = result.stdout.split("\n  --")
-    (epochs_help,) = [option for option in options if option.startswith("epochs ")]
-    assert "(default: 4)" in " ".join(epochs_help.split())
+    return {"root": root, "run": run, "report": json.loads(report_file.read_text()),
+            "evaluated": evaluated.stdout, "pushed": pushed.stdout, "data": (train_file, test_file)}
 
 
-def test_abbreviated_flags_are_refused(installed):
-    result = subprocess.run([str(installed["bin"] / "balpoe-train"), "--recipe", "fashion-mnist-lt-quick",
-                             "--epoch", "1"], cwd=installed["cwd"], env=installed["env"], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 2 and "unrecognized arguments: --epoch" in result.stderr
+def test_installed_train_evaluate_and_push(installed_run):
+    assert (installed_run["run"] / "model.safetensors").is_file()
+    assert "| none |" in installed_run["evaluated"]
+    assert installed_run["report"]["num_test_samples"] == TEST_PER_CLASS * len(CLASS_NAMES)
+    assert "model.safetensors" in installed_run["pushed"] and "README.md" in installed_run["pushed"]
 
 
-def test_installed_entry_points_train_evaluate_and_publish(installed, tmp_path):
-    train_file, test_file = write_parquet(tmp_path / "data")
-    run = tmp_path / "run"
-    _run([str(installed["bin"] / "balpoe-train"), "--train-file", str(train_file), "--test-file",
-          str(test_file), *TINY, "--output-dir", str(run)], installed)
-    assert (run / "model.safetensors").is_file() and (run / "preprocessor_config.json").is_file()
-    report_file = tmp_path / "eval" / "report.json"
-    result = _run([str(installed["bin"] / "balpoe-evaluate"), "--model", str(run), "--shifts",
-                   "forward2,uniform", "--output", str(report_file)], installed)
-    assert "| none |" in result.stdout
-    report = json.loads(report_file.read_text())
-    assert report["num_test_samples"] == TEST_PER_CLASS * len(CLASS_NAMES)
-    result = _run([str(installed["bin"] / "balpoe-push"), str(run), "me/tiny", "--eval-report",
-                   str(report_file), "--dry-run"], installed)
-    assert "model.safetensors" in result.stdout and "README.md" in result.stdout
-
-
-def test_python_api_trains_what_the_command_line_trains(tmp_path):
-    train_file, test_file = write_parquet(tmp_path / "data")
-    recipe = load_recipe(train_file=[str(train_file)], test_file=[str(test_file)], image_column="picture",
-                         label_column="target", backbone="resnet20_cifar", image_size=16, epochs=1,
-                         batch_size=8, warmup_epochs=0, rotation=0.0, many_threshold=20, few_threshold=6,
-                         num_workers=0)
-    output = train(recipe, tmp_path / "run")
+def test_python_api_trains_what_the_command_line_trains(installed_run):
+    train_file, test_file = installed_run["data"]
+    recipe = load_recipe(train_file=[str(train_file)], test_file=[str(test_file)], **TINY)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the command line ran (OMP_NUM_THREADS=1)
+    try:
+        output = train(recipe, installed_run["root"] / "api")
+    finally:
+        torch.set_num_threads(threads)
     assert output.train_results["class_counts"] == TRAIN_COUNTS
-    saved = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    expected = load_file(installed_run["run"] / "model.safetensors")
+    got = load_file(output.output_dir / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+    saved = json.loads((installed_run["run"] / "eval_results.json").read_text())
     assert saved["eval_balanced_accuracy"] == output.eval_report["balanced_accuracy"]
-    assert 0.0 <= output.eval_report["balanced_accuracy"] <= 1.0
+
+
+def test_the_other_console_scripts_start(installed, installed_run):
+    train_file, _ = installed_run["data"]
+    described = _run("balpoe-describe-split", ["--train-file", str(train_file), "--label-column", "target",
+                                               "--imbalance-ratio", "2"], installed).stdout
+    assert "imbalance ratio 8; many/medium/few" in described  # the 32 ... 4 images of train_synthetic
+    assert "--budget" in _run("balpoe-compare", ["--help"], installed).stdout
+    assert "fashion-mnist" in _run("balpoe-prepare-data", ["--help"], installed).stdout
+
+
+def test_python_m_train_shows_every_recipe_field_with_its_resolved_value(monkeypatch):
+    # What `accelerate launch -m balpoe_hf.train` runs, in-process.
+    monkeypatch.setattr(sys, "argv", ["balpoe_hf.train", "--recipe", "fashion-mnist-lt-quick", "--help"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as stop:
+        runpy.run_module("balpoe_hf.train", run_name="__main__", alter_sys=True)
+    assert stop.value.code == 0
+    text = printed.getvalue()
+    assert "--mixup-alpha" in text and "--lambdas" in text
+    # After --recipe, --help shows the recipe's value as the default (4 epochs, not the built-in 200).
+    (epochs_help,) = [option for option in text.split("\n  --") if option.startswith("epochs ")]
+    assert "(default: 4)" in " ".join(epochs_help.split())

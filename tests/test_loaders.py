@@ -176,7 +176,8 @@ def test_build_loaders_follows_the_recipe_and_reseeds_each_epoch(parquet):
 
 
 @pytest.mark.parametrize("pipeline", ["device", "workers"])
-def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(parquet, tmp_path, pipeline):
+def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(parquet, tmp_path, pipeline,
+                                                                              capsys):
     # 7 batches an epoch, a step checkpoint every 3; num_workers=1: the worker pipeline loads in a worker.
     recipe = tiny_recipe(parquet, epochs=2, data_pipeline=pipeline, num_workers=1, eval_every=0,
                          checkpoint_every_steps=3, checkpoints_total_limit=10)
@@ -190,11 +191,16 @@ def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(pa
         shutil.copy(tmp_path / "whole" / name, killed / name)
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "epoch-0001-step-000002",
                     killed / "checkpoints" / "epoch-0001-step-000002")
+    capsys.readouterr()
     resumed = train(recipe, killed, resume=True)  # the loader starts at batch 2 of epoch 1
+    assert "epoch-0001-step-000002 (epoch 1 of 2, 2 batches into the next)" in capsys.readouterr().out
     expected, got = (load_file(run / "model.safetensors") for run in (tmp_path / "whole", killed))
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
     assert resumed.eval_report == whole.eval_report
+    # The partial epoch's loss sums (the whole loss and each expert's) come back from the step checkpoint.
+    for key in ("train_loss", "train_expert_losses"):
+        assert resumed.train_results[key] == whole.train_results[key]
     assert len(resumed.train_results["epoch_images_per_second"]) == 1  # the one epoch run after resuming
 
 

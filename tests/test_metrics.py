@@ -164,7 +164,7 @@ def test_bad_input_is_rejected_with_a_clear_error(kwargs, message):
 
 
 def test_labels_that_are_not_integers_are_a_type_error():
-    with pytest.raises(TypeError, match="labels must be integer class indices, got dtype torch.float64"):
+    with pytest.raises(TypeError, match=r"labels must be integer class indices, got dtype torch\.float64"):
         long_tail_report(np.zeros((2, 3)), [0.0, 1.0], [1, 1, 1])
 
 

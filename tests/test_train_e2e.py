@@ -1,9 +1,11 @@
 """End-to-end runs of scripts/train.py through the real ``accelerate launch``, on a tiny long-tailed dataset.
 
-One process and two CPU (gloo) processes, a run killed after its first epoch and resumed, and the saved
-model loaded back with the transformers auto classes. The data fit in memory, so every run takes the default
-device pipeline (balpoe_hf.loaders); tests/test_loaders.py trains with the worker pipeline. Each launch
-costs ~10 s of start-up, so the runs are module fixtures shared by the tests.
+One process (a run killed with SIGKILL inside an epoch and launched again with --resume, which must end with
+the weights of the same run trained in this process) and two CPU (gloo) processes, the saved model loaded
+back with the transformers auto classes, and a launch that asks for processes it does not start. The data
+fit in memory, so every run takes the default device pipeline (balpoe_hf.loaders); tests/test_loaders.py
+trains with the worker pipeline. Each launch costs several seconds of start-up, so the runs are module
+fixtures shared by the tests.
 """
 
 from __future__ import annotations
@@ -62,10 +64,44 @@ def _run(command: list[str], env: dict, timeout: float = 240) -> subprocess.Comp
 
 
 @pytest.fixture(scope="module")
+def reference(data) -> Path:
+    """The run in this process (the Python API, one thread as the launches): what every launch must match."""
+    from balpoe_hf.arguments import parse_args
+    from balpoe_hf.training import train
+
+    _, recipe = parse_args([*data["args"], "--batch-size", "8"])
+    out = data["root"] / "reference"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(recipe, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
 def single_run(data) -> dict:
+    """A launched run killed with SIGKILL right after its first step checkpoint inside the second epoch, and
+    launched again with --resume: the run every single-process test reads."""
+    # Step checkpoints every 2 optimizer steps: 7 batches an epoch, so the second epoch's first one is
+    # epoch-0001-step-000001 and the resume starts inside an epoch (the device pipeline's
+    # DeviceLoader.batches(start); tests/test_loaders.py resumes both pipelines in-process).
     out = data["root"] / "single"
-    result = _run([*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
-                   "--report-to", "tensorboard"], data["env"])
+    command = [*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
+               "--checkpoint-every-steps", "2", "--report-to", "tensorboard"]
+    process = subprocess.Popen(command, env=data["env"], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    step = out / "checkpoints" / "epoch-0001-step-000001" / "trainer_state.json"
+    deadline = time.monotonic() + 200
+    while not step.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it was killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert step.is_file(), "the run never wrote its step checkpoint"
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+    result = _run([*command, "--resume"], data["env"])
     return {"dir": out, "stdout": result.stdout, "stderr": result.stderr}
 
 
@@ -113,17 +149,32 @@ def test_single_process_run_writes_model_results_and_logs(single_run):
     assert train_results["class_counts"] == TRAIN_COUNTS
     assert train_results["train_samples"] == sum(TRAIN_COUNTS)
     assert eval_results["eval_samples"] == NUM_TEST
-    assert [h["epoch"] for h in train_results["eval_history"]] == [2, 4, 6]  # --eval-every 2
-    for key in ("eval_accuracy", "eval_balanced_accuracy", "eval_many", "eval_medium", "eval_few",
-                "eval_ece"):
-        assert 0.0 <= eval_results[key] <= 1.0, key
-    # The last two epoch checkpoints (checkpoints_total_limit 2) and TensorBoard event files.
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0005", "epoch-0006"]
-    assert list((out / "logs").rglob("events.out.tfevents.*"))
-    assert "images/s" in single_run["stdout"]
+    assert [h["epoch"] for h in train_results["eval_history"]] == [2, 4, 6]  # --eval-every 2, over the resume
+    # The last two checkpoints (checkpoints_total_limit 2) and TensorBoard event files.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0005-step-000005", "epoch-0006"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((out / "logs").rglob("events.out.tfevents.*"))  # one per launch
+    tags = {tag for path in events for tag in EventAccumulator(str(path)).Reload().Tags()["scalars"]}
+    # Each expert's loss at every logging step and per epoch, beside the ensemble's.
+    assert {f"train/{kind}loss_expert_{e}" for kind in ("", "epoch_") for e in range(3)} <= tags
+    assert {"train/loss", "train/epoch_loss", "eval/balanced_accuracy"} <= tags
+    assert "resumed from" in single_run["stdout"] and "batches into the next)" in single_run["stdout"]
+    assert "images/s" in single_run["stdout"] and "balanced accuracy" in single_run["stdout"]
     assert "data pipeline: device (auto: 92 images at 16x16" in single_run["stdout"]
-    assert train_results["data_pipeline"] == "device" and len(train_results["epoch_images_per_second"]) == 6
-    assert "balanced accuracy" in single_run["stdout"] and "ECE (15 bins)" in single_run["stdout"]
+    # The five epochs run after the resume (the second one from its step checkpoint on).
+    assert train_results["data_pipeline"] == "device" and len(train_results["epoch_images_per_second"]) == 5
+
+
+def test_launched_run_killed_inside_an_epoch_resumes_to_the_weights_of_the_uninterrupted_run(single_run,
+                                                                                             reference):
+    # Neither the launcher, the kill, the step checkpoints nor the resume change a bit of the weights.
+    expected = load_file(reference / "model.safetensors")
+    got = load_file(single_run["dir"] / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+    assert _results(single_run["dir"])[1] == _results(reference)[1]
 
 
 def test_saved_model_loads_with_auto_classes_and_reproduces_the_reported_metrics(single_run, data):
@@ -137,7 +188,7 @@ def test_saved_model_loads_with_auto_classes_and_reproduces_the_reported_metrics
     assert eval_results["eval_balanced_accuracy"] >= 0.75
 
 
-def test_two_cpu_processes_evaluate_every_test_image_once_and_match_one_process(two_process_run, single_run,
+def test_two_cpu_processes_evaluate_every_test_image_once_and_match_one_process(two_process_run, reference,
                                                                                  data):
     assert "2 process(es)" in two_process_run["stdout"]
     train_results, eval_results = _results(two_process_run["dir"])
@@ -147,74 +198,12 @@ def test_two_cpu_processes_evaluate_every_test_image_once_and_match_one_process(
     assert train_results["data_pipeline"] == "device"
     # 32 test images over 2 processes x batches of 5 pad the last round with 8 repeats, which are dropped.
     assert eval_results["eval_samples"] == NUM_TEST
-    reference = _reference_metrics(two_process_run["dir"], data["test"])
-    assert eval_results["eval_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-9)
-    assert eval_results["eval_balanced_accuracy"] == pytest.approx(reference["balanced_accuracy"], abs=1e-9)
+    metrics = _reference_metrics(two_process_run["dir"], data["test"])
+    assert eval_results["eval_accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-9)
+    assert eval_results["eval_balanced_accuracy"] == pytest.approx(metrics["balanced_accuracy"], abs=1e-9)
     # Same data order and global batch; batch-norm statistics and mixup act per process, so close, not equal.
-    _, single = _results(single_run["dir"])
+    _, single = _results(reference)
     assert abs(eval_results["eval_balanced_accuracy"] - single["eval_balanced_accuracy"]) <= 0.15
-
-
-def test_run_killed_after_an_epoch_resumes_to_the_same_weights_and_metrics(single_run, data):
-    out = data["root"] / "killed"
-    command = [*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out)]
-    process = subprocess.Popen(command, env=data["env"], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    first = out / "checkpoints" / "epoch-0001" / "trainer_state.json"
-    deadline = time.monotonic() + 200
-    while not first.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert first.is_file(), "the run never finished its first epoch"
-    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
-
-    resumed = _run([*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
-                    "--resume"], data["env"])
-    assert "resumed from" in resumed.stdout
-
-    expected, got = load_file(single_run["dir"] / "model.safetensors"), load_file(out / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
-    _, single_eval = _results(single_run["dir"])
-    _, resumed_eval = _results(out)
-    for key in ("eval_accuracy", "eval_balanced_accuracy", "eval_ece", "eval_nll", "eval_brier"):
-        assert resumed_eval[key] == pytest.approx(single_eval[key], abs=1e-6), key
-
-
-def test_run_killed_inside_an_epoch_after_a_step_checkpoint_resumes_to_the_same_weights(single_run, data):
-    # Step checkpoints every 2 optimizer steps; killed with SIGKILL right after the first one in the second
-    # epoch, so that the resume starts inside an epoch (the device pipeline's DeviceLoader.batches(start);
-    # tests/test_loaders.py resumes the worker pipeline's skip_first_batches the same way).
-    out = data["root"] / "killed-inside-an-epoch"
-    command = [*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
-               "--checkpoint-every-steps", "2"]
-    process = subprocess.Popen(command, env=data["env"], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    # 7 batches an epoch: the second epoch's first step checkpoint is epoch-0001-step-000001.
-    step = out / "checkpoints" / "epoch-0001-step-000001" / "trainer_state.json"
-    deadline = time.monotonic() + 200
-    while not step.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it was killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert step.is_file(), "the run never wrote its step checkpoint"
-    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
-
-    resumed = _run([*command, "--resume"], data["env"])
-    assert "batches into the next)" in resumed.stdout  # resumed from a step checkpoint, inside an epoch
-
-    # Saving step checkpoints changes nothing: the same weights as the run that never saved one.
-    expected, got = load_file(single_run["dir"] / "model.safetensors"), load_file(out / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
-    _, single_eval = _results(single_run["dir"])
-    _, resumed_eval = _results(out)
-    for key in ("eval_accuracy", "eval_balanced_accuracy", "eval_ece", "eval_nll"):
-        assert resumed_eval[key] == pytest.approx(single_eval[key], abs=1e-6), key
 
 
 def test_launcher_asked_for_two_processes_but_started_one_is_stopped(data):
