@@ -14,7 +14,6 @@ from balpoe_hf.data import (
     make_shifted_test,
     shot_groups,
 )
-from balpoe_hf.loading import load_fashion_mnist
 
 
 def _balanced(num_classes: int, per_class: int, column: str = "label") -> datasets.Dataset:
@@ -221,15 +220,3 @@ def test_reference_split_of_real_cifar10_train():
     assert len(lt) == 12_406
     assert class_counts(lt) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
     assert lt["idx"][:] == _ldam_drw_selection(labels, 0.01)
-
-
-def test_fashion_mnist_from_debian_package():
-    try:
-        fm = load_fashion_mnist()
-    except FileNotFoundError:
-        pytest.skip("dataset-fashion-mnist is not installed")
-    # Published sizes: 60,000 training and 10,000 test images of 28x28, 6,000 / 1,000 per class.
-    assert (len(fm["train"]), len(fm["test"])) == (60_000, 10_000)
-    assert class_counts(fm["train"]) == [6000] * 10
-    assert fm["train"].features["label"].names[9] == "Ankle boot"
-    assert fm["test"][0]["image"].size == (28, 28)

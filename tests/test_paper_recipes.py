@@ -113,6 +113,7 @@ def test_every_shipped_recipe_has_a_source_row():
 def test_recipe_matches_the_paper_and_the_official_config_it_cites(name):
     config, expected = SOURCES[name]
     recipe = recipes.load_recipe(name)
+    assert recipe.name == name
     assert {key: getattr(recipe, key) for key in expected} == expected
     comments = "".join(line.lstrip("# ") for line in (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()
                        if line.startswith("#"))
