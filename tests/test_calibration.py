@@ -132,5 +132,9 @@ def test_apply_calibration_bad_input(temperature, bias, message):
         apply_calibration(torch.zeros(3, 2), temperature, bias)
 
 
-def test_validate_logits_returns_float64():
-    assert validate_logits(torch.zeros(2, 3, dtype=torch.float32)).dtype == torch.float64
+def test_validate_logits_returns_a_float64_copy_of_the_same_values():
+    logits = torch.tensor([[0.1, -2.5, 3.0], [1e-8, 7.25, -0.3]], dtype=torch.float32)
+    checked = validate_logits(logits)
+    assert checked.dtype == torch.float64 and torch.equal(checked, logits.double())  # float32 -> 64 is exact
+    checked[0, 0] = 99.0
+    assert logits[0, 0] == pytest.approx(0.1)  # a copy: the caller's tensor is untouched

@@ -109,10 +109,39 @@ def test_end_to_end_runs_the_model_once_and_writes_report_and_plots(run_dir, tes
             assert accuracy == shifts[shift]["reports"][mode]["accuracy"]
     # The uniform set is the balanced set: prior none gives the balanced report again.
     assert shifts["uniform"]["reports"]["none"]["accuracy"] == report["balanced"]["accuracy"]
-    assert 0 <= shifts["forward50"]["estimates"]["em"]["error"] <= 1
+    # The error is the total variation distance between the estimated and the true prior.
+    em = shifts["forward50"]["estimates"]["em"]
+    true_prior = np.asarray(shifts["forward50"]["test_prior"])
+    assert em["error"] == pytest.approx(0.5 * np.abs(np.asarray(em["prior"]) - true_prior).sum())
     for name in report["images"].values():
         png = output.parent / name
         assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 1000
+
+
+def test_fit_target_prior_estimates_from_unlabelled_images_and_sets_the_prior(run_dir, test_file):
+    model, processor = evaluation.load_model(str(run_dir), "cpu")
+    ds = datasets.Dataset.from_parquet(str(test_file))
+    rows = evaluation.shifted_rows(np.asarray(ds["fine"]), TRAIN_COUNTS, "forward10", seed=0)
+    unlabelled = ds.select(rows).remove_columns("fine")  # the labels are not needed
+    estimate = evaluation.fit_target_prior(model, processor, unlabelled, image_column="img", method="em",
+                                           set_prior=False)
+    assert model.config.target_prior is None  # set_prior=False leaves the model alone
+    # EM's fixed point (Saerens et al. 2002): with q_i the posteriors of the uniform-prior logits,
+    # p = mean_i q_i * p / <q_i, p>.
+    logits, _ = evaluation.predict(model, processor, unlabelled, "img")
+    weighted = torch.softmax(logits.double(), dim=1) * estimate.prior.double()
+    torch.testing.assert_close((weighted / weighted.sum(1, keepdim=True)).mean(0), estimate.prior.double(),
+                               rtol=0, atol=1e-5)
+    again = evaluation.fit_target_prior(model, processor, unlabelled, image_column="img", method="em")
+    torch.testing.assert_close(again.prior, estimate.prior)
+    # The model now predicts for that prior: its logits are the uniform-prior ones plus log(C * p).
+    assert model.config.target_prior == pytest.approx(estimate.prior.tolist())
+    pixels = processor(images=unlabelled[:4]["img"], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        shifted = model(pixel_values=pixels).logits.double()
+        uniform = model(pixel_values=pixels, target_prior="uniform").logits.double()
+    expected = uniform + torch.log(NUM_CLASSES * estimate.prior.double())
+    torch.testing.assert_close(shifted, expected, rtol=0, atol=1e-5)
 
 
 def test_prior_modes_from_cached_logits_match_the_model_run_with_that_prior(run_dir, test_file):

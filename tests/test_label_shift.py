@@ -119,8 +119,12 @@ def test_training_with_a_holdout_saves_its_calibration_estimator_choice_and_repo
     run = tmp_path / "run"
     training.train(recipe, run)
     holdout = json.loads((run / "holdout_results.json").read_text())
-    assert holdout["holdout_samples"] == 30 and 0 <= holdout["holdout_balanced_accuracy"] <= 1
+    assert holdout["holdout_samples"] == 30
     assert holdout["calibration"]["holdout_counts"] == [16, 8, 4, 2]
+    # The held-out balanced accuracy is the mean recall of the confusion matrix saved with the calibration.
+    confusion = np.asarray(holdout["calibration"]["confusion"], dtype=float)
+    recall = np.diag(confusion) / confusion.sum(axis=1)
+    assert holdout["holdout_balanced_accuracy"] == pytest.approx(recall.mean())
     evaluation_results = json.loads((run / "eval_results.json").read_text())
     assert {"eval_ece_temperature_scaling", "eval_ece_bcts"} <= set(evaluation_results)
     model = BalPoEForImageClassification.from_pretrained(run)
