@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
-from balpoe_hf.label_shift import estimate_target_prior
 from balpoe_hf.metrics import (
     accuracy_report,
     calibration_bins,
@@ -183,53 +182,6 @@ def test_agrees_with_torchmetrics_where_the_conventions_coincide():
         float(tm.multiclass_accuracy(probs, labels, 7, average="micro")))
     assert report["balanced_accuracy"] == pytest.approx(
         float(tm.multiclass_accuracy(probs, labels, 7, average="macro")))
-
-
-# --- EM estimation of the test prior (Saerens et al., 2002) -------------------------------------------
-
-MEANS = np.array([-2.0, 0.0, 2.0])
-
-
-def _gaussian_posteriors(true_prior, source_prior, n=30000, seed=0):
-    """Labels drawn from ``true_prior``; exact posteriors of x ~ N(mean_y, 1) under ``source_prior``."""
-    rng = np.random.default_rng(seed)
-    labels = rng.choice(len(true_prior), size=n, p=true_prior)
-    x = rng.normal(MEANS[labels], 1.0)
-    log_joint = -0.5 * (x[:, None] - MEANS[None, :]) ** 2 + np.log(source_prior)[None, :]
-    return torch.softmax(torch.from_numpy(log_joint), dim=1)
-
-
-@pytest.mark.parametrize("source_prior", [None, [0.2, 0.3, 0.5]])
-def test_em_recovers_a_known_prior_from_calibrated_posteriors(source_prior):
-    true_prior = np.array([0.6, 0.3, 0.1])
-    probs = _gaussian_posteriors(true_prior, source_prior or [1 / 3] * 3)
-    estimate = estimate_target_prior(probs, source_prior=source_prior)
-    assert estimate.sum() == pytest.approx(1.0)
-    assert estimate.numpy() == pytest.approx(true_prior, abs=0.015)
-    # The plain mean of the posteriors is pulled towards the source prior; EM removes that bias.
-    naive = probs.mean(0).numpy()
-    assert np.abs(estimate.numpy() - true_prior).max() < np.abs(naive - true_prior).max() / 3
-
-
-def test_em_leaves_a_uniform_prior_uniform():
-    # Every cyclic shift of one posterior: the set is symmetric in the classes, so uniform is the fixed point.
-    row = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
-    probs = torch.stack([row.roll(k) for k in range(3)] * 5)
-    assert estimate_target_prior(probs).numpy() == pytest.approx([1 / 3] * 3, abs=1e-12)
-
-
-def test_em_first_step_from_uniform_is_the_mean_posterior():
-    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
-    assert estimate_target_prior(probs, max_iter=1).numpy() == pytest.approx([0.6, 0.4])
-
-
-def test_em_rejects_logits_and_bad_source_priors():
-    with pytest.raises(ValueError, match="softmax"):
-        estimate_target_prior(torch.tensor([[2.0, -1.0]]))
-    with pytest.raises(ValueError, match="source_prior"):
-        estimate_target_prior(torch.tensor([[0.5, 0.5]]), source_prior=[1.0, 0.0])
-    with pytest.raises(ValueError, match="entries"):
-        estimate_target_prior(torch.tensor([[0.5, 0.5]]), source_prior=[0.2, 0.3, 0.5])
 
 
 # --- local evaluate modules ---------------------------------------------------------------------------

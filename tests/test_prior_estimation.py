@@ -207,6 +207,44 @@ def test_prior_estimate_to_dict_is_plain():
     assert isinstance(data["std_error"], list) and isinstance(data["p_value"], float)
 
 
+# --------------------------------------------------------------------------- EM (Saerens et al., 2002)
+
+MEANS = np.array([-2.0, 0.0, 2.0])
+
+
+def _gaussian_posteriors(true_prior, source_prior, n=30000, seed=0):
+    """Labels drawn from ``true_prior``; exact posteriors of x ~ N(mean_y, 1) under ``source_prior``."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(len(true_prior), size=n, p=true_prior)
+    x = rng.normal(MEANS[labels], 1.0)
+    log_joint = -0.5 * (x[:, None] - MEANS[None, :]) ** 2 + np.log(source_prior)[None, :]
+    return torch.softmax(torch.from_numpy(log_joint), dim=1)
+
+
+@pytest.mark.parametrize("source_prior", [None, [0.2, 0.3, 0.5]])
+def test_em_recovers_a_known_prior_from_calibrated_posteriors(source_prior):
+    true_prior = np.array([0.6, 0.3, 0.1])
+    probs = _gaussian_posteriors(true_prior, source_prior or [1 / 3] * 3)
+    estimate = estimate_target_prior(probs, source_prior=source_prior)
+    assert estimate.sum() == pytest.approx(1.0)
+    assert estimate.numpy() == pytest.approx(true_prior, abs=0.015)
+    # The plain mean of the posteriors is pulled towards the source prior; EM removes that bias.
+    naive = probs.mean(0).numpy()
+    assert np.abs(estimate.numpy() - true_prior).max() < np.abs(naive - true_prior).max() / 3
+
+
+def test_em_leaves_a_uniform_prior_uniform():
+    # Every cyclic shift of one posterior: the set is symmetric in the classes, so uniform is the fixed point.
+    row = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    probs = torch.stack([row.roll(k) for k in range(3)] * 5)
+    assert estimate_target_prior(probs).numpy() == pytest.approx([1 / 3] * 3, abs=1e-12)
+
+
+def test_em_first_step_from_uniform_is_the_mean_posterior():
+    probs = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    assert estimate_target_prior(probs, max_iter=1).numpy() == pytest.approx([0.6, 0.4])
+
+
 @pytest.mark.parametrize(
     ("logits", "kwargs", "error", "message"),
     [
@@ -232,17 +270,20 @@ def test_estimate_prior_bad_input(logits, kwargs, error, message):
 
 
 @pytest.mark.parametrize(
-    ("probs", "message"),
+    ("probs", "source_prior", "message"),
     [
-        (torch.tensor([[0.5, 0.3]]), "sum to 1"),
-        (torch.tensor([[1.2, -0.2]]), "non-negative"),
-        (torch.tensor([0.5, 0.5]), "shape"),
-        (torch.tensor([[float("nan"), 1.0]]), "finite"),
+        (torch.tensor([[0.5, 0.3]]), None, "sum to 1"),
+        (torch.tensor([[2.0, -1.0]]), None, "softmax"),  # logits, not probabilities
+        (torch.tensor([[1.2, -0.2]]), None, "non-negative"),
+        (torch.tensor([0.5, 0.5]), None, "shape"),
+        (torch.tensor([[float("nan"), 1.0]]), None, "finite"),
+        (torch.tensor([[0.5, 0.5]]), [1.0, 0.0], "source_prior"),
+        (torch.tensor([[0.5, 0.5]]), [0.2, 0.3, 0.5], "entries"),
     ],
 )
-def test_estimate_target_prior_rejects_bad_probabilities(probs, message):
+def test_estimate_target_prior_rejects_bad_probabilities(probs, source_prior, message):
     with pytest.raises(ValueError, match=message):
-        estimate_target_prior(probs)
+        estimate_target_prior(probs, source_prior=source_prior)
 
 
 def test_bbse_and_confusion_bad_input():
