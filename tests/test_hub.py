@@ -512,16 +512,37 @@ def test_card_front_matter_stays_small_for_the_full_grid():
     assert "| auto | 50.00 |" in plain.text and "chose" not in plain.text
 
 
+# The editable install of the package puts a finder for balpoe_hf on sys.meta_path: refuse the package first,
+# and drop the checkout from the path, so that only a model folder's code files can be imported.
+HIDE_THE_PACKAGE = """import importlib.abc, sys
+
+class HideBalPoE(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "balpoe_hf" or name.startswith("balpoe_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+
+sys.meta_path.insert(0, HideBalPoE())
+sys.path = [p for p in sys.path if p and not ((p == REPO or p.startswith(REPO + "/"))
+                                              and not p.startswith(sys.prefix))]
+try:
+    import balpoe_hf
+    raise SystemExit("balpoe_hf is importable: the test would prove nothing")
+except ModuleNotFoundError:
+    pass
+"""
+
+
 def test_card_snippets_run_as_written_without_the_package(run_cards, hub_snapshot, saved_run, tmp_path):
     """Every card's usage code, with its Hub id pointed at the uploaded folder, in a Python without
     balpoe_hf: remote code, the pipeline, a known prior and adapt_to_unlabeled (auto and em). The remote-code
-    model of the pushed folder computes the logits of the model that was saved."""
+    model (and base model and config) of the pushed folder compute the logits of the model that was saved,
+    and no module of the package is loaded."""
     _, saved_model = saved_run
     _, pixels = _pixels(hub_snapshot["repo"])
     torch.save(pixels, tmp_path / "pixels.pt")
     folders = {"me/tiny-balpoe": hub_snapshot["repo"],
                **{f"me/run-{method}": card["run"] for method, card in run_cards.items()}}
-    lines = ["import sys", "sys.modules['balpoe_hf'] = None  # only the repository's code files"]
+    lines = [f"REPO = {str(Path(__file__).resolve().parents[1])!r}", HIDE_THE_PACKAGE]
     for repo_id, folder in folders.items():
         text = (folder / "README.md").read_text()
         snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
@@ -530,11 +551,18 @@ def test_card_snippets_run_as_written_without_the_package(run_cards, hub_snapsho
                   "assert shifted_logits.shape == (8, model.config.num_labels)",
                   "assert abs(float(estimate.prior.sum()) - 1) < 1e-6", "print('ran', repo)"]
         if folder == hub_snapshot["repo"]:
-            lines += ["assert 'transformers_modules' in type(model).__module__",
+            lines += ["assert type(model).__module__.startswith('transformers_modules.')",
+                      "from transformers import AutoConfig, AutoModel",
+                      "base = AutoModel.from_pretrained(repo, trust_remote_code=True).eval()",
+                      "config = AutoConfig.from_pretrained(repo, trust_remote_code=True)",
+                      "assert type(base).__name__ == 'BalPoEModel'",
+                      "assert type(config).__name__ == 'BalPoEConfig'",
                       f"pixels = torch.load({str(tmp_path / 'pixels.pt')!r})",
                       "with torch.no_grad():",
                       f"    torch.save(model(pixels, target_prior='uniform').logits, "
-                      f"{str(tmp_path / 'logits.pt')!r})"]
+                      f"{str(tmp_path / 'logits.pt')!r})",
+                      f"    torch.save(base(pixels).expert_logits, {str(tmp_path / 'expert_logits.pt')!r})"]
+    lines.append("assert not [m for m in sys.modules if m.split('.')[0] == 'balpoe_hf'], 'balpoe_hf loaded'")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", "\n".join(lines)], env=env, capture_output=True, text=True,
@@ -542,8 +570,10 @@ def test_card_snippets_run_as_written_without_the_package(run_cards, hub_snapsho
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ran ") == len(folders)
     with torch.no_grad():
-        expected = saved_model(pixels).logits
-    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-6)
+        expected = saved_model(pixels)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.load(tmp_path / "expert_logits.pt"), expected.expert_logits, rtol=0,
+                               atol=1e-6)
 
 
 def test_card_renders_as_the_hub_shows_it(run_cards, tmp_path):

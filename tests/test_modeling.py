@@ -2,9 +2,6 @@ import json
 import logging
 import math
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -20,7 +17,6 @@ from balpoe_hf.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassif
 
 COUNTS = [50, 20, 8, 2]
 LABELS = {0: "tshirt", 1: "trouser", 2: "pullover", 3: "dress"}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_model(**overrides) -> BalPoEForImageClassification:
@@ -410,67 +406,6 @@ def test_train_target_prior_needs_class_counts(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         AutoModelForImageClassification.from_pretrained(tmp_path / "counted")
     assert "balanced training set" not in caplog.text
-
-
-REMOTE_SCRIPT = textwrap.dedent("""
-    import importlib.abc, json, sys
-
-    class HideBalPoE(importlib.abc.MetaPathFinder):
-        # The editable install puts a finder for balpoe_hf on sys.meta_path: refuse the package first.
-        def find_spec(self, name, path=None, target=None):
-            if name == "balpoe_hf" or name.startswith("balpoe_hf."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
-
-    sys.meta_path.insert(0, HideBalPoE())
-    # Drop the checkout (and the empty cwd entry) from the path; keep the venv even if it lives inside it.
-    repo = sys.argv[1]
-    sys.path = [p for p in sys.path
-                if p and not ((p == repo or p.startswith(repo + "/")) and not p.startswith(sys.prefix))]
-    try:
-        import balpoe_hf  # noqa: F401
-        raise SystemExit("balpoe_hf is importable: the test would prove nothing")
-    except ModuleNotFoundError:
-        pass
-
-    import torch
-    from PIL import Image
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, pipeline
-
-    model = AutoModelForImageClassification.from_pretrained("model", trust_remote_code=True).eval()
-    classify = pipeline("image-classification", model="model", trust_remote_code=True)
-    base = AutoModel.from_pretrained("model", trust_remote_code=True).eval()
-    config = AutoConfig.from_pretrained("model", trust_remote_code=True)
-    x = torch.load("input.pt")
-    with torch.no_grad():
-        json.dump({
-            "logits": model(x).logits.tolist(),
-            "expert_logits": base(x).expert_logits.tolist(),
-            "classes": [type(model).__module__, type(base).__name__, type(config).__name__],
-            "pipeline_labels": [s["label"] for s in classify(Image.new("L", (28, 28), 100))],
-            "balpoe_modules": sorted(m for m in sys.modules if m.split(".")[0] == "balpoe_hf"),
-        }, open("out.json", "w"))
-""")
-
-
-def test_remote_code_load_without_balpoe_hf(tmp_path):
-    model = trained_model()
-    model.save_pretrained(tmp_path / "model")  # alone: it writes the image processor the pipeline needs
-    x = torch.randn(2, 3, 32, 32)
-    torch.save(x, tmp_path / "input.pt")
-    (tmp_path / "load.py").write_text(REMOTE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    result = subprocess.run([sys.executable, "load.py", REPO], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads((tmp_path / "out.json").read_text())
-    assert out["classes"][0].startswith("transformers_modules.")
-    assert out["classes"][1:] == ["BalPoEModel", "BalPoEConfig"]
-    assert out["balpoe_modules"] == []
-    assert sorted(out["pipeline_labels"]) == sorted(LABELS.values())
-    with torch.no_grad():
-        assert torch.allclose(torch.tensor(out["logits"]), model(x).logits, atol=1e-6)
-        assert torch.allclose(torch.tensor(out["expert_logits"]), model(x).expert_logits, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------- pipeline
