@@ -63,6 +63,41 @@ def _run(command: list[str], env: dict, timeout: float = 240) -> subprocess.Comp
     return result
 
 
+class Launch:
+    """A launch started now and read later (its output in files, so that no pipe fills up meanwhile)."""
+
+    def __init__(self, command: list[str], env: dict, folder: Path):
+        folder.mkdir(parents=True)
+        self.command, self.stdout, self.stderr = command, folder / "stdout.txt", folder / "stderr.txt"
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=err)
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        self.process.wait(timeout=timeout)
+        return subprocess.CompletedProcess(self.command, self.process.returncode, self.stdout.read_text(),
+                                           self.stderr.read_text())
+
+
+@pytest.fixture(scope="module")
+def launches(data):
+    """The launches that depend on no other, started at once: each spends most of its time importing in its
+    own process, so on two cores they run beside the single-process run instead of after it."""
+    two_env = {**data["env"], "ACCELERATE_USE_CPU": "1"}
+    # Half the per-process batch: the same global batch of 8 as the single-process run.
+    two = Launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                  str(_free_port()), str(SCRIPT), *data["args"], "--batch-size", "4", "--output-dir",
+                  str(data["root"] / "two")], two_env, data["root"] / "two-launch")
+    # `accelerate launch --cpu --num_processes 2` starts a single process: the script must say so and stop.
+    wrong = Launch([*ACCELERATE, "--quiet", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *data["args"],
+                    "--output-dir", str(data["root"] / "wrong-launch")], data["env"], data["root"] / "wrong")
+    yield {"two": two, "wrong": wrong}
+    for launch in (two, wrong):
+        if launch.process.poll() is None:
+            launch.process.kill()
+
+
 @pytest.fixture(scope="module")
 def reference(data) -> Path:
     """The run in this process (the Python API, one thread as the launches): what every launch must match."""
@@ -81,9 +116,9 @@ def reference(data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_run(data) -> dict:
+def single_run(data, launches) -> dict:
     """A launched run killed with SIGKILL right after its first step checkpoint inside the second epoch, and
-    launched again with --resume: the run every single-process test reads."""
+    launched again with --resume: the run every single-process test reads. (``launches`` run meanwhile.)"""
     # Step checkpoints every 2 optimizer steps: 7 batches an epoch, so the second epoch's first one is
     # epoch-0001-step-000001 and the resume starts inside an epoch (the device pipeline's
     # DeviceLoader.batches(start); tests/test_loaders.py resumes both pipelines in-process).
@@ -106,15 +141,10 @@ def single_run(data) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(data) -> dict:
-    out = data["root"] / "two"
-    env = {**data["env"], "ACCELERATE_USE_CPU": "1"}
-    # Half the per-process batch: the same global batch of 8 as the single-process run.
-    command = [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT),
-               *data["args"], "--batch-size", "4", "--output-dir", str(out)]
-    result = _run(command, env)
-    return {"dir": out, "stdout": result.stdout, "stderr": result.stderr}
+def two_process_run(data, launches) -> dict:
+    result = launches["two"].result()
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    return {"dir": data["root"] / "two", "stdout": result.stdout, "stderr": result.stderr}
 
 
 def _results(run_dir: Path) -> tuple[dict, dict]:
@@ -206,13 +236,9 @@ def test_two_cpu_processes_evaluate_every_test_image_once_and_match_one_process(
     assert abs(eval_results["eval_balanced_accuracy"] - single["eval_balanced_accuracy"]) <= 0.15
 
 
-def test_launcher_asked_for_two_processes_but_started_one_is_stopped(data):
-    # `accelerate launch --cpu --num_processes 2` starts a single process: the script must say so and stop.
+def test_launcher_asked_for_two_processes_but_started_one_is_stopped(data, launches):
     # With --quiet the launcher adds no traceback of its own (balpoe-train --help says so).
-    result = subprocess.run([*ACCELERATE, "--quiet", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                             "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *data["args"],
-                             "--output-dir", str(data["root"] / "wrong-launch")],
-                            env=data["env"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = launches["wrong"].result()
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
