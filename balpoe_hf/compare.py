@@ -539,6 +539,9 @@ class CompareArguments:
         "Comma list of prior modes to evaluate, or 'all' (default: none, oracle and auto; em instead of auto "
         "without --holdout-fraction).")})
     shifts: str = field(default="all", metadata={"help": "'all' or a comma list of shifted test sets."})
+    seeds: str | None = field(default=None, metadata={"help": (
+        "Comma list of seeds, e.g. 0,1: the comparison once per seed, into OUTPUT_DIR/seed-S, then the mean "
+        "and range of each method over the seeds finished so far (replaces --seed).")})
 
 
 def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArguments, Recipe, Budget]:
@@ -567,9 +570,63 @@ def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArgume
     if args.time_limit is not None and args.time_limit <= EVALUATION_RESERVE:
         raise TrainingError(f"--time-limit must exceed {EVALUATION_RESERVE:.0f} s (the time kept for "
                             f"evaluation), got {args.time_limit}.")
+    if args.seeds is not None:
+        if "seed" in given:
+            raise TrainingError("--seed and --seeds: give one of them (--seeds 0,1 runs each seed).")
+        parse_seeds(args.seeds)
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"compare-{args.budget}")
     return args, base, budget
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1"`` -> ``[0, 1]``; a ``TrainingError`` for anything but distinct integers >= 0."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise TrainingError(f"--seeds must be a comma list of distinct integers >= 0, e.g. 0,1; got "
+                            f"{text!r}.")
+    return seeds
+
+
+def seed_dir(output_dir: str | Path, seed: int) -> Path:
+    """Where the comparison of one seed of a several-seed comparison goes."""
+    return Path(output_dir) / f"seed-{seed}"
+
+
+def seed_summaries(output_dir: str | Path, methods: Sequence[str], seeds: Sequence[int]
+                   ) -> dict[str, dict[str, Any]]:
+    """Per method, the balanced-set metrics of every finished seed (``OUTPUT_DIR/seed-S/METHOD``, the
+    report ``evaluate_run`` cached) with their mean, minimum and maximum, in the order of ``methods``."""
+    keys = ("balanced_accuracy", "many", "medium", "few", "ece")
+    summaries: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        per_seed = {}
+        for seed in seeds:
+            path = seed_dir(output_dir, seed) / method / EVAL_DIR / "report.json"
+            if path.is_file():
+                per_seed[seed] = {k: json.loads(path.read_text())["balanced"][k] for k in keys}
+        if per_seed:
+            summaries[method] = {"seeds": per_seed, **{
+                k: {"mean": sum(v[k] for v in per_seed.values()) / len(per_seed),
+                    "min": min(v[k] for v in per_seed.values()), "max": max(v[k] for v in per_seed.values())}
+                for k in keys}}
+    return summaries
+
+
+def format_seed_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: per method, the mean over its seeds with the range in brackets, in percent."""
+    columns = (("balanced_accuracy", "balanced acc."), ("many", "many"), ("medium", "medium"), ("few", "few"),
+               ("ece", "ECE"))
+    rows = ["| method | seeds | " + " | ".join(label for _, label in columns) + " |",
+            "|---|---|" + "---:|" * len(columns)]
+    for method, summary in summaries.items():
+        cells = [f"{_pct(summary[k]['mean'])} ({_pct(summary[k]['min'])}-{_pct(summary[k]['max'])})"
+                 if len(summary["seeds"]) > 1 else _pct(summary[k]["mean"]) for k, _ in columns]
+        rows.append(f"| {method} | {','.join(map(str, summary['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -582,13 +639,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, base, budget = parse_compare_args(argv)
         deadline = None if args.time_limit is None else start + args.time_limit
-        comparison = compare(base, args.methods, args.output_dir, shifts=args.shifts, priors=args.prior,
-                             deadline=deadline)
+        seeds = [base.seed] if args.seeds is None else parse_seeds(args.seeds)
+        for seed in seeds:
+            recipe = base if args.seeds is None else make_recipe({**base.to_dict(), "seed": seed})
+            output_dir = args.output_dir if args.seeds is None else seed_dir(args.output_dir, seed)
+            comparison = compare(recipe, args.methods, output_dir, shifts=args.shifts, priors=args.prior,
+                                 deadline=deadline)
+            if PartialState().is_main_process:
+                print("\n" + format_comparison(comparison, recipe, budget))
+                if comparison.files:
+                    print(f"\nwrote {', '.join(comparison.files.values())}")
     except (TrainingError, EvaluationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if PartialState().is_main_process:
-        print("\n" + format_comparison(comparison, base, budget))
-        if comparison.files:
-            print(f"\nwrote {', '.join(comparison.files.values())}")
+    if args.seeds is not None and PartialState().is_main_process:
+        summaries = seed_summaries(args.output_dir, parse_methods(args.methods), seeds)
+        print(f"\nBalanced test set over seeds {args.seeds} (mean, range in brackets; seeds finished so "
+              "far):\n")
+        print(format_seed_table(summaries))
     return 0
