@@ -46,7 +46,6 @@ from .recipes import (
     parse_recipe_flags,
     recipe_differences,
     recipe_values,
-    save_recipe,
 )
 
 if TYPE_CHECKING:  # only for annotations: the model and datasets load lazily
@@ -180,12 +179,14 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
     written after the evaluation.
     """
+    from .checkpoints import record_outputs, run_output_files, start_run
     from .evaluation import load_model, resolve_device
     from .label_shift import holdout_calibration
+    from .shift_selection import choose_shift_estimator
 
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    start_run(run_dir, recipe)
     model, processor = load_model(source_dir, resolve_device(None))
     model.config.remove_mean_lambda = recipe.remove_mean_lambda
     model.config.method = recipe.method
@@ -193,13 +194,19 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
         if holdout is None:
             raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was given "
                                 "to fit it again for the derived run.")
-        model.config.calibration = holdout_calibration(*holdout_logits(model, processor, holdout, recipe))
+        logits, labels = holdout_logits(model, processor, holdout, recipe)
+        model.config.calibration = holdout_calibration(logits, labels)
+        try:  # the new logits choose their own estimator, as training does
+            model.config.shift_estimator = choose_shift_estimator(logits, labels, model.config.class_counts)
+        except ValueError:  # too few held-out images to cross-fit: auto runs the fixed default
+            model.config.shift_estimator = None
     model.save_pretrained(run_dir)
-    processor.save_pretrained(run_dir)
-    save_recipe(recipe, run_dir / "recipe.yaml")
     train_results = json.loads((source_dir / "train_results.json").read_text())
     train_results["weights_from"] = str(source_dir)
     (run_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
+    # Listed in the run's manifest, so that a later --resume, balpoe-evaluate --fit-shift-estimator or
+    # balpoe-push knows these files are the run's own.
+    record_outputs(run_dir, [run_dir / name for name in run_output_files() if (run_dir / name).is_file()])
 
 
 def balanced_validation_report(logits: torch.Tensor, labels: Sequence[int], num_classes: int,
@@ -238,6 +245,7 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
     model's default prior modes (``evaluation.default_priors``).
     """
+    from .checkpoints import record_outputs
     from .evaluation import evaluate_model, load_model, resolve_device, write_report
     from .metrics import reliability_bins
 
@@ -265,6 +273,7 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
         balanced = {f"eval_{k}": v for k, v in result.report["balanced"].items()}
         eval_results = {"epoch": recipe.epochs, "eval_samples": result.report["num_test_samples"], **balanced}
         (run_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        record_outputs(run_dir, [run_dir / "eval_results.json"])
     return json.loads(path.read_text())
 
 

@@ -285,6 +285,11 @@ def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parq
     assert fitted["ce-la"]["holdout_counts"] == fitted["ce"]["holdout_counts"]
     assert fitted["ce-la"]["bias"] != fitted["ce"]["bias"]
     assert result.summaries["ce-la"]["train_runtime"] == result.summaries["ce"]["train_runtime"]
+    # The derived run is the package's own: every file it holds is in its manifest, unchanged.
+    from balpoe_hf.checkpoints import run_output_files, written_by_package
+
+    derived = [name for name in run_output_files() if (tmp_path / "ce-la" / name).is_file()]
+    assert "eval_results.json" in derived and all(written_by_package(tmp_path / "ce-la", n) for n in derived)
 
 
 def test_bcts_absorbs_a_logit_shift():
