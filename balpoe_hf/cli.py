@@ -28,6 +28,9 @@ from .compare import (
     budget_values,
     compare,
     format_comparison,
+    format_seed_table,
+    seed_dir,
+    seed_summaries,
 )
 from .errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
 from .label_shift import UNKNOWN_PRIOR_MODES
@@ -510,6 +513,9 @@ class CompareArguments:
         "Comma list of prior modes to evaluate, or 'all' (default: none, oracle and auto; em instead of auto "
         "without --holdout-fraction).")})
     shifts: str = field(default="all", metadata={"help": "'all' or a comma list of shifted test sets."})
+    seeds: str | None = field(default=None, metadata={"help": (
+        "Comma list of seeds, e.g. 0,1: the comparison once per seed, into OUTPUT_DIR/seed-S, then the mean "
+        "and range of each method over the seeds finished so far (replaces --seed).")})
 
 
 def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArguments, Recipe, Budget]:
@@ -538,9 +544,25 @@ def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArgume
     if args.time_limit is not None and args.time_limit <= EVALUATION_RESERVE:
         raise TrainingError(f"--time-limit must exceed {EVALUATION_RESERVE:.0f} s (the time kept for "
                             f"evaluation), got {args.time_limit}.")
+    if args.seeds is not None:
+        if "seed" in given:
+            raise TrainingError("--seed and --seeds: give one of them (--seeds 0,1 runs each seed).")
+        parse_seeds(args.seeds)
     if args.output_dir is None:
         args.output_dir = str(Path("runs") / f"compare-{args.budget}")
     return args, base, budget
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1"`` -> ``[0, 1]``; a ``TrainingError`` for anything but distinct integers >= 0."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise TrainingError(f"--seeds must be a comma list of distinct integers >= 0, e.g. 0,1; got "
+                            f"{text!r}.")
+    return seeds
 
 
 def compare_main(argv: Sequence[str] | None = None) -> int:
@@ -551,15 +573,23 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     try:
         args, base, budget = parse_compare_args(argv)
         deadline = None if args.time_limit is None else start + args.time_limit
-        comparison = compare(base, args.methods, args.output_dir, shifts=args.shifts, priors=args.prior,
-                             deadline=deadline)
+        seeds = [base.seed] if args.seeds is None else parse_seeds(args.seeds)
+        for seed in seeds:
+            recipe = base if args.seeds is None else make_recipe({**base.to_dict(), "seed": seed})
+            output_dir = args.output_dir if args.seeds is None else seed_dir(args.output_dir, seed)
+            comparison = compare(recipe, args.methods, output_dir, shifts=args.shifts, priors=args.prior,
+                                 deadline=deadline)
+            if PartialState().is_main_process:
+                print("\n" + format_comparison(comparison, recipe, budget))
+                if comparison.files:
+                    print(f"\nwrote {', '.join(comparison.files.values())}")
     except (TrainingError, EvaluationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if PartialState().is_main_process:
-        print("\n" + format_comparison(comparison, base, budget))
-        if comparison.files:
-            print(f"\nwrote {', '.join(comparison.files.values())}")
+        return _fail(error)
+    if args.seeds is not None and PartialState().is_main_process:
+        summaries = seed_summaries(args.output_dir, parse_methods(args.methods), seeds)
+        print(f"\nBalanced test set over seeds {args.seeds} (mean, range in brackets; seeds finished so "
+              "far):\n")
+        print(format_seed_table(summaries))
     return 0
 
 

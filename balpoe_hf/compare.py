@@ -39,7 +39,7 @@ from .configuration_balpoe import PREDICTION_SETTINGS
 from .errors import TrainingError
 from .methods import METHOD_DESCRIPTIONS, parse_methods
 from .metrics import calibration_bins, calibration_errors, percent
-from .recipes import CONFIG_FIELDS, Recipe, make_recipe, recipe_differences, recipe_values, save_recipe
+from .recipes import CONFIG_FIELDS, Recipe, make_recipe, recipe_differences, recipe_values
 
 if TYPE_CHECKING:  # only for annotations: the model and datasets load lazily
     import datasets
@@ -170,12 +170,14 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
     written after the evaluation.
     """
+    from .checkpoints import record_outputs, run_output_files, start_run
     from .evaluation import load_model, resolve_device
     from .label_shift import holdout_calibration
+    from .shift_selection import choose_shift_estimator
 
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    start_run(run_dir, recipe)
     model, processor = load_model(source_dir, resolve_device(None))
     for name in PREDICTION_FIELDS:
         setattr(model.config, name, getattr(recipe, name))
@@ -183,13 +185,20 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
         if holdout is None:
             raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was given "
                                 "to fit it again for the derived run.")
-        model.config.calibration = holdout_calibration(*holdout_logits(model, processor, holdout, recipe))
+        logits, labels = holdout_logits(model, processor, holdout, recipe)
+        model.config.calibration = holdout_calibration(logits, labels)
+        try:  # the new logits choose their own estimator, as training does
+            model.config.shift_estimator = choose_shift_estimator(logits, labels, model.config.class_counts)
+        except ValueError:  # too few held-out images to cross-fit: auto runs the fixed default
+            model.config.shift_estimator = None
     processor.save_pretrained(run_dir)  # first: save_pretrained writes a processor only where there is none
     model.save_pretrained(run_dir)
-    save_recipe(recipe, run_dir / "recipe.yaml")
     train_results = json.loads((source_dir / "train_results.json").read_text())
     train_results["weights_from"] = str(source_dir)
     (run_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
+    # Listed in the run's manifest, so that a later --resume, balpoe-evaluate --fit-shift-estimator or
+    # balpoe-push knows these files are the run's own.
+    record_outputs(run_dir, [run_dir / name for name in run_output_files() if (run_dir / name).is_file()])
 
 
 def balanced_validation_report(logits: torch.Tensor, labels: Sequence[int], num_classes: int,
@@ -225,6 +234,7 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
     model's default prior modes (``evaluation.default_priors``).
     """
+    from .checkpoints import record_outputs
     from .evaluation import evaluate_model, load_model, resolve_device, write_report
     from .metrics import reliability_bins
 
@@ -252,6 +262,7 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
         balanced = {f"eval_{k}": v for k, v in result.report["balanced"].items()}
         eval_results = {"epoch": recipe.epochs, "eval_samples": result.report["num_test_samples"], **balanced}
         (run_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        record_outputs(run_dir, [run_dir / "eval_results.json"])
     return json.loads(path.read_text())
 
 
@@ -482,3 +493,44 @@ def write_comparison(comparison: Comparison, base: Recipe, output_dir: Path) -> 
          for m, s in comparison.summaries.items()},
         comparison.train_counts, files["png"], many=base.many_threshold, few=base.few_threshold)
     return files
+
+
+# --------------------------------------------------------------------------- several seeds
+
+
+def seed_dir(output_dir: str | Path, seed: int) -> Path:
+    """Where the comparison of one seed of a several-seed comparison goes."""
+    return Path(output_dir) / f"seed-{seed}"
+
+
+def seed_summaries(output_dir: str | Path, methods: Sequence[str], seeds: Sequence[int]
+                   ) -> dict[str, dict[str, Any]]:
+    """Per method, the balanced-set metrics of every finished seed (``OUTPUT_DIR/seed-S/METHOD``, the
+    report ``evaluate_run`` cached) with their mean, minimum and maximum, in the order of ``methods``."""
+    keys = ("balanced_accuracy", "many", "medium", "few", "ece")
+    summaries: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        per_seed = {}
+        for seed in seeds:
+            path = seed_dir(output_dir, seed) / method / EVAL_DIR / "report.json"
+            if path.is_file():
+                per_seed[seed] = {k: json.loads(path.read_text())["balanced"][k] for k in keys}
+        if per_seed:
+            summaries[method] = {"seeds": per_seed, **{
+                k: {"mean": sum(v[k] for v in per_seed.values()) / len(per_seed),
+                    "min": min(v[k] for v in per_seed.values()), "max": max(v[k] for v in per_seed.values())}
+                for k in keys}}
+    return summaries
+
+
+def format_seed_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: per method, the mean over its seeds with the range in brackets, in percent."""
+    columns = (("balanced_accuracy", "balanced acc."), ("many", "many"), ("medium", "medium"), ("few", "few"),
+               ("ece", "ECE"))
+    rows = ["| method | seeds | " + " | ".join(label for _, label in columns) + " |",
+            "|---|---|" + "---:|" * len(columns)]
+    for method, summary in summaries.items():
+        cells = [f"{percent(summary[k]['mean'])} ({percent(summary[k]['min'])}-{percent(summary[k]['max'])})"
+                 if len(summary["seeds"]) > 1 else percent(summary[k]["mean"]) for k, _ in columns]
+        rows.append(f"| {method} | {','.join(map(str, summary['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)

@@ -37,6 +37,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.data import Mixup
+from timm.utils import distribute_bn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -52,6 +53,7 @@ from .metrics import long_tail_report, percent
 from .modeling_balpoe import BalPoEForImageClassification
 from .recipes import CONFIG_FIELDS, Recipe
 from .shift_selection import choose_shift_estimator
+from .sync_batchnorm import convert_sync_batchnorm
 from .transforms import build_processor, evaluation_split
 
 
@@ -193,6 +195,10 @@ def gather_logits(model: torch.nn.Module, loader: Iterable[dict], accelerator: A
     Every process gets all of them. The logits are adjusted to the config's target prior (uniform in
     training).
     """
+    if accelerator.num_processes > 1:
+        # Every process evaluates its share with process 0's batch-norm statistics, those of the saved model:
+        # without SyncBatchNorm each process has updated its own copy since DDP's last broadcast.
+        distribute_bn(model, accelerator.num_processes, reduce=False)
     model.eval()
     all_logits, all_labels = [], []
     for batch in loader:
@@ -381,7 +387,13 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
 
     # The model and optimizer before the data loaders, so that a bad backbone fails fast; with the recipe's
     # speed options (channels_last, compile, fused SGD).
-    model = speed.prepare_model(build_model(recipe, data), recipe)
+    model = build_model(recipe, data)
+    if recipe.sync_batchnorm and accelerator.num_processes > 1:
+        try:  # batch norm over the global batch, as in one process
+            model = convert_sync_batchnorm(model, accelerator.device)
+        except TypeError as error:
+            raise TrainingError(str(error)) from None
+    model = speed.prepare_model(model, recipe)
     signature = checkpoints.model_signature(model.config)
     optimizer = speed.build_optimizer(recipe, parameter_groups(model, recipe), accelerator.device)
     speed.enable_fast_kernels(accelerator.device)

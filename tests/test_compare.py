@@ -170,12 +170,33 @@ def test_compare_command_line_errors(parquet, capsys):
         (["--method", "bs"], "--method: every method sets these itself"),
         (["--budget", "cpu"], "the cpu budget reads CIFAR-10 from local parquet files"),
         (["--time-limit", "30", *data], "--time-limit must exceed 60 s"),
+        (["--seeds", "0,0", *data], "--seeds must be a comma list of distinct integers"),
+        (["--seeds", "0,1", "--seed", "2", *data], "--seed and --seeds: give one of them"),
     ]
     for argv, message in cases:
         assert cli.compare_main(argv) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(TrainingError, match="leave it unset"):
         compare.compare(_base(parquet, method="bs"), ["ce"], "unused")
+
+
+def test_seed_table_is_the_mean_and_range_of_the_finished_seeds(tmp_path):
+    def report(seed, method, accuracy, ece):
+        path = compare.seed_dir(tmp_path, seed) / method / compare.EVAL_DIR / "report.json"
+        path.parent.mkdir(parents=True)
+        balanced = {"balanced_accuracy": accuracy, "many": 0.9, "medium": 0.7, "few": 0.5, "ece": ece}
+        path.write_text(json.dumps({"balanced": balanced}))
+
+    report(0, "bs", 0.70, 0.10)
+    report(1, "bs", 0.74, 0.08)
+    report(0, "balpoe", 0.75, 0.05)  # seed 1 not finished
+    summaries = compare.seed_summaries(tmp_path, ["bs", "balpoe", "ce"], [0, 1])
+    assert list(summaries) == ["bs", "balpoe"]
+    assert summaries["bs"]["balanced_accuracy"] == pytest.approx({"mean": 0.72, "min": 0.70, "max": 0.74})
+    table = compare.format_seed_table(summaries).splitlines()
+    assert table[2] == "| bs | 0,1 | 72.00 (70.00-74.00) | 90.00 (90.00-90.00) | 70.00 (70.00-70.00) | " \
+                       "50.00 (50.00-50.00) | 9.00 (8.00-10.00) |"
+    assert table[3] == "| balpoe | 0 | 75.00 | 90.00 | 70.00 | 50.00 | 5.00 |"
 
 
 def test_time_limit_must_be_positive():
@@ -264,6 +285,11 @@ def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parq
     assert fitted["ce-la"]["holdout_counts"] == fitted["ce"]["holdout_counts"]
     assert fitted["ce-la"]["bias"] != fitted["ce"]["bias"]
     assert result.summaries["ce-la"]["train_runtime"] == result.summaries["ce"]["train_runtime"]
+    # The derived run is the package's own: every file it holds is in its manifest, unchanged.
+    from balpoe_hf.checkpoints import run_output_files, written_by_package
+
+    derived = [name for name in run_output_files() if (tmp_path / "ce-la" / name).is_file()]
+    assert "eval_results.json" in derived and all(written_by_package(tmp_path / "ce-la", n) for n in derived)
 
 
 def test_bcts_absorbs_a_logit_shift():

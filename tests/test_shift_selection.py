@@ -183,12 +183,16 @@ def test_rule_prefers_safety_within_the_simulations_error_then_the_order():
     summary = {"oracle": row(0.0, 1.0, worst=-0.02), "a": row(-0.025, 0.5), "b": row(-0.2, 0.9),
                "c": row(-0.01, 0.5)}
     assert choose_from_summary(summary, order) == "a"
-    # With a near-exact simulation (oracle loses nothing), a is beyond the tolerance: c is safer.
+    # With a near-exact simulation (the oracle loses nothing), a is beyond the tolerance: c is safer.
     summary["oracle"] = row(0.0, 1.0, worst=0.0)
     assert choose_from_summary(summary, order) == "c"
-    # An estimator that never adapts is safe and useless: excluded.
-    summary["c"] = row(0.0, 0.0)
+    # An estimator that never adapts is safe and useless: a useful one as safe (within the tolerance) wins...
+    summary["oracle"] = row(0.0, 1.0, worst=-0.02)
+    summary["a"], summary["c"] = row(-0.015, 0.5), row(0.0, 0.0)
     assert choose_from_summary(summary, order) == "a"
+    # ... but when every useful one is clearly more harmful, the safe, useless one is chosen.
+    summary["a"] = row(-0.08, 0.5)
+    assert choose_from_summary(summary, order) == "c"
 
 
 @pytest.mark.parametrize(("miscalibration", "failing"), [

@@ -214,6 +214,11 @@ class Recipe:
         "--compile: torch.compile's mode ('reduce-overhead' adds CUDA graphs on GPUs)."))
     fused_optimizer: bool = field(default=True, metadata=_help(
         "SGD's fused kernel (torch.optim.SGD(fused=True)) where torch has one for the device."))
+    sync_batchnorm: bool = field(default=True, metadata=_help(
+        "Under several processes, batch-norm layers normalise with the statistics of the global batch "
+        "(SyncBatchNorm; balpoe_hf.sync_batchnorm), so that N processes train the model one process trains "
+        "on the same global batch. Off: each process's own batch (timm's and accelerate's default; on GPUs "
+        "it saves a collective per layer, and the model depends on the number of processes)."))
     seed: int = field(default=0, metadata=_help(
         "Seed of the weight initialisation, shuffling, augmentation and mixup."))
     # --- loop
