@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .data import rank_by_count
-from .metrics import ArrayLike, calibration_errors, reliability_bins
+from .metrics import ArrayLike, calibration_errors, percent, reliability_bins
 
 DPI = 120
 
@@ -72,7 +72,7 @@ def _draw_reliability(ax, bins: dict[str, list], title: str) -> None:
            alpha=0.3, hatch="//", edgecolor="tab:red", linewidth=0.5, label="gap")
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"{title} (ECE {100 * ece:.2f}%)")
+           title=f"{title} (ECE {percent(ece)}%)")
 
 
 def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], train_counts: Sequence[int],
