@@ -373,9 +373,11 @@ def corrupt_parquet(data, tmp_path) -> Path:
 def test_corrupt_image_is_named_by_row_and_file_even_from_a_worker(data, corrupt_parquet):
     recipe = _recipe((corrupt_parquet, data[1]))
     train_set, _ = transforms.with_transforms(loading.load_training_data(recipe), recipe, None)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=8, num_workers=1)
+    batches = iter(torch.utils.data.DataLoader(train_set, batch_size=8, num_workers=1))
     with pytest.raises(loading.DataError) as error:
-        list(loader)
+        list(batches)
+    # Stop the worker now: the loader left to the garbage collector keeps a later test waiting 5 s for it.
+    batches._shutdown_workers()
     assert str(error.value).startswith("cannot decode the train image at row 37, file img-037.png (")
     assert "Traceback" not in str(error.value)
 
