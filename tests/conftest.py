@@ -1,7 +1,19 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the launched processes that start with the session
+(tests/processes.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from processes import BackgroundJob, stop_all
+
+_JOBS: dict[str, BackgroundJob] = {}
 
 
 @pytest.fixture
@@ -14,3 +26,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the ``background`` work of every module with a selected test (tests/processes.py)."""
+    modules = {item.module for item in session.items if callable(getattr(item.module, "background", None))}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        root = Path(tempfile.mkdtemp(prefix=f"{module.__name__}-"))
+        _JOBS[module.__name__] = BackgroundJob(module.background, root, dict(os.environ))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    stop_all()
+    for job in _JOBS.values():
+        job.join(60)
+        shutil.rmtree(job.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def background(request: pytest.FixtureRequest) -> Any:
+    """What the module's ``background`` function returned (started with the session)."""
+    return _JOBS[request.module.__name__].result()

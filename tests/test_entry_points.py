@@ -3,8 +3,9 @@ and the Python API that the command lines are thin layers over.
 
 The wheel is built from this checkout and installed (without dependencies) into a folder that is put first on
 ``PYTHONPATH``; the commands then run from a directory outside the checkout, so nothing in ``scripts/`` or the
-source tree can be reached. Each console script starts once as a process (a few seconds of imports each);
-what they parse and print is tested in-process elsewhere (tests/test_cli_fuzz.py, tests/test_docs.py).
+source tree can be reached. Each console script starts once as a process (a few seconds of imports each),
+with the test session, beside the other tests (``background``, tests/processes.py); what they parse and print
+is tested in-process elsewhere (tests/test_cli_fuzz.py, tests/test_docs.py).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import runpy
 import subprocess
 import sys
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from processes import start
 from safetensors.torch import load_file
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
@@ -51,57 +52,53 @@ def _flags(settings: dict) -> list[str]:
     return [word for name, value in settings.items() for word in ("--" + name.replace("_", "-"), str(value))]
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out),
-                    str(REPO)], check=True, capture_output=True, cwd=REPO)
-    subprocess.run(["rm", "-rf", str(REPO / "build")], check=True)
-    (path,) = out.glob("balpoe_hf-*.whl")
-    return path
-
-
-@pytest.fixture(scope="module")
-def installed(wheel, tmp_path_factory) -> dict:
-    """The wheel installed into a folder; commands run from an empty directory with it first on the path."""
-    target = tmp_path_factory.mktemp("site")
+def _installed(root: Path, environ: dict[str, str]) -> dict:
+    """The wheel built from this checkout and installed into a folder; the commands run from an empty
+    directory with it first on the path."""
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+                    str(root / "wheel"), str(REPO)], check=True, capture_output=True, cwd=REPO, env=environ)
+    subprocess.run(["rm", "-rf", str(REPO / "build")], check=True, cwd=root)
+    (wheel,) = (root / "wheel").glob("balpoe_hf-*.whl")
+    target = root / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True)
-    probe = tmp_path_factory.mktemp("probe")
-    (probe / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    cwd = tmp_path_factory.mktemp("elsewhere")
-    env = {**os.environ, "PYTHONPATH": f"{target}{os.pathsep}{probe}", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(cwd / "hf_cache"), "OMP_NUM_THREADS": "1",
-           "BALPOE_IMPORTS": str(probe / "imports.txt")}
-    yield {"target": target, "bin": target / "bin", "cwd": cwd, "env": env}
-    # Every command above ran the installed package, not the checkout (nor an editable install of it).
-    imported = (probe / "imports.txt").read_text().split()
-    assert imported and all(path.startswith(str(target)) for path in imported), imported
+                    str(target), str(wheel)], check=True, capture_output=True, cwd=root, env=environ)
+    (root / "probe").mkdir()
+    (root / "probe" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (root / "elsewhere").mkdir()
+    env = {**environ, "PYTHONPATH": f"{target}{os.pathsep}{root / 'probe'}", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(root / "hf_cache"), "OMP_NUM_THREADS": "1",
+           "BALPOE_IMPORTS": str(root / "probe" / "imports.txt")}
+    return {"wheel": wheel, "target": target, "env": env}
 
 
-def _start(script: str, args: list[str], installed: dict, folder: Path) -> Callable[[], str]:
-    """Start an installed console script now (its output in files, so no pipe fills up); the returned
-    function waits for it, checks its exit status and returns its standard output."""
-    command = [str(installed["bin"] / script), *args]
-    folder.mkdir(parents=True)
-    with (folder / "stdout").open("w") as out, (folder / "stderr").open("w") as err:
-        process = subprocess.Popen(command, cwd=installed["cwd"], env=installed["env"], stdout=out,
-                                   stderr=err)
+def background(root: Path, environ: dict[str, str]) -> dict:
+    """Started with the session (tests/processes.py): the wheel, then balpoe-train, balpoe-evaluate and
+    balpoe-push --dry-run of the installed wheel one after the other, and meanwhile the three others."""
+    installed = _installed(root, environ)
 
-    def finish() -> str:
-        returncode = process.wait(timeout=300)
-        stdout, stderr = (folder / "stdout").read_text(), (folder / "stderr").read_text()
-        assert returncode == 0, f"{command}\n{stdout[-3000:]}\n{stderr[-3000:]}"
-        return stdout
+    def launch(script: str, *args: str):
+        return start([str(installed["target"] / "bin" / script), *args], installed["env"], root / "elsewhere",
+                     root / "logs" / script)
 
-    return finish
+    train_file, test_file = write_parquet(root / "data")
+    others = {"balpoe-describe-split": launch("balpoe-describe-split", "--train-file", str(train_file),
+                                              "--label-column", "target", "--imbalance-ratio", "2"),
+              "balpoe-compare": launch("balpoe-compare", "--help"),
+              "balpoe-prepare-data": launch("balpoe-prepare-data", "--help")}
+    run, report_file = root / "run", root / "eval" / "report.json"
+    launch("balpoe-train", "--train-file", str(train_file), "--test-file", str(test_file), *_flags(TINY),
+           "--output-dir", str(run)).finish()
+    evaluated = launch("balpoe-evaluate", "--model", str(run), "--shifts", "forward2,uniform", "--output",
+                       str(report_file)).finish().stdout
+    pushed = launch("balpoe-push", str(run), "me/tiny", "--eval-report", str(report_file),
+                    "--dry-run").finish().stdout
+    return {**installed, "root": root, "run": run, "report": json.loads(report_file.read_text()),
+            "evaluated": evaluated, "pushed": pushed, "data": (train_file, test_file),
+            "others": {script: process.finish().stdout for script, process in others.items()}}
 
 
-def _run(script: str, args: list[str], installed: dict, folder: Path) -> str:
-    return _start(script, args, installed, folder)()
-
-
-def test_wheel_holds_the_package_its_data_and_the_console_scripts(wheel):
+def test_wheel_holds_the_package_its_data_and_the_console_scripts(background):
+    wheel = background["wheel"]
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("recipes/__init__", "arguments", "errors", "training", "evaluation", "loading",
                    "transforms", "checkpoints", "cli", "train", "modeling_balpoe", "configuration_balpoe"):
@@ -118,60 +115,41 @@ def test_wheel_holds_the_package_its_data_and_the_console_scripts(wheel):
     assert "Apache License" in zipfile.ZipFile(wheel).read(license_file).decode()[:200]
 
 
-@pytest.fixture(scope="module")
-def installed_run(installed, tmp_path_factory) -> dict:
-    """balpoe-train, balpoe-evaluate and balpoe-push --dry-run of the installed wheel, one after the other,
-    and meanwhile (each process mostly imports: two cores run two of them at once) the three others."""
-    root = tmp_path_factory.mktemp("installed_run")
-    train_file, test_file = write_parquet(root / "data")
-    others = {
-        "balpoe-describe-split": _start("balpoe-describe-split", [
-            "--train-file", str(train_file), "--label-column", "target", "--imbalance-ratio", "2"],
-            installed, root / "describe"),
-        "balpoe-compare": _start("balpoe-compare", ["--help"], installed, root / "compare"),
-        "balpoe-prepare-data": _start("balpoe-prepare-data", ["--help"], installed, root / "prepare"),
-    }
-    run = root / "run"
-    _run("balpoe-train", ["--train-file", str(train_file), "--test-file", str(test_file), *_flags(TINY),
-                          "--output-dir", str(run)], installed, root / "train")
-    report_file = root / "eval" / "report.json"
-    evaluated = _run("balpoe-evaluate", ["--model", str(run), "--shifts", "forward2,uniform", "--output",
-                                         str(report_file)], installed, root / "evaluate")
-    pushed = _run("balpoe-push", [str(run), "me/tiny", "--eval-report", str(report_file), "--dry-run"],
-                  installed, root / "push")
-    return {"root": root, "run": run, "report": json.loads(report_file.read_text()), "evaluated": evaluated,
-            "pushed": pushed, "data": (train_file, test_file),
-            "others": {script: finish() for script, finish in others.items()}}
+def test_installed_train_evaluate_and_push(background):
+    assert (background["run"] / "model.safetensors").is_file()
+    assert "| none |" in background["evaluated"]
+    assert background["report"]["num_test_samples"] == TEST_PER_CLASS * len(CLASS_NAMES)
+    assert "model.safetensors" in background["pushed"] and "README.md" in background["pushed"]
 
 
-def test_installed_train_evaluate_and_push(installed_run):
-    assert (installed_run["run"] / "model.safetensors").is_file()
-    assert "| none |" in installed_run["evaluated"]
-    assert installed_run["report"]["num_test_samples"] == TEST_PER_CLASS * len(CLASS_NAMES)
-    assert "model.safetensors" in installed_run["pushed"] and "README.md" in installed_run["pushed"]
-
-
-def test_python_api_trains_what_the_command_line_trains(installed_run):
-    train_file, test_file = installed_run["data"]
+def test_python_api_trains_what_the_command_line_trains(background):
+    train_file, test_file = background["data"]
     recipe = load_recipe(train_file=[str(train_file)], test_file=[str(test_file)], **TINY)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the command line ran (OMP_NUM_THREADS=1)
     try:
-        output = train(recipe, installed_run["root"] / "api")
+        output = train(recipe, background["root"] / "api")
     finally:
         torch.set_num_threads(threads)
     assert output.train_results["class_counts"] == TRAIN_COUNTS
-    expected = load_file(installed_run["run"] / "model.safetensors")
+    expected = load_file(background["run"] / "model.safetensors")
     got = load_file(output.output_dir / "model.safetensors")
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
-    saved = json.loads((installed_run["run"] / "eval_results.json").read_text())
+    saved = json.loads((background["run"] / "eval_results.json").read_text())
     assert saved["eval_balanced_accuracy"] == output.eval_report["balanced_accuracy"]
 
 
-def test_the_other_console_scripts_start(installed_run):
-    others = installed_run["others"]
+def test_every_command_ran_the_installed_package(background):
+    # Not the checkout, nor the editable install of it: the processes record what they imported.
+    imported = (background["root"] / "probe" / "imports.txt").read_text().split()
+    assert len(imported) == len(CONSOLE_SCRIPTS)
+    assert all(path.startswith(str(background["target"])) for path in imported), imported
+
+
+def test_the_other_console_scripts_start(background):
+    others = background["others"]
     # The 32 ... 4 images of train_synthetic are long-tailed already: a ratio of 2 keeps them all.
     assert "imbalance ratio 8; many/medium/few" in others["balpoe-describe-split"]
     assert "--budget" in others["balpoe-compare"]

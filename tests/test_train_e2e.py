@@ -4,15 +4,13 @@ One process (a run killed with SIGKILL inside an epoch and launched again with -
 the weights of the same run trained in this process) and two CPU (gloo) processes, the saved model loaded
 back with the transformers auto classes, and a launch that asks for processes it does not start. The data
 fit in memory, so every run takes the default device pipeline (balpoe_hf.loaders); tests/test_loaders.py
-trains with the worker pipeline. Each launch costs several seconds of start-up, so the runs are module
-fixtures shared by the tests.
+trains with the worker pipeline. Each launch costs several seconds of start-up, so they start with the test
+session, beside the other tests (``background``, tests/processes.py), and the tests read what they left.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from processes import start
 from safetensors.torch import load_file
 from train_synthetic import TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
@@ -40,11 +39,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("train_e2e")
+def _data(root: Path, environ: dict[str, str]) -> dict:
     train, test = write_parquet(root / "data")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+    env = {**environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(root / "hf_datasets_cache"), "OMP_NUM_THREADS": "1"}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(key, None)
@@ -56,46 +53,52 @@ def data(tmp_path_factory) -> dict:
     return {"root": root, "train": train, "test": test, "env": env, "args": args}
 
 
-def _run(command: list[str], env: dict, timeout: float = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (f"{command}\nstdout:\n{result.stdout[-3000:]}\n"
-                                    f"stderr:\n{result.stderr[-5000:]}")
-    return result
+def _killed_and_resumed(data: dict) -> subprocess.CompletedProcess:
+    """A launched run killed with SIGKILL right after its first step checkpoint inside the second epoch, and
+    launched again with --resume."""
+    # Step checkpoints every 2 optimizer steps: 7 batches an epoch, so the second epoch's first one is
+    # epoch-0001-step-000001 and the resume starts inside an epoch (the device pipeline's
+    # DeviceLoader.batches(start); tests/test_loaders.py resumes both pipelines in-process).
+    out = data["root"] / "single"
+    command = [*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
+               "--checkpoint-every-steps", "2", "--report-to", "tensorboard"]
+    killed = start(command, data["env"], REPO, data["root"] / "killed-launch")
+    step = out / "checkpoints" / "epoch-0001-step-000001" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not step.is_file() and killed.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert killed.process.poll() is None, "the run ended before it was killed"
+    killed.kill()
+    assert step.is_file(), "the run never wrote its step checkpoint"
+    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
+    return start([*command, "--resume"], data["env"], REPO, data["root"] / "resumed-launch").finish()
 
 
-class Launch:
-    """A launch started now and read later (its output in files, so that no pipe fills up meanwhile)."""
-
-    def __init__(self, command: list[str], env: dict, folder: Path):
-        folder.mkdir(parents=True)
-        self.command, self.stdout, self.stderr = command, folder / "stdout.txt", folder / "stderr.txt"
-        with self.stdout.open("w") as out, self.stderr.open("w") as err:
-            self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=err)
-
-    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
-        self.process.wait(timeout=timeout)
-        return subprocess.CompletedProcess(self.command, self.process.returncode, self.stdout.read_text(),
-                                           self.stderr.read_text())
+def background(root: Path, environ: dict[str, str]) -> dict:
+    """The launches, started with the session (tests/processes.py): a two-process run and a launch that asks
+    for processes it does not start, and meanwhile the single-process run killed and resumed."""
+    data = _data(root, environ)
+    # Half the per-process batch: the same global batch of 8 as the single-process run.
+    two = start([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                 str(_free_port()), str(SCRIPT), *data["args"], "--batch-size", "4", "--output-dir",
+                 str(root / "two")], {**data["env"], "ACCELERATE_USE_CPU": "1"}, REPO, root / "two-launch")
+    # `accelerate launch --cpu --num_processes 2` starts a single process: the script must say so and stop.
+    # With --quiet the launcher adds no traceback of its own (balpoe-train --help says so).
+    wrong = start([*ACCELERATE, "--quiet", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *data["args"],
+                   "--output-dir", str(root / "wrong-launch")], data["env"], REPO, root / "wrong")
+    try:
+        single = _killed_and_resumed(data)
+    except AssertionError as error:  # for the tests of the single-process run; the others go on
+        single = error
+    return {"data": data, "single": single, "two": two.finish(check=False),
+            "wrong": wrong.finish(check=False)}
 
 
 @pytest.fixture(scope="module")
-def launches(data):
-    """The launches that depend on no other, started at once: each spends most of its time importing in its
-    own process, so on two cores they run beside the single-process run instead of after it."""
-    two_env = {**data["env"], "ACCELERATE_USE_CPU": "1"}
-    # Half the per-process batch: the same global batch of 8 as the single-process run.
-    two = Launch([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                  str(_free_port()), str(SCRIPT), *data["args"], "--batch-size", "4", "--output-dir",
-                  str(data["root"] / "two")], two_env, data["root"] / "two-launch")
-    # `accelerate launch --cpu --num_processes 2` starts a single process: the script must say so and stop.
-    wrong = Launch([*ACCELERATE, "--quiet", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT), *data["args"],
-                    "--output-dir", str(data["root"] / "wrong-launch")], data["env"], data["root"] / "wrong")
-    yield {"two": two, "wrong": wrong}
-    for launch in (two, wrong):
-        if launch.process.poll() is None:
-            launch.process.kill()
+def data(background) -> dict:
+    return background["data"]
 
 
 @pytest.fixture(scope="module")
@@ -116,35 +119,19 @@ def reference(data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single_run(data, launches) -> dict:
-    """A launched run killed with SIGKILL right after its first step checkpoint inside the second epoch, and
-    launched again with --resume: the run every single-process test reads. (``launches`` run meanwhile.)"""
-    # Step checkpoints every 2 optimizer steps: 7 batches an epoch, so the second epoch's first one is
-    # epoch-0001-step-000001 and the resume starts inside an epoch (the device pipeline's
-    # DeviceLoader.batches(start); tests/test_loaders.py resumes both pipelines in-process).
-    out = data["root"] / "single"
-    command = [*LAUNCH_ONE, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out),
-               "--checkpoint-every-steps", "2", "--report-to", "tensorboard"]
-    process = subprocess.Popen(command, env=data["env"], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    step = out / "checkpoints" / "epoch-0001-step-000001" / "trainer_state.json"
-    deadline = time.monotonic() + 200
-    while not step.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before it was killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert step.is_file(), "the run never wrote its step checkpoint"
-    assert not (out / "model.safetensors").exists(), "the run finished before it was killed"
-    result = _run([*command, "--resume"], data["env"])
-    return {"dir": out, "stdout": result.stdout, "stderr": result.stderr}
+def single_run(background) -> dict:
+    """The launched run killed inside an epoch and resumed: the run every single-process test reads."""
+    if isinstance(background["single"], BaseException):
+        raise background["single"]
+    result = background["single"]
+    return {"dir": background["data"]["root"] / "single", "stdout": result.stdout, "stderr": result.stderr}
 
 
 @pytest.fixture(scope="module")
-def two_process_run(data, launches) -> dict:
-    result = launches["two"].result()
+def two_process_run(background) -> dict:
+    result = background["two"]
     assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
-    return {"dir": data["root"] / "two", "stdout": result.stdout, "stderr": result.stderr}
+    return {"dir": background["data"]["root"] / "two", "stdout": result.stdout, "stderr": result.stderr}
 
 
 def _results(run_dir: Path) -> tuple[dict, dict]:
@@ -237,9 +224,8 @@ def test_two_cpu_processes_evaluate_every_test_image_once_and_match_one_process(
     assert abs(eval_results["eval_balanced_accuracy"] - single["eval_balanced_accuracy"]) <= 0.15
 
 
-def test_launcher_asked_for_two_processes_but_started_one_is_stopped(data, launches):
-    # With --quiet the launcher adds no traceback of its own (balpoe-train --help says so).
-    result = launches["wrong"].result()
+def test_launcher_asked_for_two_processes_but_started_one_is_stopped(background):
+    result, data = background["wrong"], background["data"]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
