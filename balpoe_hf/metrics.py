@@ -76,8 +76,9 @@ def _as_scores(scores: ArrayLike, name: str) -> torch.Tensor:
     return tensor
 
 
-def _as_labels(labels: ArrayLike, num_samples: int, num_classes: int, name: str = "labels") -> torch.Tensor:
-    return validate_labels(_to_tensor(labels), num_classes, num_samples, name)
+def _labels_for(scores: torch.Tensor, labels: ArrayLike) -> torch.Tensor:
+    """``labels`` checked against the ``(N, C)`` scores they go with (``calibration.validate_labels``)."""
+    return validate_labels(_to_tensor(labels), scores.shape[1], scores.shape[0])
 
 
 def log_probabilities(scores: ArrayLike, from_probs: bool = False) -> torch.Tensor:
@@ -154,14 +155,14 @@ def calibration_report(scores: ArrayLike, labels: ArrayLike, n_bins: int = 15,
                        from_probs: bool = False) -> dict[str, float]:
     """``ece``, ``mce``, ``nll`` and ``brier`` from logits (or probabilities) ``(N, C)``, labels ``(N,)``."""
     log_probs = log_probabilities(scores, from_probs)
-    return _calibration(log_probs, _as_labels(labels, *log_probs.shape), n_bins)
+    return _calibration(log_probs, _labels_for(log_probs, labels), n_bins)
 
 
 def reliability_bins(scores: ArrayLike, labels: ArrayLike, n_bins: int = 15,
                      from_probs: bool = False) -> dict[str, list]:
     """:func:`calibration_bins` of the arg-max confidence and correctness of logits (or probabilities)."""
     log_probs = log_probabilities(scores, from_probs)
-    return _reliability_bins(log_probs, _as_labels(labels, *log_probs.shape), n_bins)
+    return _reliability_bins(log_probs, _labels_for(log_probs, labels), n_bins)
 
 
 def calibration_errors(bins: dict[str, list]) -> tuple[float, float]:
@@ -211,8 +212,8 @@ def accuracy_report(predictions: ArrayLike, labels: ArrayLike, train_counts: Seq
     preds = _to_tensor(predictions).flatten()
     if preds.numel() == 0:
         raise ValueError("there are no predictions to evaluate.")
-    preds = _as_labels(preds, preds.numel(), num_classes, name="predictions")
-    targets = _as_labels(labels, preds.numel(), num_classes)
+    preds = validate_labels(preds, num_classes, name="predictions")
+    targets = validate_labels(_to_tensor(labels), num_classes, preds.numel())
     correct = (preds == targets).to(torch.float64)
     support = torch.bincount(targets, minlength=num_classes)
     hits = torch.bincount(targets, weights=correct, minlength=num_classes)
@@ -242,7 +243,7 @@ def long_tail_report(logits: ArrayLike, labels: ArrayLike, train_counts: Sequenc
         raise ValueError(f"the scores have {log_probs.shape[1]} classes but train_counts has "
                          f"{len(train_counts)} entries; pass one training count per class.")
     report = accuracy_report(log_probs.argmax(dim=1), labels, train_counts, many=many, few=few)
-    report.update(_calibration(log_probs, _as_labels(labels, *log_probs.shape), n_bins))
+    report.update(_calibration(log_probs, _labels_for(log_probs, labels), n_bins))
     return report
 
 
