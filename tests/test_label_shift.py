@@ -140,8 +140,9 @@ def test_training_with_a_holdout_saves_its_calibration_estimator_choice_and_repo
     model.config.shift_estimator = None
     model.save_pretrained(run)
     record_outputs(run, [run / "config.json"])
-    assert cli.evaluate_main(["--model", str(run), "--fit-shift-estimator", "--shifts", "uniform,backward4",
-                              "--deployment-sizes", "16", "--deployment-draws", "2"]) == 0
+    assert cli.evaluate_main(["--model", str(run), "--fit-shift-estimator", "--shifts", "backward4",
+                              "--prior", "none,auto", "--deployment-sizes", "16", "--deployment-draws",
+                              "1"]) == 0
     printed = capsys.readouterr().out
     assert f"label-shift estimator for 'auto': {choice['name']}" in printed and "batches of 16:" in printed
     assert BalPoEForImageClassification.from_pretrained(run).config.shift_estimator == choice
