@@ -38,11 +38,12 @@ train: setup
 	@awk '/<!-- make-train-table/ {marked = 1} marked && /^\| method \|/ {table = 1} table && NF == 0 {exit} table' \
 		docs/benchmarks.md
 
-# One torch thread a process: the suite runs its launched processes beside the in-process tests, and two
-# torch processes with two threads each on 2 cores spin against each other (OpenMP).
+# Two pytest-xdist workers, a test module each at a time (--dist loadfile keeps a module's fixtures in one
+# process), and one torch thread a process: two torch processes with two threads each on 2 cores spin
+# against each other (OpenMP).
 test: setup
 	$(VENV)/bin/ruff check .
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check .

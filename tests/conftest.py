@@ -28,12 +28,23 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _start(module: Any) -> None:
+    root = Path(tempfile.mkdtemp(prefix=f"{module.__name__}-"))
+    _JOBS[module.__name__] = BackgroundJob(module.background, root, dict(os.environ))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the ``background`` work of every module with a selected test (tests/processes.py)."""
+    """Start the ``background`` work of every module with a selected test (tests/processes.py).
+
+    Under pytest-xdist (``make test`` runs ``-n 2 --dist loadfile``) every worker collects every test but
+    runs only some modules: there a module's work starts when its first test asks for it, and the second
+    worker, not a head start, is what runs it beside other tests.
+    """
+    if hasattr(session.config, "workerinput"):
+        return
     modules = {item.module for item in session.items if callable(getattr(item.module, "background", None))}
     for module in sorted(modules, key=lambda m: m.__name__):
-        root = Path(tempfile.mkdtemp(prefix=f"{module.__name__}-"))
-        _JOBS[module.__name__] = BackgroundJob(module.background, root, dict(os.environ))
+        _start(module)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -45,5 +56,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="module")
 def background(request: pytest.FixtureRequest) -> Any:
-    """What the module's ``background`` function returned (started with the session)."""
+    """What the module's ``background`` function returned (started with the session, or now)."""
+    if request.module.__name__ not in _JOBS:
+        _start(request.module)
     return _JOBS[request.module.__name__].result()
