@@ -550,11 +550,12 @@ def evaluate_and_calibrate(run: Run, calibrate: bool) -> tuple[dict[str, Any], i
 
 
 def _log_evaluation(run: Run, state: TrainState, epochs_done: int, report: dict[str, Any],
-                    num_test: int) -> None:
+                    num_test: int, show: bool = True) -> None:
     state.eval_history.append({"epoch": epochs_done, "balanced_accuracy": report["balanced_accuracy"],
                                "accuracy": report["accuracy"], "ece": report["ece"]})
-    run.accelerator.print(format_balanced(report, f"eval after epoch {epochs_done} on {num_test:,} test "
-                                                  "images:", run.groups))
+    if show:
+        run.accelerator.print(format_balanced(report, f"eval after epoch {epochs_done} on {num_test:,} test "
+                                                      "images:", run.groups))
     run.accelerator.log({f"eval/{k}": v for k, v in report.items() if isinstance(v, float)},
                         step=epochs_done * run.steps_per_epoch)
 
@@ -649,7 +650,8 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
         last = epoch + 1 == recipe.epochs
         if last or (recipe.eval_every and (epoch + 1) % recipe.eval_every == 0):
             report, num_test, holdout_results = evaluate_and_calibrate(run, calibrate=last)
-            _log_evaluation(run, state, epoch + 1, report, num_test)
+            # The last epoch's report is the run's, printed once by save_outputs.
+            _log_evaluation(run, state, epoch + 1, report, num_test, show=not last)
         state.epoch, state.step, state.epoch_loss_sum, state.epoch_expert_loss_sums = epoch + 1, 0, 0.0, None
         state.train_runtime = time.perf_counter() - run.run_start
         run.save_checkpoint(state)
