@@ -166,19 +166,20 @@ def run_output_files() -> list[str]:
             "train_results.json", "eval_results.json", "holdout_results.json", *sorted(code)]
 
 
-def check_writable(folder: str | Path, what: str) -> None:
-    """Refuse, with a ``TrainingError`` naming ``what``, a ``folder`` that cannot be created or take a new
-    file (tried with a temporary file in it or its nearest existing parent, which is removed)."""
+def check_writable(folder: str | Path, what: str, error: type[Exception] = TrainingError) -> None:
+    """Refuse, with an ``error`` (a ``TrainingError`` by default) naming ``what``, a ``folder`` that cannot
+    be created or take a new file (tried with a temporary file in it or its nearest existing parent, which
+    is removed)."""
     folder = Path(folder)
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
     if not existing.is_dir():
-        raise TrainingError(f"cannot write {what} {folder}: {existing} is a file, not a folder.")
+        raise error(f"cannot write {what} {folder}: {existing} is a file, not a folder.")
     try:
         with tempfile.NamedTemporaryFile(dir=existing):
             pass
-    except OSError as error:
-        raise TrainingError(f"cannot write {what} {folder}: {existing} does not take new files "
-                            f"({error.strerror}); choose a folder you can write to.") from None
+    except OSError as failure:
+        raise error(f"cannot write {what} {folder}: {existing} does not take new files "
+                    f"({failure.strerror}); choose a folder you can write to.") from None
 
 
 def is_run_dir(run_dir: str | Path) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 
 from .calibration import apply_calibration
-from .checkpoints import read_manifest, record_outputs, written_by_package
+from .checkpoints import check_writable, read_manifest, record_outputs, written_by_package
 from .data import make_shifted_test, short_list
 from .errors import EvaluationError, TrainingError
 from .label_shift import (
@@ -146,15 +145,7 @@ def check_output(output: str | Path, model_dir: str | Path | None = None,
     if output.is_dir():
         raise EvaluationError(f"--output {output} is a directory; give a file name, e.g. "
                               f"{output / 'report.json'}.")
-    folder = next(p for p in (output.parent, *output.parent.parents) if p.exists() or p == Path(p.anchor))
-    if not folder.is_dir():
-        raise EvaluationError(f"cannot write --output {output}: {folder} is a file, not a directory.")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise EvaluationError(f"cannot write --output {output}: {folder} does not take new files "
-                              f"({error.strerror}). Choose another --output.") from None
+    check_writable(output.parent, "--output into", EvaluationError)
     files = report_files(output, list_names)
     for path in files:
         if path.exists() and not os.access(path, os.W_OK):

@@ -429,8 +429,8 @@ def test_evaluate_checks_the_output_before_the_inference(run, tmp_path, no_infer
     (tmp_path / "a-file").write_text("")
     argv = ["--model", str(run), "--output", str(tmp_path / "a-file" / "report.json"), "--device", "cpu"]
     assert cli.evaluate_main(argv) == 2
-    assert f"cannot write --output {argv[3]}: {tmp_path / 'a-file'} is a file, not a directory" in \
-        capsys.readouterr().err
+    a_file = tmp_path / "a-file"
+    assert f"cannot write --output into {a_file}: {a_file} is a file, not a folder" in capsys.readouterr().err
     assert cli.evaluate_main([*argv[:2], "--output", str(tmp_path), "--device", "cpu"]) == 2
     assert f"--output {tmp_path} is a directory" in capsys.readouterr().err
 
