@@ -45,9 +45,7 @@ class Started:
 
     def kill(self) -> None:
         """SIGKILL the process and every process it started."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        _kill(self.process)
 
 
 def start(command: list[str], env: dict[str, str], cwd: Path, folder: Path) -> Started:
@@ -55,12 +53,17 @@ def start(command: list[str], env: dict[str, str], cwd: Path, folder: Path) -> S
     return Started(command, env, cwd, folder)
 
 
+def _kill(process: subprocess.Popen) -> None:
+    """SIGKILL ``process`` and every process it started (its session), if it is still running."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def stop_all() -> None:
     """SIGKILL every started process still running (and the processes it started)."""
     for process in STARTED:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        _kill(process)
 
 
 class BackgroundJob:
