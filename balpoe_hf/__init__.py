@@ -7,6 +7,7 @@ from .data import class_counts, make_long_tailed, make_shifted_test, shot_groups
 from .label_shift import estimate_target_prior
 from .losses import BalPoELoss, logit_adjusted_cross_entropy
 from .modeling_balpoe import BalPoEForImageClassification, BalPoEModel
+from .pipeline_balpoe import BalPoEImageClassificationPipeline
 from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
 from .processing import build_image_processor
 
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BalPoEConfig",
     "BalPoEForImageClassification",
+    "BalPoEImageClassificationPipeline",
     "BalPoELoss",
     "BalPoEModel",
     "adjust_logits",

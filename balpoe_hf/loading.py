@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 
 FASHION_MNIST = "fashion-mnist"  # the recipe's dataset name for Fashion-MNIST's IDX files
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist has them
+# The class names of Zalando's Fashion-MNIST README. The Hub's copy spells the first "T - shirt / top", as
+# models saved by earlier releases of this package do: label matching ignores spaces (``align_labels``).
 FASHION_MNIST_LABELS = [
-    "T - shirt / top", "Trouser", "Pullover", "Dress", "Coat",
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
 
@@ -214,6 +216,11 @@ def _is_default_name(name: str, index: int) -> bool:
     return name == f"LABEL_{index}" or name == str(index)
 
 
+def _name_key(name: object) -> str:
+    """A class name as labels are matched: without spaces ("T - shirt / top" is "T-shirt/top")."""
+    return "".join(str(name).split())
+
+
 def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[str]) -> np.ndarray:
     """The labels of ``ds`` as indices into ``class_names``, matched by name when both sides have names.
 
@@ -224,7 +231,7 @@ def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[
     num_classes = len(class_names)
     feature = ds.features.get(label_column)
     labels = labels_array(ds, label_column)
-    model_names = [str(name) for name in class_names]
+    model_names = [_name_key(name) for name in class_names]
     if not isinstance(feature, datasets.ClassLabel) or all(
             _is_default_name(n, i) for i, n in enumerate(model_names)):
         bad = labels[labels >= num_classes]
@@ -232,13 +239,13 @@ def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[
             raise DataError(f"test labels {short_list(np.unique(bad))} are outside the model's "
                             f"{num_classes} classes; check --label-column (and --num-classes).")
         return labels
-    names = [str(n) for n in feature.names]
+    names = [_name_key(n) for n in feature.names]
     if names == model_names[:len(names)]:
         return labels
-    unknown = [n for n in names if n not in model_names]
+    unknown = [str(n) for n, key in zip(feature.names, names, strict=True) if key not in model_names]
     if unknown:
         raise DataError(f"test classes {short_list(unknown)} are not classes of the model "
-                        f"({short_list(model_names)}); is this the right "
+                        f"({short_list([str(name) for name in class_names])}); is this the right "
                         "dataset and --label-column?")
     to_model = np.asarray([model_names.index(n) for n in names], dtype=np.int64)
     return to_model[labels]

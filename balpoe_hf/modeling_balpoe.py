@@ -10,14 +10,15 @@ prior buffers (and the loss's) are non-persistent, rebuilt from the config on ev
 weights file never holds a copy that could disagree with ``config.json``.
 
 This module is shipped as remote code with every saved model: it imports torch, timm, transformers and the
-flat ``.backbones`` / ``.configuration_balpoe`` / ``.label_shift`` / ``.losses`` / ``.priors`` /
-``.processing`` modules only.
+flat ``.backbones`` / ``.configuration_balpoe`` / ``.label_shift`` / ``.losses`` / ``.pipeline_balpoe`` /
+``.priors`` / ``.processing`` modules only (transformers copies the modules a model module imports so).
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,12 +29,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ImageClassifierOutput, ModelOutput
-from transformers.utils import IMAGE_PROCESSOR_NAME, logging
+from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file, logging
 
 from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .configuration_balpoe import BalPoEConfig
 from .label_shift import PriorEstimate, estimate_unknown_prior
 from .losses import BalPoELoss, LADELoss
+from .pipeline_balpoe import BalPoEImageClassificationPipeline
 from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
 from .processing import build_image_processor
 
@@ -190,16 +192,19 @@ class BalPoEPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
                         **kwargs: Any) -> Any:
-        """``PreTrainedModel.save_pretrained`` plus an ``auto_map`` and an image processor.
+        """``PreTrainedModel.save_pretrained`` plus an ``auto_map``, the pipeline and an image processor.
 
         The code files are copied next to the weights, so the folder loads with ``trust_remote_code=True``
         where ``balpoe_hf`` is not installed, through ``AutoConfig``, ``AutoModel`` and
-        ``AutoModelForImageClassification`` alike. When the folder has no ``preprocessor_config.json`` yet,
-        the processor built from the config's ``image_size``, ``image_mean`` and ``image_std``
-        (:func:`~.processing.build_image_processor`) is saved too, so ``AutoImageProcessor`` and
-        ``pipeline("image-classification")`` load the folder as it is; an existing processor file (e.g. one
-        a training script saved with its own settings) is left alone. With ``push_to_hub=True`` transformers
-        uploads only the files it wrote itself; ``model.push_to_hub`` uploads the processor as well.
+        ``AutoModelForImageClassification`` alike, and ``pipeline("image-classification", model=folder,
+        trust_remote_code=True)`` is :class:`~.pipeline_balpoe.BalPoEImageClassificationPipeline` (named in
+        ``config.custom_pipelines``). When the folder has no ``preprocessor_config.json`` yet, the processor
+        of the folder or Hub repository the model was loaded from is copied, or else the one built from the
+        config's ``image_size``, ``image_mean`` and ``image_std``
+        (:func:`~.processing.build_image_processor`) is saved, so ``AutoImageProcessor`` and the pipeline load
+        the folder as it is; an existing processor file (e.g. one a training script saved with its own
+        settings) is left alone. With ``push_to_hub=True`` transformers uploads only the files it wrote
+        itself; ``model.push_to_hub`` uploads the processor as well.
         """
         config_module = type(self.config).__module__.rsplit(".", 1)[-1]
         model_module = __name__.rsplit(".", 1)[-1]
@@ -209,6 +214,11 @@ class BalPoEPreTrainedModel(PreTrainedModel):
             "AutoModel": f"{model_module}.BalPoEModel",
             "AutoModelForImageClassification": f"{model_module}.BalPoEForImageClassification",
         }
+        # transformers' custom-pipeline mechanism: pipeline() loads this class from the saved folder.
+        pipeline_class = BalPoEImageClassificationPipeline
+        self.config.custom_pipelines = {"image-classification": {
+            "impl": f"{pipeline_class.__module__.rsplit('.', 1)[-1]}.{pipeline_class.__name__}",
+            "pt": ["AutoModelForImageClassification"], "type": "image"}}
         result = super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         processor_file = os.path.join(save_directory, IMAGE_PROCESSOR_NAME)
         if is_main_process and os.path.isdir(save_directory) and not os.path.exists(processor_file):
@@ -216,6 +226,12 @@ class BalPoEPreTrainedModel(PreTrainedModel):
         return result
 
     def _save_image_processor(self, save_directory: str | os.PathLike) -> None:
+        source = self._loaded_image_processor()
+        if source is not None:
+            # The processor the model was published with may differ from the config's default (e.g. the
+            # resize-and-centre-crop of ImageNet recipes): keep it.
+            shutil.copyfile(source, os.path.join(save_directory, IMAGE_PROCESSOR_NAME))
+            return
         channels = len(self.config.image_mean or ())
         if channels != 3:
             # transformers' image processors (and the pipeline) feed RGB images.
@@ -223,6 +239,17 @@ class BalPoEPreTrainedModel(PreTrainedModel):
                            "but the image processor produces RGB images; save a processor of your own.")
             return
         build_image_processor(self.config).save_pretrained(save_directory)
+
+    def _loaded_image_processor(self) -> str | None:
+        """The ``preprocessor_config.json`` beside the weights this model was loaded from, if there is one."""
+        if not self.name_or_path:
+            return None
+        try:
+            return cached_file(self.name_or_path, IMAGE_PROCESSOR_NAME,
+                               _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:  # not a folder nor a reachable repository any more
+            return None
 
 
 class BalPoEModel(BalPoEPreTrainedModel):

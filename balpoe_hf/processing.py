@@ -6,29 +6,27 @@ as Fashion-MNIST become three identical channels, matching the training transfor
 ``BalPoEPreTrainedModel.save_pretrained`` saves it from the config when the folder has none.
 
 This module is also shipped as remote code next to a saved model (the model module imports it): it imports
-transformers and the flat ``.configuration_balpoe`` module only.
+transformers only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transformers import ViTImageProcessor
+from transformers import PreTrainedConfig, ViTImageProcessor
 from transformers.image_utils import PILImageResampling
-
-from .configuration_balpoe import BalPoEConfig
 
 RESAMPLE = {"nearest": PILImageResampling.NEAREST, "bilinear": PILImageResampling.BILINEAR,
             "bicubic": PILImageResampling.BICUBIC}
 
 
-def build_image_processor(config_or_size: BalPoEConfig | int, mean: Sequence[float] | None = None,
+def build_image_processor(config_or_size: PreTrainedConfig | int, mean: Sequence[float] | None = None,
                           std: Sequence[float] | None = None,
                           resample: str = "bilinear") -> ViTImageProcessor:
     """An image processor for a BalPoE model.
 
     Args:
-        config_or_size: a :class:`BalPoEConfig` (its ``image_size``, ``image_mean``, ``image_std``) or the
+        config_or_size: a BalPoE model's config (its ``image_size``, ``image_mean``, ``image_std``) or the
             square input size in pixels.
         mean, std: per-channel RGB normalisation; override the config's values, required with a bare size.
         resample: ``"bilinear"`` (default), ``"bicubic"`` or ``"nearest"``.
@@ -36,14 +34,17 @@ def build_image_processor(config_or_size: BalPoEConfig | int, mean: Sequence[flo
     ``processor.save_pretrained(model_dir)`` next to ``model.save_pretrained(model_dir)`` makes the folder
     usable with ``pipeline("image-classification", model=model_dir)``.
     """
-    if isinstance(config_or_size, BalPoEConfig):
-        size = config_or_size.image_size
-        mean = config_or_size.image_mean if mean is None else mean
-        std = config_or_size.image_std if std is None else std
+    # Any transformers config, not only this module's BalPoEConfig: a model loaded with trust_remote_code has
+    # its config class from another remote-code module (another hash) than the one that imports this file.
+    if isinstance(config_or_size, PreTrainedConfig):
+        size = getattr(config_or_size, "image_size", None)
+        mean = getattr(config_or_size, "image_mean", None) if mean is None else mean
+        std = getattr(config_or_size, "image_std", None) if std is None else std
     else:
         size = config_or_size
-        if mean is None or std is None:
-            raise ValueError("with a bare image size, pass mean and std too (or the model's BalPoEConfig).")
+    if mean is None or std is None:
+        raise ValueError("pass mean and std with a bare image size, or a BalPoE model's config (which has "
+                         "image_mean and image_std).")
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"image size must be a positive integer number of pixels, got {size!r}.")
     mean, std = [float(v) for v in mean], [float(v) for v in std]
