@@ -6,6 +6,8 @@ VENV ?= .venv
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 STAMP := $(VENV)/.balpoe-$(shell cat pyproject.toml | md5sum | cut -c1-12)-$(shell echo $(CURDIR) | md5sum | cut -c1-8)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# bash for `set -o pipefail`: a failed evaluation stops `make train`.
+SHELL := /bin/bash
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -24,14 +26,20 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
 # The main job: BalPoE on Fashion-MNIST-LT (imbalance 100), a few minutes on 2 CPU cores; prints balanced,
-# many/medium/few-shot accuracy and ECE on the balanced test set, then the baselines measured at the same
-# recipe and budget by `balpoe-compare --budget quick` (quoted from docs/benchmarks.md, not retrained:
-# training them too would take 14 minutes instead of 4). accelerate launch would otherwise run torch with one
-# thread, hence --num_cpu_threads_per_process; --quiet: an error prints its message only (exit status 1).
+# many/medium/few-shot accuracy and ECE on the balanced test set; then evaluates the model under label shift
+# into RUN/eval/report.json (the table and plots of its model card: balpoe-push is ready to publish the run),
+# printing the label-shift table only; then the baselines measured at the same recipe and budget by
+# `balpoe-compare --budget quick` (quoted from docs/benchmarks.md, not retrained: training them too would take
+# 14 minutes instead of 4). accelerate launch would otherwise run torch with one thread, hence
+# --num_cpu_threads_per_process; --quiet: an error prints its message only (exit status 1).
+RUN := runs/fashion-mnist-lt-quick
 train: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --quiet --num_processes 1 --num_machines 1 --mixed_precision no \
 		--dynamo_backend no --num_cpu_threads_per_process $$(nproc) \
-		scripts/train.py --recipe fashion-mnist-lt-quick --output-dir runs/fashion-mnist-lt-quick --overwrite
+		scripts/train.py --recipe fashion-mnist-lt-quick --output-dir $(RUN) --overwrite
+	@echo
+	@set -o pipefail; HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(VENV)/bin/balpoe-evaluate --model $(RUN) \
+		--shifts all --output $(RUN)/eval/report.json | awk '/^Top-1 accuracy/ {shown = 1} shown'
 	@echo
 	@echo "Baselines at the same recipe, split, seed and budget (the balpoe-erm row is this job's training),"
 	@echo "measured with 'balpoe-compare --budget quick' (docs/benchmarks.md):"

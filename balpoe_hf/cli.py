@@ -216,6 +216,12 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     return args
 
 
+def report_model_name(model: str) -> str:
+    """The model as a report names it, which may be published: a folder by its own name (never where it
+    lies on this machine), a Hub id as it is."""
+    return Path(model).resolve().name if Path(model).is_dir() else model
+
+
 def _list_name(path: str) -> str:
     """A test list's column in the table: its file name without the extension (ImageNet_LT_forward50)."""
     return Path(path).stem
@@ -228,7 +234,7 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
     own label distribution and ``em`` estimates it, as for a shifted set drawn from a balanced one.
     """
     from .evaluation import evaluate_model
-    from .loading import load_list
+    from .loading import load_list, local_name
 
     names = [_list_name(path) for path in args.test_list]
     if len(set(names)) != len(names):
@@ -240,7 +246,7 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
                                        label_column=args.label_column, shifts=["uniform"], priors=priors,
                                        batch_size=args.batch_size, n_bins=args.n_bins, many=args.many,
                                        few=args.few, seed=args.seed)
-        results[name].report = {"dataset": path, **results[name].report}
+        results[name].report = {"dataset": local_name(path), **results[name].report}
     return results
 
 
@@ -258,10 +264,9 @@ def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> 
         output = Path(args.output)
         files = {}
         for name, result in results.items():
-            files[name] = str(output.with_name(f"{output.stem}_{name}.json"))
-            write_report(result, files[name])
-        summary = {"model": args.model, "data_root": args.data_root, "shift_accuracy": table,
-                   "reports": files}
+            files[name] = f"{output.stem}_{name}.json"  # beside the summary
+            write_report(result, output.with_name(files[name]))
+        summary = {"model": report_model_name(args.model), "shift_accuracy": table, "reports": files}
         output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         record_report(report_files(output, list(results)), report_owner(output, args.model))
         print(f"\nwrote {args.output} and one report per test list beside it")
@@ -302,7 +307,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         resolve_device,
         write_report,
     )
-    from .loading import load_list, load_split
+    from .loading import load_list, load_split, local_name
 
     try:
         args = parse_evaluate_args(argv)
@@ -329,7 +334,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.test_list:
             ds, source = load_list(args.test_list[0], args.data_root, model.config.num_labels,
-                                   args.image_column, args.label_column), args.test_list[0]
+                                   args.image_column, args.label_column), local_name(args.test_list[0])
         else:
             ds, source = load_split(files=args.test_file, dataset=args.dataset,
                                     dataset_config=args.dataset_config, split=args.split,
@@ -341,7 +346,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
                                 deployment_draws=args.deployment_draws)
     except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
         return _fail(error)
-    result.report = {"model": args.model, "dataset": source, **result.report}
+    result.report = {"model": report_model_name(args.model), "dataset": source, **result.report}
     if result.report["classes_without_test_images"]:
         print(absent_classes_warning(result.report["classes_without_test_images"], model.config.num_labels),
               file=sys.stderr)
@@ -384,7 +389,7 @@ before the upload and lists what would be uploaded (works offline).
 
 def push_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-push``: render the card, check the folder and upload it (or only list it with --dry-run)."""
-    from .hub import prepare_hub_folder, push_to_hub
+    from .hub import DEFAULT_EVAL_REPORT, prepare_hub_folder, push_to_hub
 
     parser = argparse.ArgumentParser(description=PUSH_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -406,11 +411,18 @@ def push_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     card_options = {"eval_report": args.eval_report, "dataset_id": args.dataset_id,
                     "dataset_name": args.dataset_name, "license": args.license}
+    # Without a report (a given --eval-report that is missing is an error of prepare_hub_folder's).
+    report = Path(args.model_dir) / DEFAULT_EVAL_REPORT
+    if args.eval_report is None and Path(args.model_dir).is_dir() and not report.is_file():
+        print(f"warning: no evaluation report, so the card has no label-shift table, reliability diagram or "
+              f"per-class plot; add them with: balpoe-evaluate --model {args.model_dir} --shifts all "
+              f"--output {report}", file=sys.stderr)
     try:
         if args.dry_run:
             folder = prepare_hub_folder(args.model_dir, args.repo_id, **card_options)
             print(f"{folder.path} is ready for {args.repo_id}; these files would be uploaded:")
-            print("\n".join(f"  {name}" for name in folder.files))
+            print("\n".join(f"  {name}" + ("  (its data paths as file names)" if name in folder.published
+                                             else "") for name in folder.files))
             return 0
         url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
                           commit_message=args.commit_message, **card_options)

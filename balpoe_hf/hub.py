@@ -3,7 +3,9 @@
 ``prepare_hub_folder`` renders the model card (``README.md`` with YAML metadata, from the Jinja template in
 ``model_cards/``) and its pictures into a saved model directory and checks that the directory holds
 everything a Hub repository needs; ``push_to_hub`` does the same and uploads the publishable files with
-``huggingface_hub.HfApi`` (``create_repo`` + ``upload_folder``).
+``huggingface_hub.HfApi`` (``create_repo`` + ``create_commit``). Nothing uploaded names a path of the
+machine that trained: the run's ``recipe.yaml`` goes up with file names only, and a file that still names
+the run's folder, the home directory or a data path stops the upload.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import re
 import shutil
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+import yaml
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub import constants as hub_constants
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 from transformers.utils import (
@@ -34,8 +37,8 @@ from transformers.utils import (
 from .checkpoints import check_writable, record_outputs, written_by_package
 from .data import imbalance_ratio
 from .errors import HubFolderError, HubPublishError, TrainingError
-from .loading import FASHION_MNIST
-from .methods import METHOD_DESCRIPTIONS
+from .loading import FASHION_MNIST, local_name
+from .methods import METHOD_DESCRIPTIONS, METHOD_SETTINGS
 from .metrics import percent
 from .recipes import read_recipe_file
 
@@ -70,6 +73,10 @@ SHORT_LABELS = {"balanced_accuracy": "Balanced acc.", "accuracy": "Accuracy", "m
                 "medium": "Medium", "few": "Few", "ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier"}
 # Reported in percent in the card body; the others are plain numbers.
 PERCENT_METRICS = {"balanced_accuracy", "accuracy", "many", "medium", "few", "ece", "mce"}
+# Recipe fields that name paths on the machine that trained: the published recipe.yaml has their file names.
+LOCAL_PATH_FIELDS = ("data_dir", "train_file", "test_file", "train_list", "test_list", "data_root")
+# Published files read as text when looking for local paths (the others are weights and pictures).
+TEXT_SUFFIXES = (".json", ".yaml", ".md", ".py", ".txt")
 # Pickled weights can run code when loaded; this project publishes safetensors only.
 PICKLE_WEIGHT_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
@@ -81,6 +88,14 @@ class HubFolder:
     path: Path
     files: list[str]  # paths relative to ``path``, POSIX separators, sorted
     card: ModelCard
+    # What is uploaded instead of the local file, for the files of ``files`` that name local paths (the
+    # run's ``recipe.yaml`` keeps its data paths for --resume and balpoe-evaluate; the Hub gets file names).
+    published: dict[str, bytes] = field(default_factory=dict)
+    report: Path | None = None  # the evaluation report the card was made from, if any
+
+    def content(self, name: str) -> bytes:
+        """The bytes ``push_to_hub`` uploads as ``name``."""
+        return self.published[name] if name in self.published else (self.path / name).read_bytes()
 
 
 def template_path() -> Path:
@@ -116,30 +131,23 @@ def _number(value: Any) -> str:
 # --------------------------------------------------------------------------- what the run was
 
 
-def _local_name(path: str) -> str:
-    """A local file or folder as the card names it: its last part only, never where it lies on the machine
-    that trained (``/data/cifar10/train.parquet`` -> ``train.parquet``, a folder -> ``train/``)."""
-    name = Path(path).name or str(path)
-    return f"{name}/" if Path(path).is_dir() else name
-
-
 def describe_data(recipe: Mapping[str, Any]) -> dict[str, Any]:
-    """How the card names a run's data: ``train`` and ``test`` (Markdown), ``dataset_id`` (a Hub dataset
-    id or ``None``), ``name`` (short, for the model-index), ``flags`` (the data flags of the command that
-    retrains on the reader's own copy of the data) and ``note`` (what to adapt in it). Local paths are
-    reduced to their file names."""
+    """How the card names a run's data: ``train`` and ``test`` (Markdown), ``short`` (the training data in a
+    few words, for the card's first sentence), ``dataset_id`` (a Hub dataset id or ``None``), ``name``
+    (short, for the model-index), ``flags`` (the data flags of the command that retrains on the reader's own
+    copy of the data) and ``note`` (what to adapt in it). Local paths are reduced to their file names."""
     if recipe.get("train_list"):
-        train, test = _local_name(recipe["train_list"]), _local_name(recipe.get("test_list") or "TEST_LIST")
+        train, test = local_name(recipe["train_list"]), local_name(recipe.get("test_list") or "TEST_LIST")
         return {"train": f"split list `{train}` (image paths relative to a data root)",
-                "test": f"split list `{test}`", "dataset_id": None, "name": test,
-                "flags": f"--train-list {train} --test-list {test} --data-root DATA_ROOT",
+                "test": f"split list `{test}`", "short": f"the split list `{train}`", "dataset_id": None,
+                "name": test, "flags": f"--train-list {train} --test-list {test} --data-root DATA_ROOT",
                 "note": "with the list files and the image folder where you keep them"}
     if recipe.get("train_file"):
-        train = [_local_name(p) for p in recipe["train_file"]]
-        test = [_local_name(p) for p in recipe.get("test_file") or []] or ["TEST_FILE"]
-        return {"train": ", ".join(f"`{name}`" for name in train) + " (local files)",
-                "test": ", ".join(f"`{name}`" for name in test), "dataset_id": None,
-                "name": ", ".join(test),
+        train = [local_name(p) for p in recipe["train_file"]]
+        test = [local_name(p) for p in recipe.get("test_file") or []] or ["TEST_FILE"]
+        files = ", ".join(f"`{name}`" for name in train)
+        return {"train": f"{files} (local files)", "test": ", ".join(f"`{name}`" for name in test),
+                "short": files, "dataset_id": None, "name": ", ".join(test),
                 "flags": f"--train-file {' '.join(train)} --test-file {' '.join(test)}",
                 "note": "with the data files where you keep them"}
     dataset = recipe.get("dataset")
@@ -147,17 +155,42 @@ def describe_data(recipe: Mapping[str, Any]) -> dict[str, Any]:
         hub_id = LOCAL_DATASET_HUB_IDS[FASHION_MNIST]
         return {"train": f"Fashion-MNIST training split (IDX files; on the Hub: [`{hub_id}`]"
                          f"(https://huggingface.co/datasets/{hub_id}))",
-                "test": "Fashion-MNIST test split", "dataset_id": hub_id, "name": "Fashion-MNIST",
-                "flags": "", "note": "adding `--data-dir DIR` where Debian's `dataset-fashion-mnist` is not "
-                                     "installed (DIR: the four IDX files)"}
+                "test": "Fashion-MNIST test split", "short": "Fashion-MNIST", "dataset_id": hub_id,
+                "name": "Fashion-MNIST", "flags": "",
+                "note": "adding `--data-dir DIR` where Debian's `dataset-fashion-mnist` is not installed "
+                        "(DIR: the four IDX files)"}
     if dataset:
         config = f" (configuration `{recipe['dataset_config']}`)" if recipe.get("dataset_config") else ""
-        link = f"[`{dataset}`](https://huggingface.co/datasets/{dataset}){config}"
-        return {"train": f"{link}, split `{recipe.get('train_split', 'train')}`",
-                "test": f"`{dataset}`, split `{recipe.get('test_split', 'test')}`", "dataset_id": dataset,
-                "name": dataset, "flags": "", "note": ""}
-    return {"train": "not recorded", "test": "not recorded", "dataset_id": None, "name": "test set",
-            "flags": "", "note": ""}
+        link = f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
+        return {"train": f"{link}{config}, split `{recipe.get('train_split', 'train')}`",
+                "test": f"`{dataset}`, split `{recipe.get('test_split', 'test')}`", "short": link,
+                "dataset_id": dataset, "name": dataset, "flags": "", "note": ""}
+    return {"train": "not recorded", "test": "not recorded", "short": None, "dataset_id": None,
+            "name": "test set", "flags": "", "note": ""}
+
+
+def run_method(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = None) -> str | None:
+    """The method of a run as the README names it: its ``--method`` preset, else the one preset whose
+    settings the run has (a recipe may set them itself, as ``fashion-mnist-lt-quick`` sets ``balpoe-erm``'s),
+    else ``None``. Without the recipe, mixup is unknown and ``balpoe`` and ``balpoe-erm`` cannot be told
+    apart."""
+    if config.get("method"):
+        return str(config["method"])
+    lambdas = list(config.get("lambdas") or [])
+    if any(isinstance(x, list) for x in lambdas):
+        return None  # per-class lambdas: no preset has them
+    run = {"num_experts": int(config.get("num_experts") or max(1, len(lambdas))),
+           "lambdas": [float(x) for x in lambdas], "loss": config.get("loss", "balpoe"),
+           "remove_mean_lambda": bool(config.get("remove_mean_lambda", True))}
+    if recipe:
+        run["mixup_alpha"] = float(recipe.get("mixup_alpha") or 0)
+    matches = []
+    for method, settings in METHOD_SETTINGS.items():
+        same = all(run[name] == value for name, value in settings.items() if name in run)
+        # The balpoe preset keeps the recipe's mixup, which must be on.
+        if same and (method != "balpoe" or run.get("mixup_alpha", 1.0) > 0):
+            matches.append(method)
+    return matches[0] if len(matches) == 1 else None
 
 
 def _loss_text(config: Mapping[str, Any], lambdas: list[float]) -> str:
@@ -195,12 +228,18 @@ def _schedule_text(recipe: Mapping[str, Any]) -> str:
         schedule = (f"x{_number(recipe.get('lr_gamma', 0.1))} at epochs {', '.join(milestones)}" if milestones
                     else "constant")
     warmup = float(recipe.get("warmup_epochs") or 0)
+    lr, decay = float(recipe.get("lr", 0.1)), float(recipe.get("weight_decay", 0))
+    momentum = ("Nesterov momentum" if recipe.get("nesterov", True) else "momentum") \
+        + f" {_number(recipe.get('momentum', 0.9))}"
     text = (f"{epochs} epoch{'s' if epochs != 1 else ''}, batch {recipe.get('batch_size')}, SGD lr "
-            f"{_number(recipe.get('lr', 0.1))} ({schedule}"
+            f"{_number(lr)} ({schedule}"
             + (f", {_number(warmup)} warm-up epoch{'s' if warmup != 1 else ''}" if warmup else "")
-            + f"), weight decay {_number(recipe.get('weight_decay', 0))}")
-    if recipe.get("scale_expert_lr") and int(recipe.get("num_experts") or 1) > 1:
-        text += "; the experts' own layers at num_experts x lr"
+            + f"), {momentum}, weight decay {_number(decay)}")
+    experts = int(recipe.get("num_experts") or 1)
+    if recipe.get("scale_expert_lr") and experts > 1:
+        # training.parameter_groups: the experts' own parameters at E x lr with weight decay / E.
+        text += (f"; the experts' own layers at {experts} x lr = {_number(experts * lr)} with weight decay "
+                 f"{_number(decay)} / {experts}")
     return text
 
 
@@ -227,11 +266,9 @@ def _augmentation_text(recipe: Mapping[str, Any]) -> str:
     return ", ".join(steps) or "none"
 
 
-def _headline(config: Mapping[str, Any], recipe: Mapping[str, Any] | None, backbone: str,
+def _headline(method: str | None, experts: int, recipe: Mapping[str, Any] | None, backbone: str,
               lambda_text: str) -> str:
     """The card's first sentence: what kind of model this is, in the words of its method."""
-    method = config.get("method")
-    experts = int(config.get("num_experts") or 1)
     mixup = float((recipe or {}).get("mixup_alpha") or 0)
     # Mixup is named only when the recipe says it was on; without a recipe the card does not guess.
     training = ("" if recipe is None else f", trained with mixup (alpha {_number(mixup)})" if mixup > 0
@@ -239,14 +276,29 @@ def _headline(config: Mapping[str, Any], recipe: Mapping[str, Any] | None, backb
     if experts > 1:
         if method == "balpoe-erm":
             training = ", trained without mixup (the paper's ERM variant)"
-        return (f"A **Balanced Product of Calibrated Experts** (BalPoE, Sanchez Aimar et al., CVPR 2023) "
-                f"image classifier for long-tailed data{training}: {experts} experts "
+        named = f"; `{method}`" if method else ""
+        return (f"A **Balanced Product of Calibrated Experts** (BalPoE, Sanchez Aimar et al., CVPR 2023"
+                f"{named}) image classifier for long-tailed data{training}: {experts} experts "
                 f"(lambda = {lambda_text}) on a shared `{backbone}` trunk, averaged into one ensemble")
     baseline = {"ce": "plain cross-entropy", "ce-la": "cross-entropy with post-hoc logit adjustment "
                 "(Menon et al., ICLR 2021)", "bs": "balanced softmax (Ren et al., NeurIPS 2020)",
                 "lade": "LADE (Hong et al., CVPR 2021)"}.get(method or "", "single-network")
-    return (f"A long-tailed image classifier, the **{baseline}** baseline built with balpoe-hf{training}: "
-            f"one `{backbone}` network")
+    named = f" (`{method}`)" if method else ""
+    return (f"A long-tailed image classifier, the **{baseline}** baseline{named} built with balpoe-hf"
+            f"{training}: one `{backbone}` network")
+
+
+def _data_sentence(counts: list[int], recipe: Mapping[str, Any], data: Mapping[str, Any] | None) -> str:
+    """The card's second sentence: the training data, its classes and imbalance, the epochs."""
+    ratio = imbalance_ratio(counts)
+    ratio_text = "infinite" if math.isinf(ratio) else _number(round(ratio, 2))
+    source = (data or {}).get("short")
+    made = " made long-tailed" if recipe.get("imbalance_ratio") is not None else ""
+    epochs = recipe.get("epochs")
+    where = (f"Trained on {source}{made}" if source else "Trained") + (
+        f" for {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "")
+    return (f"{where}: {len(counts)} classes, {max(counts):,} down to {min(counts):,} training images per "
+            f"class (imbalance ratio {ratio_text})")
 
 
 def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -266,10 +318,13 @@ def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = N
     backbone = str(config.get("backbone", "unknown"))
     experts = int(config.get("num_experts") or max(1, len(lambdas_raw)))
     remove_mean_lambda = bool(config.get("remove_mean_lambda", True))
-    method = config.get("method")
+    method = run_method(config, recipe)
     rows: list[tuple[str, str]] = []
-    rows.append(("Method", f"`{method}` ({METHOD_DESCRIPTIONS.get(method, 'see balpoe_hf.methods')})"
-                 if method else "the recipe's own settings (no method preset)"))
+    if method:
+        chosen = "" if config.get("method") else ": the recipe's own settings are this preset's"
+        rows.append(("Method", f"`{method}` ({METHOD_DESCRIPTIONS[method]}{chosen})"))
+    else:
+        rows.append(("Method", "the recipe's own settings, which match no preset of `balpoe_hf.methods`"))
     shared = config.get("shared_stages")
     trunk = "a shared trunk" + ("" if shared is None else f" of {shared} stage{'s' if shared != 1 else ''}")
     model = (f"`{backbone}` (timm): {trunk} and {experts} expert branches" if experts > 1
@@ -304,8 +359,10 @@ def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = N
         rows.append(("Augmentation", f"{_augmentation_text(recipe)}; images {recipe.get('image_size')} px"))
         rows.append(("Recipe", f"`{recipe.get('name', 'custom')}`, seed {recipe.get('seed', 0)}; every "
                                f"setting in [`{RECIPE_NAME}`]({RECIPE_NAME})"))
-    return {"headline": _headline(config, recipe or None, backbone, lambda_text), "rows": rows,
-            "experts": experts}
+    headline = _headline(method, experts, recipe or None, backbone, lambda_text)
+    if counts:
+        headline += ". " + _data_sentence(counts, recipe, describe_data(recipe) if recipe else None)
+    return {"headline": headline, "rows": rows, "experts": experts, "method": method}
 
 
 def _target_prior_text(target_prior: Any) -> str:
@@ -331,7 +388,7 @@ def _card_shift_rows(shift_report: Mapping[str, Any] | None, config: Mapping[str
     table = (shift_report or {}).get("shift_accuracy") or {}
     modes = [mode for mode in default_priors(config.get("calibration")) if mode in table]
     chosen = _chosen_estimator(config)
-    rows = [(mode, f"auto (chose {chosen})" if mode == "auto" and chosen else mode, dict(table[mode]))
+    rows = [(mode, f"auto ({chosen})" if mode == "auto" and chosen else mode, dict(table[mode]))
             for mode in modes]
     columns: list[str] = []
     for _, _, accuracies in rows:
@@ -396,7 +453,7 @@ def render_model_card(
     recipe = dict(recipe or {})
     data = describe_data(recipe) if recipe else None
     dataset_id = dataset_id or (data or {}).get("dataset_id")
-    dataset_label = dataset_name or dataset_id or (data or {}).get("name") or "test set"
+    dataset_label = dataset_name or (data or {}).get("name") or dataset_id or "test set"
     report = _balanced_report(eval_results)
     settings = (shift_report or {}).get("settings") or {}
     shots = {"many": settings.get("many", recipe.get("many_threshold", 100)),
@@ -404,7 +461,6 @@ def render_model_card(
     shift_columns, shift_rows = _card_shift_rows(shift_report, config)
     model_name = repo_id.rstrip("/").split("/")[-1]
     run = describe_run(config, recipe)
-    method = config.get("method")
 
     balpoe_meta: dict[str, Any] = {
         "backbone": backbone,
@@ -412,22 +468,15 @@ def render_model_card(
         "lambdas": "per class, see config.json" if per_class_lambdas else [float(x) for x in lambdas],
         "num_classes": num_classes,
         "imbalance_ratio": ratio_value,
-        "target_prior": config.get("target_prior") or "uniform",
-        "remove_mean_lambda": bool(config.get("remove_mean_lambda", True)),
     }
-    if method:
-        balpoe_meta["method"] = method
+    if run["method"]:
+        balpoe_meta["method"] = run["method"]
     if recipe:
         balpoe_meta.update({"recipe": recipe.get("name"), "epochs": recipe.get("epochs"),
                             "mixup_alpha": float(recipe.get("mixup_alpha") or 0)})
-    if num_classes <= MAX_LISTED_CLASSES:
-        balpoe_meta["class_counts"] = counts
-    else:
-        balpoe_meta["class_counts_summary"] = {
-            "total": sum(counts), "max": max(counts), "median": statistics.median(counts), "min": min(counts),
-            "full_list": "config.json: class_counts",
-        }
 
+    # The metadata holds the balanced test set's metrics only; the shifted sets are in the body and in the
+    # uploaded report (a model-index entry per shifted set and prior mode made the header most of the card).
     eval_entries = []
     metric_cells = []
     for key, metric_type, label in BALANCED_METRICS:
@@ -443,17 +492,6 @@ def render_model_card(
                 dataset_type=dataset_id or "custom", dataset_name=f"{dataset_label} (balanced test set)",
                 dataset_split="test", metric_type=metric_type, metric_name=label,
                 metric_value=round(float(value), 4)))
-    for mode, _, accuracies in shift_rows:
-        for shift, value in accuracies.items():
-            if value is None:
-                continue
-            eval_entries.append(EvalResult(
-                task_type="image-classification", task_name="Long-tailed image classification",
-                dataset_type=dataset_id or "custom",
-                dataset_name=f"{dataset_label} (test, label shift {shift})",
-                dataset_split=f"test-{shift}", dataset_args={"label_shift": shift},
-                metric_type="accuracy", metric_name=f"Top-1 accuracy (target prior: {mode})",
-                metric_value=round(float(value), 4)))
 
     card_data = ModelCardData(
         library_name="transformers",
@@ -467,33 +505,70 @@ def render_model_card(
         balpoe=balpoe_meta,
     )
     unknown_mode = "auto" if config.get("calibration") is not None else "em"
+    num_test = (shift_report or {}).get("num_test_samples") or report.get("samples")
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
         model_name=model_name,
         repo_id=repo_id,
         headline=run["headline"],
+        results=_results_text(report, shift_rows, (data or {}).get("test"), num_test),
         run_rows=run["rows"],
         num_classes=num_classes,
         class_table=[{"id": i, "label": names[i], "count": counts[i]} for i in range(num_classes)]
         if num_classes <= MAX_LISTED_CLASSES else None,
         test_data=(data or {}).get("test"),
-        num_test=(shift_report or {}).get("num_test_samples"),
+        num_test=f"{num_test:,}" if num_test else None,
         metrics=metric_cells or None,
         shot_thresholds=shots,
-        shift_table={"columns": shift_columns,
-                     "rows": [{"label": label, "values": [percent(acc.get(s)) for s in shift_columns]}
-                              for _, label, acc in shift_rows],
+        # One row per test distribution, one column per prior mode: 11 shifts fit no page as columns.
+        shift_table={"heads": [label for _, label, _ in shift_rows],
+                     "rows": [{"shift": shift,
+                               "values": [percent(acc.get(shift)) for _, _, acc in shift_rows]}
+                              for shift in shift_columns],
                      "modes": [MODE_TEXT[mode] for mode, _, _ in shift_rows]} if shift_rows else None,
-        chosen_estimator=_chosen_estimator(config) if any(mode == "auto" for mode, _, _ in shift_rows)
-        else None,
+        chosen_estimator=_chosen_estimator(config),
         report_file=report_file,
         images=dict(images or {}),
-        image_size=int(config.get("image_size") or 224),
         unknown_mode=unknown_mode,
         retrain_command=(f"balpoe-train --config {RECIPE_NAME} {data['flags']}".strip() if data else None),
         retrain_note=(data or {}).get("note"),
     )
+
+
+def _points(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def _results_text(report: Mapping[str, Any], shift_rows: list[tuple[str, str, dict[str, Any]]],
+                  test_data: str | None, num_test: int | None) -> str | None:
+    """The card's result in a few lines, for its first screen: the balanced test set's balanced accuracy and
+    ECE, and under label shift, what the unknown-prior mode and the true prior gain over uniform predictions
+    (mean and range over the shifted sets, in accuracy points)."""
+    if report.get("balanced_accuracy") is None:
+        return None
+    where = ", ".join(part for part in (test_data, f"{num_test:,} images" if num_test else None) if part)
+    text = (f"**Balanced test set**{f' ({where})' if where else ''}: balanced accuracy "
+            f"**{percent(report['balanced_accuracy'])} %**"
+            + (f", ECE **{percent(report['ece'])} %**" if report.get("ece") is not None else "") + ".")
+    accuracy = {mode: table for mode, _, table in shift_rows}
+    shifts = [shift for shift in accuracy.get("none", {}) if shift != "uniform"
+              and all(accuracy[mode].get(shift) is not None for mode in accuracy)]
+    unknown = next((mode for mode in accuracy if mode not in ("none", "oracle")), None)
+    if not shifts or unknown is None:
+        return text
+    gains = {mode: [100 * (accuracy[mode][shift] - accuracy["none"][shift]) for shift in shifts]
+             for mode in (unknown, "oracle") if mode in accuracy}
+    how = "(`auto`)" if unknown == "auto" else "by EM (`em`)"
+    text += (f"\n\n**Under label shift** (the test set resampled to {len(shifts)} other label "
+             f"distributions): predicting for the distribution estimated from the unlabeled test images "
+             f"{how} changes top-1 accuracy by "
+             f"**{_points(statistics.fmean(gains[unknown]))} points** on average over uniform predictions "
+             f"(from {_points(min(gains[unknown]))} to {_points(max(gains[unknown]))})")
+    if "oracle" in gains:
+        text += (f"; the true distribution would give {_points(statistics.fmean(gains['oracle']))} "
+                 f"(up to {_points(max(gains['oracle']))})")
+    return text + "."
 
 
 def _read_json(path: Path, what: str = "file") -> dict[str, Any] | None:
@@ -665,6 +740,81 @@ def _report_pictures(report: Mapping[str, Any], report_path: Path, folder: Path)
     return pictures
 
 
+def _published_recipe(text: str) -> tuple[bytes, list[str]]:
+    """A run's ``recipe.yaml`` as published, and the local paths it named: each path of
+    ``LOCAL_PATH_FIELDS`` reduced to its file name, there and where other values quote it (the
+    ``description`` lists command-line overrides)."""
+    values = yaml.safe_load(text) or {}
+    names: dict[str, str] = {}
+    for key in LOCAL_PATH_FIELDS:
+        value = values.get(key)
+        paths = value if isinstance(value, list) else [value] if isinstance(value, str) else []
+        names.update({str(path): local_name(path) for path in paths})
+        if paths:
+            values[key] = [names[str(path)] for path in paths] if isinstance(value, list) else names[value]
+    for key, value in values.items():
+        if isinstance(value, str) and key not in LOCAL_PATH_FIELDS:
+            for path, name in sorted(names.items(), key=lambda item: -len(item[0])):
+                value = value.replace(path, name)
+            values[key] = value
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True).encode(), list(names)
+
+
+def published_files(folder: str | Path, files: Sequence[str]) -> tuple[dict[str, bytes], list[str]]:
+    """What ``push_to_hub`` uploads instead of a local file, and the local paths that the run's files name.
+
+    ``recipe.yaml`` is published with its data paths reduced to file names (``_published_recipe``) and
+    ``config.json`` with ``backbone_weights_file`` reduced so (only used to build a model from pretrained
+    weights, never to load one); the run keeps both as they are.
+    """
+    folder = Path(folder)
+    published: dict[str, bytes] = {}
+    local: list[str] = []
+    if RECIPE_NAME in files:
+        published[RECIPE_NAME], local = _published_recipe((folder / RECIPE_NAME).read_text(encoding="utf-8"))
+    config = _read_json(folder / CONFIG_NAME, "model config") or {}
+    weights_file = config.get("backbone_weights_file")
+    if isinstance(weights_file, str) and weights_file != local_name(weights_file):
+        local.append(weights_file)
+        published[CONFIG_NAME] = (json.dumps({**config, "backbone_weights_file": local_name(weights_file)},
+                                             indent=2, sort_keys=True) + "\n").encode()
+    return published, local
+
+
+def _local_paths(folder: Path, named: Sequence[str]) -> list[str]:
+    """The strings that would give away where the run lies: the run folder, the home directory, the
+    absolute form of each data path its recipe names (and the path as given, when it has a folder)."""
+    paths = {str(folder.resolve())}
+    home = str(Path.home())
+    if home.strip("/"):
+        paths.add(home)
+    for path in named:
+        if "/" in path or os.sep in path:
+            paths.update({path, str(Path(path).expanduser().resolve())})
+    return sorted(paths, key=len, reverse=True)
+
+
+def check_no_local_paths(folder: str | Path, files: Sequence[str], published: Mapping[str, bytes],
+                         extra: Mapping[str, str] | None = None, named: Sequence[str] = ()) -> None:
+    """Refuse to publish a text file that names the run's folder, the home directory or a data path.
+
+    ``files`` are read as uploaded (``published`` replaces a local file), ``extra`` maps names to texts
+    not written yet (the card); ``named`` are the data paths of the run (``published_files``).
+    """
+    folder = Path(folder)
+    paths = _local_paths(folder, named)
+    texts = {name: published[name].decode("utf-8", "replace") if name in published else
+             (folder / name).read_text(encoding="utf-8", errors="replace")
+             for name in files if name.endswith(TEXT_SUFFIXES) and name not in (extra or {})}
+    texts.update(extra or {})
+    leaks = [f"{name} names {path}" for name, text in sorted(texts.items()) for path in paths
+             if path in text]
+    if leaks:
+        raise HubFolderError(f"{folder} would publish paths of this machine: {'; '.join(leaks)}. Write the "
+                             "file again with this version of balpoe-hf (an evaluation report: "
+                             "balpoe-evaluate --output), or remove the path. Nothing was written.")
+
+
 def prepare_hub_folder(
     model_dir: str | Path,
     repo_id: str | None = None,
@@ -725,9 +875,10 @@ def prepare_hub_folder(
         if report_path.resolve().is_relative_to(folder.resolve()):
             extra_files.append(report_path.resolve().relative_to(folder.resolve()).as_posix())
 
-    # Check first, then write: the folder must be publishable but for the card, and nothing of the user's
-    # may be replaced.
-    check_hub_folder(folder, require_card=False, extra_files=extra_files)
+    # Check first, then write: the folder must be publishable but for the card, nothing of the user's may be
+    # replaced, and nothing uploaded may name a path of this machine.
+    files = check_hub_folder(folder, require_card=False, extra_files=extra_files)
+    published, named = published_files(folder, files)
     histogram = f"{IMAGES_DIR}/class_counts.png"
     targets = [CARD_NAME, histogram, *pictures]
     is_source = {name for name, source in pictures.items() if source.resolve() == (folder / name).resolve()}
@@ -742,6 +893,7 @@ def prepare_hub_folder(
     card = render_model_card(config, metrics, report, repo_id=repo_id or folder.resolve().name, images=images,
                              recipe=recipe, dataset_id=dataset_id, dataset_name=dataset_name,
                              report_file=extra_files[0] if extra_files else None, license=license)
+    check_no_local_paths(folder, files, published, extra={CARD_NAME: str(card)}, named=named)
 
     from .plots import class_count_histogram
 
@@ -752,7 +904,8 @@ def prepare_hub_folder(
             shutil.copyfile(source, folder / name)
     card.save(folder / CARD_NAME)
     record_outputs(folder, [folder / name for name in targets])
-    return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=extra_files), card=card)
+    return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=extra_files), card=card,
+                     published=published, report=report_path if report is not None else None)
 
 
 def push_to_hub(
@@ -767,8 +920,10 @@ def push_to_hub(
 
     Renders the card (see ``prepare_hub_folder``; ``card_options`` go to it), checks the folder, creates
     the repository if needed (``HfApi.create_repo``) and uploads the publishable files in one commit
-    (``HfApi.upload_folder``). In offline mode (``HF_HUB_OFFLINE=1``) or without a token it raises
-    ``HubPublishError`` before touching the folder or the network.
+    (``HfApi.create_commit``): each as it is, but ``recipe.yaml`` and a ``config.json`` naming local
+    weights, whose published copies name files only (``published_files``). In offline mode
+    (``HF_HUB_OFFLINE=1``) or without a token it raises ``HubPublishError`` before touching the folder or
+    the network.
     """
     if hub_constants.is_offline_mode():
         raise HubPublishError("cannot push to the Hub in offline mode (HF_HUB_OFFLINE=1 or "
@@ -783,6 +938,8 @@ def push_to_hub(
     hub_folder = prepare_hub_folder(model_dir, repo_id, **card_options)
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(repo_id=repo_url.repo_id, folder_path=hub_folder.path, repo_type="model",
-                      allow_patterns=hub_folder.files, commit_message=commit_message)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=hub_folder.published.get(
+        name, str(hub_folder.path / name))) for name in hub_folder.files]
+    api.create_commit(repo_id=repo_url.repo_id, operations=operations, commit_message=commit_message,
+                      repo_type="model")
     return str(repo_url)

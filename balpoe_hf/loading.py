@@ -189,7 +189,8 @@ def load_list(list_file: str | os.PathLike, data_root: str | os.PathLike | None,
 def load_split(*, files: Sequence[str] | None = None, dataset: str | None = None,
                dataset_config: str | None = None, split: str = "test",
                data_dir: str | Path | None = None) -> tuple[datasets.Dataset, str]:
-    """One split (a test set, say) and a short description of where it came from.
+    """One split (a test set, say) and a short description of where it came from that names no local path
+    (it goes into reports that are published): the file names, ``fashion-mnist (test)`` or the Hub id.
 
     ``files``: parquet file(s) (glob patterns allowed) or one imagefolder directory; else ``dataset``:
     ``"fashion-mnist"`` (Debian's IDX files in ``data_dir``) or a Hub id with ``dataset_config`` and
@@ -200,13 +201,20 @@ def load_split(*, files: Sequence[str] | None = None, dataset: str | None = None
             paths = expand_paths(files, "the data files")
         except FileNotFoundError as error:
             raise DataError(str(error)) from None
-        return _load_files({split: paths})[split], ",".join(paths)
+        return _load_files({split: paths})[split], ",".join(local_name(path) for path in paths)
     if dataset is None:
         raise DataError("no test data: pass --dataset fashion-mnist, --test-file FILE.parquet (or an "
                         "imagefolder directory) or --dataset HUB_ID.")
     if dataset == FASHION_MNIST:
-        return _load_fashion_mnist(data_dir)[split], f"fashion-mnist ({data_dir or FASHION_MNIST_DIR})"
+        return _load_fashion_mnist(data_dir)[split], f"{FASHION_MNIST} ({split})"
     return _load_hub(dataset, dataset_config, [split])[split], f"{dataset} ({split})"
+
+
+def local_name(path: str | Path) -> str:
+    """A local file or folder as published reports and cards name it: its last part only, never where it
+    lies on the machine (``/data/cifar10/train.parquet`` -> ``train.parquet``, a folder -> ``train/``)."""
+    name = Path(path).name or str(path)
+    return f"{name}/" if Path(path).is_dir() else name
 
 
 # --------------------------------------------------------------------------- labels

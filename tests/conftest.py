@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,20 @@ def background(request: pytest.FixtureRequest) -> Any:
     if request.module.__name__ not in _JOBS:
         _start(request.module)
     return _JOBS[request.module.__name__].result()
+
+
+@pytest.fixture(scope="session")
+def remote_code_cache(tmp_path_factory):
+    """trust_remote_code copies a model's code files into transformers' module cache: a temporary one here,
+    so that the examples and tests leave nothing in the user's cache."""
+    from transformers import dynamic_module_utils
+
+    cache = tmp_path_factory.mktemp("hf_modules")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
+        mp.setattr(sys, "path", list(sys.path))
+        modules = dict(sys.modules)
+        yield cache
+    for name in [name for name in sys.modules if name not in modules]:
+        if name.startswith("transformers_modules"):
+            del sys.modules[name]

@@ -32,7 +32,6 @@ import io
 import re
 import shlex
 import shutil
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,23 +151,6 @@ def trained_run(stand_in, tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return root / "runs" / "cifar10-lt"
-
-
-@pytest.fixture(scope="session")
-def remote_code_cache(tmp_path_factory):
-    """trust_remote_code copies a model's code files into transformers' module cache: a temporary one here,
-    so that the documents' examples leave nothing in the user's cache."""
-    from transformers import dynamic_module_utils
-
-    cache = tmp_path_factory.mktemp("hf_modules")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
-        mp.setattr(sys, "path", list(sys.path))
-        modules = dict(sys.modules)
-        yield cache
-    for name in [name for name in sys.modules if name not in modules]:
-        if name.startswith("transformers_modules"):
-            del sys.modules[name]
 
 
 def run_document(path: Path, workdir: Path, done: Block | None = None) -> None:

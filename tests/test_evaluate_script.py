@@ -90,6 +90,9 @@ def test_end_to_end_runs_the_model_once_and_writes_report_and_plots(run_dir, tes
         assert any(line.startswith(f"| {mode} |") for line in printed.splitlines())
 
     report = json.loads(output.read_text())
+    # The report may be published: it names the model's folder and the test file, not where they lie.
+    assert (report["model"], report["dataset"]) == (run_dir.name, test_file.name)
+    assert str(tmp_path) not in output.read_text() and str(run_dir.parent) not in output.read_text()
     assert set(report["balanced"]) == {"accuracy", "balanced_accuracy", "per_class_accuracy", "many",
                                        "medium", "few", "ece", "mce", "nll", "brier"}
     assert report["num_test_samples"] == 500

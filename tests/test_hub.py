@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import RepoUrl
-from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from balpoe_hf import hub
@@ -63,8 +63,9 @@ def test_card_metadata_round_trips_through_model_card_load(tmp_path):
     assert data.datasets == ["uoft-cs/cifar10"]
     assert data.balpoe["num_experts"] == 3
     assert data.balpoe["lambdas"] == [1.0, 0.0, -1.0]
-    assert data.balpoe["class_counts"] == COUNTS
     assert data.balpoe["imbalance_ratio"] == 50.0
+    # The recipe sets the balpoe preset's settings (3 experts, 1 / 0 / -1, mixup on): named so.
+    assert data.balpoe["method"] == "balpoe"
     assert data.balpoe["backbone"] == "resnet20_cifar"
     assert data.balpoe["recipe"] == "cifar10-lt-ir50"
     assert data.model_name == "tiny-balpoe"
@@ -76,18 +77,25 @@ def test_card_metadata_round_trips_through_model_card_load(tmp_path):
     assert metrics[("test", "Expected calibration error (ECE)")] == 0.034
     # An empty shot group (None) is reported as n/a in the body, never as a number in the metadata.
     assert ("test", "Few-shot accuracy") not in metrics
-    assert metrics[("test-forward50", "Top-1 accuracy (target prior: oracle)")] == 0.85
-    assert metrics[("test-backward50", "Top-1 accuracy (target prior: none)")] == 0.7
+    # The metadata holds the balanced test set only; the shifted sets are in the body.
+    assert {r.dataset_split for r in data.eval_results} == {"test"} and len(metrics) == 5
     text = loaded.text
+    # First the model, its data and its result, then how to call it.
+    first = text.split("## Model")[0]
+    assert "**Balanced test set**" in first and "balanced accuracy **75.00 %**, ECE **3.40 %**" in first
+    assert "trained with mixup (alpha 0.8)" in first and "5 classes, 500 down to 10 training images" in first
+    assert 'pipeline("image-classification", model="me/tiny-balpoe", trust_remote_code=True)' in first
+    assert 'target_prior="auto"' in first and 'target_prior="train"' in first
     # The balanced-set metrics: one header row and one value row, in BALANCED_METRICS order.
     assert "| Balanced acc. % | Accuracy % | Many % | Medium % | Few % | ECE % |" in text
     assert "| 75.00 | 81.00 | 90.00 | 70.00 | n/a | 3.40 |" in text
-    assert "| oracle | 85.00 | 78.00 |" in text
+    # The shift table: one row per test distribution, one column per prior mode.
+    assert "| Test distribution | none | oracle |" in text
+    assert "| forward50 | 80.00 | 85.00 |" in text and "| backward50 | 70.00 | 78.00 |" in text
     assert "| 4 | yak | 10 |" in text
     assert "![Training images per class](images/class_counts.png)" in text
     assert 'repo = "me/tiny-balpoe"' in text and "from_pretrained(repo, trust_remote_code=True)" in text
-    assert 'pipeline("image-classification", model=repo, trust_remote_code=True)' in text
-    assert "trained with mixup (alpha 0.8)" in text and "| Schedule | 200 epochs," in text
+    assert "| Schedule | 200 epochs," in text
     assert "corrects for **label shift** only" in text and "new domains" in text
     assert "@InProceedings{SanchezAimar2023BalPoE_CalibratedLT" in text
     assert "pages     = {19967-19977}" in text
@@ -105,10 +113,8 @@ def test_many_classes_get_a_summary_and_a_pointer_to_config():
     counts = [int(1000 * 0.95 ** i) + 1 for i in range(100)]  # 1001 down to int(6.23) + 1 = 7
     config = {**CONFIG, "class_counts": counts, "id2label": {str(i): f"c{i}" for i in range(100)}}
     card = hub.render_model_card(config, images=IMAGES)
-    summary = card.data.balpoe["class_counts_summary"]
-    assert "class_counts" not in card.data.balpoe
-    assert summary["max"] == 1001 and summary["min"] == 7 and summary["total"] == sum(counts)
-    assert "config.json" in summary["full_list"]
+    assert "class_counts" not in card.data.balpoe  # config.json holds them, not the small header
+    assert "100 classes, 1,001 down to 7 training images per class (imbalance ratio 143)" in card.text
     assert "| 99 | c99 |" not in card.text
     assert "[`config.json`](config.json)" in card.text
 
@@ -125,10 +131,11 @@ def test_template_ships_with_the_package():
     assert text.startswith("---\n{{ card_data }}\n---")
 
 
-def test_usage_snippet_is_valid_python():
+def test_usage_snippets_are_valid_python():
     card = hub.render_model_card(CONFIG, images=IMAGES, repo_id="me/tiny-balpoe")
     blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.DOTALL)
-    assert len(blocks) == 1
+    assert len(blocks) == 3  # the first screen's, the pipeline on the reader's images, the model
+    assert len(blocks[0].strip().splitlines()) == 6  # an import, a blank line, the pipeline and 3 calls
     for block in blocks:
         compile(block, "<card>", "exec")
 
@@ -144,6 +151,45 @@ def test_check_refuses_pickle_weights_and_lists_every_problem(tmp_path):
     assert "auto_map" in message
     assert "preprocessor_config.json" in message
     assert "README.md" in message
+
+
+def test_the_method_is_named_from_the_run_settings():
+    # The main job's recipe (fashion-mnist-lt-quick) sets balpoe-erm's settings without --method.
+    quick = {"num_experts": 3, "lambdas": [1.0, 0.0, -1.0], "loss": "balpoe", "remove_mean_lambda": True}
+    assert hub.run_method(quick, {"mixup_alpha": 0.0}) == "balpoe-erm"
+    assert hub.run_method(quick, {"mixup_alpha": 0.8}) == "balpoe"
+    assert hub.run_method(quick) is None  # mixup unknown: balpoe or balpoe-erm
+    one = {"num_experts": 1, "lambdas": [1.0], "loss": "balpoe"}
+    assert hub.run_method({**one, "remove_mean_lambda": False}, {}) == "ce"
+    assert hub.run_method({**one, "remove_mean_lambda": True}, {}) == "ce-la"
+    assert hub.run_method({**one, "lambdas": [0.0], "loss": "lade"}, {}) == "lade"
+    assert hub.run_method({**quick, "lambdas": [1.0, 0.5, -1.0]}, {"mixup_alpha": 0.0}) is None
+    assert hub.run_method({**quick, "method": "bs"}) == "bs"  # --method is the config's word
+    rows = dict(hub.describe_run(quick, {"mixup_alpha": 0.0})["rows"])
+    assert rows["Method"] == ("`balpoe-erm` (BalPoE 1/0/-1 without mixup: the recipe's own settings are "
+                              "this preset's)")
+
+
+def test_schedule_states_the_experts_learning_rate_and_weight_decay():
+    recipe = {"epochs": 4, "batch_size": 128, "lr": 0.1, "lr_schedule": "cosine", "warmup_epochs": 0.5,
+              "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4, "scale_expert_lr": True,
+              "num_experts": 3}
+    assert dict(hub.describe_run(CONFIG, recipe)["rows"])["Schedule"] == (
+        "4 epochs, batch 128, SGD lr 0.1 (cosine, 0.5 warm-up epochs), Nesterov momentum 0.9, weight decay "
+        "0.0005; the experts' own layers at 3 x lr = 0.3 with weight decay 0.0005 / 3")
+
+
+def test_published_recipe_names_files_not_paths(tmp_path):
+    (tmp_path / "lists").mkdir()
+    run = {"name": "custom", "description": "my run (overridden: data_root=/home/me/imagenet, train_list)",
+           "train_list": "/home/me/lists/ImageNet_LT_train.txt", "test_list": "lists/ImageNet_LT_test.txt",
+           "data_root": "/home/me/imagenet", "train_file": None, "epochs": 90}
+    text, named = hub._published_recipe(yaml.safe_dump(run, sort_keys=False))
+    published = yaml.safe_load(text)
+    assert published == {**run, "description": "my run (overridden: data_root=imagenet, train_list)",
+                         "train_list": "ImageNet_LT_train.txt", "test_list": "ImageNet_LT_test.txt",
+                         "data_root": "imagenet"}
+    assert set(named) == {run["train_list"], run["test_list"], run["data_root"]}
 
 
 # --------------------------------------------------------------------------- a real saved run
@@ -191,18 +237,23 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def _fake_hub(mp: pytest.MonkeyPatch) -> dict[str, list]:
-    """HfApi.create_repo and HfApi.upload_folder replaced by recorders; online mode for the check."""
-    calls: dict[str, list] = {"create_repo": [], "upload_folder": []}
+    """HfApi.create_repo and HfApi.create_commit replaced by recorders (the commit's files read as they are
+    sent); online mode for the check."""
+    calls: dict[str, list] = {"create_repo": [], "create_commit": []}
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"].append({"repo_id": repo_id, **kwargs})
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, **kwargs):
-        calls["upload_folder"].append(kwargs)
+    def create_commit(self, repo_id, operations, **kwargs):
+        sent = {}
+        for operation in operations:
+            source = operation.path_or_fileobj
+            sent[operation.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+        calls["create_commit"].append({"repo_id": repo_id, "files": sent, **kwargs})
 
     mp.setattr(HfApi, "create_repo", create_repo)
-    mp.setattr(HfApi, "upload_folder", upload_folder)
+    mp.setattr(HfApi, "create_commit", create_commit)
     mp.setattr(hub_constants, "HF_HUB_OFFLINE", False)
     return calls
 
@@ -212,47 +263,45 @@ def fake_hub(monkeypatch):
     return _fake_hub(monkeypatch)
 
 
-def _uploaded(call: dict) -> list[str]:
-    """The files upload_folder would send: huggingface_hub's own filter over the folder's files."""
-    folder = Path(call["folder_path"])
-    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    return sorted(filter_repo_objects(files, allow_patterns=call.get("allow_patterns"),
-                                      ignore_patterns=call.get("ignore_patterns")))
+def _push(run: Path, repo_id: str, folder: Path) -> dict:
+    """Push ``run`` with the Hub mocked and write what was sent into ``folder``, a 'Hub repository'."""
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _fake_hub(mp)
+        url = hub.push_to_hub(run, repo_id, token="hf_not_a_real_token")
+    sent = calls["create_commit"][0]["files"]
+    for name, content in sent.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return {"url": url, "calls": calls, "uploaded": sorted(sent), "sent": sent, "repo": folder}
 
 
 @pytest.fixture(scope="module")
 def hub_snapshot(saved_run, tmp_path_factory):
-    """Push the run with the Hub mocked and copy what would be uploaded into a fresh 'Hub repo' folder."""
+    """The run pushed with the Hub mocked, and what would be uploaded as a fresh 'Hub repo' folder."""
     run, _ = saved_run
-    with pytest.MonkeyPatch.context() as mp:
-        calls = _fake_hub(mp)
-        url = hub.push_to_hub(run, "me/tiny-balpoe", token="hf_not_a_real_token")
-    uploaded = _uploaded(calls["upload_folder"][0])
-    repo = tmp_path_factory.mktemp("hub") / "tiny-balpoe"
-    for name in uploaded:
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(run / name, repo / name)
-    return {"url": url, "calls": calls, "uploaded": uploaded, "repo": repo}
+    return _push(run, "me/tiny-balpoe", tmp_path_factory.mktemp("hub") / "tiny-balpoe")
 
 
 def test_push_uploads_exactly_the_publishable_files(hub_snapshot, saved_run):
     run, _ = saved_run
     calls = hub_snapshot["calls"]
     assert hub_snapshot["url"] == "https://huggingface.co/me/tiny-balpoe"
-    assert len(calls["create_repo"]) == 1 and len(calls["upload_folder"]) == 1
+    assert len(calls["create_repo"]) == 1 and len(calls["create_commit"]) == 1
     assert calls["create_repo"][0]["repo_id"] == "me/tiny-balpoe"
     assert calls["create_repo"][0]["private"] is False
     assert calls["create_repo"][0]["exist_ok"] is True
-    assert Path(calls["upload_folder"][0]["folder_path"]).resolve() == run.resolve()
-    assert calls["upload_folder"][0]["repo_id"] == "me/tiny-balpoe"
+    assert calls["create_commit"][0]["repo_id"] == "me/tiny-balpoe"
     expected = {
         "README.md", "config.json", "model.safetensors", "preprocessor_config.json",
         "images/class_counts.png", "images/reliability_diagram.png", "images/per_class_accuracy.png",
         "eval_results.json", "train_results.json", "recipe.yaml", "eval/report.json",
     }
     expected |= {p.name for p in run.glob("*.py")}  # the code files save_pretrained copied
-    assert {"configuration_balpoe.py", "modeling_balpoe.py"} <= expected
+    assert {"configuration_balpoe.py", "modeling_balpoe.py", "pipeline_balpoe.py"} <= expected
     assert set(hub_snapshot["uploaded"]) == expected
+    # Sent as they lie in the run, but the recipe (data paths as file names; this one names none).
+    for name, content in hub_snapshot["sent"].items():
+        assert name == "recipe.yaml" or content == (run / name).read_bytes(), name
 
 
 def test_uploaded_config_carries_the_prior_and_lambdas(hub_snapshot):
@@ -269,12 +318,11 @@ def test_uploaded_card_parses_and_links_only_uploaded_images(hub_snapshot):
     assert card.data.library_name == "transformers"
     assert card.data.pipeline_tag == "image-classification"
     assert card.data.datasets == ["zalando-datasets/fashion_mnist"]  # the recipe's fashion-mnist
-    assert card.data.balpoe["class_counts"] == COUNTS
     assert card.data.balpoe["lambdas"] == [1.0, 0.0, -1.0]
     assert card.data.balpoe["recipe"] == "tiny-lt"
     metrics = _metrics_by_name(card)
     assert metrics[("test", "Expected calibration error (ECE)")] == 0.05  # from the evaluation report
-    assert metrics[("test-forward50", "Top-1 accuracy (target prior: none)")] == 0.8
+    assert "| forward50 | 80.00 | 85.00 |" in card.text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", card.text)
     assert sorted(links) == ["images/class_counts.png", "images/per_class_accuracy.png",
                              "images/reliability_diagram.png"]
@@ -291,7 +339,7 @@ def _pixels(run: Path) -> tuple[list, torch.Tensor]:
     return images, processor(images=images, return_tensors="pt")["pixel_values"]
 
 
-def test_uploaded_folder_loads_back_with_the_same_logits(hub_snapshot, saved_run):
+def test_uploaded_folder_loads_back_with_the_same_logits(hub_snapshot, saved_run, remote_code_cache):
     from transformers import AutoModelForImageClassification, pipeline
 
     _, model = saved_run
@@ -301,7 +349,7 @@ def test_uploaded_folder_loads_back_with_the_same_logits(hub_snapshot, saved_run
         expected = model(pixels).logits
         loaded = AutoModelForImageClassification.from_pretrained(repo).eval()
         torch.testing.assert_close(loaded(pixels).logits, expected, rtol=0, atol=1e-6)
-    classifier = pipeline("image-classification", model=str(repo), top_k=len(COUNTS))
+    classifier = pipeline("image-classification", model=str(repo), top_k=len(COUNTS), trust_remote_code=True)
     for image, logits in zip(images, expected, strict=True):
         scores = {row["label"]: row["score"] for row in classifier(image)}
         want = {CONFIG["id2label"][str(i)]: float(p) for i, p in enumerate(logits.softmax(-1))}
@@ -317,7 +365,7 @@ def test_offline_mode_fails_before_anything_happens(saved_run, fake_hub, monkeyp
     before = _snapshot(run)
     with pytest.raises(hub.HubPublishError, match="offline mode"):
         hub.push_to_hub(run, "me/tiny-balpoe", token="hf_not_a_real_token")
-    assert fake_hub == {"create_repo": [], "upload_folder": []}
+    assert fake_hub == {"create_repo": [], "create_commit": []}
     assert _snapshot(run) == before
 
 
@@ -329,7 +377,7 @@ def test_missing_token_fails_before_anything_happens(saved_run, fake_hub, monkey
     before = _snapshot(run)
     with pytest.raises(hub.HubPublishError, match="no Hugging Face token"):
         hub.push_to_hub(run, "me/tiny-balpoe")
-    assert fake_hub == {"create_repo": [], "upload_folder": []}
+    assert fake_hub == {"create_repo": [], "create_commit": []}
     assert _snapshot(run) == before
 
 
@@ -367,6 +415,31 @@ def test_report_outside_the_run_gives_its_pictures_but_is_not_uploaded(saved_run
     assert "### Under label shift" in folder.card.text
     with pytest.raises(hub.HubFolderError, match="does not exist"):
         hub.prepare_hub_folder(copy, eval_report=tmp_path / "missing.json")
+
+
+def test_a_report_naming_local_paths_stops_the_push_before_anything_is_written(saved_run, tmp_path):
+    """A report written by an earlier release named the run's folder: refused, naming the file."""
+    run, _ = saved_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("images", "README.md"))
+    report = json.loads((copy / "eval" / "report.json").read_text())
+    (copy / "eval" / "report.json").write_text(json.dumps({"model": str(copy), **report}))
+    with pytest.raises(hub.HubFolderError, match=r"eval/report.json names .*/run\. "):
+        hub.prepare_hub_folder(copy, "me/tiny-balpoe")
+    assert not (copy / "README.md").exists() and not (copy / "images").exists()
+
+
+def test_push_warns_in_one_line_when_the_card_lacks_the_evaluation(saved_run, tmp_path, capsys):
+    run, _ = saved_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "images", "README.md"))
+    assert push_script.main([str(copy), "me/tiny-balpoe", "--dry-run"]) == 0
+    warning = capsys.readouterr().err.strip()
+    assert warning == (f"warning: no evaluation report, so the card has no label-shift table, reliability "
+                       f"diagram or per-class plot; add them with: balpoe-evaluate --model {copy} --shifts "
+                       f"all --output {copy / 'eval' / 'report.json'}")
+    assert push_script.main([str(run), "me/tiny-balpoe", "--dry-run"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------- cards of real runs
@@ -411,12 +484,6 @@ def run_cards(tmp_path_factory) -> dict[str, dict]:
     return cards
 
 
-def _target_priors(card: ModelCard) -> set[str]:
-    """The prior modes of the card's model-index entries."""
-    names = [r.metric_name for r in card.data.eval_results]
-    return {match.group(1) for name in names if (match := re.fullmatch(r".*\(target prior: (.+)\)", name))}
-
-
 def _front_matter(text: str) -> str:
     return text.split("---\n", 2)[1]
 
@@ -434,6 +501,30 @@ def test_card_shows_no_local_path(run_cards, method):
     assert "ResNet-32" not in text and "200 epochs" not in text and "mixup 0.8" not in text
 
 
+@pytest.mark.parametrize("method", list(RUNS))
+def test_push_uploads_nothing_that_names_this_machine(run_cards, method, tmp_path):
+    """Every file push would upload, as it would be sent: no absolute path, no home directory, none of the
+    run's data paths (the run was trained and evaluated with absolute ones)."""
+    card = run_cards[method]
+    pushed = _push(card["run"], f"me/run-{method}", tmp_path / "repo")
+    local = {str(card["data"]), str(card["data"].resolve()), str(card["run"].resolve()), str(Path.home()),
+             str(card["run"].parents[2])}
+    assert {"recipe.yaml", "eval/report.json", "config.json", "README.md"} <= set(pushed["sent"])
+    for name, content in pushed["sent"].items():
+        assert not [path for path in local if path.encode() in content], name
+        if name.endswith((".json", ".yaml", ".md", ".py")):
+            assert not ABSOLUTE_PATH.findall(content.decode()), name
+    # The run keeps its paths (for --resume and balpoe-evaluate); the Hub gets the recipe with file names.
+    kept = yaml.safe_load((card["run"] / "recipe.yaml").read_text())
+    published = yaml.safe_load(pushed["sent"]["recipe.yaml"])
+    assert kept["train_file"] == [str(card["data"] / "train.parquet")]
+    assert (published["train_file"], published["test_file"]) == (["train.parquet"], ["test.parquet"])
+    assert {k: v for k, v in published.items() if k not in ("train_file", "test_file")} == \
+        {k: v for k, v in kept.items() if k not in ("train_file", "test_file")}
+    report = json.loads(pushed["sent"]["eval/report.json"])
+    assert (report["model"], report["dataset"]) == (method, "test.parquet")
+
+
 def test_balpoe_erm_card_states_its_run(run_cards):
     card = run_cards["balpoe-erm"]
     text, data = card["text"], card["folder"].card.data
@@ -447,9 +538,10 @@ def test_balpoe_erm_card_states_its_run(run_cards):
     # 32/16/8/4 training images (ratio 8) less a quarter of each class held out: 24/12/6/3 trained on.
     assert "made long-tailed with imbalance ratio 8" in text and "25% of each class held out" in text
     assert "| Training images | 45 in 4 classes, 24 down to 3 (imbalance ratio 8) |" in text
+    assert "Trained on `train.parquet` made long-tailed for 2 epochs: 4 classes, 24 down to 3" in text
+    assert "| 3 | yellow | 3 |" in text
     assert (data.balpoe["method"], data.balpoe["epochs"]) == ("balpoe-erm", 2)
-    assert data.balpoe["mixup_alpha"] == 0.0
-    assert data.balpoe["backbone"] == "resnet20_cifar" and data.balpoe["class_counts"] == [24, 12, 6, 3]
+    assert data.balpoe["mixup_alpha"] == 0.0 and data.balpoe["backbone"] == "resnet20_cifar"
     assert data.datasets is None  # local files: no Hub dataset to point to
 
 
@@ -465,7 +557,8 @@ def test_balpoe_card_states_its_mixup(run_cards):
 
 def test_ce_la_card_states_a_single_network(run_cards):
     text, data = run_cards["ce-la"]["text"], run_cards["ce-la"]["folder"].card.data
-    assert "the **cross-entropy with post-hoc logit adjustment (Menon et al., ICLR 2021)** baseline" in text
+    assert "the **cross-entropy with post-hoc logit adjustment (Menon et al., ICLR 2021)** baseline " \
+           "(`ce-la`)" in text
     body = text.split("---\n", 2)[2].split("## How to use")[0]
     assert "one `resnet20_cifar` network" in body and "expert" not in body
     assert "| Loss | cross-entropy `CE(z, y)` |" in text
@@ -474,27 +567,44 @@ def test_ce_la_card_states_a_single_network(run_cards):
     assert (data.balpoe["method"], data.balpoe["num_experts"], data.balpoe["lambdas"]) == ("ce-la", 1, [1.0])
 
 
+def _shift_table(text: str) -> tuple[list[str], dict[str, list[float]]]:
+    """The card's label-shift table: its prior-mode columns and {test distribution: accuracies}."""
+    heads = re.search(r"^\| Test distribution \| (.*) \|$", text, flags=re.MULTILINE).group(1).split(" | ")
+    rows = re.findall(r"^\| ((?:forward|backward)\d+|uniform) \| (.*) \|$", text, flags=re.MULTILINE)
+    return heads, {shift: [float(v) for v in values.split(" | ")] for shift, values in rows}
+
+
 @pytest.mark.parametrize("method,unknown", [("balpoe-erm", "auto"), ("balpoe", "em"), ("ce-la", "auto")])
-def test_card_shift_table_and_model_index_hold_three_prior_modes(run_cards, method, unknown):
+def test_card_shift_table_holds_three_prior_modes(run_cards, method, unknown):
     card = run_cards[method]
     text = card["text"]
     report = json.loads((card["run"] / "eval" / "report.json").read_text())
     from balpoe_hf.evaluation import PRIOR_MODES
 
-    # The report keeps every mode.
+    # The report keeps every mode; the card shows three, from the report.
     assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if unknown == "auto" else 3)
     body = text.split("## How to use")[0]
-    rows = re.findall(r"^\| ([\w-]+) \| [\d.]+ \|", body, flags=re.MULTILINE)
-    assert rows == ["none", "oracle", unknown]
-    assert "Rows: `none` predicts for the uniform prior" in body
+    heads, rows = _shift_table(body)
+    assert [head.split(" (")[0] for head in heads] == ["none", "oracle", unknown]
+    assert list(rows) == ["forward5", "uniform", "backward5"]
+    for shift, values in rows.items():
+        expected = [100 * report["shift_accuracy"][mode][shift] for mode in ("none", "oracle", unknown)]
+        assert values == pytest.approx(expected, abs=0.005)
+    assert "Columns: `none` predicts for the uniform prior" in body
     assert f"; `{unknown}` for the distribution estimated from the unlabeled test images" in body
     assert "[`eval/report.json`](eval/report.json)" in body
-    assert _target_priors(card["folder"].card) == {"none", "oracle", unknown}
-    # 9 balanced-set metrics + 3 modes x 3 shifts
-    assert len(card["folder"].card.data.eval_results) == 9 + 3 * 3
-    snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
-    call = 'adapt_to_unlabeled(inputs["pixel_values"]' + (', method="em")' if unknown == "em" else ")")
-    assert call in snippet and "estimate_target_prior" not in text
+    # The first screen's label-shift line: the unknown mode's gain over none, by hand from the report.
+    gains = [100 * (report["shift_accuracy"][unknown][s] - report["shift_accuracy"]["none"][s])
+             for s in ("forward5", "backward5")]
+    first = body.split("```python")[0]
+    assert f"changes top-1 accuracy by **{sum(gains) / 2:+.2f} points** on average" in first
+    assert f"(from {min(gains):+.2f} to {max(gains):+.2f})" in first
+    # The metadata: the balanced test set's metrics only.
+    eval_results = card["folder"].card.data.eval_results
+    assert len(eval_results) == 9 and {r.dataset_split for r in eval_results} == {"test"}
+    model_snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[2]
+    call = "adapt_to_unlabeled(pixel_values" + (', method="em")' if unknown == "em" else ")")
+    assert call in model_snippet and "estimate_target_prior" not in text
 
 
 def test_card_front_matter_stays_small_for_the_full_grid():
@@ -503,13 +613,15 @@ def test_card_front_matter_stays_small_for_the_full_grid():
     grid = {"shift_accuracy": {mode: dict.fromkeys(ALL_SHIFTS, 0.5) for mode in PRIOR_MODES}}
     calibrated = {**CONFIG, "calibration": {}, "shift_estimator": {"name": "em-bcts"}}
     card = hub.render_model_card(calibrated, EVAL, grid, images=IMAGES)
-    assert _target_priors(card) == {"auto", "none", "oracle"}
-    assert len(card.data.eval_results) == len(EVAL) - 1 + 3 * len(ALL_SHIFTS)  # few-shot is None
-    assert len(_front_matter(str(card)).splitlines()) < 300  # the 11 x 9 grid took 680 lines
-    assert "| auto (chose em-bcts) |" in card.text and "For this model `auto` chose `em-bcts`." in card.text
-    assert "| em-bcts |" not in card.text
+    assert len(card.data.eval_results) == len(EVAL) - 1  # the balanced set's; few-shot is None
+    # The 11 x 9 grid took 680 lines, its 3 x 11 model-index entries 250: the header is now 53 lines.
+    assert len(_front_matter(str(card)).splitlines()) < 60
+    heads, rows = _shift_table(card.text)
+    assert heads == ["none", "oracle", "auto (em-bcts)"] and list(rows) == list(ALL_SHIFTS)
+    assert "(for this model `em-bcts`, the estimator it chose on" in card.text
+    assert "em-bcts |" not in card.text.replace("auto (em-bcts) |", "")
     plain = hub.render_model_card({**CONFIG, "calibration": {}}, EVAL, grid, images=IMAGES)
-    assert "| auto | 50.00 |" in plain.text and "chose" not in plain.text
+    assert _shift_table(plain.text)[0] == ["none", "oracle", "auto"] and "for this model" not in plain.text
 
 
 # The editable install of the package puts a finder for balpoe_hf on sys.meta_path: refuse the package first,
@@ -532,24 +644,95 @@ except ModuleNotFoundError:
 """
 
 
-def test_card_snippets_run_as_written_without_the_package(run_cards, hub_snapshot, saved_run, tmp_path):
+# The user's own images that the card's snippets name (`images`, "image.png"), and the transformers round
+# trip of the pushed folder's model: save, reload, one Trainer step, save, reload, push; every folder saved
+# complete (the processor, the pipeline's code) and predicting as the model that was saved.
+USERS_IMAGES = """from PIL import Image
+images = [Image.new("RGB", (20, 24), (30 * i, 200 - 20 * i, 90)) for i in range(8)]
+images[0].save("image.png")
+"""
+ROUND_TRIP = """import os
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.hf_api import RepoUrl
+import transformers.utils.hub
+from transformers import Trainer, TrainingArguments
+
+def predict(folder):
+    loaded = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(loaded).__module__.startswith("transformers_modules.")
+    with torch.no_grad():
+        return loaded, loaded(pixels, target_prior="uniform").logits
+
+COMPLETE = {"config.json", "model.safetensors", "preprocessor_config.json", "configuration_balpoe.py",
+            "modeling_balpoe.py", "pipeline_balpoe.py", "processing.py", "label_shift.py"}
+model.save_pretrained("resaved")
+assert COMPLETE <= set(os.listdir("resaved")), sorted(os.listdir("resaved"))
+assert open("resaved/preprocessor_config.json").read() == open(repo + "/preprocessor_config.json").read()
+reloaded, logits = predict("resaved")
+with torch.no_grad():
+    assert torch.equal(logits, model(pixels, target_prior="uniform").logits)
+classifier = pipeline("image-classification", model="resaved", trust_remote_code=True, top_k=None)
+scores = {row["label"]: row["score"] for row in classifier(images[0], target_prior="train")}
+with torch.no_grad():
+    train_probs = reloaded(processor(images=images[:1], return_tensors="pt")["pixel_values"],
+                           target_prior="train").logits.softmax(-1)[0]
+assert all(abs(scores[model.config.id2label[i]] - float(p)) < 1e-5 for i, p in enumerate(train_probs))
+
+data = [{"pixel_values": pixels[i], "labels": torch.tensor(i % model.config.num_labels)}
+        for i in range(len(pixels))]
+args = TrainingArguments(output_dir="trainer", use_cpu=True, report_to="none", max_steps=1,
+                         per_device_train_batch_size=4, learning_rate=0.05, save_strategy="no",
+                         disable_tqdm=True)
+trainer = Trainer(model=reloaded, args=args, train_dataset=data)
+trainer.train()
+trainer.save_model("trained")
+assert COMPLETE <= set(os.listdir("trained")), sorted(os.listdir("trained"))
+reloaded.eval()
+with torch.no_grad():
+    stepped = reloaded(pixels, target_prior="uniform").logits
+assert not torch.equal(stepped, logits)  # the step changed the model
+again, logits_again = predict("trained")
+assert torch.equal(logits_again, stepped)
+
+sent = {}
+def create_repo(self, repo_id, **kwargs):
+    return RepoUrl(f"https://huggingface.co/{repo_id}")
+def create_commit(self, repo_id, operations, **kwargs):
+    sent.update({op.path_in_repo: open(op.path_or_fileobj, "rb").read() for op in operations})
+HfApi.create_repo, HfApi.create_commit = create_repo, create_commit
+transformers.utils.hub.create_and_tag_model_card = lambda *args, **kwargs: ModelCard("---\\n---\\n")
+again.push_to_hub("me/round-trip", token="hf_not_a_real_token")
+assert COMPLETE <= set(sent), sorted(sent)
+assert sent["model.safetensors"] == open("trained/model.safetensors", "rb").read()
+print("round trip")
+"""
+
+
+def test_card_snippets_and_the_round_trip_run_without_the_package(run_cards, hub_snapshot, saved_run,
+                                                                 tmp_path):
     """Every card's usage code, with its Hub id pointed at the uploaded folder, in a Python without
-    balpoe_hf: remote code, the pipeline, a known prior and adapt_to_unlabeled (auto and em). The remote-code
-    model (and base model and config) of the pushed folder compute the logits of the model that was saved,
-    and no module of the package is loaded."""
+    balpoe_hf, on stand-ins for the reader's images: the pipeline with every kind of target prior, the
+    remote-code model, a known prior and adapt_to_unlabeled (auto and em). The remote-code model (and base
+    model and config) of the pushed folder compute the logits of the model that was saved; then the round
+    trip of that model (ROUND_TRIP). No module of the package is loaded."""
     _, saved_model = saved_run
     _, pixels = _pixels(hub_snapshot["repo"])
     torch.save(pixels, tmp_path / "pixels.pt")
     folders = {"me/tiny-balpoe": hub_snapshot["repo"],
                **{f"me/run-{method}": card["run"] for method, card in run_cards.items()}}
-    lines = [f"REPO = {str(Path(__file__).resolve().parents[1])!r}", HIDE_THE_PACKAGE]
+    lines = [f"REPO = {str(Path(__file__).resolve().parents[1])!r}", HIDE_THE_PACKAGE, USERS_IMAGES]
     for repo_id, folder in folders.items():
         text = (folder / "README.md").read_text()
-        snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
-        assert f'repo = "{repo_id}"' in snippet
-        lines += [snippet.replace(f'repo = "{repo_id}"', f"repo = {str(folder)!r}"),
-                  "assert shifted_logits.shape == (8, model.config.num_labels)",
-                  "assert abs(float(estimate.prior.sum()) - 1) < 1e-6", "print('ran', repo)"]
+        snippets = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+        assert len(snippets) == 3 and all(f'"{repo_id}"' in snippet for snippet in snippets)
+        lines += [snippet.replace(f'"{repo_id}"', repr(str(folder))) for snippet in snippets]
+        lines += [f"repo = {str(folder)!r}",
+                  "assert len(adapted) == len(images) == 8 and 0 <= changed <= 8",
+                  "assert predictions.shape == (8,) and abs(float(estimate.prior.sum()) - 1) < 1e-6",
+                  # A call with a prior leaves the model's own (uniform) prior alone.
+                  "assert classifier.model.config.target_prior is None",
+                  "assert classifier(images[0]) == balanced[0]",
+                  "print('ran', repo)"]
         if folder == hub_snapshot["repo"]:
             lines += ["assert type(model).__module__.startswith('transformers_modules.')",
                       "from transformers import AutoConfig, AutoModel",
@@ -561,14 +744,15 @@ def test_card_snippets_run_as_written_without_the_package(run_cards, hub_snapsho
                       "with torch.no_grad():",
                       f"    torch.save(model(pixels, target_prior='uniform').logits, "
                       f"{str(tmp_path / 'logits.pt')!r})",
-                      f"    torch.save(base(pixels).expert_logits, {str(tmp_path / 'expert_logits.pt')!r})"]
+                      f"    torch.save(base(pixels).expert_logits, {str(tmp_path / 'expert_logits.pt')!r})",
+                      ROUND_TRIP]
     lines.append("assert not [m for m in sys.modules if m.split('.')[0] == 'balpoe_hf'], 'balpoe_hf loaded'")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", "\n".join(lines)], env=env, capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("ran ") == len(folders)
+    assert result.stdout.count("ran ") == len(folders) and "round trip" in result.stdout
     with torch.no_grad():
         expected = saved_model(pixels)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected.logits, rtol=0, atol=1e-6)

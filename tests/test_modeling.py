@@ -12,7 +12,14 @@ from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 from transformers.utils import logging as transformers_logging
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, BalPoEModel, build_image_processor
+from balpoe_hf import (
+    BalPoEConfig,
+    BalPoEForImageClassification,
+    BalPoEImageClassificationPipeline,
+    BalPoEModel,
+    build_image_processor,
+)
+from balpoe_hf.label_shift import estimate_unknown_prior
 from balpoe_hf.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassifier
 
 COUNTS = [50, 20, 8, 2]
@@ -424,7 +431,8 @@ def test_image_processor_and_pipeline(tmp_path):
     for channel, (mean, std) in enumerate(zip(model.config.image_mean, model.config.image_std, strict=True)):
         assert torch.allclose(pixels[0, channel], torch.tensor((128 / 255 - mean) / std), atol=1e-5)
 
-    classify = pipeline("image-classification", model=str(tmp_path))
+    classify = pipeline("image-classification", model=str(tmp_path),
+                        pipeline_class=BalPoEImageClassificationPipeline)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), mode="RGB")
     scores = classify(image)
@@ -453,11 +461,107 @@ def test_save_pretrained_alone_gives_a_pipeline_ready_folder(tmp_path):
     assert pixels.shape == (1, 3, 32, 32)
     assert torch.allclose(pixels[0, :, 0, 0], torch.tensor(expected), atol=1e-5)
 
-    scores = pipeline("image-classification", model=str(tmp_path))(gray)
+    scores = pipeline("image-classification", model=str(tmp_path),
+                      pipeline_class=BalPoEImageClassificationPipeline)(gray)
     with torch.no_grad():
         probs = model(pixels).logits.softmax(-1)[0]
     assert scores[0]["label"] == LABELS[int(probs.argmax())]
     assert scores[0]["score"] == pytest.approx(float(probs.max()), abs=1e-4)
+
+
+def _images(count: int, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), mode="RGB")
+            for _ in range(count)]
+
+
+def _scores(rows: list[dict]) -> list[float]:
+    """A pipeline's answer for one image as probabilities in class order."""
+    by_label = {row["label"]: row["score"] for row in rows}
+    return [by_label[LABELS[i]] for i in range(len(LABELS))]
+
+
+def test_pipeline_takes_the_target_prior_per_call(tmp_path):
+    model = trained_model()  # its own target prior: [0.4, 0.3, 0.2, 0.1]
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["custom_pipelines"]["image-classification"]["impl"] == \
+        "pipeline_balpoe.BalPoEImageClassificationPipeline"
+    # The package's class, as pipeline(..., trust_remote_code=True) loads it from the folder's copy.
+    classify = pipeline("image-classification", model=str(tmp_path), top_k=None,
+                        pipeline_class=BalPoEImageClassificationPipeline)
+    images = _images(6)
+    pixels = build_image_processor(model.config)(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        uniform = model(pixels, target_prior="uniform").logits.double()
+    counts = torch.tensor(COUNTS, dtype=torch.float64)
+    # Predicting for a prior p: softmax(uniform logits + log p), whatever constant the model adds.
+    expected = {"uniform": uniform.softmax(-1),
+                "train": (uniform + (counts / counts.sum()).log()).softmax(-1),
+                (0.1, 0.2, 0.3, 0.4): (uniform + torch.tensor([0.1, 0.2, 0.3, 0.4]).log()).softmax(-1),
+                None: (uniform + torch.tensor([0.4, 0.3, 0.2, 0.1]).log()).softmax(-1)}
+    for prior, probs in expected.items():
+        kwargs = {} if prior is None else {"target_prior": list(prior) if isinstance(prior, tuple) else prior}
+        for image, want in zip(images, probs, strict=True):
+            assert _scores(classify(image, **kwargs)) == pytest.approx(want.tolist(), abs=1e-5), prior
+    # "auto": the prior of the call's images (EM: this model has no held-out calibration), then predicting
+    # for it; the model's own prior is untouched.
+    estimate = estimate_unknown_prior(uniform, None, "em").prior
+    auto = classify(images, target_prior="auto")
+    for rows, want in zip(auto, (uniform + estimate.log()).softmax(-1), strict=True):
+        assert _scores(rows) == pytest.approx(want.tolist(), abs=1e-5)
+    assert model.config.target_prior == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert classify.model.config.target_prior == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert _scores(classify(images[0])) == pytest.approx(expected[None][0].tolist(), abs=1e-5)
+    # A prior given when the pipeline is built holds for every call.
+    trained = pipeline("image-classification", model=str(tmp_path), top_k=None, target_prior="train",
+                       pipeline_class=BalPoEImageClassificationPipeline)
+    assert _scores(trained(images[1])) == pytest.approx(expected["train"][1].tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="'uniform', 'train', 'auto' or one probability per class"):
+        classify(images[0], target_prior="balanced")
+    with pytest.raises(ValueError, match="has 2 entries but the model has 4 classes"):
+        classify(images[0], target_prior=[0.5, 0.5])
+    with pytest.raises(TypeError, match="pass them as a list"):
+        classify(iter(images), target_prior="auto")
+
+
+def test_pipeline_code_travels_with_the_model(tmp_path, remote_code_cache):
+    """pipeline(..., trust_remote_code=True) gives the folder's own pipeline code; without it, transformers
+    refuses to run that code."""
+    model = trained_model()
+    model.save_pretrained(tmp_path)
+    assert "pipeline_balpoe.py" in os.listdir(tmp_path)
+    classify = pipeline("image-classification", model=str(tmp_path), trust_remote_code=True)
+    assert type(classify).__name__ == "BalPoEImageClassificationPipeline"
+    assert type(classify).__module__.startswith("transformers_modules.")
+    assert classify(_images(1)[0], target_prior="train")[0]["label"] in LABELS.values()
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        pipeline("image-classification", model=str(tmp_path))
+
+
+def test_a_model_loaded_with_trust_remote_code_saves_a_complete_folder(tmp_path, remote_code_cache):
+    """The documented loading call, with the package imported (transformers then prefers the registered
+    classes; test_hub runs the folder's own code where the package cannot be imported)."""
+    model = trained_model()
+    model.save_pretrained(tmp_path / "run")
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "run", trust_remote_code=True).eval()
+    loaded.save_pretrained(tmp_path / "again")
+    assert set(os.listdir(tmp_path / "run")) == set(os.listdir(tmp_path / "again"))
+    processor = (tmp_path / "run" / "preprocessor_config.json").read_text()
+    assert (tmp_path / "again" / "preprocessor_config.json").read_text() == processor
+    pixels = torch.randn(3, 3, 32, 32)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "again", trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(pixels).logits, model(pixels).logits)
+
+
+def test_a_loaded_model_saves_the_processor_it_came_with(tmp_path):
+    """A folder's own processor (here a 64-pixel resize, not the config's 32) goes with the model."""
+    make_model().save_pretrained(tmp_path / "run")
+    build_image_processor(64, mean=[0.5] * 3, std=[0.25] * 3).save_pretrained(tmp_path / "run")
+    BalPoEForImageClassification.from_pretrained(tmp_path / "run").save_pretrained(tmp_path / "copy")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "copy")
+    assert processor.size == {"height": 64, "width": 64} and list(processor.image_std) == [0.25] * 3
 
 
 def test_save_pretrained_keeps_an_existing_processor(tmp_path):
@@ -479,6 +583,8 @@ def test_save_pretrained_writes_no_processor_for_non_rgb_backbones(tmp_path, cap
 def test_image_processor_errors():
     with pytest.raises(ValueError, match="pass mean and std"):
         build_image_processor(32)
+    with pytest.raises(ValueError, match="pass mean and std"):  # a config of another model type
+        build_image_processor(AutoConfig.for_model("resnet"))
     with pytest.raises(ValueError, match="one value per RGB channel"):
         build_image_processor(32, mean=[0.5], std=[0.5])
     with pytest.raises(ValueError, match="std must be positive"):

@@ -311,7 +311,11 @@ def test_split_lists_train_and_evaluate_end_to_end(toy_lists, tmp_path, capsys):
     assert "| prior \u2193 / test set \u2192 | Toy_LT_forward2 | Toy_LT_backward2 |" in out
     summary = json.loads(output.read_text())
     assert set(summary["shift_accuracy"]) == {"none", "oracle", "em"}
-    forward = json.loads(Path(summary["reports"]["Toy_LT_forward2"]).read_text())
+    # Portable names: the run's folder name, the reports beside the summary, the list's file name.
+    assert summary["model"] == "run"
+    assert summary["reports"]["Toy_LT_forward2"] == "report_Toy_LT_forward2.json"
+    forward = json.loads(output.with_name(summary["reports"]["Toy_LT_forward2"]).read_text())
+    assert forward["dataset"] == "Toy_LT_forward2.txt"  # its file name, not where it lies
     # The oracle prior of a list is its own label distribution.
     assert forward["shifts"]["uniform"]["test_prior"] == pytest.approx([4 / 7, 2 / 7, 1 / 7])
 

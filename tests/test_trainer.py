@@ -1,9 +1,11 @@
 """transformers.Trainer with a BalPoE model: training steps, evaluation metrics on the ensemble logits."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification
 from balpoe_hf.metrics import long_tail_compute_metrics
@@ -68,3 +70,13 @@ def test_trainer_trains_and_evaluates_on_the_ensemble_logits(tmp_path):
     assert metrics["eval_nll"] == pytest.approx(-log_probs[np.arange(40), labels].mean(), rel=1e-5)
     assert np.isfinite(metrics["eval_loss"])
     assert prediction.metrics["test_accuracy"] == metrics["eval_accuracy"]
+
+    # Trainer.save_model leaves a folder that loads and runs as the trained model, with its processor and
+    # its code (tests/test_hub.py does the same where balpoe_hf cannot be imported).
+    trainer.save_model(str(tmp_path / "saved"))
+    files = set(os.listdir(tmp_path / "saved"))
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_balpoe.py",
+            "pipeline_balpoe.py"} <= files
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(dataset.pixel_values).logits, expected)
