@@ -91,7 +91,6 @@ class HubFolder:
     # What is uploaded instead of the local file, for the files of ``files`` that name local paths (the
     # run's ``recipe.yaml`` keeps its data paths for --resume and balpoe-evaluate; the Hub gets file names).
     published: dict[str, bytes] = field(default_factory=dict)
-    report: Path | None = None  # the evaluation report the card was made from, if any
 
     def content(self, name: str) -> bytes:
         """The bytes ``push_to_hub`` uploads as ``name``."""
@@ -295,10 +294,12 @@ def _data_sentence(counts: list[int], recipe: Mapping[str, Any], data: Mapping[s
     source = (data or {}).get("short")
     made = " made long-tailed" if recipe.get("imbalance_ratio") is not None else ""
     epochs = recipe.get("epochs")
-    where = (f"Trained on {source}{made}" if source else "Trained") + (
-        f" for {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else "")
-    return (f"{where}: {len(counts)} classes, {max(counts):,} down to {min(counts):,} training images per "
-            f"class (imbalance ratio {ratio_text})")
+    classes = (f"{len(counts)} classes, {max(counts):,} down to {min(counts):,} training images per class "
+               f"(imbalance ratio {ratio_text})")
+    if not source:
+        return f"Trained on {classes}"
+    duration = f" for {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else ""
+    return f"Trained on {source}{made}{duration}: {classes}"
 
 
 def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -905,7 +906,7 @@ def prepare_hub_folder(
     card.save(folder / CARD_NAME)
     record_outputs(folder, [folder / name for name in targets])
     return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=extra_files), card=card,
-                     published=published, report=report_path if report is not None else None)
+                     published=published)
 
 
 def push_to_hub(

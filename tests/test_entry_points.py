@@ -101,7 +101,8 @@ def test_wheel_holds_the_package_its_data_and_the_console_scripts(background):
     wheel = background["wheel"]
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("recipes/__init__", "arguments", "errors", "training", "evaluation", "loading",
-                   "transforms", "checkpoints", "cli", "train", "modeling_balpoe", "configuration_balpoe"):
+                   "transforms", "checkpoints", "cli", "train", "modeling_balpoe", "configuration_balpoe",
+                   "pipeline_balpoe"):
         assert f"balpoe_hf/{module}.py" in names, module
     assert {f"balpoe_hf/recipes/{name}.yaml" for name in available_recipes()} <= names
     assert "balpoe_hf/model_cards/modelcard_template.md" in names
