@@ -640,8 +640,12 @@ def _code_files(folder: Path, config: Mapping[str, Any], problems: list[str]) ->
         problems.append("config.json has no auto_map, so trust_remote_code=True cannot load the model "
                         "without balpoe_hf: save it with a balpoe_hf BalPoEForImageClassification.")
         return []
-    # auto_map values look like "modeling_balpoe.BalPoEForImageClassification" (or "repo--module.Class").
+    # auto_map values look like "modeling_balpoe.BalPoEForImageClassification" (or "repo--module.Class"),
+    # as do the pipelines' "impl".
+    pipelines = config.get("custom_pipelines") or {}
     refs = [ref for ref in auto_map.values() if isinstance(ref, str)]
+    refs += [task["impl"] for task in pipelines.values()
+             if isinstance(task, Mapping) and isinstance(task.get("impl"), str)]
     queue = sorted({ref.split("--")[-1].rsplit(".", 1)[0] for ref in refs})
     seen: list[str] = []
     while queue:
@@ -689,6 +693,11 @@ def check_hub_folder(model_dir: str | Path, require_card: bool = True, extra_fil
                             "travel with the model (set them in BalPoEConfig).")
     files += _weight_files(folder, problems)
     files += _code_files(folder, config, problems)
+    if config and "image-classification" not in (config.get("custom_pipelines") or {}):
+        problems.append(f"{CONFIG_NAME} names no image-classification pipeline (custom_pipelines), so the "
+                        "card's pipeline(..., target_prior=...) would fail: the model was saved by an "
+                        "earlier release; save it again with this one: "
+                        "BalPoEForImageClassification.from_pretrained(dir).save_pretrained(dir).")
     if (folder / IMAGE_PROCESSOR_NAME).is_file():
         files.append(IMAGE_PROCESSOR_NAME)
     else:
@@ -772,7 +781,9 @@ def published_files(folder: str | Path, files: Sequence[str]) -> tuple[dict[str,
     published: dict[str, bytes] = {}
     local: list[str] = []
     if RECIPE_NAME in files:
-        published[RECIPE_NAME], local = _published_recipe((folder / RECIPE_NAME).read_text(encoding="utf-8"))
+        recipe, local = _published_recipe((folder / RECIPE_NAME).read_text(encoding="utf-8"))
+        if local:  # else the file goes up as it is
+            published[RECIPE_NAME] = recipe
     config = _read_json(folder / CONFIG_NAME, "model config") or {}
     weights_file = config.get("backbone_weights_file")
     if isinstance(weights_file, str) and weights_file != local_name(weights_file):

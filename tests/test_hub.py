@@ -299,9 +299,9 @@ def test_push_uploads_exactly_the_publishable_files(hub_snapshot, saved_run):
     expected |= {p.name for p in run.glob("*.py")}  # the code files save_pretrained copied
     assert {"configuration_balpoe.py", "modeling_balpoe.py", "pipeline_balpoe.py"} <= expected
     assert set(hub_snapshot["uploaded"]) == expected
-    # Sent as they lie in the run, but the recipe (data paths as file names; this one names none).
+    # Sent as they lie in the run (its recipe names no local path).
     for name, content in hub_snapshot["sent"].items():
-        assert name == "recipe.yaml" or content == (run / name).read_bytes(), name
+        assert content == (run / name).read_bytes(), name
 
 
 def test_uploaded_config_carries_the_prior_and_lambdas(hub_snapshot):
@@ -379,6 +379,19 @@ def test_missing_token_fails_before_anything_happens(saved_run, fake_hub, monkey
         hub.push_to_hub(run, "me/tiny-balpoe")
     assert fake_hub == {"create_repo": [], "create_commit": []}
     assert _snapshot(run) == before
+
+
+def test_a_folder_saved_without_the_pipeline_is_refused_until_saved_again(tmp_path):
+    """A model saved by an earlier release has no pipeline code: the card's target_prior calls would fail."""
+    from balpoe_hf import BalPoEForImageClassification
+
+    folder = tmp_path / "model"
+    fixtures = Path(__file__).parent / "fixtures" / "saved_models"
+    shutil.copytree(fixtures / "resnet-3experts-calibrated" / "model", folder)
+    with pytest.raises(hub.HubFolderError, match=r"names no image-classification pipeline.*save it again"):
+        hub.check_hub_folder(folder, require_card=False)
+    BalPoEForImageClassification.from_pretrained(folder).save_pretrained(folder)
+    assert "pipeline_balpoe.py" in hub.check_hub_folder(folder, require_card=False)
 
 
 def test_check_refuses_pickle_weights_next_to_safetensors(saved_run, tmp_path):
