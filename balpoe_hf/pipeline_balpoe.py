@@ -10,12 +10,13 @@ travels with every saved model as remote code. Without ``target_prior`` a call i
 - ``"auto"``: the prior of the call's own images, estimated by ``model.adapt_to_unlabeled`` before
   predicting, with its default method (``"em"`` for a model trained without a held-out split, which has no
   calibration for the default); the model is run twice on them. Pass the images of one deployment together:
-  on a handful of images the estimator's guard keeps the uniform prior.
+  a handful of images says little about a label distribution.
 
 The model's own target prior (``model.config.target_prior``) is never changed by a call: the next call
 without ``target_prior`` predicts as before.
 
-This module is shipped as remote code next to a saved model: it imports torch and transformers only.
+This module is shipped as remote code next to a saved model: it imports numpy, PIL, torch and transformers
+only.
 """
 
 from __future__ import annotations
