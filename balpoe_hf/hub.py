@@ -454,7 +454,6 @@ def render_model_card(
         eval_results=eval_entries or None,
         balpoe=balpoe_meta,
     )
-    unknown_mode = "auto" if config.get("calibration") is not None else "em"
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
@@ -476,7 +475,6 @@ def render_model_card(
         report_file=report_file,
         images=dict(images or {}),
         image_size=int(config.get("image_size") or 224),
-        unknown_mode=unknown_mode,
         retrain_command=(f"balpoe-train --config {RECIPE_NAME} {data['flags']}".strip() if data else None),
         retrain_note=(data or {}).get("note"),
     )

@@ -402,7 +402,7 @@ def run_cards(tmp_path_factory) -> dict[str, dict]:
         run = root / "runs" / method
         assert cli.train_main([*COMMON_FLAGS, *flags, "--train-file", str(train_file), "--test-file",
                                str(test_file), "--output-dir", str(run)]) == 0
-        priors = "all" if "--holdout-fraction" in flags else "none,oracle,em"
+        priors = "all" if "--holdout-fraction" in flags else "none,oracle,auto"
         assert cli.evaluate_main(["--model", str(run), "--shifts", "forward5,uniform,backward5", "--prior",
                                   priors, "--output", str(run / "eval" / "report.json")]) == 0
         folder = hub.prepare_hub_folder(run, f"me/run-{method}")
@@ -474,15 +474,16 @@ def test_ce_la_card_states_a_single_network(run_cards):
     assert (data.balpoe["method"], data.balpoe["num_experts"], data.balpoe["lambdas"]) == ("ce-la", 1, [1.0])
 
 
-@pytest.mark.parametrize("method,unknown", [("balpoe-erm", "auto"), ("balpoe", "em"), ("ce-la", "auto")])
-def test_card_shift_table_and_model_index_hold_three_prior_modes(run_cards, method, unknown):
+@pytest.mark.parametrize("method,all_modes", [("balpoe-erm", True), ("balpoe", False), ("ce-la", True)])
+def test_card_shift_table_and_model_index_hold_three_prior_modes(run_cards, method, all_modes):
     card = run_cards[method]
     text = card["text"]
     report = json.loads((card["run"] / "eval" / "report.json").read_text())
     from balpoe_hf.evaluation import PRIOR_MODES
 
     # The report keeps every mode.
-    assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if unknown == "auto" else 3)
+    assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if all_modes else 3)
+    unknown = "auto"
     body = text.split("## How to use")[0]
     rows = re.findall(r"^\| ([\w-]+) \| [\d.]+ \|", body, flags=re.MULTILINE)
     assert rows == ["none", "oracle", unknown]
@@ -493,23 +494,19 @@ def test_card_shift_table_and_model_index_hold_three_prior_modes(run_cards, meth
     # 9 balanced-set metrics + 3 modes x 3 shifts
     assert len(card["folder"].card.data.eval_results) == 9 + 3 * 3
     snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[0]
-    call = 'adapt_to_unlabeled(inputs["pixel_values"]' + (', method="em")' if unknown == "em" else ")")
-    assert call in snippet and "estimate_target_prior" not in text
+    assert 'adapt_to_unlabeled(inputs["pixel_values"])' in snippet and "estimate_target_prior" not in text
 
 
 def test_card_front_matter_stays_small_for_the_full_grid():
     from balpoe_hf.evaluation import ALL_SHIFTS, PRIOR_MODES
 
     grid = {"shift_accuracy": {mode: dict.fromkeys(ALL_SHIFTS, 0.5) for mode in PRIOR_MODES}}
-    calibrated = {**CONFIG, "calibration": {}, "shift_estimator": {"name": "em-bcts"}}
+    calibrated = {**CONFIG, "calibration": {}}
     card = hub.render_model_card(calibrated, EVAL, grid, images=IMAGES)
     assert _target_priors(card) == {"auto", "none", "oracle"}
     assert len(card.data.eval_results) == len(EVAL) - 1 + 3 * len(ALL_SHIFTS)  # few-shot is None
     assert len(_front_matter(str(card)).splitlines()) < 300  # the 11 x 9 grid took 680 lines
-    assert "| auto (chose em-bcts) |" in card.text and "For this model `auto` chose `em-bcts`." in card.text
-    assert "| em-bcts |" not in card.text
-    plain = hub.render_model_card({**CONFIG, "calibration": {}}, EVAL, grid, images=IMAGES)
-    assert "| auto | 50.00 |" in plain.text and "chose" not in plain.text
+    assert "| auto | 50.00 |" in card.text and "| em-bcts |" not in card.text
 
 
 # The editable install of the package puts a finder for balpoe_hf on sys.meta_path: refuse the package first,

@@ -149,7 +149,7 @@ def test_training_with_a_holdout_saves_its_calibration_and_report(parquet, tmp_p
                               "--prior", "none,auto", "--deployment-sizes", "16", "--deployment-draws",
                               "1"]) == 0
     printed = capsys.readouterr().out
-    assert "calibrated again on its held-out split" in printed and "'em-bcts-gain' dropped" in printed
+    assert "calibrated again on its held-out split" in printed and "'rlls-gain' dropped" in printed
     assert "batches of 16:" in printed
     upgraded = BalPoEForImageClassification.from_pretrained(run).config
     assert upgraded.shift_estimator is None
@@ -228,13 +228,20 @@ def test_bad_calibration_is_refused(change, message):
 TARGET_PRIOR = np.array([0.1, 0.2, 0.3, 0.4])
 MISCALIBRATION = {"scale": 2.0, "class_bias": (2.25, 0.0, -1.5, -0.75)}
 UNIFORM = [0.25] * 4
-# A config.shift_estimator as the previous release's per-model choice wrote it.
-LEGACY_CHOICE = {"name": "em-bcts-gain",
-                 "settings": {"calibration": "bcts", "method": "em", "guard": "gain", "alpha": 0.05,
-                              "shrinkage": 0.0, "gain_quantile": 0.75},
-                 "rule": "harm within the simulation's error of the least; then the first to recover >= 0.1",
-                 "simulation": {"oracle": {"harm": 0.0, "worst": -0.01, "mean": 0.02, "recovered": 1.0}},
-                 "holdout_samples": 30}
+# config.shift_estimator as the previous release wrote it: its per-model choice on a Fashion-MNIST-LT model.
+LEGACY_CHOICE = {
+    "holdout_samples": 1489, "name": "rlls-gain",
+    "rule": ("harm within the simulation's error of the least; then the first to recover >= 0.1 of the "
+             "oracle's simulated gain in the order em-bcts-gain, rlls-gain, bbse-gain, em-gain; else the "
+             "safest"),
+    "settings": {"alpha": 0.05, "calibration": "confusion", "gain_quantile": 0.75, "guard": "gain",
+                 "method": "rlls", "shrinkage": 0.1},
+    "simulation": {
+        "bbse-gain": {"harm": -0.07, "mean": -0.03482, "recovered": -0.96262, "worst": -0.07},
+        "em-bcts-gain": {"harm": -0.023, "mean": 0.00033, "recovered": -0.03011, "worst": -0.023},
+        "em-gain": {"harm": -0.03167, "mean": -0.00245, "recovered": 0.21184, "worst": -0.0325},
+        "oracle": {"harm": 0.0, "mean": 0.01343, "recovered": 1.0, "worst": -0.00175},
+        "rlls-gain": {"harm": -0.02, "mean": 0.00163, "recovered": -0.00519, "worst": -0.02}}}
 
 
 def _total_variation(a, b) -> float:
@@ -484,7 +491,7 @@ def _legacy_folder(root: Path, extra: str | None = None) -> Path:
 def test_upgrade_in_place_drops_the_legacy_choice_and_adopts_the_folder(tmp_path):
     folder = _legacy_folder(tmp_path)
     done = evaluation.upgrade_model(folder)
-    assert done == {"folder": str(folder), "recalibrated": False, "dropped_choice": "em-bcts-gain",
+    assert done == {"folder": str(folder), "recalibrated": False, "dropped_choice": "rlls-gain",
                     "auto": done["auto"]} and done["auto"].startswith("'auto' adapts from")
     config = json.loads((folder / "config.json").read_text())
     assert "shift_estimator" not in config or config["shift_estimator"] is None
