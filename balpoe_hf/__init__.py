@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_balpoe import BalPoEConfig
 from .data import class_counts, make_long_tailed, make_shifted_test, shot_groups
-from .label_shift import estimate_target_prior
+from .label_shift import PriorStream, estimate_prior
 from .losses import BalPoELoss, logit_adjusted_cross_entropy
 from .modeling_balpoe import BalPoEForImageClassification, BalPoEModel
 from .pipeline_balpoe import BalPoEImageClassificationPipeline
@@ -24,11 +24,12 @@ __all__ = [
     "BalPoEImageClassificationPipeline",
     "BalPoELoss",
     "BalPoEModel",
+    "PriorStream",
     "adjust_logits",
     "build_image_processor",
     "class_counts",
     "class_prior",
-    "estimate_target_prior",
+    "estimate_prior",
     "log_class_prior",
     "logit_adjusted_cross_entropy",
     "make_long_tailed",

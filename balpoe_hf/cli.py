@@ -33,7 +33,7 @@ from .compare import (
     seed_summaries,
 )
 from .errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
-from .label_shift import UNKNOWN_PRIOR_MODES
+from .label_shift import PRIOR_ESTIMATORS
 from .methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
 from .recipes import Recipe, make_recipe
 
@@ -106,12 +106,11 @@ Prints the balanced-test-set report (accuracy, balanced and many/medium/few accu
 then a table shaped like Table 10 of the BalPoE paper: one row per prior mode, one column per test
 distribution (forward50 ... uniform ... backward50), top-1 accuracy in the cells. Prior modes: none (uniform
 target prior), oracle (the shifted set's true label distribution), and estimators of that distribution from
-the model's logits on the unlabelled shifted set: em (EM on the raw posteriors), em-ts and em-bcts (EM after
-temperature scaling / BCTS), bbse (from the held-out confusion matrix), em-bcts-lrt (em-bcts with a
-likelihood-ratio guard), em-bcts-map (em-bcts shrunk towards uniform) and auto, the default (see
-docs/evaluation.md). All but em need a model trained with --holdout-fraction (its config.calibration). With
---output it writes the JSON report and, beside it, a reliability diagram and a per-class accuracy plot of the
-balanced set.
+the model's logits on the unlabelled shifted set: auto, the default (EM shrunk towards uniform by as much as
+its errors are large; see docs/evaluation.md), and the literature's estimators as published: em (EM on the
+raw posteriors), em-bcts (EM after BCTS), bbse and rlls (from the held-out confusion matrix); these last three
+need a model trained with --holdout-fraction (its config.calibration). With --output it writes the JSON
+report and, beside it, a reliability diagram and a per-class accuracy plot of the balanced set.
 
 Test data: by default the test set of the run's recipe.yaml; else --dataset fashion-mnist (the Debian package
 dataset-fashion-mnist), --test-file with parquet files or an imagefolder directory, --test-list with
@@ -151,17 +150,26 @@ class EvaluateArguments:
     shifts: str = field(default="all", metadata={"help": (
         "'all' (forward50 ... uniform ... backward50) or a comma list of shift names.")})
     prior: str | None = field(default=None, metadata={"help": (
-        "Comma list of prior modes, or 'all': " + ", ".join(("none", "oracle", *UNKNOWN_PRIOR_MODES))
-        + " (default: none,oracle,auto; "
-        "none,oracle,em for a model trained without --holdout-fraction). auto runs the estimator chosen for "
-        "the model on its held-out split.")})
-    fit_shift_estimator: bool = field(default=False, metadata={"help": (
-        "First choose the model's label-shift estimator on its held-out split, as training does (for runs "
-        "saved before the choice existed; needs the run's folder and data), and save it with the model.")})
+        "Comma list of prior modes, or 'all': " + ", ".join(("none", "oracle", *PRIOR_ESTIMATORS))
+        + " (default: none,oracle,auto).")})
+    upgrade: bool = field(default=False, metadata={"help": (
+        "First give the model folder today's estimator settings (a model saved by an earlier release): "
+        "calibrate it again on its run's held-out split where it has one, drop an earlier release's "
+        "estimator choice, save today's code files; in place when the folder holds only balpoe-hf's files.")})
+    upgrade_into: str | None = field(default=None, metadata={"help": (
+        "With --upgrade: write the upgraded model into this new folder instead (and evaluate that one).")})
     deployment_sizes: str | None = field(default=None, metadata={"help": (
         "Comma list of small batch sizes, e.g. 100,300,1000: also adapt on batches of these sizes drawn "
         "from each shifted set, as a deployment would (mean and worst gain over --deployment-draws).")})
     deployment_draws: int = field(default=10, metadata={"help": "Batches drawn per size and shift."})
+    stream: int | None = field(default=None, metadata={"help": (
+        "Batch size of a stream, e.g. 300: also adapt on a stream of --stream-batches batches from each "
+        "shifted set, the evidence of all of them together, and on a drifting stream (forward50, then "
+        "backward50) with --drift-forgetting; the gain over none after each batch (JSON key 'stream').")})
+    stream_batches: int = field(default=10, metadata={"help": "Batches per stream."})
+    stream_draws: int = field(default=10, metadata={"help": "Streams drawn per shift."})
+    drift_forgetting: float = field(default=0.5, metadata={"help": (
+        "The drifting stream's forgetting factor: an image k batches old weighs forgetting**k.")})
     output: str | None = field(default=None, metadata={
         "help": "Write the JSON report here, and the PNG plots beside it."})
     batch_size: int = field(default=256, metadata={"help": "Inference batch size."})
@@ -293,11 +301,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         check_output,
         default_priors,
         evaluate_model,
-        fit_shift_estimator,
         format_balanced,
         format_deployment_table,
-        format_shift_estimator,
         format_shift_table,
+        format_stream_table,
         load_model,
         parse_priors,
         parse_shifts,
@@ -305,6 +312,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         report_files,
         report_owner,
         resolve_device,
+        upgrade_model,
         write_report,
     )
     from .loading import load_list, load_split, local_name
@@ -323,12 +331,24 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             check_output(args.output, args.model,
                          [_list_name(path) for path in args.test_list] if several_lists else ())
         sizes = _parse_sizes(args.deployment_sizes)
-        if args.fit_shift_estimator:
-            choice = fit_shift_estimator(args.model, device)
-            print(format_shift_estimator(choice))
+        if args.stream is not None and min(args.stream, args.stream_batches, args.stream_draws) < 1:
+            raise EvaluationError(f"--stream, --stream-batches and --stream-draws must be positive, got "
+                                  f"{args.stream}, {args.stream_batches} and {args.stream_draws}.")
+        if not 0 < args.drift_forgetting <= 1:
+            raise EvaluationError(f"--drift-forgetting must lie in (0, 1], got {args.drift_forgetting}.")
+        if args.upgrade_into and not args.upgrade:
+            raise EvaluationError("--upgrade-into names where --upgrade writes; add --upgrade.")
+        if args.upgrade:
+            done = upgrade_model(args.model, args.upgrade_into, device)
+            print(f"upgraded {done['folder']}: "
+                  + ("calibrated again on its held-out split" if done["recalibrated"] else
+                     "calibration kept (no held-out split to rebuild)")
+                  + (f"; the earlier release's choice {done['dropped_choice']!r} dropped"
+                     if done["dropped_choice"] else "") + f"; {done['auto']}")
+            args.model = done["folder"]
         model, processor = load_model(args.model, device)
-        priors = priors or default_priors(model.config.calibration)
-        check_calibration_for(priors, model.config.calibration, args.model, model.config.shift_estimator)
+        priors = priors or default_priors()
+        check_calibration_for(priors, model.config.calibration, args.model)
         if several_lists:
             _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
             return 0
@@ -343,7 +363,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
                                 label_column=args.label_column, shifts=shifts, priors=priors,
                                 batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
                                 seed=args.seed, deployment_sizes=sizes,
-                                deployment_draws=args.deployment_draws)
+                                deployment_draws=args.deployment_draws, stream_size=args.stream,
+                                stream_length=args.stream_batches, stream_draws=args.stream_draws,
+                                drift_forgetting=args.drift_forgetting)
     except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
         return _fail(error)
     result.report = {"model": report_model_name(args.model), "dataset": source, **result.report}
@@ -355,11 +377,14 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     print("\nTop-1 accuracy (%) on label-shifted test sets (rows: prior mode, columns: test distribution):")
     print(format_shift_table(result.report["shift_accuracy"], shifts))
     if result.report["shift_estimator"]:
-        print(f"(auto ran {result.report['shift_estimator']})")
+        print(f"({result.report['shift_estimator']})")
     if sizes:
         print("\nGain over none (points) adapting on small batches drawn from each shifted set, mean over "
               f"{args.deployment_draws} draws (worst draw in brackets):")
         print(format_deployment_table(result.report["deployment_batches"], shifts))
+    if args.stream is not None:
+        print()
+        print(format_stream_table(result.report["stream"]))
     if args.output:
         output = Path(args.output)
         try:

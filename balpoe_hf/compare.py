@@ -172,8 +172,7 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     """
     from .checkpoints import record_outputs, run_output_files, start_run
     from .evaluation import load_model, resolve_device
-    from .label_shift import holdout_calibration
-    from .shift_selection import choose_shift_estimator
+    from .holdout_statistics import holdout_calibration
 
     if run_dir.is_dir():
         shutil.rmtree(run_dir)
@@ -187,10 +186,6 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
                                 "to fit it again for the derived run.")
         logits, labels = holdout_logits(model, processor, holdout, recipe)
         model.config.calibration = holdout_calibration(logits, labels)
-        try:  # the new logits choose their own estimator, as training does
-            model.config.shift_estimator = choose_shift_estimator(logits, labels, model.config.class_counts)
-        except ValueError:  # too few held-out images to cross-fit: auto runs the fixed default
-            model.config.shift_estimator = None
     processor.save_pretrained(run_dir)  # first: save_pretrained writes a processor only where there is none
     model.save_pretrained(run_dir)
     train_results = json.loads((source_dir / "train_results.json").read_text())

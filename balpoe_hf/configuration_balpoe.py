@@ -1,7 +1,7 @@
 """Configuration of BalPoE models (``model_type="balpoe"``).
 
 This module is also shipped as remote code next to a saved model: it imports torch, timm, transformers and
-the flat ``.label_shift`` / ``.priors`` / ``.backbones`` modules only.
+the flat ``.label_shift`` / ``.holdout_statistics`` / ``.priors`` / ``.backbones`` modules only.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from transformers import PreTrainedConfig
 
 # Importing .backbones also registers the CIFAR ResNets (the default backbone) with timm.
 from .backbones import check_backbone_kwargs
-from .label_shift import UnknownPriorMethod, validate_calibration, validate_shift_estimator
+from .holdout_statistics import validate_calibration
+from .label_shift import validate_shift_estimator
 from .priors import expert_lambdas, validate_class_counts, validate_prior
 
 CLASSIFIERS = ("cosine", "linear")
@@ -85,18 +86,17 @@ class BalPoEConfig(PreTrainedConfig):
             Test-time class prior the logits are adjusted to; `None` means uniform (balanced accuracy).
         calibration (`dict`, *optional*):
             What the model learnt about itself on held-out labelled data from the training distribution
-            (`balpoe_hf.label_shift.holdout_calibration`, filled in by training with `holdout_fraction >
-            0`): `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the uniform-prior logits
-            `z`) fitted with `bias_std` (the Gaussian prior of the biases), with their uncertainty (`bias_se`,
-            `bias_cov_factor`), `ts_temperature` (temperature scaling alone), `holdout_counts` and
-            `confusion` (held-out labels against `argmax z`). Used to estimate an unknown test prior from
-            unlabelled data (`adapt_to_unlabeled`); it does not change the logits. `None`: no held-out data.
+            (`balpoe_hf.holdout_statistics.holdout_calibration`, filled in by training with
+            `holdout_fraction > 0`): `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the
+            uniform-prior logits `z`) fitted with `bias_std` (the Gaussian prior of the biases), with their
+            uncertainty (`bias_se`, `bias_cov_factor`), `ts_temperature` (temperature scaling alone),
+            `holdout_counts` and `confusion` (held-out labels against `argmax z`). Used to estimate an
+            unknown test prior from unlabelled data (`adapt_to_unlabeled`); it does not change the logits.
+            `None`: no held-out data.
         shift_estimator (`dict`, *optional*):
-            The label-shift estimator chosen for this model on its held-out split
-            (`balpoe_hf.shift_selection.choose_shift_estimator`): its `name`, its `settings`
-            (`balpoe_hf.label_shift.UnknownPriorMethod`) and what the choice saw. The default unknown-prior
-            mode `auto` runs it; `None` (a model saved before the choice existed, or without held-out
-            data) runs the fixed `label_shift.LEGACY_AUTO`.
+            `{"settings": ShiftEstimator(...).to_dict()}` (`balpoe_hf.label_shift`): other settings for the
+            unknown-prior mode `auto` of this model. `None` (the default) runs the package's default. A
+            choice recorded by an earlier release (with a `name`) loads and is ignored.
         image_size (`int`, *optional*):
             Input resolution; defaults to `backbone_kwargs["img_size"]` or the timm model's input size.
         image_mean, image_std (`list[float]`, *optional*):
@@ -222,11 +222,6 @@ class BalPoEConfig(PreTrainedConfig):
                                  f"{values!r}.")
         if self.shift_estimator is not None:
             validate_shift_estimator(self.shift_estimator)
-            if UnknownPriorMethod.from_dict(self.shift_estimator["settings"]).calibration is not None and (
-                    self.calibration is None):
-                raise ValueError(f"shift_estimator {self.shift_estimator['name']!r} reads the held-out "
-                                 "calibration, but calibration is None; set both (training with "
-                                 "holdout_fraction > 0 does) or neither.")
         if not isinstance(self.remove_mean_lambda, bool):
             raise ValueError(f"remove_mean_lambda must be True or False, got {self.remove_mean_lambda!r}.")
         if self.method is not None and not isinstance(self.method, str):

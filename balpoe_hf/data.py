@@ -16,6 +16,9 @@ import numpy as np
 PROFILES = ("exponential", "step")
 SELECTIONS = ("random", "reference")
 SHIFT_KINDS = ("forward", "backward", "uniform")
+# The shifted test sets of the evaluation protocol (LADE / SADE; the paper's Table 10).
+ALL_SHIFTS = ("forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
+              "backward2", "backward5", "backward10", "backward25", "backward50")
 
 
 def short_list(items: Sequence, noun: str = "classes", head: int = 5) -> str:
@@ -266,6 +269,22 @@ def _check_train_counts(train_counts: Sequence[int]) -> None:
     if bad.size:
         raise ValueError(f"train_counts must be integers >= 0 (images per class), but classes "
                          f"{short_list(bad)} have {short_list(counts[bad])}.")
+
+
+def split_shift(name: str) -> tuple[str, float]:
+    """``"forward50"`` -> ``("forward", 50.0)``; ``"uniform"`` -> ``("uniform", 1.0)``."""
+    if name == "uniform":
+        return "uniform", 1.0
+    for kind in ("forward", "backward"):
+        if name.startswith(kind):
+            try:
+                ratio = float(name[len(kind):])
+            except ValueError:
+                break
+            if ratio >= 1:
+                return kind, ratio
+    raise ValueError(f"unknown shift {name!r}: use 'uniform', 'forwardR' or 'backwardR' with a ratio R >= 1 "
+                     "(e.g. forward50).")
 
 
 def make_shifted_test(ds: datasets.Dataset, train_counts: Sequence[int], kind: str, ratio: float = 1.0,

@@ -12,11 +12,12 @@ protocol of ``make_shifted_test``: forward50 ... uniform ... backward50) is a se
 logits, and every prior mode adds ``log(C * pi_t)`` to them, which is exactly what
 ``model.set_target_prior(pi_t)`` does inside the model. Prior modes: ``none`` (uniform target prior),
 ``oracle`` (the shifted set's true label distribution), and the estimators of
-``balpoe_hf.priors.UNKNOWN_PRIOR_METHODS``, which estimate that distribution from the model's logits on the
-unlabelled shifted set (``estimate_unknown_prior``, as ``model.adapt_to_unlabeled`` does): ``em``, ``em-ts``,
-``em-bcts``, ``bbse``, ``em-bcts-lrt``, ``em-bcts-map`` and ``auto`` (the default unknown-prior mode). All
-but ``em`` need the held-out calibration a run trained with ``holdout_fraction > 0`` saves in
-``config.calibration``.
+``balpoe_hf.label_shift.PRIOR_ESTIMATORS``, which estimate that distribution from the model's logits on the
+unlabelled shifted set (``label_shift.estimate_prior``, as ``model.adapt_to_unlabeled`` does): ``auto`` (the
+default), ``em``, ``em-bcts``, ``bbse`` and ``rlls``. ``em-bcts``, ``bbse`` and ``rlls`` need the held-out
+calibration that a run trained with ``holdout_fraction > 0`` saves in ``config.calibration``. Beside the
+full shifted sets, ``deployment_batches`` adapts on small batches drawn from them and ``stream_batches`` on
+a stream of batches (``label_shift.PriorStream``), as deployments do.
 """
 
 from __future__ import annotations
@@ -37,23 +38,26 @@ from safetensors import SafetensorError
 
 from .calibration import apply_calibration
 from .checkpoints import check_writable, read_manifest, record_outputs, written_by_package
-from .data import make_shifted_test, short_list
+from .data import ALL_SHIFTS, make_shifted_test, short_list, split_shift
 from .errors import EvaluationError, TrainingError
+from .holdout_statistics import holdout_calibration
 from .label_shift import (
-    UNKNOWN_PRIOR_MODES,
+    NEEDS_CALIBRATION,
+    PRIOR_ESTIMATORS,
     PriorEstimate,
-    estimate_unknown_prior,
-    holdout_calibration,
-    resolve_unknown_prior_method,
+    PriorStream,
+    describe_auto,
+    estimate_prior,
+    is_legacy_choice,
+    resolve_estimator,
 )
 from .loading import align_labels, offline_mode
 from .metrics import accuracy_report, calibration_report, long_tail_report, percent
 from .modeling_balpoe import BalPoEForImageClassification
 from .priors import adjust_logits
-from .shift_selection import ALL_SHIFTS, choose_shift_estimator, split_shift
 from .transforms import to_rgb
 
-PRIOR_MODES = ("none", "oracle", *UNKNOWN_PRIOR_MODES)
+PRIOR_MODES = ("none", "oracle", *PRIOR_ESTIMATORS)
 
 
 def parse_shifts(shifts: str | Sequence[str]) -> list[str]:
@@ -250,24 +254,6 @@ def predict(model: BalPoEForImageClassification, processor: Any, ds: datasets.Da
     return torch.cat(logits), torch.cat(expert_logits)
 
 
-def fit_target_prior(model: BalPoEForImageClassification, processor: Any, ds: datasets.Dataset, *,
-                     image_column: str = "image", method: str = "auto", set_prior: bool = True,
-                     batch_size: int = 256) -> PriorEstimate:
-    """``model.adapt_to_unlabeled`` for a ``datasets.Dataset`` of unlabelled images (labels are not read).
-
-    Preprocesses ``ds[image_column]`` with ``processor`` (the model's image processor), estimates the class
-    prior with ``label_shift.estimate_unknown_prior`` (``method="auto"``: the estimator chosen for this
-    model, ``config.shift_estimator``) and, with ``set_prior``, calls
-    ``model.set_target_prior(estimate.prior)``. Returns the ``PriorEstimate``.
-    """
-    logits, _ = predict(model, processor, ds, image_column, batch_size)
-    config = model.config
-    estimate = estimate_unknown_prior(logits, config.calibration, method, config.shift_estimator)
-    if set_prior:
-        model.set_target_prior(estimate.prior)
-    return estimate
-
-
 # --------------------------------------------------------------------------- shifts and priors
 
 
@@ -297,8 +283,8 @@ def _estimate_summary(estimate: PriorEstimate, true_prior: torch.Tensor) -> dict
         "prior": estimate.prior.tolist(),
         # Total variation distance between the prior used and the truth: how well the estimator did.
         "error": float(0.5 * (estimate.prior - true_prior).abs().sum()),
-        "guard_fired": estimate.guard_fired,
-        "p_value": estimate.p_value,
+        "kept_uniform": estimate.kept_uniform,
+        "shift_spread": estimate.shift_spread,
     }
 
 
@@ -308,8 +294,8 @@ def evaluate_shifts(uniform_logits: torch.Tensor, labels: np.ndarray, train_coun
                     **report_kwargs: Any) -> dict[str, Any]:
     """Per shift: its size, true prior, each estimator's prior, and a long_tail_report per prior mode.
 
-    ``calibration`` is the model's ``config.calibration``, needed by every estimator but ``em``, and
-    ``shift_estimator`` its ``config.shift_estimator``, which ``auto`` runs.
+    ``calibration`` is the model's ``config.calibration`` (``NEEDS_CALIBRATION`` lists the modes that cannot
+    do without it) and ``shift_estimator`` its ``config.shift_estimator``.
     """
     num_classes = uniform_logits.shape[1]
     results: dict[str, Any] = {}
@@ -325,7 +311,7 @@ def evaluate_shifts(uniform_logits: torch.Tensor, labels: np.ndarray, train_coun
             elif mode == "oracle":
                 adjusted = with_target_prior(logits, true_prior)
             else:
-                estimate = estimate_unknown_prior(logits, calibration, mode, shift_estimator)
+                estimate = estimate_prior(logits, calibration, mode, shift_estimator=shift_estimator)
                 entry["estimates"][mode] = _estimate_summary(estimate, true_prior)
                 adjusted = with_target_prior(logits, estimate.prior)
             entry["reports"][mode] = long_tail_report(adjusted, targets, train_counts, **report_kwargs)
@@ -364,7 +350,8 @@ def deployment_batches(uniform_logits: torch.Tensor, labels: np.ndarray, train_c
                     if mode == "oracle":
                         prior = torch.from_numpy(np.bincount(targets, minlength=num_classes) / size)
                     else:
-                        prior = estimate_unknown_prior(logits, calibration, mode, shift_estimator).prior
+                        prior = estimate_prior(logits, calibration, mode,
+                                               shift_estimator=shift_estimator).prior
                     adjusted = with_target_prior(logits, prior)
                     gains[mode].append(float((adjusted.argmax(1).numpy() == targets).mean()) - baseline)
             results[str(size)][shift] = {
@@ -373,22 +360,95 @@ def deployment_batches(uniform_logits: torch.Tensor, labels: np.ndarray, train_c
     return results
 
 
-def default_priors(calibration: dict[str, Any] | None) -> list[str]:
-    """``none``, ``oracle`` and the default unknown-prior mode ``auto`` (``em`` for a model without
+# The drift scenario of ``stream_batches``: a stream that switches from one shift to its opposite.
+DRIFT_SCHEDULE = (("forward50", 5), ("backward50", 10))
+
+
+def _batch_gain(logits: torch.Tensor, targets: np.ndarray, prior: torch.Tensor) -> float:
+    """Top-1 accuracy of ``logits + log(C prior)`` minus that of ``logits`` on one batch."""
+    adjusted = with_target_prior(logits, prior)
+    before = (logits.argmax(1).numpy() == targets).mean()
+    return float((adjusted.argmax(1).numpy() == targets).mean() - before)
+
+
+def _stream_gains(uniform_logits: torch.Tensor, labels: np.ndarray,
+                  schedule: Sequence[tuple[np.ndarray, int]], modes: Sequence[str], batch_size: int,
+                  draws: int, forgetting: float, rng: np.random.Generator, calibration: dict[str, Any] | None,
+                  shift_estimator: dict[str, Any] | None) -> dict[str, list[float]]:
+    """Mean gain over ``none`` per batch of a stream (``schedule``: row pools and how many batches to draw
+    from each, in turn), averaged over ``draws`` streams; ``oracle`` predicts with the pool's label
+    distribution. Each batch is drawn without replacement from its pool, independently of the others."""
+    num_classes = uniform_logits.shape[1]
+    total = sum(count for _, count in schedule)
+    gains = {mode: np.zeros(total) for mode in modes}
+    for _ in range(draws):
+        stream, step = PriorStream(forgetting), 0
+        for rows, count in schedule:
+            truth = torch.from_numpy(np.bincount(labels[rows], minlength=num_classes) / len(rows))
+            for _ in range(count):
+                batch = rng.choice(rows, batch_size, replace=False)
+                logits, targets = uniform_logits[batch], labels[batch]
+                stream.add(logits)
+                for mode in modes:
+                    prior = truth if mode == "oracle" else estimate_prior(
+                        stream.logits, calibration, mode, weights=stream.weights,
+                        shift_estimator=shift_estimator).prior
+                    gains[mode][step] += _batch_gain(logits, targets, prior) / draws
+                step += 1
+    return {mode: values.tolist() for mode, values in gains.items()}
+
+
+def stream_batches(uniform_logits: torch.Tensor, labels: np.ndarray, train_counts: list[int],
+                   shifts: list[str], priors: list[str], batch_size: int, *, batches: int = 10,
+                   draws: int = 10, seed: int = 0, drift_forgetting: float = 0.5,
+                   calibration: dict[str, Any] | None = None,
+                   shift_estimator: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Prior modes adapting on a stream of unlabelled batches, as a deployment that keeps its evidence would.
+
+    Per shift, ``draws`` streams of ``batches`` batches of ``batch_size`` images from the shifted set; after
+    each batch every mode estimates the prior from all the batches so far (``label_shift.PriorStream``, no
+    forgetting) and predicts that batch. Then the drift scenario (``DRIFT_SCHEDULE``: batches from forward50,
+    then from backward50) with ``drift_forgetting``. Returns ``{"batch_size", "batches", "draws",
+    "shifts": {shift: {mode: [mean gain over none per batch]}}, "drift": {"schedule", "forgetting",
+    "gains"}}`` (fractions); a shift whose set is smaller than a batch is left out."""
+    if batch_size < 1 or batches < 1 or draws < 1:
+        raise EvaluationError(f"stream batch size, batches and draws must be positive, got {batch_size}, "
+                              f"{batches} and {draws}.")
+    if not 0 < drift_forgetting <= 1:
+        raise EvaluationError(f"the drift scenario's forgetting must lie in (0, 1], got {drift_forgetting}.")
+    rng = np.random.default_rng(seed)
+    modes = [mode for mode in priors if mode != "none"]
+    context = {"modes": modes, "batch_size": batch_size, "draws": draws, "rng": rng,
+               "calibration": calibration, "shift_estimator": shift_estimator}
+    results: dict[str, Any] = {"batch_size": batch_size, "batches": batches, "draws": draws, "shifts": {}}
+    for shift in shifts:
+        rows = shifted_rows(labels, train_counts, shift, seed)
+        if len(rows) >= batch_size:
+            results["shifts"][shift] = _stream_gains(uniform_logits, labels, [(rows, batches)],
+                                                     forgetting=1.0, **context)
+    pools = [(shifted_rows(labels, train_counts, shift, seed), count) for shift, count in DRIFT_SCHEDULE]
+    if all(len(rows) >= batch_size for rows, _ in pools):
+        results["drift"] = {"schedule": [list(step) for step in DRIFT_SCHEDULE],
+                            "forgetting": drift_forgetting,
+                            "gains": _stream_gains(uniform_logits, labels, pools, forgetting=drift_forgetting,
+                                                   **context)}
+    return results
+
+
+def default_priors() -> list[str]:
+    """``none``, ``oracle`` and the default unknown-prior mode ``auto`` (which works with or without a
     held-out calibration)."""
-    return ["none", "oracle", "auto" if calibration is not None else "em"]
+    return ["none", "oracle", "auto"]
 
 
-def check_calibration_for(priors: Sequence[str], calibration: dict[str, Any] | None, model_id: str,
-                          shift_estimator: dict[str, Any] | None = None) -> None:
+def check_calibration_for(priors: Sequence[str], calibration: dict[str, Any] | None, model_id: str) -> None:
     """Raise an ``EvaluationError`` when a prior mode needs the held-out calibration the model lacks."""
-    needy = [mode for mode in priors if mode not in ("none", "oracle")
-             and resolve_unknown_prior_method(mode, shift_estimator)[1].calibration is not None]
+    needy = [mode for mode in priors if mode in NEEDS_CALIBRATION]
     if needy and calibration is None:
         raise EvaluationError(
             f"prior modes {needy} need the held-out calibration (config.calibration), which {model_id} "
             "lacks: train it with --holdout-fraction 0.1 (balpoe-train), or evaluate with --prior "
-            "none,oracle,em.")
+            "none,oracle,auto,em.")
 
 
 def calibration_effect(logits: torch.Tensor, labels: torch.Tensor | np.ndarray, calibration: dict[str, Any],
@@ -453,29 +513,32 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
                    priors: str | Sequence[str] | None = None,
                    batch_size: int = 256, n_bins: int = 15, many: int | None = None, few: int | None = None,
                    seed: int = 0, deployment_sizes: Sequence[int] = (),
-                   deployment_draws: int = 10) -> EvaluationResult:
+                   deployment_draws: int = 10, stream_size: int | None = None, stream_length: int = 10,
+                   stream_draws: int = 10, drift_forgetting: float = 0.5) -> EvaluationResult:
     """The balanced-test-set report, each expert's accuracy, and the shifted sets under every prior mode.
 
-    ``priors=None``: ``default_priors`` (``none``, ``oracle`` and ``auto``, or ``em`` when the model has no
-    held-out calibration). ``many`` / ``few``: the shot thresholds; by default those of the run that trained
-    the model (``run_shot_thresholds``), so that the groups are the ones its training printout used.
+    ``priors=None``: ``default_priors`` (``none``, ``oracle`` and ``auto``). ``many`` / ``few``: the shot
+    thresholds; by default those of the run that trained the model (``run_shot_thresholds``), so that the
+    groups are the ones its training printout used.
 
     The report is a JSON-ready dict: ``balanced`` (``long_tail_report``, plus ``calibration_effect`` when the
     model has a held-out calibration), ``experts`` (raw-logit accuracy of each expert as trained),
     ``shift_accuracy`` (prior mode -> shift -> top-1 accuracy) and ``shifts`` (per shift: its size, true
-    prior, each estimator's prior with its error and guard, and a full report per prior mode).
-    ``shift_estimator`` names what ``auto`` ran (``"auto (NAME)"`` for the model's own choice). With
-    ``deployment_sizes``, ``deployment_batches`` holds each mode on ``deployment_draws`` small batches per
-    shift (``deployment_batches``). ``classes_without_test_images`` lists the classes the test set lacks,
-    which the averages leave out (``absent_classes_warning`` says so).
+    prior, each estimator's prior with its error, and a full report per prior mode). ``shift_estimator``
+    says what ``auto`` ran. With ``deployment_sizes``, ``deployment_batches`` holds each mode on
+    ``deployment_draws`` small batches per shift (``deployment_batches``); with ``stream_size``, ``stream``
+    holds each mode on streams of ``stream_length`` batches of that size (``stream_batches``,
+    ``stream_draws`` streams per shift, and the drift scenario with ``drift_forgetting``).
+    ``classes_without_test_images`` lists the classes the test set lacks, which the averages leave out
+    (``absent_classes_warning`` says so).
     """
     calibration = model.config.calibration
     if many is None or few is None:
         run_many, run_few = run_shot_thresholds(model)
         many, few = run_many if many is None else many, run_few if few is None else few
-    shifts, priors = parse_shifts(shifts), parse_priors(priors or default_priors(calibration))
+    shifts, priors = parse_shifts(shifts), parse_priors(priors or default_priors())
     shift_estimator = model.config.shift_estimator
-    check_calibration_for(priors, calibration, "the model", shift_estimator)
+    check_calibration_for(priors, calibration, "the model")
     train_counts = [int(c) for c in model.config.class_counts]
     id2label = model.config.id2label
     labels = align_labels(ds, label_column, [id2label[i] for i in range(len(id2label))])
@@ -507,62 +570,128 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
         "balanced": balanced,
         "experts": experts,
         "shift_accuracy": shift_accuracy,
-        "shift_estimator": resolve_unknown_prior_method("auto", shift_estimator)[0] if (
-            "auto" in priors) else None,
+        "shift_estimator": describe_estimator(model.config) if "auto" in priors else None,
         "shifts": shift_results,
     }
     if deployment_sizes:
         report["deployment_batches"] = deployment_batches(
             uniform_logits, labels, train_counts, shifts, priors, deployment_sizes, deployment_draws, seed,
             calibration, shift_estimator)
+    if stream_size is not None:
+        report["stream"] = stream_batches(uniform_logits, labels, train_counts, shifts, priors, stream_size,
+                                          batches=stream_length, draws=stream_draws, seed=seed,
+                                          drift_forgetting=drift_forgetting,
+                                          calibration=calibration, shift_estimator=shift_estimator)
     return EvaluationResult(report, uniform_logits, expert_logits, labels)
 
 
-def fit_shift_estimator(run_dir: str | Path, device: str | None = None) -> dict[str, Any]:
-    """Choose the label-shift estimator of a saved run, as training does at its end; save it with the model.
+def describe_estimator(config: Any) -> str:
+    """What ``auto`` runs for a model with this config, in one line."""
+    name, _ = resolve_estimator("auto", config.shift_estimator)
+    if name != "auto":
+        return f"{name}: the settings in config.shift_estimator"
+    return describe_auto(config.calibration)
 
-    For runs saved before the choice existed. Rebuilds the run's held-out split from its ``recipe.yaml`` (the
-    same data, seed and ``holdout_fraction``), predicts on it, fits ``config.calibration`` again (so that it
-    records the uncertainty of its biases) and chooses ``config.shift_estimator``
-    (``shift_selection.choose_shift_estimator``); then saves the model again (``save_pretrained``: config,
-    code files and the unchanged weights), recorded in the run's manifest. Refuses a run without a held-out
-    split, or whose files the package did not write. Returns the choice.
+
+
+# Code files that releases of balpoe-hf shipped with a model (the remote code), today's and earlier ones': an
+# upgraded folder gets today's set, and the ones no longer shipped are removed with it.
+SHIPPED_CODE_FILES = ("backbones.py", "calibration.py", "cifar_resnet.py", "configuration_balpoe.py",
+                      "holdout_statistics.py", "label_shift.py", "losses.py", "modeling_balpoe.py",
+                      "prior_estimators.py", "priors.py", "processing.py", "shrinkage.py")
+# What else a balpoe-hf run folder of any release holds: result files and its working folders.
+RUN_EXTRAS = ("README.md", "balpoe_outputs.json", "checkpoints", "eval", "logs", "images")
+
+
+def _foreign_entries(model_dir: Path) -> list[str]:
+    """The entries of a model folder that a balpoe-hf release did not write there (or changed since)."""
+    from .checkpoints import MANIFEST, run_output_files
+
+    known = {*run_output_files(), *SHIPPED_CODE_FILES, *RUN_EXTRAS}
+    manifest = read_manifest(model_dir)
+    foreign = []
+    for entry in sorted(model_dir.iterdir()):
+        changed = (manifest is not None and entry.is_file() and entry.name != MANIFEST
+                   and entry.name in manifest["files"] and not written_by_package(model_dir, entry.name))
+        if entry.name not in known or changed:
+            foreign.append(entry.name)
+    return foreign
+
+
+def upgrade_model(model_dir: str | Path, output_dir: str | Path | None = None,
+                  device: str | None = None) -> dict[str, Any]:
+    """Give a model folder written by an earlier release (or any balpoe-hf model folder) today's estimator
+    settings: a fresh held-out calibration, no estimator choice of an earlier release, today's code files.
+
+    When the folder holds the ``recipe.yaml`` of a run with a held-out split, the split is rebuilt (the same
+    data, seed and ``holdout_fraction``) and ``config.calibration`` fitted again, so that it records what
+    today's ``auto`` reads (the covariance of its biases); otherwise the calibration stays as it is. A
+    ``config.shift_estimator`` written by an earlier release's per-model choice is dropped (``auto`` runs
+    today's default on every model either way; the folder's own code files would not). The model is saved
+    with ``save_pretrained``: config, code files and the unchanged weights.
+
+    In place (``output_dir=None``) only when every file of the folder is one a balpoe-hf release writes
+    (unchanged since, where its manifest lists it); else into ``output_dir``, a new or empty folder, which
+    receives the model, its processor and the run's recipe and result files. Either folder's manifest then
+    lists the files. Returns what was done: ``{"folder", "recalibrated", "dropped_choice", "auto"}``.
     """
+    import shutil
+
     from .checkpoints import record_outputs, run_output_files
     from .loading import load_training_data
     from .recipes import load_recipe
 
-    run_dir = Path(run_dir)
-    recipe_path = run_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise EvaluationError(f"{run_dir} has no recipe.yaml: fitting the shift estimator rebuilds the run's "
-                              "held-out split from it, so give the folder of a balpoe-train run.")
-    recipe = load_recipe(config=recipe_path)
-    if recipe.holdout_fraction <= 0:
-        raise EvaluationError(f"{run_dir} was trained without a held-out split (holdout_fraction 0), so "
-                              "there is nothing to choose an estimator on: train with --holdout-fraction "
-                              "0.1.")
-    foreign = [name for name in run_output_files()
-               if (run_dir / name).is_file()
-               and not written_by_package(run_dir, name)]
-    if foreign:
-        raise EvaluationError(f"{run_dir} holds {short_list(foreign, 'files')}, which balpoe-hf did not "
-                              "write there (or which were changed since): saving the model would replace "
-                              "them. Move them away first.")
-    model, processor = load_model(run_dir, resolve_device(device))
-    data = load_training_data(recipe)
-    logits, _ = predict(model, processor, data.holdout, recipe.image_column, recipe.eval_batch_size)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    labels = align_labels(data.holdout, recipe.label_column, names)
-    try:
-        calibration = holdout_calibration(logits, labels)
-        choice = choose_shift_estimator(logits, labels, model.config.class_counts)
-    except ValueError as error:  # a class with too few held-out images
-        raise EvaluationError(f"cannot choose a label-shift estimator for {run_dir}: {error}") from None
-    model.config.calibration, model.config.shift_estimator = calibration, choice
-    model.save_pretrained(run_dir)
-    record_outputs(run_dir, [run_dir / name for name in run_output_files() if (run_dir / name).is_file()])
-    return model.config.shift_estimator
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise EvaluationError(f"{model_dir} is not a model folder (no config.json): give the folder of a "
+                              "balpoe-train run or of save_pretrained.")
+    target = model_dir if output_dir is None else Path(output_dir)
+    if output_dir is None:
+        foreign = _foreign_entries(model_dir)
+        if foreign:
+            raise EvaluationError(f"{model_dir} holds {short_list(foreign, 'entries')}, which balpoe-hf did "
+                                  "not write there (or which were changed since): upgrading it in place "
+                                  "would mix them with today's files. Upgrade into a new folder instead "
+                                  "(balpoe-evaluate --upgrade-into NEW_DIR), or move them away.")
+    elif target.resolve() == model_dir.resolve():
+        raise EvaluationError("the upgraded copy needs a folder other than the model's own; leave out the "
+                              "new folder to upgrade in place.")
+    elif target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise EvaluationError(f"{target} exists and is not an empty folder: give a new folder to upgrade "
+                              "into.")
+    model, processor = load_model(model_dir, resolve_device(device))
+    recalibrated = False
+    recipe_path = model_dir / "recipe.yaml"
+    if recipe_path.is_file():
+        recipe = load_recipe(config=recipe_path)
+        if recipe.holdout_fraction > 0:
+            data = load_training_data(recipe)
+            logits, _ = predict(model, processor, data.holdout, recipe.image_column, recipe.eval_batch_size)
+            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+            labels = align_labels(data.holdout, recipe.label_column, names)
+            try:
+                model.config.calibration = holdout_calibration(logits, labels)
+            except ValueError as error:  # a class without a held-out image
+                raise EvaluationError(f"cannot calibrate {model_dir} on its held-out split: "
+                                      f"{error}") from None
+            recalibrated = True
+    dropped = None
+    if is_legacy_choice(model.config.shift_estimator):
+        dropped, model.config.shift_estimator = model.config.shift_estimator["name"], None
+    target.mkdir(parents=True, exist_ok=True)
+    if output_dir is not None:
+        processor.save_pretrained(target)
+        for name in ("recipe.yaml", "train_results.json", "eval_results.json", "holdout_results.json"):
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, target / name)
+    model.save_pretrained(target)
+    current = set(run_output_files())
+    for name in SHIPPED_CODE_FILES:
+        if name not in current and (target / name).is_file():
+            (target / name).unlink()  # an earlier release's code file that today's code does not import
+    record_outputs(target, [target / name for name in run_output_files() if (target / name).is_file()])
+    return {"folder": str(target), "recalibrated": recalibrated, "dropped_choice": dropped,
+            "auto": describe_estimator(model.config)}
 
 
 def _picture_paths(output: Path) -> dict[str, Path]:
@@ -636,14 +765,25 @@ def format_deployment_table(deployment: dict[str, Any], shifts: list[str]) -> st
     return "\n".join(lines)
 
 
-def format_shift_estimator(choice: dict[str, Any]) -> str:
-    """What ``choose_shift_estimator`` chose and every candidate's simulated figures, in points."""
-    lines = [f"label-shift estimator for 'auto': {choice['name']} (chosen on {choice['holdout_samples']:,} "
-             f"held-out images: {choice['rule']})",
-             "| candidate | worst harm | worst gain | mean gain | recovered |", "|---|---:|---:|---:|---:|"]
-    for name, row in choice["simulation"].items():
-        lines.append(f"| {name} | {percent(row['harm'])} | {percent(row['worst'])} | "
-                     f"{percent(row['mean'])} | {row['recovered']:.2f} |")
+def format_stream_table(stream: dict[str, Any]) -> str:
+    """The stream report (``stream_batches``) as Markdown: per shift and mode, the mean gain over ``none``
+    in points after the first, second, fifth and last batch; then the drift scenario batch by batch."""
+    last = stream["batches"]
+    shown = sorted({1, 2, min(5, last), last})
+    lines = [f"streams of {stream['batch_size']}-image batches, mean gain over none (points) after batch "
+             f"{', '.join(map(str, shown))} ({stream['draws']} streams a shift):",
+             "| shift | prior | " + " | ".join(f"batch {k}" for k in shown) + " |",
+             "|---|---|" + "---:|" * len(shown)]
+    for shift, by_mode in stream["shifts"].items():
+        for mode, gains in by_mode.items():
+            cells = " | ".join(f"{100 * gains[k - 1]:+.1f}" for k in shown)
+            lines.append(f"| {shift} | {mode} | {cells} |")
+    if "drift" in stream:
+        drift = stream["drift"]
+        schedule = ", then ".join(f"{count} batches of {shift}" for shift, count in drift["schedule"])
+        lines += ["", f"drift ({schedule}; forgetting {drift['forgetting']:g}), gain per batch (points):"]
+        for mode, gains in drift["gains"].items():
+            lines.append(f"| {mode} | " + " | ".join(f"{100 * g:+.1f}" for g in gains) + " |")
     return "\n".join(lines)
 
 

@@ -374,12 +374,6 @@ def _target_prior_text(target_prior: Any) -> str:
     return "a custom prior by default (`config.json`, `target_prior`)"
 
 
-def _chosen_estimator(config: Mapping[str, Any]) -> str | None:
-    """The estimator ``auto`` chose for this model (``config.shift_estimator["name"]``), if recorded."""
-    estimator = config.get("shift_estimator")
-    return estimator.get("name") if isinstance(estimator, Mapping) else None
-
-
 def _card_shift_rows(shift_report: Mapping[str, Any] | None, config: Mapping[str, Any]
                      ) -> tuple[list[str], list[tuple[str, str, dict[str, Any]]]]:
     """The shifts and ``(mode, row label, {shift: accuracy})`` of the prior modes a card shows: ``none``,
@@ -387,10 +381,7 @@ def _card_shift_rows(shift_report: Mapping[str, Any] | None, config: Mapping[str
     from .evaluation import default_priors
 
     table = (shift_report or {}).get("shift_accuracy") or {}
-    modes = [mode for mode in default_priors(config.get("calibration")) if mode in table]
-    chosen = _chosen_estimator(config)
-    rows = [(mode, f"auto ({chosen})" if mode == "auto" and chosen else mode, dict(table[mode]))
-            for mode in modes]
+    rows = [(mode, mode, dict(table[mode])) for mode in default_priors() if mode in table]
     columns: list[str] = []
     for _, _, accuracies in rows:
         columns.extend(shift for shift in accuracies if shift not in columns)
@@ -402,10 +393,7 @@ MODE_TEXT = {
     "none": "`none` predicts for the uniform prior (balanced predictions)",
     "oracle": "`oracle` for the test set's true label distribution (a reference, unknown in practice)",
     "auto": "`auto` for the distribution estimated from the unlabeled test images by the default estimator "
-            "(`model.adapt_to_unlabeled`)",
-    "em": "`em` for the distribution estimated from the unlabeled test images by EM on the model's "
-          "posteriors (Saerens et al., 2002; the model has no held-out calibration, which the default `auto` "
-          "needs)",
+            "(`model.adapt_to_unlabeled`), which keeps the uniform prior unless the shift exceeds its errors",
 }
 
 
@@ -505,7 +493,6 @@ def render_model_card(
         eval_results=eval_entries or None,
         balpoe=balpoe_meta,
     )
-    unknown_mode = "auto" if config.get("calibration") is not None else "em"
     num_test = (shift_report or {}).get("num_test_samples") or report.get("samples")
     return ModelCard.from_template(
         card_data,
@@ -528,10 +515,8 @@ def render_model_card(
                                "values": [percent(acc.get(shift)) for _, _, acc in shift_rows]}
                               for shift in shift_columns],
                      "modes": [MODE_TEXT[mode] for mode, _, _ in shift_rows]} if shift_rows else None,
-        chosen_estimator=_chosen_estimator(config),
         report_file=report_file,
         images=dict(images or {}),
-        unknown_mode=unknown_mode,
         retrain_command=(f"balpoe-train --config {RECIPE_NAME} {data['flags']}".strip() if data else None),
         retrain_note=(data or {}).get("note"),
     )

@@ -33,7 +33,7 @@ from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file, logging
 
 from .backbones import BackboneAdapter, create_backbone, get_adapter
 from .configuration_balpoe import BalPoEConfig
-from .label_shift import PriorEstimate, estimate_unknown_prior
+from .label_shift import PriorEstimate, PriorStream, ShiftEstimator, estimate_prior
 from .losses import BalPoELoss, LADELoss
 from .pipeline_balpoe import BalPoEImageClassificationPipeline
 from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
@@ -426,23 +426,29 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         return pixel_values
 
     @torch.no_grad()
-    def adapt_to_unlabeled(self, images: torch.Tensor | Iterable[Any], *, method: str = "auto",
+    def adapt_to_unlabeled(self, images: torch.Tensor | Iterable[Any], *,
+                           method: str | ShiftEstimator = "auto", stream: PriorStream | None = None,
                            set_prior: bool = True, batch_size: int = 256) -> PriorEstimate:
         """Estimate the class prior of unlabelled deployment images and, by default, predict for it.
 
         Args:
-            images: ``pixel_values`` ``(N, C, H, W)`` (run in batches of ``batch_size``), or an iterable of
-                such tensors or of batches with a ``"pixel_values"`` entry, e.g. a ``DataLoader``.
-            method: a prior mode of ``label_shift.estimate_unknown_prior``; the default ``"auto"`` runs the
-                estimator chosen for this model on its held-out split (``config.shift_estimator``), with the
-                gain guard. Every method but ``"em"`` uses ``config.calibration`` (saved by training with
-                ``holdout_fraction > 0``), so this works on a model loaded from the Hub or a folder, without
-                the training data.
+            images: ``pixel_values`` ``(N, C, H, W)`` from the model's image processor (run in batches of
+                ``batch_size``), or an iterable of such tensors or of batches with a ``"pixel_values"``
+                entry, e.g. a ``DataLoader``.
+            method: ``"auto"`` (the default), another mode of ``label_shift.PRIOR_ESTIMATORS`` or a
+                ``label_shift.ShiftEstimator``. ``auto`` shrinks the estimate towards the uniform prior by
+                as much as its errors on these images and in the model's calibration are large, so it
+                keeps the uniform prior on unshifted data; it uses ``config.calibration`` (saved by
+                training with ``holdout_fraction > 0``) when the model has one, so it works on a model
+                loaded from the Hub or a folder, without the training data.
+            stream: a ``label_shift.PriorStream``: these images are added to it and the estimate rests on
+                everything it holds (a stream of batches converges to the estimate of all of them; its
+                ``forgetting`` follows a prior that drifts).
             set_prior: call ``set_target_prior(estimate.prior)`` (predictions ``logits + log(C * prior)``;
-                the calibration only serves the estimate, so a fallback to uniform changes nothing).
+                the calibration only serves the estimate, so a uniform estimate changes nothing).
 
-        Returns the ``label_shift.PriorEstimate``: ``prior`` (what was set), ``estimate``, whether the guard
-        fired and what it weighed (``details``). The model is in eval mode afterwards.
+        Returns the ``label_shift.PriorEstimate``: ``prior`` (what was set), ``estimate`` (before shrinkage),
+        its errors and whether the prior stayed uniform. The model is in eval mode afterwards.
         """
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -462,8 +468,12 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
             logits.append(self(pixel_values=pixel_values, target_prior="uniform").logits.double().cpu())
         if not logits:
             raise ValueError("no unlabelled images were given: the iterable yielded no batch.")
-        estimate = estimate_unknown_prior(torch.cat(logits), self.config.calibration, method,
-                                          self.config.shift_estimator)
+        evidence, weights = torch.cat(logits), None
+        if stream is not None:
+            stream.add(evidence)
+            evidence, weights = stream.logits, stream.weights
+        estimate = estimate_prior(evidence, self.config.calibration, method, weights=weights,
+                                  shift_estimator=self.config.shift_estimator)
         if set_prior:
             self.set_target_prior(estimate.prior)
         return estimate

@@ -7,9 +7,9 @@ travels with every saved model as remote code. Without ``target_prior`` a call i
 
 - a sequence of one probability per class: a known test prior;
 - ``"uniform"`` (balanced predictions) or ``"train"`` (the training distribution);
-- ``"auto"``: the prior of the call's own images, estimated by ``model.adapt_to_unlabeled`` before
-  predicting, with its default method (``"em"`` for a model trained without a held-out split, which has no
-  calibration for the default); the model is run twice on them. Pass the images of one deployment together:
+- ``"auto"``: the prior of the call's own images, estimated by ``model.adapt_to_unlabeled`` (its default
+  method, which keeps the uniform prior unless the shift is larger than its uncertainty) before predicting;
+  the model is run twice on them. Pass the images of one deployment together:
   a handful of images says little about a label distribution.
 
 The model's own target prior (``model.config.target_prior``) is never changed by a call: the next call
@@ -75,9 +75,7 @@ class BalPoEImageClassificationPipeline(ImageClassificationPipeline):
             raise ValueError("target_prior='auto' needs at least one image.")
         pixel_values = torch.cat([self.preprocess(image, timeout=timeout)["pixel_values"]
                                   for image in images])
-        # As balpoe-evaluate's default prior modes: every estimator but EM needs the held-out calibration.
-        method = "auto" if getattr(self.model.config, "calibration", None) is not None else "em"
-        estimate = self.model.adapt_to_unlabeled(pixel_values, method=method, set_prior=False)
+        estimate = self.model.adapt_to_unlabeled(pixel_values, set_prior=False)
         return estimate.prior.tolist()
 
     def _forward(self, model_inputs: Any, target_prior: Any = None) -> Any:

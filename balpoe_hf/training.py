@@ -17,8 +17,8 @@ evaluated after the last epoch: its calibration goes into the model's ``config.c
 ``train`` runs four phases, each a function of its own: ``set_up`` (checks, accelerator, data, model,
 optimizer, loaders, output directory, resume; a ``Run`` and the ``TrainState`` to go on from),
 ``train_one_epoch`` (with its step checkpoints and logging, each expert's loss included),
-``evaluate_and_calibrate`` (the test set; after the last epoch the held-out calibration and label-shift
-estimator first) and ``save_outputs``; an epoch checkpoint follows each epoch.
+``evaluate_and_calibrate`` (the test set; after the last epoch the held-out calibration first) and
+``save_outputs``; an epoch checkpoint follows each epoch.
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ from .configuration_balpoe import BalPoEConfig
 from .data import labels_array, shot_groups
 from .errors import HubFolderError, HubPublishError, TrainingError
 from .evaluation import absent_classes, absent_classes_warning, calibration_effect, format_balanced
-from .label_shift import holdout_calibration
+from .holdout_statistics import holdout_calibration
+from .label_shift import describe_auto
 from .loaders import Loaders, build_loaders
 from .loading import TrainingData, input_paths, load_training_data
 from .metrics import long_tail_report, percent
 from .modeling_balpoe import BalPoEForImageClassification
 from .recipes import CONFIG_FIELDS, Recipe
-from .shift_selection import choose_shift_estimator
 from .sync_batchnorm import convert_sync_batchnorm
 from .transforms import build_processor, evaluation_split
 
@@ -232,20 +232,12 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accele
 
 def calibrate_on_holdout(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
                          recipe: Recipe, class_counts: list[int]) -> dict[str, Any]:
-    """Fit the held-out calibration and choose the label-shift estimator into the model's config; return the
-    held-out ``long_tail_report``.
+    """Fit the held-out calibration into the model's config; return the held-out ``long_tail_report``.
 
-    Every process fits the same ``holdout_calibration`` and makes the same seeded
-    ``choose_shift_estimator`` on the same gathered logits (float64).
+    Every process fits the same ``holdout_calibration`` on the same gathered logits (float64).
     """
     logits, labels = gather_logits(model, loader, accelerator, len(loader.dataset))
-    config = accelerator.unwrap_model(model).config
-    config.calibration = holdout_calibration(logits, labels)
-    try:
-        config.shift_estimator = choose_shift_estimator(logits, labels, class_counts)
-    except ValueError as error:  # fewer than 2 held-out images of a class: nothing to cross-fit on
-        config.shift_estimator = None
-        accelerator.print(f"no label-shift estimator chosen ({error}); 'auto' runs the fixed default.")
+    accelerator.unwrap_model(model).config.calibration = holdout_calibration(logits, labels)
     report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
                               few=recipe.few_threshold)
     return {"holdout_samples": len(labels), **{f"holdout_{k}": v for k, v in report.items()}}
@@ -538,7 +530,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> float:
 
 def evaluate_and_calibrate(run: Run, calibrate: bool) -> tuple[dict[str, Any], int, dict[str, Any] | None]:
     """Phase 3: the balanced test set's report and size; with ``calibrate`` (after the last epoch) the
-    held-out calibration and label-shift estimator are fitted into the model's config first, so that the
+    held-out calibration is fitted into the model's config first, so that the
     report shows their effect, and the held-out report is returned too (else ``None``)."""
     holdout_results = None
     if calibrate and run.holdout_loader is not None:
@@ -602,9 +594,8 @@ def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: 
                                          f"{recipe.epochs} epochs", run.groups)
           + ("" if holdout_results is None else
              f"\nheld-out split ({holdout_results['holdout_samples']:,} images): balanced accuracy "
-             f"{percent(holdout_results['holdout_balanced_accuracy'])} %, BCTS temperature "
-             f"{model.config.calibration['temperature']:.3f}; label-shift estimator for 'auto': "
-             f"{(model.config.shift_estimator or {'name': 'the fixed default'})['name']}")
+             f"{percent(holdout_results['holdout_balanced_accuracy'])} %; "
+             f"{describe_auto(model.config.calibration)}")
           + f"\nsaved to {output_dir}")
     return train_results
 

@@ -20,7 +20,7 @@ from train_synthetic import write_parquet
 
 from balpoe_hf import arguments, cli, compare, hub, methods, plots, recipes, training
 from balpoe_hf.errors import TrainingError
-from balpoe_hf.label_shift import holdout_calibration
+from balpoe_hf.holdout_statistics import holdout_calibration
 
 # The presets as the issue and the README define them (independent of balpoe_hf.methods' table):
 # (num_experts, lambdas, mixup_alpha, loss, remove_mean_lambda); None: the recipe's mixup.

@@ -121,13 +121,13 @@ def test_end_to_end_runs_the_model_once_and_writes_report_and_plots(run_dir, tes
         assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 1000
 
 
-def test_fit_target_prior_estimates_from_unlabelled_images_and_sets_the_prior(run_dir, test_file):
+def test_adapt_to_unlabeled_on_a_dataset_estimates_from_unlabelled_images(run_dir, test_file):
     model, processor = evaluation.load_model(str(run_dir), "cpu")
     ds = datasets.Dataset.from_parquet(str(test_file))
     rows = evaluation.shifted_rows(np.asarray(ds["fine"]), TRAIN_COUNTS, "forward10", seed=0)
     unlabelled = ds.select(rows).remove_columns("fine")  # the labels are not needed
-    estimate = evaluation.fit_target_prior(model, processor, unlabelled, image_column="img", method="em",
-                                           set_prior=False)
+    pixel_values = processor(images=unlabelled[:]["img"], return_tensors="pt")["pixel_values"]
+    estimate = model.adapt_to_unlabeled(pixel_values, method="em", set_prior=False)
     assert model.config.target_prior is None  # set_prior=False leaves the model alone
     # EM's fixed point (Saerens et al. 2002): with q_i the posteriors of the uniform-prior logits,
     # p = mean_i q_i * p / <q_i, p>.
@@ -135,16 +135,39 @@ def test_fit_target_prior_estimates_from_unlabelled_images_and_sets_the_prior(ru
     weighted = torch.softmax(logits.double(), dim=1) * estimate.prior.double()
     torch.testing.assert_close((weighted / weighted.sum(1, keepdim=True)).mean(0), estimate.prior.double(),
                                rtol=0, atol=1e-5)
-    again = evaluation.fit_target_prior(model, processor, unlabelled, image_column="img", method="em")
+    again = model.adapt_to_unlabeled(pixel_values, method="em")
     torch.testing.assert_close(again.prior, estimate.prior)
     # The model now predicts for that prior: its logits are the uniform-prior ones plus log(C * p).
     assert model.config.target_prior == pytest.approx(estimate.prior.tolist())
-    pixels = processor(images=unlabelled[:4]["img"], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        shifted = model(pixel_values=pixels).logits.double()
-        uniform = model(pixel_values=pixels, target_prior="uniform").logits.double()
+        shifted = model(pixel_values=pixel_values[:4]).logits.double()
+        uniform = model(pixel_values=pixel_values[:4], target_prior="uniform").logits.double()
     expected = uniform + torch.log(NUM_CLASSES * estimate.prior.double())
     torch.testing.assert_close(shifted, expected, rtol=0, atol=1e-5)
+
+
+def test_a_stream_of_one_batch_as_large_as_the_set_is_the_full_set(run_dir, test_file):
+    # A single batch holding every image of a shifted set (drawn without replacement) is that set: the
+    # stream's gain over none after it is the full set's, computed by evaluate_shifts on another path.
+    model, processor = evaluation.load_model(str(run_dir), "cpu")
+    ds = datasets.Dataset.from_parquet(str(test_file))
+    logits, _ = evaluation.predict(model, processor, ds, "img")
+    labels = np.asarray(ds["fine"])
+    size = len(evaluation.shifted_rows(labels, TRAIN_COUNTS, "forward10", seed=0))
+    stream = evaluation.stream_batches(logits, labels, TRAIN_COUNTS, ["forward10"], ["none", "oracle", "em"],
+                                       size, batches=1, draws=2)
+    full = evaluation.evaluate_shifts(logits, labels, TRAIN_COUNTS, ["forward10"], ["none", "oracle", "em"])
+    reports = full["forward10"]["reports"]
+    for mode in ("oracle", "em"):
+        gain = reports[mode]["accuracy"] - reports["none"]["accuracy"]
+        assert stream["shifts"]["forward10"][mode] == pytest.approx([gain], abs=1e-9)
+    assert stream["batch_size"] == size and "drift" not in stream  # forward50 is smaller than the batch
+    small = evaluation.stream_batches(logits, labels, TRAIN_COUNTS, ["uniform"], ["none", "auto"], 20,
+                                      batches=3, draws=2)
+    assert len(small["shifts"]["uniform"]["auto"]) == 3
+    assert small["drift"]["schedule"] == [["forward50", 5], ["backward50", 10]]
+    assert len(small["drift"]["gains"]["auto"]) == 15 and small["drift"]["forgetting"] == 0.5
+    assert "drift (5 batches of forward50" in evaluation.format_stream_table(small)
 
 
 def test_prior_modes_from_cached_logits_match_the_model_run_with_that_prior(run_dir, test_file):

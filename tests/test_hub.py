@@ -488,7 +488,7 @@ def run_cards(tmp_path_factory) -> dict[str, dict]:
         run = root / "runs" / method
         assert cli.train_main([*COMMON_FLAGS, *flags, "--train-file", str(train_file), "--test-file",
                                str(test_file), "--output-dir", str(run)]) == 0
-        priors = "all" if "--holdout-fraction" in flags else "none,oracle,em"
+        priors = "all" if "--holdout-fraction" in flags else "none,oracle,auto"
         assert cli.evaluate_main(["--model", str(run), "--shifts", "forward5,uniform,backward5", "--prior",
                                   priors, "--output", str(run / "eval" / "report.json")]) == 0
         folder = hub.prepare_hub_folder(run, f"me/run-{method}")
@@ -587,15 +587,16 @@ def _shift_table(text: str) -> tuple[list[str], dict[str, list[float]]]:
     return heads, {shift: [float(v) for v in values.split(" | ")] for shift, values in rows}
 
 
-@pytest.mark.parametrize("method,unknown", [("balpoe-erm", "auto"), ("balpoe", "em"), ("ce-la", "auto")])
-def test_card_shift_table_holds_three_prior_modes(run_cards, method, unknown):
+@pytest.mark.parametrize("method,all_modes", [("balpoe-erm", True), ("balpoe", False), ("ce-la", True)])
+def test_card_shift_table_holds_three_prior_modes(run_cards, method, all_modes):
     card = run_cards[method]
     text = card["text"]
     report = json.loads((card["run"] / "eval" / "report.json").read_text())
     from balpoe_hf.evaluation import PRIOR_MODES
 
     # The report keeps every mode; the card shows three, from the report.
-    assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if unknown == "auto" else 3)
+    assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if all_modes else 3)
+    unknown = "auto"
     body = text.split("## How to use")[0]
     heads, rows = _shift_table(body)
     assert [head.split(" (")[0] for head in heads] == ["none", "oracle", unknown]
@@ -616,25 +617,21 @@ def test_card_shift_table_holds_three_prior_modes(run_cards, method, unknown):
     eval_results = card["folder"].card.data.eval_results
     assert len(eval_results) == 9 and {r.dataset_split for r in eval_results} == {"test"}
     model_snippet = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)[2]
-    call = "adapt_to_unlabeled(pixel_values" + (', method="em")' if unknown == "em" else ")")
-    assert call in model_snippet and "estimate_target_prior" not in text
+    assert "adapt_to_unlabeled(pixel_values)" in model_snippet and "estimate_target_prior" not in text
 
 
 def test_card_front_matter_stays_small_for_the_full_grid():
     from balpoe_hf.evaluation import ALL_SHIFTS, PRIOR_MODES
 
     grid = {"shift_accuracy": {mode: dict.fromkeys(ALL_SHIFTS, 0.5) for mode in PRIOR_MODES}}
-    calibrated = {**CONFIG, "calibration": {}, "shift_estimator": {"name": "em-bcts"}}
+    calibrated = {**CONFIG, "calibration": {}}
     card = hub.render_model_card(calibrated, EVAL, grid, images=IMAGES)
     assert len(card.data.eval_results) == len(EVAL) - 1  # the balanced set's; few-shot is None
     # The 11 x 9 grid took 680 lines, its 3 x 11 model-index entries 250: the header is now 53 lines.
     assert len(_front_matter(str(card)).splitlines()) < 60
     heads, rows = _shift_table(card.text)
-    assert heads == ["none", "oracle", "auto (em-bcts)"] and list(rows) == list(ALL_SHIFTS)
-    assert "(for this model `em-bcts`, the estimator it chose on" in card.text
-    assert "em-bcts |" not in card.text.replace("auto (em-bcts) |", "")
-    plain = hub.render_model_card({**CONFIG, "calibration": {}}, EVAL, grid, images=IMAGES)
-    assert _shift_table(plain.text)[0] == ["none", "oracle", "auto"] and "for this model" not in plain.text
+    assert heads == ["none", "oracle", "auto"] and list(rows) == list(ALL_SHIFTS)
+    assert "em-bcts |" not in card.text
 
 
 # The editable install of the package puts a finder for balpoe_hf on sys.meta_path: refuse the package first,

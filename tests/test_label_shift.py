@@ -1,4 +1,5 @@
-"""Issue 12: the held-out split, the held-out calibration saved with the model, and the prior modes."""
+"""The held-out split, the held-out calibration saved with the model, the unknown-prior estimate (``auto``
+and the named modes) on synthetic data with a known truth, streams of batches, and older model folders."""
 
 from __future__ import annotations
 
@@ -12,16 +13,17 @@ import torch
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, evaluation, loading, recipes, training
-from balpoe_hf.checkpoints import record_outputs, written_by_package
+from balpoe_hf.checkpoints import written_by_package
 from balpoe_hf.data import holdout_sizes, holdout_split
 from balpoe_hf.errors import DataError, TrainingError
+from balpoe_hf.holdout_statistics import bias_evidence, holdout_calibration
 from balpoe_hf.label_shift import (
-    UNKNOWN_PRIOR_METHODS,
-    UNKNOWN_PRIOR_MODES,
-    estimate_unknown_prior,
-    holdout_calibration,
+    PRIOR_ESTIMATORS,
+    PriorStream,
+    ShiftEstimator,
+    estimate_prior,
+    resolve_estimator,
 )
-from balpoe_hf.shift_selection import CANDIDATES
 
 SOURCE_PRIOR = np.array([0.55, 0.25, 0.13, 0.07])
 
@@ -109,7 +111,7 @@ def test_holdout_errors_reach_the_user(parquet):
             recipes.make_recipe({**values, "holdout_fraction": fraction})
 
 
-def test_training_with_a_holdout_saves_its_calibration_estimator_choice_and_report(parquet, tmp_path, capsys):
+def test_training_with_a_holdout_saves_its_calibration_and_report(parquet, tmp_path, capsys):
     train_file, test_file = parquet
     recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
                                   "image_column": "picture", "label_column": "target", "image_size": 16,
@@ -130,23 +132,32 @@ def test_training_with_a_holdout_saves_its_calibration_estimator_choice_and_repo
     model = BalPoEForImageClassification.from_pretrained(run)
     assert model.config.class_counts == [16, 8, 4, 2]  # the images trained on
     assert model.config.calibration == holdout["calibration"]
+    assert model.config.shift_estimator is None  # auto runs the package's default
     assert recipes.load_recipe(config=run / "recipe.yaml").holdout_fraction == 0.5
-    choice = model.config.shift_estimator
-    assert choice["name"] in CANDIDATES and choice["holdout_samples"] == 30
-    assert f"label-shift estimator for 'auto': {choice['name']}" in capsys.readouterr().out
+    assert "'auto' adapts from" in capsys.readouterr().out
 
-    # A run saved before the choice existed gets it from the command line, the same (seeded) one; the
-    # saved files stay the run's own (the manifest follows them).
-    model.config.shift_estimator = None
-    model.save_pretrained(run)
-    record_outputs(run, [run / "config.json"])
-    assert cli.evaluate_main(["--model", str(run), "--fit-shift-estimator", "--shifts", "backward4",
+    # The run as an earlier release saved it: its own per-model choice in the config, a calibration
+    # without the biases' covariance, no manifest. --upgrade calibrates it again on the rebuilt held-out
+    # split (the same calibration training fitted), drops the old choice and adopts the folder.
+    legacy = json.loads((run / "config.json").read_text())
+    legacy["shift_estimator"] = LEGACY_CHOICE
+    for key in ("bias_se", "bias_cov_factor"):
+        legacy["calibration"].pop(key)
+    (run / "config.json").write_text(json.dumps(legacy))
+    (run / "balpoe_outputs.json").unlink()
+    assert cli.evaluate_main(["--model", str(run), "--upgrade", "--shifts", "backward4",
                               "--prior", "none,auto", "--deployment-sizes", "16", "--deployment-draws",
                               "1"]) == 0
     printed = capsys.readouterr().out
-    assert f"label-shift estimator for 'auto': {choice['name']}" in printed and "batches of 16:" in printed
-    assert BalPoEForImageClassification.from_pretrained(run).config.shift_estimator == choice
-    assert written_by_package(run, "config.json")
+    assert "calibrated again on its held-out split" in printed and "'rlls-gain' dropped" in printed
+    assert "batches of 16:" in printed
+    upgraded = BalPoEForImageClassification.from_pretrained(run).config
+    assert upgraded.shift_estimator is None
+    assert upgraded.calibration.keys() == holdout["calibration"].keys()
+    for key, value in holdout["calibration"].items():  # the held-out logits again, through the evaluation
+        assert np.allclose(np.asarray(upgraded.calibration[key], dtype=float), np.asarray(value, dtype=float),
+                           rtol=1e-4, atol=1e-6), key
+    assert written_by_package(run, "config.json") and written_by_package(run, "label_shift.py")
 
 
 # --------------------------------------------------------------------------- calibration in the config
@@ -212,44 +223,180 @@ def test_bad_calibration_is_refused(change, message):
         BalPoEConfig(class_counts=[50, 30, 20, 10], calibration={**_calibration(), **change})
 
 
-# --------------------------------------------------------------------------- prior estimators by name
+# --------------------------------------------------------------------------- the estimate, by name
 
 TARGET_PRIOR = np.array([0.1, 0.2, 0.3, 0.4])
 MISCALIBRATION = {"scale": 2.0, "class_bias": (2.25, 0.0, -1.5, -0.75)}
+UNIFORM = [0.25] * 4
+# config.shift_estimator as the previous release wrote it: its per-model choice on a Fashion-MNIST-LT model.
+LEGACY_CHOICE = {
+    "holdout_samples": 1489, "name": "rlls-gain",
+    "rule": ("harm within the simulation's error of the least; then the first to recover >= 0.1 of the "
+             "oracle's simulated gain in the order em-bcts-gain, rlls-gain, bbse-gain, em-gain; else the "
+             "safest"),
+    "settings": {"alpha": 0.05, "calibration": "confusion", "gain_quantile": 0.75, "guard": "gain",
+                 "method": "rlls", "shrinkage": 0.1},
+    "simulation": {
+        "bbse-gain": {"harm": -0.07, "mean": -0.03482, "recovered": -0.96262, "worst": -0.07},
+        "em-bcts-gain": {"harm": -0.023, "mean": 0.00033, "recovered": -0.03011, "worst": -0.023},
+        "em-gain": {"harm": -0.03167, "mean": -0.00245, "recovered": 0.21184, "worst": -0.0325},
+        "oracle": {"harm": 0.0, "mean": 0.01343, "recovered": 1.0, "worst": -0.00175},
+        "rlls-gain": {"harm": -0.02, "mean": 0.00163, "recovered": -0.00519, "worst": -0.02}}}
+
+
+def _total_variation(a, b) -> float:
+    return 0.5 * float(np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).sum())
 
 
 def test_named_estimators_with_the_saved_calibration_recover_a_shift_that_plain_em_misses():
-    # The miscalibrated model of test_prior_estimation.py, its calibration now fitted by
-    # holdout_calibration (offset: the held-out label frequencies) and used through the method names.
+    # A model off by a temperature 2 and class-wise biases; its calibration fitted by holdout_calibration
+    # (offset: the held-out label frequencies) on 20000 held-out images.
     rng = np.random.default_rng(0)
     calibration = holdout_calibration(*_gaussian_logits(SOURCE_PRIOR, 20000, rng, **MISCALIBRATION))
     target_logits, _ = _gaussian_logits(TARGET_PRIOR, 5000, rng, **MISCALIBRATION)
-    errors = {method: np.abs(estimate_unknown_prior(target_logits, calibration, method).prior.numpy()
-                             - TARGET_PRIOR).max() for method in UNKNOWN_PRIOR_METHODS}
-    # Plain EM misses by > 0.1; BCTS-EM, with or without its guard, lands within ~4.5 standard errors (see
-    # test_prior_estimation.py). Temperature scaling alone cannot undo a class-wise bias. BBSE only needs
-    # P(prediction | label) to carry over; its sampling error is larger (hard predictions).
-    assert errors["em"] > 0.1 and errors["em-ts"] > 0.1
-    assert errors["em-bcts"] < 0.05 and errors["em-bcts-lrt"] < 0.05
+    errors = {method: np.abs(estimate_prior(target_logits, calibration, method).estimate.numpy()
+                             - TARGET_PRIOR).max() for method in PRIOR_ESTIMATORS}
+    # Plain EM misses by > 0.1; EM after BCTS lands within ~4.5 EM standard errors (0.011 a class at 5000
+    # images). BBSE and RLLS only need P(prediction | label) to carry over; their error is larger (hard
+    # predictions). auto finds the per-class biases significant on 20000 images and uses BCTS too.
+    assert bias_evidence(calibration) < 1e-6
+    assert errors["em"] > 0.1
+    assert errors["em-bcts"] < 0.05 and errors["auto"] < 0.05
     assert errors["bbse"] < 0.06 and errors["rlls"] < 0.06
-    # Shrinkage 0.25 adds N / 4 uniform pseudo-counts: (N pi + N / 4 * u) / (5 N / 4) = 0.8 pi + 0.2 u,
-    # exactly so for one-hot posteriors and close to it here.
-    shrunk = 0.8 * TARGET_PRIOR + 0.2 * 0.25
-    for method in ("em-bcts-map", "auto"):
-        prior = estimate_unknown_prior(target_logits, calibration, method).prior.numpy()
-        assert np.abs(prior - shrunk).max() < 0.05
+    # auto predicts with the shrunk estimate tempered by T (argmax(z / T + log pi) = argmax(z + T log pi)):
+    # a shift this strong is hardly shrunk, so its prior is close to TARGET_PRIOR ** T, normalised.
+    auto = estimate_prior(target_logits, calibration)
+    tempered = TARGET_PRIOR ** calibration["temperature"] / (TARGET_PRIOR ** calibration["temperature"]).sum()
+    assert not auto.kept_uniform and np.abs(auto.prior.numpy() - tempered).max() < 0.05
 
 
-def test_estimators_that_need_the_calibration_say_so():
-    logits, _ = _gaussian_logits(TARGET_PRIOR, 100, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="holdout_fraction"):
-        estimate_unknown_prior(logits, None, "auto")
+def test_estimators_that_need_the_calibration_say_so_and_auto_does_not():
+    logits, _ = _gaussian_logits(TARGET_PRIOR, 400, np.random.default_rng(0))
+    for method in ("em-bcts", "bbse", "rlls"):
+        with pytest.raises(ValueError, match="holdout_fraction"):
+            estimate_prior(logits, None, method)
     with pytest.raises(ValueError, match="unknown prior-estimation method 'mle'"):
-        estimate_unknown_prior(logits, _calibration(), "mle")
-    assert estimate_unknown_prior(logits, None, "em").prior.shape == (4,)
+        estimate_prior(logits, _calibration(), "mle")
+    # Without a calibration auto adapts from the raw posteriors, with the assumed calibration error.
+    estimate = estimate_prior(logits, None)
+    assert estimate.details["calibration"] == "none" and not estimate.kept_uniform
+    assert estimate.log_prior_se.min().item() >= PRIOR_ESTIMATORS["auto"].calibration_error
 
 
-# --------------------------------------------------------------------------- the entry point
+@pytest.mark.parametrize("num_images", [100, 300, 1000])
+@pytest.mark.parametrize("calibrated", [False, True], ids=["no calibration", "held-out calibration"])
+def test_unshifted_images_leave_the_prior_within_noise_of_uniform(num_images, calibrated):
+    # Exactly calibrated logits on balanced images: the true prior is uniform. The label frequencies of a
+    # batch differ from uniform by sampling noise alone; auto must stay well inside that noise, where plain
+    # EM follows it (30 seeded batches; measured: auto's mean distance is at most a quarter of the noise).
+    calibration = holdout_calibration(*_gaussian_logits(SOURCE_PRIOR, 2000, np.random.default_rng(0))) if (
+        calibrated) else None
+    auto, em, noise = [], [], []
+    for seed in range(30):
+        logits, labels = _gaussian_logits(UNIFORM, num_images, np.random.default_rng(100 + seed))
+        auto.append(_total_variation(estimate_prior(logits, calibration).prior, UNIFORM))
+        em.append(_total_variation(estimate_prior(logits, calibration, "em").prior, UNIFORM))
+        noise.append(_total_variation(np.bincount(labels.numpy(), minlength=4) / num_images, UNIFORM))
+    assert np.mean(auto) < np.mean(noise) / 2 < np.mean(em)
+
+
+def test_a_stream_of_batches_converges_and_a_drifting_one_is_followed():
+    calibration = holdout_calibration(*_gaussian_logits(SOURCE_PRIOR, 2000, np.random.default_rng(0)))
+    # Stationary: the estimate's sampling error falls like 1 / sqrt(images): after ten batches of 300 it is
+    # about a third of what one batch gives (20 streams; measured 0.073 -> 0.015 in total variation).
+    first, tenth, prior = [], [], []
+    for seed in range(20):
+        stream, rng = PriorStream(), np.random.default_rng(200 + seed)
+        for batch in range(10):
+            stream.add(_gaussian_logits(TARGET_PRIOR, 300, rng)[0])
+            estimate = estimate_prior(stream.logits, calibration, weights=stream.weights)
+            if batch == 0:
+                first.append(_total_variation(estimate.estimate, TARGET_PRIOR))
+        tenth.append(_total_variation(estimate.estimate, TARGET_PRIOR))
+        prior.append(_total_variation(estimate.prior, TARGET_PRIOR))
+    assert np.mean(tenth) < np.mean(first) / 2.5 and np.mean(prior) < 0.03
+    # Drift: five batches from one prior, then five from its reverse, forgetting 0.5 a batch. Right after the
+    # switch the estimate is still near the old prior; five batches later near the new one (measured 0.30
+    # and 0.040).
+    old, new = SOURCE_PRIOR, SOURCE_PRIOR[::-1]
+    after_switch, five_later = [], []
+    for seed in range(20):
+        stream, rng = PriorStream(0.5), np.random.default_rng(300 + seed)
+        for batch in range(10):
+            stream.add(_gaussian_logits(old if batch < 5 else new, 300, rng)[0])
+            error = _total_variation(estimate_prior(stream.logits, calibration, weights=stream.weights).prior,
+                                     new)
+            if batch == 5:
+                after_switch.append(error)
+        five_later.append(error)
+    assert np.mean(after_switch) > 0.2 and np.mean(five_later) < 0.06
+
+
+def test_prior_stream_weights_by_hand():
+    stream = PriorStream(0.5, max_images=5)
+    for size in (2, 2, 2):
+        stream.add(torch.zeros(size, 3))
+    # Weights 0.25, 0.25 | 0.5, 0.5 | 1, 1; the oldest image beyond max_images=5 is dropped.
+    assert stream.weights.tolist() == [0.25, 0.5, 0.5, 1.0, 1.0] and stream.batches == 3
+    stream = PriorStream(0.1, min_weight=0.05)
+    stream.add(torch.zeros(1, 3))
+    stream.add(torch.zeros(1, 3))
+    stream.add(torch.zeros(1, 3))  # the first image now weighs 0.01 < 0.05: dropped
+    assert stream.weights.tolist() == pytest.approx([0.1, 1.0])
+    with pytest.raises(ValueError, match="3 classes, got a batch over 4"):
+        stream.add(torch.zeros(1, 4))
+    stream.reset()
+    assert stream.logits is None and stream.batches == 0
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="forgetting must lie in"):
+            PriorStream(bad)
+
+
+def test_too_few_images_keep_the_uniform_prior_with_a_warning():
+    with pytest.warns(UserWarning, match="3 unlabelled images for 4 classes"):
+        estimate = estimate_prior(torch.randn(3, 4, dtype=torch.float64), None)
+    assert estimate.kept_uniform and estimate.prior.tolist() == UNIFORM
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"method": "mle"}, "method must be one of"),
+    ({"method": "bbse"}, "bbse and rlls read the confusion matrix"),
+    ({"method": "bbse", "calibration": "confusion"}, "shrinkage needs EM's covariance"),
+    ({"pseudo_count": -1.0}, "pseudo_count must be a finite number >= 0"),
+    ({"calibration_error": float("nan")}, "calibration_error"),
+    ({"bias_level": 2.0}, "bias_level must lie in"),
+    ({"scale_by_temperature": "yes"}, "scale_by_temperature must be true or false"),
+])
+def test_bad_estimator_settings_are_refused(values, message):
+    with pytest.raises(ValueError, match=message):
+        ShiftEstimator(**values)
+
+
+def test_custom_settings_in_the_config_run_as_auto_and_a_legacy_choice_is_ignored():
+    calibration = holdout_calibration(*_gaussian_logits(SOURCE_PRIOR, 2000, np.random.default_rng(0)))
+    logits, _ = _gaussian_logits(TARGET_PRIOR, 1000, np.random.default_rng(1))
+    custom = ShiftEstimator(shrinkage="none")
+    assert resolve_estimator("auto", {"settings": custom.to_dict()}) == ("auto (custom)", custom)
+    assert resolve_estimator("auto", LEGACY_CHOICE) == ("auto", PRIOR_ESTIMATORS["auto"])
+    legacy = estimate_prior(logits, calibration, shift_estimator=LEGACY_CHOICE)
+    default = estimate_prior(logits, calibration, ShiftEstimator())
+    assert torch.equal(legacy.prior, default.prior)
+    # A config of the previous release (its choice recorded) loads; a malformed record does not.
+    assert BalPoEConfig(class_counts=[5, 3, 2, 1], calibration=_calibration(),
+                        shift_estimator=LEGACY_CHOICE).shift_estimator == LEGACY_CHOICE
+    with pytest.raises(ValueError, match="shift_estimator must be None or"):
+        BalPoEConfig(class_counts=[5, 3, 2, 1], shift_estimator={"settings": {}, "extra": 1})
+
+
+def test_prior_estimate_to_dict_is_plain():
+    logits, _ = _gaussian_logits(TARGET_PRIOR, 400, np.random.default_rng(0))
+    data = estimate_prior(logits, None).to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert set(data) == {"prior", "estimate", "log_prior_se", "shift_spread", "kept_uniform", "images",
+                         "method", "converged", "details"}
+
+
+# --------------------------------------------------------------------------- the model's entry point
 
 
 @pytest.fixture(scope="module")
@@ -265,18 +412,32 @@ def test_adapt_to_unlabeled_on_a_loaded_model_sets_the_estimated_prior(saved_mod
     with torch.no_grad():
         uniform = model(pixels).logits
     estimate = model.adapt_to_unlabeled(pixels, method="em-bcts", batch_size=7)
-    assert estimate.prior.sum().item() == pytest.approx(1.0) and estimate.std_error.shape == (4,)
+    assert estimate.prior.sum().item() == pytest.approx(1.0)
     assert model.config.target_prior == pytest.approx(estimate.prior.tolist())
     # After adaptation the model predicts with logits + log(C * prior), as the evaluation's prior modes do.
     with torch.no_grad():
         adapted = model(pixels).logits
     expected = uniform + torch.log(4 * estimate.prior).float()
     torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
-    # Batches from an iterable (a DataLoader of dicts) give the same estimate; set_prior=False leaves it.
+    # Batches from an iterable (a DataLoader of dicts) give the same estimate; set_prior=False leaves it;
+    # the same estimate comes from the logits through estimate_prior.
     batches = [{"pixel_values": pixels[:12]}, {"pixel_values": pixels[12:]}]
     again = model.adapt_to_unlabeled(batches, method="em-bcts", set_prior=False)
     torch.testing.assert_close(again.prior, estimate.prior, atol=1e-6, rtol=0)
+    from_logits = estimate_prior(uniform.double(), model.config.calibration, "em-bcts")
+    torch.testing.assert_close(from_logits.prior, estimate.prior, atol=1e-6, rtol=0)
     assert model.config.target_prior == pytest.approx(estimate.prior.tolist())
+
+
+def test_adapt_to_unlabeled_with_a_stream_rests_on_every_batch(saved_model):
+    model = BalPoEForImageClassification.from_pretrained(saved_model)
+    pixels = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    stream = PriorStream()
+    model.adapt_to_unlabeled(pixels[:20], stream=stream, method="em")
+    streamed = model.adapt_to_unlabeled(pixels[20:], stream=stream, method="em")
+    at_once = model.adapt_to_unlabeled(pixels, method="em", set_prior=False)
+    assert stream.batches == 2 and len(stream.logits) == 40 and streamed.images == pytest.approx(40)
+    torch.testing.assert_close(streamed.prior, at_once.prior, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(("images", "error", "message"), [
@@ -294,18 +455,65 @@ def test_adapt_to_unlabeled_bad_input(saved_model, images, error, message):
     assert model.config.target_prior is None
 
 
-def test_adapt_to_unlabeled_without_calibration_points_at_holdout_fraction():
+def test_adapt_to_unlabeled_without_calibration_runs_auto_and_names_holdout_for_the_others():
+    model = _tiny_model()
+    estimate = model.adapt_to_unlabeled(torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2)))
+    assert estimate.details["calibration"] == "none"
     with pytest.raises(ValueError, match="holdout_fraction > 0"):
-        _tiny_model().adapt_to_unlabeled(torch.zeros(2, 3, 8, 8))
+        model.adapt_to_unlabeled(torch.zeros(8, 3, 8, 8), method="em-bcts")
 
 
 # --------------------------------------------------------------------------- evaluation modes
 
 
-def test_evaluation_modes_need_the_calibration_they_use():
-    assert evaluation.parse_priors("all") == ["none", "oracle", *UNKNOWN_PRIOR_MODES]
-    assert evaluation.default_priors(None) == ["none", "oracle", "em"]
-    assert evaluation.default_priors(_calibration()) == ["none", "oracle", "auto"]
-    with pytest.raises(evaluation.EvaluationError, match=r"modes \['em-bcts', 'auto'\] need the held-out"):
-        evaluation.check_calibration_for(["none", "em", "em-bcts", "auto"], None, "runs/x")
-    evaluation.check_calibration_for(["none", "oracle", "em"], None, "runs/x")
+def test_evaluation_modes_are_the_estimators_and_say_which_need_the_calibration():
+    assert evaluation.parse_priors("all") == ["none", "oracle", "auto", "em", "em-bcts", "bbse", "rlls"]
+    assert evaluation.default_priors() == ["none", "oracle", "auto"]
+    with pytest.raises(evaluation.EvaluationError, match=r"modes \['em-bcts', 'bbse'\] need the held-out"):
+        evaluation.check_calibration_for(["none", "auto", "em", "em-bcts", "bbse"], None, "runs/x")
+    evaluation.check_calibration_for(["none", "oracle", "auto", "em"], None, "runs/x")
+
+
+# --------------------------------------------------------------------------- older model folders
+
+
+def _legacy_folder(root: Path, extra: str | None = None) -> Path:
+    """A model folder as the previous release saved it: its choice in the config, no manifest."""
+    folder = root / "legacy"
+    _tiny_model(calibration=_calibration()).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "shift_estimator": LEGACY_CHOICE}))
+    if extra:
+        (folder / extra).write_text("the user's notes")
+    return folder
+
+
+def test_upgrade_in_place_drops_the_legacy_choice_and_adopts_the_folder(tmp_path):
+    folder = _legacy_folder(tmp_path)
+    done = evaluation.upgrade_model(folder)
+    assert done == {"folder": str(folder), "recalibrated": False, "dropped_choice": "rlls-gain",
+                    "auto": done["auto"]} and done["auto"].startswith("'auto' adapts from")
+    config = json.loads((folder / "config.json").read_text())
+    assert "shift_estimator" not in config or config["shift_estimator"] is None
+    assert config["calibration"] == _calibration()  # no recipe.yaml: nothing to calibrate again on
+    assert written_by_package(folder, "config.json") and written_by_package(folder, "shrinkage.py")
+
+
+def test_upgrade_of_a_folder_with_other_files_goes_into_a_new_folder(tmp_path):
+    folder = _legacy_folder(tmp_path, extra="notes.txt")
+    with pytest.raises(evaluation.EvaluationError, match=r"holds \['notes\.txt'\], which balpoe-hf did not"):
+        evaluation.upgrade_model(folder)
+    assert json.loads((folder / "config.json").read_text())["shift_estimator"] == LEGACY_CHOICE
+    done = evaluation.upgrade_model(folder, tmp_path / "upgraded")
+    upgraded = tmp_path / "upgraded"
+    assert done["folder"] == str(upgraded) and not (upgraded / "notes.txt").exists()
+    model = BalPoEForImageClassification.from_pretrained(upgraded)
+    assert model.config.shift_estimator is None and model.config.calibration == _calibration()
+    assert (upgraded / "preprocessor_config.json").is_file() and written_by_package(upgraded, "config.json")
+    # The weights are the legacy folder's.
+    original = BalPoEForImageClassification.from_pretrained(folder)
+    for (name, value), (_, other) in zip(original.state_dict().items(), model.state_dict().items(),
+                                         strict=True):
+        assert torch.equal(value, other), name
+    with pytest.raises(evaluation.EvaluationError, match="not an empty folder"):
+        evaluation.upgrade_model(folder, upgraded)

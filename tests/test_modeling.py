@@ -19,7 +19,7 @@ from balpoe_hf import (
     BalPoEModel,
     build_image_processor,
 )
-from balpoe_hf.label_shift import estimate_unknown_prior
+from balpoe_hf.label_shift import estimate_prior
 from balpoe_hf.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassifier
 
 COUNTS = [50, 20, 8, 2]
@@ -504,9 +504,9 @@ def test_pipeline_takes_the_target_prior_per_call(tmp_path):
         kwargs = {} if prior is None else {"target_prior": list(prior) if isinstance(prior, tuple) else prior}
         for image, want in zip(images, probs, strict=True):
             assert _scores(classify(image, **kwargs)) == pytest.approx(want.tolist(), abs=1e-5), prior
-    # "auto": the prior of the call's images (EM: this model has no held-out calibration), then predicting
-    # for it; the model's own prior is untouched.
-    estimate = estimate_unknown_prior(uniform, None, "em").prior
+    # "auto": the prior of the call's images (the model's default estimate from their logits), then
+    # predicting for it; the model's own prior is untouched.
+    estimate = estimate_prior(uniform, None).prior
     auto = classify(images, target_prior="auto")
     for rows, want in zip(auto, (uniform + estimate.log()).softmax(-1), strict=True):
         assert _scores(rows) == pytest.approx(want.tolist(), abs=1e-5)
