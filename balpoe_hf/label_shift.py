@@ -59,9 +59,11 @@ class ShiftEstimator:
     p-value below ``bias_level``: biases of the size of their own error add that error to the estimate.
     ``shrinkage``: ``"empirical-bayes"`` (``shrinkage.shrink_log_prior``, EM only) or ``"none"``.
     ``pseudo_count``: EM's Dirichlet pseudo-count per class (a MAP estimate that keeps every class above 0,
-    so that its logarithm is finite). ``calibration_error``: the standard deviation of each class's
-    calibration error in log-odds assumed for a model without a held-out calibration (one with a held-out
-    split measures it). ``regularization``: RLLS's. ``scale_by_temperature``: the shrunk log prior is
+    so that its logarithm is finite). ``calibration_error``: the standard deviation, in log-odds, of each
+    class's calibration error that no held-out split measures: how far the calibration can move between
+    the training distribution (which the held-out split follows) and a shifted test distribution, and, for
+    a model without a held-out split, the calibration itself; it adds to what the held-out split measured.
+    ``regularization``: RLLS's. ``scale_by_temperature``: the shrunk log prior is
     multiplied by the calibration's temperature ``T`` before it is added to the logits, since
     ``argmax(z / T + log pi) = argmax(z + T log pi)``: an under-confident model (``T < 1``) needs a smaller
     adjustment than its logits suggest.
@@ -281,24 +283,28 @@ def describe_auto(calibration: dict[str, Any] | None) -> str:
     """One line on what ``auto`` rests on for a model with this ``config.calibration``."""
     settings = PRIOR_ESTIMATORS["auto"]
     if calibration is None:
-        return (f"'auto' adapts from the raw posteriors, assuming a calibration error of "
+        return (f"'auto' adapts from the raw posteriors, with a per-class calibration error of "
                 f"{settings.calibration_error:g} (no held-out split)")
     kind, temperature, _ = _posterior_calibration(settings, calibration, "auto")
     what = "BCTS" if kind == "bcts" else "temperature-scaled"
     return (f"'auto' adapts from {what} posteriors (temperature {temperature:.3f}; per-class biases "
-            f"p = {bias_evidence(calibration):.2f})")
+            f"p = {bias_evidence(calibration):.2f}; calibration error measured on the held-out split, plus "
+            f"{settings.calibration_error:g})")
 
 
 def _calibration_covariance(calibration: dict[str, Any] | None, settings: ShiftEstimator,
                             num_classes: int) -> torch.Tensor:
-    """The covariance of the per-class calibration error: measured on the held-out split, or assumed."""
-    if calibration is None:
-        error = settings.calibration_error**2
-        if num_classes > FULL_COVARIANCE_CLASSES:
-            return torch.full((num_classes,), error, dtype=torch.float64)
-        return error * torch.eye(num_classes, dtype=torch.float64)
-    covariance = bias_covariance(calibration)
-    return covariance.diagonal() if num_classes > FULL_COVARIANCE_CLASSES else covariance
+    """The covariance of the per-class calibration error: what the held-out split measured (none without
+    one), plus ``settings.calibration_error`` squared on every class. ``(C,)`` variances above
+    ``FULL_COVARIANCE_CLASSES`` classes."""
+    error = settings.calibration_error**2
+    if num_classes > FULL_COVARIANCE_CLASSES:
+        measured = torch.zeros(num_classes, dtype=torch.float64) if calibration is None else (
+            bias_covariance(calibration).diagonal())
+        return measured + error
+    measured = torch.zeros(num_classes, num_classes, dtype=torch.float64) if calibration is None else (
+        bias_covariance(calibration))
+    return measured + error * torch.eye(num_classes, dtype=torch.float64)
 
 
 def estimate_prior(logits: torch.Tensor, calibration: dict[str, Any] | None = None,

@@ -264,10 +264,12 @@ def test_named_estimators_with_the_saved_calibration_recover_a_shift_that_plain_
     assert errors["em-bcts"] < 0.05 and errors["auto"] < 0.05
     assert errors["bbse"] < 0.06 and errors["rlls"] < 0.06
     # auto predicts with the shrunk estimate tempered by T (argmax(z / T + log pi) = argmax(z + T log pi)):
-    # a shift this strong is hardly shrunk, so its prior is close to TARGET_PRIOR ** T, normalised.
+    # its prior lies between uniform and TARGET_PRIOR ** T (normalised), in the same order, and nearer to
+    # the latter (the shift's log-spread, 0.5, is large against the errors, about 0.3 a class).
     auto = estimate_prior(target_logits, calibration)
     tempered = TARGET_PRIOR ** calibration["temperature"] / (TARGET_PRIOR ** calibration["temperature"]).sum()
-    assert not auto.kept_uniform and np.abs(auto.prior.numpy() - tempered).max() < 0.05
+    assert not auto.kept_uniform and np.argsort(auto.prior.numpy()).tolist() == [0, 1, 2, 3]
+    assert np.abs(auto.prior.numpy() - tempered).sum() < np.abs(0.25 - tempered).sum() / 2
 
 
 def test_estimators_that_need_the_calibration_say_so_and_auto_does_not():
@@ -303,7 +305,10 @@ def test_unshifted_images_leave_the_prior_within_noise_of_uniform(num_images, ca
 def test_a_stream_of_batches_converges_and_a_drifting_one_is_followed():
     calibration = holdout_calibration(*_gaussian_logits(SOURCE_PRIOR, 2000, np.random.default_rng(0)))
     # Stationary: the estimate's sampling error falls like 1 / sqrt(images): after ten batches of 300 it is
-    # about a third of what one batch gives (20 streams; measured 0.073 -> 0.015 in total variation).
+    # about a third of what one batch gives (20 streams; measured 0.073 -> 0.015 in total variation). The
+    # prior predicted with is the estimate shrunk by its errors, calibration's included, which do not
+    # vanish with the images: it ends well inside the distance from uniform to the truth (0.2; measured
+    # 0.058), and nearer than after one batch.
     first, tenth, prior = [], [], []
     for seed in range(20):
         stream, rng = PriorStream(), np.random.default_rng(200 + seed)
@@ -314,10 +319,11 @@ def test_a_stream_of_batches_converges_and_a_drifting_one_is_followed():
                 first.append(_total_variation(estimate.estimate, TARGET_PRIOR))
         tenth.append(_total_variation(estimate.estimate, TARGET_PRIOR))
         prior.append(_total_variation(estimate.prior, TARGET_PRIOR))
-    assert np.mean(tenth) < np.mean(first) / 2.5 and np.mean(prior) < 0.03
+    assert np.mean(tenth) < np.mean(first) / 2.5
+    assert np.mean(prior) < _total_variation(UNIFORM, TARGET_PRIOR) / 3
     # Drift: five batches from one prior, then five from its reverse, forgetting 0.5 a batch. Right after the
-    # switch the estimate is still near the old prior; five batches later near the new one (measured 0.30
-    # and 0.040).
+    # switch the prior is still near the old one (0.3 from the new); five batches later it is within a third
+    # of uniform's distance to the new one (0.3; measured 0.069).
     old, new = SOURCE_PRIOR, SOURCE_PRIOR[::-1]
     after_switch, five_later = [], []
     for seed in range(20):
@@ -329,7 +335,7 @@ def test_a_stream_of_batches_converges_and_a_drifting_one_is_followed():
             if batch == 5:
                 after_switch.append(error)
         five_later.append(error)
-    assert np.mean(after_switch) > 0.2 and np.mean(five_later) < 0.06
+    assert np.mean(after_switch) > 0.2 and np.mean(five_later) < _total_variation(UNIFORM, new) / 3
 
 
 def test_prior_stream_weights_by_hand():
