@@ -135,7 +135,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, dat
 
 def test_every_checkpoint_damaged_says_which_and_what_to_do(reference, data, tmp_path):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
-    (out / "checkpoints" / "epoch-0001" / "optimizer.bin").write_bytes(b"\0" * 10)
+    (out / "checkpoints" / "epoch-0001" / "optimizer.safetensors").write_bytes(b"\0" * 10)
     before = _snapshot(out)
     with pytest.raises(TrainingError, match=r"no checkpoint of the run can be loaded:\n  .*epoch-0001, which "
                                             r"cannot be loaded .*\nDelete them \(rm -r .*checkpoints\)"):
@@ -144,7 +144,7 @@ def test_every_checkpoint_damaged_says_which_and_what_to_do(reference, data, tmp
 
 
 class _FakeAccelerator(SimpleNamespace):
-    """What save_checkpoint uses of an Accelerator: one process, ``save_state`` given by the test."""
+    """What save_checkpoint uses of an Accelerator: one process."""
 
     is_main_process = True
 
@@ -152,7 +152,16 @@ class _FakeAccelerator(SimpleNamespace):
         pass
 
 
-def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_path):
+def _save_with(monkeypatch, write):
+    """save_checkpoint with ``write(folder)`` in place of writing the training state."""
+    monkeypatch.setattr(checkpoints, "save_training_state", lambda accelerator, folder, objects: write(folder))
+
+
+def _save(output_dir, epoch, keep=2):
+    return checkpoints.save_checkpoint(_FakeAccelerator(), output_dir, {"epoch": epoch, "step": 0}, keep, None)
+
+
+def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_path, monkeypatch):
     def save_state(folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "model.safetensors").write_bytes(b"weights")
@@ -161,9 +170,9 @@ def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_
     (tmp_path / "checkpoints" / "epoch-0002.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "epoch-0002.tmp" / "trainer_state.json").write_text("{}")
     assert checkpoints.completed_checkpoints(tmp_path) == []
-    accelerator = _FakeAccelerator(save_state=save_state)
+    _save_with(monkeypatch, save_state)
     for epoch in (1, 2):
-        checkpoints.save_checkpoint(accelerator, tmp_path, {"epoch": epoch, "step": 0}, keep=2)
+        _save(tmp_path, epoch)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     assert json.loads((tmp_path / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text()) == {
         "epoch": 2, "step": 0}
@@ -179,22 +188,22 @@ def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_pa
         # What torch.save raised when a 200 kB tmpfs filled up while writing optimizer.bin.
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 918")
 
-    checkpoints.save_checkpoint(_FakeAccelerator(save_state=save_state), tmp_path, {"epoch": 1, "step": 0},
-                                keep=2)
+    _save_with(monkeypatch, save_state)
+    _save(tmp_path, 1)
+    _save_with(monkeypatch, full_disk)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
     with pytest.raises(TrainingError, match=r"could not write the checkpoint .*epoch-0002: \[enforce fail "
                                             r".*\. The disk is full\. Its partial files were removed"):
-        checkpoints.save_checkpoint(_FakeAccelerator(save_state=full_disk), tmp_path,
-                                    {"epoch": 2, "step": 0}, 2)
+        _save(tmp_path, 2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-0001"]
     monkeypatch.undo()
 
     def no_space(folder):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    _save_with(monkeypatch, no_space)
     with pytest.raises(TrainingError, match=r"No space left on device\. The disk is full\."):
-        checkpoints.save_checkpoint(_FakeAccelerator(save_state=no_space), tmp_path, {"epoch": 2, "step": 0},
-                                    keep=2)
+        _save(tmp_path, 2)
 
 
 # --------------------------------------------------------------------------- changed settings (14.6)
