@@ -255,9 +255,10 @@ def save_failure(error: BaseException, folder: str | Path) -> str:
     is full (``ENOSPC``, or less than a MiB left)."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     existing = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), Path("."))
-    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (
-        shutil.disk_usage(existing).free < 2**20)
-    return f"{reason}.{' The disk is full.' if full else ''}"
+    # safetensors reports a full disk inside its message only ("... code: 28, kind: StorageFull ...").
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in reason or (
+        "No space left" in reason) or shutil.disk_usage(existing).free < 2**20
+    return f"{reason.rstrip('.')}.{' The disk is full.' if full else ''}"
 
 
 # --------------------------------------------------------------------------- one writer per folder
@@ -396,6 +397,19 @@ def model_weight_files(folder: str | Path) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass  # no index (one weights file), or a damaged one: its shards are not known
     return names
+
+
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """The SHA-256 of the model saved in ``model_dir`` (of ``model.safetensors``, or of the SHA-256s of a
+    weights index and its shards); ``None`` for a folder without weights, or a Hub id. A report records it,
+    so that ``balpoe-push`` publishes a report with the model it evaluated only."""
+    folder = Path(model_dir)
+    files = [folder / name for name in model_weight_files(folder) if (folder / name).is_file()]
+    if not folder.is_dir() or not files:
+        return None
+    if len(files) == 1:
+        return _sha256(files[0])
+    return hashlib.sha256("".join(_sha256(path) for path in files).encode()).hexdigest()
 
 
 def check_writable(folder: str | Path, what: str, error: type[Exception] = TrainingError) -> None:
@@ -585,8 +599,9 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {key: _decode(item, tensors) for key, item in value.items()}
 
 
-def _write_state(folder: Path, name: str, value: Any) -> None:
-    """``value`` as ``name.json``, its tensors (if any) in ``name.safetensors``."""
+def write_state(folder: Path, name: str, value: Any) -> None:
+    """``value`` (nested containers of tensors, numbers and strings, e.g. an optimizer's ``state_dict``) as
+    ``name.json`` in ``folder``, its tensors (if any) in ``name.safetensors``: no pickle."""
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(value, tensors)
     if tensors:
@@ -595,7 +610,8 @@ def _write_state(folder: Path, name: str, value: Any) -> None:
     (folder / f"{name}.json").write_text(json.dumps(document), encoding="utf-8")
 
 
-def _read_state(folder: Path, name: str) -> Any:
+def read_state(folder: Path, name: str) -> Any:
+    """What ``write_state(folder, name, value)`` wrote: ``value`` (e.g. a checkpoint's ``"optimizer"``)."""
     document = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
     if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
         raise ValueError(f"{name}.json is not a balpoe-hf training state")
@@ -647,11 +663,11 @@ def save_training_state(accelerator: Accelerator, folder: Path, objects: Trainin
         weights = accelerator.unwrap_model(objects.model).state_dict()
         save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()},
                   folder / MODEL_STATE, metadata={"format": "pt"})
-        _write_state(folder, "optimizer", objects.optimizer.state_dict())
-        _write_state(folder, "scheduler", objects.scheduler.state_dict())
+        write_state(folder, "optimizer", objects.optimizer.state_dict())
+        write_state(folder, "scheduler", objects.scheduler.state_dict())
         if accelerator.scaler is not None:
-            _write_state(folder, "scaler", accelerator.scaler.state_dict())
-    _write_state(folder, f"rng_state_{accelerator.process_index}", _rng_state(accelerator))
+            write_state(folder, "scaler", accelerator.scaler.state_dict())
+    write_state(folder, f"rng_state_{accelerator.process_index}", _rng_state(accelerator))
 
 
 class RefusedPickleError(ValueError):
@@ -676,11 +692,11 @@ def _read_training_state(accelerator: Accelerator, folder: Path) -> dict[str, An
     index = accelerator.process_index
     states: dict[str, Any] = {"model": load_file(folder / MODEL_STATE)}
     if (folder / "optimizer.json").is_file():
-        states["optimizer"] = _read_state(folder, "optimizer")
-        states["scheduler"] = _read_state(folder, "scheduler")
-        states["rng"] = _read_state(folder, f"rng_state_{index}")
+        states["optimizer"] = read_state(folder, "optimizer")
+        states["scheduler"] = read_state(folder, "scheduler")
+        states["rng"] = read_state(folder, f"rng_state_{index}")
         if accelerator.scaler is not None:
-            states["scaler"] = _read_state(folder, "scaler")
+            states["scaler"] = read_state(folder, "scaler")
         return states
     # The previous release: the scheduler was accelerate's custom_checkpoint_0.pkl.
     states["optimizer"] = _load_pickle(folder / "optimizer.bin")
@@ -830,6 +846,16 @@ def load_checkpoint(accelerator: Accelerator, output_dir: str | Path, recipe: Re
                             + f"\nDelete them (rm -r {Path(output_dir) / CHECKPOINTS_DIR}) and --resume "
                               "starts afresh, or start over with --overwrite.")
     return None
+
+
+def resume_hint(output_dir: str | Path) -> str:
+    """What ``--resume`` would continue ``output_dir``'s run from, in a sentence (after an interruption)."""
+    saved = completed_checkpoints(output_dir)
+    if not saved:
+        return f"no checkpoint was saved in {output_dir} yet: rerun to start again."
+    epoch, step = _progress(saved[-1])
+    where = f"epoch {epoch}" + (f", {step} batches into the next" if step else "")
+    return f"rerun with --resume to continue from its checkpoint after {where} ({saved[-1]})."
 
 
 def epoch_batches(loader: Any, accelerator: Accelerator, start: int) -> Iterable:

@@ -11,6 +11,7 @@ and the repository's ``scripts/*.py`` call the same functions. Each parses its a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from .arguments import build_parser, parse_args, parse_recipe_flags
+from .checkpoints import resume_hint, save_failure
 from .compare import (
     BUDGETS,
     DEFAULT_METHODS,
@@ -63,6 +65,12 @@ def _fail(error: Exception) -> int:
     return 2
 
 
+def _interrupted(what_now: str) -> int:
+    """Ctrl-C: one line (what was kept and how to go on) and the shell's status for SIGINT, 130."""
+    print(f"\ninterrupted; {what_now}".rstrip("; "), file=sys.stderr)
+    return 130
+
+
 # --------------------------------------------------------------------------- balpoe-train
 
 
@@ -82,14 +90,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if "--list-recipes" in (sys.argv[1:] if argv is None else argv):
         print(list_recipes())
         return 0
-    start = time.time()
+    start, output_dir = time.time(), None
     try:
         run, recipe = parse_args(argv, description=TRAIN_DESCRIPTION)
+        output_dir = Path(run.output_dir)
         deadline = None if run.time_limit is None else start + run.time_limit
-        train(recipe, run.output_dir, resume=run.resume, overwrite=run.overwrite, report_to=run.report_to,
+        train(recipe, output_dir, resume=run.resume, overwrite=run.overwrite, report_to=run.report_to,
               push_to_hub=run.push_to_hub, hub_model_id=run.hub_model_id, deadline=deadline)
     except TrainingError as error:
         return _fail(error)
+    except KeyboardInterrupt:
+        return _interrupted("" if output_dir is None else resume_hint(output_dir))
     return 0
 
 
@@ -246,7 +257,8 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
 
 def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> None:
     """Print one line per test list and the prior-mode table; with --output write each list's report too."""
-    from .evaluation import format_shift_table, record_report, report_files, report_owner, write_report
+    from .checkpoints import weights_fingerprint
+    from .evaluation import format_shift_table, staged_report, write_report
 
     table = {mode: {name: result.report["shift_accuracy"][mode]["uniform"]
                     for name, result in results.items()} for mode in priors}
@@ -256,14 +268,14 @@ def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> 
     print(format_shift_table(table, list(results)))
     if args.output:
         output = Path(args.output)
-        files = {}
-        for name, result in results.items():
-            files[name] = str(output.with_name(f"{output.stem}_{name}.json"))
-            write_report(result, files[name])
-        summary = {"model": args.model, "data_root": args.data_root, "shift_accuracy": table,
-                   "reports": files}
-        output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        record_report(report_files(output, list(results)), report_owner(output, args.model))
+        files = {name: str(output.with_name(f"{output.stem}_{name}.json")) for name in results}
+        summary = {"model": args.model, "model_sha256": weights_fingerprint(args.model),
+                   "data_root": args.data_root, "shift_accuracy": table, "reports": files}
+        with staged_report(output, args.model) as staged:
+            for name, result in results.items():
+                result.report["model_sha256"] = summary["model_sha256"]
+                write_report(result, staged.with_name(f"{staged.stem}_{name}.json"))
+            staged.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.output} and one report per test list beside it")
 
 
@@ -282,9 +294,21 @@ def _parse_sizes(text: str | None) -> list[int]:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
+    try:
+        with contextlib.ExitStack() as exit_stack:  # --output: the lock of the folder it writes into
+            return _evaluate(parse_evaluate_args(argv), exit_stack)
+    except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
+        return _fail(error)
+    except KeyboardInterrupt:
+        return _interrupted("nothing was written.")
+
+
+def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack) -> int:
+    from .checkpoints import output_lock, weights_fingerprint
     from .evaluation import (
         absent_classes_warning,
         check_calibration_for,
+        check_deployment_sizes,
         check_output,
         default_priors,
         evaluate_model,
@@ -296,52 +320,54 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         load_model,
         parse_priors,
         parse_shifts,
-        record_report,
-        report_files,
         report_owner,
         resolve_device,
+        staged_report,
         write_report,
     )
     from .loading import load_list, load_split
 
-    try:
-        args = parse_evaluate_args(argv)
-        # Everything that can be checked before the inference is checked first.
-        shifts = parse_shifts(args.shifts)
-        priors = None if args.prior is None else parse_priors(args.prior)
-        if args.batch_size < 1 or args.n_bins < 1:
-            raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
-                                  f"{args.n_bins}.")
-        device = resolve_device(args.device)
-        several_lists = bool(args.test_list) and len(args.test_list) > 1
-        if args.output:
-            check_output(args.output, args.model,
-                         [_list_name(path) for path in args.test_list] if several_lists else ())
-        sizes = _parse_sizes(args.deployment_sizes)
-        if args.fit_shift_estimator:
-            choice = fit_shift_estimator(args.model, device)
-            print(format_shift_estimator(choice))
-        model, processor = load_model(args.model, device)
-        priors = priors or default_priors(model.config.calibration)
-        check_calibration_for(priors, model.config.calibration, args.model, model.config.shift_estimator)
-        if several_lists:
-            _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
-            return 0
-        if args.test_list:
-            ds, source = load_list(args.test_list[0], args.data_root, model.config.num_labels,
-                                   args.image_column, args.label_column), args.test_list[0]
-        else:
-            ds, source = load_split(files=args.test_file, dataset=args.dataset,
-                                    dataset_config=args.dataset_config, split=args.split,
-                                    data_dir=args.data_dir)
-        result = evaluate_model(model, processor, ds, image_column=args.image_column,
-                                label_column=args.label_column, shifts=shifts, priors=priors,
-                                batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
-                                seed=args.seed, deployment_sizes=sizes,
-                                deployment_draws=args.deployment_draws)
-    except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
-        return _fail(error)
-    result.report = {"model": args.model, "dataset": source, **result.report}
+    # Everything that can be checked before the inference is checked first.
+    shifts = parse_shifts(args.shifts)
+    priors = None if args.prior is None else parse_priors(args.prior)
+    if args.batch_size < 1 or args.n_bins < 1:
+        raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
+                              f"{args.n_bins}.")
+    if not 0 <= args.seed < 2**32:
+        raise EvaluationError(f"--seed must be in [0, 2**32) (numpy's seeds), got {args.seed}.")
+    device = resolve_device(args.device)
+    several_lists = bool(args.test_list) and len(args.test_list) > 1
+    if args.output:
+        check_output(args.output, args.model,
+                     [_list_name(path) for path in args.test_list] if several_lists else ())
+        # Held from here to the written report: no other command writes into that folder meanwhile.
+        owner = report_owner(args.output, args.model)
+        exit_stack.enter_context(output_lock(owner, "balpoe-evaluate --output"))
+    sizes = _parse_sizes(args.deployment_sizes)
+    if args.fit_shift_estimator:
+        choice = fit_shift_estimator(args.model, device)
+        print(format_shift_estimator(choice))
+    model, processor = load_model(args.model, device)
+    check_deployment_sizes(sizes, args.deployment_draws, model.config.num_labels)
+    priors = priors or default_priors(model.config.calibration)
+    check_calibration_for(priors, model.config.calibration, args.model, model.config.shift_estimator)
+    if several_lists:
+        _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
+        return 0
+    if args.test_list:
+        ds, source = load_list(args.test_list[0], args.data_root, model.config.num_labels,
+                               args.image_column, args.label_column), args.test_list[0]
+    else:
+        ds, source = load_split(files=args.test_file, dataset=args.dataset,
+                                dataset_config=args.dataset_config, split=args.split,
+                                data_dir=args.data_dir)
+    result = evaluate_model(model, processor, ds, image_column=args.image_column,
+                            label_column=args.label_column, shifts=shifts, priors=priors,
+                            batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
+                            seed=args.seed, deployment_sizes=sizes, deployment_draws=args.deployment_draws)
+    # The weights' fingerprint: balpoe-push uses the report for this model only.
+    result.report = {"model": args.model, "model_sha256": weights_fingerprint(args.model), "dataset": source,
+                     **result.report}
     if result.report["classes_without_test_images"]:
         print(absent_classes_warning(result.report["classes_without_test_images"], model.config.num_labels),
               file=sys.stderr)
@@ -358,12 +384,14 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         output = Path(args.output)
         try:
-            images = write_report(result, output)
-            # Listed as balpoe-evaluate's (in the run's manifest when inside a run, so that --overwrite
-            # removes a stale report; else beside it), so that a later report may replace it, and only it.
-            record_report(report_files(output), report_owner(output, args.model))
-        except (OSError, TrainingError) as error:
-            return _fail(error)
+            # In one staged save, listed as balpoe-evaluate's (in the run's manifest when inside a run, so
+            # that --overwrite removes a stale report; else beside it): a later report may replace it, and
+            # only it.
+            with staged_report(output, args.model) as staged:
+                images = write_report(result, staged)
+        except OSError as error:
+            raise EvaluationError(f"could not write the report {output}: "
+                                  f"{save_failure(error, output.parent)} Nothing was replaced.") from None
         print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")
     return 0
 

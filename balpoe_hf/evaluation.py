@@ -21,11 +21,13 @@ but ``em`` need the held-out calibration a run trained with ``holdout_fraction >
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,17 @@ import torch
 from safetensors import SafetensorError
 
 from .calibration import apply_calibration
-from .checkpoints import check_writable, read_manifest, record_outputs, written_by_package
+from .checkpoints import (
+    check_writable,
+    model_weight_files,
+    output_lock,
+    read_manifest,
+    run_output_files,
+    save_failure,
+    settle,
+    staged_save,
+    written_by_package,
+)
 from .data import make_shifted_test, short_list
 from .errors import EvaluationError, TrainingError
 from .label_shift import (
@@ -127,9 +139,15 @@ def report_owner(output: str | Path, model_dir: str | Path | None = None) -> Pat
     return output.parent
 
 
-def record_report(files: Sequence[Path], owner: str | Path) -> None:
-    """List the files of a report as ``balpoe-evaluate``'s in ``owner``'s manifest (``report_owner``)."""
-    record_outputs(owner, [path for path in files if path.is_file()], reports=True)
+@contextlib.contextmanager
+def staged_report(output: str | Path, model_dir: str | Path | None = None) -> Iterator[Path]:
+    """Where to write the report at ``output`` (and the files beside it): the same place in a staging folder
+    of ``report_owner``; when the block ends the files replace their namesakes at once and are listed as
+    ``balpoe-evaluate``'s in its manifest (``checkpoints.staged_save``), under its lock."""
+    output = Path(output)
+    owner = report_owner(output, model_dir)
+    with output_lock(owner, "balpoe-evaluate --output"), staged_save(owner, reports=True) as stage:
+        yield stage / output.resolve().relative_to(owner.resolve())
 
 
 def check_output(output: str | Path, model_dir: str | Path | None = None,
@@ -179,23 +197,40 @@ def check_shifts(labels: np.ndarray, train_counts: list[int], shifts: list[str],
 def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImageClassification, Any]:
     """The BalPoE model (in eval mode, on ``device``) and the image processor saved with it.
 
-    Refuses (``EvaluationError``) a folder without ``config.json``, a ``config.json`` that ``BalPoEConfig``
-    refuses, and weights that do not fit the config (missing tensors, other shapes): transformers would
-    initialise the missing layers at random and the report would be of a model that does not exist.
+    A local folder is first brought back to one state if a kill interrupted a save into it
+    (``checkpoints.settle``). Refuses (``EvaluationError``) a folder without ``config.json``, a
+    ``config.json`` that ``BalPoEConfig`` refuses, pickle weights (only safetensors are loaded: unpickling
+    can run code), weights that do not fit the config (missing tensors, other shapes: transformers would
+    initialise the missing layers at random and the report would be of a model that does not exist),
+    weights holding NaN or infinite values, and an image processor that does not produce the input the
+    config describes (its size, scaling and normalisation: ``check_processor``).
     """
     from transformers import AutoImageProcessor
-    from transformers.utils import CONFIG_NAME
+    from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
     from transformers.utils import logging as transformers_logging
 
     folder = Path(model_id)
+    if folder.is_dir():
+        try:
+            settle(folder, "balpoe-evaluate")
+        except TrainingError as error:
+            raise EvaluationError(str(error)) from None
     if folder.is_dir() and not (folder / CONFIG_NAME).is_file():
         raise EvaluationError(f"{model_id} has no {CONFIG_NAME}: a BalPoE model folder holds its config "
                               "beside the weights; pass the folder that balpoe-train or save_pretrained "
                               "wrote.")
+    if folder.is_dir() and not any((folder / name).is_file() for name in (SAFE_WEIGHTS_NAME,
+                                                                          SAFE_WEIGHTS_INDEX_NAME)):
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        raise EvaluationError(f"{model_id} has no {SAFE_WEIGHTS_NAME}" + (
+            f", only the pickle weights {pickled}, which balpoe-hf does not load (unpickling a file can run "
+            "code): if you trust where they come from, load them yourself and save the model again with "
+            "save_pretrained (safetensors)." if pickled else ": save the model with save_pretrained."))
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its table of missing weights: refused below, in one message
     try:
-        model, info = BalPoEForImageClassification.from_pretrained(model_id, output_loading_info=True)
+        model, info = BalPoEForImageClassification.from_pretrained(model_id, output_loading_info=True,
+                                                                   use_safetensors=True)
         processor = AutoImageProcessor.from_pretrained(model_id)
     except SafetensorError as error:
         raise EvaluationError(f"the weights in {str(model_id)!r} cannot be read ({error}): the file is "
@@ -203,7 +238,8 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
     except OSError as error:
         hint = ("it is offline (HF_HUB_OFFLINE=1), so pass a local directory written by balpoe-train or "
                 "save_pretrained" if offline_mode() and not Path(model_id).exists()
-                else "pass a directory holding config.json, the weights and preprocessor_config.json")
+                else "pass a directory holding config.json, the safetensors weights and "
+                     "preprocessor_config.json")
         raise EvaluationError(f"cannot load a BalPoE model and its image processor from {str(model_id)!r}: "
                               f"{error}\nHint: {hint}.") from None
     except ValueError as error:  # BalPoEConfig's checks of the values in config.json
@@ -218,7 +254,47 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
     if not model.config.class_counts:
         raise EvaluationError(f"{model_id} has no class_counts in its config: the training prior is needed "
                               "for the shot groups. Set BalPoEConfig.class_counts when training.")
+    not_finite = [name for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if not_finite:
+        raise EvaluationError(f"the weights in {model_id} hold NaN or infinite values (in "
+                              f"{short_list(not_finite, 'tensors')}): the training diverged or the file was "
+                              "damaged; use an earlier checkpoint or train again.")
+    check_processor(processor, model.config, model_id)
     return model.to(device).eval(), processor
+
+
+def check_processor(processor: Any, config: Any, model_id: str | Path = "the model") -> None:
+    """Refuse an image processor that does not produce what the model was trained on: it is run on a
+    plain-coloured 37 x 53 image, whose output must be ``image_size`` square and equal ``(v / 255 - mean) /
+    std`` per channel with the config's mean and std (a hand-edited ``preprocessor_config.json`` that turns
+    normalisation off or changes the size would otherwise give wrong answers without a word)."""
+    from PIL import Image
+
+    colour = (200, 120, 40)
+    try:
+        pixels = processor(images=Image.new("RGB", (37, 53), colour), return_tensors="pt")["pixel_values"]
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise EvaluationError(f"the image processor of {model_id} (preprocessor_config.json) cannot process "
+                              f"an image: {error}") from None
+    side = config.image_size
+    problems = []
+    if tuple(pixels.shape[-2:]) != (side, side):
+        problems.append(f"it makes {tuple(pixels.shape[-2:])} images, the config's image_size is {side}")
+    mean, std = config.image_mean or [], config.image_std or []
+    if len(mean) == len(std) == pixels.shape[1]:
+        expected = torch.tensor([(v / 255 - m) / s for v, m, s in zip(colour, mean, std, strict=True)])
+        got = pixels[0].flatten(1).mean(1).double()
+        if not torch.allclose(got, expected.double(), atol=1e-3):
+            shown = [round(v, 3) for v in got.tolist()]
+            problems.append(f"it scales and normalises pixels otherwise than the config's image_mean {mean} "
+                            f"and image_std {std} (a pixel {colour} gives {shown}, not "
+                            f"{[round(v, 3) for v in expected.tolist()]})")
+    if problems:
+        raise EvaluationError(f"the image processor of {model_id} (preprocessor_config.json) does not fit "
+                              f"its config.json: {'; '.join(problems)}. Put the preprocessor_config.json "
+                              "saved with the model back, or rebuild it with "
+                              "balpoe_hf.build_image_processor(config).save_pretrained(folder).")
 
 
 def _weights_mismatch(model_id: str | Path, how: str, config: Any = None) -> str:
@@ -342,10 +418,8 @@ def deployment_batches(uniform_logits: torch.Tensor, labels: np.ndarray, train_c
     scored on them. Returns size -> shift -> mode -> ``{"mean_gain", "worst_gain"}``, the top-1 gain over
     ``none`` (fractions) averaged over the draws and the worst draw. A size larger than a shifted set is
     skipped for that set."""
-    if draws < 1 or any(size < 1 for size in sizes):
-        raise EvaluationError(f"deployment batch sizes and draws must be positive, got sizes {list(sizes)} "
-                              f"and draws {draws}.")
     num_classes = uniform_logits.shape[1]
+    check_deployment_sizes(sizes, draws, num_classes)
     rng = np.random.default_rng(seed)
     modes = [mode for mode in priors if mode != "none"]
     results: dict[str, Any] = {}
@@ -371,6 +445,17 @@ def deployment_batches(uniform_logits: torch.Tensor, labels: np.ndarray, train_c
                 mode: {"mean_gain": float(np.mean(values)), "worst_gain": min(values)}
                 for mode, values in gains.items()}
     return results
+
+
+def check_deployment_sizes(sizes: Sequence[int], draws: int, num_classes: int) -> None:
+    """Refuse deployment batches smaller than the number of classes (or no draws): such a batch cannot hold
+    every class, and its ``oracle`` prior (the batch's own label counts) all but gives the answers away."""
+    small = [size for size in sizes if size < num_classes]
+    if draws < 1 or small:
+        raise EvaluationError(f"deployment batches must hold at least as many images as the model has "
+                              f"classes ({num_classes}), and --deployment-draws must be positive; got sizes "
+                              f"{list(sizes)} and {draws} draws. A smaller batch cannot hold every class, "
+                              "and its 'oracle' prior (the batch's own labels) would give the answers away.")
 
 
 def default_priors(calibration: dict[str, Any] | None) -> list[str]:
@@ -480,6 +565,8 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     id2label = model.config.id2label
     labels = align_labels(ds, label_column, [id2label[i] for i in range(len(id2label))])
     check_shifts(labels, train_counts, shifts, seed)
+    if deployment_sizes:
+        check_deployment_sizes(deployment_sizes, deployment_draws, len(train_counts))
     report_kwargs = {"n_bins": n_bins, "many": many, "few": few}
 
     start = time.perf_counter()
@@ -525,43 +612,53 @@ def fit_shift_estimator(run_dir: str | Path, device: str | None = None) -> dict[
     same data, seed and ``holdout_fraction``), predicts on it, fits ``config.calibration`` again (so that it
     records the uncertainty of its biases) and chooses ``config.shift_estimator``
     (``shift_selection.choose_shift_estimator``); then saves the model again (``save_pretrained``: config,
-    code files and the unchanged weights), recorded in the run's manifest. Refuses a run without a held-out
-    split, or whose files the package did not write. Returns the choice.
+    code files and the unchanged weights, in one ``checkpoints.staged_save``), recorded in the run's manifest,
+    holding the run's lock. Refuses a run without a held-out split, or whose files the package did not
+    write. Returns the choice.
     """
-    from .checkpoints import record_outputs, run_output_files
+    from transformers.utils import IMAGE_PROCESSOR_NAME
+
     from .loading import load_training_data
     from .recipes import load_recipe
 
     run_dir = Path(run_dir)
-    recipe_path = run_dir / "recipe.yaml"
-    if not recipe_path.is_file():
-        raise EvaluationError(f"{run_dir} has no recipe.yaml: fitting the shift estimator rebuilds the run's "
-                              "held-out split from it, so give the folder of a balpoe-train run.")
-    recipe = load_recipe(config=recipe_path)
-    if recipe.holdout_fraction <= 0:
-        raise EvaluationError(f"{run_dir} was trained without a held-out split (holdout_fraction 0), so "
-                              "there is nothing to choose an estimator on: train with --holdout-fraction "
-                              "0.1.")
-    foreign = [name for name in run_output_files()
-               if (run_dir / name).is_file()
-               and not written_by_package(run_dir, name)]
-    if foreign:
-        raise EvaluationError(f"{run_dir} holds {short_list(foreign, 'files')}, which balpoe-hf did not "
-                              "write there (or which were changed since): saving the model would replace "
-                              "them. Move them away first.")
-    model, processor = load_model(run_dir, resolve_device(device))
-    data = load_training_data(recipe)
-    logits, _ = predict(model, processor, data.holdout, recipe.image_column, recipe.eval_batch_size)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    labels = align_labels(data.holdout, recipe.label_column, names)
-    try:
-        calibration = holdout_calibration(logits, labels)
-        choice = choose_shift_estimator(logits, labels, model.config.class_counts)
-    except ValueError as error:  # a class with too few held-out images
-        raise EvaluationError(f"cannot choose a label-shift estimator for {run_dir}: {error}") from None
-    model.config.calibration, model.config.shift_estimator = calibration, choice
-    model.save_pretrained(run_dir)
-    record_outputs(run_dir, [run_dir / name for name in run_output_files() if (run_dir / name).is_file()])
+    with output_lock(run_dir, "balpoe-evaluate --fit-shift-estimator"):
+        recipe_path = run_dir / "recipe.yaml"
+        if not recipe_path.is_file():
+            raise EvaluationError(f"{run_dir} has no recipe.yaml: fitting the shift estimator rebuilds the "
+                                  "run's held-out split from it, so give the folder of a balpoe-train run.")
+        recipe = load_recipe(config=recipe_path)
+        if recipe.holdout_fraction <= 0:
+            raise EvaluationError(f"{run_dir} was trained without a held-out split (holdout_fraction 0), so "
+                                  "there is nothing to choose an estimator on: train with --holdout-fraction "
+                                  "0.1.")
+        model, processor = load_model(run_dir, resolve_device(device))  # finishes an interrupted save first
+        foreign = [name for name in run_output_files()
+                   if (run_dir / name).is_file() and not written_by_package(run_dir, name)]
+        if foreign:
+            raise EvaluationError(f"{run_dir} holds {short_list(foreign, 'files')}, which balpoe-hf did not "
+                                  "write there (or which were changed since): saving the model would replace "
+                                  "them. Move them away first.")
+        data = load_training_data(recipe)
+        logits, _ = predict(model, processor, data.holdout, recipe.image_column, recipe.eval_batch_size)
+        names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        labels = align_labels(data.holdout, recipe.label_column, names)
+        try:
+            calibration = holdout_calibration(logits, labels)
+            choice = choose_shift_estimator(logits, labels, model.config.class_counts)
+        except ValueError as error:  # a class with too few held-out images
+            raise EvaluationError(f"cannot choose a label-shift estimator for {run_dir}: {error}") from None
+        model.config.calibration, model.config.shift_estimator = calibration, choice
+        try:
+            # Config, code files and the unchanged weights in one staged save: a kill leaves the old config
+            # or the new one, never an empty one.
+            with staged_save(run_dir, obsolete=model_weight_files(run_dir)) as stage:
+                if (run_dir / IMAGE_PROCESSOR_NAME).is_file():  # kept as it is, not rebuilt from the config
+                    shutil.copyfile(run_dir / IMAGE_PROCESSOR_NAME, stage / IMAGE_PROCESSOR_NAME)
+                model.save_pretrained(stage)
+        except Exception as error:  # OSError, safetensors' errors: a full disk, a read-only folder
+            raise EvaluationError(f"could not save the model with its shift estimator into {run_dir}: "
+                                  f"{save_failure(error, run_dir)} Nothing there was replaced.") from None
     return model.config.shift_estimator
 
 
@@ -573,7 +670,8 @@ def _picture_paths(output: Path) -> dict[str, Path]:
 def write_report(result: EvaluationResult, output: str | Path) -> dict[str, str]:
     """Write ``result.report`` as JSON to ``output``, and beside it a reliability diagram and per-class plot.
 
-    Returns the names of the two PNG files (also recorded in the JSON under ``images``).
+    Returns the names of the two PNG files (also recorded in the JSON under ``images``). Use the path that
+    ``staged_report`` yields, so that a kill or a full disk never leaves half a report.
     """
     from .plots import per_class_accuracy_plot, reliability_diagram
 

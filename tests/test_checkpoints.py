@@ -154,11 +154,13 @@ class _FakeAccelerator(SimpleNamespace):
 
 def _save_with(monkeypatch, write):
     """save_checkpoint with ``write(folder)`` in place of writing the training state."""
-    monkeypatch.setattr(checkpoints, "save_training_state", lambda accelerator, folder, objects: write(folder))
+    monkeypatch.setattr(checkpoints, "save_training_state",
+                        lambda accelerator, folder, objects: write(folder))
 
 
 def _save(output_dir, epoch, keep=2):
-    return checkpoints.save_checkpoint(_FakeAccelerator(), output_dir, {"epoch": epoch, "step": 0}, keep, None)
+    state = {"epoch": epoch, "step": 0}
+    return checkpoints.save_checkpoint(_FakeAccelerator(), output_dir, state, keep, None)
 
 
 def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from balpoe_hf import hub
+from balpoe_hf.checkpoints import record_outputs, weights_fingerprint
 
 _spec = importlib.util.spec_from_file_location(
     "push_to_hub_script", Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py")
@@ -175,15 +176,22 @@ def saved_run(tmp_path_factory):
     per_class_accuracy_plot([0.9, 0.8, 0.6, 0.4, 0.2], COUNTS, run / "eval" / "report_per_class_accuracy.png")
     report = {"balanced": {**{k.removeprefix("eval_"): v for k, v in EVAL.items()}, "ece": 0.05},
               "settings": {"n_bins": 15, "many": 100, "few": 20},
-              "shift_accuracy": SHIFTS["shift_accuracy"],
+              "shift_accuracy": SHIFTS["shift_accuracy"], "model_sha256": weights_fingerprint(run),
               "images": {"reliability_diagram": "report_reliability.png",
                          "per_class_accuracy": "report_per_class_accuracy.png"}}
     (run / "eval" / "report.json").write_text(json.dumps(report))
+    _record_report(run / "eval")
     # Things a run directory also holds that must not be published.
     (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
     (run / "checkpoints" / "epoch-0001" / "optimizer.bin").write_bytes(b"\0" * 64)
     (run / "notes.txt").write_text("scratch")
     return run, model
+
+
+def _record_report(folder: Path, owner: Path | None = None) -> None:
+    """List the report files in ``folder`` as balpoe-evaluate's in ``owner``'s manifest, as it does."""
+    owner = owner or folder.parent
+    record_outputs(owner, sorted(folder.glob("report*")), reports=True)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -360,6 +368,7 @@ def test_report_outside_the_run_gives_its_pictures_but_is_not_uploaded(saved_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "images", "README.md"))
     shutil.copytree(run / "eval", tmp_path / "elsewhere")
+    _record_report(tmp_path / "elsewhere", tmp_path / "elsewhere")  # balpoe-evaluate --output elsewhere/...
     report = tmp_path / "elsewhere" / "report.json"
     folder = hub.prepare_hub_folder(copy, "me/tiny-balpoe", eval_report=report)
     assert "images/reliability_diagram.png" in folder.files
