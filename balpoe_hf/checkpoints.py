@@ -51,7 +51,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,7 +148,7 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     os.replace(partial, path)
 
 
-def _is_control(name: str) -> bool:
+def is_control_file(name: str) -> bool:
     """Whether ``name`` is one of the package's own bookkeeping files (lock, journal, staging, partial)."""
     return name in (LOCK, JOURNAL, MANIFEST + PARTIAL_SUFFIX, JOURNAL + PARTIAL_SUFFIX) or name.startswith(
         STAGING_PREFIX)
@@ -213,12 +213,13 @@ def _sync_files(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_save(folder: str | Path, *, reports: bool = False, obsolete: Iterable[str] = (),
+def staged_save(folder: str | Path, *, reports: bool | Collection[str] = False, obsolete: Iterable[str] = (),
                 folders: Iterable[str] = ()) -> Iterator[Path]:
     """Write files into the staging folder this yields; when the block ends, they replace their namesakes in
     ``folder`` all at once (same relative paths), listed in its manifest.
 
-    ``reports``: the files are ``balpoe-evaluate`` reports; ``obsolete``: files of ``folder`` (listed in its
+    ``reports``: the files are ``balpoe-evaluate`` reports (``True``: all of them, or the names of those
+    that are); ``obsolete``: files of ``folder`` (listed in its
     manifest) that the new ones make stale, deleted with the swap; ``folders``: folders the manifest lists
     as the run's. An error or a kill inside the block leaves ``folder`` as it was; see the module docstring
     for the journal that makes the swap survive a kill.
@@ -237,8 +238,8 @@ def staged_save(folder: str | Path, *, reports: bool = False, obsolete: Iterable
             manifest["files"].pop(name, None)
         manifest["files"].update({name: _sha256(stage / name) for name in files})
         manifest["folders"] = sorted(set(manifest["folders"]) | set(folders))
-        manifest["reports"] = sorted((set(manifest["reports"]) - set(stale)) | (set(files) if reports else
-                                                                                   set()))
+        new_reports = set(files) if reports is True else set(reports or ()) & set(files)
+        manifest["reports"] = sorted((set(manifest["reports"]) - set(stale)) | new_reports)
         _sync_files(stage)
         journal = {"staging": stage.name, "files": files, "remove": stale, "manifest": manifest}
         _write_json_atomic(folder / JOURNAL, journal)  # the commit: from here on the new files win
@@ -335,6 +336,26 @@ def output_lock(folder: str | Path, command: str) -> Iterator[None]:
         if created:
             with contextlib.suppress(OSError):  # not empty: the block wrote something
                 folder.rmdir()
+
+
+def lock_on_main_process(state: Any, folder: str | Path, command: str, exit_stack: contextlib.ExitStack
+                         ) -> None:
+    """The main process of ``state`` (an ``Accelerator`` or ``PartialState``) takes ``folder``'s writer lock
+    until ``exit_stack`` closes and finishes or discards a save that a kill interrupted there; every process
+    raises the ``TrainingError`` when the lock is held elsewhere (the others must not wait for it)."""
+    from accelerate.utils import broadcast_object_list
+
+    refusal = None
+    if state.is_main_process:
+        try:
+            exit_stack.enter_context(output_lock(folder, command))
+            finish_interrupted_save(folder)
+        except TrainingError as error:
+            refusal = str(error)
+    if state.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise TrainingError(refusal)
 
 
 def settle(folder: str | Path, command: str) -> None:
@@ -456,7 +477,7 @@ def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool,
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other; pick one.")
     check_writable(path, "--output-dir")
-    if not path.is_dir() or not any(not _is_control(entry.name) for entry in path.iterdir()):
+    if not path.is_dir() or not any(not is_control_file(entry.name) for entry in path.iterdir()):
         return
     if not (resume or overwrite):
         raise TrainingError(f"the output directory {path} is not empty. Pass --resume to continue its run "

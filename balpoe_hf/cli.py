@@ -37,7 +37,7 @@ from .compare import (
 from .errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
 from .label_shift import UNKNOWN_PRIOR_MODES
 from .methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
-from .recipes import Recipe, make_recipe
+from .recipes import SEED_LIMIT, Recipe, make_recipe
 
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
 
@@ -445,6 +445,8 @@ def push_main(argv: Sequence[str] | None = None) -> int:
     except (HubFolderError, HubPublishError, TrainingError) as error:  # TrainingError: a damaged manifest
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return _interrupted("the model card is written in one piece or not at all: rerun to publish.")
     print(f"published {args.model_dir} to {url}")
     return 0
 
@@ -582,14 +584,15 @@ def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArgume
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1"`` -> ``[0, 1]``; a ``TrainingError`` for anything but distinct integers >= 0."""
+    """``"0,1"`` -> ``[0, 1]``; a ``TrainingError`` for anything but distinct integers in ``[0, 2**32)``
+    (``recipes.SEED_LIMIT``, numpy's seeds)."""
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise TrainingError(f"--seeds must be a comma list of distinct integers >= 0, e.g. 0,1; got "
-                            f"{text!r}.")
+    if not seeds or min(seeds) < 0 or max(seeds) >= SEED_LIMIT or len(set(seeds)) != len(seeds):
+        raise TrainingError(f"--seeds must be a comma list of distinct integers from 0 to 2**32 - 1 (numpy's "
+                            f"seeds), e.g. 0,1; got {text!r}.")
     return seeds
 
 
@@ -613,6 +616,9 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
                     print(f"\nwrote {', '.join(comparison.files.values())}")
     except (TrainingError, EvaluationError) as error:
         return _fail(error)
+    except KeyboardInterrupt:
+        return _interrupted("the finished methods and every run's checkpoints are kept: rerun the same "
+                            "command to continue.")
     if args.seeds is not None and PartialState().is_main_process:
         summaries = seed_summaries(args.output_dir, parse_methods(args.methods), seeds)
         print(f"\nBalanced test set over seeds {args.seeds} (mean, range in brackets; seeds finished so "

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.data import Mixup
 from timm.utils import distribute_bn
 from torch.utils.data import DataLoader
@@ -369,22 +369,6 @@ def _describe_data(recipe: Recipe, data: TrainingData, groups: dict[str, list[in
                f"({max(data.holdout_counts)} down to {min(data.holdout_counts)} per class)"))
 
 
-def _lock_output_dir(accelerator: Accelerator, output_dir: Path, exit_stack: contextlib.ExitStack) -> None:
-    """The main process takes the writer lock of ``output_dir`` until ``exit_stack`` closes, and finishes
-    or discards a save that a kill interrupted there; every process raises if the lock is held elsewhere."""
-    refusal = None
-    if accelerator.is_main_process:
-        try:
-            exit_stack.enter_context(checkpoints.output_lock(output_dir, "balpoe-train"))
-            checkpoints.finish_interrupted_save(output_dir)
-        except TrainingError as error:
-            refusal = str(error)
-    if accelerator.num_processes > 1:
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        raise TrainingError(refusal)
-
-
 def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, report_to: str,
            exit_stack: contextlib.ExitStack) -> tuple[Run, TrainState]:
     """Phase 1: the checks, the accelerator, the output directory's lock, the data, the model and
@@ -396,7 +380,7 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
     """
     accelerator = _accelerator(recipe, output_dir, report_to)
     checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
-    _lock_output_dir(accelerator, output_dir, exit_stack)
+    checkpoints.lock_on_main_process(accelerator, output_dir, "balpoe-train", exit_stack)
     # Again under the lock: another run may have written there since the first check.
     checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
     check_model(recipe)
