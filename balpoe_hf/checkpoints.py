@@ -74,7 +74,7 @@ MANIFEST = "balpoe_outputs.json"
 RUN_FOLDERS = (CHECKPOINTS_DIR, "logs")  # folders a run owns whole (TensorBoard writes under logs/)
 PARTIAL_SUFFIX = ".tmp"
 LOCK = ".balpoe.lock"
-JOURNAL = ".balpoe-save.json"
+JOURNAL = ".balpoe-save.json"  # modeling_balpoe.SAVE_JOURNAL, which from_pretrained refuses
 STAGING_PREFIX = ".balpoe-staging-"
 _CHECKPOINT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?")
 
