@@ -462,6 +462,17 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def check_output_flags(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """The checks of ``check_output_dir`` that read nothing inside ``output_dir``: it is a folder (or can be
+    made), it takes new files, and ``resume`` and ``overwrite`` are not both given."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise TrainingError(f"--output-dir {path} exists and is not a directory.")
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other; pick one.")
+    check_writable(path, "--output-dir")
+
+
 def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool,
                      inputs: Sequence[str | Path] = ()) -> None:
     """Refuse an output directory the run must not write to; reads only.
@@ -472,11 +483,7 @@ def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool,
     lies in what it would delete.
     """
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise TrainingError(f"--output-dir {path} exists and is not a directory.")
-    if resume and overwrite:
-        raise TrainingError("--resume and --overwrite contradict each other; pick one.")
-    check_writable(path, "--output-dir")
+    check_output_flags(path, resume, overwrite)
     if not path.is_dir() or not any(not is_control_file(entry.name) for entry in path.iterdir()):
         return
     if not (resume or overwrite):

@@ -379,9 +379,9 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
     run is the same every time; a resumed one then restores the checkpoint's RNG states.
     """
     accelerator = _accelerator(recipe, output_dir, report_to)
-    checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
+    checkpoints.check_output_flags(output_dir, resume, overwrite)
+    # The lock first, and a save that a kill interrupted finished or undone, then what the folder holds.
     checkpoints.lock_on_main_process(accelerator, output_dir, "balpoe-train", exit_stack)
-    # Again under the lock: another run may have written there since the first check.
     checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
     check_model(recipe)
     for note in recipe.notes:
