@@ -13,13 +13,12 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from processes import hold_lock
 from safetensors.torch import load_file
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
@@ -513,26 +512,9 @@ def test_a_damaged_save_journal_is_named_and_nothing_is_guessed(tmp_path):
 # --------------------------------------------------------------------------- one writer, Ctrl-C
 
 
-def _hold_lock(folder: Path) -> subprocess.Popen:
-    """Another process holding ``folder``'s writer lock as balpoe-hf does (an flock on .balpoe.lock, with the
-    owner in it); without the package, so that it starts at once."""
-    code = ("import fcntl, json, os, sys, time\n"
-            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'node7', 'command': 'balpoe-train', "
-            "'since': '2025-01-01 10:00:00'}).encode())\n"
-            "print('locked', flush=True)\n"
-            "time.sleep(120)\n")
-    folder.mkdir(parents=True, exist_ok=True)
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder / checkpoints.LOCK)],
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def test_a_second_writer_into_a_folder_is_refused_naming_the_owner_until_it_is_gone(data, tmp_path):
     out = tmp_path / "run"
-    holder = _hold_lock(out)
+    holder = hold_lock(out)
     try:
         with pytest.raises(TrainingError, match=rf"{out} is being written by balpoe-train \(pid {holder.pid} "
                                                 r"on node7, since 2025-01-01 10:00:00\): one command at a"):
