@@ -55,10 +55,11 @@ def _leaves(value: Any) -> list[Any]:
     return [value]
 
 
-# What a held-out calibration can hold (balpoe_hf.calibration fits temperatures and biases on logits): values
-# beyond these come from a hand edit, and overflow or flatten every probability computed from them.
-TEMPERATURE_RANGE = (1e-4, 1e4)
-CALIBRATION_MAGNITUDE = 1e4
+# What a held-out calibration can hold. Fits on held-out logits give temperatures of about 0.1 to 10, above
+# 1e4 for a model trained for an epoch, biases of a few units; beyond 1e8 either way (a hand edit) every
+# calibrated logit is crushed to 0 or overflows float32.
+TEMPERATURE_RANGE = (1e-8, 1e8)
+CALIBRATION_MAGNITUDE = 1e8
 
 
 class BalPoEConfig(PreTrainedConfig):

@@ -8,6 +8,7 @@ everything a Hub repository needs; ``push_to_hub`` does the same and uploads the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -667,11 +668,20 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _report_owner(report_path: Path, folder: Path) -> tuple[Path, str]:
-    """The folder whose manifest lists the report (``evaluation.report_owner``), and its name there."""
+    """The folder whose manifest lists the report as balpoe-evaluate's, and its name there: the model's
+    folder, or the nearest folder above the report that lists it (another run's, for a report written into
+    it); else where ``evaluation.report_owner`` would have listed it."""
     from .evaluation import report_owner
 
+    report = report_path.resolve()
+    for owner in (folder.resolve(), *report.parents):
+        if report.is_relative_to(owner):
+            name = report.relative_to(owner).as_posix()
+            with contextlib.suppress(TrainingError):  # a damaged manifest lists nothing
+                if written_by_package(owner, name, report=True):
+                    return owner, name
     owner = report_owner(report_path, folder)
-    return owner, report_path.resolve().relative_to(owner.resolve()).as_posix()
+    return owner, report.relative_to(owner.resolve()).as_posix()
 
 
 def _check_report_is_the_models(report: Mapping[str, Any], report_path: Path, folder: Path) -> None:
@@ -684,8 +694,9 @@ def _check_report_is_the_models(report: Mapping[str, Any], report_path: Path, fo
                              f"balpoe-evaluate --model {folder} --output {report_path}. Nothing was written.")
     weights = weights_fingerprint(folder)
     if report.get("model_sha256") != weights:
-        whose = (f"of the model in {report['model']}" if report.get("model") and report.get("model_sha256")
-                 else "without the fingerprint of the weights it evaluated (an older report)")
+        whose = ("without the fingerprint of the weights it evaluated (an older report)"
+                 if report.get("model_sha256") is None else "of other weights" + (
+                     f" (the model in {report['model']})" if report.get("model") else ""))
         raise HubFolderError(f"{report_path} is an evaluation {whose}, not of the weights in {folder}: its "
                              "numbers would be published as this model's. Evaluate this model with "
                              f"balpoe-evaluate --model {folder} --output {folder / DEFAULT_EVAL_REPORT} (or "

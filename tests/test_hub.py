@@ -4,6 +4,7 @@ The only mocks are HfApi.create_repo and HfApi.upload_folder (the network bounda
 (card rendering, ModelCard parsing, the upload file filter, loading the folder back) runs for real.
 """
 
+import errno
 import importlib.util
 import json
 import os
@@ -20,6 +21,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from balpoe_hf import hub
 from balpoe_hf.checkpoints import record_outputs, weights_fingerprint
@@ -608,3 +610,107 @@ def test_card_renders_as_the_hub_shows_it(run_cards, tmp_path):
     assert png.size == (1000, 1200)
     # The title and the run's table are drawn: dark text on the white page.
     assert png.convert("L").crop((0, 0, 1000, 600)).getextrema()[0] < 64
+
+
+# --------------------------------------------------------------------------- what push publishes, kills
+
+
+def _run_copy(saved_run, target: Path) -> Path:
+    run, _ = saved_run
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("README.md", "images"))
+    return target
+
+
+def _rewrite_report(run: Path, **changes) -> None:
+    """Change the report and list it again as balpoe-evaluate's: a manifest that an attacker also wrote."""
+    path = run / "eval" / "report.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    _record_report(run / "eval")
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "link"])
+def test_a_report_naming_a_file_outside_its_folder_never_gets_it_published(saved_run, tmp_path, capsys,
+                                                                           where):
+    # The sweep's case: "images" naming /some/where/secret.txt or ../../secret.txt had --dry-run copy that
+    # file into images/*.png and list it for upload.
+    run = _run_copy(saved_run, tmp_path / "run")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    if where == "link":  # a picture's name beside the report, pointing elsewhere
+        (run / "eval" / "report_reliability.png").unlink()
+        (run / "eval" / "report_reliability.png").symlink_to(secret)
+        message = r"report_reliability\.png is not a picture balpoe-evaluate wrote beside"
+    else:
+        name = str(secret) if where == "absolute" else "../../secret.txt"
+        _rewrite_report(run, images={"reliability_diagram": name, "per_class_accuracy": name})
+        message = r"names the picture '.*secret\.txt', which is not a file name beside the report"
+    with pytest.raises(hub.HubFolderError, match=message):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    assert push_script.main([str(run), "me/tiny-balpoe", "--dry-run"]) == 1
+    assert "Nothing was written" in capsys.readouterr().err
+    assert not (run / "images").exists() and not (run / "README.md").exists()
+
+
+def test_a_picture_that_is_not_a_png_is_refused(saved_run, tmp_path):
+    run = _run_copy(saved_run, tmp_path / "run")
+    (run / "eval" / "report_per_class_accuracy.png").write_text("not a picture")
+    _record_report(run / "eval")  # even listed as balpoe-evaluate's
+    with pytest.raises(hub.HubFolderError, match=r"report_per_class_accuracy\.png is not a picture "
+                                                 r"balpoe-evaluate wrote beside .* \(a PNG file"):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+
+
+def test_only_an_unedited_report_of_the_models_own_weights_is_published(saved_run, tmp_path):
+    run = _run_copy(saved_run, tmp_path / "run")
+    report = run / "eval" / "report.json"
+    # Edited by hand since balpoe-evaluate wrote it: its hash no longer matches the manifest.
+    report.write_text(report.read_text().replace('"balanced_accuracy": 0.', '"balanced_accuracy": 0.9'))
+    with pytest.raises(hub.HubFolderError, match=r"report\.json is not a report balpoe-evaluate wrote there, "
+                                                 r"or it was edited since"):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    # Another model's report (25 % on the card of a 100 % model, in the sweep): other weights.
+    other = _run_copy(saved_run, tmp_path / "other")
+    weights = load_file(other / "model.safetensors")
+    weights = {name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    _rewrite_report(run, model="runs/first-model")
+    with pytest.raises(hub.HubFolderError, match=r"is an evaluation of other weights \(the model in "
+                                                 r"runs/first-model\), not of the weights in .*other"):
+        hub.prepare_hub_folder(other, "me/tiny-balpoe", eval_report=run / "eval" / "report.json")
+    _rewrite_report(run, model_sha256=None)  # written before reports named their weights
+    with pytest.raises(hub.HubFolderError, match=r"without the fingerprint of the weights it evaluated"):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+
+
+def test_a_kill_at_any_step_of_writing_the_card_leaves_a_folder_push_goes_on_with(saved_run, tmp_path,
+                                                                                 kill_points):
+    run = _run_copy(saved_run, tmp_path / "run")
+    snapshots = kill_points.watch(run)
+    hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    card = (run / "README.md").read_text()
+    assert len(snapshots) >= 6  # the journal, README.md, three pictures, the manifest
+    states = set()
+    for snapshot in snapshots:
+        readme = snapshot / "README.md"
+        before = readme.read_text() if readme.is_file() else None
+        assert before in (None, card)  # never half a card
+        folder = hub.prepare_hub_folder(snapshot, "me/tiny-balpoe")  # never "balpoe-hf did not write"
+        assert readme.read_text() == card and "README.md" in folder.files
+        states.add(before == card)
+    assert states == {False, True}  # killed before the commit (no card) and after it (the card, finished)
+
+
+def test_a_full_disk_while_writing_the_card_replaces_nothing(saved_run, tmp_path, monkeypatch):
+    run = _run_copy(saved_run, tmp_path / "run")
+    hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    before = _snapshot(run)
+
+    def full_disk(self, path):
+        Path(path).write_text("half a ca")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ModelCard, "save", full_disk)
+    with pytest.raises(hub.HubFolderError, match=r"could not write the model card into .*No space left on "
+                                                 r"device\. The disk is full\. Nothing there was replaced"):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    assert _snapshot(run) == before
