@@ -304,7 +304,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack) -> int:
-    from .checkpoints import output_lock, weights_fingerprint
+    from .checkpoints import output_lock
     from .evaluation import (
         absent_classes_warning,
         check_calibration_for,
@@ -322,8 +322,7 @@ def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack) -> int:
         parse_shifts,
         report_owner,
         resolve_device,
-        staged_report,
-        write_report,
+        save_report,
     )
     from .loading import load_list, load_split
 
@@ -365,9 +364,7 @@ def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack) -> int:
                             label_column=args.label_column, shifts=shifts, priors=priors,
                             batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
                             seed=args.seed, deployment_sizes=sizes, deployment_draws=args.deployment_draws)
-    # The weights' fingerprint: balpoe-push uses the report for this model only.
-    result.report = {"model": args.model, "model_sha256": weights_fingerprint(args.model), "dataset": source,
-                     **result.report}
+    result.report = {"model": args.model, "dataset": source, **result.report}
     if result.report["classes_without_test_images"]:
         print(absent_classes_warning(result.report["classes_without_test_images"], model.config.num_labels),
               file=sys.stderr)
@@ -387,8 +384,7 @@ def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack) -> int:
             # In one staged save, listed as balpoe-evaluate's (in the run's manifest when inside a run, so
             # that --overwrite removes a stale report; else beside it): a later report may replace it, and
             # only it.
-            with staged_report(output, args.model) as staged:
-                images = write_report(result, staged)
+            images = save_report(result, output, args.model)
         except OSError as error:
             raise EvaluationError(f"could not write the report {output}: "
                                   f"{save_failure(error, output.parent)} Nothing was replaced.") from None

@@ -662,6 +662,19 @@ def fit_shift_estimator(run_dir: str | Path, device: str | None = None) -> dict[
     return model.config.shift_estimator
 
 
+def save_report(result: EvaluationResult, output: str | Path, model_dir: str | Path | None = None
+                ) -> dict[str, str]:
+    """Write the report as ``balpoe-evaluate --output`` does: ``write_report`` in one ``staged_report``
+    (listed as balpoe-evaluate's, under the folder's lock), with the SHA-256 of the weights of ``model_dir``
+    (the folder the model was loaded from) as ``model_sha256``, by which ``balpoe-push`` publishes the
+    report with that model only. Returns the names of the two PNG files."""
+    from .checkpoints import weights_fingerprint
+
+    result.report["model_sha256"] = None if model_dir is None else weights_fingerprint(model_dir)
+    with staged_report(output, model_dir) as staged:
+        return write_report(result, staged)
+
+
 def _picture_paths(output: Path) -> dict[str, Path]:
     return {"reliability_diagram": output.with_name(f"{output.stem}_reliability.png"),
             "per_class_accuracy": output.with_name(f"{output.stem}_per_class_accuracy.png")}
@@ -670,8 +683,8 @@ def _picture_paths(output: Path) -> dict[str, Path]:
 def write_report(result: EvaluationResult, output: str | Path) -> dict[str, str]:
     """Write ``result.report`` as JSON to ``output``, and beside it a reliability diagram and per-class plot.
 
-    Returns the names of the two PNG files (also recorded in the JSON under ``images``). Use the path that
-    ``staged_report`` yields, so that a kill or a full disk never leaves half a report.
+    Returns the names of the two PNG files (also recorded in the JSON under ``images``). ``save_report``
+    writes it in one staged save, so that a kill or a full disk never leaves half a report.
     """
     from .plots import per_class_accuracy_plot, reliability_diagram
 
