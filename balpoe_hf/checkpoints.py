@@ -117,25 +117,30 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def _updated_manifest(run_dir: Path, digests: dict[str, str], folders: Iterable[str] = (),
+                      reports: Iterable[str] = (), removed: Iterable[str] = ()) -> dict[str, Any]:
+    """The manifest of ``run_dir`` with the files of ``digests`` (name -> SHA-256), ``folders`` and
+    ``reports`` added and the ``removed`` files left out."""
+    manifest = read_manifest(run_dir) or {"written_by": "balpoe-hf", "files": {}, "folders": [],
+                                          "reports": []}
+    removed = set(removed)
+    manifest["files"] = {name: digest for name, digest in {**manifest["files"], **digests}.items()
+                         if name not in removed}
+    manifest["folders"] = sorted(set(manifest["folders"]) | set(folders))
+    manifest["reports"] = sorted((set(manifest["reports"]) - removed) | set(reports))
+    return manifest
+
+
 def record_outputs(run_dir: str | Path, files: Iterable[str | Path] = (), folders: Iterable[str] = (),
                    *, reports: bool = False) -> None:
     """Add ``files`` (paths in ``run_dir``, with their current content) and ``folders`` to its manifest;
-    ``reports``: the files are ``balpoe-evaluate`` reports (listed under ``reports`` too)."""
+    ``reports``: the files are ``balpoe-evaluate`` reports (listed under ``reports`` too). For files
+    written by other means than ``staged_save``, which lists what it writes itself."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir) or {"written_by": "balpoe-hf", "files": {}, "folders": [],
-                                          "reports": []}
     root = run_dir.resolve()
-    names = []
-    for file in files:
-        path = Path(file)
-        names.append(path.resolve().relative_to(root).as_posix())
-        manifest["files"][names[-1]] = _sha256(path)
-    manifest["folders"] = sorted(set(manifest["folders"]) | set(folders))
-    if reports:
-        manifest["reports"] = sorted(set(manifest["reports"]) | set(names))
-    partial = run_dir / (MANIFEST + PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(partial, run_dir / MANIFEST)
+    digests = {Path(file).resolve().relative_to(root).as_posix(): _sha256(Path(file)) for file in files}
+    manifest = _updated_manifest(run_dir, digests, folders, digests if reports else ())
+    _write_json_atomic(run_dir / MANIFEST, manifest)
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
@@ -219,10 +224,10 @@ def staged_save(folder: str | Path, *, reports: bool | Collection[str] = False, 
     ``folder`` all at once (same relative paths), listed in its manifest.
 
     ``reports``: the files are ``balpoe-evaluate`` reports (``True``: all of them, or the names of those
-    that are); ``obsolete``: files of ``folder`` (listed in its
-    manifest) that the new ones make stale, deleted with the swap; ``folders``: folders the manifest lists
-    as the run's. An error or a kill inside the block leaves ``folder`` as it was; see the module docstring
-    for the journal that makes the swap survive a kill.
+    that are); ``obsolete``: files of ``folder`` (listed in its manifest) that the new ones make stale,
+    deleted with the swap; ``folders``: folders the manifest lists as the run's. An error or a kill inside
+    the block leaves ``folder`` as it was; see the module docstring for the journal that makes the swap
+    survive a kill.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -231,15 +236,10 @@ def staged_save(folder: str | Path, *, reports: bool | Collection[str] = False, 
     try:
         yield stage
         files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
-        manifest = read_manifest(folder) or {"written_by": "balpoe-hf", "files": {}, "folders": [],
-                                             "reports": []}
         stale = [name for name in obsolete if name not in files and written_by_package(folder, name)]
-        for name in stale:
-            manifest["files"].pop(name, None)
-        manifest["files"].update({name: _sha256(stage / name) for name in files})
-        manifest["folders"] = sorted(set(manifest["folders"]) | set(folders))
         new_reports = set(files) if reports is True else set(reports or ()) & set(files)
-        manifest["reports"] = sorted((set(manifest["reports"]) - set(stale)) | new_reports)
+        manifest = _updated_manifest(folder, {name: _sha256(stage / name) for name in files}, folders,
+                                     new_reports, stale)
         _sync_files(stage)
         journal = {"staging": stage.name, "files": files, "remove": stale, "manifest": manifest}
         _write_json_atomic(folder / JOURNAL, journal)  # the commit: from here on the new files win
