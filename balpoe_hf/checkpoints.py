@@ -315,9 +315,13 @@ def output_lock(folder: str | Path, command: str) -> Iterator[None]:
             _HELD[key] -= 1
         return
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    handle = _try_lock(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = _try_lock(path)
+    except OSError as error:  # a read-only folder, say
+        raise TrainingError(f"cannot write into {folder}: {error.strerror or error}; choose a folder you can "
+                            "write to.") from None
     if handle is None:
         raise LockHeldError(f"{folder} is being written by {_lock_owner(path)}: one command at a time writes "
                             "into a folder. Wait for it to finish, or stop it (its run resumes with "

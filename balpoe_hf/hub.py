@@ -33,7 +33,6 @@ from transformers.utils import (
 )
 
 from .checkpoints import (
-    LockHeldError,
     check_writable,
     finish_interrupted_save,
     output_lock,
@@ -774,7 +773,7 @@ def prepare_hub_folder(
             finish_interrupted_save(folder)  # a save a kill interrupted there: finished or undone first
             return _prepare_hub_folder(folder, repo_id, eval_report=eval_report, dataset_id=dataset_id,
                                        dataset_name=dataset_name, license=license)
-    except LockHeldError as error:
+    except TrainingError as error:  # the lock held elsewhere, a read-only folder, a damaged save journal
         raise HubFolderError(f"{error} Nothing was written.") from None
 
 
