@@ -202,6 +202,7 @@ def test_hub_dataset_while_offline_says_how_to_use_local_files(run_dir, monkeypa
 @pytest.mark.parametrize(("argv", "message"), [
     (["--shifts", "sideways10"], "unknown shifts"),
     (["--prior", "none,guess"], "unknown prior modes"),
+    (["--seed", str(2**32)], "--seed must be in [0, 2**32) (numpy's seeds), got 4294967296"),
 ])
 def test_bad_arguments_are_named(run_dir, test_file, capsys, argv, message):
     assert script.main(["--model", str(run_dir), "--test-file", str(test_file), *argv]) == 2
