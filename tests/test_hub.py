@@ -442,12 +442,14 @@ def test_report_outside_the_run_gives_its_pictures_but_is_not_uploaded(saved_run
 
 
 def test_a_report_naming_local_paths_stops_the_push_before_anything_is_written(saved_run, tmp_path):
-    """A report written by an earlier release named the run's folder: refused, naming the file."""
+    """A report naming the run's folder (as an earlier release's did), listed as balpoe-evaluate's and of
+    the folder's weights, so that only the path is wrong with it: refused, naming the file."""
     run, _ = saved_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("images", "README.md"))
     report = json.loads((copy / "eval" / "report.json").read_text())
     (copy / "eval" / "report.json").write_text(json.dumps({"model": str(copy), **report}))
+    _record_report(copy / "eval")
     with pytest.raises(hub.HubFolderError, match=r"eval/report.json names .*/run\. "):
         hub.prepare_hub_folder(copy, "me/tiny-balpoe")
     assert not (copy / "README.md").exists() and not (copy / "images").exists()
