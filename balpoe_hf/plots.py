@@ -1,5 +1,6 @@
 """Evaluation pictures as PNG files: reliability diagram, per-class accuracy against training count, a
-side-by-side comparison of methods, and the training class-count histogram of a model card.
+side-by-side comparison of methods, the training class-count histogram of a model card, and learning
+curves (``curves.eval_history`` of several runs).
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing here needs a display or
 changes the caller's matplotlib backend.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -170,4 +172,30 @@ def class_count_histogram(train_counts: Sequence[int], path: str | Path,
         ax.set_xlabel("class rank")
     ratio = max(counts) / min(counts) if min(counts) > 0 else float("inf")
     ax.set(ylabel="training samples", title=f"Training class counts (imbalance ratio {ratio:.4g})")
+    return _save(fig, path)
+
+
+def training_curves_plot(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                         reference: Mapping[str, Mapping[str, float]] | None = None) -> Path:
+    """Balanced accuracy and ECE (%) against the epoch, a line per run; ``reference`` (run name ->
+    ``{"balanced_accuracy", "ece"}`` in percent, e.g. a paper's final figures) adds a dashed line each."""
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for name, history in histories.items():
+        epochs = [entry["epoch"] for entry in history]
+        line, = axes[0].plot(epochs, [100 * e["balanced_accuracy"] for e in history], marker="o",
+                             label=name)
+        axes[1].plot(epochs, [100 * e["ece"] for e in history], marker="o", color=line.get_color())
+        for axis, key in ((axes[0], "balanced_accuracy"), (axes[1], "ece")):
+            value = (reference or {}).get(name, {}).get(key)
+            if value is not None:
+                axis.axhline(value, linestyle="--", linewidth=1, color=line.get_color())
+    for axis, title in zip(axes, ("balanced accuracy (%)", "ECE (%)"), strict=True):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="lower right", fontsize=8)
+    if reference:
+        fig.suptitle("dashed: the paper's final figures", fontsize=9)
     return _save(fig, path)

@@ -1,0 +1,42 @@
+"""Learning curves of several runs (finished or still going), as a table and a picture.
+
+    python scripts/training_curves.py runs/paper/balpoe runs/paper/bs runs/paper/balpoe-erm \\
+        --every 20 --output docs/images/paper-curves.png [--paper]
+
+Prints how many epochs each run has done and a Markdown table of the balanced test set's accuracy and ECE
+every --every epochs (balpoe_hf.curves), and with --output draws them against the epoch; --paper adds the
+BalPoE paper's CIFAR-10-LT IR100 figures of runs named like its methods (bs, balpoe, balpoe-erm, ce) as
+dashed lines.
+"""
+
+import argparse
+from pathlib import Path
+
+from balpoe_hf.compare import PAPER_CIFAR10_LT_IR100
+from balpoe_hf.curves import epochs_done, eval_history, format_curve_table
+from balpoe_hf.plots import training_curves_plot
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run folders (balpoe-train or balpoe-compare OUTPUT/METHOD)")
+    parser.add_argument("--every", type=int, default=20, help="a table row every this many epochs")
+    parser.add_argument("--output", help="write the picture here (PNG)")
+    parser.add_argument("--paper", action="store_true", help="the paper's final figures as dashed lines")
+    args = parser.parse_args()
+    histories = {Path(run).name: eval_history(run) for run in args.runs}
+    for run in args.runs:
+        print(f"{Path(run).name}: {epochs_done(run)} epochs done")
+    print(format_curve_table(histories, every=args.every))
+    if args.output:
+        reference = None
+        if args.paper:
+            keys = ("balanced_accuracy", "ece")
+            reference = {name: {key: row[key] for key in keys if key in row}
+                         for name, row in PAPER_CIFAR10_LT_IR100.items()}
+        print(f"wrote {training_curves_plot(histories, args.output, reference)}")
+
+
+if __name__ == "__main__":
+    main()
