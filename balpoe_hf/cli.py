@@ -315,8 +315,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
         return _fail(error)
     except KeyboardInterrupt:
-        return _interrupted(f"{upgraded[0]} was upgraded; no report was written." if upgraded
-                            else "nothing was written.")
+        return _interrupted(f"the upgraded model is saved in {upgraded[0]}; no report was written."
+                            if upgraded else "nothing was written.")
 
 
 def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgraded: list[str]) -> int:

@@ -501,6 +501,7 @@ def test_ctrl_c_during_an_upgrade_ends_with_one_line_and_replaces_nothing(holdou
     assert script.main(["--model", str(run), "--upgrade", "--shifts", "uniform", "--prior", "none,auto",
                         "--output", str(run / "eval" / "report.json")]) == 130
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == f"interrupted; {run} was upgraded; no report was written."
+    assert err.strip().splitlines()[-1] == (f"interrupted; the upgraded model is saved in {run}; no report "
+                                            "was written.")
     assert BalPoEForImageClassification.from_pretrained(run).config.shift_estimator is None
     assert not (run / "eval" / "report.json").exists()
