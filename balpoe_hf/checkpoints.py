@@ -9,13 +9,28 @@ beside them), so that a report never replaces a model file. A directory is a run
 ``checkpoints/`` folder, or (a run from before manifests) when it holds a checkpoint; ``--resume`` and
 ``--overwrite`` refuse any other.
 
-**Checkpoints.** Each is accelerate's ``save_state`` folder (model, optimizer, scheduler, RNG states) plus
-``trainer_state.json`` (progress, statistics and the settings that define the model). It is written under a
-temporary name (``<name>.tmp``) and renamed once all of its files are on disk, so a folder with a final
-name is complete; a crash or a full disk while saving leaves a ``.tmp`` folder that resume ignores and the
-next save removes. ``epoch-0003`` is the state after three epochs, ``epoch-0003-step-000050`` the state 50
-batches into the fourth (``Recipe.checkpoint_every_steps``). Resuming loads the latest checkpoint that can
-be loaded, says which ones it skipped and why, and refuses a recipe that changes the model.
+**Atomic saves.** Every save that replaces what a folder holds (a finished model, a report, a model card)
+goes through ``staged_save``: the files are written into a staging folder beside them, then a journal naming
+them and the new manifest is written in one rename (the commit), then the files are renamed into place and
+the manifest last. A kill or a full disk before the commit leaves the old files (the staging folder is
+discarded); after it, ``settle`` (run by every command before it reads or writes the folder) finishes the
+renames. So the folder holds the old files or the new ones, with a manifest that lists them.
+
+**One writer.** ``output_lock`` holds ``.balpoe.lock`` (the owner's pid, host and command) in a folder while
+a command writes there; a second writer is refused, naming the owner. The lock is an ``flock`` on that file,
+which the system releases when its process ends, however it ends: a lock left by a killed process is stale
+and is taken over.
+
+**Checkpoints.** Each holds the model (``model.safetensors``), the optimizer's and the learning-rate
+schedule's state (JSON, with the optimizer's tensors in safetensors), each process's random-number states
+(JSON) and ``trainer_state.json`` (progress, statistics and the settings that define the model): no pickle,
+so that loading a checkpoint never runs code. Those of the previous release (accelerate's ``save_state``,
+pickles) are read with ``torch.load(weights_only=True)``, which loads tensors and numbers only. A checkpoint
+is written under a temporary name (``<name>.tmp``) and renamed once all of its files are on disk, so a folder
+with a final name is complete; a crash or a full disk while saving leaves a ``.tmp`` folder that resume
+ignores and the next save removes. ``epoch-0003`` is the state after three epochs, ``epoch-0003-step-000050``
+the state 50 batches into the fourth (``Recipe.checkpoint_every_steps``). Resuming loads the latest checkpoint
+that can be loaded, says which ones it skipped and why, and refuses a recipe that changes the model.
 
 **Non-finite loss.** ``NonFiniteLossGuard`` stops a run at its first non-finite loss without a
 host-device synchronisation per step, so that no checkpoint or evaluation ever sees diverged weights.
@@ -25,17 +40,25 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import pickle
+import random
 import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from .configuration_balpoe import POST_TRAINING_SETTINGS, SETTINGS
 from .data import short_list
@@ -50,6 +73,9 @@ TRAINER_STATE = "trainer_state.json"
 MANIFEST = "balpoe_outputs.json"
 RUN_FOLDERS = (CHECKPOINTS_DIR, "logs")  # folders a run owns whole (TensorBoard writes under logs/)
 PARTIAL_SUFFIX = ".tmp"
+LOCK = ".balpoe.lock"
+JOURNAL = ".balpoe-save.json"  # modeling_balpoe.SAVE_JOURNAL, which from_pretrained refuses
+STAGING_PREFIX = ".balpoe-staging-"
 _CHECKPOINT_NAME = re.compile(r"epoch-(\d+)(?:-step-(\d+))?")
 
 # Recipe fields a resumed run keeps: those of the model's config (recipes.CONFIG_FIELDS), and those that
@@ -91,48 +117,264 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def _updated_manifest(run_dir: Path, digests: dict[str, str], folders: Iterable[str] = (),
+                      reports: Iterable[str] = (), removed: Iterable[str] = ()) -> dict[str, Any]:
+    """The manifest of ``run_dir`` with the files of ``digests`` (name -> SHA-256), ``folders`` and
+    ``reports`` added and the ``removed`` files left out."""
+    manifest = read_manifest(run_dir) or {"written_by": "balpoe-hf", "files": {}, "folders": [],
+                                          "reports": []}
+    removed = set(removed)
+    manifest["files"] = {name: digest for name, digest in {**manifest["files"], **digests}.items()
+                         if name not in removed}
+    manifest["folders"] = sorted(set(manifest["folders"]) | set(folders))
+    manifest["reports"] = sorted((set(manifest["reports"]) - removed) | set(reports))
+    return manifest
+
+
 def record_outputs(run_dir: str | Path, files: Iterable[str | Path] = (), folders: Iterable[str] = (),
                    *, reports: bool = False) -> None:
     """Add ``files`` (paths in ``run_dir``, with their current content) and ``folders`` to its manifest;
-    ``reports``: the files are ``balpoe-evaluate`` reports (listed under ``reports`` too)."""
+    ``reports``: the files are ``balpoe-evaluate`` reports (listed under ``reports`` too). For files
+    written by other means than ``staged_save``, which lists what it writes itself."""
     run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir) or {"written_by": "balpoe-hf", "files": {}, "folders": [],
-                                          "reports": []}
     root = run_dir.resolve()
-    names = []
-    for file in files:
-        path = Path(file)
-        names.append(path.resolve().relative_to(root).as_posix())
-        manifest["files"][names[-1]] = _sha256(path)
-    manifest["folders"] = sorted(set(manifest["folders"]) | set(folders))
-    if reports:
-        manifest["reports"] = sorted(set(manifest["reports"]) | set(names))
-    partial = run_dir / (MANIFEST + PARTIAL_SUFFIX)
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(partial, run_dir / MANIFEST)
+    digests = {Path(file).resolve().relative_to(root).as_posix(): _sha256(Path(file)) for file in files}
+    manifest = _updated_manifest(run_dir, digests, folders, digests if reports else ())
+    _write_json_atomic(run_dir / MANIFEST, manifest)
 
 
-def _file_stamps(run_dir: Path) -> dict[Path, tuple[int, int]]:
-    skip = {run_dir / folder for folder in RUN_FOLDERS}
-    stamps = {}
-    for root, dirs, files in os.walk(run_dir):
-        dirs[:] = [d for d in dirs if Path(root, d) not in skip]
-        for name in files:
-            stat = Path(root, name).stat()
-            stamps[Path(root, name)] = (stat.st_size, stat.st_mtime_ns)
-    return stamps
+def _write_json_atomic(path: Path, value: Any) -> None:
+    """``value`` as JSON at ``path``, written beside it and renamed over it once on disk."""
+    partial = path.with_name(path.name + PARTIAL_SUFFIX)
+    with partial.open("w", encoding="utf-8") as handle:
+        handle.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def is_control_file(name: str) -> bool:
+    """Whether ``name`` is one of the package's own bookkeeping files (lock, journal, staging, partial)."""
+    return name in (LOCK, JOURNAL, MANIFEST + PARTIAL_SUFFIX, JOURNAL + PARTIAL_SUFFIX) or name.startswith(
+        STAGING_PREFIX)
+
+
+def _relative_name(name: Any) -> str:
+    """A journal's file name, checked to stay inside its folder (the journal is data read back from disk)."""
+    path = Path(name) if isinstance(name, str) else None
+    if path is None or path.is_absolute() or ".." in path.parts or not path.parts:
+        raise TrainingError(f"the save journal names {name!r}, which is not a file inside the folder; it is "
+                            "damaged: delete it and the folders named .balpoe-staging-* beside it.")
+    return path.as_posix()
+
+
+def _roll_forward(folder: Path, journal: dict[str, Any]) -> None:
+    """Finish a committed save: rename its staged files into place, drop the obsolete ones, write the
+    manifest, remove the journal and the staging folder. Safe to repeat after a kill at any point."""
+    stage = folder / _relative_name(journal.get("staging"))
+    for name in map(_relative_name, journal.get("files", [])):
+        if (stage / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / name, folder / name)
+    for name in map(_relative_name, journal.get("remove", [])):
+        (folder / name).unlink(missing_ok=True)
+    _write_json_atomic(folder / MANIFEST, journal["manifest"])
+    (folder / JOURNAL).unlink(missing_ok=True)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def finish_interrupted_save(folder: str | Path) -> str | None:
+    """Bring ``folder`` back to one state after a save that was killed: a committed save is finished
+    (``"finished"``), an uncommitted one's staging folder is removed (``"discarded"``); ``None`` if there was
+    none. Call it holding the folder's ``output_lock`` (``settle`` does)."""
+    folder = Path(folder)
+    journal_path = folder / JOURNAL
+    outcome = None
+    if journal_path.is_file():
+        try:
+            journal = json.loads(journal_path.read_text(encoding="utf-8"))
+            if not isinstance(journal, dict) or not isinstance(journal.get("manifest"), dict):
+                raise ValueError("not a journal")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise TrainingError(f"{journal_path} is damaged ({error}); delete it and the folders named "
+                                f"{STAGING_PREFIX}* beside it (the files of the folder are then those of "
+                                "the save before).") from None
+        _roll_forward(folder, journal)
+        outcome = "finished"
+    for path in folder.glob(STAGING_PREFIX + "*") if folder.is_dir() else ():
+        shutil.rmtree(path, ignore_errors=True)
+        outcome = outcome or "discarded"
+    for name in (MANIFEST + PARTIAL_SUFFIX, JOURNAL + PARTIAL_SUFFIX):
+        (folder / name).unlink(missing_ok=True)
+    return outcome
+
+
+def _sync_files(folder: Path) -> None:
+    """Flush the files of ``folder`` to the disk, so that a rename marks files that are there."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb+") as handle:
+                os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
-def recording(run_dir: str | Path) -> Iterator[None]:
-    """Record in the manifest every file of ``run_dir`` that the block creates or changes (a new size or
-    modification time); files it leaves alone keep their entry, or stay unlisted."""
-    run_dir = Path(run_dir)
-    before = _file_stamps(run_dir)
-    yield
-    changed = [path for path, stamp in _file_stamps(run_dir).items()
-               if path.name != MANIFEST and before.get(path) != stamp]
-    record_outputs(run_dir, changed)
+def staged_save(folder: str | Path, *, reports: bool | Collection[str] = False, obsolete: Iterable[str] = (),
+                folders: Iterable[str] = ()) -> Iterator[Path]:
+    """Write files into the staging folder this yields; when the block ends, they replace their namesakes in
+    ``folder`` all at once (same relative paths), listed in its manifest.
+
+    ``reports``: the files are ``balpoe-evaluate`` reports (``True``: all of them, or the names of those
+    that are); ``obsolete``: files of ``folder`` (listed in its manifest) that the new ones make stale,
+    deleted with the swap; ``folders``: folders the manifest lists as the run's. An error or a kill inside
+    the block leaves ``folder`` as it was; see the module docstring for the journal that makes the swap
+    survive a kill.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    committed = False
+    try:
+        yield stage
+        files = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
+        stale = [name for name in obsolete if name not in files and written_by_package(folder, name)]
+        new_reports = set(files) if reports is True else set(reports or ()) & set(files)
+        manifest = _updated_manifest(folder, {name: _sha256(stage / name) for name in files}, folders,
+                                     new_reports, stale)
+        _sync_files(stage)
+        journal = {"staging": stage.name, "files": files, "remove": stale, "manifest": manifest}
+        _write_json_atomic(folder / JOURNAL, journal)  # the commit: from here on the new files win
+        committed = True
+        _roll_forward(folder, journal)
+    except BaseException:
+        if not committed:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def save_failure(error: BaseException, folder: str | Path) -> str:
+    """What went wrong writing into ``folder``, in a sentence: the error's first line, and whether the disk
+    is full (``ENOSPC``, or less than a MiB left)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    existing = next((p for p in (Path(folder), *Path(folder).parents) if p.exists()), Path("."))
+    # safetensors reports a full disk inside its message only ("... code: 28, kind: StorageFull ...").
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "StorageFull" in reason or (
+        "No space left" in reason) or shutil.disk_usage(existing).free < 2**20
+    return f"{reason.rstrip('.')}.{' The disk is full.' if full else ''}"
+
+
+# --------------------------------------------------------------------------- one writer per folder
+
+
+_HELD: dict[Path, int] = {}  # folders whose lock this process holds -> how many holds (re-entrant)
+
+
+class LockHeldError(TrainingError):
+    """Another process holds the writer lock of the folder."""
+
+
+def _lock_owner(path: Path) -> str:
+    """Who holds the lock at ``path``, as its file says (it may be empty for a moment)."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+        return (f"{owner['command']} (pid {owner['pid']} on {owner['host']}, since {owner['since']})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another balpoe-hf process"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its ``flock``, or ``None`` while another process holds it."""
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(handle)
+            return None
+        try:  # the previous owner may have removed the file between our open and our lock: lock the new one
+            if os.stat(path).st_ino == os.fstat(handle).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        os.close(handle)
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path, command: str) -> Iterator[None]:
+    """Hold ``folder``'s writer lock (``.balpoe.lock``) for the block; a ``TrainingError`` naming the owner
+    when another process holds it. Re-entrant within a process. Creates ``folder`` if needed (and removes it
+    again when the block leaves it empty)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise TrainingError(f"{folder} exists and is not a directory.")
+    key = folder.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    created = not folder.exists()
+    path = folder / LOCK
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = _try_lock(path)
+    except OSError as error:  # a read-only folder, say
+        raise TrainingError(f"cannot write into {folder}: {error.strerror or error}; choose a folder you can "
+                            "write to.") from None
+    if handle is None:
+        raise LockHeldError(f"{folder} is being written by {_lock_owner(path)}: one command at a time writes "
+                            "into a folder. Wait for it to finish, or stop it (its run resumes with "
+                            "--resume), or choose another folder.")
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(handle, 0)
+    os.write(handle, json.dumps(owner).encode())
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        path.unlink(missing_ok=True)
+        os.close(handle)
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the block wrote something
+                folder.rmdir()
+
+
+def lock_on_main_process(state: Any, folder: str | Path, command: str, exit_stack: contextlib.ExitStack
+                         ) -> None:
+    """The main process of ``state`` (an ``Accelerator`` or ``PartialState``) takes ``folder``'s writer lock
+    until ``exit_stack`` closes and finishes or discards a save that a kill interrupted there; every process
+    raises the ``TrainingError`` when the lock is held elsewhere (the others must not wait for it)."""
+    from accelerate.utils import broadcast_object_list
+
+    refusal = None
+    if state.is_main_process:
+        try:
+            exit_stack.enter_context(output_lock(folder, command))
+            finish_interrupted_save(folder)
+        except TrainingError as error:
+            refusal = str(error)
+    if state.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise TrainingError(refusal)
+
+
+def settle(folder: str | Path, command: str) -> None:
+    """Finish or discard a save into ``folder`` that a kill interrupted (``finish_interrupted_save``), under
+    its lock; nothing to do (and no lock taken) when there is none, or while another process holds the lock
+    (its save is in progress, not interrupted). Every command runs it before it reads or writes a run's
+    files."""
+    folder = Path(folder)
+    if not folder.is_dir() or not ((folder / JOURNAL).exists() or any(folder.glob(STAGING_PREFIX + "*"))):
+        return
+    try:
+        with output_lock(folder, command):
+            finish_interrupted_save(folder)
+    except LockHeldError:
+        pass
 
 
 def written_by_package(run_dir: str | Path, name: str, report: bool = False) -> bool:
@@ -166,6 +408,35 @@ def run_output_files() -> list[str]:
             "train_results.json", "eval_results.json", "holdout_results.json", *sorted(code)]
 
 
+def model_weight_files(folder: str | Path) -> list[str]:
+    """The weight files of the model saved in ``folder``: ``model.safetensors``, or a weights index and the
+    shards it names; a new save lists them as ``staged_save``'s ``obsolete`` (as ``save_pretrained`` removes
+    the stale shards of a folder it saves into)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    folder = Path(folder)
+    names = [SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME]
+    try:
+        index = json.loads((folder / SAFE_WEIGHTS_INDEX_NAME).read_text(encoding="utf-8"))
+        names += sorted({name for name in index["weight_map"].values() if isinstance(name, str)})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no index (one weights file), or a damaged one: its shards are not known
+    return names
+
+
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """The SHA-256 of the model saved in ``model_dir`` (of ``model.safetensors``, or of the SHA-256s of a
+    weights index and its shards); ``None`` for a folder without weights, or a Hub id. A report records it,
+    so that ``balpoe-push`` publishes a report with the model it evaluated only."""
+    folder = Path(model_dir)
+    files = [folder / name for name in model_weight_files(folder) if (folder / name).is_file()]
+    if not folder.is_dir() or not files:
+        return None
+    if len(files) == 1:
+        return _sha256(files[0])
+    return hashlib.sha256("".join(_sha256(path) for path in files).encode()).hexdigest()
+
+
 def check_writable(folder: str | Path, what: str, error: type[Exception] = TrainingError) -> None:
     """Refuse, with an ``error`` (a ``TrainingError`` by default) naming ``what``, a ``folder`` that cannot
     be created or take a new file (tried with a temporary file in it or its nearest existing parent, which
@@ -195,6 +466,17 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def check_output_flags(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """The checks of ``check_output_dir`` that read nothing inside ``output_dir``: it is a folder (or can be
+    made), it takes new files, and ``resume`` and ``overwrite`` are not both given."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise TrainingError(f"--output-dir {path} exists and is not a directory.")
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other; pick one.")
+    check_writable(path, "--output-dir")
+
+
 def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool,
                      inputs: Sequence[str | Path] = ()) -> None:
     """Refuse an output directory the run must not write to; reads only.
@@ -205,12 +487,8 @@ def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool,
     lies in what it would delete.
     """
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise TrainingError(f"--output-dir {path} exists and is not a directory.")
-    if resume and overwrite:
-        raise TrainingError("--resume and --overwrite contradict each other; pick one.")
-    check_writable(path, "--output-dir")
-    if not path.is_dir() or not any(path.iterdir()):
+    check_output_flags(path, resume, overwrite)
+    if not path.is_dir() or not any(not is_control_file(entry.name) for entry in path.iterdir()):
         return
     if not (resume or overwrite):
         raise TrainingError(f"the output directory {path} is not empty. Pass --resume to continue its run "
@@ -268,11 +546,10 @@ def clear_run_outputs(output_dir: str | Path) -> None:
 
 
 def start_run(output_dir: str | Path, recipe: Recipe) -> None:
-    """Create the run directory, write the resolved ``recipe.yaml`` and list both in the manifest."""
-    path = Path(output_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    save_recipe(recipe, path / "recipe.yaml")
-    record_outputs(path, [path / "recipe.yaml"], RUN_FOLDERS)
+    """Create the run directory, write the resolved ``recipe.yaml`` and list both in the manifest (in one
+    ``staged_save``)."""
+    with staged_save(output_dir, folders=RUN_FOLDERS) as stage:
+        save_recipe(recipe, stage / "recipe.yaml")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -306,17 +583,188 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _sync_to_disk(folder: Path) -> None:
-    """Flush the files of ``folder`` to the disk, so that the rename marks a checkpoint that is there."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb+") as handle:
-                os.fsync(handle.fileno())
+@dataclass
+class TrainingObjects:
+    """What a checkpoint holds besides the trainer state: the prepared model, optimizer and lr schedule."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dict[str, Any],
-                    keep: int) -> Path:
-    """Save the accelerate state and ``state`` (with ``epoch`` and ``step``) as a complete checkpoint.
+# Nested Python values with tensors as JSON (``_encode``) and a safetensors file of the tensors: what a
+# checkpoint needs of the optimizer's and the schedule's state_dict, which torch.save would pickle.
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+STATE_FORMAT = "balpoe-hf training state"
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if torch.is_tensor(value):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().contiguous().cpu()
+        return {_TENSOR: key}
+    if isinstance(value, tuple):
+        return {_TUPLE: [_encode(item, tensors) for item in value]}
+    if isinstance(value, list):
+        return [_encode(item, tensors) for item in value]
+    if isinstance(value, dict):
+        if all(isinstance(key, str) for key in value) and not {_TENSOR, _TUPLE, _ITEMS} & set(value):
+            return {key: _encode(item, tensors) for key, item in value.items()}
+        return {_ITEMS: [[_encode(key, tensors), _encode(item, tensors)] for key, item in value.items()]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"a checkpoint holds tensors, numbers, strings and containers of them, not "
+                    f"{type(value).__name__}")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(item, tensors) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {_TENSOR}:
+        return tensors[value[_TENSOR]]
+    if set(value) == {_TUPLE}:
+        return tuple(_decode(item, tensors) for item in value[_TUPLE])
+    if set(value) == {_ITEMS}:
+        return {_decode(key, tensors): _decode(item, tensors) for key, item in value[_ITEMS]}
+    return {key: _decode(item, tensors) for key, item in value.items()}
+
+
+def write_state(folder: Path, name: str, value: Any) -> None:
+    """``value`` (nested containers of tensors, numbers and strings, e.g. an optimizer's ``state_dict``) as
+    ``name.json`` in ``folder``, its tensors (if any) in ``name.safetensors``: no pickle."""
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(value, tensors)
+    if tensors:
+        save_file(tensors, folder / f"{name}.safetensors")
+    document = {"format": STATE_FORMAT, "tensors": bool(tensors), "state": encoded}
+    (folder / f"{name}.json").write_text(json.dumps(document), encoding="utf-8")
+
+
+def read_state(folder: Path, name: str) -> Any:
+    """What ``write_state(folder, name, value)`` wrote: ``value`` (e.g. a checkpoint's ``"optimizer"``)."""
+    document = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+        raise ValueError(f"{name}.json is not a balpoe-hf training state")
+    tensors = load_file(folder / f"{name}.safetensors") if document["tensors"] else {}
+    return _decode(document["state"], tensors)
+
+
+def _rng_state(accelerator: Accelerator) -> dict[str, Any]:
+    """This process's random-number states (Python, numpy, torch, the device's) and accelerate's step
+    counter, as JSON values: what accelerate's ``save_state`` pickles."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"step": accelerator.step, "python": [version, list(internal), gauss],
+             "numpy": [kind, keys.tolist(), pos, has_gauss, cached], "torch": torch.get_rng_state().tolist()}
+    device = accelerator.device.type
+    if device != "cpu":
+        module = torch.get_device_module(device)
+        states = (module.get_rng_state_all() if hasattr(module, "get_rng_state_all")
+                  else [module.get_rng_state()])
+        state["device"] = {"type": device, "states": [s.tolist() for s in states]}
+    return state
+
+
+def _set_rng_state(accelerator: Accelerator, state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    device = state.get("device")
+    if device is not None and device["type"] == accelerator.device.type:
+        module = torch.get_device_module(device["type"])
+        states = [torch.as_tensor(s, dtype=torch.uint8) for s in device["states"]]
+        if hasattr(module, "set_rng_state_all"):
+            module.set_rng_state_all(states)
+        else:
+            module.set_rng_state(states[0])
+    accelerator.step = state["step"]
+
+
+MODEL_STATE = "model.safetensors"
+
+
+def save_training_state(accelerator: Accelerator, folder: Path, objects: TrainingObjects) -> None:
+    """Write the model (safetensors), the optimizer's, schedule's and gradient scaler's state (JSON and
+    safetensors) and every process's random-number states (JSON) into ``folder``: no pickle."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        weights = accelerator.unwrap_model(objects.model).state_dict()
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()},
+                  folder / MODEL_STATE, metadata={"format": "pt"})
+        write_state(folder, "optimizer", objects.optimizer.state_dict())
+        write_state(folder, "scheduler", objects.scheduler.state_dict())
+        if accelerator.scaler is not None:
+            write_state(folder, "scaler", accelerator.scaler.state_dict())
+    write_state(folder, f"rng_state_{accelerator.process_index}", _rng_state(accelerator))
+
+
+class RefusedPickleError(ValueError):
+    """A checkpoint file holds pickled objects other than tensors and numbers."""
+
+
+def _load_pickle(path: Path) -> Any:
+    """A file of a checkpoint of the previous release, read with ``torch.load(weights_only=True)`` (through
+    accelerate's ``load``, which also allows numpy arrays): tensors, numbers and containers only."""
+    from accelerate.utils import load
+
+    try:
+        return load(path, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise RefusedPickleError(f"{path.name} holds Python objects other than tensors and numbers, which "
+                                 "are never loaded (unpickling them could run code)") from None
+
+
+def _read_training_state(accelerator: Accelerator, folder: Path) -> dict[str, Any]:
+    """The states of a checkpoint, read without unpickling anything: this release's JSON and safetensors,
+    or the previous release's pickles (accelerate's ``save_state``) through ``_load_pickle``."""
+    index = accelerator.process_index
+    states: dict[str, Any] = {"model": load_file(folder / MODEL_STATE)}
+    if (folder / "optimizer.json").is_file():
+        states["optimizer"] = read_state(folder, "optimizer")
+        states["scheduler"] = read_state(folder, "scheduler")
+        states["rng"] = read_state(folder, f"rng_state_{index}")
+        if accelerator.scaler is not None:
+            states["scaler"] = read_state(folder, "scaler")
+        return states
+    # The previous release: the scheduler was accelerate's custom_checkpoint_0.pkl.
+    states["optimizer"] = _load_pickle(folder / "optimizer.bin")
+    states["scheduler"] = _load_pickle(folder / "custom_checkpoint_0.pkl")
+    legacy = _load_pickle(folder / f"random_states_{index}.pkl")
+    device = accelerator.device.type
+    states["rng"] = {"step": legacy.get("step", 0), "python": legacy["random_state"],
+                     "numpy": legacy["numpy_random_seed"], "torch": legacy["torch_manual_seed"]}
+    if f"torch_{device}_manual_seed" in legacy:
+        device_states = legacy[f"torch_{device}_manual_seed"]
+        states["rng"]["device"] = {"type": device, "states": device_states if isinstance(device_states, list)
+                                   else [device_states]}
+    if accelerator.scaler is not None:
+        states["scaler"] = _load_pickle(folder / "scaler.pt")
+    return states
+
+
+def load_training_state(accelerator: Accelerator, folder: Path, objects: TrainingObjects) -> None:
+    """Load a checkpoint's states into the prepared objects, the gradient scaler and the random-number
+    generators. Raises (a safetensors, JSON, OS or ``RefusedPickleError``) when a file is unusable."""
+    states = _read_training_state(accelerator, folder)
+    # Saved from the unwrapped model; a checkpoint of the previous release under several processes has
+    # DistributedDataParallel's prefix.
+    weights = {name.removeprefix("module."): tensor for name, tensor in states["model"].items()}
+    accelerator.unwrap_model(objects.model).load_state_dict(weights)
+    objects.optimizer.load_state_dict(states["optimizer"])
+    objects.scheduler.load_state_dict(states["scheduler"])
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(states["scaler"])
+    _set_rng_state(accelerator, states["rng"])
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dict[str, Any], keep: int,
+                    objects: TrainingObjects) -> Path:
+    """Save the training state of ``objects`` and ``state`` (with ``epoch`` and ``step``) as a complete
+    checkpoint.
 
     The folder is written as ``<name>.tmp`` and renamed when complete; older checkpoints beyond ``keep``
     are pruned after that. A write error (a full disk) removes the partial folder and raises a
@@ -328,25 +776,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
         if accelerator.is_main_process and partial.exists():
             shutil.rmtree(partial)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))
+        save_training_state(accelerator, partial, objects)
         accelerator.wait_for_everyone()  # every process has written its RNG state
         if accelerator.is_main_process:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-            _sync_to_disk(partial)
+            _sync_files(partial)
             if final.exists():  # one that resume skipped as unusable
                 shutil.rmtree(final)
             os.replace(partial, final)
             prune_checkpoints(output_dir, keep)
-    except Exception as error:  # torch.save reports a failed write as a RuntimeError, safetensors its own
-        full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) \
-            or shutil.disk_usage(Path(output_dir)).free < 2**20
+    except Exception as error:  # torch reports a failed write as a RuntimeError, safetensors its own
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise TrainingError(f"could not write the checkpoint {final}: {reason}."
-                            f"{' The disk is full.' if full else ''} Its partial files were removed and the "
-                            "earlier checkpoints are intact: fix the cause and continue with --resume."
-                            ) from None
+        raise TrainingError(f"could not write the checkpoint {final}: {save_failure(error, output_dir)} Its "
+                            "partial files were removed and the earlier checkpoints are intact: fix the "
+                            "cause and continue with --resume.") from None
     accelerator.wait_for_everyone()
     return final
 
@@ -386,7 +830,7 @@ def check_resume(output_dir: str | Path, recipe: Recipe, state: dict[str, Any], 
 
 
 def _try_load(accelerator: Accelerator, path: Path, output_dir: str | Path, recipe: Recipe,
-              signature: dict[str, Any], batches_per_epoch: int
+              signature: dict[str, Any], batches_per_epoch: int, objects: TrainingObjects
               ) -> tuple[dict[str, Any], list[str], str | None]:
     """``(trainer state, other recipe changes, None)`` once loaded, or ``({}, [], why not)``."""
     try:
@@ -395,26 +839,29 @@ def _try_load(accelerator: Accelerator, path: Path, output_dir: str | Path, reci
         return {}, [], f"{TRAINER_STATE}: {error}"
     changes = check_resume(output_dir, recipe, state, signature, batches_per_epoch)
     try:
-        accelerator.load_state(str(path))
-    except Exception as error:  # safetensors, pickle, torch and OS errors alike: some file is unusable
+        load_training_state(accelerator, path, objects)
+    except RefusedPickleError as error:
+        return {}, [], str(error)
+    except Exception as error:  # safetensors, JSON, torch and OS errors alike: some file is unusable
         first_line = str(error).splitlines()[0] if str(error) else ""
         return {}, [], f"{type(error).__name__}: {first_line}"
     return state, changes, None
 
 
 def load_checkpoint(accelerator: Accelerator, output_dir: str | Path, recipe: Recipe,
-                    signature: dict[str, Any], batches_per_epoch: int) -> dict[str, Any] | None:
-    """Load the latest loadable checkpoint into the prepared objects and return its trainer state.
+                    signature: dict[str, Any], batches_per_epoch: int, objects: TrainingObjects
+                    ) -> dict[str, Any] | None:
+    """Load the latest loadable checkpoint into ``objects`` and return its trainer state.
 
-    Checkpoints that cannot be read (a truncated or damaged file) are skipped, newest first, with a warning
-    naming each and the reason; all processes agree on the one they load. ``None`` when there is none.
-    Raises ``TrainingError`` when every checkpoint is damaged, or when the recipe changes the model
-    (``check_resume``).
+    Checkpoints that cannot be read (a truncated or damaged file, a pickle holding more than tensors and
+    numbers) are skipped, newest first, with a warning naming each and the reason; all processes agree on
+    the one they load. ``None`` when there is none. Raises ``TrainingError`` when every checkpoint is
+    unusable, or when the recipe changes the model (``check_resume``).
     """
     skipped = []
     for path in reversed(completed_checkpoints(output_dir)):
         state, changes, reason = _try_load(accelerator, path, output_dir, recipe, signature,
-                                           batches_per_epoch)
+                                           batches_per_epoch, objects)
         loaded = torch.tensor([int(reason is None)], device=accelerator.device)
         if bool(accelerator.gather(loaded).min() == 1):
             for note in skipped:
@@ -431,6 +878,16 @@ def load_checkpoint(accelerator: Accelerator, output_dir: str | Path, recipe: Re
                             + f"\nDelete them (rm -r {Path(output_dir) / CHECKPOINTS_DIR}) and --resume "
                               "starts afresh, or start over with --overwrite.")
     return None
+
+
+def resume_hint(output_dir: str | Path) -> str:
+    """What ``--resume`` would continue ``output_dir``'s run from, in a sentence (after an interruption)."""
+    saved = completed_checkpoints(output_dir)
+    if not saved:
+        return f"no checkpoint was saved in {output_dir} yet: rerun to start again."
+    epoch, step = _progress(saved[-1])
+    where = f"epoch {epoch}" + (f", {step} batches into the next" if step else "")
+    return f"rerun with --resume to continue from its checkpoint after {where} ({saved[-1]})."
 
 
 def epoch_batches(loader: Any, accelerator: Accelerator, start: int) -> Iterable:

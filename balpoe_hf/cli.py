@@ -11,6 +11,7 @@ and the repository's ``scripts/*.py`` call the same functions. Each parses its a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from .arguments import build_parser, parse_args, parse_recipe_flags
+from .checkpoints import resume_hint, save_failure
 from .compare import (
     BUDGETS,
     DEFAULT_METHODS,
@@ -35,7 +37,7 @@ from .compare import (
 from .errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
 from .label_shift import PRIOR_ESTIMATORS
 from .methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
-from .recipes import Recipe, make_recipe
+from .recipes import SEED_LIMIT, Recipe, make_recipe
 
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
 
@@ -63,6 +65,12 @@ def _fail(error: Exception) -> int:
     return 2
 
 
+def _interrupted(what_now: str) -> int:
+    """Ctrl-C: one line (what was kept and how to go on) and the shell's status for SIGINT, 130."""
+    print(f"\ninterrupted; {what_now}".rstrip("; "), file=sys.stderr)
+    return 130
+
+
 # --------------------------------------------------------------------------- balpoe-train
 
 
@@ -82,14 +90,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     if "--list-recipes" in (sys.argv[1:] if argv is None else argv):
         print(list_recipes())
         return 0
-    start = time.time()
+    start, output_dir = time.time(), None
     try:
         run, recipe = parse_args(argv, description=TRAIN_DESCRIPTION)
+        output_dir = Path(run.output_dir)
         deadline = None if run.time_limit is None else start + run.time_limit
-        train(recipe, run.output_dir, resume=run.resume, overwrite=run.overwrite, report_to=run.report_to,
+        train(recipe, output_dir, resume=run.resume, overwrite=run.overwrite, report_to=run.report_to,
               push_to_hub=run.push_to_hub, hub_model_id=run.hub_model_id, deadline=deadline)
     except TrainingError as error:
         return _fail(error)
+    except KeyboardInterrupt:
+        return _interrupted("" if output_dir is None else resume_hint(output_dir))
     return 0
 
 
@@ -260,7 +271,8 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
 
 def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> None:
     """Print one line per test list and the prior-mode table; with --output write each list's report too."""
-    from .evaluation import format_shift_table, record_report, report_files, report_owner, write_report
+    from .checkpoints import weights_fingerprint
+    from .evaluation import format_shift_table, staged_report, write_report
 
     table = {mode: {name: result.report["shift_accuracy"][mode]["uniform"]
                     for name, result in results.items()} for mode in priors}
@@ -270,13 +282,14 @@ def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> 
     print(format_shift_table(table, list(results)))
     if args.output:
         output = Path(args.output)
-        files = {}
-        for name, result in results.items():
-            files[name] = f"{output.stem}_{name}.json"  # beside the summary
-            write_report(result, output.with_name(files[name]))
-        summary = {"model": report_model_name(args.model), "shift_accuracy": table, "reports": files}
-        output.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        record_report(report_files(output, list(results)), report_owner(output, args.model))
+        files = {name: f"{output.stem}_{name}.json" for name in results}  # beside the summary
+        summary = {"model": report_model_name(args.model), "model_sha256": weights_fingerprint(args.model),
+                   "shift_accuracy": table, "reports": files}
+        with staged_report(output, args.model) as staged:
+            for name, result in results.items():
+                result.report["model_sha256"] = summary["model_sha256"]
+                write_report(result, staged.with_name(files[name]))
+            staged.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.output} and one report per test list beside it")
 
 
@@ -295,9 +308,23 @@ def _parse_sizes(text: str | None) -> list[int]:
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-evaluate``: evaluate as the command line says, print the report, write it with --output."""
+    upgraded: list[str] = []  # the folder --upgrade saved, once it is saved
+    try:
+        with contextlib.ExitStack() as exit_stack:  # --output: the lock of the folder it writes into
+            return _evaluate(parse_evaluate_args(argv), exit_stack, upgraded)
+    except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
+        return _fail(error)
+    except KeyboardInterrupt:
+        return _interrupted(f"the upgraded model is saved in {upgraded[0]}; no report was written."
+                            if upgraded else "nothing was written.")
+
+
+def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgraded: list[str]) -> int:
+    from .checkpoints import output_lock
     from .evaluation import (
         absent_classes_warning,
         check_calibration_for,
+        check_deployment_sizes,
         check_output,
         default_priors,
         evaluate_model,
@@ -308,66 +335,73 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         load_model,
         parse_priors,
         parse_shifts,
-        record_report,
-        report_files,
         report_owner,
         resolve_device,
+        save_report,
         upgrade_model,
-        write_report,
     )
     from .loading import load_list, load_split, local_name
 
-    try:
-        args = parse_evaluate_args(argv)
-        # Everything that can be checked before the inference is checked first.
-        shifts = parse_shifts(args.shifts)
-        priors = None if args.prior is None else parse_priors(args.prior)
-        if args.batch_size < 1 or args.n_bins < 1:
-            raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
-                                  f"{args.n_bins}.")
-        device = resolve_device(args.device)
-        several_lists = bool(args.test_list) and len(args.test_list) > 1
-        if args.output:
-            check_output(args.output, args.model,
-                         [_list_name(path) for path in args.test_list] if several_lists else ())
-        sizes = _parse_sizes(args.deployment_sizes)
-        if args.stream is not None and min(args.stream, args.stream_batches, args.stream_draws) < 1:
-            raise EvaluationError(f"--stream, --stream-batches and --stream-draws must be positive, got "
-                                  f"{args.stream}, {args.stream_batches} and {args.stream_draws}.")
-        if not 0 < args.drift_forgetting <= 1:
-            raise EvaluationError(f"--drift-forgetting must lie in (0, 1], got {args.drift_forgetting}.")
-        if args.upgrade_into and not args.upgrade:
-            raise EvaluationError("--upgrade-into names where --upgrade writes; add --upgrade.")
-        if args.upgrade:
-            done = upgrade_model(args.model, args.upgrade_into, device)
-            print(f"upgraded {done['folder']}: "
-                  + ("calibrated again on its held-out split" if done["recalibrated"] else
-                     "calibration kept (no held-out split to rebuild)")
-                  + (f"; the earlier release's choice {done['dropped_choice']!r} dropped"
-                     if done["dropped_choice"] else "") + f"; {done['auto']}")
-            args.model = done["folder"]
-        model, processor = load_model(args.model, device)
-        priors = priors or default_priors()
-        check_calibration_for(priors, model.config.calibration, args.model)
-        if several_lists:
-            _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
-            return 0
-        if args.test_list:
-            ds, source = load_list(args.test_list[0], args.data_root, model.config.num_labels,
-                                   args.image_column, args.label_column), local_name(args.test_list[0])
-        else:
-            ds, source = load_split(files=args.test_file, dataset=args.dataset,
-                                    dataset_config=args.dataset_config, split=args.split,
-                                    data_dir=args.data_dir)
-        result = evaluate_model(model, processor, ds, image_column=args.image_column,
-                                label_column=args.label_column, shifts=shifts, priors=priors,
-                                batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
-                                seed=args.seed, deployment_sizes=sizes,
-                                deployment_draws=args.deployment_draws, stream_size=args.stream,
-                                stream_length=args.stream_batches, stream_draws=args.stream_draws,
-                                drift_forgetting=args.drift_forgetting)
-    except (EvaluationError, TrainingError) as error:  # TrainingError: DataError, a malformed recipe.yaml
-        return _fail(error)
+    # Everything that can be checked before the inference is checked first.
+    shifts = parse_shifts(args.shifts)
+    priors = None if args.prior is None else parse_priors(args.prior)
+    if args.batch_size < 1 or args.n_bins < 1:
+        raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
+                              f"{args.n_bins}.")
+    if not 0 <= args.seed < 2**32:
+        raise EvaluationError(f"--seed must be in [0, 2**32) (numpy's seeds), got {args.seed}.")
+    device = resolve_device(args.device)
+    several_lists = bool(args.test_list) and len(args.test_list) > 1
+    list_names = [_list_name(path) for path in args.test_list] if several_lists else []
+    if args.upgrade_into and not args.upgrade:
+        raise EvaluationError("--upgrade-into names where --upgrade writes; add --upgrade.")
+    into = args.upgrade_into if args.upgrade else None
+    if args.output:
+        check_output(args.output, into or args.model, list_names)
+        if into is None:
+            # Held from here to the written report: no other command writes into that folder meanwhile.
+            exit_stack.enter_context(output_lock(report_owner(args.output, args.model),
+                                                 "balpoe-evaluate --output"))
+    sizes = _parse_sizes(args.deployment_sizes)
+    if args.stream is not None and min(args.stream, args.stream_batches, args.stream_draws) < 1:
+        raise EvaluationError(f"--stream, --stream-batches and --stream-draws must be positive, got "
+                              f"{args.stream}, {args.stream_batches} and {args.stream_draws}.")
+    if not 0 < args.drift_forgetting <= 1:
+        raise EvaluationError(f"--drift-forgetting must lie in (0, 1], got {args.drift_forgetting}.")
+    if args.upgrade:
+        done = upgrade_model(args.model, into, device)
+        upgraded.append(done["folder"])
+        print(f"upgraded {done['folder']}: "
+              + ("calibrated again on its held-out split" if done["recalibrated"] else
+                 "calibration kept (no held-out split to rebuild)")
+              + (f"; the earlier release's choice {done['dropped_choice']!r} dropped"
+                 if done["dropped_choice"] else "") + f"; {done['auto']}")
+        args.model = done["folder"]
+        if args.output and into is not None:
+            # The report may go into the new folder, whose manifest now lists the model's files.
+            check_output(args.output, args.model, list_names)
+            exit_stack.enter_context(output_lock(report_owner(args.output, args.model),
+                                                 "balpoe-evaluate --output"))
+    model, processor = load_model(args.model, device)
+    check_deployment_sizes(sizes, args.deployment_draws, model.config.num_labels)
+    priors = priors or default_priors()
+    check_calibration_for(priors, model.config.calibration, args.model)
+    if several_lists:
+        _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)
+        return 0
+    if args.test_list:
+        ds, source = load_list(args.test_list[0], args.data_root, model.config.num_labels,
+                               args.image_column, args.label_column), local_name(args.test_list[0])
+    else:
+        ds, source = load_split(files=args.test_file, dataset=args.dataset,
+                                dataset_config=args.dataset_config, split=args.split,
+                                data_dir=args.data_dir)
+    result = evaluate_model(model, processor, ds, image_column=args.image_column,
+                            label_column=args.label_column, shifts=shifts, priors=priors,
+                            batch_size=args.batch_size, n_bins=args.n_bins, many=args.many, few=args.few,
+                            seed=args.seed, deployment_sizes=sizes, deployment_draws=args.deployment_draws,
+                            stream_size=args.stream, stream_length=args.stream_batches,
+                            stream_draws=args.stream_draws, drift_forgetting=args.drift_forgetting)
     result.report = {"model": report_model_name(args.model), "dataset": source, **result.report}
     if result.report["classes_without_test_images"]:
         print(absent_classes_warning(result.report["classes_without_test_images"], model.config.num_labels),
@@ -388,12 +422,13 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         output = Path(args.output)
         try:
-            images = write_report(result, output)
-            # Listed as balpoe-evaluate's (in the run's manifest when inside a run, so that --overwrite
-            # removes a stale report; else beside it), so that a later report may replace it, and only it.
-            record_report(report_files(output), report_owner(output, args.model))
-        except (OSError, TrainingError) as error:
-            return _fail(error)
+            # In one staged save, listed as balpoe-evaluate's (in the run's manifest when inside a run, so
+            # that --overwrite removes a stale report; else beside it): a later report may replace it, and
+            # only it.
+            images = save_report(result, output, args.model)
+        except OSError as error:
+            raise EvaluationError(f"could not write the report {output}: "
+                                  f"{save_failure(error, output.parent)} Nothing was replaced.") from None
         print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")
     return 0
 
@@ -454,6 +489,8 @@ def push_main(argv: Sequence[str] | None = None) -> int:
     except (HubFolderError, HubPublishError, TrainingError) as error:  # TrainingError: a damaged manifest
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return _interrupted("the model card is written in one piece or not at all: rerun to publish.")
     print(f"published {args.model_dir} to {url}")
     return 0
 
@@ -591,14 +628,15 @@ def parse_compare_args(argv: Sequence[str] | None = None) -> tuple[CompareArgume
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"0,1"`` -> ``[0, 1]``; a ``TrainingError`` for anything but distinct integers >= 0."""
+    """``"0,1"`` -> ``[0, 1]``; a ``TrainingError`` for anything but distinct integers in ``[0, 2**32)``
+    (``recipes.SEED_LIMIT``, numpy's seeds)."""
     try:
         seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise TrainingError(f"--seeds must be a comma list of distinct integers >= 0, e.g. 0,1; got "
-                            f"{text!r}.")
+    if not seeds or min(seeds) < 0 or max(seeds) >= SEED_LIMIT or len(set(seeds)) != len(seeds):
+        raise TrainingError(f"--seeds must be a comma list of distinct integers from 0 to 2**32 - 1 (numpy's "
+                            f"seeds), e.g. 0,1; got {text!r}.")
     return seeds
 
 
@@ -622,6 +660,9 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
                     print(f"\nwrote {', '.join(comparison.files.values())}")
     except (TrainingError, EvaluationError) as error:
         return _fail(error)
+    except KeyboardInterrupt:
+        return _interrupted("the finished methods and every run's checkpoints are kept: rerun the same "
+                            "command to continue.")
     if args.seeds is not None and PartialState().is_main_process:
         summaries = seed_summaries(args.output_dir, parse_methods(args.methods), seeds)
         print(f"\nBalanced test set over seeds {args.seeds} (mean, range in brackets; seeds finished so "

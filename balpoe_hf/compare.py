@@ -24,9 +24,9 @@ The comparison goes to ``OUTPUT_DIR/comparison.json``, ``comparison.md`` and ``c
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .checkpoints import lock_on_main_process
 from .configuration_balpoe import PREDICTION_SETTINGS
 from .errors import TrainingError
 from .methods import METHOD_DESCRIPTIONS, parse_methods
@@ -136,7 +137,10 @@ RunState = Literal["new", "unfinished", "finished"]
 
 def run_state(run_dir: Path, recipe: Recipe) -> RunState:
     """Where a method's run stands; refuses a directory that holds something else than this run."""
-    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+    from .checkpoints import is_control_file
+
+    # The lock and what a killed save left (finished or discarded when the run is next written) aside.
+    if not run_dir.is_dir() or not any(not is_control_file(entry.name) for entry in run_dir.iterdir()):
         return "new"
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
@@ -170,30 +174,31 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
     written after the evaluation.
     """
-    from .checkpoints import record_outputs, run_output_files, start_run
+    from .checkpoints import RUN_FOLDERS, clear_run_outputs, model_weight_files, output_lock, staged_save
     from .evaluation import load_model, resolve_device
     from .holdout_statistics import holdout_calibration
+    from .recipes import save_recipe
 
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    start_run(run_dir, recipe)
-    model, processor = load_model(source_dir, resolve_device(None))
-    for name in PREDICTION_FIELDS:
-        setattr(model.config, name, getattr(recipe, name))
-    if model.config.calibration is not None:
-        if holdout is None:
-            raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was given "
-                                "to fit it again for the derived run.")
-        logits, labels = holdout_logits(model, processor, holdout, recipe)
-        model.config.calibration = holdout_calibration(logits, labels)
-    processor.save_pretrained(run_dir)  # first: save_pretrained writes a processor only where there is none
-    model.save_pretrained(run_dir)
-    train_results = json.loads((source_dir / "train_results.json").read_text())
-    train_results["weights_from"] = str(source_dir)
-    (run_dir / "train_results.json").write_text(json.dumps(train_results, indent=2))
-    # Listed in the run's manifest, so that a later --resume, balpoe-evaluate --fit-shift-estimator or
-    # balpoe-push knows these files are the run's own.
-    record_outputs(run_dir, [run_dir / name for name in run_output_files() if (run_dir / name).is_file()])
+    with output_lock(run_dir, "balpoe-compare"):
+        model, processor = load_model(source_dir, resolve_device(None))
+        for name in PREDICTION_FIELDS:
+            setattr(model.config, name, getattr(recipe, name))
+        if model.config.calibration is not None:
+            if holdout is None:
+                raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was "
+                                    "given to fit it again for the derived run.")
+            logits, labels = holdout_logits(model, processor, holdout, recipe)
+            model.config.calibration = holdout_calibration(logits, labels)
+        train_results = json.loads((source_dir / "train_results.json").read_text())
+        train_results["weights_from"] = str(source_dir)
+        clear_run_outputs(run_dir)  # an earlier derivation, never evaluated (what balpoe-hf wrote only)
+        # The whole run in one staged save, listed in its manifest, so that a later --resume, balpoe-evaluate
+        # --upgrade or balpoe-push knows these files are the run's own; a kill leaves all or none.
+        with staged_save(run_dir, folders=RUN_FOLDERS, obsolete=model_weight_files(run_dir)) as stage:
+            save_recipe(recipe, stage / "recipe.yaml")
+            processor.save_pretrained(stage)  # first: save_pretrained writes a processor only where none is
+            model.save_pretrained(stage)
+            (stage / "train_results.json").write_text(json.dumps(train_results, indent=2))
 
 
 def balanced_validation_report(logits: torch.Tensor, labels: Sequence[int], num_classes: int,
@@ -229,36 +234,51 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
     model's default prior modes (``evaluation.default_priors``).
     """
-    from .checkpoints import record_outputs
-    from .evaluation import evaluate_model, load_model, resolve_device, write_report
+    from .checkpoints import output_lock, staged_save, weights_fingerprint
+    from .evaluation import evaluate_model, load_model, report_files, resolve_device, write_report
     from .metrics import reliability_bins
 
     path = run_dir / EVAL_DIR / "report.json"
     settings = {"shifts": list(shifts), "priors": None if priors is None else list(priors),
                 "validation": holdout is not None}
-    weights = run_dir / "model.safetensors"
-    if path.is_file() and (not weights.is_file() or path.stat().st_mtime >= weights.stat().st_mtime):
-        report = json.loads(path.read_text())
-        if report.get("comparison_settings") == settings:
-            return report
-    model, processor = load_model(run_dir, resolve_device(None))
-    result = evaluate_model(model, processor, test, image_column=recipe.image_column,
-                            label_column=recipe.label_column, shifts=shifts, priors=priors,
-                            batch_size=recipe.eval_batch_size, many=recipe.many_threshold,
-                            few=recipe.few_threshold)
-    n_bins = result.report["settings"]["n_bins"]
-    result.report["reliability"] = reliability_bins(result.logits, result.labels, n_bins=n_bins)
-    result.report["comparison_settings"] = settings
-    if holdout is not None:
-        logits, labels = holdout_logits(model, processor, holdout, recipe)
-        result.report["validation"] = balanced_validation_report(logits, labels, model.config.num_labels)
-    write_report(result, path)
-    if not (run_dir / "eval_results.json").is_file():
-        balanced = {f"eval_{k}": v for k, v in result.report["balanced"].items()}
-        eval_results = {"epoch": recipe.epochs, "eval_samples": result.report["num_test_samples"], **balanced}
-        (run_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-        record_outputs(run_dir, [run_dir / "eval_results.json"])
+    with output_lock(run_dir, "balpoe-compare"):
+        cached = _cached_report(path, run_dir / "model.safetensors", settings)
+        if cached is not None:
+            return cached
+        model, processor = load_model(run_dir, resolve_device(None))
+        result = evaluate_model(model, processor, test, image_column=recipe.image_column,
+                                label_column=recipe.label_column, shifts=shifts, priors=priors,
+                                batch_size=recipe.eval_batch_size, many=recipe.many_threshold,
+                                few=recipe.few_threshold)
+        n_bins = result.report["settings"]["n_bins"]
+        result.report["reliability"] = reliability_bins(result.logits, result.labels, n_bins=n_bins)
+        result.report["comparison_settings"] = settings
+        result.report["model_sha256"] = weights_fingerprint(run_dir)
+        if holdout is not None:
+            logits, labels = holdout_logits(model, processor, holdout, recipe)
+            result.report["validation"] = balanced_validation_report(logits, labels, model.config.num_labels)
+        reports = [file.relative_to(run_dir).as_posix() for file in report_files(path)]
+        # The report, its pictures and (for a derived run) eval_results.json, the finished marker, at once.
+        with staged_save(run_dir, reports=reports) as stage:
+            write_report(result, stage / reports[0])
+            if not (run_dir / "eval_results.json").is_file():
+                balanced = {f"eval_{k}": v for k, v in result.report["balanced"].items()}
+                eval_results = {"epoch": recipe.epochs, "eval_samples": result.report["num_test_samples"],
+                                **balanced}
+                (stage / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
     return json.loads(path.read_text())
+
+
+def _cached_report(path: Path, weights: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The report ``evaluate_run`` cached at ``path`` when it is newer than the weights and made with these
+    ``settings``; ``None`` when it must be made (again), e.g. when it cannot be read."""
+    if not path.is_file() or (weights.is_file() and path.stat().st_mtime < weights.stat().st_mtime):
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):  # damaged outside balpoe-hf, which writes it in one staged save
+        return None
+    return report if isinstance(report, dict) and report.get("comparison_settings") == settings else None
 
 
 def _release_memory() -> None:
@@ -316,8 +336,6 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
     from accelerate import PartialState
 
     from .evaluation import parse_priors, parse_shifts
-    from .loading import load_training_data
-    from .training import train
 
     if base.method is not None:
         raise TrainingError(f"the base recipe of a comparison sets method={base.method!r}; leave it unset "
@@ -329,6 +347,18 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
     shifts = parse_shifts(shifts)
     priors = None if priors is None else parse_priors(priors)
     output_dir = Path(output_dir)
+    state = PartialState()
+    with contextlib.ExitStack() as exit_stack:
+        lock_on_main_process(state, output_dir, "balpoe-compare", exit_stack)
+        return _compare(base, methods, output_dir, shifts, priors, deadline, state)
+
+
+def _compare(base: Recipe, methods: list[str], output_dir: Path, shifts: list[str], priors: list[str] | None,
+             deadline: float | None, state: Any) -> Comparison:
+    """``compare`` holding the comparison folder's lock (``state``: accelerate's ``PartialState``)."""
+    from .loading import load_training_data
+    from .training import train
+
     recipes = {method: method_recipe(base, method) for method in methods}
     # A run in output_dir that contradicts its method's recipe fails here, before any training.
     states = {method: run_state(output_dir / method, recipe) for method, recipe in recipes.items()}
@@ -337,7 +367,6 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
     trained_by: dict[str, str] = {}
     for method in sorted(methods, key=lambda m: progress[states[m]]):
         trained_by.setdefault(_training_signature(recipes[method]), method)
-    state = PartialState()
     data = load_training_data(base) if state.is_main_process else None
     train_counts = data.class_counts if data is not None else []
     summaries: dict[str, dict[str, Any]] = {}

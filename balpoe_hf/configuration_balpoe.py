@@ -49,6 +49,20 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _leaves(value: Any) -> list[Any]:
+    """The scalars of a (nested) list, or the value itself."""
+    if isinstance(value, list | tuple):
+        return [leaf for item in value for leaf in _leaves(item)]
+    return [value]
+
+
+# What a held-out calibration can hold. Fits on held-out logits give temperatures of about 0.1 to 10, above
+# 1e4 for a model trained for an epoch, biases of a few units; beyond 1e8 either way (a hand edit) every
+# calibrated logit is crushed to 0 or overflows float32.
+TEMPERATURE_RANGE = (1e-8, 1e8)
+CALIBRATION_MAGNITUDE = 1e8
+
+
 class BalPoEConfig(PreTrainedConfig):
     r"""Configuration of a Balanced Product of Calibrated Experts (BalPoE) image classifier.
 
@@ -195,6 +209,7 @@ class BalPoEConfig(PreTrainedConfig):
         if not _is_int(self.num_experts) or self.num_experts < 1:
             raise ValueError(f"num_experts must be a positive integer, got {self.num_experts!r}.")
         num_classes = self.num_labels
+        self._check_hand_edits()
         # The validators read numbers; a string or None where numbers belong (a hand-edited config.json) is a
         # TypeError there, reported here as the setting's ValueError.
         try:
@@ -206,6 +221,7 @@ class BalPoEConfig(PreTrainedConfig):
                 validate_prior(self.target_prior, num_classes)
             if self.calibration is not None:
                 validate_calibration(self.calibration, num_classes)
+                self._check_calibration_ranges()
         except TypeError as error:
             raise ValueError(f"lambdas, class_counts, target_prior and calibration must hold numbers "
                              f"({error}); got lambdas={self.lambdas!r}, class_counts={self.class_counts!r}, "
@@ -249,6 +265,43 @@ class BalPoEConfig(PreTrainedConfig):
                 )
         if self.image_std is not None and any(value <= 0 for value in self.image_std):
             raise ValueError(f"image_std must be positive, got {self.image_std}.")
+
+    def _check_hand_edits(self) -> None:
+        """What a hand-edited ``config.json`` can hold that the validators below would read as numbers:
+        booleans where numbers belong, fractional class counts, class ids with gaps."""
+        for name in ("lambdas", "class_counts", "target_prior"):
+            value = getattr(self, name)
+            if value is not None and any(isinstance(leaf, bool) for leaf in _leaves(value)):
+                raise ValueError(f"{name} must hold numbers, not true/false; got {value!r}.")
+        if self.class_counts is not None:
+            fractional = [count for count in _leaves(self.class_counts) if isinstance(count, float)
+                          and not (math.isfinite(count) and count.is_integer())]
+            if fractional:
+                raise ValueError(f"class_counts are numbers of training images, so whole numbers; got "
+                                 f"{fractional[:5]} among {self.class_counts!r}.")
+        if self.id2label is not None:
+            ids = sorted(int(key) for key in self.id2label)
+            if ids != list(range(len(ids))):
+                raise ValueError(f"id2label must name the classes 0 to {len(ids) - 1} without a gap (class i "
+                                 f"is output i), got the ids {ids[:20]}; renumber them.")
+
+    def _check_calibration_ranges(self) -> None:
+        calibration = self.calibration
+        low, high = TEMPERATURE_RANGE
+        for key in ("temperature", "ts_temperature"):
+            if not low <= calibration[key] <= high:
+                raise ValueError(f"calibration[{key!r}] is {calibration[key]!r}, outside [{low:g}, "
+                                 f"{high:g}]: no temperature fitted on held-out logits lies there. Fit it "
+                                 "again (holdout_statistics.holdout_calibration) or set calibration to null.")
+        for key in ("bias", "bias_std", "bias_se", "bias_cov_factor", "holdout_counts", "confusion"):
+            leaves = _leaves(calibration.get(key))
+            if any(isinstance(leaf, bool) for leaf in leaves):
+                raise ValueError(f"calibration[{key!r}] must hold numbers, not true/false.")
+            if key.startswith("bias") and any(abs(leaf) > CALIBRATION_MAGNITUDE for leaf in leaves
+                                              if leaf is not None):
+                raise ValueError(f"calibration[{key!r}] holds values beyond +-{CALIBRATION_MAGNITUDE:g}, "
+                                 "which no fit on held-out logits gives. Fit it again "
+                                 "(holdout_statistics.holdout_calibration) or set calibration to null.")
 
     def _check_loss(self, lambdas: torch.Tensor) -> None:
         if self.loss not in LOSSES:

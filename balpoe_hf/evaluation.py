@@ -22,11 +22,13 @@ a stream of batches (``label_shift.PriorStream``), as deployments do.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,17 @@ import torch
 from safetensors import SafetensorError
 
 from .calibration import apply_calibration
-from .checkpoints import check_writable, read_manifest, record_outputs, written_by_package
+from .checkpoints import (
+    check_writable,
+    model_weight_files,
+    output_lock,
+    read_manifest,
+    run_output_files,
+    save_failure,
+    settle,
+    staged_save,
+    written_by_package,
+)
 from .data import ALL_SHIFTS, make_shifted_test, short_list, split_shift
 from .errors import EvaluationError, TrainingError
 from .holdout_statistics import holdout_calibration
@@ -131,9 +143,15 @@ def report_owner(output: str | Path, model_dir: str | Path | None = None) -> Pat
     return output.parent
 
 
-def record_report(files: Sequence[Path], owner: str | Path) -> None:
-    """List the files of a report as ``balpoe-evaluate``'s in ``owner``'s manifest (``report_owner``)."""
-    record_outputs(owner, [path for path in files if path.is_file()], reports=True)
+@contextlib.contextmanager
+def staged_report(output: str | Path, model_dir: str | Path | None = None) -> Iterator[Path]:
+    """Where to write the report at ``output`` (and the files beside it): the same place in a staging folder
+    of ``report_owner``; when the block ends the files replace their namesakes at once and are listed as
+    ``balpoe-evaluate``'s in its manifest (``checkpoints.staged_save``), under its lock."""
+    output = Path(output)
+    owner = report_owner(output, model_dir)
+    with output_lock(owner, "balpoe-evaluate --output"), staged_save(owner, reports=True) as stage:
+        yield stage / output.resolve().relative_to(owner.resolve())
 
 
 def check_output(output: str | Path, model_dir: str | Path | None = None,
@@ -183,23 +201,40 @@ def check_shifts(labels: np.ndarray, train_counts: list[int], shifts: list[str],
 def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImageClassification, Any]:
     """The BalPoE model (in eval mode, on ``device``) and the image processor saved with it.
 
-    Refuses (``EvaluationError``) a folder without ``config.json``, a ``config.json`` that ``BalPoEConfig``
-    refuses, and weights that do not fit the config (missing tensors, other shapes): transformers would
-    initialise the missing layers at random and the report would be of a model that does not exist.
+    A local folder is first brought back to one state if a kill interrupted a save into it
+    (``checkpoints.settle``). Refuses (``EvaluationError``) a folder without ``config.json``, a
+    ``config.json`` that ``BalPoEConfig`` refuses, pickle weights (only safetensors are loaded: unpickling
+    can run code), weights that do not fit the config (missing tensors, other shapes: transformers would
+    initialise the missing layers at random and the report would be of a model that does not exist),
+    weights holding NaN or infinite values, and an image processor that does not produce the input the
+    config describes (its size, scaling and normalisation: ``check_processor``).
     """
     from transformers import AutoImageProcessor
-    from transformers.utils import CONFIG_NAME
+    from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
     from transformers.utils import logging as transformers_logging
 
     folder = Path(model_id)
+    if folder.is_dir():
+        try:
+            settle(folder, "balpoe-evaluate")
+        except TrainingError as error:
+            raise EvaluationError(str(error)) from None
     if folder.is_dir() and not (folder / CONFIG_NAME).is_file():
         raise EvaluationError(f"{model_id} has no {CONFIG_NAME}: a BalPoE model folder holds its config "
                               "beside the weights; pass the folder that balpoe-train or save_pretrained "
                               "wrote.")
+    if folder.is_dir() and not any((folder / name).is_file() for name in (SAFE_WEIGHTS_NAME,
+                                                                          SAFE_WEIGHTS_INDEX_NAME)):
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        raise EvaluationError(f"{model_id} has no {SAFE_WEIGHTS_NAME}" + (
+            f", only the pickle weights {pickled}, which balpoe-hf does not load (unpickling a file can run "
+            "code): if you trust where they come from, load them yourself and save the model again with "
+            "save_pretrained (safetensors)." if pickled else ": save the model with save_pretrained."))
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # its table of missing weights: refused below, in one message
     try:
-        model, info = BalPoEForImageClassification.from_pretrained(model_id, output_loading_info=True)
+        model, info = BalPoEForImageClassification.from_pretrained(model_id, output_loading_info=True,
+                                                                   use_safetensors=True)
         processor = AutoImageProcessor.from_pretrained(model_id)
     except SafetensorError as error:
         raise EvaluationError(f"the weights in {str(model_id)!r} cannot be read ({error}): the file is "
@@ -207,7 +242,8 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
     except OSError as error:
         hint = ("it is offline (HF_HUB_OFFLINE=1), so pass a local directory written by balpoe-train or "
                 "save_pretrained" if offline_mode() and not Path(model_id).exists()
-                else "pass a directory holding config.json, the weights and preprocessor_config.json")
+                else "pass a directory holding config.json, the safetensors weights and "
+                     "preprocessor_config.json")
         raise EvaluationError(f"cannot load a BalPoE model and its image processor from {str(model_id)!r}: "
                               f"{error}\nHint: {hint}.") from None
     except ValueError as error:  # BalPoEConfig's checks of the values in config.json
@@ -222,7 +258,47 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
     if not model.config.class_counts:
         raise EvaluationError(f"{model_id} has no class_counts in its config: the training prior is needed "
                               "for the shot groups. Set BalPoEConfig.class_counts when training.")
+    not_finite = [name for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if not_finite:
+        raise EvaluationError(f"the weights in {model_id} hold NaN or infinite values (in "
+                              f"{short_list(not_finite, 'tensors')}): the training diverged or the file was "
+                              "damaged; use an earlier checkpoint or train again.")
+    check_processor(processor, model.config, model_id)
     return model.to(device).eval(), processor
+
+
+def check_processor(processor: Any, config: Any, model_id: str | Path = "the model") -> None:
+    """Refuse an image processor that does not produce what the model was trained on: it is run on a
+    plain-coloured 37 x 53 image, whose output must be ``image_size`` square and equal ``(v / 255 - mean) /
+    std`` per channel with the config's mean and std (a hand-edited ``preprocessor_config.json`` that turns
+    normalisation off or changes the size would otherwise give wrong answers without a word)."""
+    from PIL import Image
+
+    colour = (200, 120, 40)
+    try:
+        pixels = processor(images=Image.new("RGB", (37, 53), colour), return_tensors="pt")["pixel_values"]
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise EvaluationError(f"the image processor of {model_id} (preprocessor_config.json) cannot process "
+                              f"an image: {error}") from None
+    side = config.image_size
+    problems = []
+    if tuple(pixels.shape[-2:]) != (side, side):
+        problems.append(f"it makes {tuple(pixels.shape[-2:])} images, the config's image_size is {side}")
+    mean, std = config.image_mean or [], config.image_std or []
+    if len(mean) == len(std) == pixels.shape[1]:
+        expected = torch.tensor([(v / 255 - m) / s for v, m, s in zip(colour, mean, std, strict=True)])
+        got = pixels[0].flatten(1).mean(1).double()
+        if not torch.allclose(got, expected.double(), atol=1e-3):
+            shown = [round(v, 3) for v in got.tolist()]
+            problems.append(f"it scales and normalises pixels otherwise than the config's image_mean {mean} "
+                            f"and image_std {std} (a pixel {colour} gives {shown}, not "
+                            f"{[round(v, 3) for v in expected.tolist()]})")
+    if problems:
+        raise EvaluationError(f"the image processor of {model_id} (preprocessor_config.json) does not fit "
+                              f"its config.json: {'; '.join(problems)}. Put the preprocessor_config.json "
+                              "saved with the model back, or rebuild it with "
+                              "balpoe_hf.build_image_processor(config).save_pretrained(folder).")
 
 
 def _weights_mismatch(model_id: str | Path, how: str, config: Any = None) -> str:
@@ -328,10 +404,8 @@ def deployment_batches(uniform_logits: torch.Tensor, labels: np.ndarray, train_c
     scored on them. Returns size -> shift -> mode -> ``{"mean_gain", "worst_gain"}``, the top-1 gain over
     ``none`` (fractions) averaged over the draws and the worst draw. A size larger than a shifted set is
     skipped for that set."""
-    if draws < 1 or any(size < 1 for size in sizes):
-        raise EvaluationError(f"deployment batch sizes and draws must be positive, got sizes {list(sizes)} "
-                              f"and draws {draws}.")
     num_classes = uniform_logits.shape[1]
+    check_deployment_sizes(sizes, draws, num_classes)
     rng = np.random.default_rng(seed)
     modes = [mode for mode in priors if mode != "none"]
     results: dict[str, Any] = {}
@@ -433,6 +507,17 @@ def stream_batches(uniform_logits: torch.Tensor, labels: np.ndarray, train_count
                             "gains": _stream_gains(uniform_logits, labels, pools, forgetting=drift_forgetting,
                                                    **context)}
     return results
+
+
+def check_deployment_sizes(sizes: Sequence[int], draws: int, num_classes: int) -> None:
+    """Refuse deployment batches smaller than the number of classes (or no draws): such a batch cannot hold
+    every class, and its ``oracle`` prior (the batch's own label counts) all but gives the answers away."""
+    small = [size for size in sizes if size < num_classes]
+    if draws < 1 or small:
+        raise EvaluationError(f"deployment batches must hold at least as many images as the model has "
+                              f"classes ({num_classes}), and --deployment-draws must be positive; got sizes "
+                              f"{list(sizes)} and {draws} draws. A smaller batch cannot hold every class, "
+                              "and its 'oracle' prior (the batch's own labels) would give the answers away.")
 
 
 def default_priors() -> list[str]:
@@ -543,6 +628,8 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     id2label = model.config.id2label
     labels = align_labels(ds, label_column, [id2label[i] for i in range(len(id2label))])
     check_shifts(labels, train_counts, shifts, seed)
+    if deployment_sizes:
+        check_deployment_sizes(deployment_sizes, deployment_draws, len(train_counts))
     report_kwargs = {"n_bins": n_bins, "many": many, "few": few}
 
     start = time.perf_counter()
@@ -598,14 +685,17 @@ def describe_estimator(config: Any) -> str:
 # upgraded folder gets today's set, and the ones no longer shipped are removed with it.
 SHIPPED_CODE_FILES = ("backbones.py", "calibration.py", "cifar_resnet.py", "configuration_balpoe.py",
                       "holdout_statistics.py", "label_shift.py", "losses.py", "modeling_balpoe.py",
-                      "prior_estimators.py", "priors.py", "processing.py", "shrinkage.py")
+                      "pipeline_balpoe.py", "prior_estimators.py", "priors.py", "processing.py",
+                      "shrinkage.py")
 # What else a balpoe-hf run folder of any release holds: result files and its working folders.
 RUN_EXTRAS = ("README.md", "balpoe_outputs.json", "checkpoints", "eval", "logs", "images")
+# The run's files an upgrade keeps as they are (into a new folder: copies), listed in the manifest with it.
+KEPT_RUN_FILES = ("recipe.yaml", "train_results.json", "eval_results.json", "holdout_results.json")
 
 
 def _foreign_entries(model_dir: Path) -> list[str]:
     """The entries of a model folder that a balpoe-hf release did not write there (or changed since)."""
-    from .checkpoints import MANIFEST, run_output_files
+    from .checkpoints import MANIFEST, is_control_file
 
     known = {*run_output_files(), *SHIPPED_CODE_FILES, *RUN_EXTRAS}
     manifest = read_manifest(model_dir)
@@ -613,7 +703,7 @@ def _foreign_entries(model_dir: Path) -> list[str]:
     for entry in sorted(model_dir.iterdir()):
         changed = (manifest is not None and entry.is_file() and entry.name != MANIFEST
                    and entry.name in manifest["files"] and not written_by_package(model_dir, entry.name))
-        if entry.name not in known or changed:
+        if (entry.name not in known and not is_control_file(entry.name)) or changed:
             foreign.append(entry.name)
     return foreign
 
@@ -628,70 +718,96 @@ def upgrade_model(model_dir: str | Path, output_dir: str | Path | None = None,
     today's ``auto`` reads (the covariance of its biases); otherwise the calibration stays as it is. A
     ``config.shift_estimator`` written by an earlier release's per-model choice is dropped (``auto`` runs
     today's default on every model either way; the folder's own code files would not). The model is saved
-    with ``save_pretrained``: config, code files and the unchanged weights.
+    with ``save_pretrained``: config, code files and the unchanged weights, beside its image processor and
+    the run's recipe and result files as they are.
 
     In place (``output_dir=None``) only when every file of the folder is one a balpoe-hf release writes
-    (unchanged since, where its manifest lists it); else into ``output_dir``, a new or empty folder, which
-    receives the model, its processor and the run's recipe and result files. Either folder's manifest then
-    lists the files. Returns what was done: ``{"folder", "recalibrated", "dropped_choice", "auto"}``.
+    (unchanged since, where its manifest lists it); else into ``output_dir``, a new or empty folder. The
+    folder written into is held under its lock (``checkpoints.output_lock``), a save a kill interrupted there
+    is finished or discarded first, and the files go in in one ``checkpoints.staged_save`` with the manifest
+    that lists them: a kill or a full disk leaves the folder as it was or upgraded, never half of each.
+    Returns what was done: ``{"folder", "recalibrated", "dropped_choice", "auto"}``.
     """
-    import shutil
+    from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 
-    from .checkpoints import record_outputs, run_output_files
+    from .checkpoints import finish_interrupted_save, is_control_file
     from .loading import load_training_data
     from .recipes import load_recipe
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise EvaluationError(f"{model_dir} is not a model folder (no config.json): give the folder of a "
+    if not (model_dir / CONFIG_NAME).is_file():  # a save replaces it at once: never missing half-way
+        raise EvaluationError(f"{model_dir} is not a model folder (no {CONFIG_NAME}): give the folder of a "
                               "balpoe-train run or of save_pretrained.")
     target = model_dir if output_dir is None else Path(output_dir)
-    if output_dir is None:
-        foreign = _foreign_entries(model_dir)
-        if foreign:
-            raise EvaluationError(f"{model_dir} holds {short_list(foreign, 'entries')}, which balpoe-hf did "
-                                  "not write there (or which were changed since): upgrading it in place "
-                                  "would mix them with today's files. Upgrade into a new folder instead "
-                                  "(balpoe-evaluate --upgrade-into NEW_DIR), or move them away.")
-    elif target.resolve() == model_dir.resolve():
+    if output_dir is not None and target.resolve() == model_dir.resolve():
         raise EvaluationError("the upgraded copy needs a folder other than the model's own; leave out the "
                               "new folder to upgrade in place.")
-    elif target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise EvaluationError(f"{target} exists and is not an empty folder: give a new folder to upgrade "
-                              "into.")
-    model, processor = load_model(model_dir, resolve_device(device))
-    recalibrated = False
-    recipe_path = model_dir / "recipe.yaml"
-    if recipe_path.is_file():
-        recipe = load_recipe(config=recipe_path)
-        if recipe.holdout_fraction > 0:
-            data = load_training_data(recipe)
-            logits, _ = predict(model, processor, data.holdout, recipe.image_column, recipe.eval_batch_size)
-            names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-            labels = align_labels(data.holdout, recipe.label_column, names)
-            try:
-                model.config.calibration = holdout_calibration(logits, labels)
-            except ValueError as error:  # a class without a held-out image
-                raise EvaluationError(f"cannot calibrate {model_dir} on its held-out split: "
-                                      f"{error}") from None
-            recalibrated = True
-    dropped = None
-    if is_legacy_choice(model.config.shift_estimator):
-        dropped, model.config.shift_estimator = model.config.shift_estimator["name"], None
-    target.mkdir(parents=True, exist_ok=True)
-    if output_dir is not None:
-        processor.save_pretrained(target)
-        for name in ("recipe.yaml", "train_results.json", "eval_results.json", "holdout_results.json"):
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, target / name)
-    model.save_pretrained(target)
-    current = set(run_output_files())
-    for name in SHIPPED_CODE_FILES:
-        if name not in current and (target / name).is_file():
-            (target / name).unlink()  # an earlier release's code file that today's code does not import
-    record_outputs(target, [target / name for name in run_output_files() if (target / name).is_file()])
+    if target.exists() and not target.is_dir():
+        raise EvaluationError(f"{target} exists and is not a folder: give a new folder to upgrade into.")
+    with output_lock(target, "balpoe-evaluate --upgrade"):
+        finished = finish_interrupted_save(target) == "finished"
+        if output_dir is None:
+            foreign = _foreign_entries(model_dir)
+            if foreign:
+                raise EvaluationError(f"{model_dir} holds {short_list(foreign, 'entries')}, which balpoe-hf "
+                                      "did not write there (or which were changed since): upgrading it in "
+                                      "place would mix them with today's files. Upgrade into a new folder "
+                                      "instead (balpoe-evaluate --upgrade-into NEW_DIR), or move them away.")
+        elif any(not is_control_file(entry.name) for entry in target.iterdir()):
+            raise EvaluationError(f"{target} exists and is not an empty folder: give a new folder to upgrade "
+                                  "into." + (" (An upgrade into it that was interrupted has just been "
+                                             "finished: evaluate it with --model.)" if finished else ""))
+        model, processor = load_model(model_dir, resolve_device(device))  # settles an interrupted save too
+        recalibrated = False
+        recipe_path = model_dir / "recipe.yaml"
+        if recipe_path.is_file():
+            recipe = load_recipe(config=recipe_path)
+            if recipe.holdout_fraction > 0:
+                data = load_training_data(recipe)
+                logits, _ = predict(model, processor, data.holdout, recipe.image_column,
+                                    recipe.eval_batch_size)
+                names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+                labels = align_labels(data.holdout, recipe.label_column, names)
+                try:
+                    model.config.calibration = holdout_calibration(logits, labels)
+                except ValueError as error:  # a class without a held-out image
+                    raise EvaluationError(f"cannot calibrate {model_dir} on its held-out split: "
+                                          f"{error}") from None
+                recalibrated = True
+        dropped = None
+        if is_legacy_choice(model.config.shift_estimator):
+            dropped, model.config.shift_estimator = model.config.shift_estimator["name"], None
+        current = set(run_output_files())
+        retired = [name for name in SHIPPED_CODE_FILES if name not in current]
+        try:
+            # Config, code files, the unchanged weights, the processor and the run's files in one staged save
+            # with the manifest listing them: a kill leaves the old folder or the upgraded one, never an
+            # empty config.json.
+            with staged_save(target, obsolete=[*model_weight_files(target), *retired]) as stage:
+                for name in (IMAGE_PROCESSOR_NAME, *KEPT_RUN_FILES):  # as they are, not rebuilt
+                    if (model_dir / name).is_file():
+                        shutil.copyfile(model_dir / name, stage / name)
+                model.save_pretrained(stage)
+        except Exception as error:  # OSError, safetensors' errors: a full disk, a read-only folder
+            raise EvaluationError(f"could not save the upgraded model into {target}: "
+                                  f"{save_failure(error, target)} Nothing there was replaced.") from None
+        for name in retired:  # one that a folder without a manifest holds (staged_save removes listed ones)
+            (target / name).unlink(missing_ok=True)
     return {"folder": str(target), "recalibrated": recalibrated, "dropped_choice": dropped,
             "auto": describe_estimator(model.config)}
+
+
+def save_report(result: EvaluationResult, output: str | Path, model_dir: str | Path | None = None
+                ) -> dict[str, str]:
+    """Write the report as ``balpoe-evaluate --output`` does: ``write_report`` in one ``staged_report``
+    (listed as balpoe-evaluate's, under the folder's lock), with the SHA-256 of the weights of ``model_dir``
+    (the folder the model was loaded from) as ``model_sha256``, by which ``balpoe-push`` publishes the
+    report with that model only. Returns the names of the two PNG files."""
+    from .checkpoints import weights_fingerprint
+
+    result.report["model_sha256"] = None if model_dir is None else weights_fingerprint(model_dir)
+    with staged_report(output, model_dir) as staged:
+        return write_report(result, staged)
 
 
 def _picture_paths(output: Path) -> dict[str, Path]:
@@ -702,7 +818,8 @@ def _picture_paths(output: Path) -> dict[str, Path]:
 def write_report(result: EvaluationResult, output: str | Path) -> dict[str, str]:
     """Write ``result.report`` as JSON to ``output``, and beside it a reliability diagram and per-class plot.
 
-    Returns the names of the two PNG files (also recorded in the JSON under ``images``).
+    Returns the names of the two PNG files (also recorded in the JSON under ``images``). ``save_report``
+    writes it in one staged save, so that a kill or a full disk never leaves half a report.
     """
     from .plots import per_class_accuracy_plot, reliability_diagram
 

@@ -10,6 +10,7 @@ the run's folder, the home directory or a data path stops the upload.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -34,7 +35,15 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
-from .checkpoints import check_writable, record_outputs, written_by_package
+from .checkpoints import (
+    check_writable,
+    finish_interrupted_save,
+    output_lock,
+    save_failure,
+    staged_save,
+    weights_fingerprint,
+    written_by_package,
+)
 from .data import imbalance_ratio
 from .errors import HubFolderError, HubPublishError, TrainingError
 from .loading import FASHION_MNIST, local_name
@@ -724,14 +733,80 @@ def _require_card_packages() -> None:
                              "'balpoe-hf[hub]'. Nothing was written.")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _report_owner(report_path: Path, folder: Path) -> tuple[Path, str]:
+    """The folder whose manifest lists the report as balpoe-evaluate's, and its name there: the model's
+    folder, or the nearest folder above the report that lists it (another run's, for a report written into
+    it); else where ``evaluation.report_owner`` would have listed it."""
+    from .evaluation import report_owner
+
+    report = report_path.resolve()
+    for owner in (folder.resolve(), *report.parents):
+        if report.is_relative_to(owner):
+            name = report.relative_to(owner).as_posix()
+            with contextlib.suppress(TrainingError):  # a damaged manifest lists nothing
+                if written_by_package(owner, name, report=True):
+                    return owner, name
+    owner = report_owner(report_path, folder)
+    return owner, report.relative_to(owner.resolve()).as_posix()
+
+
+def _check_report_is_the_models(report: Mapping[str, Any], report_path: Path, folder: Path) -> None:
+    """Refuse a report that is not balpoe-evaluate's unedited evaluation of this model's weights: it must be
+    listed with its current content in its manifest, and name the SHA-256 of the folder's weights."""
+    owner, name = _report_owner(report_path, folder)
+    if not written_by_package(owner, name, report=True):
+        raise HubFolderError(f"{report_path} is not a report balpoe-evaluate wrote there, or it was edited "
+                             f"since: the card publishes its numbers only as written. Write it again with "
+                             f"balpoe-evaluate --model {folder} --output {report_path}. Nothing was written.")
+    weights = weights_fingerprint(folder)
+    if report.get("model_sha256") != weights:
+        whose = ("without the fingerprint of the weights it evaluated (an older report)"
+                 if report.get("model_sha256") is None else "of other weights" + (
+                     f" (the model in {report['model']})" if report.get("model") else ""))
+        raise HubFolderError(f"{report_path} is an evaluation {whose}, not of the weights in {folder}: its "
+                             "numbers would be published as this model's. Evaluate this model with "
+                             f"balpoe-evaluate --model {folder} --output {folder / DEFAULT_EVAL_REPORT} (or "
+                             "give that report with --eval-report). Nothing was written.")
+
+
 def _report_pictures(report: Mapping[str, Any], report_path: Path, folder: Path) -> dict[str, Path]:
-    """The report's pictures to copy: card-relative target -> source (a missing source is left out)."""
+    """The report's pictures to copy: card-relative target -> source (a missing source is left out).
+
+    A picture is a file balpoe-evaluate wrote beside the report (a plain file name, no link out of the
+    report's folder, listed in its manifest) and a PNG: a report naming another file (``/etc/passwd``,
+    ``../../secret.txt``) is refused, never copied into the folder to upload.
+    """
     report_images = report.get("images") or {}
+    if not isinstance(report_images, Mapping):
+        raise HubFolderError(f"{report_path} has images {report_images!r}, not a mapping of picture names. "
+                             "Nothing was written.")
+    owner, _ = _report_owner(report_path, folder)
     pictures = {}
     for name in ("reliability_diagram", "per_class_accuracy"):
-        source = report_path.parent / report_images[name] if name in report_images else None
-        if source is not None and source.is_file():
-            pictures[f"{IMAGES_DIR}/{name}.png"] = source
+        file_name = report_images.get(name)
+        if file_name is None:
+            continue
+        if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".."):
+            raise HubFolderError(f"{report_path} names the picture {file_name!r}, which is not a file name "
+                                 "beside the report: a report's pictures are the PNG files balpoe-evaluate "
+                                 "wrote next to it. Nothing was written.")
+        source = report_path.parent / file_name
+        if not source.is_file():
+            continue
+        resolved = source.resolve()
+        relative = resolved.relative_to(owner.resolve()).as_posix() if resolved.is_relative_to(
+            owner.resolve()) else None
+        with source.open("rb") as handle:
+            is_png = handle.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+        if resolved.parent != report_path.parent.resolve() or not is_png or relative is None or (
+                not written_by_package(owner, relative, report=True)):
+            raise HubFolderError(f"{source} is not a picture balpoe-evaluate wrote beside {report_path} (a "
+                                 "PNG file listed in its manifest): write the report again with "
+                                 "balpoe-evaluate --output. Nothing was written.")
+        pictures[f"{IMAGES_DIR}/{name}.png"] = source
     return pictures
 
 
@@ -832,8 +907,27 @@ def prepare_hub_folder(
     replaced: ``HubFolderError`` asks to move it away. Returns the card and the files that ``push_to_hub``
     would upload, so that the folder can be inspected first. ``repo_id`` is used in the card's usage
     snippet (default: the folder name); ``dataset_id`` and ``dataset_name`` override what the recipe says.
+
+    The report must be balpoe-evaluate's, unedited, of this folder's weights (``_check_report_is_the_models``)
+    and its pictures PNG files beside it. The card and its pictures are written in one
+    ``checkpoints.staged_save`` under the folder's lock: a kill or a full disk leaves the old ones.
     """
     folder = Path(model_dir)
+    if not folder.is_dir():
+        raise HubFolderError(f"model directory {folder} does not exist.")
+    try:
+        with output_lock(folder, "balpoe-push"):
+            finish_interrupted_save(folder)  # a save a kill interrupted there: finished or undone first
+            return _prepare_hub_folder(folder, repo_id, eval_report=eval_report, dataset_id=dataset_id,
+                                       dataset_name=dataset_name, license=license)
+    except TrainingError as error:  # the lock held elsewhere, a read-only folder, a damaged save journal
+        raise HubFolderError(f"{error} Nothing was written.") from None
+
+
+def _prepare_hub_folder(folder: Path, repo_id: str | None, *, eval_report: str | Path | None,
+                        dataset_id: str | None, dataset_name: str | None, license: str | None) -> HubFolder:
+    """``prepare_hub_folder`` holding the folder's lock."""
+
     _require_card_packages()
     if repo_id is not None:
         check_repo_id(repo_id)
@@ -866,6 +960,7 @@ def prepare_hub_folder(
     extra_files = []
     pictures: dict[str, Path] = {}
     if report is not None:
+        _check_report_is_the_models(report, report_path, folder)
         # The report's metrics and its reliability diagram come from the same evaluation: keep them together.
         metrics = report.get("balanced") or metrics
         pictures = _report_pictures(report, report_path, folder)
@@ -894,13 +989,16 @@ def prepare_hub_folder(
 
     from .plots import class_count_histogram
 
-    (folder / IMAGES_DIR).mkdir(exist_ok=True)
-    class_count_histogram(counts, folder / histogram, class_names=_label_names(config, len(counts)))
-    for name, source in pictures.items():
-        if source.resolve() != (folder / name).resolve():
-            shutil.copyfile(source, folder / name)
-    card.save(folder / CARD_NAME)
-    record_outputs(folder, [folder / name for name in targets])
+    try:
+        with staged_save(folder) as stage:
+            (stage / IMAGES_DIR).mkdir()
+            class_count_histogram(counts, stage / histogram, class_names=_label_names(config, len(counts)))
+            for name, source in pictures.items():
+                shutil.copyfile(source, stage / name)
+            card.save(stage / CARD_NAME)
+    except OSError as error:
+        raise HubFolderError(f"could not write the model card into {folder}: {save_failure(error, folder)} "
+                             "Nothing there was replaced.") from None
     return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=extra_files), card=card,
                      published=published)
 

@@ -238,7 +238,10 @@ def align_labels(ds: datasets.Dataset, label_column: str, class_names: Sequence[
     """
     num_classes = len(class_names)
     feature = ds.features.get(label_column)
-    labels = labels_array(ds, label_column)
+    try:
+        labels = labels_array(ds, label_column)
+    except ValueError as error:  # no such column, or not integer labels
+        raise DataError(f"{error} (on the command line: --label-column)") from None
     model_names = [_name_key(name) for name in class_names]
     if not isinstance(feature, datasets.ClassLabel) or all(
             _is_default_name(n, i) for i, n in enumerate(model_names)):

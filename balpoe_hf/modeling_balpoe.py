@@ -42,6 +42,9 @@ from .processing import build_image_processor
 logger = logging.get_logger(__name__)
 
 TargetPrior = str | Sequence[float] | torch.Tensor
+# The journal of a balpoe-hf save in progress (balpoe_hf.checkpoints.JOURNAL; this module travels as remote
+# code and imports no balpoe_hf module beside its flat ones).
+SAVE_JOURNAL = ".balpoe-save.json"
 
 
 @dataclass
@@ -367,8 +370,14 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.from_pretrained``; warns when the config has no ``class_counts``.
 
-        Without them the model cannot undo a training prior: it assumes the training set was balanced.
+        Without them the model cannot undo a training prior: it assumes the training set was balanced. Refuses
+        a local folder that a kill left in the middle of a balpoe-hf save (its files of two saves).
         """
+        folder = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(folder, str | os.PathLike) and os.path.isfile(os.path.join(folder, SAVE_JOURNAL)):
+            raise OSError(f"{folder} holds a save that was interrupted half-way ({SAVE_JOURNAL}): its files "
+                          "are from two saves. Any balpoe-hf command on the folder finishes it first, e.g. "
+                          f"balpoe-evaluate --model {folder}; then load it again.")
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) on request
         if model.config.class_counts is None:
@@ -423,6 +432,14 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
             raise ValueError(f"unlabelled pixel_values must have shape {expected}, got "
                              f"{tuple(pixel_values.shape)}; preprocess the images with the model's image "
                              "processor (AutoImageProcessor.from_pretrained).")
+        side = self.config.image_size
+        if side is not None and tuple(pixel_values.shape[-2:]) != (side, side):
+            # A convolutional trunk runs on any size, but its logits, and the prior estimated from them, are
+            # those of images the model was never trained on: the processor's size is the model's.
+            raise ValueError(f"unlabelled pixel_values must be {side} x {side} pixels (config.image_size, "
+                             f"what the model's image processor makes), got "
+                             f"{tuple(pixel_values.shape[-2:])}; preprocess the images with "
+                             "AutoImageProcessor.from_pretrained(model folder).")
         return pixel_values
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ optimizer, loaders, output directory, resume; a ``Run`` and the ``TrainState`` t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -65,6 +66,17 @@ class TrainOutput:
     eval_report: dict[str, Any] | None  # None when the run stopped at its deadline before the last epoch
     train_results: dict[str, Any]
     finished: bool = True  # False: stopped at the deadline; ``train(..., resume=True)`` continues it
+
+
+# numpy seeds its global generator with 0 <= seed < 2**32 and accelerate's set_seed(device_specific=True) adds
+# the process index: an epoch's seed wraps below 2**32, with room for 2**16 processes.
+EPOCH_SEED_MODULUS = 2**32 - 2**16
+
+
+def epoch_global_seed(seed: int, epoch: int) -> int:
+    """The seed of the global generators (``set_seed``) at the start of epoch ``epoch``: ``seed + epoch``,
+    wrapped below ``EPOCH_SEED_MODULUS`` (the same value for every seed a run could use before)."""
+    return (seed + epoch) % EPOCH_SEED_MODULUS
 
 
 def model_config(recipe: Recipe, class_counts: list[int], class_names: list[str]) -> BalPoEConfig:
@@ -321,9 +333,10 @@ class Run:
                 lambda step: self.recipe.lr * multiplier(step), self.output_dir)
 
     def save_checkpoint(self, state: TrainState) -> None:
-        """Save accelerate's state (model, optimizer, scheduler, RNG) with ``state`` as a checkpoint."""
+        """Save the model, optimizer, scheduler and RNG states with ``state`` as a checkpoint."""
         checkpoints.save_checkpoint(self.accelerator, self.output_dir, asdict(state),
-                                    self.recipe.checkpoints_total_limit)
+                                    self.recipe.checkpoints_total_limit,
+                                    checkpoints.TrainingObjects(self.model, self.optimizer, self.scheduler))
 
 
 def _accelerator(recipe: Recipe, output_dir: Path, report_to: str) -> Accelerator:
@@ -348,15 +361,19 @@ def _describe_data(recipe: Recipe, data: TrainingData, groups: dict[str, list[in
                f"({max(data.holdout_counts)} down to {min(data.holdout_counts)} per class)"))
 
 
-def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, report_to: str
-           ) -> tuple[Run, TrainState]:
-    """Phase 1: the checks, the accelerator, the data, the model and optimizer, the loaders, the output
-    directory and, with ``resume``, the latest checkpoint; the state the run goes on from.
+def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, report_to: str,
+           exit_stack: contextlib.ExitStack) -> tuple[Run, TrainState]:
+    """Phase 1: the checks, the accelerator, the output directory's lock, the data, the model and
+    optimizer, the loaders, the output directory and, with ``resume``, the latest checkpoint; the state the
+    run goes on from. The lock is held until ``exit_stack`` closes.
 
     The random draws (weights, data order) happen in a fixed order after ``set_seed(recipe.seed)``, so that a
     run is the same every time; a resumed one then restores the checkpoint's RNG states.
     """
     accelerator = _accelerator(recipe, output_dir, report_to)
+    checkpoints.check_output_flags(output_dir, resume, overwrite)
+    # The lock first, and a save that a kill interrupted finished or undone, then what the folder holds.
+    checkpoints.lock_on_main_process(accelerator, output_dir, "balpoe-train", exit_stack)
     checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
     check_model(recipe)
     for note in recipe.notes:
@@ -405,7 +422,6 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
     steps_per_epoch = math.ceil(len(loaders.train) / recipe.gradient_accumulation_steps)
     # Stepped once per optimizer step by hand (not prepared): the schedule is in optimizer steps.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps_per_epoch))
-    accelerator.register_for_checkpointing(scheduler)
     mixup = None
     if recipe.mixup_alpha > 0:
         # Soft targets (B, C) for BalPoELoss; no label smoothing, which would change the training prior.
@@ -413,8 +429,9 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
                       num_classes=len(data.class_counts))
 
     # The output directory, and the checkpoint to resume from.
-    saved = checkpoints.load_checkpoint(accelerator, output_dir, recipe, signature,
-                                        len(loaders.train)) if resume else None
+    objects = checkpoints.TrainingObjects(model, optimizer, scheduler)
+    saved = checkpoints.load_checkpoint(accelerator, output_dir, recipe, signature, len(loaders.train),
+                                        objects) if resume else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite and output_dir.is_dir():
@@ -454,8 +471,8 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> float:
     first_batch, num_batches = state.step, len(run.loaders.train)
     if first_batch == 0:
         # Per-epoch seeds make shuffling, augmentation and mixup a function of (seed, epoch): resume-exact.
-        # (Within an epoch, load_state has restored the RNG states that the step checkpoint saved.)
-        set_seed(recipe.seed + epoch, device_specific=True)
+        # (Within an epoch, load_checkpoint has restored the RNG states that the step checkpoint saved.)
+        set_seed(epoch_global_seed(recipe.seed, epoch), device_specific=True)
         state.epoch_loss_sum, state.epoch_expert_loss_sums = 0.0, None
     run.loaders.set_epoch(epoch)
     model.train()
@@ -578,18 +595,26 @@ def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: 
     }
     if not accelerator.is_main_process:
         return train_results
-    with checkpoints.recording(output_dir):
-        run.processor.save_pretrained(output_dir)  # first: save_pretrained then adds no processor of its own
-        model.save_pretrained(output_dir)
-        eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
-                        **{f"eval_{k}": v for k, v in report.items()}}
-        if not keep_results:
-            results_file.write_text(json.dumps(train_results, indent=2))
-        (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-        if holdout_results is not None:
-            holdout_results = {"epoch": recipe.epochs, **holdout_results,
-                               "calibration": model.config.calibration}
-            (output_dir / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
+    eval_results = {"epoch": recipe.epochs, "eval_samples": num_test,
+                    **{f"eval_{k}": v for k, v in report.items()}}
+    if holdout_results is not None:
+        holdout_results = {"epoch": recipe.epochs, **holdout_results, "calibration": model.config.calibration}
+    try:
+        # All files at once, with the manifest: a kill or a full disk leaves the old model or the new one.
+        obsolete = checkpoints.model_weight_files(output_dir)
+        with checkpoints.staged_save(output_dir, obsolete=obsolete) as stage:
+            run.processor.save_pretrained(stage)  # first: save_pretrained then adds no processor of its own
+            model.save_pretrained(stage)
+            if not keep_results:
+                (stage / "train_results.json").write_text(json.dumps(train_results, indent=2))
+            (stage / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+            if holdout_results is not None:
+                (stage / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
+    except Exception as error:  # OSError, safetensors' and torch's errors: a full disk, a read-only folder
+        raise TrainingError(f"could not save the model into {output_dir}: "
+                            f"{checkpoints.save_failure(error, output_dir)} Nothing there was replaced, and "
+                            "the final checkpoint is intact: fix the cause and rerun with --resume, which "
+                            "evaluates it and saves the model again.") from None
     print("\n" + format_balanced(report, f"{recipe.name}: balanced test set ({num_test:,} images) after "
                                          f"{recipe.epochs} epochs", run.groups)
           + ("" if holdout_results is None else
@@ -633,7 +658,16 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
     output_dir = Path(output_dir if output_dir is not None else Path("runs") / recipe.name)
     _check_hub_upload_possible(push_to_hub, hub_model_id)
     _check_tracker(report_to)
-    run, state = set_up(recipe, output_dir, resume=resume, overwrite=overwrite, report_to=report_to)
+    with contextlib.ExitStack() as exit_stack:  # the output directory's lock
+        run, state = set_up(recipe, output_dir, resume=resume, overwrite=overwrite, report_to=report_to,
+                            exit_stack=exit_stack)
+        return _run_phases(run, state, recipe, deadline, push_to_hub, hub_model_id)
+
+
+def _run_phases(run: Run, state: TrainState, recipe: Recipe, deadline: float | None, push_to_hub: bool,
+                hub_model_id: str | None) -> TrainOutput:
+    """Each epoch with its evaluation and checkpoint, then the outputs (and the upload)."""
+    output_dir = run.output_dir
     start_epoch, report, holdout_results, throughputs = state.epoch, None, None, []
     for epoch in range(start_epoch, recipe.epochs):
         epoch_start = time.perf_counter()

@@ -29,6 +29,56 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+class KillPoints:
+    """Copies of a folder as a ``kill -9`` would leave it at each step of a save into it.
+
+    ``watch(folder)`` makes every later ``os.replace`` whose target lies in ``folder`` first copy the folder
+    (its ``checkpoints/`` as hard links: checkpoint files are never changed in place) into
+    ``snapshots``: the moment just before that rename. The rename of a save's journal (its commit) also
+    leaves a copy whose staged files are cut in half: a kill while they were being written.
+    """
+
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch):
+        self.root, self.snapshots, self.folder = root, [], None
+        real_replace = os.replace
+
+        def replace(source, target, *args, **kwargs):
+            if self.folder is not None and Path(target).resolve().is_relative_to(self.folder):
+                self._snapshot(Path(target).name)
+            return real_replace(source, target, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+    def watch(self, folder: Path) -> list[Path]:
+        self.folder = Path(folder).resolve()
+        return self.snapshots
+
+    def _copy(self, name: str) -> Path:
+        target = self.root / f"{len(self.snapshots):02d}-before-{name}"
+        shutil.copytree(self.folder, target, ignore=shutil.ignore_patterns("checkpoints"))
+        if (self.folder / "checkpoints").is_dir():
+            shutil.copytree(self.folder / "checkpoints", target / "checkpoints", copy_function=os.link)
+        self.snapshots.append(target)
+        return target
+
+    def _snapshot(self, name: str) -> None:
+        self._copy(name)
+        if name == ".balpoe-save.json":  # the commit: also the same moment with half-written staged files
+            cut = self._copy("staging-cut")
+            for path in cut.glob(".balpoe-staging-*/**/*"):
+                if path.is_file():
+                    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+            (cut / ".balpoe-save.json.tmp").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def kill_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KillPoints:
+    """``KillPoints`` for the test: ``kill_points.watch(folder)`` then run the save."""
+    root = tmp_path / "kill-points"
+    root.mkdir()
+    return KillPoints(root, monkeypatch)
+
+
 def _start(module: Any) -> None:
     root = Path(tempfile.mkdtemp(prefix=f"{module.__name__}-"))
     _JOBS[module.__name__] = BackgroundJob(module.background, root, dict(os.environ))

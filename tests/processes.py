@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -90,3 +91,21 @@ class BackgroundJob:
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """A process holding ``folder``'s writer lock as balpoe-hf does (an flock on .balpoe.lock, the owner in
+    it: balpoe-train, pid, host node7), until killed; without the package, so that it starts at once."""
+    code = ("import fcntl, json, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.write(fd, json.dumps({'pid': os.getpid(), 'host': 'node7', 'command': 'balpoe-train', "
+            "'since': '2025-01-01 10:00:00'}).encode())\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(120)\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder / ".balpoe.lock")],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    STARTED.append(holder)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder

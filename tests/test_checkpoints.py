@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from processes import hold_lock
 from safetensors.torch import load_file
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
@@ -135,7 +137,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, dat
 
 def test_every_checkpoint_damaged_says_which_and_what_to_do(reference, data, tmp_path):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
-    (out / "checkpoints" / "epoch-0001" / "optimizer.bin").write_bytes(b"\0" * 10)
+    (out / "checkpoints" / "epoch-0001" / "optimizer.safetensors").write_bytes(b"\0" * 10)
     before = _snapshot(out)
     with pytest.raises(TrainingError, match=r"no checkpoint of the run can be loaded:\n  .*epoch-0001, which "
                                             r"cannot be loaded .*\nDelete them \(rm -r .*checkpoints\)"):
@@ -144,7 +146,7 @@ def test_every_checkpoint_damaged_says_which_and_what_to_do(reference, data, tmp
 
 
 class _FakeAccelerator(SimpleNamespace):
-    """What save_checkpoint uses of an Accelerator: one process, ``save_state`` given by the test."""
+    """What save_checkpoint uses of an Accelerator: one process."""
 
     is_main_process = True
 
@@ -152,7 +154,18 @@ class _FakeAccelerator(SimpleNamespace):
         pass
 
 
-def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_path):
+def _save_with(monkeypatch, write):
+    """save_checkpoint with ``write(folder)`` in place of writing the training state."""
+    monkeypatch.setattr(checkpoints, "save_training_state",
+                        lambda accelerator, folder, objects: write(folder))
+
+
+def _save(output_dir, epoch, keep=2):
+    state = {"epoch": epoch, "step": 0}
+    return checkpoints.save_checkpoint(_FakeAccelerator(), output_dir, state, keep, None)
+
+
+def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_path, monkeypatch):
     def save_state(folder):
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "model.safetensors").write_bytes(b"weights")
@@ -161,9 +174,9 @@ def test_checkpoint_is_complete_only_once_renamed_and_leftovers_are_ignored(tmp_
     (tmp_path / "checkpoints" / "epoch-0002.tmp").mkdir(parents=True)
     (tmp_path / "checkpoints" / "epoch-0002.tmp" / "trainer_state.json").write_text("{}")
     assert checkpoints.completed_checkpoints(tmp_path) == []
-    accelerator = _FakeAccelerator(save_state=save_state)
+    _save_with(monkeypatch, save_state)
     for epoch in (1, 2):
-        checkpoints.save_checkpoint(accelerator, tmp_path, {"epoch": epoch, "step": 0}, keep=2)
+        _save(tmp_path, epoch)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     assert json.loads((tmp_path / "checkpoints" / "epoch-0002" / "trainer_state.json").read_text()) == {
         "epoch": 2, "step": 0}
@@ -179,22 +192,22 @@ def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_pa
         # What torch.save raised when a 200 kB tmpfs filled up while writing optimizer.bin.
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 918")
 
-    checkpoints.save_checkpoint(_FakeAccelerator(save_state=save_state), tmp_path, {"epoch": 1, "step": 0},
-                                keep=2)
+    _save_with(monkeypatch, save_state)
+    _save(tmp_path, 1)
+    _save_with(monkeypatch, full_disk)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
     with pytest.raises(TrainingError, match=r"could not write the checkpoint .*epoch-0002: \[enforce fail "
                                             r".*\. The disk is full\. Its partial files were removed"):
-        checkpoints.save_checkpoint(_FakeAccelerator(save_state=full_disk), tmp_path,
-                                    {"epoch": 2, "step": 0}, 2)
+        _save(tmp_path, 2)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-0001"]
     monkeypatch.undo()
 
     def no_space(folder):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    _save_with(monkeypatch, no_space)
     with pytest.raises(TrainingError, match=r"No space left on device\. The disk is full\."):
-        checkpoints.save_checkpoint(_FakeAccelerator(save_state=no_space), tmp_path, {"epoch": 2, "step": 0},
-                                    keep=2)
+        _save(tmp_path, 2)
 
 
 # --------------------------------------------------------------------------- changed settings (14.6)
@@ -296,3 +309,259 @@ def test_resume_of_a_finished_run_keeps_its_statistics(reference, data, tmp_path
     assert result.train_results == json.loads(saved)
     assert result.train_results["train_loss"] is not None and result.train_results["train_runtime"] > 0
     _assert_same_weights(out, reference)
+
+
+# --------------------------------------------------------------------------- no pickle in a checkpoint
+
+
+class _Payload:
+    """Unpickled, it creates the file ``marker``: what a malicious pickle in a run folder would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _plant(path: Path, marker: Path) -> None:
+    torch.save({"state": _Payload(marker)}, path)
+
+
+@pytest.fixture(scope="module")
+def legacy(data, tmp_path_factory) -> Path:
+    """The reference run with the checkpoints of the previous release: accelerate's save_state, which
+    pickles the scheduler (custom_checkpoint_0.pkl), the optimizer and the random states."""
+    def legacy_save(accelerator, folder, objects):
+        if not accelerator._custom_objects:
+            accelerator.register_for_checkpointing(objects.scheduler)
+        accelerator.save_state(str(folder))
+
+    out = tmp_path_factory.mktemp("legacy") / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, "save_training_state", legacy_save)
+        train(_recipe(data), out)
+    return out
+
+
+def test_a_checkpoint_holds_json_and_safetensors_only(reference):
+    folder = reference / "checkpoints" / "epoch-0002-step-000004"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["model.safetensors", "optimizer.json", "optimizer.safetensors", "rng_state_0.json",
+                     "scheduler.json", "trainer_state.json"]
+    for name in names:
+        head = (folder / name).read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", name  # neither a pickle nor torch.save's zip
+
+
+def test_checkpoint_of_the_previous_release_resumes_to_the_same_weights(legacy, reference, data, tmp_path):
+    assert (legacy / "checkpoints" / "epoch-0002-step-000004" / "custom_checkpoint_0.pkl").is_file()
+    out = _killed_at(legacy, "epoch-0002-step-000004", tmp_path / "run")
+    train(_recipe(data), out, resume=True)
+    _assert_same_weights(out, reference)
+
+
+@pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl",
+                                  "model.safetensors"])
+def test_a_pickle_that_runs_code_in_a_checkpoint_of_the_previous_release_is_never_run(legacy, tmp_path, name):
+    from accelerate import Accelerator
+
+    folder = tmp_path / "epoch-0001"
+    shutil.copytree(legacy / "checkpoints" / "epoch-0001", folder)
+    marker = tmp_path / "payload-ran"
+    _plant(folder / name, marker)
+    with pytest.raises(Exception) as error:  # which error depends on the file
+        checkpoints.load_training_state(Accelerator(cpu=True), folder, None)
+    assert not marker.exists()
+    if name.endswith((".pkl", ".bin")):
+        assert isinstance(error.value, checkpoints.RefusedPickleError)
+        assert f"{name} holds Python objects other than tensors and numbers" in str(error.value)
+
+
+def test_a_pickle_beside_this_releases_checkpoint_is_never_read(reference, data, tmp_path):
+    out = _killed_at(reference, "epoch-0002-step-000004", tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl", "scheduler.bin"):
+        _plant(out / "checkpoints" / "epoch-0002-step-000004" / name, marker)
+    train(_recipe(data), out, resume=True)
+    assert not marker.exists()
+    _assert_same_weights(out, reference)
+
+
+def test_resume_skips_a_checkpoint_whose_pickle_would_run_code_and_says_why(legacy, reference, data, tmp_path,
+                                                                         capsys):
+    # The sweep's case: a planted custom_checkpoint_0.pkl ran when resumed (accelerate loads it with
+    # weights_only=False). Now it is refused, named, and the run goes on from the checkpoint before.
+    out = _killed_at(legacy, "epoch-0002-step-000004", tmp_path / "run", extra=("epoch-0002-step-000001",))
+    marker = tmp_path / "payload-ran"
+    _plant(out / "checkpoints" / "epoch-0002-step-000004" / "custom_checkpoint_0.pkl", marker)
+    train(_recipe(data), out, resume=True)
+    printed = capsys.readouterr().out
+    assert not marker.exists()
+    assert ("epoch-0002-step-000004, which cannot be loaded (custom_checkpoint_0.pkl holds Python objects "
+            "other than tensors and numbers") in printed
+    assert "resumed from" in printed and "epoch-0002-step-000001" in printed
+    _assert_same_weights(out, reference)
+
+
+# --------------------------------------------------------------------------- the final save
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "train_results.json",
+               "eval_results.json")
+
+
+@pytest.fixture(scope="module")
+def extended(reference, data, tmp_path_factory) -> dict:
+    """The finished reference run extended by an epoch (--resume --epochs 4), with copies of its folder as a
+    kill -9 would have left it at every step of its saves (tests/conftest.py KillPoints)."""
+    from conftest import KillPoints
+
+    root = tmp_path_factory.mktemp("extended")
+    out = root / "run"
+    shutil.copytree(reference, out)
+    with pytest.MonkeyPatch.context() as patch:
+        points = KillPoints(root / "kill-points", patch)
+        (root / "kill-points").mkdir()
+        snapshots = points.watch(out)
+        train(_recipe(data, epochs=4, checkpoint_every_steps=0), out, resume=True)
+    return {"old": reference, "new": out, "snapshots": snapshots}
+
+
+def _model_state(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in MODEL_FILES if (folder / name).is_file()}
+
+
+def _copy_of(snapshot: Path, target: Path) -> Path:
+    """A copy to change (the snapshots are shared), its checkpoints as hard links."""
+    shutil.copytree(snapshot, target, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(snapshot / "checkpoints", target / "checkpoints", copy_function=os.link)
+    return target
+
+
+def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_one(extended, tmp_path):
+    old, new = _model_state(extended["old"]), _model_state(extended["new"])
+    assert old["model.safetensors"] != new["model.safetensors"]
+    # Before each rename of the resume's recipe save and of the final save (the journal, each file, the
+    # manifest), and during the staged writes.
+    assert len(extended["snapshots"]) >= len(MODEL_FILES) + 4
+    outcomes = []
+    for killed in extended["snapshots"]:
+        snapshot = _copy_of(killed, tmp_path / killed.name)
+        checkpoints.settle(snapshot, "test")  # what the next command does first
+        state = _model_state(snapshot)
+        assert state in (old, new), snapshot.name
+        outcomes.append("new" if state == new else "old")
+        assert not list(snapshot.glob(".balpoe-*")), snapshot.name
+        # The next --resume or --overwrite proceeds: every file is listed with its content.
+        checkpoints.check_output_dir(snapshot, resume=True, overwrite=False)
+        checkpoints.check_output_dir(snapshot, resume=False, overwrite=True)
+    assert "old" in outcomes and "new" in outcomes
+
+
+def test_a_run_killed_during_its_final_save_resumes_to_the_model_it_was_saving(extended, data, tmp_path):
+    # Killed after the commit of the final save, half of its files renamed: --resume finishes it.
+    committed = [s for s in extended["snapshots"] if (s / checkpoints.JOURNAL).is_file()]
+    out = _copy_of(committed[len(committed) // 2], tmp_path / "run")
+    assert _model_state(out) not in (_model_state(extended["old"]), _model_state(extended["new"]))  # a mix
+    from balpoe_hf import BalPoEForImageClassification
+
+    with pytest.raises(OSError, match="interrupted half-way"):
+        BalPoEForImageClassification.from_pretrained(out)
+    train(_recipe(data, epochs=4, checkpoint_every_steps=0), out, resume=True)
+    _assert_same_weights(out, extended["new"])
+
+
+def test_a_full_disk_during_the_final_save_replaces_nothing_and_says_so(reference, data, tmp_path,
+                                                                       monkeypatch):
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = _model_state(out)
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        # What safetensors raised when a small tmpfs filled up.
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(TrainingError, match=r"could not save the model into .*No space left on device "
+                                            r".*\. The disk is full\. Nothing there was replaced"):
+        train(_recipe(data, epochs=4, checkpoint_every_steps=0), out, resume=True)
+    assert _model_state(out) == before and not list(out.glob(".balpoe-*"))
+    monkeypatch.undo()
+    train(_recipe(data, epochs=4, checkpoint_every_steps=0), out, resume=True)  # and the run goes on
+    assert _model_state(out) != before
+
+
+def test_a_damaged_save_journal_is_named_and_nothing_is_guessed(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / checkpoints.JOURNAL).write_text('{"staging": ".balpoe-staging-x", "fi')  # not from us
+    with pytest.raises(TrainingError, match=r"\.balpoe-save\.json is damaged .*delete it and the folders "
+                                            r"named \.balpoe-staging-\* beside it"):
+        checkpoints.settle(tmp_path, "test")
+    (tmp_path / checkpoints.JOURNAL).write_text(json.dumps({"staging": "../../elsewhere", "files": [],
+                                                           "manifest": {}}))
+    with pytest.raises(TrainingError, match=r"names '\.\./\.\./elsewhere', which is not a file inside"):
+        checkpoints.settle(tmp_path, "test")
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
+# --------------------------------------------------------------------------- one writer, Ctrl-C
+
+
+def test_a_second_writer_into_a_folder_is_refused_naming_the_owner_until_it_is_gone(data, tmp_path):
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(TrainingError, match=rf"{out} is being written by balpoe-train \(pid {holder.pid} "
+                                                r"on node7, since 2025-01-01 10:00:00\): one command at a"):
+            train(_recipe(data, epochs=1), out)
+        assert [p.name for p in out.iterdir()] == [checkpoints.LOCK]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # The owner was killed: its lock is stale (the system dropped the flock), and the next run takes it over.
+    train(_recipe(data, epochs=1), out)
+    assert (out / "model.safetensors").is_file() and not (out / checkpoints.LOCK).exists()
+
+
+def test_the_lock_is_one_per_folder_and_reentrant_in_a_process(tmp_path):
+    with checkpoints.output_lock(tmp_path / "a", "first"):
+        with checkpoints.output_lock(tmp_path / "a", "nested"), checkpoints.output_lock(tmp_path / "b", "b"):
+            pass
+        assert json.loads((tmp_path / "a" / checkpoints.LOCK).read_text())["command"] == "first"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # created empty, removed again
+
+
+def _flags(settings: dict) -> list[str]:
+    return [item for name, value in settings.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, monkeypatch, capsys):
+    from balpoe_hf import cli, training
+
+    train_file, test_file = data
+    out = tmp_path / "run"
+    argv = ["--train-file", str(train_file), "--test-file", str(test_file), "--output-dir", str(out),
+            *_flags({**SETTINGS, "epochs": 2, "checkpoint_every_steps": 0})]
+    one_epoch = training.train_one_epoch
+
+    def interrupted_in_the_second_epoch(run, state, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return one_epoch(run, state, epoch)
+
+    monkeypatch.setattr(training, "train_one_epoch", interrupted_in_the_second_epoch)
+    assert cli.train_main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    checkpoint = out / "checkpoints" / "epoch-0001"
+    assert err.strip().splitlines()[-1] == ("interrupted; rerun with --resume to continue from its "
+                                            f"checkpoint after epoch 1 ({checkpoint}).")
+    assert not (out / checkpoints.LOCK).exists()
+    monkeypatch.undo()
+    assert cli.train_main([*argv, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out

@@ -171,6 +171,8 @@ def test_compare_command_line_errors(parquet, capsys):
         (["--budget", "cpu"], "the cpu budget reads CIFAR-10 from local parquet files"),
         (["--time-limit", "30", *data], "--time-limit must exceed 60 s"),
         (["--seeds", "0,0", *data], "--seeds must be a comma list of distinct integers"),
+        # Refused where parsed, not after the data are loaded (numpy's seeds are below 2**32).
+        (["--seeds", "99999999999999999999", *data], "distinct integers from 0 to 2**32 - 1 (numpy's seeds)"),
         (["--seeds", "0,1", "--seed", "2", *data], "--seed and --seeds: give one of them"),
     ]
     for argv, message in cases:
@@ -257,6 +259,14 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
     monkeypatch.setattr(training, "train", no_training)
     again = compare.compare(base, ["bs", "lade"], tmp_path, shifts=SHIFTS, priors="none,oracle")
     assert again.summaries == result.summaries
+    # A cached report cut short (it was a JSONDecodeError traceback): evaluated again, listed as a report.
+    report = tmp_path / "bs" / compare.EVAL_DIR / "report.json"
+    report.write_bytes(report.read_bytes()[:100])
+    again = compare.compare(base, ["bs", "lade"], tmp_path, shifts=SHIFTS, priors="none,oracle")
+    assert again.summaries == result.summaries
+    from balpoe_hf.checkpoints import written_by_package
+
+    assert written_by_package(tmp_path / "bs", "eval/report.json", report=True)
     # A finished run with other settings is refused rather than mixed in.
     with pytest.raises(TrainingError, match=r"holds a run with other settings.*epochs"):
         compare.compare(_base(parquet, epochs=2), ["bs"], tmp_path, shifts=SHIFTS)
@@ -290,6 +300,23 @@ def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parq
 
     derived = [name for name in run_output_files() if (tmp_path / "ce-la" / name).is_file()]
     assert "eval_results.json" in derived and all(written_by_package(tmp_path / "ce-la", n) for n in derived)
+
+
+def test_ctrl_c_ends_compare_with_one_line(parquet, capsys, monkeypatch, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    train, test = (str(p) for p in parquet)
+    assert cli.compare_main(["--train-file", train, "--test-file", test, "--image-column", "picture",
+                             "--label-column", "target", "--imbalance-ratio", "4", "--holdout-fraction", "0",
+                             "--methods", "bs", "--output-dir",
+                             str(tmp_path / "compare")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        "interrupted; the finished methods and every run's checkpoints are kept: rerun the same command to "
+        "continue.")
+    assert not (tmp_path / "compare" / ".balpoe.lock").exists()
 
 
 def test_bcts_absorbs_a_logit_shift():

@@ -102,7 +102,7 @@ def test_wheel_holds_the_package_its_data_and_the_console_scripts(background):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("recipes/__init__", "arguments", "errors", "training", "evaluation", "loading",
                    "transforms", "checkpoints", "cli", "train", "modeling_balpoe", "configuration_balpoe",
-                   "pipeline_balpoe"):
+                   "pipeline_balpoe", "label_shift", "prior_estimators", "holdout_statistics", "shrinkage"):
         assert f"balpoe_hf/{module}.py" in names, module
     assert {f"balpoe_hf/recipes/{name}.yaml" for name in available_recipes()} <= names
     assert "balpoe_hf/model_cards/modelcard_template.md" in names

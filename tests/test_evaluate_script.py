@@ -1,7 +1,9 @@
 """balpoe_hf.evaluation and scripts/evaluate.py end to end on a tiny saved model and parquet test set."""
 
+import errno
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -10,9 +12,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from processes import hold_lock
+from safetensors.torch import load_file, save_file
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, evaluation
-from balpoe_hf.errors import DataError
+from balpoe_hf import (
+    BalPoEConfig,
+    BalPoEForImageClassification,
+    build_image_processor,
+    checkpoints,
+    evaluation,
+)
+from balpoe_hf.errors import DataError, EvaluationError
 from balpoe_hf.loading import align_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +233,7 @@ def test_hub_dataset_while_offline_says_how_to_use_local_files(run_dir, monkeypa
 @pytest.mark.parametrize(("argv", "message"), [
     (["--shifts", "sideways10"], "unknown shifts"),
     (["--prior", "none,guess"], "unknown prior modes"),
+    (["--seed", str(2**32)], "--seed must be in [0, 2**32) (numpy's seeds), got 4294967296"),
 ])
 def test_bad_arguments_are_named(run_dir, test_file, capsys, argv, message):
     assert script.main(["--model", str(run_dir), "--test-file", str(test_file), *argv]) == 2
@@ -249,3 +260,248 @@ def test_shot_thresholds_default_to_those_of_the_run(run_dir, test_file, tmp_pat
     # A caller's thresholds win over the run's.
     report = evaluation.evaluate_model(model, processor, test, many=50, **options).report
     assert (report["settings"]["many"], report["settings"]["few"]) == (50, 10)
+
+
+# --------------------------------------------------------------------------- what loading refuses
+
+
+def _edited_copy(run_dir: Path, target: Path, edit) -> Path:
+    shutil.copytree(run_dir, target)
+    edit(target)
+    return target
+
+
+def _nan_weight(folder: Path) -> None:
+    weights = load_file(folder / "model.safetensors")
+    name = sorted(weights)[3]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _pickle_weights_only(folder: Path) -> None:
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def _edit_json(name: str, **changes):
+    def edit(folder: Path) -> None:
+        values = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**values, **changes}))
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_nan_weight, r"weights in .* hold NaN or infinite values \(in \['.*'\]\): the training diverged"),
+    (_pickle_weights_only, r"has no model\.safetensors, only the pickle weights \['pytorch_model\.bin'\], "
+                           r"which balpoe-hf does not load \(unpickling a file can run code\)"),
+    (_edit_json("config.json", id2label={str(i if i < 9 else 10): name for i, name in enumerate(NAMES)}),
+     r"id2label must name the classes 0 to 9 without a gap .* got the ids \[0, 1, 2, 3, 4, 5, 6, 7, 8, 10\]"),
+    (_edit_json("preprocessor_config.json", do_normalize=False),
+     r"image processor of .* does not fit its config\.json: it scales and normalises pixels otherwise than "
+     r"the config's image_mean \[0\.5, 0\.5, 0\.5\]"),
+    (_edit_json("preprocessor_config.json", size={"height": 16, "width": 16}),
+     r"does not fit its config\.json: it makes \(16, 16\) images, the config's image_size is 8"),
+])
+def test_load_refuses_what_a_hand_edit_or_a_diverged_run_leaves(run_dir, test_file, tmp_path, capsys, edit,
+                                                                 message):
+    model = _edited_copy(run_dir, tmp_path / "model", edit)
+    with pytest.raises(EvaluationError, match=message):
+        evaluation.load_model(model)
+    assert script.main(["--model", str(model), "--test-file", str(test_file)]) == 2
+    err = capsys.readouterr().err  # transformers' progress bars, then the error in one line
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_deployment_batches_smaller_than_the_classes_are_refused_before_the_inference(run_dir, test_file,
+                                                                                      capsys, monkeypatch):
+    # A batch of one image: its 'oracle' prior is its own label, a +33-point "gain" that means nothing.
+    monkeypatch.setattr(evaluation, "predict", lambda *args, **kwargs: pytest.fail("ran the inference"))
+    assert script.main(["--model", str(run_dir), "--test-file", str(test_file), "--deployment-sizes",
+                        "1,100"]) == 2
+    assert ("deployment batches must hold at least as many images as the model has classes (10), and "
+            "--deployment-draws must be positive; got sizes [1, 100]") in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- writing: kills, locks, Ctrl-C
+
+
+EVALUATE = ["--image-column", "img", "--label-column", "fine", "--shifts", "uniform,backward5", "--prior",
+            "none,oracle,em"]
+
+
+def test_a_kill_at_any_step_of_writing_a_report_leaves_none_or_all_and_the_rerun_proceeds(
+        run_dir, test_file, tmp_path, kill_points, capsys):
+    output = tmp_path / "reports" / "report.json"
+    snapshots = kill_points.watch(tmp_path / "reports")
+    assert script.main(["--model", str(run_dir), "--test-file", str(test_file), *EVALUATE, "--output",
+                        str(output)]) == 0
+    capsys.readouterr()
+    written = {p.name: p.read_bytes() for p in output.parent.glob("report*")}
+    assert len(written) == 3 and len(snapshots) >= 5
+    outcomes = set()
+    for snapshot in snapshots:
+        checkpoints.settle(snapshot, "test")
+        files = {p.name: p.read_bytes() for p in snapshot.glob("report*")}
+        assert files in ({}, written), snapshot.name
+        outcomes.add(bool(files))
+        evaluation.check_output(snapshot / "report.json")  # the rerun would replace it: it is ours
+    assert outcomes == {False, True}
+
+
+def test_evaluate_output_into_a_folder_another_command_writes_is_refused(run_dir, test_file, tmp_path,
+                                                                         capsys, monkeypatch):
+    monkeypatch.setattr(evaluation, "predict", lambda *args, **kwargs: pytest.fail("ran the inference"))
+    holder = hold_lock(tmp_path / "busy")
+    try:
+        assert script.main(["--model", str(run_dir), "--test-file", str(test_file), "--output",
+                            str(tmp_path / "busy" / "report.json")]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"is being written by balpoe-train (pid {holder.pid} on node7" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_evaluate_with_one_line_and_writes_nothing(run_dir, test_file, tmp_path, capsys,
+                                                              monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "predict", interrupted)
+    assert script.main(["--model", str(run_dir), "--test-file", str(test_file), *EVALUATE, "--output",
+                        str(tmp_path / "out" / "report.json")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted; nothing was written."
+    assert not (tmp_path / "out").exists()
+
+
+# An earlier release's per-model estimator choice in config.json, which --upgrade drops.
+LEGACY_CHOICE = {"name": "em-bcts-gain", "settings": {"method": "em", "calibration": "bcts"}}
+
+
+@pytest.fixture(scope="module")
+def holdout_run(tmp_path_factory) -> Path:
+    """A run trained with a held-out split (1 epoch on the tiny data), saved as an earlier release saved it:
+    its per-model estimator choice in the config, a calibration without the biases' covariance. What
+    --upgrade is for."""
+    from train_synthetic import write_parquet
+
+    from balpoe_hf import recipes, training
+
+    root = tmp_path_factory.mktemp("holdout_run")
+    train_file, test_file = write_parquet(root / "data")
+    recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
+                                  "image_column": "picture", "label_column": "target", "image_size": 16,
+                                  "holdout_fraction": 0.5, "epochs": 1, "batch_size": 8, "num_workers": 0,
+                                  "eval_every": 0, "warmup_epochs": 0, "lr": 0.02, "many_threshold": 10,
+                                  "few_threshold": 3, "backbone": "resnet20_cifar"})
+    torch.set_num_threads(1)
+    training.train(recipe, root / "run")
+    config = json.loads((root / "run" / "config.json").read_text())
+    calibration = {key: value for key, value in config["calibration"].items()
+                   if key not in ("bias_se", "bias_cov_factor")}
+    (root / "run" / "config.json").write_text(json.dumps({**config, "shift_estimator": LEGACY_CHOICE,
+                                                          "calibration": calibration}))
+    checkpoints.record_outputs(root / "run", [root / "run" / "config.json"])
+    return root / "run"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_kill_at_any_step_of_an_upgrade_leaves_a_loadable_model(holdout_run, tmp_path, kill_points):
+    # The sweep's case: killed while the upgrade rewrote config.json in place, it was left empty.
+    run = tmp_path / "run"
+    shutil.copytree(holdout_run, run)
+    old = (run / "config.json").read_bytes()
+    snapshots = kill_points.watch(run)
+    done = evaluation.upgrade_model(run, device="cpu")
+    new = (run / "config.json").read_bytes()
+    assert done["recalibrated"] and done["dropped_choice"] == "em-bcts-gain"
+    assert "bias_cov_factor" in json.loads(new)["calibration"] and len(snapshots) >= 5
+    outcomes = set()
+    for snapshot in snapshots:
+        model, _ = evaluation.load_model(snapshot)  # finishes or undoes the save first
+        config = (snapshot / "config.json").read_bytes()
+        assert config in (old, new), snapshot.name
+        outcomes.add(config == new)
+        assert model.config.shift_estimator == (None if config == new else LEGACY_CHOICE)
+        assert not list(snapshot.glob(".balpoe-*")), snapshot.name  # no journal, no staging folder left
+        checkpoints.check_output_dir(snapshot, resume=True, overwrite=False)
+    assert outcomes == {False, True}
+    # Killed while the staged files were half-written: the rerun upgrades the old folder as the first did.
+    cut = next(snapshot for snapshot in snapshots if snapshot.name.endswith("staging-cut"))
+    assert (cut / "config.json").read_bytes() == old
+    evaluation.upgrade_model(cut, device="cpu")
+    assert (cut / "config.json").read_bytes() == new
+
+
+def test_a_full_disk_during_an_upgrade_replaces_nothing(holdout_run, tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    run = tmp_path / "run"
+    shutil.copytree(holdout_run, run)
+    before = _files(run)
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    message = (r"could not save the upgraded model into .*No space left on device\. The disk is full\. "
+               r"Nothing there was replaced")
+    with pytest.raises(EvaluationError, match=message):
+        evaluation.upgrade_model(run, device="cpu")
+    assert _files(run) == before and not list(run.glob(".balpoe*"))
+    with pytest.raises(EvaluationError, match=message):  # into a new folder: none is left behind
+        evaluation.upgrade_model(run, tmp_path / "upgraded", device="cpu")
+    assert not (tmp_path / "upgraded").exists()
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_an_upgrade_of_a_folder_another_command_writes_is_refused(holdout_run, tmp_path, capsys,
+                                                                  monkeypatch, into):
+    monkeypatch.setattr(evaluation, "predict", lambda *args, **kwargs: pytest.fail("ran the inference"))
+    run = tmp_path / "run"
+    shutil.copytree(holdout_run, run)
+    before = _files(run)
+    busy = tmp_path / "upgraded" if into else run
+    holder = hold_lock(busy)
+    try:
+        assert script.main(["--model", str(run), "--upgrade",
+                            *(["--upgrade-into", str(busy)] if into else [])]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"is being written by balpoe-train (pid {holder.pid} on node7" in capsys.readouterr().err
+    assert {name: data for name, data in _files(run).items() if name != ".balpoe.lock"} == before
+
+
+def test_ctrl_c_during_an_upgrade_ends_with_one_line_and_replaces_nothing(holdout_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(holdout_run, run)
+    before = _files(run)
+    real_predict, calls = evaluation.predict, []
+
+    def predict(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == which:
+            raise KeyboardInterrupt
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict", predict)
+    which = 1  # on the held-out split, before anything is saved
+    assert script.main(["--model", str(run), "--upgrade", "--shifts", "uniform", "--prior", "none,auto",
+                        "--output", str(run / "eval" / "report.json")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted; nothing was written."
+    assert _files(run) == before and not list(run.glob(".balpoe*")) and not (run / "eval").exists()
+    calls.clear()
+    which = 2  # on the test set, after the upgrade was saved
+    assert script.main(["--model", str(run), "--upgrade", "--shifts", "uniform", "--prior", "none,auto",
+                        "--output", str(run / "eval" / "report.json")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"interrupted; the upgraded model is saved in {run}; no report "
+                                            "was written.")
+    assert BalPoEForImageClassification.from_pretrained(run).config.shift_estimator is None
+    assert not (run / "eval" / "report.json").exists()

@@ -4,6 +4,7 @@ The only mocks are HfApi.create_repo and HfApi.upload_folder (the network bounda
 (card rendering, ModelCard parsing, the upload file filter, loading the folder back) runs for real.
 """
 
+import errno
 import importlib.util
 import json
 import os
@@ -20,8 +21,10 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import RepoUrl
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from balpoe_hf import hub
+from balpoe_hf.checkpoints import record_outputs, weights_fingerprint
 
 _spec = importlib.util.spec_from_file_location(
     "push_to_hub_script", Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py")
@@ -221,15 +224,22 @@ def saved_run(tmp_path_factory):
     per_class_accuracy_plot([0.9, 0.8, 0.6, 0.4, 0.2], COUNTS, run / "eval" / "report_per_class_accuracy.png")
     report = {"balanced": {**{k.removeprefix("eval_"): v for k, v in EVAL.items()}, "ece": 0.05},
               "settings": {"n_bins": 15, "many": 100, "few": 20},
-              "shift_accuracy": SHIFTS["shift_accuracy"],
+              "shift_accuracy": SHIFTS["shift_accuracy"], "model_sha256": weights_fingerprint(run),
               "images": {"reliability_diagram": "report_reliability.png",
                          "per_class_accuracy": "report_per_class_accuracy.png"}}
     (run / "eval" / "report.json").write_text(json.dumps(report))
+    _record_report(run / "eval")
     # Things a run directory also holds that must not be published.
     (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
     (run / "checkpoints" / "epoch-0001" / "optimizer.bin").write_bytes(b"\0" * 64)
     (run / "notes.txt").write_text("scratch")
     return run, model
+
+
+def _record_report(folder: Path, owner: Path | None = None) -> None:
+    """List the report files in ``folder`` as balpoe-evaluate's in ``owner``'s manifest, as it does."""
+    owner = owner or folder.parent
+    record_outputs(owner, sorted(folder.glob("report*")), reports=True)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -421,6 +431,7 @@ def test_report_outside_the_run_gives_its_pictures_but_is_not_uploaded(saved_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("eval", "images", "README.md"))
     shutil.copytree(run / "eval", tmp_path / "elsewhere")
+    _record_report(tmp_path / "elsewhere", tmp_path / "elsewhere")  # balpoe-evaluate --output elsewhere/...
     report = tmp_path / "elsewhere" / "report.json"
     folder = hub.prepare_hub_folder(copy, "me/tiny-balpoe", eval_report=report)
     assert "images/reliability_diagram.png" in folder.files
@@ -431,12 +442,14 @@ def test_report_outside_the_run_gives_its_pictures_but_is_not_uploaded(saved_run
 
 
 def test_a_report_naming_local_paths_stops_the_push_before_anything_is_written(saved_run, tmp_path):
-    """A report written by an earlier release named the run's folder: refused, naming the file."""
+    """A report naming the run's folder (as an earlier release's did), listed as balpoe-evaluate's and of
+    the folder's weights, so that only the path is wrong with it: refused, naming the file."""
     run, _ = saved_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("images", "README.md"))
     report = json.loads((copy / "eval" / "report.json").read_text())
     (copy / "eval" / "report.json").write_text(json.dumps({"model": str(copy), **report}))
+    _record_report(copy / "eval")
     with pytest.raises(hub.HubFolderError, match=r"eval/report.json names .*/run\. "):
         hub.prepare_hub_folder(copy, "me/tiny-balpoe")
     assert not (copy / "README.md").exists() and not (copy / "images").exists()
@@ -793,3 +806,107 @@ def test_card_renders_as_the_hub_shows_it(run_cards, tmp_path):
     assert png.size == (1000, 1200)
     # The title and the run's table are drawn: dark text on the white page.
     assert png.convert("L").crop((0, 0, 1000, 600)).getextrema()[0] < 64
+
+
+# --------------------------------------------------------------------------- what push publishes, kills
+
+
+def _run_copy(saved_run, target: Path) -> Path:
+    run, _ = saved_run
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("README.md", "images"))
+    return target
+
+
+def _rewrite_report(run: Path, **changes) -> None:
+    """Change the report and list it again as balpoe-evaluate's: a manifest that an attacker also wrote."""
+    path = run / "eval" / "report.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    _record_report(run / "eval")
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative", "link"])
+def test_a_report_naming_a_file_outside_its_folder_never_gets_it_published(saved_run, tmp_path, capsys,
+                                                                           where):
+    # The sweep's case: "images" naming /some/where/secret.txt or ../../secret.txt had --dry-run copy that
+    # file into images/*.png and list it for upload.
+    run = _run_copy(saved_run, tmp_path / "run")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    if where == "link":  # a picture's name beside the report, pointing elsewhere
+        (run / "eval" / "report_reliability.png").unlink()
+        (run / "eval" / "report_reliability.png").symlink_to(secret)
+        message = r"report_reliability\.png is not a picture balpoe-evaluate wrote beside"
+    else:
+        name = str(secret) if where == "absolute" else "../../secret.txt"
+        _rewrite_report(run, images={"reliability_diagram": name, "per_class_accuracy": name})
+        message = r"names the picture '.*secret\.txt', which is not a file name beside the report"
+    with pytest.raises(hub.HubFolderError, match=message):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    assert push_script.main([str(run), "me/tiny-balpoe", "--dry-run"]) == 1
+    assert "Nothing was written" in capsys.readouterr().err
+    assert not (run / "images").exists() and not (run / "README.md").exists()
+
+
+def test_a_picture_that_is_not_a_png_is_refused(saved_run, tmp_path):
+    run = _run_copy(saved_run, tmp_path / "run")
+    (run / "eval" / "report_per_class_accuracy.png").write_text("not a picture")
+    _record_report(run / "eval")  # even listed as balpoe-evaluate's
+    with pytest.raises(hub.HubFolderError, match=r"report_per_class_accuracy\.png is not a picture "
+                                                 r"balpoe-evaluate wrote beside .* \(a PNG file"):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+
+
+def test_only_an_unedited_report_of_the_models_own_weights_is_published(saved_run, tmp_path):
+    run = _run_copy(saved_run, tmp_path / "run")
+    report = run / "eval" / "report.json"
+    # Edited by hand since balpoe-evaluate wrote it: its hash no longer matches the manifest.
+    report.write_text(report.read_text().replace('"balanced_accuracy": 0.', '"balanced_accuracy": 0.9'))
+    with pytest.raises(hub.HubFolderError, match=r"report\.json is not a report balpoe-evaluate wrote there, "
+                                                 r"or it was edited since"):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    # Another model's report (25 % on the card of a 100 % model, in the sweep): other weights.
+    other = _run_copy(saved_run, tmp_path / "other")
+    weights = load_file(other / "model.safetensors")
+    weights = {name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    _rewrite_report(run, model="runs/first-model")
+    with pytest.raises(hub.HubFolderError, match=r"is an evaluation of other weights \(the model in "
+                                                 r"runs/first-model\), not of the weights in .*other"):
+        hub.prepare_hub_folder(other, "me/tiny-balpoe", eval_report=run / "eval" / "report.json")
+    _rewrite_report(run, model_sha256=None)  # written before reports named their weights
+    with pytest.raises(hub.HubFolderError, match=r"without the fingerprint of the weights it evaluated"):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+
+
+def test_a_kill_at_any_step_of_writing_the_card_leaves_a_folder_push_goes_on_with(saved_run, tmp_path,
+                                                                                 kill_points):
+    run = _run_copy(saved_run, tmp_path / "run")
+    snapshots = kill_points.watch(run)
+    hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    card = (run / "README.md").read_text()
+    assert len(snapshots) >= 6  # the journal, README.md, three pictures, the manifest
+    states = set()
+    for snapshot in snapshots:
+        readme = snapshot / "README.md"
+        before = readme.read_text() if readme.is_file() else None
+        assert before in (None, card)  # never half a card
+        folder = hub.prepare_hub_folder(snapshot, "me/tiny-balpoe")  # never "balpoe-hf did not write"
+        assert readme.read_text() == card and "README.md" in folder.files
+        states.add(before == card)
+    assert states == {False, True}  # killed before the commit (no card) and after it (the card, finished)
+
+
+def test_a_full_disk_while_writing_the_card_replaces_nothing(saved_run, tmp_path, monkeypatch):
+    run = _run_copy(saved_run, tmp_path / "run")
+    hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    before = _snapshot(run)
+
+    def full_disk(self, path):
+        Path(path).write_text("half a ca")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ModelCard, "save", full_disk)
+    with pytest.raises(hub.HubFolderError, match=r"could not write the model card into .*No space left on "
+                                                 r"device\. The disk is full\. Nothing there was replaced"):
+        hub.prepare_hub_folder(run, "me/tiny-balpoe")
+    assert _snapshot(run) == before

@@ -79,6 +79,47 @@ def test_config_errors(kwargs, message):
         BalPoEConfig(**kwargs)
 
 
+def _calibration(**changes) -> dict:
+    from balpoe_hf.holdout_statistics import holdout_calibration
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 4
+    logits = 3 * F.one_hot(labels, 4).double() + torch.randn(40, 4, generator=generator, dtype=torch.float64)
+    return {**holdout_calibration(logits, labels), **changes}
+
+
+# What a hand-edited config.json held that loaded without a word (the sweep's cases).
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(class_counts=[True, 20, 8, 2]), "class_counts must hold numbers, not true/false"),
+    (dict(lambdas=[True, False, -1.0]), "lambdas must hold numbers, not true/false"),
+    (dict(target_prior=[True, False, False, False]), "target_prior must hold numbers, not true/false"),
+    (dict(class_counts=[50, 96.5, 8, 2]), r"class_counts are numbers of training images, so whole numbers; "
+                                          r"got \[96\.5\]"),
+    (dict(class_counts=[50, 1e-320, 8, 2]), r"so whole numbers; got \[1e-320\]"),
+    (dict(id2label={0: "a", 1: "b", 2: "c", 4: "d"}), r"id2label must name the classes 0 to 3 without a gap "
+                                                      r"\(class i is output i\), got the ids \[0, 1, 2, 4\]"),
+    (dict(calibration=_calibration(temperature=1e300)), r"calibration\['temperature'\] is 1e\+300, outside "
+                                                        r"\[1e-08, 1e\+08\]"),
+    (dict(calibration=_calibration(ts_temperature=1e-300)), r"calibration\['ts_temperature'\] is 1e-300"),
+    (dict(calibration=_calibration(bias=[1e300, 0.0, 0.0, 0.0])), r"calibration\['bias'\] holds values "
+                                                                   r"beyond"),
+])
+def test_config_refuses_what_a_hand_edit_can_break(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BalPoEConfig(**{"class_counts": COUNTS, **kwargs})
+
+
+def test_id2label_with_a_gap_is_refused_by_from_pretrained_and_the_pipeline(tmp_path):
+    make_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["id2label"] = {"0": "tshirt", "1": "trouser", "2": "pullover", "4": "dress"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="id2label must name the classes 0 to 3 without a gap"):
+        BalPoEForImageClassification.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="id2label must name the classes 0 to 3 without a gap"):
+        pipeline("image-classification", model=str(tmp_path))  # was KeyError: 3 at the first prediction
+
+
 def test_config_edits_are_rechecked_on_save(tmp_path):
     config = BalPoEConfig(class_counts=COUNTS)
     config.lambdas = [1.0, 0.0]
@@ -311,8 +352,9 @@ def test_save_and_load_restores_every_tensor(tmp_path):
         "AutoModelForImageClassification": "modeling_balpoe.BalPoEForImageClassification",
     }
     code = {"configuration_balpoe.py", "modeling_balpoe.py", "backbones.py", "cifar_resnet.py", "losses.py",
-            "priors.py", "label_shift.py", "calibration.py"}
-    assert code <= set(os.listdir(tmp_path)) and "data.py" not in os.listdir(tmp_path)
+            "priors.py", "label_shift.py", "prior_estimators.py", "holdout_statistics.py", "shrinkage.py",
+            "calibration.py", "processing.py", "pipeline_balpoe.py"}
+    assert {name for name in os.listdir(tmp_path) if name.endswith(".py")} == code
 
     assert isinstance(AutoConfig.from_pretrained(tmp_path), BalPoEConfig)
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
@@ -593,3 +635,18 @@ def test_image_processor_errors():
         build_image_processor(0, mean=[0.5] * 3, std=[0.5] * 3)
     with pytest.raises(ValueError, match="resample must be one of"):
         build_image_processor(BalPoEConfig(), resample="lanczos")
+
+
+# ----------------------------------------------------------------------------------------- adapt_to_unlabeled
+
+
+def test_adapt_to_unlabeled_takes_images_of_the_models_size_only():
+    model = make_model()  # resnet32_cifar: 32 x 32 images, as its image processor makes
+    assert model.config.image_size == 32
+    estimate = model.adapt_to_unlabeled(torch.randn(6, 3, 32, 32), method="em", set_prior=False)
+    assert estimate.prior.shape == (4,)
+    for images in (torch.randn(6, 3, 2, 2), torch.randn(6, 3, 64, 64),
+                   [torch.randn(3, 3, 32, 32), torch.randn(3, 3, 16, 16)]):  # mixed sizes, batch by batch
+        with pytest.raises(ValueError, match=r"must be 32 x 32 pixels \(config\.image_size, what the model's "
+                                             r"image processor makes\), got \((2, 2|64, 64|16, 16)\)"):
+            model.adapt_to_unlabeled(images, method="em")

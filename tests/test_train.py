@@ -108,6 +108,8 @@ def test_config_file_starts_from_a_base_recipe(tmp_path):
     ({"batch_size": 7, "mixup_alpha": 0.2}, "batch_size must be even"),
     ({"lr_schedule": "linear"}, "lr_schedule must be one of ['multistep', 'cosine', 'constant']"),
     ({"few_threshold": 200, "many_threshold": 100}, "few_threshold (200) must not exceed many_threshold"),
+    ({"seed": 2**32}, "seed must be below 2**32 = 4294967296 (numpy seeds its generators with 32-bit"),
+    ({"split_seed": 10**20}, "split_seed must be below 2**32"),
 ])
 def test_bad_recipe_values_are_explained(values, message):
     with pytest.raises(TrainingError) as error:
@@ -121,6 +123,38 @@ def test_unknown_recipe_lists_the_known_ones():
     assert "unknown recipe 'cifar1000'" in str(error.value)
     for name in recipes.available_recipes():
         assert name in str(error.value)
+
+
+def test_recipe_files_take_no_yaml_aliases_and_base_names_a_shipped_recipe(tmp_path):
+    # A "billion laughs" in backbone_kwargs gave a 40 MB error message.
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("base: cifar10-lt-local\nbackbone_kwargs:\n  a: &a [lol, lol, lol, lol, lol]\n"
+                      + "".join(f"  {x}: &{x} [{', '.join([f'*{y}'] * 9)}]\n"
+                                for y, x in zip("abcdefgh", "bcdefghi", strict=True)))
+    with pytest.raises(TrainingError) as error:
+        recipes.load_recipe(config=laughs)
+    assert len(str(error.value)) < 400
+    assert "the alias *a repeats an anchored value; recipe files take no anchors (&name) or aliases" in str(
+        error.value)
+    # `base: ../../...` read YAML outside the recipes folder.
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("epochs: 2\n")
+    relative = "../" * 12 + str(outside.with_suffix("")).lstrip("/")  # from the recipes folder to it
+    escape = tmp_path / "escape.yaml"
+    escape.write_text(f"base: {relative}\n")
+    for load in (lambda: recipes.load_recipe(config=escape), lambda: recipes.load_recipe(relative)):
+        with pytest.raises(TrainingError, match=r"unknown recipe '\.\./\.\./.*outside'; the known recipes"):
+            load()
+
+
+def test_the_largest_seed_trains_past_its_first_epoch(parquet, tmp_path):
+    # seed + epoch passed 2**32 in epoch 2 (numpy's seeds): epoch seeds wrap, the same below that.
+    assert training.epoch_global_seed(7, 3) == 10
+    # Below 2**32 also with accelerate's process index added.
+    assert 0 <= training.epoch_global_seed(2**32 - 1, 1) + 2**16 - 1 < 2**32
+    recipe = _local(parquet, seed=2**32 - 1, epochs=2, batch_size=16, num_workers=0, eval_every=0,
+                    warmup_epochs=0)
+    assert training.train(recipe, tmp_path / "run").train_results["epochs"] == 2
 
 
 # --------------------------------------------------------------------------- data and transforms

@@ -11,6 +11,8 @@ session, beside the other tests (``background``, tests/processes.py), and the te
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -74,9 +76,24 @@ def _killed_and_resumed(data: dict) -> subprocess.CompletedProcess:
     return start([*command, "--resume"], data["env"], REPO, data["root"] / "resumed-launch").finish()
 
 
+def _interrupted(data: dict) -> subprocess.CompletedProcess:
+    """scripts/train.py (balpoe-train) stopped with Ctrl-C, SIGINT to its process group as a terminal sends
+    it, once its first epoch checkpoint is on disk."""
+    out = data["root"] / "interrupted"
+    run = start([sys.executable, str(SCRIPT), *data["args"], "--batch-size", "8", "--output-dir", str(out)],
+                data["env"], REPO, data["root"] / "interrupted-run")
+    checkpoint = out / "checkpoints" / "epoch-0001" / "trainer_state.json"
+    deadline = time.monotonic() + 300
+    while not checkpoint.is_file() and run.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.process.pid, signal.SIGINT)
+    return run.finish(check=False)
+
+
 def background(root: Path, environ: dict[str, str]) -> dict:
     """The launches, started with the session (tests/processes.py): a two-process run and a launch that asks
-    for processes it does not start, and meanwhile the single-process run killed and resumed."""
+    for processes it does not start, and meanwhile the single-process run killed and resumed, then a run
+    stopped with Ctrl-C."""
     data = _data(root, environ)
     # Half the per-process batch: the same global batch of 8 as the single-process run.
     two = start([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -93,7 +110,7 @@ def background(root: Path, environ: dict[str, str]) -> dict:
     except AssertionError as error:  # for the tests of the single-process run; the others go on
         single = error
     return {"data": data, "single": single, "two": two.finish(check=False),
-            "wrong": wrong.finish(check=False)}
+            "wrong": wrong.finish(check=False), "interrupted": _interrupted(data)}
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +249,14 @@ def test_launcher_asked_for_two_processes_but_started_one_is_stopped(background)
         "error: the launcher asked for more than one process but this run sees 1")
     assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N" in result.stderr
     assert not (data["root"] / "wrong-launch").exists()
+
+
+def test_ctrl_c_stops_a_run_with_one_line_and_keeps_its_checkpoint(background):
+    result, out = background["interrupted"], background["data"]["root"] / "interrupted"
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted; rerun with --resume to continue from its checkpoint after epoch ")
+    from balpoe_hf.checkpoints import LOCK, completed_checkpoints
+
+    assert str(completed_checkpoints(out)[-1]) in last and not (out / LOCK).exists()

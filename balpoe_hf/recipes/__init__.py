@@ -56,6 +56,8 @@ Loss = Literal["balpoe", "lade"]
 
 # A run's recipe.yaml: the fields set over the recipe (see the module docstring); not a recipe field.
 OVERRIDDEN_KEY = "overridden_fields"
+# numpy seeds its generators with 0 <= seed < 2**32: the bound of ``seed`` and ``split_seed``.
+SEED_LIMIT = 2**32
 # Fields a recipe sets for its backbone, reset when a layer over it changes the backbone (module docstring).
 BACKBONE_FIELDS = ("backbone_kwargs", "shared_stages")
 
@@ -289,6 +291,10 @@ class Recipe:
         for name in not_negative:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise TrainingError(f"{name} must not be negative, got {getattr(self, name)}.")
+        for name in ("seed", "split_seed"):
+            if getattr(self, name) >= SEED_LIMIT:
+                raise TrainingError(f"{name} must be below 2**32 = {SEED_LIMIT} (numpy seeds its generators "
+                                    f"with 32-bit numbers), got {getattr(self, name)}.")
         if min(self.lr_milestones, default=0) < 0:
             raise TrainingError(f"lr_milestones are epochs, so not negative; got {self.lr_milestones}.")
         if self.rotation > 180:
@@ -386,7 +392,17 @@ def available_recipes() -> list[str]:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last) and
+    YAML aliases (``*name``): a recipe has no use for them, and nested ones expand exponentially (the
+    "billion laughs"), into a value whose every printing, in an error message say, takes gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"the alias *{event.anchor} repeats an anchored value; recipe files take no "
+                "anchors (&name) or aliases (*name): write the value out", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -495,7 +511,8 @@ def resolve_layers(name: str | None, config: str | Path | None) -> Resolution:
     if name is None:
         return Resolution({})
     path = RECIPES_DIR / f"{name}.yaml"
-    if not path.is_file():
+    # A name, not a path: `base: ../../elsewhere` must not read YAML outside the shipped recipes.
+    if name not in available_recipes():
         known = ", ".join(available_recipes())
         raise TrainingError(f"unknown recipe {name!r}; the known recipes are: {known}. "
                             "Use --config FILE.yaml for your own.")
