@@ -673,6 +673,7 @@ def prepare_hub_folder(
     dataset_id: str | None = None,
     dataset_name: str | None = None,
     license: str | None = "apache-2.0",
+    also_upload: Sequence[str] = (),
 ) -> HubFolder:
     """Render the model card and its pictures into ``model_dir`` and check it; everything but the upload.
 
@@ -685,6 +686,8 @@ def prepare_hub_folder(
     replaced: ``HubFolderError`` asks to move it away. Returns the card and the files that ``push_to_hub``
     would upload, so that the folder can be inspected first. ``repo_id`` is used in the card's usage
     snippet (default: the folder name); ``dataset_id`` and ``dataset_name`` override what the recipe says.
+    ``also_upload``: more files of the folder to upload (paths relative to it; the Space files of
+    ``balpoe-push --demo``).
     """
     folder = Path(model_dir)
     _require_card_packages()
@@ -727,7 +730,8 @@ def prepare_hub_folder(
 
     # Check first, then write: the folder must be publishable but for the card, and nothing of the user's
     # may be replaced.
-    check_hub_folder(folder, require_card=False, extra_files=extra_files)
+    upload_files = [*extra_files, *also_upload]
+    check_hub_folder(folder, require_card=False, extra_files=upload_files)
     histogram = f"{IMAGES_DIR}/class_counts.png"
     targets = [CARD_NAME, histogram, *pictures]
     is_source = {name for name, source in pictures.items() if source.resolve() == (folder / name).resolve()}
@@ -752,7 +756,7 @@ def prepare_hub_folder(
             shutil.copyfile(source, folder / name)
     card.save(folder / CARD_NAME)
     record_outputs(folder, [folder / name for name in targets])
-    return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=extra_files), card=card)
+    return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=upload_files), card=card)
 
 
 def push_to_hub(
