@@ -286,9 +286,10 @@ def build_demo(model: Any, processor: Any = None, *, name: str | None = None,
                 top = gr.Label(num_top_classes=top_k, label=f"Top-{top_k} classes of the first image",
                                elem_id="top-classes")
                 note = gr.Markdown(elem_id="prior-note")
+                # Class names long enough to run into each other under the bars are slanted.
                 plot = gr.BarPlot(_prior_frame(labels, target_prior(model, "uniform")[0]), x="class",
                                   y="probability", sort=labels, y_lim=[0, 1], label="Target prior in use",
-                                  x_label_angle=-45 if len(labels) > 10 else 0, height=260)
+                                  x_label_angle=-45 if sum(map(len, labels)) > 50 else 0, height=300)
         table = gr.Dataframe(label=f"Top-{top_k} classes of every image", interactive=False,
                              elem_id="top-table")
         inputs = [files, choice, *sliders]
