@@ -11,6 +11,7 @@ and the repository's ``scripts/*.py`` call the same functions. Each parses its a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -412,18 +413,19 @@ def push_main(argv: Sequence[str] | None = None) -> int:
     card_options = {"eval_report": args.eval_report, "dataset_id": args.dataset_id,
                     "dataset_name": args.dataset_name, "license": args.license}
     try:
-        if args.demo:
-            from .demo import SPACE_FILES, write_space_files
+        with contextlib.ExitStack() as space:
+            if args.demo:  # a Space's app.py and requirements.txt, taken back if the push fails
+                from .demo import space_files_for_push
 
-            write_space_files(args.model_dir, args.repo_id)
-            card_options["also_upload"] = SPACE_FILES
-        if args.dry_run:
-            folder = prepare_hub_folder(args.model_dir, args.repo_id, **card_options)
-            print(f"{folder.path} is ready for {args.repo_id}; these files would be uploaded:")
-            print("\n".join(f"  {name}" for name in folder.files))
-            return 0
-        url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
-                          commit_message=args.commit_message, **card_options)
+                card_options["also_upload"] = space.enter_context(
+                    space_files_for_push(args.model_dir, args.repo_id))
+            if args.dry_run:
+                folder = prepare_hub_folder(args.model_dir, args.repo_id, **card_options)
+                print(f"{folder.path} is ready for {args.repo_id}; these files would be uploaded:")
+                print("\n".join(f"  {name}" for name in folder.files))
+                return 0
+            url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
+                              commit_message=args.commit_message, **card_options)
     except (HubFolderError, HubPublishError, TrainingError) as error:  # TrainingError: a damaged manifest
         print(f"error: {error}", file=sys.stderr)
         return 1

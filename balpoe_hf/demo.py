@@ -12,6 +12,8 @@ the same code as its ``app.py``; this module exposes it, loads models with the p
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ __all__ = [
     "require_gradio",
     "slider_prior",
     "space_app",
+    "space_files_for_push",
     "space_requirements",
     "target_prior",
     "write_space_files",
@@ -102,12 +105,13 @@ def write_space_files(model_dir: str | Path, repo_id: str) -> list[Path]:
     ``app.py`` or ``requirements.txt`` that balpoe-hf did not write there (or that was edited since) is never
     replaced: ``HubFolderError`` asks to move it away. Returns the two paths.
     """
-    from .checkpoints import record_outputs, written_by_package
+    from .checkpoints import check_writable, record_outputs, written_by_package
     from .hub import check_hub_folder, check_repo_id
 
     check_repo_id(repo_id)
     folder = Path(model_dir)
     check_hub_folder(folder, require_card=False)
+    check_writable(folder, "the Space's files into", HubFolderError)
     foreign = [name for name in SPACE_FILES
                if (folder / name).exists() and not written_by_package(folder, name)]
     if foreign:
@@ -119,3 +123,25 @@ def write_space_files(model_dir: str | Path, repo_id: str) -> list[Path]:
     paths[1].write_text(space_requirements(), encoding="utf-8")
     record_outputs(folder, paths)
     return paths
+
+
+@contextlib.contextmanager
+def space_files_for_push(model_dir: str | Path, repo_id: str) -> Iterator[tuple[str, ...]]:
+    """``write_space_files`` for a push that follows (``balpoe-push --demo``): yields the names to upload
+    (``prepare_hub_folder(..., also_upload=...)``) and, if the push fails (offline, no token, a card
+    problem), puts back what the folder held before, so that a refused push leaves the folder as it was."""
+    from .checkpoints import record_outputs
+
+    folder = Path(model_dir)
+    before = {name: (folder / name).read_bytes() for name in SPACE_FILES if (folder / name).is_file()}
+    write_space_files(folder, repo_id)
+    try:
+        yield SPACE_FILES
+    except BaseException:
+        for name in SPACE_FILES:
+            if name in before:
+                (folder / name).write_bytes(before[name])
+            else:
+                (folder / name).unlink(missing_ok=True)
+        record_outputs(folder, [folder / name for name in before])
+        raise

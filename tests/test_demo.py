@@ -337,6 +337,32 @@ def test_push_demo_writes_and_lists_the_space_files(colour_run, tmp_path, capsys
     assert "app.py" not in capsys.readouterr().out.split()
 
 
+def test_a_refused_push_leaves_the_folder_as_it_was(colour_run, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants as hub_constants
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for path in colour_run["run"].iterdir():
+        (run / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    assert cli.push_main([str(run), "me/colours", "--demo", "--token", "hf_x"]) == 1
+    assert "offline mode" in capsys.readouterr().err
+    assert not any((run / name).exists() for name in SPACE_FILES)
+    # Space files of an earlier push come back as they were, and still count as the package's own.
+    write_space_files(run, "me/earlier")
+    earlier = (run / "app.py").read_bytes()
+    assert cli.push_main([str(run), "me/colours", "--demo", "--token", "hf_x"]) == 1
+    assert (run / "app.py").read_bytes() == earlier and (run / "requirements.txt").is_file()
+    write_space_files(run, "me/colours")
+    # A card problem found after the Space files were written (a README.md of the user's) takes them back too.
+    for name in SPACE_FILES:
+        (run / name).unlink()
+    (run / "README.md").write_text("# my own card\n")
+    assert cli.push_main([str(run), "me/colours", "--demo", "--dry-run"]) == 1
+    assert "did not write there" in capsys.readouterr().err
+    assert not any((run / name).exists() for name in SPACE_FILES)
+
+
 def test_push_demo_never_replaces_a_users_app(colour_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
