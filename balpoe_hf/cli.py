@@ -1,9 +1,9 @@
-"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push``, ``balpoe-describe-split``,
-``balpoe-compare`` and ``balpoe-prepare-data``.
+"""The command lines: ``balpoe-train``, ``balpoe-evaluate``, ``balpoe-push``, ``balpoe-demo``,
+``balpoe-describe-split``, ``balpoe-compare`` and ``balpoe-prepare-data``.
 
 Installed as console scripts with the package; ``python -m balpoe_hf.train`` (for ``accelerate launch -m``)
 and the repository's ``scripts/*.py`` call the same functions. Each parses its arguments, calls the library
-(``balpoe_hf.training``, ``balpoe_hf.evaluation``, ``balpoe_hf.hub``, ``balpoe_hf.data``,
+(``balpoe_hf.training``, ``balpoe_hf.evaluation``, ``balpoe_hf.hub``, ``balpoe_hf.demo``, ``balpoe_hf.data``,
 ``balpoe_hf.compare``, ``balpoe_hf.prepare_data``) and turns the library's user errors
 (``balpoe_hf.errors``) into a one-line message and a non-zero exit status.
 """
@@ -443,7 +443,9 @@ PUSH_DESCRIPTION = """Publish a trained BalPoE run to the Hugging Face Hub.
 
 Renders the model card (README.md + images/) into MODEL_DIR, checks that the folder holds safetensors weights,
 config, code files and the image processor config, and uploads those files in one commit. --dry-run stops
-before the upload and lists what would be uploaded (works offline).
+before the upload and lists what would be uploaded (works offline). --demo also writes a Space's app.py and
+requirements.txt into MODEL_DIR and uploads them with the model: a Gradio Space holding these two files runs
+the demo of REPO_ID (balpoe-demo, loaded from the Hub with trust_remote_code=True).
 """
 
 
@@ -468,6 +470,9 @@ def push_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--license", default="apache-2.0", help="license id for the card metadata")
     parser.add_argument("--dry-run", action="store_true",
                         help="render and check the folder, list the files, upload nothing")
+    parser.add_argument("--demo", action="store_true",
+                        help="also write and upload a Space's app.py and requirements.txt (the balpoe-demo "
+                             "app for REPO_ID)")
     args = parser.parse_args(argv)
     card_options = {"eval_report": args.eval_report, "dataset_id": args.dataset_id,
                     "dataset_name": args.dataset_name, "license": args.license}
@@ -478,20 +483,65 @@ def push_main(argv: Sequence[str] | None = None) -> int:
               f"per-class plot; add them with: balpoe-evaluate --model {args.model_dir} --shifts all "
               f"--output {report}", file=sys.stderr)
     try:
-        if args.dry_run:
-            folder = prepare_hub_folder(args.model_dir, args.repo_id, **card_options)
-            print(f"{folder.path} is ready for {args.repo_id}; these files would be uploaded:")
-            print("\n".join(f"  {name}" + ("  (its data paths as file names)" if name in folder.published
-                                             else "") for name in folder.files))
-            return 0
-        url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
-                          commit_message=args.commit_message, **card_options)
+        with contextlib.ExitStack() as space:
+            if args.demo:  # a Space's app.py and requirements.txt, taken back if the push fails
+                from .demo import space_files_for_push
+
+                card_options["also_upload"] = space.enter_context(
+                    space_files_for_push(args.model_dir, args.repo_id))
+            if args.dry_run:
+                folder = prepare_hub_folder(args.model_dir, args.repo_id, **card_options)
+                print(f"{folder.path} is ready for {args.repo_id}; these files would be uploaded:")
+                print("\n".join(f"  {name}" + ("  (its data paths as file names)" if name in folder.published
+                                                 else "") for name in folder.files))
+                return 0
+            url = push_to_hub(args.model_dir, args.repo_id, private=args.private, token=args.token,
+                              commit_message=args.commit_message, **card_options)
     except (HubFolderError, HubPublishError, TrainingError) as error:  # TrainingError: a damaged manifest
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return _interrupted("the model card is written in one piece or not at all: rerun to publish.")
     print(f"published {args.model_dir} to {url}")
+    return 0
+
+
+# --------------------------------------------------------------------------- balpoe-demo
+
+
+DEMO_DESCRIPTION = """Serve a Gradio demo of a saved BalPoE model in the browser.
+
+    balpoe-demo runs/cifar10-lt                  # then open http://127.0.0.1:7860
+    balpoe-demo me/balpoe-cifar10-lt --server-port 8000
+
+Upload images (one or a batch) and see each one's top-5 classes under a target prior: uniform (a balanced test
+set), training (distributed like the training set), per-class sliders, or estimated from the uploaded images
+(adapt_to_unlabeled; with fewer images than classes it keeps the uniform prior and says so). A bar plot shows
+the prior in use. Needs gradio: pip install 'balpoe-hf[demo]'. Stop it with Ctrl+C.
+"""
+
+
+def demo_main(argv: Sequence[str] | None = None) -> int:
+    """``balpoe-demo``: load the model (``balpoe_hf.demo.load_demo_model``), build the app and serve it."""
+    from .demo import build_demo, load_demo_model, require_gradio
+
+    parser = argparse.ArgumentParser(description=DEMO_DESCRIPTION, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", metavar="RUN_OR_REPO_ID",
+                        help="a saved BalPoE model: a training run's directory or a Hub id")
+    parser.add_argument("--server-name", default="127.0.0.1",
+                        help="address to listen on (default: this machine only; 0.0.0.0 for the network)")
+    parser.add_argument("--server-port", type=int, default=None,
+                        help="port (default: 7860, or the next free one)")
+    parser.add_argument("--device", default=None, help="device (default: cuda when available)")
+    args = parser.parse_args(argv)
+    try:
+        require_gradio()
+        model, processor = load_demo_model(args.model, args.device)
+    except (ImportError, EvaluationError) as error:
+        return _fail(error)
+    name = Path(args.model).name if Path(args.model).exists() else args.model
+    build_demo(model, processor, name=name).launch(server_name=args.server_name, server_port=args.server_port)
     return 0
 
 

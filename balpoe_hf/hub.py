@@ -895,6 +895,7 @@ def prepare_hub_folder(
     dataset_id: str | None = None,
     dataset_name: str | None = None,
     license: str | None = "apache-2.0",
+    also_upload: Sequence[str] = (),
 ) -> HubFolder:
     """Render the model card and its pictures into ``model_dir`` and check it; everything but the upload.
 
@@ -911,6 +912,8 @@ def prepare_hub_folder(
     The report must be balpoe-evaluate's, unedited, of this folder's weights (``_check_report_is_the_models``)
     and its pictures PNG files beside it. The card and its pictures are written in one
     ``checkpoints.staged_save`` under the folder's lock: a kill or a full disk leaves the old ones.
+    ``also_upload``: more files of the folder to upload (paths relative to it; the Space files of
+    ``balpoe-push --demo``).
     """
     folder = Path(model_dir)
     if not folder.is_dir():
@@ -919,13 +922,14 @@ def prepare_hub_folder(
         with output_lock(folder, "balpoe-push"):
             finish_interrupted_save(folder)  # a save a kill interrupted there: finished or undone first
             return _prepare_hub_folder(folder, repo_id, eval_report=eval_report, dataset_id=dataset_id,
-                                       dataset_name=dataset_name, license=license)
+                                       dataset_name=dataset_name, license=license, also_upload=also_upload)
     except TrainingError as error:  # the lock held elsewhere, a read-only folder, a damaged save journal
         raise HubFolderError(f"{error} Nothing was written.") from None
 
 
 def _prepare_hub_folder(folder: Path, repo_id: str | None, *, eval_report: str | Path | None,
-                        dataset_id: str | None, dataset_name: str | None, license: str | None) -> HubFolder:
+                        dataset_id: str | None, dataset_name: str | None, license: str | None,
+                        also_upload: Sequence[str]) -> HubFolder:
     """``prepare_hub_folder`` holding the folder's lock."""
 
     _require_card_packages()
@@ -969,7 +973,8 @@ def _prepare_hub_folder(folder: Path, repo_id: str | None, *, eval_report: str |
 
     # Check first, then write: the folder must be publishable but for the card, nothing of the user's may be
     # replaced, and nothing uploaded may name a path of this machine.
-    files = check_hub_folder(folder, require_card=False, extra_files=extra_files)
+    upload_files = [*extra_files, *also_upload]
+    files = check_hub_folder(folder, require_card=False, extra_files=upload_files)
     published, named = published_files(folder, files)
     histogram = f"{IMAGES_DIR}/class_counts.png"
     targets = [CARD_NAME, histogram, *pictures]
@@ -999,7 +1004,7 @@ def _prepare_hub_folder(folder: Path, repo_id: str | None, *, eval_report: str |
     except OSError as error:
         raise HubFolderError(f"could not write the model card into {folder}: {save_failure(error, folder)} "
                              "Nothing there was replaced.") from None
-    return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=extra_files), card=card,
+    return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=upload_files), card=card,
                      published=published)
 
 

@@ -30,7 +30,7 @@ from balpoe_hf.recipes import available_recipes, load_recipe
 from balpoe_hf.training import train
 
 REPO = Path(__file__).resolve().parents[1]
-CONSOLE_SCRIPTS = ("balpoe-train", "balpoe-evaluate", "balpoe-push", "balpoe-describe-split",
+CONSOLE_SCRIPTS = ("balpoe-train", "balpoe-evaluate", "balpoe-push", "balpoe-demo", "balpoe-describe-split",
                    "balpoe-compare", "balpoe-prepare-data")
 TINY = {"image_column": "picture", "label_column": "target", "backbone": "resnet20_cifar", "image_size": 16,
         "epochs": 1, "batch_size": 8, "warmup_epochs": 0, "rotation": 0.0, "many_threshold": 20,
@@ -73,7 +73,7 @@ def _installed(root: Path, environ: dict[str, str]) -> dict:
 
 def background(root: Path, environ: dict[str, str]) -> dict:
     """Started with the session (tests/processes.py): the wheel, then balpoe-train, balpoe-evaluate and
-    balpoe-push --dry-run of the installed wheel one after the other, and meanwhile the three others."""
+    balpoe-push --dry-run of the installed wheel one after the other, and meanwhile the four others."""
     installed = _installed(root, environ)
 
     def launch(script: str, *args: str):
@@ -84,6 +84,7 @@ def background(root: Path, environ: dict[str, str]) -> dict:
     others = {"balpoe-describe-split": launch("balpoe-describe-split", "--train-file", str(train_file),
                                               "--label-column", "target", "--imbalance-ratio", "2"),
               "balpoe-compare": launch("balpoe-compare", "--help"),
+              "balpoe-demo": launch("balpoe-demo", "--help"),
               "balpoe-prepare-data": launch("balpoe-prepare-data", "--help")}
     run, report_file = root / "run", root / "eval" / "report.json"
     launch("balpoe-train", "--train-file", str(train_file), "--test-file", str(test_file), *_flags(TINY),
@@ -102,7 +103,8 @@ def test_wheel_holds_the_package_its_data_and_the_console_scripts(background):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in ("recipes/__init__", "arguments", "errors", "training", "evaluation", "loading",
                    "transforms", "checkpoints", "cli", "train", "modeling_balpoe", "configuration_balpoe",
-                   "pipeline_balpoe", "label_shift", "prior_estimators", "holdout_statistics", "shrinkage"):
+                   "pipeline_balpoe", "label_shift", "prior_estimators", "holdout_statistics", "shrinkage",
+                   "demo", "demo_app"):
         assert f"balpoe_hf/{module}.py" in names, module
     assert {f"balpoe_hf/recipes/{name}.yaml" for name in available_recipes()} <= names
     assert "balpoe_hf/model_cards/modelcard_template.md" in names
@@ -154,6 +156,7 @@ def test_the_other_console_scripts_start(background):
     # The 32 ... 4 images of train_synthetic are long-tailed already: a ratio of 2 keeps them all.
     assert "imbalance ratio 8; many/medium/few" in others["balpoe-describe-split"]
     assert "--budget" in others["balpoe-compare"]
+    assert "--server-port" in others["balpoe-demo"]
     assert "fashion-mnist" in others["balpoe-prepare-data"]
 
 
