@@ -148,16 +148,3 @@ def bias_covariance(calibration: dict[str, Any]) -> torch.Tensor:
         variance = torch.as_tensor(calibration["bias_se"], dtype=torch.float64).square()
         return factor @ factor.T + torch.diag((variance - factor.square().sum(dim=1)).clamp_min(0))
     return torch.diag(1.0 / torch.as_tensor(calibration["holdout_counts"], dtype=torch.float64))
-
-
-def bias_evidence(calibration: dict[str, Any]) -> float:
-    """The p-value of "the per-class BCTS biases are all zero" (temperature scaling is enough).
-
-    The Wald statistic ``b^T Cov(b)^+ b`` of the fitted biases is chi-square with ``C - 1`` degrees of
-    freedom when they are zero (the biases are centred, so one direction is fixed). A small value says the
-    held-out split shows per-class miscalibration that a temperature cannot correct.
-    """
-    bias = torch.as_tensor(calibration["bias"], dtype=torch.float64)
-    statistic = float(bias @ torch.linalg.pinv(bias_covariance(calibration), hermitian=True) @ bias)
-    dof = torch.tensor((bias.numel() - 1) / 2, dtype=torch.float64)
-    return float(torch.special.gammaincc(dof, torch.tensor(statistic / 2, dtype=torch.float64)))

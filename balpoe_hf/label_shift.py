@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .calibration import apply_calibration, validate_logits
-from .holdout_statistics import bias_covariance, bias_evidence, validate_calibration
+from .holdout_statistics import bias_covariance, validate_calibration
 from .prior_estimators import (
     bbse_prior,
     check_weights,
@@ -54,9 +54,9 @@ SHRINKAGES = ("empirical-bayes", "none")
 class ShiftEstimator:
     """How ``estimate_prior`` estimates a prior; the named modes of ``PRIOR_ESTIMATORS`` are instances.
 
-    ``method``: ``"em"``, ``"bbse"`` or ``"rlls"``. ``calibration``: see ``CALIBRATIONS``; ``"auto"`` uses
-    the BCTS biases only when their Wald test against zero (``holdout_statistics.bias_evidence``) has a
-    p-value below ``bias_level``: biases of the size of their own error add that error to the estimate.
+    ``method``: ``"em"``, ``"bbse"`` or ``"rlls"``. ``calibration``: see ``CALIBRATIONS``; ``"auto"`` is
+    BCTS (the held-out split's biases, their covariance counted among the errors) for a model with a
+    held-out calibration and the raw posteriors for one without.
     ``shrinkage``: ``"empirical-bayes"`` (``shrinkage.shrink_log_prior``, EM only) or ``"none"``.
     ``pseudo_count``: EM's Dirichlet pseudo-count per class (a MAP estimate that keeps every class above 0,
     so that its logarithm is finite). ``calibration_error``: the standard deviation, in log-odds, of each
@@ -74,7 +74,6 @@ class ShiftEstimator:
     shrinkage: str = "empirical-bayes"
     pseudo_count: float = 0.5
     calibration_error: float = 0.3
-    bias_level: float = 0.05
     regularization: float = 0.1
     scale_by_temperature: bool = True
 
@@ -95,9 +94,6 @@ class ShiftEstimator:
             if isinstance(value, bool) or not isinstance(value, int | float) or not (
                     value >= 0 and math.isfinite(value)):
                 raise ValueError(f"ShiftEstimator.{name} must be a finite number >= 0, got {value!r}.")
-        if isinstance(self.bias_level, bool) or not isinstance(self.bias_level, int | float) or not (
-                0 <= self.bias_level <= 1):
-            raise ValueError(f"ShiftEstimator.bias_level must lie in [0, 1], got {self.bias_level!r}.")
         if not isinstance(self.scale_by_temperature, bool):
             raise ValueError(f"ShiftEstimator.scale_by_temperature must be true or false, got "
                              f"{self.scale_by_temperature!r}.")
@@ -265,9 +261,7 @@ def _posterior_calibration(settings: ShiftEstimator, calibration: dict[str, Any]
     """Which calibration EM uses, with its temperature and biases (``None``: no biases)."""
     kind = settings.calibration
     if kind == "auto":
-        if calibration is None:
-            return "none", 1.0, None
-        kind = "bcts" if bias_evidence(calibration) < settings.bias_level else "ts"
+        kind = "none" if calibration is None else "bcts"
     if kind == "none":
         return "none", 1.0, None
     if calibration is None:
@@ -285,11 +279,9 @@ def describe_auto(calibration: dict[str, Any] | None) -> str:
     if calibration is None:
         return (f"'auto' adapts from the raw posteriors, with a per-class calibration error of "
                 f"{settings.calibration_error:g} (no held-out split)")
-    kind, temperature, _ = _posterior_calibration(settings, calibration, "auto")
-    what = "BCTS" if kind == "bcts" else "temperature-scaled"
-    return (f"'auto' adapts from {what} posteriors (temperature {temperature:.3f}; per-class biases "
-            f"p = {bias_evidence(calibration):.2f}; calibration error measured on the held-out split, plus "
-            f"{settings.calibration_error:g})")
+    _, temperature, _ = _posterior_calibration(settings, calibration, "auto")
+    return (f"'auto' adapts from the held-out split's BCTS posteriors (temperature {temperature:.3f}), with "
+            f"the calibration error it measured plus {settings.calibration_error:g} a class")
 
 
 def _calibration_covariance(calibration: dict[str, Any] | None, settings: ShiftEstimator,
