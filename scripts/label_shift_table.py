@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from balpoe_hf.shift_summary import format_shift_summaries, shift_summary
+from balpoe_hf.evaluation.shift_summary import format_shift_summaries, shift_summary
 
 
 def main() -> None:

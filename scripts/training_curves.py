@@ -12,9 +12,9 @@ dashed lines.
 import argparse
 from pathlib import Path
 
-from balpoe_hf.compare import PAPER_CIFAR10_LT_IR100
-from balpoe_hf.curves import epochs_done, eval_history, format_curve_table
-from balpoe_hf.plots import training_curves_plot
+from balpoe_hf.compare.runs import PAPER_CIFAR10_LT_IR100
+from balpoe_hf.evaluation.curves import epochs_done, eval_history, format_curve_table
+from balpoe_hf.evaluation.plots import training_curves_plot
 
 
 def main() -> None:

@@ -18,9 +18,16 @@ from PIL import Image
 from safetensors.torch import load_file
 from train_synthetic import write_parquet
 
-from balpoe_hf import arguments, cli, compare, hub, methods, plots, recipes, training
+from balpoe_hf import recipes
+from balpoe_hf.cli import arguments
+from balpoe_hf.cli import commands as cli
+from balpoe_hf.compare import runs as compare
 from balpoe_hf.errors import TrainingError
-from balpoe_hf.holdout_statistics import holdout_calibration
+from balpoe_hf.evaluation import plots
+from balpoe_hf.hub import card as hub
+from balpoe_hf.models.balpoe.holdout_statistics import holdout_calibration
+from balpoe_hf.recipes import methods
+from balpoe_hf.training import loop as training
 
 # The presets as the issue and the README define them (independent of balpoe_hf.methods' table):
 # (num_experts, lambdas, mixup_alpha, loss, remove_mean_lambda); None: the recipe's mixup.
@@ -264,7 +271,7 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
     report.write_bytes(report.read_bytes()[:100])
     again = compare.compare(base, ["bs", "lade"], tmp_path, shifts=SHIFTS, priors="none,oracle")
     assert again.summaries == result.summaries
-    from balpoe_hf.checkpoints import written_by_package
+    from balpoe_hf.run_folder import written_by_package
 
     assert written_by_package(tmp_path / "bs", "eval/report.json", report=True)
     # A finished run with other settings is refused rather than mixed in.
@@ -296,7 +303,7 @@ def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parq
     assert fitted["ce-la"]["bias"] != fitted["ce"]["bias"]
     assert result.summaries["ce-la"]["train_runtime"] == result.summaries["ce"]["train_runtime"]
     # The derived run is the package's own: every file it holds is in its manifest, unchanged.
-    from balpoe_hf.checkpoints import run_output_files, written_by_package
+    from balpoe_hf.run_folder import run_output_files, written_by_package
 
     derived = [name for name in run_output_files() if (tmp_path / "ce-la" / name).is_file()]
     assert "eval_results.json" in derived and all(written_by_package(tmp_path / "ce-la", n) for n in derived)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from balpoe_hf import BalPoEForImageClassification
-from balpoe_hf.label_shift import ShiftEstimator, estimate_prior
+from balpoe_hf.models.balpoe.label_shift import ShiftEstimator, estimate_prior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -27,7 +27,8 @@ from packaging.requirements import Requirement
 from PIL import Image
 from train_synthetic import CLASS_NAMES, COLOURS, SIZE, TRAIN_COUNTS
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, cli
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor
+from balpoe_hf.cli import commands as cli
 from balpoe_hf.demo import (
     PRIOR_CHOICES,
     SPACE_FILES,

@@ -15,15 +15,11 @@ from PIL import Image
 from processes import hold_lock
 from safetensors.torch import load_file, save_file
 
-from balpoe_hf import (
-    BalPoEConfig,
-    BalPoEForImageClassification,
-    build_image_processor,
-    checkpoints,
-    evaluation,
-)
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, run_folder
+from balpoe_hf.data.loading import align_labels
 from balpoe_hf.errors import DataError, EvaluationError
-from balpoe_hf.loading import align_labels
+from balpoe_hf.evaluation import evaluate as evaluation
+from balpoe_hf.training import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -340,7 +336,7 @@ def test_a_kill_at_any_step_of_writing_a_report_leaves_none_or_all_and_the_rerun
     assert len(written) == 3 and len(snapshots) >= 5
     outcomes = set()
     for snapshot in snapshots:
-        checkpoints.settle(snapshot, "test")
+        run_folder.settle(snapshot, "test")
         files = {p.name: p.read_bytes() for p in snapshot.glob("report*")}
         assert files in ({}, written), snapshot.name
         outcomes.add(bool(files))
@@ -385,7 +381,8 @@ def holdout_run(tmp_path_factory) -> Path:
     --upgrade is for."""
     from train_synthetic import write_parquet
 
-    from balpoe_hf import recipes, training
+    from balpoe_hf import recipes
+    from balpoe_hf.training import loop as training
 
     root = tmp_path_factory.mktemp("holdout_run")
     train_file, test_file = write_parquet(root / "data")
@@ -401,7 +398,7 @@ def holdout_run(tmp_path_factory) -> Path:
                    if key not in ("bias_se", "bias_cov_factor")}
     (root / "run" / "config.json").write_text(json.dumps({**config, "shift_estimator": LEGACY_CHOICE,
                                                           "calibration": calibration}))
-    checkpoints.record_outputs(root / "run", [root / "run" / "config.json"])
+    run_folder.record_outputs(root / "run", [root / "run" / "config.json"])
     return root / "run"
 
 

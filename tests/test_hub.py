@@ -23,8 +23,8 @@ from huggingface_hub.hf_api import RepoUrl
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from balpoe_hf import hub
-from balpoe_hf.checkpoints import record_outputs, weights_fingerprint
+from balpoe_hf.hub import card as hub
+from balpoe_hf.run_folder import record_outputs, weights_fingerprint
 
 _spec = importlib.util.spec_from_file_location(
     "push_to_hub_script", Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py")
@@ -202,7 +202,7 @@ def test_published_recipe_names_files_not_paths(tmp_path):
 def saved_run(tmp_path_factory):
     """A tiny untrained BalPoE model saved as scripts/train.py and scripts/evaluate.py leave a run."""
     from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor
-    from balpoe_hf.plots import per_class_accuracy_plot, reliability_diagram
+    from balpoe_hf.evaluation.plots import per_class_accuracy_plot, reliability_diagram
 
     torch.manual_seed(0)
     config = BalPoEConfig(backbone="resnet20_cifar", num_experts=3, lambdas=[1.0, 0.0, -1.0],
@@ -491,7 +491,7 @@ def run_cards(tmp_path_factory) -> dict[str, dict]:
     """Three runs trained by balpoe-train, evaluated by balpoe-evaluate and rendered by prepare_hub_folder."""
     from train_synthetic import write_parquet
 
-    from balpoe_hf import cli
+    from balpoe_hf.cli import commands as cli
 
     root = tmp_path_factory.mktemp("card_runs")
     train_file, test_file = write_parquet(root / "data")
@@ -605,7 +605,7 @@ def test_card_shift_table_holds_three_prior_modes(run_cards, method, all_modes):
     card = run_cards[method]
     text = card["text"]
     report = json.loads((card["run"] / "eval" / "report.json").read_text())
-    from balpoe_hf.evaluation import PRIOR_MODES
+    from balpoe_hf.evaluation.evaluate import PRIOR_MODES
 
     # The report keeps every mode; the card shows three, from the report.
     assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if all_modes else 3)
@@ -634,7 +634,7 @@ def test_card_shift_table_holds_three_prior_modes(run_cards, method, all_modes):
 
 
 def test_card_front_matter_stays_small_for_the_full_grid():
-    from balpoe_hf.evaluation import ALL_SHIFTS, PRIOR_MODES
+    from balpoe_hf.evaluation.evaluate import ALL_SHIFTS, PRIOR_MODES
 
     grid = {"shift_accuracy": {mode: dict.fromkeys(ALL_SHIFTS, 0.5) for mode in PRIOR_MODES}}
     calibrated = {**CONFIG, "calibration": {}}

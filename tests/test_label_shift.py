@@ -12,18 +12,22 @@ import pytest
 import torch
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, evaluation, loading, recipes, training
-from balpoe_hf.checkpoints import written_by_package
-from balpoe_hf.data import holdout_sizes, holdout_split
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, recipes
+from balpoe_hf.cli import commands as cli
+from balpoe_hf.data import loading
+from balpoe_hf.data.splits import holdout_sizes, holdout_split
 from balpoe_hf.errors import DataError, TrainingError
-from balpoe_hf.holdout_statistics import bias_evidence, holdout_calibration
-from balpoe_hf.label_shift import (
+from balpoe_hf.evaluation import evaluate as evaluation
+from balpoe_hf.models.balpoe.holdout_statistics import bias_evidence, holdout_calibration
+from balpoe_hf.models.balpoe.label_shift import (
     PRIOR_ESTIMATORS,
     PriorStream,
     ShiftEstimator,
     estimate_prior,
     resolve_estimator,
 )
+from balpoe_hf.run_folder import written_by_package
+from balpoe_hf.training import loop as training
 
 SOURCE_PRIOR = np.array([0.55, 0.25, 0.13, 0.07])
 

@@ -28,19 +28,19 @@ from balpoe_hf import (
     BalPoEConfig,
     BalPoEForImageClassification,
     BalPoELoss,
-    arguments,
     build_image_processor,
-    checkpoints,
-    cli,
-    evaluation,
-    hub,
-    loading,
     recipes,
-    training,
-    transforms,
+    run_folder,
 )
-from balpoe_hf.data import long_tailed_counts, make_long_tailed, make_shifted_test
+from balpoe_hf.cli import arguments
+from balpoe_hf.cli import commands as cli
+from balpoe_hf.data import loading, transforms
+from balpoe_hf.data.splits import long_tailed_counts, make_long_tailed, make_shifted_test
 from balpoe_hf.errors import TrainingError
+from balpoe_hf.evaluation import evaluate as evaluation
+from balpoe_hf.hub import card as hub
+from balpoe_hf.training import checkpoints
+from balpoe_hf.training import loop as training
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"image_column": "picture", "label_column": "target", "image_size": 16,
@@ -186,7 +186,7 @@ def test_overwrite_deletes_only_what_the_run_wrote(run, data, tmp_path):
     # A report of the old model inside the run, listed by balpoe-evaluate: stale after the overwrite.
     (out / "eval").mkdir()
     (out / "eval" / "report.json").write_text("{}")
-    checkpoints.record_outputs(out, [out / "eval" / "report.json"])
+    run_folder.record_outputs(out, [out / "eval" / "report.json"])
     kept = {"notes.txt": b"mine", "data/train.parquet": data[0].read_bytes(),
             "data/test.parquet": data[1].read_bytes()}
 
@@ -604,7 +604,7 @@ def test_output_dir_that_takes_no_files_is_refused_before_the_data_load(data, tm
     def read_only(*args, **kwargs):  # what a folder without write permission answers (tests may run as root)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoints.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", read_only)
     assert cli.train_main([*argv, "--output-dir", str(tmp_path / "locked" / "run")]) == 2
     assert f"{tmp_path} does not take new files (Permission denied); choose a folder you can write to" in \
         capsys.readouterr().err
@@ -630,9 +630,9 @@ def test_evaluate_output_replaces_only_reports_balpoe_evaluate_wrote(run, tmp_pa
     for output, owner in ((reports / "s.json", reports), (model / "eval" / "report.json", model)):
         assert cli.evaluate_main([*argv, str(output)]) == 0
         assert cli.evaluate_main([*argv, str(output)]) == 0
-        manifest = checkpoints.read_manifest(owner)
+        manifest = run_folder.read_manifest(owner)
         assert output.relative_to(owner).as_posix() in manifest["reports"]
-    assert "model.safetensors" not in checkpoints.read_manifest(model)["reports"]
+    assert "model.safetensors" not in run_folder.read_manifest(model)["reports"]
     capsys.readouterr()
 
 
@@ -669,7 +669,7 @@ def _gray16(path: Path, values: np.ndarray) -> Path:
 
 
 def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(run, tmp_path):
-    from balpoe_hf.device_data import decode_to_uint8
+    from balpoe_hf.data.device_data import decode_to_uint8
 
     rng = np.random.default_rng(0)
     values = rng.integers(0, 65536, (4, 16, 16))
@@ -775,7 +775,7 @@ def test_class_count_mismatch_is_one_line_naming_the_count_and_the_flag(data):
         "classes [4, 5, 6, 7, 8, ..., 999] (996 classes) have no training image, but the model would have "
         "1000 classes (set by num_classes: the recipe's or --num-classes); BalPoE needs every class in the "
         "training prior. The data hold classes 0 to 3: set --num-classes 4.")
-    from balpoe_hf.data import short_list
+    from balpoe_hf.data.splits import short_list
 
     assert short_list([3, 1, 2]) == "[3, 1, 2]"
     assert short_list(range(10, 20), "files") == "[10, 11, 12, 13, 14, ..., 19] (10 files)"
@@ -847,7 +847,7 @@ def test_push_refuses_bad_input_before_writing_anything(model_dir, tmp_path, cap
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoints.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", read_only)
     assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
     assert f"cannot write the model card into {model_dir}: {model_dir} does not take new files" in \
         capsys.readouterr().err

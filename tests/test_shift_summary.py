@@ -2,7 +2,7 @@
 
 import pytest
 
-from balpoe_hf.shift_summary import format_shift_summaries, shift_summary
+from balpoe_hf.evaluation.shift_summary import format_shift_summaries, shift_summary
 
 REPORT = {
     "balanced": {"balanced_accuracy": 0.8, "ece": 0.02},

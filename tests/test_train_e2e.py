@@ -121,8 +121,8 @@ def data(background) -> dict:
 @pytest.fixture(scope="module")
 def reference(data) -> Path:
     """The run in this process (the Python API, one thread as the launches): what every launch must match."""
-    from balpoe_hf.arguments import parse_args
-    from balpoe_hf.training import train
+    from balpoe_hf.cli.arguments import parse_args
+    from balpoe_hf.training.loop import train
 
     _, recipe = parse_args([*data["args"], "--batch-size", "8"])
     out = data["root"] / "reference"
@@ -257,6 +257,7 @@ def test_ctrl_c_stops_a_run_with_one_line_and_keeps_its_checkpoint(background):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted; rerun with --resume to continue from its checkpoint after epoch ")
-    from balpoe_hf.checkpoints import LOCK, completed_checkpoints
+    from balpoe_hf.run_folder import LOCK
+    from balpoe_hf.training.checkpoints import completed_checkpoints
 
     assert str(completed_checkpoints(out)[-1]) in last and not (out / LOCK).exists()

@@ -36,9 +36,9 @@ from typing import Any, Literal
 
 import yaml
 
-from ..configuration_balpoe import SETTINGS as CONFIG_SETTINGS
 from ..errors import TrainingError
-from ..methods import Method, method_conflicts, method_settings
+from ..models.balpoe.configuration_balpoe import SETTINGS as CONFIG_SETTINGS
+from .methods import Method, method_conflicts, method_settings
 
 RECIPES_DIR = Path(__file__).parent  # the shipped YAML recipes live beside this module
 

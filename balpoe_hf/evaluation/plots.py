@@ -17,8 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .data import rank_by_count
-from .metrics import ArrayLike, calibration_errors, percent, reliability_bins
+from ..data.splits import rank_by_count
+from ..metrics import ArrayLike, calibration_errors, percent, reliability_bins
 
 DPI = 120
 

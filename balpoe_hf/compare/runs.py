@@ -1,6 +1,6 @@
 """Train several methods at the same budget and compare them, as Tables 2 / 9 / 10 of the BalPoE paper do.
 
-    from balpoe_hf.compare import budget_recipe, compare
+    from balpoe_hf.compare.runs import budget_recipe, compare
 
     base = budget_recipe("quick")
     result = compare(base, ["ce", "bs", "balpoe"], "runs/compare-quick")
@@ -35,18 +35,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .checkpoints import lock_on_main_process
-from .configuration_balpoe import PREDICTION_SETTINGS
-from .errors import TrainingError
-from .methods import METHOD_DESCRIPTIONS, parse_methods
-from .metrics import calibration_bins, calibration_errors, percent
-from .recipes import CONFIG_FIELDS, Recipe, make_recipe, recipe_differences, recipe_values
+from ..errors import TrainingError
+from ..metrics import calibration_bins, calibration_errors, percent
+from ..models.balpoe.configuration_balpoe import PREDICTION_SETTINGS
+from ..recipes import CONFIG_FIELDS, Recipe, make_recipe, recipe_differences, recipe_values
+from ..recipes.methods import METHOD_DESCRIPTIONS, parse_methods
+from ..run_folder import lock_on_main_process
 
 if TYPE_CHECKING:  # only for annotations: the model and datasets load lazily
     import datasets
     import numpy as np
 
-    from .modeling_balpoe import BalPoEForImageClassification
+    from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
 
 DEFAULT_METHODS = ("ce", "ce-la", "bs", "lade", "balpoe-erm", "balpoe")
 # Recipe fields that change how a trained model predicts, not how it is trained (the config's).
@@ -137,7 +137,7 @@ RunState = Literal["new", "unfinished", "finished"]
 
 def run_state(run_dir: Path, recipe: Recipe) -> RunState:
     """Where a method's run stands; refuses a directory that holds something else than this run."""
-    from .checkpoints import is_control_file
+    from ..run_folder import is_control_file
 
     # The lock and what a killed save left (finished or discarded when the run is next written) aside.
     if not run_dir.is_dir() or not any(not is_control_file(entry.name) for entry in run_dir.iterdir()):
@@ -158,8 +158,8 @@ def run_state(run_dir: Path, recipe: Recipe) -> RunState:
 def holdout_logits(model: BalPoEForImageClassification, processor: Any, holdout: datasets.Dataset,
                    recipe: Recipe) -> tuple[torch.Tensor, np.ndarray]:
     """The model's uniform-prior logits on the held-out split and its labels as model class indices."""
-    from .evaluation import predict
-    from .loading import align_labels
+    from ..data.loading import align_labels
+    from ..evaluation.evaluate import predict
 
     logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -174,10 +174,11 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
     written after the evaluation.
     """
-    from .checkpoints import RUN_FOLDERS, clear_run_outputs, model_weight_files, output_lock, staged_save
-    from .evaluation import load_model, resolve_device
-    from .holdout_statistics import holdout_calibration
-    from .recipes import save_recipe
+    from ..evaluation.evaluate import load_model, resolve_device
+    from ..models.balpoe.holdout_statistics import holdout_calibration
+    from ..recipes import save_recipe
+    from ..run_folder import model_weight_files, output_lock, staged_save
+    from ..training.checkpoints import RUN_FOLDERS, clear_run_outputs
 
     with output_lock(run_dir, "balpoe-compare"):
         model, processor = load_model(source_dir, resolve_device(None))
@@ -234,9 +235,9 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
     model's default prior modes (``evaluation.default_priors``).
     """
-    from .checkpoints import output_lock, staged_save, weights_fingerprint
-    from .evaluation import evaluate_model, load_model, report_files, resolve_device, write_report
-    from .metrics import reliability_bins
+    from ..evaluation.evaluate import evaluate_model, load_model, report_files, resolve_device, write_report
+    from ..metrics import reliability_bins
+    from ..run_folder import output_lock, staged_save, weights_fingerprint
 
     path = run_dir / EVAL_DIR / "report.json"
     settings = {"shifts": list(shifts), "priors": None if priors is None else list(priors),
@@ -335,7 +336,7 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
     """
     from accelerate import PartialState
 
-    from .evaluation import parse_priors, parse_shifts
+    from ..evaluation.evaluate import parse_priors, parse_shifts
 
     if base.method is not None:
         raise TrainingError(f"the base recipe of a comparison sets method={base.method!r}; leave it unset "
@@ -356,8 +357,8 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
 def _compare(base: Recipe, methods: list[str], output_dir: Path, shifts: list[str], priors: list[str] | None,
              deadline: float | None, state: Any) -> Comparison:
     """``compare`` holding the comparison folder's lock (``state``: accelerate's ``PartialState``)."""
-    from .loading import load_training_data
-    from .training import train
+    from ..data.loading import load_training_data
+    from ..training.loop import train
 
     recipes = {method: method_recipe(base, method) for method in methods}
     # A run in output_dir that contradicts its method's recipe fails here, before any training.
@@ -501,7 +502,7 @@ def format_comparison(comparison: Comparison, base: Recipe, budget: Budget | Non
 
 def write_comparison(comparison: Comparison, base: Recipe, output_dir: Path) -> dict[str, str]:
     """Write ``comparison.json``, ``.md`` and ``.png`` into ``output_dir``; returns their paths."""
-    from .plots import method_comparison_plot
+    from ..evaluation.plots import method_comparison_plot
 
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": str(output_dir / "comparison.json"), "markdown": str(output_dir / "comparison.md"),

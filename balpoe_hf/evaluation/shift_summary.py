@@ -1,6 +1,6 @@
 """What a ``balpoe-evaluate`` report says about an unknown-prior mode, in the figures that judge it.
 
-    from balpoe_hf.shift_summary import format_shift_summaries, shift_summary
+    from balpoe_hf.evaluation.shift_summary import format_shift_summaries, shift_summary
 
     summary = shift_summary(json.load(open("runs/x/eval/shift.json")), mode="auto")
     print(format_shift_summaries({"runs/x": summary}))

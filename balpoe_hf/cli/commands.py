@@ -20,9 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from .arguments import build_parser, parse_args, parse_recipe_flags
-from .checkpoints import resume_hint, save_failure
-from .compare import (
+from ..compare.runs import (
     BUDGETS,
     DEFAULT_METHODS,
     EVALUATION_RESERVE,
@@ -34,10 +32,13 @@ from .compare import (
     seed_dir,
     seed_summaries,
 )
-from .errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
-from .label_shift import PRIOR_ESTIMATORS
-from .methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
-from .recipes import SEED_LIMIT, Recipe, make_recipe
+from ..errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
+from ..models.balpoe.label_shift import PRIOR_ESTIMATORS
+from ..recipes import SEED_LIMIT, Recipe, make_recipe
+from ..recipes.methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
+from ..run_folder import save_failure
+from ..training.checkpoints import resume_hint
+from .arguments import build_parser, parse_args, parse_recipe_flags
 
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.
 
@@ -76,7 +77,7 @@ def _interrupted(what_now: str) -> int:
 
 def list_recipes() -> str:
     """The shipped recipes, one ``name  description`` line each (``balpoe-train --list-recipes``)."""
-    from .recipes import available_recipes, recipe_values
+    from ..recipes import available_recipes, recipe_values
 
     names = available_recipes()
     width = max(len(name) for name in names)
@@ -85,7 +86,7 @@ def list_recipes() -> str:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-train``: parse the run options and the recipe, then ``balpoe_hf.training.train``."""
-    from .training import train
+    from ..training.loop import train
 
     if "--list-recipes" in (sys.argv[1:] if argv is None else argv):
         print(list_recipes())
@@ -213,7 +214,7 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     """``EvaluateArguments`` from the command line, completed from ``MODEL/recipe.yaml`` where it exists."""
     from transformers import HfArgumentParser
 
-    from .recipes import read_recipe_file
+    from ..recipes import read_recipe_file
 
     parser = HfArgumentParser(EvaluateArguments, description=EVALUATE_DESCRIPTION, allow_abbrev=False,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,8 +253,8 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
     The ``uniform`` shift of ``evaluate_model`` is the set unchanged, so its ``oracle`` mode uses the file's
     own label distribution and ``em`` estimates it, as for a shifted set drawn from a balanced one.
     """
-    from .evaluation import evaluate_model
-    from .loading import load_list, local_name
+    from ..data.loading import load_list, local_name
+    from ..evaluation.evaluate import evaluate_model
 
     names = [_list_name(path) for path in args.test_list]
     if len(set(names)) != len(names):
@@ -271,8 +272,8 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
 
 def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> None:
     """Print one line per test list and the prior-mode table; with --output write each list's report too."""
-    from .checkpoints import weights_fingerprint
-    from .evaluation import format_shift_table, staged_report, write_report
+    from ..evaluation.evaluate import format_shift_table, staged_report, write_report
+    from ..run_folder import weights_fingerprint
 
     table = {mode: {name: result.report["shift_accuracy"][mode]["uniform"]
                     for name, result in results.items()} for mode in priors}
@@ -320,8 +321,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgraded: list[str]) -> int:
-    from .checkpoints import output_lock
-    from .evaluation import (
+    from ..data.loading import load_list, load_split, local_name
+    from ..evaluation.evaluate import (
         absent_classes_warning,
         check_calibration_for,
         check_deployment_sizes,
@@ -340,7 +341,7 @@ def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgrade
         save_report,
         upgrade_model,
     )
-    from .loading import load_list, load_split, local_name
+    from ..run_folder import output_lock
 
     # Everything that can be checked before the inference is checked first.
     shifts = parse_shifts(args.shifts)
@@ -451,7 +452,7 @@ the demo of REPO_ID (balpoe-demo, loaded from the Hub with trust_remote_code=Tru
 
 def push_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-push``: render the card, check the folder and upload it (or only list it with --dry-run)."""
-    from .hub import DEFAULT_EVAL_REPORT, prepare_hub_folder, push_to_hub
+    from ..hub.card import DEFAULT_EVAL_REPORT, prepare_hub_folder, push_to_hub
 
     parser = argparse.ArgumentParser(description=PUSH_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -485,7 +486,7 @@ def push_main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as space:
             if args.demo:  # a Space's app.py and requirements.txt, taken back if the push fails
-                from .demo import space_files_for_push
+                from ..demo.space import space_files_for_push
 
                 card_options["also_upload"] = space.enter_context(
                     space_files_for_push(args.model_dir, args.repo_id))
@@ -523,7 +524,7 @@ the prior in use. Needs gradio: pip install 'balpoe-hf[demo]'. Stop it with Ctrl
 
 def demo_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-demo``: load the model (``balpoe_hf.demo.load_demo_model``), build the app and serve it."""
-    from .demo import build_demo, load_demo_model, require_gradio
+    from ..demo import build_demo, load_demo_model, require_gradio
 
     parser = argparse.ArgumentParser(description=DEMO_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -559,8 +560,8 @@ def describe_split_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-describe-split``: ``make_long_tailed`` of a training split, class by class."""
     import datasets
 
-    from .data import class_counts, imbalance_ratio, make_long_tailed, shot_groups
-    from .loading import load_fashion_mnist, load_split
+    from ..data.loading import load_fashion_mnist, load_split
+    from ..data.splits import class_counts, imbalance_ratio, make_long_tailed, shot_groups
 
     parser = argparse.ArgumentParser(description=DESCRIBE_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -737,7 +738,7 @@ Then: balpoe-train --recipe cifar10-lt-local --train-file data/cifar10/train.par
 
 def prepare_data_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-prepare-data``: ``balpoe_hf.prepare_data.prepare_data`` from the command line."""
-    from .prepare_data import DATASETS, prepare_data
+    from ..data.prepare import DATASETS, prepare_data
 
     parser = argparse.ArgumentParser(description=PREPARE_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

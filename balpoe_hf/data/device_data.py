@@ -37,7 +37,7 @@ import torch
 from accelerate.data_loader import DataLoaderStateMixin
 from accelerate.state import GradientState
 
-from .data import labels_array
+from .splits import labels_array
 from .transforms import epoch_seed
 
 logger = logging.getLogger(__name__)

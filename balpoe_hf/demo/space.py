@@ -1,14 +1,5 @@
-"""The demo of a BalPoE model: a Gradio app (``balpoe-demo``) and the Space files of ``balpoe-push --demo``.
-
-The app lives in ``balpoe_hf.demo_app``, which imports nothing of balpoe_hf so that a Hugging Face Space runs
-the same code as its ``app.py``; this module exposes it, loads models with the package's checks
-(``balpoe_hf.evaluation.load_model``) and writes a Space's ``app.py`` and ``requirements.txt``.
-
-    from balpoe_hf.demo import build_demo, load_demo_model
-
-    model, processor = load_demo_model("runs/cifar10-lt")
-    build_demo(model, processor).launch()
-"""
+"""The demo in the package: models loaded with the package's checks (``balpoe_hf.evaluation.load_model``),
+and a Space's ``app.py`` and ``requirements.txt`` (``balpoe-push --demo``)."""
 
 from __future__ import annotations
 
@@ -20,18 +11,7 @@ from typing import Any
 
 from packaging.requirements import Requirement
 
-from .demo_app import (
-    DEMO_EXTRA,
-    PRIOR_CHOICES,
-    Prediction,
-    build_demo,
-    class_labels,
-    classify,
-    require_gradio,
-    slider_prior,
-    target_prior,
-)
-from .errors import HubFolderError
+from ..errors import HubFolderError
 
 APP_NAME = "app.py"
 REQUIREMENTS_NAME = "requirements.txt"
@@ -39,29 +19,11 @@ SPACE_FILES = (APP_NAME, REQUIREMENTS_NAME)
 # What the Space's app.py and the model's remote code import: the app needs no balpoe-hf.
 SPACE_PACKAGES = ("torch", "torchvision", "timm", "transformers", "gradio")
 
-__all__ = [
-    "DEMO_EXTRA",
-    "PRIOR_CHOICES",
-    "SPACE_FILES",
-    "Prediction",
-    "build_demo",
-    "class_labels",
-    "classify",
-    "load_demo_model",
-    "require_gradio",
-    "slider_prior",
-    "space_app",
-    "space_files_for_push",
-    "space_requirements",
-    "target_prior",
-    "write_space_files",
-]
-
 
 def load_demo_model(model_id: str | Path, device: str | None = None) -> tuple[Any, Any]:
     """A BalPoE model (eval mode) and its image processor, from a run's folder or a Hub id, with the checks
     of ``balpoe_hf.evaluation.load_model`` (an ``EvaluationError`` that names the problem and its fix)."""
-    from .evaluation import load_model, resolve_device
+    from ..evaluation.evaluate import load_model, resolve_device
 
     return load_model(model_id, resolve_device(device))
 
@@ -84,9 +46,9 @@ def space_requirements() -> str:
 
 
 def space_app(repo_id: str) -> str:
-    """A Space's ``app.py``: the demo app (``balpoe_hf.demo_app``, as it is) serving the model ``repo_id``,
+    """A Space's ``app.py``: the demo app (``balpoe_hf.demo.app``, as it is) serving the model ``repo_id``,
     loaded from the Hub with its remote code."""
-    source = Path(__file__).with_name("demo_app.py").read_text(encoding="utf-8")
+    source = Path(__file__).with_name("app.py").read_text(encoding="utf-8")
     return (f"# A BalPoE demo Space for the model {repo_id}, written by balpoe-push --demo (balpoe-hf).\n"
             + source
             + "\n\n# ------------------------------------------------------------------------- the Space\n\n"
@@ -105,8 +67,8 @@ def write_space_files(model_dir: str | Path, repo_id: str) -> list[Path]:
     ``app.py`` or ``requirements.txt`` that balpoe-hf did not write there (or that was edited since) is never
     replaced: ``HubFolderError`` asks to move it away. Returns the two paths.
     """
-    from .checkpoints import check_writable, record_outputs, written_by_package
-    from .hub import check_hub_folder, check_repo_id
+    from ..hub.card import check_hub_folder, check_repo_id
+    from ..run_folder import check_writable, record_outputs, written_by_package
 
     check_repo_id(repo_id)
     folder = Path(model_dir)
@@ -130,7 +92,7 @@ def space_files_for_push(model_dir: str | Path, repo_id: str) -> Iterator[tuple[
     """``write_space_files`` for a push that follows (``balpoe-push --demo``): yields the names to upload
     (``prepare_hub_folder(..., also_upload=...)``) and, if the push fails (offline, no token, a card
     problem), puts back what the folder held before, so that a refused push leaves the folder as it was."""
-    from .checkpoints import record_outputs
+    from ..run_folder import record_outputs
 
     folder = Path(model_dir)
     before = {name: (folder / name).read_bytes() for name in SPACE_FILES if (folder / name).is_file()}

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import TrainingError
-from .recipes import (
+from ..errors import TrainingError
+from ..recipes import (
     RECIPE_FIELDS,
     Recipe,
     available_recipes,

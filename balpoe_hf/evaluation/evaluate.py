@@ -1,7 +1,7 @@
 """Evaluate a BalPoE model on a balanced test set and on label-shifted versions of it, as a Python API.
 
-    from balpoe_hf.evaluation import evaluate_model, load_model
-    from balpoe_hf.loading import load_split
+    from balpoe_hf.evaluation.evaluate import evaluate_model, load_model
+    from balpoe_hf.data.loading import load_split
 
     model, processor = load_model("runs/fashion-mnist-lt-quick")
     test, _ = load_split(dataset="fashion-mnist")
@@ -38,8 +38,26 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from .calibration import apply_calibration
-from .checkpoints import (
+from ..data.loading import align_labels, offline_mode
+from ..data.splits import ALL_SHIFTS, make_shifted_test, short_list, split_shift
+from ..data.transforms import to_rgb
+from ..errors import EvaluationError, TrainingError
+from ..metrics import accuracy_report, calibration_report, long_tail_report, percent
+from ..models.balpoe.calibration import apply_calibration
+from ..models.balpoe.holdout_statistics import holdout_calibration
+from ..models.balpoe.label_shift import (
+    NEEDS_CALIBRATION,
+    PRIOR_ESTIMATORS,
+    PriorEstimate,
+    PriorStream,
+    describe_auto,
+    estimate_prior,
+    is_legacy_choice,
+    resolve_estimator,
+)
+from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
+from ..models.balpoe.priors import adjust_logits
+from ..run_folder import (
     check_writable,
     model_weight_files,
     output_lock,
@@ -50,24 +68,6 @@ from .checkpoints import (
     staged_save,
     written_by_package,
 )
-from .data import ALL_SHIFTS, make_shifted_test, short_list, split_shift
-from .errors import EvaluationError, TrainingError
-from .holdout_statistics import holdout_calibration
-from .label_shift import (
-    NEEDS_CALIBRATION,
-    PRIOR_ESTIMATORS,
-    PriorEstimate,
-    PriorStream,
-    describe_auto,
-    estimate_prior,
-    is_legacy_choice,
-    resolve_estimator,
-)
-from .loading import align_labels, offline_mode
-from .metrics import accuracy_report, calibration_report, long_tail_report, percent
-from .modeling_balpoe import BalPoEForImageClassification
-from .priors import adjust_logits
-from .transforms import to_rgb
 
 PRIOR_MODES = ("none", "oracle", *PRIOR_ESTIMATORS)
 
@@ -695,7 +695,7 @@ KEPT_RUN_FILES = ("recipe.yaml", "train_results.json", "eval_results.json", "hol
 
 def _foreign_entries(model_dir: Path) -> list[str]:
     """The entries of a model folder that a balpoe-hf release did not write there (or changed since)."""
-    from .checkpoints import MANIFEST, is_control_file
+    from ..run_folder import MANIFEST, is_control_file
 
     known = {*run_output_files(), *SHIPPED_CODE_FILES, *RUN_EXTRAS}
     manifest = read_manifest(model_dir)
@@ -730,9 +730,9 @@ def upgrade_model(model_dir: str | Path, output_dir: str | Path | None = None,
     """
     from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
 
-    from .checkpoints import finish_interrupted_save, is_control_file
-    from .loading import load_training_data
-    from .recipes import load_recipe
+    from ..data.loading import load_training_data
+    from ..recipes import load_recipe
+    from ..run_folder import finish_interrupted_save, is_control_file
 
     model_dir = Path(model_dir)
     if not (model_dir / CONFIG_NAME).is_file():  # a save replaces it at once: never missing half-way
@@ -803,7 +803,7 @@ def save_report(result: EvaluationResult, output: str | Path, model_dir: str | P
     (listed as balpoe-evaluate's, under the folder's lock), with the SHA-256 of the weights of ``model_dir``
     (the folder the model was loaded from) as ``model_sha256``, by which ``balpoe-push`` publishes the
     report with that model only. Returns the names of the two PNG files."""
-    from .checkpoints import weights_fingerprint
+    from ..run_folder import weights_fingerprint
 
     result.report["model_sha256"] = None if model_dir is None else weights_fingerprint(model_dir)
     with staged_report(output, model_dir) as staged:

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import BadImageError
+from ..errors import BadImageError
 
 if TYPE_CHECKING:
     from transformers.image_processing_utils import BaseImageProcessor
 
+    from ..recipes import Recipe
     from .loading import TrainingData
-    from .recipes import Recipe
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -54,7 +54,7 @@ def build_processor(recipe: Recipe) -> BaseImageProcessor:
     from transformers import ConvNextImageProcessor
     from transformers.image_utils import PILImageResampling
 
-    from .processing import build_image_processor
+    from ..models.balpoe.processing import build_image_processor
 
     if recipe.crop_pct == 1:
         return build_image_processor(recipe.image_size, recipe.image_mean, recipe.image_std)

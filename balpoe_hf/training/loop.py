@@ -1,7 +1,7 @@
 """The BalPoE training loop with Accelerate: ``train(recipe, output_dir)``, read top to bottom.
 
     from balpoe_hf.recipes import load_recipe
-    from balpoe_hf.training import train
+    from balpoe_hf.training.loop import train
 
     result = train(load_recipe("fashion-mnist-lt-quick", epochs=1), "runs/quick")
     print(result.eval_report["balanced_accuracy"])
@@ -42,20 +42,21 @@ from timm.utils import distribute_bn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .. import run_folder
+from ..data.loaders import Loaders, build_loaders
+from ..data.loading import TrainingData, input_paths, load_training_data
+from ..data.splits import labels_array, shot_groups
+from ..data.transforms import build_processor, evaluation_split
+from ..errors import HubFolderError, HubPublishError, TrainingError
+from ..evaluation.evaluate import absent_classes, absent_classes_warning, calibration_effect, format_balanced
+from ..metrics import long_tail_report, percent
+from ..models.balpoe.configuration_balpoe import BalPoEConfig
+from ..models.balpoe.holdout_statistics import holdout_calibration
+from ..models.balpoe.label_shift import describe_auto
+from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
+from ..recipes import CONFIG_FIELDS, Recipe
 from . import checkpoints, speed
-from .configuration_balpoe import BalPoEConfig
-from .data import labels_array, shot_groups
-from .errors import HubFolderError, HubPublishError, TrainingError
-from .evaluation import absent_classes, absent_classes_warning, calibration_effect, format_balanced
-from .holdout_statistics import holdout_calibration
-from .label_shift import describe_auto
-from .loaders import Loaders, build_loaders
-from .loading import TrainingData, input_paths, load_training_data
-from .metrics import long_tail_report, percent
-from .modeling_balpoe import BalPoEForImageClassification
-from .recipes import CONFIG_FIELDS, Recipe
 from .sync_batchnorm import convert_sync_batchnorm
-from .transforms import build_processor, evaluation_split
 
 
 @dataclass
@@ -373,7 +374,7 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
     accelerator = _accelerator(recipe, output_dir, report_to)
     checkpoints.check_output_flags(output_dir, resume, overwrite)
     # The lock first, and a save that a kill interrupted finished or undone, then what the folder holds.
-    checkpoints.lock_on_main_process(accelerator, output_dir, "balpoe-train", exit_stack)
+    run_folder.lock_on_main_process(accelerator, output_dir, "balpoe-train", exit_stack)
     checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
     check_model(recipe)
     for note in recipe.notes:
@@ -601,8 +602,8 @@ def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: 
         holdout_results = {"epoch": recipe.epochs, **holdout_results, "calibration": model.config.calibration}
     try:
         # All files at once, with the manifest: a kill or a full disk leaves the old model or the new one.
-        obsolete = checkpoints.model_weight_files(output_dir)
-        with checkpoints.staged_save(output_dir, obsolete=obsolete) as stage:
+        obsolete = run_folder.model_weight_files(output_dir)
+        with run_folder.staged_save(output_dir, obsolete=obsolete) as stage:
             run.processor.save_pretrained(stage)  # first: save_pretrained then adds no processor of its own
             model.save_pretrained(stage)
             if not keep_results:
@@ -612,7 +613,7 @@ def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: 
                 (stage / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
     except Exception as error:  # OSError, safetensors' and torch's errors: a full disk, a read-only folder
         raise TrainingError(f"could not save the model into {output_dir}: "
-                            f"{checkpoints.save_failure(error, output_dir)} Nothing there was replaced, and "
+                            f"{run_folder.save_failure(error, output_dir)} Nothing there was replaced, and "
                             "the final checkpoint is intact: fix the cause and rerun with --resume, which "
                             "evaluates it and saves the model again.") from None
     print("\n" + format_balanced(report, f"{recipe.name}: balanced test set ({num_test:,} images) after "
@@ -626,7 +627,7 @@ def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: 
 
 
 def _upload(output_dir: Path, hub_model_id: str) -> None:
-    from .hub import push_to_hub
+    from ..hub.card import push_to_hub
 
     try:
         url = push_to_hub(output_dir, hub_model_id)

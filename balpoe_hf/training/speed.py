@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import ParamsT
 
-from .recipes import Recipe
+from ..recipes import Recipe
 
 
 def prepare_model(model: nn.Module, recipe: Recipe, backend: str = "inductor") -> nn.Module:

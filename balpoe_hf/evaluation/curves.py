@@ -1,7 +1,7 @@
 """Learning curves of runs: the balanced test set's accuracy and ECE at every evaluation of a training.
 
-    from balpoe_hf.curves import eval_history, format_curve_table
-    from balpoe_hf.plots import training_curves_plot
+    from balpoe_hf.evaluation.curves import eval_history, format_curve_table
+    from balpoe_hf.evaluation.plots import training_curves_plot
 
     histories = {name: eval_history(f"runs/paper/{name}") for name in ("bs", "balpoe", "balpoe-erm")}
     print(format_curve_table(histories, every=20))
@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import TrainingError
-from .metrics import percent
+from ..errors import TrainingError
+from ..metrics import percent
 
 
 def _checkpoint_history(run_dir: Path) -> tuple[int, list[dict[str, Any]]] | None:

@@ -31,16 +31,16 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
+from ..errors import BadImageError, TrainingError
 from .device_data import DECODE_RESIZE, DeviceLoader, decode_to_uint8, device_augment, uint8_nbytes
-from .errors import BadImageError, TrainingError
 from .transforms import undecodable_row, with_transforms
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from transformers.image_processing_utils import BaseImageProcessor
 
+    from ..recipes import Recipe
     from .loading import TrainingData
-    from .recipes import Recipe
 
 # Largest uint8 size of the two splits together that "auto" keeps on the device. A constant, not a share of
 # the device's memory, so that the choice (and with it every batch of the run) depends on the recipe and the

@@ -35,7 +35,13 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
 )
 
-from .checkpoints import (
+from ..data.loading import FASHION_MNIST, local_name
+from ..data.splits import imbalance_ratio
+from ..errors import HubFolderError, HubPublishError, TrainingError
+from ..metrics import percent
+from ..recipes import read_recipe_file
+from ..recipes.methods import METHOD_DESCRIPTIONS, METHOD_SETTINGS
+from ..run_folder import (
     check_writable,
     finish_interrupted_save,
     output_lock,
@@ -44,12 +50,6 @@ from .checkpoints import (
     weights_fingerprint,
     written_by_package,
 )
-from .data import imbalance_ratio
-from .errors import HubFolderError, HubPublishError, TrainingError
-from .loading import FASHION_MNIST, local_name
-from .methods import METHOD_DESCRIPTIONS, METHOD_SETTINGS
-from .metrics import percent
-from .recipes import read_recipe_file
 
 CARD_NAME = "README.md"
 IMAGES_DIR = "images"
@@ -112,7 +112,7 @@ def template_path() -> Path:
     In an installed wheel it ships as ``balpoe_hf/model_cards/``; in a source checkout (editable install)
     it sits in the top-level ``model_cards/`` folder next to the package.
     """
-    package_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parents[1]
     for folder in (package_dir / "model_cards", package_dir.parent / "model_cards"):
         if (folder / TEMPLATE_NAME).is_file():
             return folder / TEMPLATE_NAME
@@ -387,7 +387,7 @@ def _card_shift_rows(shift_report: Mapping[str, Any] | None, config: Mapping[str
                      ) -> tuple[list[str], list[tuple[str, str, dict[str, Any]]]]:
     """The shifts and ``(mode, row label, {shift: accuracy})`` of the prior modes a card shows: ``none``,
     ``oracle`` and the default unknown-prior mode; every other mode stays in the evaluation report."""
-    from .evaluation import default_priors
+    from ..evaluation.evaluate import default_priors
 
     table = (shift_report or {}).get("shift_accuracy") or {}
     rows = [(mode, mode, dict(table[mode])) for mode in default_priors() if mode in table]
@@ -740,7 +740,7 @@ def _report_owner(report_path: Path, folder: Path) -> tuple[Path, str]:
     """The folder whose manifest lists the report as balpoe-evaluate's, and its name there: the model's
     folder, or the nearest folder above the report that lists it (another run's, for a report written into
     it); else where ``evaluation.report_owner`` would have listed it."""
-    from .evaluation import report_owner
+    from ..evaluation.evaluate import report_owner
 
     report = report_path.resolve()
     for owner in (folder.resolve(), *report.parents):
@@ -992,7 +992,7 @@ def _prepare_hub_folder(folder: Path, repo_id: str | None, *, eval_report: str |
                              report_file=extra_files[0] if extra_files else None, license=license)
     check_no_local_paths(folder, files, published, extra={CARD_NAME: str(card)}, named=named)
 
-    from .plots import class_count_histogram
+    from ..evaluation.plots import class_count_histogram
 
     try:
         with staged_save(folder) as stage:
