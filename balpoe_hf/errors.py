@@ -2,9 +2,12 @@
 
 The command lines (``balpoe_hf.cli``) print their message and exit with a non-zero status instead of a
 traceback (docs/errors.md lists the statuses). Every other exception is a bug, and keeps its traceback.
+``short_list`` keeps the lists in their messages to one line.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class TrainingError(ValueError):
@@ -36,3 +39,14 @@ class HubFolderError(ValueError):
 
 class HubPublishError(RuntimeError):
     """Publishing cannot start (offline mode or no token); nothing was uploaded, the folder is unchanged."""
+
+
+def short_list(items: Sequence, noun: str = "classes", head: int = 5) -> str:
+    """A list for a message: all of it when short, else the first ``head`` items, the last one and how many,
+    e.g. ``[10, 11, 12, 13, 14, ..., 999] (990 classes)``. Every message that lists classes (or files) goes
+    through it, so that a 1,000-class mismatch stays one line."""
+    items = [item.item() if hasattr(item, "item") else item for item in items]
+    if len(items) <= head + 2:
+        return f"[{', '.join(map(repr, items))}]"
+    shown = ", ".join(map(repr, items[:head]))
+    return f"[{shown}, ..., {items[-1]!r}] ({len(items)} {noun})"

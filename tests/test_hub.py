@@ -605,7 +605,7 @@ def test_card_shift_table_holds_three_prior_modes(run_cards, method, all_modes):
     card = run_cards[method]
     text = card["text"]
     report = json.loads((card["run"] / "eval" / "report.json").read_text())
-    from balpoe_hf.evaluation.evaluate import PRIOR_MODES
+    from balpoe_hf.evaluation.shifts import PRIOR_MODES
 
     # The report keeps every mode; the card shows three, from the report.
     assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if all_modes else 3)
@@ -634,7 +634,8 @@ def test_card_shift_table_holds_three_prior_modes(run_cards, method, all_modes):
 
 
 def test_card_front_matter_stays_small_for_the_full_grid():
-    from balpoe_hf.evaluation.evaluate import ALL_SHIFTS, PRIOR_MODES
+    from balpoe_hf.data.splits import ALL_SHIFTS
+    from balpoe_hf.evaluation.shifts import PRIOR_MODES
 
     grid = {"shift_accuracy": {mode: dict.fromkeys(ALL_SHIFTS, 0.5) for mode in PRIOR_MODES}}
     calibrated = {**CONFIG, "calibration": {}}

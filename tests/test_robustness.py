@@ -36,8 +36,9 @@ from balpoe_hf.cli import arguments
 from balpoe_hf.cli import commands as cli
 from balpoe_hf.data import loading, transforms
 from balpoe_hf.data.splits import long_tailed_counts, make_long_tailed, make_shifted_test
-from balpoe_hf.errors import TrainingError
+from balpoe_hf.errors import EvaluationError, TrainingError
 from balpoe_hf.evaluation import evaluate as evaluation
+from balpoe_hf.evaluation import model_loading, reports
 from balpoe_hf.hub import card as hub
 from balpoe_hf.training import checkpoints
 from balpoe_hf.training import loop as training
@@ -467,9 +468,9 @@ def test_truncated_weights_are_named(run, tmp_path):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:2000])
-    with pytest.raises(evaluation.EvaluationError, match=r"the weights in .* cannot be read .*truncated or "
+    with pytest.raises(EvaluationError, match=r"the weights in .* cannot be read .*truncated or "
                                                          r"damaged; save the model again"):
-        evaluation.load_model(copy)
+        model_loading.load_model(copy)
 
 
 def test_pretrained_backbone_offline_is_explained(data, monkeypatch):
@@ -519,8 +520,8 @@ def test_optional_packages_are_extras_and_each_feature_names_its_extra(data, tmp
                         else find_spec(name, *a))
     with pytest.raises(TrainingError, match=r"--report-to tensorboard needs .*'balpoe-hf\[train\]'"):
         training.train(_recipe(data), tmp_path / "run", report_to="tensorboard")
-    with pytest.raises(evaluation.EvaluationError, match=r"need matplotlib: .*'balpoe-hf\[plots\]'"):
-        evaluation.check_output(tmp_path / "report.json")
+    with pytest.raises(EvaluationError, match=r"need matplotlib: .*'balpoe-hf\[plots\]'"):
+        reports.check_output(tmp_path / "report.json")
     with pytest.raises(hub.HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
         hub.prepare_hub_folder(tmp_path)
     assert not (tmp_path / "run").exists()
@@ -683,7 +684,7 @@ def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(run, tmp_path)
     # Evaluation sees what it sees for the same image saved with 8 bits.
     gray8 = gray16.cast_column("picture", datasets.Image()).map(
         lambda row, i: {"picture": Image.fromarray(expected[i])}, with_indices=True)
-    model, processor = evaluation.load_model(run)
+    model, processor = model_loading.load_model(run)
     logits16, _ = evaluation.predict(model, processor, gray16, image_column="picture")
     logits8, _ = evaluation.predict(model, processor, gray8, image_column="picture")
     torch.testing.assert_close(logits16, logits8, rtol=0, atol=0)
@@ -775,7 +776,7 @@ def test_class_count_mismatch_is_one_line_naming_the_count_and_the_flag(data):
         "classes [4, 5, 6, 7, 8, ..., 999] (996 classes) have no training image, but the model would have "
         "1000 classes (set by num_classes: the recipe's or --num-classes); BalPoE needs every class in the "
         "training prior. The data hold classes 0 to 3: set --num-classes 4.")
-    from balpoe_hf.data.splits import short_list
+    from balpoe_hf.errors import short_list
 
     assert short_list([3, 1, 2]) == "[3, 1, 2]"
     assert short_list(range(10, 20), "files") == "[10, 11, 12, 13, 14, ..., 19] (10 files)"

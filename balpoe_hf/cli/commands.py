@@ -272,7 +272,8 @@ def _evaluate_lists(model, processor, args: EvaluateArguments, priors: list[str]
 
 def _report_lists(results: dict, args: EvaluateArguments, priors: list[str]) -> None:
     """Print one line per test list and the prior-mode table; with --output write each list's report too."""
-    from ..evaluation.evaluate import format_shift_table, staged_report, write_report
+    from ..evaluation.printing import format_shift_table
+    from ..evaluation.reports import staged_report, write_report
     from ..run_folder import weights_fingerprint
 
     table = {mode: {name: result.report["shift_accuracy"][mode]["uniform"]
@@ -322,25 +323,24 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
 
 def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgraded: list[str]) -> int:
     from ..data.loading import load_list, load_split, local_name
-    from ..evaluation.evaluate import (
+    from ..evaluation.evaluate import evaluate_model
+    from ..evaluation.model_loading import load_model, resolve_device
+    from ..evaluation.printing import (
         absent_classes_warning,
-        check_calibration_for,
-        check_deployment_sizes,
-        check_output,
-        default_priors,
-        evaluate_model,
         format_balanced,
         format_deployment_table,
         format_shift_table,
         format_stream_table,
-        load_model,
+    )
+    from ..evaluation.reports import check_output, report_owner, save_report
+    from ..evaluation.shifts import (
+        check_calibration_for,
+        check_deployment_sizes,
+        default_priors,
         parse_priors,
         parse_shifts,
-        report_owner,
-        resolve_device,
-        save_report,
-        upgrade_model,
     )
+    from ..evaluation.upgrade import upgrade_model
     from ..run_folder import output_lock
 
     # Everything that can be checked before the inference is checked first.

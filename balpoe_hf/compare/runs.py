@@ -159,7 +159,7 @@ def holdout_logits(model: BalPoEForImageClassification, processor: Any, holdout:
                    recipe: Recipe) -> tuple[torch.Tensor, np.ndarray]:
     """The model's uniform-prior logits on the held-out split and its labels as model class indices."""
     from ..data.loading import align_labels
-    from ..evaluation.evaluate import predict
+    from ..evaluation.predictions import predict
 
     logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -174,7 +174,7 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
     written after the evaluation.
     """
-    from ..evaluation.evaluate import load_model, resolve_device
+    from ..evaluation.model_loading import load_model, resolve_device
     from ..models.balpoe.holdout_statistics import holdout_calibration
     from ..recipes import save_recipe
     from ..run_folder import model_weight_files, output_lock, staged_save
@@ -235,7 +235,9 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
     model's default prior modes (``evaluation.default_priors``).
     """
-    from ..evaluation.evaluate import evaluate_model, load_model, report_files, resolve_device, write_report
+    from ..evaluation.evaluate import evaluate_model
+    from ..evaluation.model_loading import load_model, resolve_device
+    from ..evaluation.reports import report_files, write_report
     from ..metrics import reliability_bins
     from ..run_folder import output_lock, staged_save, weights_fingerprint
 
@@ -336,7 +338,7 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
     """
     from accelerate import PartialState
 
-    from ..evaluation.evaluate import parse_priors, parse_shifts
+    from ..evaluation.shifts import parse_priors, parse_shifts
 
     if base.method is not None:
         raise TrainingError(f"the base recipe of a comparison sets method={base.method!r}; leave it unset "

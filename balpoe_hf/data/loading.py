@@ -24,9 +24,9 @@ import datasets
 import numpy as np
 from huggingface_hub import constants as hub_constants
 
-from ..errors import DataError
+from ..errors import DataError, short_list
 from .split_lists import load_split_list
-from .splits import class_counts, holdout_split, labels_array, make_long_tailed, short_list
+from .splits import class_counts, holdout_split, labels_array, make_long_tailed
 
 if TYPE_CHECKING:
     from ..recipes import Recipe

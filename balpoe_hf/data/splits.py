@@ -13,23 +13,14 @@ from collections.abc import Sequence
 import datasets
 import numpy as np
 
+from ..errors import short_list
+
 PROFILES = ("exponential", "step")
 SELECTIONS = ("random", "reference")
 SHIFT_KINDS = ("forward", "backward", "uniform")
 # The shifted test sets of the evaluation protocol (LADE / SADE; the paper's Table 10).
 ALL_SHIFTS = ("forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
               "backward2", "backward5", "backward10", "backward25", "backward50")
-
-
-def short_list(items: Sequence, noun: str = "classes", head: int = 5) -> str:
-    """A list for a message: all of it when short, else the first ``head`` items, the last one and how many,
-    e.g. ``[10, 11, 12, 13, 14, ..., 999] (990 classes)``. Every message that lists classes (or files) goes
-    through it, so that a 1,000-class mismatch stays one line."""
-    items = [item.item() if hasattr(item, "item") else item for item in items]
-    if len(items) <= head + 2:
-        return f"[{', '.join(map(repr, items))}]"
-    shown = ", ".join(map(repr, items[:head]))
-    return f"[{shown}, ..., {items[-1]!r}] ({len(items)} {noun})"
 
 
 def _require_one_split(ds: object, caller: str, split: str, why: str) -> None:

@@ -23,7 +23,7 @@ SPACE_PACKAGES = ("torch", "torchvision", "timm", "transformers", "gradio")
 def load_demo_model(model_id: str | Path, device: str | None = None) -> tuple[Any, Any]:
     """A BalPoE model (eval mode) and its image processor, from a run's folder or a Hub id, with the checks
     of ``balpoe_hf.evaluation.load_model`` (an ``EvaluationError`` that names the problem and its fix)."""
-    from ..evaluation.evaluate import load_model, resolve_device
+    from ..evaluation.model_loading import load_model, resolve_device
 
     return load_model(model_id, resolve_device(device))
 

@@ -387,7 +387,7 @@ def _card_shift_rows(shift_report: Mapping[str, Any] | None, config: Mapping[str
                      ) -> tuple[list[str], list[tuple[str, str, dict[str, Any]]]]:
     """The shifts and ``(mode, row label, {shift: accuracy})`` of the prior modes a card shows: ``none``,
     ``oracle`` and the default unknown-prior mode; every other mode stays in the evaluation report."""
-    from ..evaluation.evaluate import default_priors
+    from ..evaluation.shifts import default_priors
 
     table = (shift_report or {}).get("shift_accuracy") or {}
     rows = [(mode, mode, dict(table[mode])) for mode in default_priors() if mode in table]
@@ -740,7 +740,7 @@ def _report_owner(report_path: Path, folder: Path) -> tuple[Path, str]:
     """The folder whose manifest lists the report as balpoe-evaluate's, and its name there: the model's
     folder, or the nearest folder above the report that lists it (another run's, for a report written into
     it); else where ``evaluation.report_owner`` would have listed it."""
-    from ..evaluation.evaluate import report_owner
+    from ..evaluation.reports import report_owner
 
     report = report_path.resolve()
     for owner in (folder.resolve(), *report.parents):

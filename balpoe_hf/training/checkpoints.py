@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.splits import short_list
-from ..errors import TrainingError
+from ..errors import TrainingError, short_list
 from ..models.balpoe.configuration_balpoe import POST_TRAINING_SETTINGS, SETTINGS
 from ..recipes import CONFIG_FIELDS, Recipe, recipe_differences, save_recipe
 from ..run_folder import (

@@ -48,7 +48,8 @@ from ..data.loading import TrainingData, input_paths, load_training_data
 from ..data.splits import labels_array, shot_groups
 from ..data.transforms import build_processor, evaluation_split
 from ..errors import HubFolderError, HubPublishError, TrainingError
-from ..evaluation.evaluate import absent_classes, absent_classes_warning, calibration_effect, format_balanced
+from ..evaluation.evaluate import absent_classes, calibration_effect
+from ..evaluation.printing import absent_classes_warning, format_balanced
 from ..metrics import long_tail_report, percent
 from ..models.balpoe.configuration_balpoe import BalPoEConfig
 from ..models.balpoe.holdout_statistics import holdout_calibration
