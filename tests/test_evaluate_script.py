@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, run_folder
 from balpoe_hf.data.loading import align_labels
 from balpoe_hf.errors import DataError, EvaluationError
+from balpoe_hf.evaluation import calibrate, model_loading, printing, reports, shifts, upgrade
 from balpoe_hf.evaluation import evaluate as evaluation
-from balpoe_hf.evaluation import model_loading, printing, reports, shifts, upgrade
 from balpoe_hf.training import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -488,7 +488,7 @@ def test_ctrl_c_during_an_upgrade_ends_with_one_line_and_replaces_nothing(holdou
         return real_predict(*args, **kwargs)
 
     monkeypatch.setattr(evaluation, "predict", predict)
-    monkeypatch.setattr(upgrade, "predict", predict)  # the upgrade's inference on the held-out split
+    monkeypatch.setattr(calibrate, "predict", predict)  # the upgrade's inference on the held-out split
     which = 1  # on the held-out split, before anything is saved
     assert script.main(["--model", str(run), "--upgrade", "--shifts", "uniform", "--prior", "none,auto",
                         "--output", str(run / "eval" / "report.json")]) == 130

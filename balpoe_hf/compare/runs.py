@@ -43,10 +43,8 @@ from ..recipes.methods import METHOD_DESCRIPTIONS, parse_methods
 from ..run_folder import lock_on_main_process
 
 if TYPE_CHECKING:  # only for annotations: the model and datasets load lazily
-    import datasets
-    import numpy as np
 
-    from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
+    pass
 
 DEFAULT_METHODS = ("ce", "ce-la", "bs", "lade", "balpoe-erm", "balpoe")
 # Recipe fields that change how a trained model predicts, not how it is trained (the config's).
@@ -155,17 +153,6 @@ def run_state(run_dir: Path, recipe: Recipe) -> RunState:
     return "finished" if finished else "unfinished"
 
 
-def holdout_logits(model: BalPoEForImageClassification, processor: Any, holdout: datasets.Dataset,
-                   recipe: Recipe) -> tuple[torch.Tensor, np.ndarray]:
-    """The model's uniform-prior logits on the held-out split and its labels as model class indices."""
-    from ..data.loading import align_labels
-    from ..evaluation.predictions import predict
-
-    logits, _ = predict(model, processor, holdout, recipe.image_column, recipe.eval_batch_size)
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    return logits, align_labels(holdout, recipe.label_column, names)
-
-
 def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) -> None:
     """A finished run of ``recipe`` from the weights of a run whose training was identical.
 
@@ -174,32 +161,31 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     logits. ``train_results.json`` names the source. ``eval_results.json`` (the finished marker) is
     written after the evaluation.
     """
+    from ..evaluation.calibrate import calibrate_and_save, holdout_logits
     from ..evaluation.model_loading import load_model, resolve_device
-    from ..models.balpoe.holdout_statistics import holdout_calibration
     from ..recipes import save_recipe
-    from ..run_folder import model_weight_files, output_lock, staged_save
+    from ..run_folder import output_lock
     from ..training.checkpoints import RUN_FOLDERS, clear_run_outputs
 
     with output_lock(run_dir, "balpoe-compare"):
         model, processor = load_model(source_dir, resolve_device(None))
         for name in PREDICTION_FIELDS:
             setattr(model.config, name, getattr(recipe, name))
+        logits = None
         if model.config.calibration is not None:
             if holdout is None:
                 raise TrainingError(f"{source_dir} has a held-out calibration but no held-out split was "
                                     "given to fit it again for the derived run.")
-            logits, labels = holdout_logits(model, processor, holdout, recipe)
-            model.config.calibration = holdout_calibration(logits, labels)
+            logits = holdout_logits(model, processor, holdout, recipe.image_column, recipe.label_column,
+                                    recipe.eval_batch_size)
         train_results = json.loads((source_dir / "train_results.json").read_text())
         train_results["weights_from"] = str(source_dir)
         clear_run_outputs(run_dir)  # an earlier derivation, never evaluated (what balpoe-hf wrote only)
         # The whole run in one staged save, listed in its manifest, so that a later --resume, balpoe-evaluate
         # --upgrade or balpoe-push knows these files are the run's own; a kill leaves all or none.
-        with staged_save(run_dir, folders=RUN_FOLDERS, obsolete=model_weight_files(run_dir)) as stage:
-            save_recipe(recipe, stage / "recipe.yaml")
-            processor.save_pretrained(stage)  # first: save_pretrained writes a processor only where none is
-            model.save_pretrained(stage)
-            (stage / "train_results.json").write_text(json.dumps(train_results, indent=2))
+        calibrate_and_save(model, run_dir, processor=processor, holdout=logits, folders=RUN_FOLDERS,
+                           files={"recipe.yaml": lambda path: save_recipe(recipe, path),
+                                  "train_results.json": json.dumps(train_results, indent=2)})
 
 
 def balanced_validation_report(logits: torch.Tensor, labels: Sequence[int], num_classes: int,
@@ -235,6 +221,7 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
     ``eval_results.json`` yet) gets that file written from the balanced-set report. ``priors=None``: the
     model's default prior modes (``evaluation.default_priors``).
     """
+    from ..evaluation.calibrate import holdout_logits
     from ..evaluation.evaluate import evaluate_model
     from ..evaluation.model_loading import load_model, resolve_device
     from ..evaluation.reports import report_files, write_report
@@ -258,7 +245,8 @@ def evaluate_run(run_dir: Path, recipe: Recipe, test, shifts: Sequence[str], pri
         result.report["comparison_settings"] = settings
         result.report["model_sha256"] = weights_fingerprint(run_dir)
         if holdout is not None:
-            logits, labels = holdout_logits(model, processor, holdout, recipe)
+            logits, labels = holdout_logits(model, processor, holdout, recipe.image_column,
+                                            recipe.label_column, recipe.eval_batch_size)
             result.report["validation"] = balanced_validation_report(logits, labels, model.config.num_labels)
         reports = [file.relative_to(run_dir).as_posix() for file in report_files(path)]
         # The report, its pictures and (for a derived run) eval_results.json, the finished marker, at once.

@@ -4,27 +4,21 @@ today's code files."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
-from ..data.loading import align_labels
 from ..errors import EvaluationError, short_list
-from ..models.balpoe.holdout_statistics import holdout_calibration
 from ..models.balpoe.label_shift import (
     is_legacy_choice,
 )
 from ..run_folder import (
-    model_weight_files,
     output_lock,
     read_manifest,
     run_output_files,
-    save_failure,
-    staged_save,
     written_by_package,
 )
+from .calibrate import calibrate_and_save, holdout_logits
 from .model_loading import load_model, resolve_device
-from .predictions import predict
 from .shifts import describe_estimator
 
 # Code files that releases of balpoe-hf shipped with a model (the remote code), today's and earlier ones': an
@@ -33,12 +27,8 @@ SHIPPED_CODE_FILES = ("backbones.py", "calibration.py", "cifar_resnet.py", "conf
                       "holdout_statistics.py", "label_shift.py", "losses.py", "modeling_balpoe.py",
                       "pipeline_balpoe.py", "prior_estimators.py", "priors.py", "processing.py",
                       "shrinkage.py")
-
-
 # What else a balpoe-hf run folder of any release holds: result files and its working folders.
 RUN_EXTRAS = ("README.md", "balpoe_outputs.json", "checkpoints", "eval", "logs", "images")
-
-
 # The run's files an upgrade keeps as they are (into a new folder: copies), listed in the manifest with it.
 KEPT_RUN_FILES = ("recipe.yaml", "train_results.json", "eval_results.json", "holdout_results.json")
 
@@ -73,9 +63,10 @@ def upgrade_model(model_dir: str | Path, output_dir: str | Path | None = None,
 
     In place (``output_dir=None``) only when every file of the folder is one a balpoe-hf release writes
     (unchanged since, where its manifest lists it); else into ``output_dir``, a new or empty folder. The
-    folder written into is held under its lock (``checkpoints.output_lock``), a save a kill interrupted there
-    is finished or discarded first, and the files go in in one ``checkpoints.staged_save`` with the manifest
-    that lists them: a kill or a full disk leaves the folder as it was or upgraded, never half of each.
+    folder written into is held under its lock (``run_folder.output_lock``), a save a kill interrupted there
+    is finished or discarded first, and the files go in in one staged save (``calibrate.calibrate_and_save``)
+    with the manifest that lists them: a kill or a full disk leaves the folder as it was or upgraded, never
+    half of each.
     Returns what was done: ``{"folder", "recalibrated", "dropped_choice", "auto"}``.
     """
     from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME
@@ -108,40 +99,25 @@ def upgrade_model(model_dir: str | Path, output_dir: str | Path | None = None,
                                   "into." + (" (An upgrade into it that was interrupted has just been "
                                              "finished: evaluate it with --model.)" if finished else ""))
         model, processor = load_model(model_dir, resolve_device(device))  # settles an interrupted save too
-        recalibrated = False
+        holdout = None
         recipe_path = model_dir / "recipe.yaml"
         if recipe_path.is_file():
             recipe = load_recipe(config=recipe_path)
             if recipe.holdout_fraction > 0:
-                data = load_training_data(recipe)
-                logits, _ = predict(model, processor, data.holdout, recipe.image_column,
-                                    recipe.eval_batch_size)
-                names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-                labels = align_labels(data.holdout, recipe.label_column, names)
-                try:
-                    model.config.calibration = holdout_calibration(logits, labels)
-                except ValueError as error:  # a class without a held-out image
-                    raise EvaluationError(f"cannot calibrate {model_dir} on its held-out split: "
-                                          f"{error}") from None
-                recalibrated = True
+                holdout = holdout_logits(model, processor, load_training_data(recipe).holdout,
+                                         recipe.image_column, recipe.label_column, recipe.eval_batch_size)
         dropped = None
         if is_legacy_choice(model.config.shift_estimator):
             dropped, model.config.shift_estimator = model.config.shift_estimator["name"], None
         current = set(run_output_files())
         retired = [name for name in SHIPPED_CODE_FILES if name not in current]
-        try:
-            # Config, code files, the unchanged weights, the processor and the run's files in one staged save
-            # with the manifest listing them: a kill leaves the old folder or the upgraded one, never an
-            # empty config.json.
-            with staged_save(target, obsolete=[*model_weight_files(target), *retired]) as stage:
-                for name in (IMAGE_PROCESSOR_NAME, *KEPT_RUN_FILES):  # as they are, not rebuilt
-                    if (model_dir / name).is_file():
-                        shutil.copyfile(model_dir / name, stage / name)
-                model.save_pretrained(stage)
-        except Exception as error:  # OSError, safetensors' errors: a full disk, a read-only folder
-            raise EvaluationError(f"could not save the upgraded model into {target}: "
-                                  f"{save_failure(error, target)} Nothing there was replaced.") from None
+        # Config, code files, the unchanged weights, the processor and the run's files (as they are, not
+        # rebuilt) in one staged save: a kill leaves the old folder or the upgraded one.
+        kept = {name: model_dir / name for name in (IMAGE_PROCESSOR_NAME, *KEPT_RUN_FILES)
+                if (model_dir / name).is_file()}
+        calibrate_and_save(model, target, holdout=holdout, files=kept, obsolete=retired,
+                           what="the upgraded model", error=EvaluationError)
         for name in retired:  # one that a folder without a manifest holds (staged_save removes listed ones)
             (target / name).unlink(missing_ok=True)
-    return {"folder": str(target), "recalibrated": recalibrated, "dropped_choice": dropped,
+    return {"folder": str(target), "recalibrated": holdout is not None, "dropped_choice": dropped,
             "auto": describe_estimator(model.config)}

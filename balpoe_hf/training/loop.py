@@ -48,11 +48,11 @@ from ..data.loading import TrainingData, input_paths, load_training_data
 from ..data.splits import labels_array, shot_groups
 from ..data.transforms import build_processor, evaluation_split
 from ..errors import HubFolderError, HubPublishError, TrainingError
+from ..evaluation.calibrate import calibrate_and_save, fit_holdout_calibration
 from ..evaluation.evaluate import absent_classes, calibration_effect
 from ..evaluation.printing import absent_classes_warning, format_balanced
 from ..metrics import long_tail_report, percent
 from ..models.balpoe.configuration_balpoe import BalPoEConfig
-from ..models.balpoe.holdout_statistics import holdout_calibration
 from ..models.balpoe.label_shift import describe_auto
 from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
 from ..recipes import CONFIG_FIELDS, Recipe
@@ -251,7 +251,7 @@ def calibrate_on_holdout(model: torch.nn.Module, loader: DataLoader, accelerator
     Every process fits the same ``holdout_calibration`` on the same gathered logits (float64).
     """
     logits, labels = gather_logits(model, loader, accelerator, len(loader.dataset))
-    accelerator.unwrap_model(model).config.calibration = holdout_calibration(logits, labels)
+    fit_holdout_calibration(accelerator.unwrap_model(model), logits, labels)
     report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
                               few=recipe.few_threshold)
     return {"holdout_samples": len(labels), **{f"holdout_{k}": v for k, v in report.items()}}
@@ -601,22 +601,16 @@ def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: 
                     **{f"eval_{k}": v for k, v in report.items()}}
     if holdout_results is not None:
         holdout_results = {"epoch": recipe.epochs, **holdout_results, "calibration": model.config.calibration}
-    try:
-        # All files at once, with the manifest: a kill or a full disk leaves the old model or the new one.
-        obsolete = run_folder.model_weight_files(output_dir)
-        with run_folder.staged_save(output_dir, obsolete=obsolete) as stage:
-            run.processor.save_pretrained(stage)  # first: save_pretrained then adds no processor of its own
-            model.save_pretrained(stage)
-            if not keep_results:
-                (stage / "train_results.json").write_text(json.dumps(train_results, indent=2))
-            (stage / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-            if holdout_results is not None:
-                (stage / "holdout_results.json").write_text(json.dumps(holdout_results, indent=2))
-    except Exception as error:  # OSError, safetensors' and torch's errors: a full disk, a read-only folder
-        raise TrainingError(f"could not save the model into {output_dir}: "
-                            f"{run_folder.save_failure(error, output_dir)} Nothing there was replaced, and "
-                            "the final checkpoint is intact: fix the cause and rerun with --resume, which "
-                            "evaluates it and saves the model again.") from None
+    # The model, its processor and the results at once, with the manifest: a kill or a full disk leaves the
+    # old model or the new one. The held-out calibration is in the config already (evaluate_and_calibrate).
+    files = {"eval_results.json": json.dumps(eval_results, indent=2)}
+    if not keep_results:
+        files["train_results.json"] = json.dumps(train_results, indent=2)
+    if holdout_results is not None:
+        files["holdout_results.json"] = json.dumps(holdout_results, indent=2)
+    calibrate_and_save(model, output_dir, processor=run.processor, files=files,
+                       then=", and the final checkpoint is intact: fix the cause and rerun with --resume, "
+                            "which evaluates it and saves the model again")
     print("\n" + format_balanced(report, f"{recipe.name}: balanced test set ({num_test:,} images) after "
                                          f"{recipe.epochs} epochs", run.groups)
           + ("" if holdout_results is None else
