@@ -18,13 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from train_synthetic import write_parquet
 
-from balpoe_hf import recipes
+from balpoe_hf import hub, recipes
 from balpoe_hf.cli import arguments
 from balpoe_hf.cli import commands as cli
 from balpoe_hf.compare import runs as compare
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.evaluation import plots
-from balpoe_hf.hub import card as hub
 from balpoe_hf.models.balpoe.holdout_statistics import holdout_calibration
 from balpoe_hf.recipes import methods
 from balpoe_hf.training import loop as training

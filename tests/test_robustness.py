@@ -29,6 +29,7 @@ from balpoe_hf import (
     BalPoEForImageClassification,
     BalPoELoss,
     build_image_processor,
+    hub,
     recipes,
     run_folder,
 )
@@ -36,10 +37,9 @@ from balpoe_hf.cli import arguments
 from balpoe_hf.cli import commands as cli
 from balpoe_hf.data import loading, transforms
 from balpoe_hf.data.splits import long_tailed_counts, make_long_tailed, make_shifted_test
-from balpoe_hf.errors import EvaluationError, TrainingError
+from balpoe_hf.errors import EvaluationError, HubFolderError, TrainingError
 from balpoe_hf.evaluation import evaluate as evaluation
 from balpoe_hf.evaluation import model_loading, reports
-from balpoe_hf.hub import card as hub
 from balpoe_hf.training import checkpoints
 from balpoe_hf.training import loop as training
 
@@ -234,7 +234,7 @@ def model_dir(tmp_path) -> Path:
 def test_hub_folder_never_replaces_a_card_it_did_not_write(model_dir, capsys):
     (model_dir / "README.md").write_text("# My own card\n")
     before = _snapshot(model_dir)
-    with pytest.raises(hub.HubFolderError, match=r"holds \['README.md'\], which balpoe-hf did not write"):
+    with pytest.raises(HubFolderError, match=r"holds \['README.md'\], which balpoe-hf did not write"):
         hub.prepare_hub_folder(model_dir)
     assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
     assert "Nothing was written" in capsys.readouterr().err
@@ -244,7 +244,7 @@ def test_hub_folder_never_replaces_a_card_it_did_not_write(model_dir, capsys):
 def test_hub_folder_is_checked_before_anything_is_written(model_dir):
     (model_dir / "preprocessor_config.json").unlink()
     before = _snapshot(model_dir)
-    with pytest.raises(hub.HubFolderError, match=r"no preprocessor_config\.json"):
+    with pytest.raises(HubFolderError, match=r"no preprocessor_config\.json"):
         hub.prepare_hub_folder(model_dir)
     assert _snapshot(model_dir) == before  # no README.md, no images/
 
@@ -254,7 +254,7 @@ def test_hub_folder_rewrites_its_own_card_but_not_an_edited_one(model_dir):
     hub.prepare_hub_folder(model_dir, "me/renamed")  # its own files: replaced
     assert "me/renamed" in (model_dir / "README.md").read_text()
     (model_dir / "images" / "class_counts.png").write_bytes(b"my picture")
-    with pytest.raises(hub.HubFolderError, match=r"\['images/class_counts.png'\].*or which were edited"):
+    with pytest.raises(HubFolderError, match=r"\['images/class_counts.png'\].*or which were edited"):
         hub.prepare_hub_folder(model_dir)
     assert (model_dir / "images" / "class_counts.png").read_bytes() == b"my picture"
 
@@ -522,7 +522,7 @@ def test_optional_packages_are_extras_and_each_feature_names_its_extra(data, tmp
         training.train(_recipe(data), tmp_path / "run", report_to="tensorboard")
     with pytest.raises(EvaluationError, match=r"need matplotlib: .*'balpoe-hf\[plots\]'"):
         reports.check_output(tmp_path / "report.json")
-    with pytest.raises(hub.HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
+    with pytest.raises(HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
         hub.prepare_hub_folder(tmp_path)
     assert not (tmp_path / "run").exists()
 

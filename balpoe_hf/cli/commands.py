@@ -452,7 +452,8 @@ the demo of REPO_ID (balpoe-demo, loaded from the Hub with trust_remote_code=Tru
 
 def push_main(argv: Sequence[str] | None = None) -> int:
     """``balpoe-push``: render the card, check the folder and upload it (or only list it with --dry-run)."""
-    from ..hub.card import DEFAULT_EVAL_REPORT, prepare_hub_folder, push_to_hub
+    from ..hub.folder import DEFAULT_EVAL_REPORT
+    from ..hub.publish import prepare_hub_folder, push_to_hub
 
     parser = argparse.ArgumentParser(description=PUSH_DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

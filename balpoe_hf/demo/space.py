@@ -67,7 +67,7 @@ def write_space_files(model_dir: str | Path, repo_id: str) -> list[Path]:
     ``app.py`` or ``requirements.txt`` that balpoe-hf did not write there (or that was edited since) is never
     replaced: ``HubFolderError`` asks to move it away. Returns the two paths.
     """
-    from ..hub.card import check_hub_folder, check_repo_id
+    from ..hub.folder import check_hub_folder, check_repo_id
     from ..run_folder import check_writable, record_outputs, written_by_package
 
     check_repo_id(repo_id)

@@ -622,7 +622,7 @@ def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: 
 
 
 def _upload(output_dir: Path, hub_model_id: str) -> None:
-    from ..hub.card import push_to_hub
+    from ..hub.publish import push_to_hub
 
     try:
         url = push_to_hub(output_dir, hub_model_id)
