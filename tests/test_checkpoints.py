@@ -24,7 +24,7 @@ from train_synthetic import TRAIN_COUNTS, write_parquet
 
 from balpoe_hf import recipes, run_folder
 from balpoe_hf.errors import TrainingError
-from balpoe_hf.training import checkpoints
+from balpoe_hf.training import checkpoints, resume
 from balpoe_hf.training.loop import train
 
 # 60 training images in batches of 8: 7 steps an epoch. A step checkpoint every 3 optimizer steps gives
@@ -265,7 +265,7 @@ def test_every_model_setting_of_the_recipe_reaches_the_config_and_a_resume_keeps
     config = model_config(recipes.make_recipe({"dataset": "x", **settings}), [3, 2], ["a", "b"])
     assert {name: getattr(config, name) for name in settings} == settings
     assert (config.class_counts, config.id2label) == ([3, 2], {0: "a", 1: "b"})
-    assert set(settings) <= set(checkpoints.RESUME_FIELDS)
+    assert set(settings) <= set(resume.RESUME_FIELDS)
 
 
 def test_each_experts_loss_is_reported_and_averages_to_the_loss(reference):
@@ -455,8 +455,8 @@ def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_on
         outcomes.append("new" if state == new else "old")
         assert not list(snapshot.glob(".balpoe-*")), snapshot.name
         # The next --resume or --overwrite proceeds: every file is listed with its content.
-        checkpoints.check_output_dir(snapshot, resume=True, overwrite=False)
-        checkpoints.check_output_dir(snapshot, resume=False, overwrite=True)
+        resume.check_output_dir(snapshot, resume=True, overwrite=False)
+        resume.check_output_dir(snapshot, resume=False, overwrite=True)
     assert "old" in outcomes and "new" in outcomes
 
 

@@ -20,7 +20,7 @@ from balpoe_hf.data.loading import align_labels
 from balpoe_hf.errors import DataError, EvaluationError
 from balpoe_hf.evaluation import calibrate, model_loading, printing, reports, shifts, upgrade
 from balpoe_hf.evaluation import evaluate as evaluation
-from balpoe_hf.training import checkpoints
+from balpoe_hf.training import resume
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -425,7 +425,7 @@ def test_a_kill_at_any_step_of_an_upgrade_leaves_a_loadable_model(holdout_run, t
         outcomes.add(config == new)
         assert model.config.shift_estimator == (None if config == new else LEGACY_CHOICE)
         assert not list(snapshot.glob(".balpoe-*")), snapshot.name  # no journal, no staging folder left
-        checkpoints.check_output_dir(snapshot, resume=True, overwrite=False)
+        resume.check_output_dir(snapshot, resume=True, overwrite=False)
     assert outcomes == {False, True}
     # Killed while the staged files were half-written: the rerun upgrades the old folder as the first did.
     cut = next(snapshot for snapshot in snapshots if snapshot.name.endswith("staging-cut"))

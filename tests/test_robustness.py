@@ -40,7 +40,7 @@ from balpoe_hf.data.splits import long_tailed_counts, make_long_tailed, make_shi
 from balpoe_hf.errors import EvaluationError, HubFolderError, TrainingError
 from balpoe_hf.evaluation import evaluate as evaluation
 from balpoe_hf.evaluation import model_loading, reports
-from balpoe_hf.training import checkpoints
+from balpoe_hf.training import checkpoints, non_finite, resume
 from balpoe_hf.training import loop as training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,12 +207,12 @@ def test_overwrite_never_deletes_an_input_or_an_edited_output(run, tmp_path):
     before = _snapshot(out)
     with pytest.raises(TrainingError, match=r"--overwrite would delete .*logs, which holds the input "
                                             r".*train\.parquet.*\(nothing was deleted\)"):
-        checkpoints.check_output_dir(out, resume=False, overwrite=True,
+        resume.check_output_dir(out, resume=False, overwrite=True,
                                      inputs=[out / "logs" / "train.parquet"])
     (out / "recipe.yaml").write_text((out / "recipe.yaml").read_text() + "# my notes\n")
     with pytest.raises(TrainingError, match=r"--overwrite would delete \['recipe.yaml'\] .* changed since "
                                             r"balpoe-hf wrote them"):
-        checkpoints.check_output_dir(out, resume=False, overwrite=True)
+        resume.check_output_dir(out, resume=False, overwrite=True)
     assert {k: v for k, v in _snapshot(out).items() if k != "recipe.yaml"} == \
         {k: v for k, v in before.items() if k != "recipe.yaml"}
 
@@ -327,7 +327,7 @@ def test_soft_targets_that_are_not_probabilities_are_refused_by_the_loss(row, me
 
 
 def test_non_finite_loss_guard_keeps_the_first_bad_batch():
-    guard = checkpoints.NonFiniteLossGuard(torch.device("cpu"))
+    guard = non_finite.NonFiniteLossGuard(torch.device("cpu"))
     seen = [guard.update(torch.tensor(value), batch) for batch, value in
             enumerate([1.0, 2.0, float("inf"), 1.0, float("nan")])]
     assert seen == [False, False, True, True, True]
@@ -577,17 +577,17 @@ def test_resume_on_a_folder_that_is_not_a_run_refuses_and_touches_nothing(data, 
 def test_resume_never_writes_over_a_file_the_run_did_not_write(run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    checkpoints.check_output_dir(out, resume=True, overwrite=False)  # the run's own files: fine
+    resume.check_output_dir(out, resume=True, overwrite=False)  # the run's own files: fine
     (out / "holdout_results.json").write_text('{"mine": true}')  # a name the run writes, not written by it
     with pytest.raises(TrainingError, match=r"--resume would write over \['holdout_results.json'\] in .*, "
                                             r"which balpoe-hf did not write there .*\(nothing was written\)"):
-        checkpoints.check_output_dir(out, resume=True, overwrite=False)
+        resume.check_output_dir(out, resume=True, overwrite=False)
     with pytest.raises(TrainingError, match=r"--overwrite would write over \['holdout_results.json'\]"):
-        checkpoints.check_output_dir(out, resume=False, overwrite=True)
+        resume.check_output_dir(out, resume=False, overwrite=True)
     (out / "holdout_results.json").unlink()
     (out / "config.json").write_text((out / "config.json").read_text() + "\n")  # edited since
     with pytest.raises(TrainingError, match=r"--resume would write over \['config.json'\]"):
-        checkpoints.check_output_dir(out, resume=True, overwrite=False)
+        resume.check_output_dir(out, resume=True, overwrite=False)
 
 
 def test_output_dir_that_takes_no_files_is_refused_before_the_data_load(data, tmp_path, capsys, monkeypatch):
@@ -756,7 +756,7 @@ def test_a_backbone_override_resets_what_the_recipe_set_for_its_backbone(tmp_pat
     assert recipes.load_recipe("imagenet-lt-resnext50", backbone="resnet20_cifar", epochs=8).to_dict() == \
         recipe.to_dict()
     # recipe.yaml says which fields were overridden, and reads back as the same recipe.
-    checkpoints.start_run(tmp_path / "run", recipe)
+    resume.start_run(tmp_path / "run", recipe)
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert saved[recipes.OVERRIDDEN_KEY] == ["backbone", "epochs", "backbone_kwargs"]
     assert recipes.load_recipe(config=tmp_path / "run" / "recipe.yaml").to_dict() == recipe.to_dict()

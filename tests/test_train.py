@@ -23,7 +23,7 @@ from balpoe_hf.data import loading, transforms
 from balpoe_hf.data.splits import class_counts
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.recipes import Recipe
-from balpoe_hf.training import checkpoints
+from balpoe_hf.training import checkpoints, resume
 from balpoe_hf.training import loop as training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,17 +283,17 @@ def test_learning_rate_schedules():
 
 
 def test_output_directory_rules(tmp_path):
-    checkpoints.check_output_dir(tmp_path / "new", resume=False, overwrite=False)
+    resume.check_output_dir(tmp_path / "new", resume=False, overwrite=False)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text("{}")
     with pytest.raises(TrainingError, match=r"not empty\. Pass --resume .* --overwrite"):
-        checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
+        resume.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
     # --resume and --overwrite act on a run's directory only (tests/test_robustness.py has the details).
     with pytest.raises(TrainingError, match="is not the directory of a balpoe-hf run"):
-        checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
-    run_folder.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], checkpoints.RUN_FOLDERS)
-    checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
-    checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
+        resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    run_folder.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], resume.RUN_FOLDERS)
+    resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    resume.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
 
 
 def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):

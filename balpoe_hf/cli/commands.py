@@ -37,7 +37,7 @@ from ..models.balpoe.label_shift import PRIOR_ESTIMATORS
 from ..recipes import SEED_LIMIT, Recipe, make_recipe
 from ..recipes.methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
 from ..run_folder import save_failure
-from ..training.checkpoints import resume_hint
+from ..training.resume import resume_hint
 from .arguments import build_parser, parse_args, parse_recipe_flags
 
 TRAIN_DESCRIPTION = """Train a BalPoE model (Balanced Product of Calibrated Experts) with Accelerate.

@@ -165,7 +165,7 @@ def derive_run(source_dir: Path, run_dir: Path, recipe: Recipe, holdout=None) ->
     from ..evaluation.model_loading import load_model, resolve_device
     from ..recipes import save_recipe
     from ..run_folder import output_lock
-    from ..training.checkpoints import RUN_FOLDERS, clear_run_outputs
+    from ..training.resume import RUN_FOLDERS, clear_run_outputs
 
     with output_lock(run_dir, "balpoe-compare"):
         model, processor = load_model(source_dir, resolve_device(None))

@@ -56,7 +56,16 @@ from ..models.balpoe.configuration_balpoe import BalPoEConfig
 from ..models.balpoe.label_shift import describe_auto
 from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
 from ..recipes import CONFIG_FIELDS, Recipe
-from . import checkpoints, speed
+from . import checkpoints, non_finite, speed
+from .resume import (
+    check_output_dir,
+    check_output_flags,
+    clear_run_outputs,
+    epoch_batches,
+    load_checkpoint,
+    model_signature,
+    start_run,
+)
 from .sync_batchnorm import convert_sync_batchnorm
 
 
@@ -287,7 +296,7 @@ class TrainState:
     train_runtime: float = 0.0  # seconds of training so far, over every resume
     images_seen: int = 0
     epoch_loss_sum: float = 0.0  # summed loss of the ``step`` batches done of the next epoch
-    model: dict[str, Any] | None = None  # checkpoints.model_signature of the model, checked on resume
+    model: dict[str, Any] | None = None  # model_signature of the model, checked on resume
     batches_per_epoch: int | None = None  # a step checkpoint's resume skips ``step`` of them
     epoch_expert_loss_sums: list[float] | None = None  # each expert's ``epoch_loss_sum``
     train_expert_losses: list[float] | None = None  # each expert's ``train_loss``
@@ -316,7 +325,7 @@ class Run:
     holdout_loader: DataLoader | None
     processor: Any  # the evaluation transform, saved with the model
     mixup: Mixup | None
-    guard: checkpoints.NonFiniteLossGuard
+    guard: non_finite.NonFiniteLossGuard
     steps_per_epoch: int  # optimizer steps
     run_start: float  # time.perf_counter() at the run's start, counting the sessions before a resume
 
@@ -330,7 +339,7 @@ class Run:
         bad = self.guard.first_bad()
         if bad is not None:
             multiplier = lr_lambda(self.recipe, self.steps_per_epoch)
-            raise checkpoints.non_finite_loss_error(
+            raise non_finite.non_finite_loss_error(
                 bad, len(self.loaders.train), self.recipe.gradient_accumulation_steps,
                 lambda step: self.recipe.lr * multiplier(step), self.output_dir)
 
@@ -373,10 +382,10 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
     run is the same every time; a resumed one then restores the checkpoint's RNG states.
     """
     accelerator = _accelerator(recipe, output_dir, report_to)
-    checkpoints.check_output_flags(output_dir, resume, overwrite)
+    check_output_flags(output_dir, resume, overwrite)
     # The lock first, and a save that a kill interrupted finished or undone, then what the folder holds.
     run_folder.lock_on_main_process(accelerator, output_dir, "balpoe-train", exit_stack)
-    checkpoints.check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
+    check_output_dir(output_dir, resume, overwrite, input_paths(recipe))
     check_model(recipe)
     for note in recipe.notes:
         accelerator.print(f"note: {note}")
@@ -405,7 +414,7 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
         except TypeError as error:
             raise TrainingError(str(error)) from None
     model = speed.prepare_model(model, recipe)
-    signature = checkpoints.model_signature(model.config)
+    signature = model_signature(model.config)
     optimizer = speed.build_optimizer(recipe, parameter_groups(model, recipe), accelerator.device)
     speed.enable_fast_kernels(accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -432,13 +441,13 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
 
     # The output directory, and the checkpoint to resume from.
     objects = checkpoints.TrainingObjects(model, optimizer, scheduler)
-    saved = checkpoints.load_checkpoint(accelerator, output_dir, recipe, signature, len(loaders.train),
+    saved = load_checkpoint(accelerator, output_dir, recipe, signature, len(loaders.train),
                                         objects) if resume else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite and output_dir.is_dir():
-            checkpoints.clear_run_outputs(output_dir)
-        checkpoints.start_run(output_dir, recipe)
+            clear_run_outputs(output_dir)
+        start_run(output_dir, recipe)
     accelerator.wait_for_everyone()
     if resume and saved is None:
         accelerator.print(f"no checkpoint in {output_dir / checkpoints.CHECKPOINTS_DIR}: starting afresh")
@@ -449,7 +458,7 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
         accelerator.init_trackers("logs", config={k: v if isinstance(v, int | float | str | bool) else str(v)
                                                   for k, v in recipe.to_dict().items()})
     run = Run(recipe, output_dir, accelerator, data, groups, model, optimizer, scheduler, loaders,
-              holdout_loader, processor, mixup, checkpoints.NonFiniteLossGuard(accelerator.device),
+              holdout_loader, processor, mixup, non_finite.NonFiniteLossGuard(accelerator.device),
               steps_per_epoch, run_start=0.0)
     accelerator.print(f"training {recipe.epochs} epochs of {steps_per_epoch} steps, global batch "
                       f"{run.global_batch} on {accelerator.num_processes} process(es) ({accelerator.device}, "
@@ -484,7 +493,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> float:
     logged = (state.epoch_loss_sum, expert_sums.tolist(), first_batch)  # (loss sums, batches) at the last log
     optimizer_step = epoch * run.steps_per_epoch + first_batch // recipe.gradient_accumulation_steps
     epoch_start, epoch_images = time.perf_counter(), 0
-    progress = tqdm(checkpoints.epoch_batches(run.loaders.train, accelerator, first_batch),
+    progress = tqdm(epoch_batches(run.loaders.train, accelerator, first_batch),
                     desc=f"epoch {epoch + 1}/{recipe.epochs}", total=num_batches, initial=first_batch,
                     leave=False, disable=not accelerator.is_local_main_process)
     for step, batch in enumerate(progress, start=first_batch):
