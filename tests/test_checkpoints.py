@@ -251,7 +251,7 @@ def test_resume_with_more_epochs_is_allowed_with_a_warning(reference, data, tmp_
 
 
 def test_every_model_setting_of_the_recipe_reaches_the_config_and_a_resume_keeps_it():
-    from balpoe_hf.training.loop import model_config
+    from balpoe_hf.training.model import model_config
 
     # The recipe fields that are BalPoEConfig settings, listed here by hand.
     settings = {

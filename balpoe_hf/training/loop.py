@@ -1,7 +1,7 @@
 """The BalPoE training loop with Accelerate: ``train(recipe, output_dir)``, read top to bottom.
 
     from balpoe_hf.recipes import load_recipe
-    from balpoe_hf.training.loop import train
+    from balpoe_hf.training import train
 
     result = train(load_recipe("fashion-mnist-lt-quick", epochs=1), "runs/quick")
     print(result.eval_report["balanced_accuracy"])
@@ -29,8 +29,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +38,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.data import Mixup
-from timm.utils import distribute_bn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import run_folder
-from ..data.loaders import Loaders, build_loaders
+from ..data.loaders import build_loaders
 from ..data.loading import TrainingData, input_paths, load_training_data
 from ..data.splits import labels_array, shot_groups
 from ..data.transforms import build_processor, evaluation_split
 from ..errors import HubFolderError, HubPublishError, TrainingError
-from ..evaluation.calibrate import calibrate_and_save, fit_holdout_calibration
-from ..evaluation.evaluate import absent_classes, calibration_effect
+from ..evaluation.calibrate import calibrate_and_save
+from ..evaluation.evaluate import absent_classes
 from ..evaluation.printing import absent_classes_warning, format_balanced
-from ..metrics import long_tail_report, percent
-from ..models.balpoe.configuration_balpoe import BalPoEConfig
+from ..metrics import percent
 from ..models.balpoe.label_shift import describe_auto
-from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
-from ..recipes import CONFIG_FIELDS, Recipe
+from ..recipes import Recipe
 from . import checkpoints, non_finite, speed
+from .eval_loop import calibrate_on_holdout, evaluate
+from .model import build_model, check_model, lr_lambda, parameter_groups
 from .resume import (
     check_output_dir,
     check_output_flags,
@@ -66,18 +65,8 @@ from .resume import (
     model_signature,
     start_run,
 )
+from .state import Run, TrainOutput, TrainState
 from .sync_batchnorm import convert_sync_batchnorm
-
-
-@dataclass
-class TrainOutput:
-    """What ``train`` returns: where the run is, its balanced-test-set report and its training statistics."""
-
-    output_dir: Path
-    eval_report: dict[str, Any] | None  # None when the run stopped at its deadline before the last epoch
-    train_results: dict[str, Any]
-    finished: bool = True  # False: stopped at the deadline; ``train(..., resume=True)`` continues it
-
 
 # numpy seeds its global generator with 0 <= seed < 2**32 and accelerate's set_seed(device_specific=True) adds
 # the process index: an epoch's seed wraps below 2**32, with room for 2**16 processes.
@@ -88,83 +77,6 @@ def epoch_global_seed(seed: int, epoch: int) -> int:
     """The seed of the global generators (``set_seed``) at the start of epoch ``epoch``: ``seed + epoch``,
     wrapped below ``EPOCH_SEED_MODULUS`` (the same value for every seed a run could use before)."""
     return (seed + epoch) % EPOCH_SEED_MODULUS
-
-
-def model_config(recipe: Recipe, class_counts: list[int], class_names: list[str]) -> BalPoEConfig:
-    """The ``BalPoEConfig`` of the recipe's model for a training split with these classes and counts: the
-    recipe's ``CONFIG_FIELDS`` (the fields named like config settings) and the split's classes."""
-    return BalPoEConfig(**{name: getattr(recipe, name) for name in CONFIG_FIELDS}, class_counts=class_counts,
-                        id2label=dict(enumerate(class_names)),
-                        label2id={name: i for i, name in enumerate(class_names)})
-
-
-def _model_error(recipe: Recipe, error: Exception) -> TrainingError:
-    if isinstance(error, TypeError):  # timm passes backbone_kwargs on to the model class
-        return TrainingError(f"cannot build the backbone {recipe.backbone} with backbone_kwargs "
-                             f"{recipe.backbone_kwargs}: {error}. Pass only arguments that "
-                             f"timm.create_model({recipe.backbone!r}, ...) takes and does not set itself "
-                             "(--backbone-kwargs), or none.")
-    return TrainingError(f"cannot build the model: {error}")
-
-
-def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassification:
-    """A freshly initialised BalPoE model whose training prior is the long-tailed split's class counts."""
-    try:
-        return BalPoEForImageClassification(model_config(recipe, data.class_counts, data.class_names))
-    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as error:  # OSError: pretrained offline
-        raise _model_error(recipe, error) from None
-
-
-def check_model(recipe: Recipe) -> None:
-    """Build the recipe's model on the meta device (no memory, no weights, no download: a fraction of a
-    second), so that settings the backbone refuses stop a run before its data are loaded."""
-    num_classes = recipe.num_classes or 2
-    try:
-        config = model_config(recipe, [1] * num_classes, [str(c) for c in range(num_classes)])
-        with torch.device("meta"):
-            BalPoEForImageClassification(config)
-    except (ValueError, TypeError, KeyError, RuntimeError) as error:
-        raise _model_error(recipe, error) from None
-
-
-def parameter_groups(model: BalPoEForImageClassification, recipe: Recipe) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: one, or with ``recipe.scale_expert_lr`` and E > 1 experts two, the
-    experts' own parameters at ``E x lr`` and ``weight_decay / E``.
-
-    The loss is the mean of the E expert losses, so an expert's parameters get 1/E of its gradient; the
-    scaled group makes their SGD step ``lr * (grad_e + weight_decay * w)``, that of the expert trained alone.
-    """
-    scale = recipe.num_experts if recipe.scale_expert_lr else 1
-    if scale == 1:
-        return [{"params": list(model.parameters())}]
-    experts = list(model.balpoe.experts.parameters())
-    expert_ids = {id(p) for p in experts}
-    shared = [p for p in model.parameters() if id(p) not in expert_ids]
-    return [{"params": shared},
-            {"params": experts, "lr": recipe.lr * scale, "weight_decay": recipe.weight_decay / scale}]
-
-
-def lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step ``step`` (for ``torch.optim.lr_scheduler.LambdaLR``).
-
-    A linear warm-up over ``warmup_epochs``, then the recipe's schedule: ``multistep`` multiplies by
-    ``lr_gamma`` at each milestone epoch, ``cosine`` decays to 0 at the last step, ``constant`` stays.
-    """
-    warmup = round(recipe.warmup_epochs * steps_per_epoch)
-    total = recipe.epochs * steps_per_epoch
-
-    def multiplier(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if recipe.lr_schedule == "multistep":
-            epoch = step // steps_per_epoch
-            return recipe.lr_gamma ** sum(epoch >= m for m in recipe.lr_milestones)
-        if recipe.lr_schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return multiplier
 
 
 def expected_world_size() -> int | None:
@@ -209,63 +121,6 @@ def past_deadline(accelerator: Accelerator, deadline: float | None, epoch_second
     return bool(accelerator.reduce(late, reduction="sum").item() > 0)
 
 
-@torch.no_grad()
-def gather_logits(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator,
-                  num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's logits ``(N, C)`` and the labels ``(N,)`` of the ``num_images`` images of ``loader``, once
-    each, on CPU.
-
-    Every process gets all of them. The logits are adjusted to the config's target prior (uniform in
-    training).
-    """
-    if accelerator.num_processes > 1:
-        # Every process evaluates its share with process 0's batch-norm statistics, those of the saved model:
-        # without SyncBatchNorm each process has updated its own copy since DDP's last broadcast.
-        distribute_bn(model, accelerator.num_processes, reduce=False)
-    model.eval()
-    all_logits, all_labels = [], []
-    for batch in loader:
-        logits = model(pixel_values=batch["pixel_values"]).logits
-        # gather_for_metrics drops the samples repeated to even out the last batch across processes.
-        logits, labels = accelerator.gather_for_metrics((logits.float(), batch["labels"]))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
-    # Under several processes the last round is completed with images from the start; gather_for_metrics
-    # drops them (both loaders report the round's real images to accelerate), and the gathered rows are the
-    # images in order, so the first num_images are the test set whatever a loader reports.
-    return torch.cat(all_logits)[:num_images], torch.cat(all_labels)[:num_images]
-
-
-def evaluate(model: torch.nn.Module, loader: Iterable[dict], accelerator: Accelerator, recipe: Recipe,
-             class_counts: list[int], num_test: int) -> tuple[dict, int]:
-    """``long_tail_report`` of the balanced test set of ``num_test`` images and its size; every test image
-    is counted once.
-
-    The logits ``(N, C)`` are the model's, adjusted to a uniform prior. When the model has a held-out
-    calibration, the report adds the ECE and NLL after it (``calibration_effect``).
-    """
-    logits, labels = gather_logits(model, loader, accelerator, num_test)
-    report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
-                              few=recipe.few_threshold)
-    calibration = accelerator.unwrap_model(model).config.calibration
-    if calibration is not None:
-        report.update(calibration_effect(logits, labels, calibration, n_bins=15))
-    return report, len(labels)
-
-
-def calibrate_on_holdout(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator,
-                         recipe: Recipe, class_counts: list[int]) -> dict[str, Any]:
-    """Fit the held-out calibration into the model's config; return the held-out ``long_tail_report``.
-
-    Every process fits the same ``holdout_calibration`` on the same gathered logits (float64).
-    """
-    logits, labels = gather_logits(model, loader, accelerator, len(loader.dataset))
-    fit_holdout_calibration(accelerator.unwrap_model(model), logits, labels)
-    report = long_tail_report(logits, labels, class_counts, n_bins=15, many=recipe.many_threshold,
-                              few=recipe.few_threshold)
-    return {"holdout_samples": len(labels), **{f"holdout_{k}": v for k, v in report.items()}}
-
-
 def _check_tracker(report_to: str) -> None:
     if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise TrainingError("--report-to tensorboard needs the tensorboard package: pip install "
@@ -282,72 +137,6 @@ def _check_hub_upload_possible(push_to_hub: bool, hub_model_id: str | None) -> N
     if constants.is_offline_mode():
         raise TrainingError("--push-to-hub needs the network, but offline mode is on (HF_HUB_OFFLINE=1); "
                             "unset it, or publish later with balpoe-push (scripts/push_to_hub.py).")
-
-
-@dataclass
-class TrainState:
-    """A run's progress and statistics, saved in every checkpoint (``trainer_state.json``) so that a resumed
-    run goes on exactly where it stopped and reports the whole run."""
-
-    epoch: int = 0  # epochs done
-    step: int = 0  # batches done of the next epoch (a step checkpoint; 0 after a whole epoch)
-    eval_history: list[dict[str, Any]] = field(default_factory=list)
-    train_loss: float | None = None  # mean loss of the last whole epoch
-    train_runtime: float = 0.0  # seconds of training so far, over every resume
-    images_seen: int = 0
-    epoch_loss_sum: float = 0.0  # summed loss of the ``step`` batches done of the next epoch
-    model: dict[str, Any] | None = None  # model_signature of the model, checked on resume
-    batches_per_epoch: int | None = None  # a step checkpoint's resume skips ``step`` of them
-    epoch_expert_loss_sums: list[float] | None = None  # each expert's ``epoch_loss_sum``
-    train_expert_losses: list[float] | None = None  # each expert's ``train_loss``
-
-    @classmethod
-    def from_checkpoint(cls, saved: dict[str, Any]) -> TrainState:
-        """The state of a checkpoint's ``trainer_state.json`` (one saved before a field existed gets its
-        default)."""
-        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
-
-
-@dataclass
-class Run:
-    """What ``set_up`` prepares for the phases of a run: its settings, the prepared model, optimizer and
-    loaders, and the figures the printouts use."""
-
-    recipe: Recipe
-    output_dir: Path
-    accelerator: Accelerator
-    data: TrainingData
-    groups: dict[str, list[int]]  # shot groups of the training counts
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    loaders: Loaders
-    holdout_loader: DataLoader | None
-    processor: Any  # the evaluation transform, saved with the model
-    mixup: Mixup | None
-    guard: non_finite.NonFiniteLossGuard
-    steps_per_epoch: int  # optimizer steps
-    run_start: float  # time.perf_counter() at the run's start, counting the sessions before a resume
-
-    @property
-    def global_batch(self) -> int:
-        recipe = self.recipe
-        return recipe.batch_size * self.accelerator.num_processes * recipe.gradient_accumulation_steps
-
-    def stop_if_diverged(self) -> None:
-        """Raise the non-finite-loss error if a loss so far was NaN or infinite (one device sync)."""
-        bad = self.guard.first_bad()
-        if bad is not None:
-            multiplier = lr_lambda(self.recipe, self.steps_per_epoch)
-            raise non_finite.non_finite_loss_error(
-                bad, len(self.loaders.train), self.recipe.gradient_accumulation_steps,
-                lambda step: self.recipe.lr * multiplier(step), self.output_dir)
-
-    def save_checkpoint(self, state: TrainState) -> None:
-        """Save the model, optimizer, scheduler and RNG states with ``state`` as a checkpoint."""
-        checkpoints.save_checkpoint(self.accelerator, self.output_dir, asdict(state),
-                                    self.recipe.checkpoints_total_limit,
-                                    checkpoints.TrainingObjects(self.model, self.optimizer, self.scheduler))
 
 
 def _accelerator(recipe: Recipe, output_dir: Path, report_to: str) -> Accelerator:
