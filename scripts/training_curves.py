@@ -12,7 +12,7 @@ dashed lines.
 import argparse
 from pathlib import Path
 
-from balpoe_hf.compare.runs import PAPER_CIFAR10_LT_IR100
+from balpoe_hf.compare.budgets import PAPER_CIFAR10_LT_IR100
 from balpoe_hf.evaluation.curves import epochs_done, eval_history, format_curve_table
 from balpoe_hf.evaluation.plots import training_curves_plot
 

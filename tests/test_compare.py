@@ -21,6 +21,7 @@ from train_synthetic import write_parquet
 from balpoe_hf import hub, recipes
 from balpoe_hf.cli import arguments
 from balpoe_hf.cli import commands as cli
+from balpoe_hf.compare import budgets, tables
 from balpoe_hf.compare import runs as compare
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.evaluation import plots
@@ -201,7 +202,7 @@ def test_seed_table_is_the_mean_and_range_of_the_finished_seeds(tmp_path):
     summaries = compare.seed_summaries(tmp_path, ["bs", "balpoe", "ce"], [0, 1])
     assert list(summaries) == ["bs", "balpoe"]
     assert summaries["bs"]["balanced_accuracy"] == pytest.approx({"mean": 0.72, "min": 0.70, "max": 0.74})
-    table = compare.format_seed_table(summaries).splitlines()
+    table = tables.format_seed_table(summaries).splitlines()
     assert table[2] == "| bs | 0,1 | 72.00 (70.00-74.00) | 90.00 (90.00-90.00) | 70.00 (70.00-70.00) | " \
                        "50.00 (50.00-50.00) | 9.00 (8.00-10.00) |"
     assert table[3] == "| balpoe | 0 | 75.00 | 90.00 | 70.00 | 50.00 | 5.00 |"
@@ -241,7 +242,7 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
     result = compare.compare(base, "bs,lade", tmp_path, shifts=SHIFTS, priors="none,oracle")
     assert result.complete and list(result.summaries) == ["bs", "lade"]
     assert result.summaries["bs"]["validation"]["samples"] == 15
-    printed = compare.format_comparison(result, base)
+    printed = tables.format_comparison(result, base)
     assert "Held-out validation split" in printed
     assert "(prior: none = uniform target, oracle = the shifted set's true prior):" in printed
     for method in ("bs", "lade"):
@@ -380,11 +381,11 @@ def _summary(balanced: float, ece: float, weights_from: str | None = None) -> di
 
 def test_tables():
     summaries = {"ce": _summary(0.5, 0.125), "ce-la": _summary(0.75, 0.0625, weights_from="runs/x/ce")}
-    table = compare.format_method_table(summaries, paper=compare.PAPER_CIFAR10_LT_IR100).splitlines()
+    table = tables.format_method_table(summaries, paper=budgets.PAPER_CIFAR10_LT_IR100).splitlines()
     assert table[2] == "| ce | 50.00 | 90.00 | 50.00 | n/a | 12.50 | 25.00 | 1.235 | 1.5 min | 71.3 | 19.1 |"
     assert table[3] == ("| ce-la | 75.00 | 90.00 | 50.00 | n/a | 6.25 | 25.00 | 1.235 | (weights of ce) "
                         "| - | - |")
-    rows = compare.format_shift_rows(summaries).splitlines()
+    rows = tables.format_shift_rows(summaries).splitlines()
     assert rows[0] == "| method | prior | forward2 | uniform |"
     assert rows[2:4] == ["| ce | none | 50.0 | 25.0 |", "| ce | oracle | 62.5 | 25.0 |"]
 
@@ -416,7 +417,7 @@ def test_card_names_the_method(tmp_path):
 def test_shift_caption_names_the_modes_of_the_table():
     summaries = {"bs": {"shift_accuracy": {"none": {}, "oracle": {}, "auto": {}}},
                  "ce": {"shift_accuracy": {"none": {}, "oracle": {}, "em": {}}}}
-    assert compare.prior_caption(summaries) == (
+    assert tables.prior_caption(summaries) == (
         "none = uniform target, oracle = the shifted set's true prior, auto = estimated from its unlabeled "
         "images by the default estimator, em = estimated from its unlabeled images by EM on the raw "
         "posteriors")

@@ -20,18 +20,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
-from ..compare.runs import (
-    BUDGETS,
-    DEFAULT_METHODS,
-    EVALUATION_RESERVE,
-    Budget,
-    budget_values,
-    compare,
-    format_comparison,
-    format_seed_table,
-    seed_dir,
-    seed_summaries,
-)
+from ..compare.budgets import BUDGETS, DEFAULT_METHODS, Budget, budget_values
+from ..compare.runs import EVALUATION_RESERVE, compare, seed_dir, seed_summaries
+from ..compare.tables import format_comparison, format_seed_table
 from ..errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
 from ..models.balpoe.label_shift import PRIOR_ESTIMATORS
 from ..recipes import SEED_LIMIT, Recipe, make_recipe

@@ -1,6 +1,6 @@
 """Train several methods at the same budget and compare them, as Tables 2 / 9 / 10 of the BalPoE paper do.
 
-    from balpoe_hf.compare.runs import budget_recipe, compare
+    from balpoe_hf.compare import budget_recipe, compare, format_method_table
 
     base = budget_recipe("quick")
     result = compare(base, ["ce", "bs", "balpoe"], "runs/compare-quick")
@@ -31,22 +31,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
 from ..errors import TrainingError
-from ..metrics import calibration_bins, calibration_errors, percent
+from ..metrics import calibration_bins, calibration_errors
 from ..models.balpoe.configuration_balpoe import PREDICTION_SETTINGS
-from ..recipes import CONFIG_FIELDS, Recipe, make_recipe, recipe_differences, recipe_values
+from ..recipes import CONFIG_FIELDS, Recipe, recipe_differences
 from ..recipes.methods import METHOD_DESCRIPTIONS, parse_methods
 from ..run_folder import lock_on_main_process
+from .budgets import method_recipe
+from .tables import write_comparison
 
-if TYPE_CHECKING:  # only for annotations: the model and datasets load lazily
-
-    pass
-
-DEFAULT_METHODS = ("ce", "ce-la", "bs", "lade", "balpoe-erm", "balpoe")
 # Recipe fields that change how a trained model predicts, not how it is trained (the config's).
 PREDICTION_FIELDS = tuple(name for name in PREDICTION_SETTINGS if name in CONFIG_FIELDS)
 # Fields that change neither the trained weights nor the comparison's evaluation: a run may differ in them.
@@ -55,71 +52,6 @@ LOOP_FIELDS = ("description", "checkpoints_total_limit", "checkpoint_every_steps
 # Seconds kept free before --time-limit for evaluating a method that has just finished training.
 EVALUATION_RESERVE = 60.0
 EVAL_DIR = "eval"
-
-# The paper's CIFAR-10-LT IR100 rows (ResNet-32, 200 epochs; Tables 8 and 9), in percent.
-PAPER_CIFAR10_LT_IR100 = {
-    "ce": {"balanced_accuracy": 71.3, "ece": 19.1, "mce": 33.9},
-    "bs": {"balanced_accuracy": 83.1},
-    "balpoe-erm": {"balanced_accuracy": 80.5, "ece": 11.0, "mce": 27.7},
-    "balpoe": {"balanced_accuracy": 84.2, "ece": 6.3, "mce": 15.8},
-}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A comparison's base recipe: a shipped recipe and the settings changed for the budget."""
-
-    recipe: str
-    settings: Mapping[str, Any]
-    description: str
-    needs_files: bool = False  # the data comes from --train-file / --test-file
-    paper: Mapping[str, Mapping[str, float]] | None = None  # published rows to print beside the measured ones
-
-
-CPU_SETTINGS = {"backbone": "resnet20_cifar", "epochs": 12, "lr_schedule": "cosine", "warmup_epochs": 1.0,
-                "eval_every": 0, "checkpoints_total_limit": 1, "num_workers": 2, "holdout_fraction": 0.1,
-                "scale_expert_lr": True}
-BUDGETS: dict[str, Budget] = {
-    "quick": Budget(
-        # mixup_alpha for the 'balpoe' method only: the main job's recipe trains without mixup.
-        "fashion-mnist-lt-quick", {"eval_every": 0, "mixup_alpha": 0.2},
-        "Fashion-MNIST-LT IR100 (a tenth held out), ResNet-20, 4 epochs, experts at their own lr, mixup 0.2: "
-        "a few minutes a method on 2 CPU cores"),
-    "cpu": Budget(
-        "cifar10-lt-local",
-        CPU_SETTINGS,
-        "CIFAR-10-LT IR100 from parquet (a tenth held out), ResNet-20, 12 epochs cosine, experts at their "
-        "own lr, mixup 0.8: about an hour for five methods on 2 CPU cores",
-        needs_files=True, paper=PAPER_CIFAR10_LT_IR100),
-    # The cpu budget run four times as long: where the ensemble's lead over single experts shows on 2 cores.
-    "cpu-long": Budget(
-        "cifar10-lt-local",
-        {**CPU_SETTINGS, "epochs": 48},
-        "the cpu budget for 48 epochs: about 20 min a single-expert and 40 min a 3-expert method on 2 CPU "
-        "cores",
-        needs_files=True, paper=PAPER_CIFAR10_LT_IR100),
-    "paper": Budget(
-        "cifar10-lt-local", {"eval_every": 0, "checkpoints_total_limit": 1},
-        "CIFAR-10-LT IR100 from parquet, the paper's schedule: ResNet-32, 200 epochs, mixup 0.8 (a GPU)",
-        needs_files=True, paper=PAPER_CIFAR10_LT_IR100),
-}
-
-
-def budget_recipe(budget: str, **overrides: Any) -> Recipe:
-    """The base recipe of a budget (``method`` unset), with field overrides (e.g. ``train_file=[...]``)."""
-    if budget not in BUDGETS:
-        raise TrainingError(f"unknown budget {budget!r}; the budgets are {', '.join(BUDGETS)}.")
-    return make_recipe(budget_values(budget) | overrides)
-
-
-def budget_values(budget: str) -> dict[str, Any]:
-    spec = BUDGETS[budget]
-    return {**recipe_values(spec.recipe), **spec.settings, "name": f"compare-{budget}"}
-
-
-def method_recipe(base: Recipe, method: str) -> Recipe:
-    """``base`` with the preset of ``method`` on top, named ``<base name>-<method>``."""
-    return make_recipe({**base.to_dict(), "method": method, "name": f"{base.name}-{method}"})
 
 
 def _training_signature(recipe: Recipe) -> str:
@@ -406,110 +338,6 @@ def _compare(base: Recipe, methods: list[str], output_dir: Path, shifts: list[st
 # --------------------------------------------------------------------------- output
 
 
-def format_method_table(summaries: Mapping[str, Mapping[str, Any]],
-                        paper: Mapping[str, Mapping[str, float]] | None = None) -> str:
-    """Markdown table like the paper's Tables 2 / 9: balanced-test-set metrics per method, in percent.
-
-    With ``paper`` (method -> published values in percent), columns with the published accuracy and ECE.
-    """
-    header = "| method | balanced acc. | many | medium | few | ECE | MCE | NLL | train time |"
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    if paper:
-        header += " paper acc. | paper ECE |"
-        rule += "---:|---:|"
-    rows = [header, rule]
-    for method, summary in summaries.items():
-        b = summary["balanced"]
-        runtime = summary.get("train_runtime")
-        if summary.get("weights_from"):
-            time_cell = f"(weights of {Path(summary['weights_from']).name})"
-        else:
-            time_cell = "n/a" if runtime is None else f"{runtime / 60:.1f} min"
-        cells = [percent(b[key]) for key in ("balanced_accuracy", "many", "medium", "few", "ece", "mce")]
-        row = f"| {method} | {' | '.join(cells)} | {b['nll']:.3f} | {time_cell} |"
-        if paper:
-            published = paper.get(method, {})
-            row += "".join(f" {published[k]:.1f} |" if k in published else " - |"
-                           for k in ("balanced_accuracy", "ece"))
-        rows.append(row)
-    return "\n".join(rows)
-
-
-def format_validation_table(summaries: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """Markdown table of the held-out split's class-balanced figures per method (``None`` without one)."""
-    rows = [(m, s["validation"]) for m, s in summaries.items() if s.get("validation")]
-    if not rows:
-        return None
-    lines = ["| method | balanced acc. | ECE | NLL |", "|---|---:|---:|---:|"]
-    lines += [f"| {m} | {percent(v['balanced_accuracy'])} | {percent(v['ece'])} | {v['nll']:.3f} |"
-              for m, v in rows]
-    return "\n".join(lines)
-
-
-def format_shift_rows(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown table like the paper's Table 10: per method and prior mode, top-1 accuracy on each shift."""
-    first = next(iter(summaries.values()))
-    shifts = list(next(iter(first["shift_accuracy"].values())))
-    rows = ["| method | prior | " + " | ".join(shifts) + " |", "|---|---|" + "---:|" * len(shifts)]
-    for method, summary in summaries.items():
-        for mode, accuracy in summary["shift_accuracy"].items():
-            rows.append(f"| {method} | {mode} | " + " | ".join(percent(accuracy[s], 1) for s in shifts)
-                        + " |")
-    return "\n".join(rows)
-
-
-# How the caption of the shift table names each prior mode.
-PRIOR_CAPTIONS = {"none": "none = uniform target", "oracle": "oracle = the shifted set's true prior",
-                  "auto": "auto = estimated from its unlabeled images by the default estimator",
-                  "em": "em = estimated from its unlabeled images by EM on the raw posteriors"}
-
-
-def prior_caption(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """What the prior modes of the shift table mean, for the modes it has (in their order)."""
-    modes = dict.fromkeys(mode for summary in summaries.values() for mode in summary["shift_accuracy"])
-    return ", ".join(PRIOR_CAPTIONS.get(mode, f"{mode} = estimated from its unlabeled images")
-                     for mode in modes)
-
-
-def format_comparison(comparison: Comparison, base: Recipe, budget: Budget | None = None) -> str:
-    """The printed result: the settings, both tables, and what is left to do."""
-    lines = [f"Methods on {base.name}: {base.backbone}, {base.epochs} epochs ({base.lr_schedule} lr "
-             f"{base.lr:g}), batch {base.batch_size}, seed {base.seed}, balanced test set"]
-    if comparison.summaries:
-        lines += ["", format_method_table(comparison.summaries, budget.paper if budget else None)]
-        if budget and budget.paper:
-            lines.append("paper: CIFAR-10-LT IR100, ResNet-32, 200 epochs (Sanchez Aimar et al., Tables 8-9)")
-        validation = format_validation_table(comparison.summaries)
-        if validation:
-            lines += ["", "Held-out validation split (part of the training data, never trained on; each "
-                      "image weighted by 1 / its class count, as if balanced):", "", validation]
-        lines += ["", f"Top-1 accuracy (%) on label-shifted test sets (prior: "
-                  f"{prior_caption(comparison.summaries)}):", "", format_shift_rows(comparison.summaries)]
-    if comparison.pending:
-        lines += ["", f"not done yet: {', '.join(comparison.pending)} (rerun the same command to continue)"]
-    return "\n".join(lines)
-
-
-def write_comparison(comparison: Comparison, base: Recipe, output_dir: Path) -> dict[str, str]:
-    """Write ``comparison.json``, ``.md`` and ``.png`` into ``output_dir``; returns their paths."""
-    from ..evaluation.plots import method_comparison_plot
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    files = {"json": str(output_dir / "comparison.json"), "markdown": str(output_dir / "comparison.md"),
-             "png": str(output_dir / "comparison.png")}
-    payload = {"base_recipe": base.to_dict(), "complete": comparison.complete, "pending": comparison.pending,
-               "train_counts": comparison.train_counts, "methods": comparison.summaries}
-    Path(files["json"]).write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    tables = [format_method_table(comparison.summaries), format_shift_rows(comparison.summaries),
-              format_validation_table(comparison.summaries)]
-    Path(files["markdown"]).write_text("\n\n".join(t for t in tables if t) + "\n")
-    method_comparison_plot(
-        {m: {"reliability": s["reliability"], "per_class_accuracy": s["balanced"]["per_class_accuracy"]}
-         for m, s in comparison.summaries.items()},
-        comparison.train_counts, files["png"], many=base.many_threshold, few=base.few_threshold)
-    return files
-
-
 # --------------------------------------------------------------------------- several seeds
 
 
@@ -537,15 +365,3 @@ def seed_summaries(output_dir: str | Path, methods: Sequence[str], seeds: Sequen
                 for k in keys}}
     return summaries
 
-
-def format_seed_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown: per method, the mean over its seeds with the range in brackets, in percent."""
-    columns = (("balanced_accuracy", "balanced acc."), ("many", "many"), ("medium", "medium"), ("few", "few"),
-               ("ece", "ECE"))
-    rows = ["| method | seeds | " + " | ".join(label for _, label in columns) + " |",
-            "|---|---|" + "---:|" * len(columns)]
-    for method, summary in summaries.items():
-        cells = [f"{percent(summary[k]['mean'])} ({percent(summary[k]['min'])}-{percent(summary[k]['max'])})"
-                 if len(summary["seeds"]) > 1 else percent(summary[k]["mean"]) for k, _ in columns]
-        rows.append(f"| {method} | {','.join(map(str, summary['seeds']))} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
