@@ -23,7 +23,14 @@ from typing import Literal
 from ..compare.budgets import BUDGETS, DEFAULT_METHODS, Budget, budget_values
 from ..compare.runs import EVALUATION_RESERVE, compare, seed_dir, seed_summaries
 from ..compare.tables import format_comparison, format_seed_table
-from ..errors import DataError, EvaluationError, HubFolderError, HubPublishError, TrainingError
+from ..errors import (
+    DataError,
+    EvaluationError,
+    EvaluationFailure,
+    HubFolderError,
+    HubPublishError,
+    TrainingError,
+)
 from ..models.balpoe.label_shift import PRIOR_ESTIMATORS
 from ..recipes import SEED_LIMIT, Recipe, make_recipe
 from ..recipes.methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
@@ -419,7 +426,7 @@ def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgrade
             # only it.
             images = save_report(result, output, args.model)
         except OSError as error:
-            raise EvaluationError(f"could not write the report {output}: "
+            raise EvaluationFailure(f"could not write the report {output}: "
                                   f"{save_failure(error, output.parent)} Nothing was replaced.") from None
         print(f"\nwrote {args.output} and {', '.join(images.values())} beside it")
     return 0

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..data.loading import align_labels
-from ..errors import TrainingError
+from ..errors import TrainingError, TrainingFailure
 from ..models.balpoe.holdout_statistics import holdout_calibration
 from ..run_folder import model_weight_files, save_failure, staged_save
 from .predictions import predict
@@ -53,7 +53,8 @@ def calibrate_and_save(model: Any, folder: str | Path, *, processor: Any = None,
                        holdout: tuple[torch.Tensor, torch.Tensor | np.ndarray] | None = None,
                        files: Mapping[str, FileSource] | None = None, obsolete: Iterable[str] = (),
                        folders: Iterable[str] = (), what: str = "the model", then: str = "",
-                       error: type[Exception] = TrainingError) -> None:
+                       error: type[Exception] = TrainingError, failure: type[Exception] = TrainingFailure
+                       ) -> None:
     """Fit the held-out calibration (``holdout``: the held-out logits and labels; ``None`` keeps the
     config's) and save the model into ``folder`` with its ``processor`` and ``files``, all in one staged
     save listed in the folder's manifest.
@@ -62,7 +63,8 @@ def calibrate_and_save(model: Any, folder: str | Path, *, processor: Any = None,
     copied ``preprocessor_config.json`` is the folder's processor (``save_pretrained`` writes one only where
     none is), then ``processor`` (``None``: none beyond ``files``), then the model. ``obsolete``: files of the
     folder the save makes stale (the weights of the model saved there before always are), ``folders``: the
-    run's folders the manifest lists. A failure to write is ``error("could not save WHAT into FOLDER:
+    run's folders the manifest lists. A held-out split without some class is an ``error`` (bad input), a
+    failure to write a ``failure`` (``errors.RunFailure``): ``failure("could not save WHAT into FOLDER:
     REASON Nothing there was replaced" + then + ".")``.
     """
     if holdout is not None:
@@ -80,6 +82,6 @@ def calibrate_and_save(model: Any, folder: str | Path, *, processor: Any = None,
             if processor is not None:
                 processor.save_pretrained(stage)
             model.save_pretrained(stage)
-    except Exception as failure:  # OSError, safetensors' and torch's errors: a full disk, a read-only folder
-        raise error(f"could not save {what} into {folder}: {save_failure(failure, folder)} Nothing there was "
-                    f"replaced{then}.") from None
+    except Exception as reason:  # OSError, safetensors' and torch's errors: a full disk, a read-only folder
+        raise failure(f"could not save {what} into {folder}: {save_failure(reason, folder)} Nothing there "
+                      f"was replaced{then}.") from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import EvaluationError, short_list
+from ..errors import EvaluationError, EvaluationFailure, short_list
 from ..models.balpoe.label_shift import (
     is_legacy_choice,
 )
@@ -116,7 +116,7 @@ def upgrade_model(model_dir: str | Path, output_dir: str | Path | None = None,
         kept = {name: model_dir / name for name in (IMAGE_PROCESSOR_NAME, *KEPT_RUN_FILES)
                 if (model_dir / name).is_file()}
         calibrate_and_save(model, target, holdout=holdout, files=kept, obsolete=retired,
-                           what="the upgraded model", error=EvaluationError)
+                           what="the upgraded model", error=EvaluationError, failure=EvaluationFailure)
         for name in retired:  # one that a folder without a manifest holds (staged_save removes listed ones)
             (target / name).unlink(missing_ok=True)
     return {"folder": str(target), "recalibrated": holdout is not None, "dropped_choice": dropped,

@@ -20,7 +20,7 @@ from transformers.utils import (
     CONFIG_NAME,
 )
 
-from ..errors import HubFolderError, HubPublishError, TrainingError
+from ..errors import HubFolderError, HubFolderWriteError, HubPublishError, TrainingError
 from ..recipes import read_recipe_file
 from ..run_folder import (
     finish_interrupted_save,
@@ -180,8 +180,8 @@ def _prepare_hub_folder(folder: Path, repo_id: str | None, *, eval_report: str |
                 shutil.copyfile(source, stage / name)
             card.save(stage / CARD_NAME)
     except OSError as error:
-        raise HubFolderError(f"could not write the model card into {folder}: {save_failure(error, folder)} "
-                             "Nothing there was replaced.") from None
+        raise HubFolderWriteError(f"could not write the model card into {folder}: "
+                                  f"{save_failure(error, folder)} Nothing there was replaced.") from None
     return HubFolder(path=folder, files=check_hub_folder(folder, extra_files=upload_files), card=card,
                      published=published)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import TrainingError
+from ..errors import TrainingFailure
 from ..run_folder import (
     PARTIAL_SUFFIX,
     save_failure,
@@ -277,9 +277,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dic
     except Exception as error:  # torch reports a failed write as a RuntimeError, safetensors its own
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        raise TrainingError(f"could not write the checkpoint {final}: {save_failure(error, output_dir)} Its "
-                            "partial files were removed and the earlier checkpoints are intact: fix the "
-                            "cause and continue with --resume.") from None
+        raise TrainingFailure(f"could not write the checkpoint {final}: {save_failure(error, output_dir)} "
+                              "Its partial files were removed and the earlier checkpoints are intact: fix "
+                              "the cause and continue with --resume.") from None
     accelerator.wait_for_everyone()
     return final
 

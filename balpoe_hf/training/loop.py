@@ -46,7 +46,7 @@ from ..data.loaders import build_loaders
 from ..data.loading import TrainingData, input_paths, load_training_data
 from ..data.splits import labels_array, shot_groups
 from ..data.transforms import build_processor, evaluation_split
-from ..errors import HubFolderError, HubPublishError, TrainingError
+from ..errors import HubFolderError, HubPublishError, TrainingError, TrainingFailure
 from ..evaluation.calibrate import calibrate_and_save
 from ..evaluation.evaluate import absent_classes
 from ..evaluation.printing import absent_classes_warning, format_balanced
@@ -425,7 +425,7 @@ def _upload(output_dir: Path, hub_model_id: str) -> None:
     try:
         url = push_to_hub(output_dir, hub_model_id)
     except (HubPublishError, HubFolderError) as error:
-        raise TrainingError(f"training finished and the model is saved in {output_dir}, but the upload "
+        raise TrainingFailure(f"training finished and the model is saved in {output_dir}, but the upload "
                             f"failed: {error}") from None
     print(f"pushed to {url}")
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import TrainingError
+from ..errors import TrainingFailure
 from .checkpoints import completed_checkpoints
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class NonFiniteLossGuard:
 
 
 def non_finite_loss_error(batch: int, batches_per_epoch: int, accumulation: int,
-                          lr_at: Callable[[int], float], output_dir: str | Path) -> TrainingError:
+                          lr_at: Callable[[int], float], output_dir: str | Path) -> TrainingFailure:
     """The error for a non-finite loss at global batch number ``batch``: where, the lr there, and hints.
 
     ``lr_at(step)`` is the learning rate at optimizer step ``step`` (0-based).
@@ -54,7 +54,7 @@ def non_finite_loss_error(batch: int, batches_per_epoch: int, accumulation: int,
     step = epoch * -(-batches_per_epoch // accumulation) + index // accumulation
     saved = completed_checkpoints(output_dir)
     where = f"the latest checkpoint, {saved[-1]}, is from before it" if saved else "no checkpoint was saved"
-    return TrainingError(
+    return TrainingFailure(
         f"the training loss is not finite (NaN or inf) at epoch {epoch + 1}, batch {index + 1} (optimizer "
         f"step {step + 1}, lr {lr_at(step):.4g}); training stopped there and {where}. The run diverged or "
         "the data holds bad values: lower --lr, set --max-grad-norm (e.g. 5), prefer --mixed-precision bf16 "
