@@ -6,7 +6,7 @@ budgets, methods and every option.
 
 import sys
 
-from balpoe_hf.cli.commands import compare_main as main
+from balpoe_hf.cli import compare_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@ A thin command line over ``balpoe_hf.demo`` (the same as ``balpoe-demo``); ``--h
 
 import sys
 
-from balpoe_hf.cli.commands import demo_main as main
+from balpoe_hf.cli import demo_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ option.
 
 import sys
 
-from balpoe_hf.cli.commands import describe_split_main as main
+from balpoe_hf.cli import describe_split_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@ A thin command line over ``balpoe_hf.hub`` (the same as ``balpoe-push``); ``--he
 
 import sys
 
-from balpoe_hf.cli.commands import push_main as main
+from balpoe_hf.cli import push_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ A thin command line over ``balpoe_hf.training.train`` (the same as ``balpoe-trai
 
 import sys
 
-from balpoe_hf.cli.commands import train_main as main
+from balpoe_hf.cli import train_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -542,7 +542,7 @@ def _flags(settings: dict) -> list[str]:
 
 
 def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, monkeypatch, capsys):
-    from balpoe_hf.cli import commands as cli
+    from balpoe_hf import cli
     from balpoe_hf.training import loop as training
 
     train_file, test_file = data

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from balpoe_hf.cli import commands as cli
+from balpoe_hf import cli
 from balpoe_hf.recipes import RECIPE_FIELDS, Recipe, unwrap_optional
 from balpoe_hf.training import loop as training
 

@@ -18,9 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from train_synthetic import write_parquet
 
-from balpoe_hf import hub, recipes
+from balpoe_hf import cli, hub, recipes
 from balpoe_hf.cli import arguments
-from balpoe_hf.cli import commands as cli
 from balpoe_hf.compare import budgets, tables
 from balpoe_hf.compare import runs as compare
 from balpoe_hf.errors import TrainingError

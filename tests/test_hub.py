@@ -492,7 +492,7 @@ def run_cards(tmp_path_factory) -> dict[str, dict]:
     """Three runs trained by balpoe-train, evaluated by balpoe-evaluate and rendered by prepare_hub_folder."""
     from train_synthetic import write_parquet
 
-    from balpoe_hf.cli import commands as cli
+    from balpoe_hf import cli
 
     root = tmp_path_factory.mktemp("card_runs")
     train_file, test_file = write_parquet(root / "data")
@@ -844,7 +844,7 @@ def test_a_report_naming_a_file_outside_its_folder_never_gets_it_published(saved
         message = r"names the picture '.*secret\.txt', which is not a file name beside the report"
     with pytest.raises(HubFolderError, match=message):
         hub.prepare_hub_folder(run, "me/tiny-balpoe")
-    assert push_script.main([str(run), "me/tiny-balpoe", "--dry-run"]) == 1
+    assert push_script.main([str(run), "me/tiny-balpoe", "--dry-run"]) == 2
     assert "Nothing was written" in capsys.readouterr().err
     assert not (run / "images").exists() and not (run / "README.md").exists()
 

@@ -12,8 +12,7 @@ import pytest
 import torch
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, recipes
-from balpoe_hf.cli import commands as cli
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, recipes
 from balpoe_hf.data import loading
 from balpoe_hf.data.splits import holdout_sizes, holdout_split
 from balpoe_hf.errors import DataError, EvaluationError, TrainingError

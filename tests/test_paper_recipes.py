@@ -18,9 +18,8 @@ import torch
 import yaml
 from PIL import Image
 
-from balpoe_hf import recipes
+from balpoe_hf import cli, recipes
 from balpoe_hf.cli import arguments
-from balpoe_hf.cli import commands as cli
 from balpoe_hf.data import loading, transforms
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.recipes import RECIPES_DIR

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 
-from balpoe_hf.cli import commands as cli
+from balpoe_hf import cli
 from balpoe_hf.data.loading import FASHION_MNIST_LABELS, load_split
 from balpoe_hf.data.prepare import prepare_data
 from balpoe_hf.errors import DataError

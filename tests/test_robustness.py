@@ -29,12 +29,12 @@ from balpoe_hf import (
     BalPoEForImageClassification,
     BalPoELoss,
     build_image_processor,
+    cli,
     hub,
     recipes,
     run_folder,
 )
 from balpoe_hf.cli import arguments
-from balpoe_hf.cli import commands as cli
 from balpoe_hf.data import loading, transforms
 from balpoe_hf.data.splits import long_tailed_counts, make_long_tailed, make_shifted_test
 from balpoe_hf.errors import EvaluationError, HubFolderError, TrainingError
@@ -236,7 +236,7 @@ def test_hub_folder_never_replaces_a_card_it_did_not_write(model_dir, capsys):
     before = _snapshot(model_dir)
     with pytest.raises(HubFolderError, match=r"holds \['README.md'\], which balpoe-hf did not write"):
         hub.prepare_hub_folder(model_dir)
-    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2  # bad input: the folder
     assert "Nothing was written" in capsys.readouterr().err
     assert _snapshot(model_dir) == before
 
@@ -836,12 +836,12 @@ def test_push_refuses_bad_input_before_writing_anything(model_dir, tmp_path, cap
         (["me/model", "--eval-report", str(tmp_path / "data.parquet")], "is not valid JSON"),
     ]
     for args, message in cases:
-        assert cli.push_main([str(model_dir), *args, "--dry-run"]) == 1
+        assert cli.push_main([str(model_dir), *args, "--dry-run"]) == 2
         err = capsys.readouterr().err
         assert message in err and "Nothing was written" in err, err
     config = (model_dir / "config.json").read_text()
     (model_dir / "config.json").write_text(config[:-20])
-    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2
     assert f"the model config {model_dir / 'config.json'} is not valid JSON" in capsys.readouterr().err
     (model_dir / "config.json").write_text(config)
 
@@ -849,7 +849,7 @@ def test_push_refuses_bad_input_before_writing_anything(model_dir, tmp_path, cap
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", read_only)
-    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2
     assert f"cannot write the model card into {model_dir}: {model_dir} does not take new files" in \
         capsys.readouterr().err
     assert _snapshot(model_dir) == before

@@ -367,7 +367,7 @@ def test_push_to_hub_needs_an_id_and_the_network(train_script, tmp_path, capsys,
 
 
 def test_list_recipes_prints_every_shipped_recipe(capsys):
-    from balpoe_hf.cli import commands as cli
+    from balpoe_hf import cli
 
     assert cli.train_main(["--list-recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()

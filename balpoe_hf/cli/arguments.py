@@ -1,13 +1,13 @@
 """The command-line layer over recipes: ``--recipe`` / ``--config`` and a flag per recipe field.
 
-transformers' ``HfArgumentParser`` over ``RunArguments`` (or another dataclass of options, like
-``balpoe-compare``'s) and ``Recipe`` makes a flag per field with its help, ``Literal`` choices,
-``--flag/--no-flag`` booleans and ``nargs="+"`` lists. What it lacks is added here, on the parser it builds:
-the recipe layer (its values become the parser's defaults, so a flag given on the command line wins and
-``--help`` shows the resolved values), ``none`` for optional fields (``--num-classes none``), JSON for the
-one ``dict`` field (``--backbone-kwargs '{"drop_rate": 0.1}'``), and no abbreviated flags (``--epoch`` must
-not silently mean ``--epochs``). The resolution itself (layers, backbone resets, checks) is
-``balpoe_hf.recipes``'.
+``parsing.ArgumentParser`` (transformers' ``HfArgumentParser``) over ``RunArguments`` (or another dataclass
+of options, like ``balpoe-compare``'s) and ``Recipe`` makes a flag per field with its help, ``Literal``
+choices, ``--flag/--no-flag`` booleans and ``nargs="+"`` lists, and no abbreviated flags (``--epoch`` must
+not silently mean ``--epochs``). What recipes need beyond that is added here, on the parser it builds: the
+recipe layer (its values become the parser's defaults, so a flag given on the command line wins and
+``--help`` shows the resolved values), ``none`` for optional fields (``--num-classes none``) and JSON for
+the one ``dict`` field (``--backbone-kwargs '{"drop_rate": 0.1}'``). The resolution itself (layers,
+backbone resets, checks) is ``balpoe_hf.recipes``'.
 """
 
 from __future__ import annotations
@@ -32,11 +32,7 @@ from ..recipes import (
     resolved_recipe,
     unwrap_optional,
 )
-
-
-def _help(text: str) -> dict[str, Any]:
-    """Field metadata: the ``--help`` text (HfArgumentParser passes metadata on to ``add_argument``)."""
-    return {"help": text}
+from .parsing import ArgumentParser, option
 
 
 @dataclass
@@ -45,25 +41,25 @@ class RunArguments:
 
     _argument_group_name = "run"
 
-    recipe: str | None = field(default=None, metadata=_help(
+    recipe: str | None = field(default=None, metadata=option(
         "Shipped recipe (balpoe-train --list-recipes lists them)."))
-    config: str | None = field(default=None, metadata=_help(
+    config: str | None = field(default=None, metadata=option(
         "Your own recipe file (YAML mapping of recipe fields; `base: NAME` starts from a shipped recipe)."))
-    output_dir: str | None = field(default=None, metadata=_help(
+    output_dir: str | None = field(default=None, metadata=option(
         "Where the model, results and checkpoints go (default: runs/NAME)."))
-    resume: bool = field(default=False, metadata=_help(
+    resume: bool = field(default=False, metadata=option(
         "Continue from the latest loadable checkpoint in --output-dir (start afresh if there is none); the "
         "settings that define the model must be those of the run."))
-    overwrite: bool = field(default=False, metadata=_help(
+    overwrite: bool = field(default=False, metadata=option(
         "Start over in the --output-dir of an earlier run: the files that run wrote (listed in its "
         "balpoe_outputs.json) are deleted first, nothing else."))
-    report_to: Literal["none", "tensorboard"] = field(default="none", metadata=_help(
+    report_to: Literal["none", "tensorboard"] = field(default="none", metadata=option(
         "Experiment tracker (TensorBoard logs go to OUTPUT_DIR/logs)."))
-    push_to_hub: bool = field(default=False, metadata=_help(
+    push_to_hub: bool = field(default=False, metadata=option(
         "Upload the trained model to the Hub (balpoe_hf.hub.push_to_hub) at the end."))
-    hub_model_id: str | None = field(default=None, metadata=_help(
+    hub_model_id: str | None = field(default=None, metadata=option(
         "Hub repository for --push-to-hub (user/name)."))
-    time_limit: float | None = field(default=None, metadata=_help(
+    time_limit: float | None = field(default=None, metadata=option(
         "Wall-clock limit in seconds: after an epoch's checkpoint, stop if the next epoch would end past it "
         "(rerun with --resume to continue). 'none': no limit."))
 
@@ -87,14 +83,10 @@ def _json_object(text: str) -> dict:
 
 def build_parser(description: str | None = None, run_arguments: type = RunArguments,
                  usage: str = "%(prog)s [--recipe NAME | --config FILE.yaml] [--FIELD VALUE ...]"
-                 ) -> argparse.ArgumentParser:
-    """``HfArgumentParser`` over ``run_arguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
-    from transformers import HfArgumentParser
-
+                 ) -> ArgumentParser:
+    """``ArgumentParser`` over ``run_arguments`` and ``Recipe``, plus what it lacks (see the module doc)."""
     # A short usage line: argparse's own lists every flag (70 lines) above each usage error.
-    parser = HfArgumentParser((run_arguments, Recipe), description=description, allow_abbrev=False,
-                              usage=usage + " (every flag: --help)",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser((run_arguments, Recipe), description, usage=usage + " (every flag: --help)")
     hints = typing.get_type_hints(Recipe)
     actions = {action.dest: action for action in parser._actions}
     for name in RECIPE_FIELDS:
