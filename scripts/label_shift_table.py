@@ -4,9 +4,9 @@
         --output RUN/eval/shift.json
     python scripts/label_shift_table.py runs/a/eval/shift.json runs/b/eval/shift.json [--mode auto]
 
-Prints a Markdown table (balpoe_hf.shift_summary): the mode's worst gain over 'none' on the full shifted
-sets, the oracle's gain it recovers on forward50 / backward50, its worst mean gain on 300-image batches, on
-streams of ten such batches, and in the drift scenario.
+Prints a Markdown table (balpoe_hf.evaluation.shift_summary): the mode's worst gain over 'none' on the full
+shifted sets, the oracle's gain it recovers on forward50 / backward50, its worst mean gain on 300-image
+batches, on streams of ten such batches, and in the drift scenario.
 """
 
 import argparse

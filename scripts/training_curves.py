@@ -4,9 +4,9 @@
         --every 20 --output docs/images/paper-curves.png [--paper]
 
 Prints how many epochs each run has done and a Markdown table of the balanced test set's accuracy and ECE
-every --every epochs (balpoe_hf.curves), and with --output draws them against the epoch; --paper adds the
-BalPoE paper's CIFAR-10-LT IR100 figures of runs named like its methods (bs, balpoe, balpoe-erm, ce) as
-dashed lines.
+every --every epochs (balpoe_hf.evaluation.curves), and with --output draws them against the epoch; --paper
+adds the BalPoE paper's CIFAR-10-LT IR100 figures of runs named like its methods (bs, balpoe, balpoe-erm, ce)
+as dashed lines.
 """
 
 import argparse

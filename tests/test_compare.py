@@ -28,7 +28,7 @@ from balpoe_hf.models.balpoe.holdout_statistics import holdout_calibration
 from balpoe_hf.recipes import methods
 from balpoe_hf.training import loop as training
 
-# The presets as the issue and the README define them (independent of balpoe_hf.methods' table):
+# The presets as the issue and the README define them (independent of balpoe_hf.recipes.methods' table):
 # (num_experts, lambdas, mixup_alpha, loss, remove_mean_lambda); None: the recipe's mixup.
 DOCUMENTED = {
     "ce": (1, [1.0], 0.0, "balpoe", False),

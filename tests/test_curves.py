@@ -1,4 +1,5 @@
-"""Learning curves of runs, finished or still going (balpoe_hf.curves), against histories written by hand."""
+"""Learning curves of runs, finished or still going (balpoe_hf.evaluation.curves), against histories written
+by hand."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""The label-shift figures of a report (balpoe_hf.shift_summary), against a report written by hand."""
+"""The label-shift figures of a report (balpoe_hf.evaluation.shift_summary), against a report written by
+hand."""
 
 import pytest
 

@@ -3,7 +3,7 @@
 One process (a run killed with SIGKILL inside an epoch and launched again with --resume, which must end with
 the weights of the same run trained in this process) and two CPU (gloo) processes, the saved model loaded
 back with the transformers auto classes, and a launch that asks for processes it does not start. The data
-fit in memory, so every run takes the default device pipeline (balpoe_hf.loaders); tests/test_loaders.py
+fit in memory, so every run takes the default device pipeline (balpoe_hf.data.loaders); tests/test_loaders.py
 trains with the worker pipeline. Each launch costs several seconds of start-up, so they start with the test
 session, beside the other tests (``background``, tests/processes.py), and the tests read what they left.
 """

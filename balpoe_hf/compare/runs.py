@@ -6,15 +6,14 @@
     result = compare(base, ["ce", "bs", "balpoe"], "runs/compare-quick")
     print(format_method_table(result.summaries))
 
-Every method (``balpoe_hf.methods``) is the same base recipe (data, split, seed, backbone, schedule) with the
-method's preset on top, trained by ``balpoe_hf.training.train`` into its own output directory
+Every method (``balpoe_hf.recipes.methods``) is the same base recipe (data, split, seed, backbone, schedule)
+with the method's preset on top, trained by ``balpoe_hf.training.train`` into its own output directory
 ``OUTPUT_DIR/METHOD`` exactly as ``scripts/train.py --method METHOD`` would, so that each is an ordinary,
-resumable run (loadable, evaluable, publishable). The trainings run one after the other in this process:
-one import of torch and the data per comparison, training errors arrive as exceptions, one deadline
-(``--time-limit``) covers all of them, and ``accelerate launch scripts/compare_methods.py`` distributes
-every training as it would a single run. Methods whose training is identical (``ce`` and ``ce-la`` differ
-only in how they predict) are trained once: the others get a copy of the weights with their own prediction
-setting.
+resumable run (loadable, evaluable, publishable). The trainings run one after the other in this process: one
+import of torch and the data per comparison, training errors arrive as exceptions, one deadline
+(``--time-limit``) covers all of them, and ``accelerate launch scripts/compare_methods.py`` distributes every
+training as it would a single run. Methods whose training is identical (``ce`` and ``ce-la`` differ only in
+how they predict) are trained once: the others get a copy of the weights with their own prediction setting.
 
 A rerun with the same settings skips the finished methods and resumes the unfinished ones from their last
 epoch checkpoint. Each finished method is evaluated with ``balpoe_hf.evaluation.evaluate_model`` (balanced
@@ -248,7 +247,7 @@ def compare(base: Recipe, methods: str | Sequence[str], output_dir: str | Path, 
 
     Args:
         base: the shared recipe; its ``method`` must be unset (each method sets its own).
-        methods: method names (``balpoe_hf.methods.METHODS``), or a comma list of them.
+        methods: method names (``balpoe_hf.recipes.methods.METHODS``), or a comma list of them.
         output_dir: the comparison's directory; method ``m`` trains into ``output_dir/m``.
         shifts, priors: the shifted test sets and prior modes of ``evaluate_model`` (``priors=None``: its
             default, ``none``, ``oracle`` and ``auto`` or, without a held-out calibration, ``em``).

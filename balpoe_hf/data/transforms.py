@@ -46,7 +46,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def build_processor(recipe: Recipe) -> BaseImageProcessor:
     """The image processor saved with the model, and the evaluation transform of the training run.
 
-    ``crop_pct == 1`` (CIFAR-like recipes): ``balpoe_hf.processing.build_image_processor``, a square resize
+    ``crop_pct == 1`` (CIFAR-like recipes): ``balpoe_hf.build_image_processor``, a square resize
     to ``image_size``. ``crop_pct < 1`` (ImageNet-like): the ImageNet protocol of resizing the shorter side
     to ``image_size / crop_pct`` and centre-cropping ``image_size``, with transformers'
     ``ConvNextImageProcessor``, which implements exactly that. Both convert to RGB, rescale and normalise.

@@ -38,7 +38,7 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
     """The BalPoE model (in eval mode, on ``device``) and the image processor saved with it.
 
     A local folder is first brought back to one state if a kill interrupted a save into it
-    (``checkpoints.settle``). Refuses (``EvaluationError``) a folder without ``config.json``, a
+    (``run_folder.settle``). Refuses (``EvaluationError``) a folder without ``config.json``, a
     ``config.json`` that ``BalPoEConfig`` refuses, pickle weights (only safetensors are loaded: unpickling
     can run code), weights that do not fit the config (missing tensors, other shapes: transformers would
     initialise the missing layers at random and the report would be of a model that does not exist),

@@ -49,7 +49,7 @@ def report_owner(output: str | Path, model_dir: str | Path | None = None) -> Pat
 def staged_report(output: str | Path, model_dir: str | Path | None = None) -> Iterator[Path]:
     """Where to write the report at ``output`` (and the files beside it): the same place in a staging folder
     of ``report_owner``; when the block ends the files replace their namesakes at once and are listed as
-    ``balpoe-evaluate``'s in its manifest (``checkpoints.staged_save``), under its lock."""
+    ``balpoe-evaluate``'s in its manifest (``run_folder.staged_save``), under its lock."""
     output = Path(output)
     owner = report_owner(output, model_dir)
     with output_lock(owner, "balpoe-evaluate --output"), staged_save(owner, reports=True) as stage:

@@ -183,7 +183,7 @@ def check_hub_folder(model_dir: str | Path, require_card: bool = True, extra_fil
         files.append(IMAGE_PROCESSOR_NAME)
     else:
         problems.append(f"no {IMAGE_PROCESSOR_NAME}: save the image processor beside the model "
-                        "(balpoe_hf.processing.build_image_processor(config).save_pretrained(dir)) so that "
+                        "(balpoe_hf.build_image_processor(config).save_pretrained(dir)) so that "
                         "pipeline('image-classification') works.")
     if require_card:
         card_path = folder / CARD_NAME

@@ -84,7 +84,7 @@ def prepare_hub_folder(
     ``scripts/train.py``) and the ``scripts/evaluate.py`` report ``eval_report`` (default
     ``MODEL_DIR/eval/report.json`` when it exists: its balanced-set metrics, label-shift table and
     reliability diagram). Checks the folder first and writes nothing when it is not publishable; then writes
-    ``README.md`` and ``images/`` and lists them in the folder's manifest (``balpoe_hf.checkpoints``). A
+    ``README.md`` and ``images/`` and lists them in the folder's manifest (``balpoe_hf.run_folder``). A
     ``README.md`` or picture that the package did not write there (or that was edited since) is never
     replaced: ``HubFolderError`` asks to move it away. Returns the card and the files that ``push_to_hub``
     would upload, so that the folder can be inspected first. ``repo_id`` is used in the card's usage
@@ -92,7 +92,7 @@ def prepare_hub_folder(
 
     The report must be balpoe-evaluate's, unedited, of this folder's weights (``check_report_is_the_models``)
     and its pictures PNG files beside it. The card and its pictures are written in one
-    ``checkpoints.staged_save`` under the folder's lock: a kill or a full disk leaves the old ones.
+    ``run_folder.staged_save`` under the folder's lock: a kill or a full disk leaves the old ones.
     ``also_upload``: more files of the folder to upload (paths relative to it; the Space files of
     ``balpoe-push --demo``).
     """

@@ -213,7 +213,8 @@ def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = N
         chosen = "" if config.get("method") else ": the recipe's own settings are this preset's"
         rows.append(("Method", f"`{method}` ({METHOD_DESCRIPTIONS[method]}{chosen})"))
     else:
-        rows.append(("Method", "the recipe's own settings, which match no preset of `balpoe_hf.methods`"))
+        rows.append(("Method", "the recipe's own settings, which match no preset of "
+                               "`balpoe_hf.recipes.methods`"))
     shared = config.get("shared_stages")
     trunk = "a shared trunk" + ("" if shared is None else f" of {shared} stage{'s' if shared != 1 else ''}")
     model = (f"`{backbone}` (timm): {trunk} and {experts} expert branches" if experts > 1

@@ -71,7 +71,7 @@ class Recipe:
         "Configuration name of the Hub dataset, if it has several."))
     data_dir: str | None = field(default=None, metadata=_help(
         "Directory of the Fashion-MNIST IDX files (default: the folder of Debian's dataset-fashion-mnist, "
-        "balpoe_hf.loading.FASHION_MNIST_DIR)."))
+        "balpoe_hf.data.loading.FASHION_MNIST_DIR)."))
     train_file: list[str] | None = field(default=None, metadata=_help(
         "Local training data: parquet file(s) (glob patterns allowed) or one imagefolder directory "
         "(a sub-folder per class). Takes precedence over --dataset."))
@@ -111,7 +111,8 @@ class Recipe:
         "Classes with fewer training images than this are few-shot."))
     # --- method
     method: Method | None = field(default=None, metadata=_help(
-        "Method preset applied on top of the recipe (balpoe_hf.methods): 'ce' (cross-entropy, raw logits), "
+        "Method preset applied on top of the recipe (balpoe_hf.recipes.methods): 'ce' (cross-entropy, raw "
+        "logits), "
         "'ce-la' (+ post-hoc logit adjustment), 'bs' (balanced softmax), 'lade', 'balpoe-erm' (3 experts, "
         "no mixup), 'balpoe' (3 experts + the recipe's mixup). It sets num_experts, lambdas, mixup_alpha, "
         "loss and remove_mean_lambda; 'none': the recipe as written."))
@@ -206,7 +207,8 @@ class Recipe:
         "SGD's fused kernel (torch.optim.SGD(fused=True)) where torch has one for the device."))
     sync_batchnorm: bool = field(default=True, metadata=_help(
         "Under several processes, batch-norm layers normalise with the statistics of the global batch "
-        "(SyncBatchNorm; balpoe_hf.sync_batchnorm), so that N processes train the model one process trains "
+        "(SyncBatchNorm; balpoe_hf.training.sync_batchnorm), so that N processes train the model one process "
+        "trains "
         "on the same global batch. Off: each process's own batch (timm's and accelerate's default; on GPUs "
         "it saves a collective per layer, and the model depends on the number of processes)."))
     seed: int = field(default=0, metadata=_help(
@@ -222,9 +224,11 @@ class Recipe:
         "that step (0: only at the end of each epoch)."))
     data_pipeline: DataPipeline = field(default="auto", metadata=_help(
         "'device': decode the splits once into uint8 tensors kept on the training device and augment whole "
-        "batches there (balpoe_hf.device_data); 'workers': decode and augment image by image with PIL in "
+        "batches there (balpoe_hf.data.device_data); 'workers': decode and augment image by image with PIL "
+        "in "
         "DataLoader workers; 'auto': 'device' when the augmentation and the evaluation transform have a "
-        "device version and both splits fit in balpoe_hf.loaders.DEVICE_DATA_LIMIT_BYTES, else 'workers'."))
+        "device version and both splits fit in balpoe_hf.data.loaders.DEVICE_DATA_LIMIT_BYTES, else "
+        "'workers'."))
     num_workers: int = field(default=4, metadata=_help(
         "'workers' pipeline: DataLoader worker processes per training process (0: load in the training "
         "process)."))

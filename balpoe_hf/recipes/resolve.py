@@ -207,7 +207,7 @@ def check_method_overrides(method: str | None, given: dict[str, Any]) -> None:
         listed = ", ".join(f"{name}={given!r} (the method sets {value!r})"
                            for name, (given, value) in conflicts.items())
         raise TrainingError(f"method {method!r} sets {', '.join(conflicts)} itself, but {listed} was given; "
-                            "drop those settings or the method (see balpoe_hf.methods).")
+                            "drop those settings or the method (see balpoe_hf.recipes.methods).")
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -208,7 +208,7 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
     speed.enable_fast_kernels(accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    # The device-resident pipeline or PIL in workers (balpoe_hf.loaders); either way an epoch's order and
+    # The device-resident pipeline or PIL in workers (balpoe_hf.data.loaders); either way an epoch's order and
     # augmentation are a function of (seed, epoch), so a resumed run sees exactly the batches the
     # uninterrupted run would have seen, also inside an epoch.
     processor = build_processor(recipe)

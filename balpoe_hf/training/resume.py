@@ -254,9 +254,9 @@ def resume_hint(output_dir: str | Path) -> str:
 def epoch_batches(loader: Any, accelerator: Accelerator, start: int) -> Iterable:
     """The current epoch's batches from batch ``start`` on (a run resumed from a step checkpoint).
 
-    A loader with ``batches(start)`` (``balpoe_hf.device_data.DeviceLoader``) serves them itself; a prepared
-    ``DataLoader`` goes through ``accelerator.skip_first_batches``, which skips the indices without loading
-    the images.
+    A loader with ``batches(start)`` (``balpoe_hf.data.device_data.DeviceLoader``) serves them itself; a
+    prepared ``DataLoader`` goes through ``accelerator.skip_first_batches``, which skips the indices without
+    loading the images.
     """
     if start == 0:
         return loader

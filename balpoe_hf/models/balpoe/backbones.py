@@ -209,8 +209,8 @@ def _same_class(model_class: type, family_class: type) -> bool:
     """``issubclass``, or the same class from another copy of its module.
 
     A saved model's remote code is imported as ``transformers_modules.<hash>.cifar_resnet``, possibly more
-    than once and next to ``balpoe_hf.cifar_resnet``, while timm's registry keeps the first registration:
-    match those copies by module file name and class name.
+    than once and next to ``balpoe_hf.models.balpoe.cifar_resnet``, while timm's registry keeps the first
+    registration: match those copies by module file name and class name.
     """
     return issubclass(model_class, family_class) or any(
         cls.__name__ == family_class.__name__

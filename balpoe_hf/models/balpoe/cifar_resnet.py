@@ -280,8 +280,9 @@ def resnet110_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
     return _create("resnet110_cifar", pretrained, **kwargs)
 
 
-# A saved model's remote-code copy of this module may be imported next to `balpoe_hf.cifar_resnet`: register
-# each name once so timm does not warn about overwriting an identical entry.
+# A saved model's remote-code copy of this module may be imported next to
+# `balpoe_hf.models.balpoe.cifar_resnet`: register each name once so timm does not warn about overwriting an
+# identical entry.
 for _entrypoint in (resnet20_cifar, resnet32_cifar, resnet44_cifar, resnet56_cifar, resnet110_cifar):
     if not is_model(_entrypoint.__name__):
         register_model(_entrypoint)

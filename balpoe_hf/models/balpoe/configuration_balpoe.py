@@ -100,7 +100,7 @@ class BalPoEConfig(PreTrainedConfig):
             Test-time class prior the logits are adjusted to; `None` means uniform (balanced accuracy).
         calibration (`dict`, *optional*):
             What the model learnt about itself on held-out labelled data from the training distribution
-            (`balpoe_hf.holdout_statistics.holdout_calibration`, filled in by training with
+            (`holdout_statistics.holdout_calibration`, filled in by training with
             `holdout_fraction > 0`): `temperature` and `bias` (BCTS: `softmax(z / T + b)` calibrates the
             uniform-prior logits `z`) fitted with `bias_std` (the Gaussian prior of the biases), with their
             uncertainty (`bias_se`, `bias_cov_factor`), `ts_temperature` (temperature scaling alone),
@@ -108,9 +108,9 @@ class BalPoEConfig(PreTrainedConfig):
             unknown test prior from unlabelled data (`adapt_to_unlabeled`); it does not change the logits.
             `None`: no held-out data.
         shift_estimator (`dict`, *optional*):
-            `{"settings": ShiftEstimator(...).to_dict()}` (`balpoe_hf.label_shift`): other settings for the
-            unknown-prior mode `auto` of this model. `None` (the default) runs the package's default. A
-            choice recorded by an earlier release (with a `name`) loads and is ignored.
+            `{"settings": ShiftEstimator(...).to_dict()}` (`label_shift`): other settings for the
+            unknown-prior mode `auto` of this model. `None` (the default) runs the package's default. A choice
+            recorded by an earlier release (with a `name`) loads and is ignored.
         image_size (`int`, *optional*):
             Input resolution; defaults to `backbone_kwargs["img_size"]` or the timm model's input size.
         image_mean, image_std (`list[float]`, *optional*):
@@ -132,9 +132,9 @@ class BalPoEConfig(PreTrainedConfig):
             Both agree when the lambdas average to 0; with one expert and lambda 1 `False` gives the plain
             cross-entropy model's raw logits.
         method (`str`, *optional*):
-            Name of the method preset the model was trained with (`balpoe_hf.methods`: `"ce"`, `"ce-la"`,
-            `"bs"`, `"lade"`, `"balpoe-erm"`, `"balpoe"`), recorded for the reader; the other settings
-            define the model.
+            Name of the method preset the model was trained with (`balpoe_hf.recipes.methods`: `"ce"`,
+            `"ce-la"`, `"bs"`, `"lade"`, `"balpoe-erm"`, `"balpoe"`), recorded for the reader; the other
+            settings define the model.
     """
 
     model_type = "balpoe"

@@ -12,6 +12,8 @@ weights file never holds a copy that could disagree with ``config.json``.
 This module is shipped as remote code with every saved model: it imports torch, timm, transformers and the
 flat ``.backbones`` / ``.configuration_balpoe`` / ``.label_shift`` / ``.losses`` / ``.pipeline_balpoe`` /
 ``.priors`` / ``.processing`` modules only (transformers copies the modules a model module imports so).
+It is one file of over 500 lines, as transformers' ``modeling_*.py`` files are: a split would add a code file
+that every saved model carries and that every folder saved before lacks.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .processing import build_image_processor
 logger = logging.get_logger(__name__)
 
 TargetPrior = str | Sequence[float] | torch.Tensor
-# The journal of a balpoe-hf save in progress (balpoe_hf.checkpoints.JOURNAL; this module travels as remote
+# The journal of a balpoe-hf save in progress (balpoe_hf.run_folder.JOURNAL; this module travels as remote
 # code and imports no balpoe_hf module beside its flat ones).
 SAVE_JOURNAL = ".balpoe-save.json"
 
@@ -258,7 +260,7 @@ class BalPoEPreTrainedModel(PreTrainedModel):
 class BalPoEModel(BalPoEPreTrainedModel):
     """Shared timm trunk and ``num_experts`` expert branches, each with its own classifier.
 
-    The backbone is split by its family's adapter (:mod:`balpoe_hf.backbones`): the stem and the first
+    The backbone is split by its family's adapter (:mod:`backbones`): the stem and the first
     ``config.shared_stages`` stages form the trunk, every expert owns its copy of the other stages, the
     final norm and pooling. Each expert copy starts from its own random timm initialisation, or from the
     same pretrained weights with ``config.backbone_pretrained``.

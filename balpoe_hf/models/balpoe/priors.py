@@ -4,7 +4,7 @@ The training prior is ``pi(y) = n_y / N``. An ensemble of experts with biases ``
 logits ``zbar`` that model ``log P(x|y) + mean(lambda) * log pi`` (Theorem 1 of the paper), so the
 logits for a target prior ``pi_t`` are ``zbar - mean(lambda) * log pi + log pi_t``.
 
-Estimating an unknown target prior from unlabelled data is ``balpoe_hf.label_shift``'s concern.
+Estimating an unknown target prior from unlabelled data is ``balpoe_hf.models.balpoe.label_shift``'s concern.
 
 This module is also shipped as remote code next to a saved model: it imports torch only.
 """
