@@ -12,9 +12,7 @@ from typing import Literal
 from ..compare.budgets import BUDGETS, DEFAULT_METHODS, Budget, budget_values
 from ..compare.runs import EVALUATION_RESERVE, compare, seed_dir, seed_summaries
 from ..compare.tables import format_comparison, format_seed_table
-from ..errors import (
-    TrainingError,
-)
+from ..errors import TrainingError
 from ..recipes import SEED_LIMIT, Recipe, make_recipe
 from ..recipes.methods import EVERY_METHOD_FIELDS, METHOD_DESCRIPTIONS, METHODS, parse_methods
 from .arguments import build_parser, parse_recipe_flags

@@ -34,8 +34,6 @@ class Budget:
 CPU_SETTINGS = {"backbone": "resnet20_cifar", "epochs": 12, "lr_schedule": "cosine", "warmup_epochs": 1.0,
                 "eval_every": 0, "checkpoints_total_limit": 1, "num_workers": 2, "holdout_fraction": 0.1,
                 "scale_expert_lr": True}
-
-
 BUDGETS: dict[str, Budget] = {
     "quick": Budget(
         # mixup_alpha for the 'balpoe' method only: the main job's recipe trains without mixup.

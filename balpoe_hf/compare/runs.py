@@ -58,9 +58,6 @@ def _training_signature(recipe: Recipe) -> str:
                        if k not in ("name", "description", *PREDICTION_FIELDS)}, sort_keys=True)
 
 
-# --------------------------------------------------------------------------- runs
-
-
 RunState = Literal["new", "unfinished", "finished"]
 
 
@@ -332,9 +329,6 @@ def _compare(base: Recipe, methods: list[str], output_dir: Path, shifts: list[st
     if state.is_main_process and comparison.summaries:
         comparison.files = write_comparison(comparison, base, output_dir)
     return comparison
-
-
-# --------------------------------------------------------------------------- output
 
 
 # --------------------------------------------------------------------------- several seeds

@@ -13,9 +13,7 @@ from safetensors import SafetensorError
 from ..data.loading import offline_mode
 from ..errors import EvaluationError, TrainingError, short_list
 from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
-from ..run_folder import (
-    settle,
-)
+from ..run_folder import settle
 
 
 def resolve_device(device: str | None) -> str:

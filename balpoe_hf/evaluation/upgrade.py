@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import EvaluationError, EvaluationFailure, short_list
-from ..models.balpoe.label_shift import (
-    is_legacy_choice,
-)
+from ..models.balpoe.label_shift import is_legacy_choice
 from ..run_folder import (
     output_lock,
     read_manifest,

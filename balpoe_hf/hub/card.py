@@ -65,9 +65,6 @@ def _balanced_report(eval_results: Mapping[str, Any] | None) -> dict[str, Any]:
     return {key.removeprefix("eval_"): value for key, value in eval_results.items()}
 
 
-# --------------------------------------------------------------------------- what the run was
-
-
 def _card_shift_rows(shift_report: Mapping[str, Any] | None, config: Mapping[str, Any]
                      ) -> tuple[list[str], list[tuple[str, str, dict[str, Any]]]]:
     """The shifts and ``(mode, row label, {shift: accuracy})`` of the prior modes a card shows: ``none``,
@@ -89,7 +86,6 @@ MODE_TEXT = {
     "auto": "`auto` for the distribution estimated from the unlabeled test images by the default estimator "
             "(`model.adapt_to_unlabeled`), which keeps the uniform prior unless the shift exceeds its errors",
 }
-
 
 # The settings of config.json that a published model and its card need, and what each of them is.
 REQUIRED_SETTINGS = {"class_counts": "the training prior", "lambdas": "the expert biases"}

@@ -33,24 +33,14 @@ from .card import CARD_NAME, IMAGES_DIR, missing_settings
 from .run_description import RECIPE_NAME
 
 EVAL_RESULTS_NAME = "eval_results.json"
-
-
 # Where the docs tell balpoe-evaluate to write its report (--output), relative to the run directory.
 DEFAULT_EVAL_REPORT = "eval/report.json"
-
-
 # Run artefacts of scripts/train.py published next to the model when present.
 OPTIONAL_FILES = (EVAL_RESULTS_NAME, "train_results.json", RECIPE_NAME)
-
-
 # Recipe fields that name paths on the machine that trained: the published recipe.yaml has their file names.
 LOCAL_PATH_FIELDS = ("data_dir", "train_file", "test_file", "train_list", "test_list", "data_root")
-
-
 # Published files read as text when looking for local paths (the others are weights and pictures).
 TEXT_SUFFIXES = (".json", ".yaml", ".md", ".py", ".txt")
-
-
 # Pickled weights can run code when loaded; this project publishes safetensors only.
 PICKLE_WEIGHT_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 

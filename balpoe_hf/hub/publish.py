@@ -16,9 +16,7 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
-from transformers.utils import (
-    CONFIG_NAME,
-)
+from transformers.utils import CONFIG_NAME
 
 from ..errors import HubFolderError, HubFolderWriteError, HubPublishError, TrainingError
 from ..recipes import read_recipe_file

@@ -17,34 +17,15 @@ from ..models.balpoe.configuration_balpoe import SETTINGS as CONFIG_SETTINGS
 from .methods import Method, method_settings
 
 Profile = Literal["exponential", "step"]
-
-
 Classifier = Literal["cosine", "linear"]
-
-
 Augmentation = Literal["cifar", "imagenet", "none"]
-
-
 AutoAugmentPolicy = Literal["none", "cifar10", "imagenet", "svhn"]
-
-
 Selection = Literal["random", "reference"]
-
-
 LRSchedule = Literal["multistep", "cosine", "constant"]
-
-
 MixedPrecision = Literal["no", "bf16", "fp16"]
-
-
 DataPipeline = Literal["auto", "device", "workers"]
-
-
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-
-
 Loss = Literal["balpoe", "lade"]
-
 
 # numpy seeds its generators with 0 <= seed < 2**32: the bound of ``seed`` and ``split_seed``.
 SEED_LIMIT = 2**32
@@ -353,12 +334,9 @@ class Recipe:
 
 
 RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
-
-
 # The recipe fields that are settings of the model's config (by name): training.model_config copies them into
 # the BalPoEConfig, and a resumed run must keep them (checkpoints.RESUME_FIELDS).
 CONFIG_FIELDS = tuple(name for name in CONFIG_SETTINGS if name in RECIPE_FIELDS)
-
 
 # timm's RandAugment string: 'rand' then dash-separated sections; timm skips a section it cannot parse
 # (say 'rand-n2-M9'), so the whole string is checked here.

@@ -42,16 +42,12 @@ if TYPE_CHECKING:
 
 
 RUN_FOLDERS = (CHECKPOINTS_DIR, "logs")  # folders a run owns whole (TensorBoard writes under logs/)
-
-
 # Recipe fields a resumed run keeps: those of the model's config (recipes.CONFIG_FIELDS), and those that
 # define the training data its prior comes from, the evaluation transform saved with it (crop_pct) and the
 # optimizer's parameter groups (scale_expert_lr).
 RESUME_FIELDS = (*CONFIG_FIELDS, "crop_pct", "dataset", "dataset_config", "train_split", "label_column",
                  "num_classes", "imbalance_ratio", "imbalance_profile", "split_seed", "selection",
                  "holdout_fraction", "scale_expert_lr")
-
-
 # Config settings of the built model compared on resume (they catch changed data behind unchanged paths): all
 # that it is built with, and the class names.
 SIGNATURE_KEYS = (*(name for name in SETTINGS if name not in POST_TRAINING_SETTINGS), "id2label")
