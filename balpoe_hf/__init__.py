@@ -2,14 +2,14 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
-from .configuration_balpoe import BalPoEConfig
-from .data import class_counts, make_long_tailed, make_shifted_test, shot_groups
-from .label_shift import PriorStream, estimate_prior
-from .losses import BalPoELoss, logit_adjusted_cross_entropy
-from .modeling_balpoe import BalPoEForImageClassification, BalPoEModel
-from .pipeline_balpoe import BalPoEImageClassificationPipeline
-from .priors import adjust_logits, class_prior, log_class_prior, validate_prior
-from .processing import build_image_processor
+from .data.splits import class_counts, make_long_tailed, make_shifted_test, shot_groups
+from .models.balpoe.configuration_balpoe import BalPoEConfig
+from .models.balpoe.label_shift import PriorStream, ShiftEstimator, estimate_prior
+from .models.balpoe.losses import BalPoELoss, logit_adjusted_cross_entropy
+from .models.balpoe.modeling_balpoe import BalPoEForImageClassification, BalPoEModel
+from .models.balpoe.pipeline_balpoe import BalPoEImageClassificationPipeline
+from .models.balpoe.priors import adjust_logits, class_prior, log_class_prior, validate_prior
+from .models.balpoe.processing import build_image_processor
 
 # `import balpoe_hf` makes "balpoe" checkpoints load through the transformers auto classes and pipelines.
 AutoConfig.register(BalPoEConfig.model_type, BalPoEConfig, exist_ok=True)
@@ -25,6 +25,7 @@ __all__ = [
     "BalPoELoss",
     "BalPoEModel",
     "PriorStream",
+    "ShiftEstimator",
     "adjust_logits",
     "build_image_processor",
     "class_counts",

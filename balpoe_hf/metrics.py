@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
-from .calibration import validate_labels
-from .data import shot_groups
+from .data.splits import shot_groups
+from .models.balpoe.calibration import validate_labels
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
 EVALUATE_MODULES_DIR = Path(__file__).parent / "evaluate_modules"

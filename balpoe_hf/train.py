@@ -5,7 +5,7 @@ The same as the ``balpoe-train`` console script (``balpoe_hf.cli.train_main``).
 
 import sys
 
-from balpoe_hf.cli import train_main
+from balpoe_hf.cli.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -40,9 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from balpoe_hf.arguments import parse_args
-from balpoe_hf.data import labels_array
-from balpoe_hf.loading import load_training_data
+from balpoe_hf.cli.arguments import parse_args
+from balpoe_hf.data.loading import load_training_data
+from balpoe_hf.data.splits import labels_array
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,16 +4,16 @@
         --output RUN/eval/shift.json
     python scripts/label_shift_table.py runs/a/eval/shift.json runs/b/eval/shift.json [--mode auto]
 
-Prints a Markdown table (balpoe_hf.shift_summary): the mode's worst gain over 'none' on the full shifted
-sets, the oracle's gain it recovers on forward50 / backward50, its worst mean gain on 300-image batches, on
-streams of ten such batches, and in the drift scenario.
+Prints a Markdown table (balpoe_hf.evaluation.shift_summary): the mode's worst gain over 'none' on the full
+shifted sets, the oracle's gain it recovers on forward50 / backward50, its worst mean gain on 300-image
+batches, on streams of ten such batches, and in the drift scenario.
 """
 
 import argparse
 import json
 from pathlib import Path
 
-from balpoe_hf.shift_summary import format_shift_summaries, shift_summary
+from balpoe_hf.evaluation.shift_summary import format_shift_summaries, shift_summary
 
 
 def main() -> None:

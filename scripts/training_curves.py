@@ -4,17 +4,17 @@
         --every 20 --output docs/images/paper-curves.png [--paper]
 
 Prints how many epochs each run has done and a Markdown table of the balanced test set's accuracy and ECE
-every --every epochs (balpoe_hf.curves), and with --output draws them against the epoch; --paper adds the
-BalPoE paper's CIFAR-10-LT IR100 figures of runs named like its methods (bs, balpoe, balpoe-erm, ce) as
-dashed lines.
+every --every epochs (balpoe_hf.evaluation.curves), and with --output draws them against the epoch; --paper
+adds the BalPoE paper's CIFAR-10-LT IR100 figures of runs named like its methods (bs, balpoe, balpoe-erm, ce)
+as dashed lines.
 """
 
 import argparse
 from pathlib import Path
 
-from balpoe_hf.compare import PAPER_CIFAR10_LT_IR100
-from balpoe_hf.curves import epochs_done, eval_history, format_curve_table
-from balpoe_hf.plots import training_curves_plot
+from balpoe_hf.compare.budgets import PAPER_CIFAR10_LT_IR100
+from balpoe_hf.evaluation.curves import epochs_done, eval_history, format_curve_table
+from balpoe_hf.evaluation.plots import training_curves_plot
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from huggingface_hub import constants as hub_constants
 from safetensors.torch import save_file
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification
-from balpoe_hf.backbones import SUPPORTED_FAMILIES, get_adapter
+from balpoe_hf.models.balpoe.backbones import SUPPORTED_FAMILIES, get_adapter
 
 # One small member of every supported family; architecture kwargs shrink them to test size.
 FAMILIES = {

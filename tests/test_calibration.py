@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from balpoe_hf.calibration import apply_calibration, fit_bcts, fit_temperature, validate_logits
+from balpoe_hf.models.balpoe.calibration import apply_calibration, fit_bcts, fit_temperature, validate_logits
 
 NUM_SAMPLES, NUM_CLASSES = 20000, 5
 TEMPERATURE = 2.5

@@ -22,9 +22,10 @@ from processes import hold_lock
 from safetensors.torch import load_file
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import checkpoints, recipes
+from balpoe_hf import recipes, run_folder
 from balpoe_hf.errors import TrainingError
-from balpoe_hf.training import train
+from balpoe_hf.training import checkpoints, resume
+from balpoe_hf.training.loop import train
 
 # 60 training images in batches of 8: 7 steps an epoch. A step checkpoint every 3 optimizer steps gives
 # epoch-0000-step-000003/6, epoch-0001-step-000002/5, epoch-0002-step-000001/4 and one per epoch.
@@ -58,7 +59,7 @@ def reference(data, tmp_path_factory) -> Path:
 def _killed_at(reference: Path, checkpoint: str, target: Path, extra: tuple[str, ...] = ()) -> Path:
     """The run directory as a kill just after ``checkpoint`` left it: recipe, manifest, checkpoints."""
     target.mkdir(parents=True)
-    for name in ("recipe.yaml", checkpoints.MANIFEST):
+    for name in ("recipe.yaml", run_folder.MANIFEST):
         shutil.copy(reference / name, target / name)
     for name in (checkpoint, *extra):
         shutil.copytree(reference / "checkpoints" / name, target / "checkpoints" / name)
@@ -107,7 +108,7 @@ def test_checkpoint_saved_before_newer_trainer_state_fields_resumes(reference, d
 def test_prepared_loader_passes_the_epoch_on_to_the_split_also_when_skipping(data):
     from accelerate import Accelerator
 
-    from balpoe_hf import loading, transforms
+    from balpoe_hf.data import loading, transforms
 
     recipe = _recipe(data)
     train_set, _ = transforms.with_transforms(loading.load_training_data(recipe), recipe, None)
@@ -250,7 +251,7 @@ def test_resume_with_more_epochs_is_allowed_with_a_warning(reference, data, tmp_
 
 
 def test_every_model_setting_of_the_recipe_reaches_the_config_and_a_resume_keeps_it():
-    from balpoe_hf.training import model_config
+    from balpoe_hf.training.model import model_config
 
     # The recipe fields that are BalPoEConfig settings, listed here by hand.
     settings = {
@@ -264,7 +265,7 @@ def test_every_model_setting_of_the_recipe_reaches_the_config_and_a_resume_keeps
     config = model_config(recipes.make_recipe({"dataset": "x", **settings}), [3, 2], ["a", "b"])
     assert {name: getattr(config, name) for name in settings} == settings
     assert (config.class_counts, config.id2label) == ([3, 2], {0: "a", 1: "b"})
-    assert set(settings) <= set(checkpoints.RESUME_FIELDS)
+    assert set(settings) <= set(resume.RESUME_FIELDS)
 
 
 def test_each_experts_loss_is_reported_and_averages_to_the_loss(reference):
@@ -448,20 +449,20 @@ def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_on
     outcomes = []
     for killed in extended["snapshots"]:
         snapshot = _copy_of(killed, tmp_path / killed.name)
-        checkpoints.settle(snapshot, "test")  # what the next command does first
+        run_folder.settle(snapshot, "test")  # what the next command does first
         state = _model_state(snapshot)
         assert state in (old, new), snapshot.name
         outcomes.append("new" if state == new else "old")
         assert not list(snapshot.glob(".balpoe-*")), snapshot.name
         # The next --resume or --overwrite proceeds: every file is listed with its content.
-        checkpoints.check_output_dir(snapshot, resume=True, overwrite=False)
-        checkpoints.check_output_dir(snapshot, resume=False, overwrite=True)
+        resume.check_output_dir(snapshot, resume=True, overwrite=False)
+        resume.check_output_dir(snapshot, resume=False, overwrite=True)
     assert "old" in outcomes and "new" in outcomes
 
 
 def test_a_run_killed_during_its_final_save_resumes_to_the_model_it_was_saving(extended, data, tmp_path):
     # Killed after the commit of the final save, half of its files renamed: --resume finishes it.
-    committed = [s for s in extended["snapshots"] if (s / checkpoints.JOURNAL).is_file()]
+    committed = [s for s in extended["snapshots"] if (s / run_folder.JOURNAL).is_file()]
     out = _copy_of(committed[len(committed) // 2], tmp_path / "run")
     assert _model_state(out) not in (_model_state(extended["old"]), _model_state(extended["new"]))  # a mix
     from balpoe_hf import BalPoEForImageClassification
@@ -498,14 +499,14 @@ def test_a_full_disk_during_the_final_save_replaces_nothing_and_says_so(referenc
 
 def test_a_damaged_save_journal_is_named_and_nothing_is_guessed(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    (tmp_path / checkpoints.JOURNAL).write_text('{"staging": ".balpoe-staging-x", "fi')  # not from us
+    (tmp_path / run_folder.JOURNAL).write_text('{"staging": ".balpoe-staging-x", "fi')  # not from us
     with pytest.raises(TrainingError, match=r"\.balpoe-save\.json is damaged .*delete it and the folders "
                                             r"named \.balpoe-staging-\* beside it"):
-        checkpoints.settle(tmp_path, "test")
-    (tmp_path / checkpoints.JOURNAL).write_text(json.dumps({"staging": "../../elsewhere", "files": [],
+        run_folder.settle(tmp_path, "test")
+    (tmp_path / run_folder.JOURNAL).write_text(json.dumps({"staging": "../../elsewhere", "files": [],
                                                            "manifest": {}}))
     with pytest.raises(TrainingError, match=r"names '\.\./\.\./elsewhere', which is not a file inside"):
-        checkpoints.settle(tmp_path, "test")
+        run_folder.settle(tmp_path, "test")
     assert (tmp_path / "config.json").read_text() == "{}"
 
 
@@ -519,20 +520,20 @@ def test_a_second_writer_into_a_folder_is_refused_naming_the_owner_until_it_is_g
         with pytest.raises(TrainingError, match=rf"{out} is being written by balpoe-train \(pid {holder.pid} "
                                                 r"on node7, since 2025-01-01 10:00:00\): one command at a"):
             train(_recipe(data, epochs=1), out)
-        assert [p.name for p in out.iterdir()] == [checkpoints.LOCK]  # nothing written
+        assert [p.name for p in out.iterdir()] == [run_folder.LOCK]  # nothing written
     finally:
         holder.kill()
         holder.wait()
     # The owner was killed: its lock is stale (the system dropped the flock), and the next run takes it over.
     train(_recipe(data, epochs=1), out)
-    assert (out / "model.safetensors").is_file() and not (out / checkpoints.LOCK).exists()
+    assert (out / "model.safetensors").is_file() and not (out / run_folder.LOCK).exists()
 
 
 def test_the_lock_is_one_per_folder_and_reentrant_in_a_process(tmp_path):
-    with checkpoints.output_lock(tmp_path / "a", "first"):
-        with checkpoints.output_lock(tmp_path / "a", "nested"), checkpoints.output_lock(tmp_path / "b", "b"):
+    with run_folder.output_lock(tmp_path / "a", "first"):
+        with run_folder.output_lock(tmp_path / "a", "nested"), run_folder.output_lock(tmp_path / "b", "b"):
             pass
-        assert json.loads((tmp_path / "a" / checkpoints.LOCK).read_text())["command"] == "first"
+        assert json.loads((tmp_path / "a" / run_folder.LOCK).read_text())["command"] == "first"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # created empty, removed again
 
 
@@ -541,7 +542,8 @@ def _flags(settings: dict) -> list[str]:
 
 
 def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, monkeypatch, capsys):
-    from balpoe_hf import cli, training
+    from balpoe_hf import cli
+    from balpoe_hf.training import loop as training
 
     train_file, test_file = data
     out = tmp_path / "run"
@@ -561,7 +563,7 @@ def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, 
     checkpoint = out / "checkpoints" / "epoch-0001"
     assert err.strip().splitlines()[-1] == ("interrupted; rerun with --resume to continue from its "
                                             f"checkpoint after epoch 1 ({checkpoint}).")
-    assert not (out / checkpoints.LOCK).exists()
+    assert not (out / run_folder.LOCK).exists()
     monkeypatch.undo()
     assert cli.train_main([*argv, "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out

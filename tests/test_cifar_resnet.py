@@ -7,7 +7,7 @@ import torch
 from timm.models._features import FeatureGetterNet
 
 import balpoe_hf  # noqa: F401  (registers the CIFAR ResNets with timm)
-from balpoe_hf.cifar_resnet import CifarResNet, OptionAShortcut
+from balpoe_hf.models.balpoe.cifar_resnet import CifarResNet, OptionAShortcut
 
 # He et al. (2016), Table 6: parameters of the CIFAR-10 ResNets.
 PUBLISHED_MILLIONS = {"resnet20_cifar": 0.27, "resnet32_cifar": 0.46, "resnet44_cifar": 0.66,

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from balpoe_hf import cli, training
+from balpoe_hf import cli
 from balpoe_hf.recipes import RECIPE_FIELDS, Recipe, unwrap_optional
+from balpoe_hf.training import loop as training
 
 HINTS = typing.get_type_hints(Recipe)
 DATA = ["--train-file", "train.parquet", "--test-file", "test.parquet"]

@@ -18,11 +18,17 @@ from PIL import Image
 from safetensors.torch import load_file
 from train_synthetic import write_parquet
 
-from balpoe_hf import arguments, cli, compare, hub, methods, plots, recipes, training
+from balpoe_hf import cli, hub, recipes
+from balpoe_hf.cli import arguments
+from balpoe_hf.compare import budgets, tables
+from balpoe_hf.compare import runs as compare
 from balpoe_hf.errors import TrainingError
-from balpoe_hf.holdout_statistics import holdout_calibration
+from balpoe_hf.evaluation import plots
+from balpoe_hf.models.balpoe.holdout_statistics import holdout_calibration
+from balpoe_hf.recipes import methods
+from balpoe_hf.training import loop as training
 
-# The presets as the issue and the README define them (independent of balpoe_hf.methods' table):
+# The presets as the issue and the README define them (independent of balpoe_hf.recipes.methods' table):
 # (num_experts, lambdas, mixup_alpha, loss, remove_mean_lambda); None: the recipe's mixup.
 DOCUMENTED = {
     "ce": (1, [1.0], 0.0, "balpoe", False),
@@ -195,7 +201,7 @@ def test_seed_table_is_the_mean_and_range_of_the_finished_seeds(tmp_path):
     summaries = compare.seed_summaries(tmp_path, ["bs", "balpoe", "ce"], [0, 1])
     assert list(summaries) == ["bs", "balpoe"]
     assert summaries["bs"]["balanced_accuracy"] == pytest.approx({"mean": 0.72, "min": 0.70, "max": 0.74})
-    table = compare.format_seed_table(summaries).splitlines()
+    table = tables.format_seed_table(summaries).splitlines()
     assert table[2] == "| bs | 0,1 | 72.00 (70.00-74.00) | 90.00 (90.00-90.00) | 70.00 (70.00-70.00) | " \
                        "50.00 (50.00-50.00) | 9.00 (8.00-10.00) |"
     assert table[3] == "| balpoe | 0 | 75.00 | 90.00 | 70.00 | 50.00 | 5.00 |"
@@ -235,7 +241,7 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
     result = compare.compare(base, "bs,lade", tmp_path, shifts=SHIFTS, priors="none,oracle")
     assert result.complete and list(result.summaries) == ["bs", "lade"]
     assert result.summaries["bs"]["validation"]["samples"] == 15
-    printed = compare.format_comparison(result, base)
+    printed = tables.format_comparison(result, base)
     assert "Held-out validation split" in printed
     assert "(prior: none = uniform target, oracle = the shifted set's true prior):" in printed
     for method in ("bs", "lade"):
@@ -264,7 +270,7 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
     report.write_bytes(report.read_bytes()[:100])
     again = compare.compare(base, ["bs", "lade"], tmp_path, shifts=SHIFTS, priors="none,oracle")
     assert again.summaries == result.summaries
-    from balpoe_hf.checkpoints import written_by_package
+    from balpoe_hf.run_folder import written_by_package
 
     assert written_by_package(tmp_path / "bs", "eval/report.json", report=True)
     # A finished run with other settings is refused rather than mixed in.
@@ -296,7 +302,7 @@ def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parq
     assert fitted["ce-la"]["bias"] != fitted["ce"]["bias"]
     assert result.summaries["ce-la"]["train_runtime"] == result.summaries["ce"]["train_runtime"]
     # The derived run is the package's own: every file it holds is in its manifest, unchanged.
-    from balpoe_hf.checkpoints import run_output_files, written_by_package
+    from balpoe_hf.run_folder import run_output_files, written_by_package
 
     derived = [name for name in run_output_files() if (tmp_path / "ce-la" / name).is_file()]
     assert "eval_results.json" in derived and all(written_by_package(tmp_path / "ce-la", n) for n in derived)
@@ -374,11 +380,11 @@ def _summary(balanced: float, ece: float, weights_from: str | None = None) -> di
 
 def test_tables():
     summaries = {"ce": _summary(0.5, 0.125), "ce-la": _summary(0.75, 0.0625, weights_from="runs/x/ce")}
-    table = compare.format_method_table(summaries, paper=compare.PAPER_CIFAR10_LT_IR100).splitlines()
+    table = tables.format_method_table(summaries, paper=budgets.PAPER_CIFAR10_LT_IR100).splitlines()
     assert table[2] == "| ce | 50.00 | 90.00 | 50.00 | n/a | 12.50 | 25.00 | 1.235 | 1.5 min | 71.3 | 19.1 |"
     assert table[3] == ("| ce-la | 75.00 | 90.00 | 50.00 | n/a | 6.25 | 25.00 | 1.235 | (weights of ce) "
                         "| - | - |")
-    rows = compare.format_shift_rows(summaries).splitlines()
+    rows = tables.format_shift_rows(summaries).splitlines()
     assert rows[0] == "| method | prior | forward2 | uniform |"
     assert rows[2:4] == ["| ce | none | 50.0 | 25.0 |", "| ce | oracle | 62.5 | 25.0 |"]
 
@@ -410,7 +416,7 @@ def test_card_names_the_method(tmp_path):
 def test_shift_caption_names_the_modes_of_the_table():
     summaries = {"bs": {"shift_accuracy": {"none": {}, "oracle": {}, "auto": {}}},
                  "ce": {"shift_accuracy": {"none": {}, "oracle": {}, "em": {}}}}
-    assert compare.prior_caption(summaries) == (
+    assert tables.prior_caption(summaries) == (
         "none = uniform target, oracle = the shifted set's true prior, auto = estimated from its unlabeled "
         "images by the default estimator, em = estimated from its unlabeled images by EM on the raw "
         "posteriors")

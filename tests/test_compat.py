@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from balpoe_hf import BalPoEForImageClassification
-from balpoe_hf.label_shift import ShiftEstimator, estimate_prior
+from balpoe_hf.models.balpoe.label_shift import ShiftEstimator, estimate_prior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,3 +114,20 @@ def test_a_saved_model_gets_todays_default_unknown_prior_estimate():
                              ShiftEstimator())
     torch.testing.assert_close(estimate.prior, default.prior, **CLOSE)
     assert estimate.method == "auto"
+
+
+EARLIER_PATHS = [("balpoe_hf.loading", "balpoe_hf.data.loading", "load_split"),
+                 ("balpoe_hf.label_shift", "balpoe_hf.models.balpoe.label_shift", "ShiftEstimator"),
+                 ("balpoe_hf.prepare_data", "balpoe_hf.data.prepare", "prepare_data")]
+
+
+@pytest.mark.parametrize("old,new,name", EARLIER_PATHS)
+def test_module_paths_the_docs_showed_before_the_subpackages_still_import(old, new, name, monkeypatch):
+    """Code written against an earlier release's paths runs, with a FutureWarning naming the new one."""
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, old, raising=False)  # imported before: import it afresh
+    with pytest.warns(FutureWarning, match=new.replace(".", r"\.")):
+        module = importlib.import_module(old)
+    assert module is importlib.import_module(new) and hasattr(module, name)

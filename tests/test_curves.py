@@ -1,12 +1,13 @@
-"""Learning curves of runs, finished or still going (balpoe_hf.curves), against histories written by hand."""
+"""Learning curves of runs, finished or still going (balpoe_hf.evaluation.curves), against histories written
+by hand."""
 
 import json
 
 import pytest
 
-from balpoe_hf.curves import epochs_done, eval_history, format_curve_table
 from balpoe_hf.errors import TrainingError
-from balpoe_hf.plots import training_curves_plot
+from balpoe_hf.evaluation.curves import epochs_done, eval_history, format_curve_table
+from balpoe_hf.evaluation.plots import training_curves_plot
 
 HISTORY = [{"epoch": 20, "balanced_accuracy": 0.5, "accuracy": 0.6, "ece": 0.1},
            {"epoch": 40, "balanced_accuracy": 0.612, "accuracy": 0.7, "ece": 0.081},

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from balpoe_hf.data import (
+from balpoe_hf.data.splits import (
     class_counts,
     labels_array,
     make_long_tailed,

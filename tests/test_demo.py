@@ -360,7 +360,7 @@ def test_a_refused_push_leaves_the_folder_as_it_was(colour_run, tmp_path, monkey
     for name in SPACE_FILES:
         (run / name).unlink()
     (run / "README.md").write_text("# my own card\n")
-    assert cli.push_main([str(run), "me/colours", "--demo", "--dry-run"]) == 1
+    assert cli.push_main([str(run), "me/colours", "--demo", "--dry-run"]) == 2
     assert "did not write there" in capsys.readouterr().err
     assert not any((run / name).exists() for name in SPACE_FILES)
 

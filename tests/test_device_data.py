@@ -21,8 +21,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from balpoe_hf import device_data
-from balpoe_hf.device_data import (
+from balpoe_hf.data import device_data
+from balpoe_hf.data.device_data import (
     AugmentParams,
     DeviceAugment,
     DeviceLoader,

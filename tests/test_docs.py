@@ -26,6 +26,7 @@ on the stand-in, a tenth held out), run once for the session, where the README's
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import io
@@ -204,10 +205,47 @@ def test_markers_and_blocks_are_understood():
         run_command(["make", "train"])
 
 
-def test_module_map_lists_every_module_once():
+PACKAGE = ROOT / "balpoe_hf"
+
+
+def _package_files() -> list[Path]:
+    """The modules of the package, but the evaluate modules (scripts that ``evaluate.load`` reads)."""
+    return [path for path in PACKAGE.rglob("*.py")
+            if "__pycache__" not in path.parts and "evaluate_modules" not in path.parts]
+
+
+def test_module_map_lists_every_module_and_folder_once():
     table = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     listed = re.findall(r"^\| `([\w/.]+)` \|", table, flags=re.MULTILINE)
-    package = ROOT / "balpoe_hf"
-    modules = [p.name for p in package.glob("*.py") if p.name != "__init__.py"]
-    folders = [f"{p.name}/" for p in package.iterdir() if p.is_dir() and any(p.rglob("*.py"))]
+    modules = [path.relative_to(PACKAGE).as_posix() for path in _package_files()
+               if path.name != "__init__.py"]
+    folders = [f"{path.parent.relative_to(PACKAGE).as_posix()}/" for path in _package_files()
+               if path.name == "__init__.py" and path.parent != PACKAGE] + ["evaluate_modules/"]
     assert sorted(listed) == sorted(modules + folders)
+
+
+def test_no_import_runs_upward_in_the_module_map():
+    """Each top-level folder or module of the package imports only those listed before it in
+    docs/architecture.md (the compatibility paths and ``__init__`` re-export the ones below them)."""
+    table = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    order = list(dict.fromkeys(re.sub(r"[/.].*", "", name)
+                               for name in re.findall(r"^\| `([\w/.]+)` \|", table, flags=re.MULTILINE)))
+    upward = []
+    for path in _package_files():
+        parts = path.relative_to(ROOT).with_suffix("").parts  # ("balpoe_hf", "data", "loading")
+        if len(parts) == 2 and parts[1] == "__init__":
+            continue  # the package's own __init__ exports from every layer
+        layer = parts[1]
+        package = parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or (node.module or "").startswith(
+                    "balpoe_hf.")):
+                continue
+            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            targets = [".".join([*base, node.module])] if node.module else [
+                ".".join([*base, alias.name]) for alias in node.names]
+            for target in targets:
+                other = target.split(".")[1]
+                if other != layer and order.index(other) > order.index(layer):
+                    upward.append(f"{'.'.join(parts)} imports {target}")
+    assert not upward, upward

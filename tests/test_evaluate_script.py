@@ -15,15 +15,12 @@ from PIL import Image
 from processes import hold_lock
 from safetensors.torch import load_file, save_file
 
-from balpoe_hf import (
-    BalPoEConfig,
-    BalPoEForImageClassification,
-    build_image_processor,
-    checkpoints,
-    evaluation,
-)
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, run_folder
+from balpoe_hf.data.loading import align_labels
 from balpoe_hf.errors import DataError, EvaluationError
-from balpoe_hf.loading import align_labels
+from balpoe_hf.evaluation import calibrate, model_loading, printing, reports, shifts, upgrade
+from balpoe_hf.evaluation import evaluate as evaluation
+from balpoe_hf.training import resume
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
@@ -132,9 +129,9 @@ def test_end_to_end_runs_the_model_once_and_writes_report_and_plots(run_dir, tes
 
 
 def test_adapt_to_unlabeled_on_a_dataset_estimates_from_unlabelled_images(run_dir, test_file):
-    model, processor = evaluation.load_model(str(run_dir), "cpu")
+    model, processor = model_loading.load_model(str(run_dir), "cpu")
     ds = datasets.Dataset.from_parquet(str(test_file))
-    rows = evaluation.shifted_rows(np.asarray(ds["fine"]), TRAIN_COUNTS, "forward10", seed=0)
+    rows = shifts.shifted_rows(np.asarray(ds["fine"]), TRAIN_COUNTS, "forward10", seed=0)
     unlabelled = ds.select(rows).remove_columns("fine")  # the labels are not needed
     pixel_values = processor(images=unlabelled[:]["img"], return_tensors="pt")["pixel_values"]
     estimate = model.adapt_to_unlabeled(pixel_values, method="em", set_prior=False)
@@ -159,11 +156,11 @@ def test_adapt_to_unlabeled_on_a_dataset_estimates_from_unlabelled_images(run_di
 def test_a_stream_of_one_batch_as_large_as_the_set_is_the_full_set(run_dir, test_file):
     # A single batch holding every image of a shifted set (drawn without replacement) is that set: the
     # stream's gain over none after it is the full set's, computed by evaluate_shifts on another path.
-    model, processor = evaluation.load_model(str(run_dir), "cpu")
+    model, processor = model_loading.load_model(str(run_dir), "cpu")
     ds = datasets.Dataset.from_parquet(str(test_file))
     logits, _ = evaluation.predict(model, processor, ds, "img")
     labels = np.asarray(ds["fine"])
-    size = len(evaluation.shifted_rows(labels, TRAIN_COUNTS, "forward10", seed=0))
+    size = len(shifts.shifted_rows(labels, TRAIN_COUNTS, "forward10", seed=0))
     stream = evaluation.stream_batches(logits, labels, TRAIN_COUNTS, ["forward10"], ["none", "oracle", "em"],
                                        size, batches=1, draws=2)
     full = evaluation.evaluate_shifts(logits, labels, TRAIN_COUNTS, ["forward10"], ["none", "oracle", "em"])
@@ -177,17 +174,17 @@ def test_a_stream_of_one_batch_as_large_as_the_set_is_the_full_set(run_dir, test
     assert len(small["shifts"]["uniform"]["auto"]) == 3
     assert small["drift"]["schedule"] == [["forward50", 5], ["backward50", 10]]
     assert len(small["drift"]["gains"]["auto"]) == 15 and small["drift"]["forgetting"] == 0.5
-    assert "drift (5 batches of forward50" in evaluation.format_stream_table(small)
+    assert "drift (5 batches of forward50" in printing.format_stream_table(small)
 
 
 def test_prior_modes_from_cached_logits_match_the_model_run_with_that_prior(run_dir, test_file):
-    model, processor = evaluation.load_model(str(run_dir), "cpu")
+    model, processor = model_loading.load_model(str(run_dir), "cpu")
     ds = datasets.Dataset.from_parquet(str(test_file))
     uniform_logits, _ = evaluation.predict(model, processor, ds, "img", 64)
     labels = np.asarray(ds["fine"])
-    rows = evaluation.shifted_rows(labels, TRAIN_COUNTS, "forward10", seed=0)
+    rows = shifts.shifted_rows(labels, TRAIN_COUNTS, "forward10", seed=0)
     prior = torch.from_numpy(np.bincount(labels[rows], minlength=NUM_CLASSES) / len(rows))
-    derived = evaluation.with_target_prior(uniform_logits[rows], prior)
+    derived = shifts.with_target_prior(uniform_logits[rows], prior)
     images = list(ds.select(rows)["img"])
     pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
@@ -245,12 +242,12 @@ def test_shot_thresholds_default_to_those_of_the_run(run_dir, test_file, tmp_pat
 
     test = datasets.Dataset.from_parquet(str(test_file))
     options = {"image_column": "img", "label_column": "fine", "shifts": ["uniform"], "priors": ["none"]}
-    model, processor = evaluation.load_model(run_dir)  # saved without a recipe: CIFAR-100-LT's 100 / 20
+    model, processor = model_loading.load_model(run_dir)  # saved without a recipe: CIFAR-100-LT's 100 / 20
     assert evaluation.evaluate_model(model, processor, test, **options).report["settings"]["many"] == 100
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (run / "recipe.yaml").write_text("many_threshold: 200\nfew_threshold: 10\n")
-    model, processor = evaluation.load_model(run)
+    model, processor = model_loading.load_model(run)
     report = evaluation.evaluate_model(model, processor, test, **options).report
     assert (report["settings"]["many"], report["settings"]["few"]) == (200, 10)
     # Training counts 500, 299, ..., 8, 5: many-shot (> 200) are classes 0 and 1, few-shot (< 10) 8 and 9.
@@ -306,7 +303,7 @@ def test_load_refuses_what_a_hand_edit_or_a_diverged_run_leaves(run_dir, test_fi
                                                                  message):
     model = _edited_copy(run_dir, tmp_path / "model", edit)
     with pytest.raises(EvaluationError, match=message):
-        evaluation.load_model(model)
+        model_loading.load_model(model)
     assert script.main(["--model", str(model), "--test-file", str(test_file)]) == 2
     err = capsys.readouterr().err  # transformers' progress bars, then the error in one line
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
@@ -340,11 +337,11 @@ def test_a_kill_at_any_step_of_writing_a_report_leaves_none_or_all_and_the_rerun
     assert len(written) == 3 and len(snapshots) >= 5
     outcomes = set()
     for snapshot in snapshots:
-        checkpoints.settle(snapshot, "test")
+        run_folder.settle(snapshot, "test")
         files = {p.name: p.read_bytes() for p in snapshot.glob("report*")}
         assert files in ({}, written), snapshot.name
         outcomes.add(bool(files))
-        evaluation.check_output(snapshot / "report.json")  # the rerun would replace it: it is ours
+        reports.check_output(snapshot / "report.json")  # the rerun would replace it: it is ours
     assert outcomes == {False, True}
 
 
@@ -385,7 +382,8 @@ def holdout_run(tmp_path_factory) -> Path:
     --upgrade is for."""
     from train_synthetic import write_parquet
 
-    from balpoe_hf import recipes, training
+    from balpoe_hf import recipes
+    from balpoe_hf.training import loop as training
 
     root = tmp_path_factory.mktemp("holdout_run")
     train_file, test_file = write_parquet(root / "data")
@@ -401,7 +399,7 @@ def holdout_run(tmp_path_factory) -> Path:
                    if key not in ("bias_se", "bias_cov_factor")}
     (root / "run" / "config.json").write_text(json.dumps({**config, "shift_estimator": LEGACY_CHOICE,
                                                           "calibration": calibration}))
-    checkpoints.record_outputs(root / "run", [root / "run" / "config.json"])
+    run_folder.record_outputs(root / "run", [root / "run" / "config.json"])
     return root / "run"
 
 
@@ -415,24 +413,24 @@ def test_a_kill_at_any_step_of_an_upgrade_leaves_a_loadable_model(holdout_run, t
     shutil.copytree(holdout_run, run)
     old = (run / "config.json").read_bytes()
     snapshots = kill_points.watch(run)
-    done = evaluation.upgrade_model(run, device="cpu")
+    done = upgrade.upgrade_model(run, device="cpu")
     new = (run / "config.json").read_bytes()
     assert done["recalibrated"] and done["dropped_choice"] == "em-bcts-gain"
     assert "bias_cov_factor" in json.loads(new)["calibration"] and len(snapshots) >= 5
     outcomes = set()
     for snapshot in snapshots:
-        model, _ = evaluation.load_model(snapshot)  # finishes or undoes the save first
+        model, _ = model_loading.load_model(snapshot)  # finishes or undoes the save first
         config = (snapshot / "config.json").read_bytes()
         assert config in (old, new), snapshot.name
         outcomes.add(config == new)
         assert model.config.shift_estimator == (None if config == new else LEGACY_CHOICE)
         assert not list(snapshot.glob(".balpoe-*")), snapshot.name  # no journal, no staging folder left
-        checkpoints.check_output_dir(snapshot, resume=True, overwrite=False)
+        resume.check_output_dir(snapshot, resume=True, overwrite=False)
     assert outcomes == {False, True}
     # Killed while the staged files were half-written: the rerun upgrades the old folder as the first did.
     cut = next(snapshot for snapshot in snapshots if snapshot.name.endswith("staging-cut"))
     assert (cut / "config.json").read_bytes() == old
-    evaluation.upgrade_model(cut, device="cpu")
+    upgrade.upgrade_model(cut, device="cpu")
     assert (cut / "config.json").read_bytes() == new
 
 
@@ -450,10 +448,10 @@ def test_a_full_disk_during_an_upgrade_replaces_nothing(holdout_run, tmp_path, m
     message = (r"could not save the upgraded model into .*No space left on device\. The disk is full\. "
                r"Nothing there was replaced")
     with pytest.raises(EvaluationError, match=message):
-        evaluation.upgrade_model(run, device="cpu")
+        upgrade.upgrade_model(run, device="cpu")
     assert _files(run) == before and not list(run.glob(".balpoe*"))
     with pytest.raises(EvaluationError, match=message):  # into a new folder: none is left behind
-        evaluation.upgrade_model(run, tmp_path / "upgraded", device="cpu")
+        upgrade.upgrade_model(run, tmp_path / "upgraded", device="cpu")
     assert not (tmp_path / "upgraded").exists()
 
 
@@ -490,6 +488,7 @@ def test_ctrl_c_during_an_upgrade_ends_with_one_line_and_replaces_nothing(holdou
         return real_predict(*args, **kwargs)
 
     monkeypatch.setattr(evaluation, "predict", predict)
+    monkeypatch.setattr(calibrate, "predict", predict)  # the upgrade's inference on the held-out split
     which = 1  # on the held-out split, before anything is saved
     assert script.main(["--model", str(run), "--upgrade", "--shifts", "uniform", "--prior", "none,auto",
                         "--output", str(run / "eval" / "report.json")]) == 130

@@ -24,7 +24,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from balpoe_hf import hub
-from balpoe_hf.checkpoints import record_outputs, weights_fingerprint
+from balpoe_hf.errors import HubFolderError, HubPublishError
+from balpoe_hf.run_folder import record_outputs, weights_fingerprint
 
 _spec = importlib.util.spec_from_file_location(
     "push_to_hub_script", Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py")
@@ -123,7 +124,7 @@ def test_many_classes_get_a_summary_and_a_pointer_to_config():
 
 
 def test_card_needs_class_counts():
-    with pytest.raises(hub.HubFolderError, match="class_counts"):
+    with pytest.raises(HubFolderError, match="class_counts"):
         hub.render_model_card({**CONFIG, "class_counts": []}, images=IMAGES)
 
 
@@ -146,7 +147,7 @@ def test_usage_snippets_are_valid_python():
 def test_check_refuses_pickle_weights_and_lists_every_problem(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not safetensors")
-    with pytest.raises(hub.HubFolderError) as error:
+    with pytest.raises(HubFolderError) as error:
         hub.check_hub_folder(tmp_path)
     message = str(error.value)
     assert "pytorch_model.bin" in message and "safetensors only" in message
@@ -187,7 +188,7 @@ def test_published_recipe_names_files_not_paths(tmp_path):
     run = {"name": "custom", "description": "my run (overridden: data_root=/home/me/imagenet, train_list)",
            "train_list": "/home/me/lists/ImageNet_LT_train.txt", "test_list": "lists/ImageNet_LT_test.txt",
            "data_root": "/home/me/imagenet", "train_file": None, "epochs": 90}
-    text, named = hub._published_recipe(yaml.safe_dump(run, sort_keys=False))
+    text, named = hub.folder._published_recipe(yaml.safe_dump(run, sort_keys=False))
     published = yaml.safe_load(text)
     assert published == {**run, "description": "my run (overridden: data_root=imagenet, train_list)",
                          "train_list": "ImageNet_LT_train.txt", "test_list": "ImageNet_LT_test.txt",
@@ -202,7 +203,7 @@ def test_published_recipe_names_files_not_paths(tmp_path):
 def saved_run(tmp_path_factory):
     """A tiny untrained BalPoE model saved as scripts/train.py and scripts/evaluate.py leave a run."""
     from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor
-    from balpoe_hf.plots import per_class_accuracy_plot, reliability_diagram
+    from balpoe_hf.evaluation.plots import per_class_accuracy_plot, reliability_diagram
 
     torch.manual_seed(0)
     config = BalPoEConfig(backbone="resnet20_cifar", num_experts=3, lambdas=[1.0, 0.0, -1.0],
@@ -373,7 +374,7 @@ def test_offline_mode_fails_before_anything_happens(saved_run, fake_hub, monkeyp
     run, _ = saved_run
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     before = _snapshot(run)
-    with pytest.raises(hub.HubPublishError, match="offline mode"):
+    with pytest.raises(HubPublishError, match="offline mode"):
         hub.push_to_hub(run, "me/tiny-balpoe", token="hf_not_a_real_token")
     assert fake_hub == {"create_repo": [], "create_commit": []}
     assert _snapshot(run) == before
@@ -385,7 +386,7 @@ def test_missing_token_fails_before_anything_happens(saved_run, fake_hub, monkey
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     before = _snapshot(run)
-    with pytest.raises(hub.HubPublishError, match="no Hugging Face token"):
+    with pytest.raises(HubPublishError, match="no Hugging Face token"):
         hub.push_to_hub(run, "me/tiny-balpoe")
     assert fake_hub == {"create_repo": [], "create_commit": []}
     assert _snapshot(run) == before
@@ -398,7 +399,7 @@ def test_a_folder_saved_without_the_pipeline_is_refused_until_saved_again(tmp_pa
     folder = tmp_path / "model"
     fixtures = Path(__file__).parent / "fixtures" / "saved_models"
     shutil.copytree(fixtures / "resnet-3experts-calibrated" / "model", folder)
-    with pytest.raises(hub.HubFolderError, match=r"names no image-classification pipeline.*save it again"):
+    with pytest.raises(HubFolderError, match=r"names no image-classification pipeline.*save it again"):
         hub.check_hub_folder(folder, require_card=False)
     BalPoEForImageClassification.from_pretrained(folder).save_pretrained(folder)
     assert "pipeline_balpoe.py" in hub.check_hub_folder(folder, require_card=False)
@@ -410,7 +411,7 @@ def test_check_refuses_pickle_weights_next_to_safetensors(saved_run, tmp_path):
     shutil.copytree(run, copy)
     (copy / "pytorch_model.bin").write_bytes(b"pickle")
     (copy / "cifar_resnet.py").unlink()
-    with pytest.raises(hub.HubFolderError) as error:
+    with pytest.raises(HubFolderError) as error:
         hub.check_hub_folder(copy)
     assert "pytorch_model.bin" in str(error.value)
     assert "cifar_resnet.py" in str(error.value)
@@ -437,7 +438,7 @@ def test_report_outside_the_run_gives_its_pictures_but_is_not_uploaded(saved_run
     assert "images/reliability_diagram.png" in folder.files
     assert not any(name.endswith("report.json") for name in folder.files)
     assert "### Under label shift" in folder.card.text
-    with pytest.raises(hub.HubFolderError, match="does not exist"):
+    with pytest.raises(HubFolderError, match="does not exist"):
         hub.prepare_hub_folder(copy, eval_report=tmp_path / "missing.json")
 
 
@@ -450,7 +451,7 @@ def test_a_report_naming_local_paths_stops_the_push_before_anything_is_written(s
     report = json.loads((copy / "eval" / "report.json").read_text())
     (copy / "eval" / "report.json").write_text(json.dumps({"model": str(copy), **report}))
     _record_report(copy / "eval")
-    with pytest.raises(hub.HubFolderError, match=r"eval/report.json names .*/run\. "):
+    with pytest.raises(HubFolderError, match=r"eval/report.json names .*/run\. "):
         hub.prepare_hub_folder(copy, "me/tiny-balpoe")
     assert not (copy / "README.md").exists() and not (copy / "images").exists()
 
@@ -605,7 +606,7 @@ def test_card_shift_table_holds_three_prior_modes(run_cards, method, all_modes):
     card = run_cards[method]
     text = card["text"]
     report = json.loads((card["run"] / "eval" / "report.json").read_text())
-    from balpoe_hf.evaluation import PRIOR_MODES
+    from balpoe_hf.evaluation.shifts import PRIOR_MODES
 
     # The report keeps every mode; the card shows three, from the report.
     assert len(report["shift_accuracy"]) == (len(PRIOR_MODES) if all_modes else 3)
@@ -634,7 +635,8 @@ def test_card_shift_table_holds_three_prior_modes(run_cards, method, all_modes):
 
 
 def test_card_front_matter_stays_small_for_the_full_grid():
-    from balpoe_hf.evaluation import ALL_SHIFTS, PRIOR_MODES
+    from balpoe_hf.data.splits import ALL_SHIFTS
+    from balpoe_hf.evaluation.shifts import PRIOR_MODES
 
     grid = {"shift_accuracy": {mode: dict.fromkeys(ALL_SHIFTS, 0.5) for mode in PRIOR_MODES}}
     calibrated = {**CONFIG, "calibration": {}}
@@ -840,9 +842,9 @@ def test_a_report_naming_a_file_outside_its_folder_never_gets_it_published(saved
         name = str(secret) if where == "absolute" else "../../secret.txt"
         _rewrite_report(run, images={"reliability_diagram": name, "per_class_accuracy": name})
         message = r"names the picture '.*secret\.txt', which is not a file name beside the report"
-    with pytest.raises(hub.HubFolderError, match=message):
+    with pytest.raises(HubFolderError, match=message):
         hub.prepare_hub_folder(run, "me/tiny-balpoe")
-    assert push_script.main([str(run), "me/tiny-balpoe", "--dry-run"]) == 1
+    assert push_script.main([str(run), "me/tiny-balpoe", "--dry-run"]) == 2
     assert "Nothing was written" in capsys.readouterr().err
     assert not (run / "images").exists() and not (run / "README.md").exists()
 
@@ -851,7 +853,7 @@ def test_a_picture_that_is_not_a_png_is_refused(saved_run, tmp_path):
     run = _run_copy(saved_run, tmp_path / "run")
     (run / "eval" / "report_per_class_accuracy.png").write_text("not a picture")
     _record_report(run / "eval")  # even listed as balpoe-evaluate's
-    with pytest.raises(hub.HubFolderError, match=r"report_per_class_accuracy\.png is not a picture "
+    with pytest.raises(HubFolderError, match=r"report_per_class_accuracy\.png is not a picture "
                                                  r"balpoe-evaluate wrote beside .* \(a PNG file"):
         hub.prepare_hub_folder(run, "me/tiny-balpoe")
 
@@ -861,7 +863,7 @@ def test_only_an_unedited_report_of_the_models_own_weights_is_published(saved_ru
     report = run / "eval" / "report.json"
     # Edited by hand since balpoe-evaluate wrote it: its hash no longer matches the manifest.
     report.write_text(report.read_text().replace('"balanced_accuracy": 0.', '"balanced_accuracy": 0.9'))
-    with pytest.raises(hub.HubFolderError, match=r"report\.json is not a report balpoe-evaluate wrote there, "
+    with pytest.raises(HubFolderError, match=r"report\.json is not a report balpoe-evaluate wrote there, "
                                                  r"or it was edited since"):
         hub.prepare_hub_folder(run, "me/tiny-balpoe")
     # Another model's report (25 % on the card of a 100 % model, in the sweep): other weights.
@@ -870,11 +872,11 @@ def test_only_an_unedited_report_of_the_models_own_weights_is_published(saved_ru
     weights = {name: tensor + 1 if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
     save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
     _rewrite_report(run, model="runs/first-model")
-    with pytest.raises(hub.HubFolderError, match=r"is an evaluation of other weights \(the model in "
+    with pytest.raises(HubFolderError, match=r"is an evaluation of other weights \(the model in "
                                                  r"runs/first-model\), not of the weights in .*other"):
         hub.prepare_hub_folder(other, "me/tiny-balpoe", eval_report=run / "eval" / "report.json")
     _rewrite_report(run, model_sha256=None)  # written before reports named their weights
-    with pytest.raises(hub.HubFolderError, match=r"without the fingerprint of the weights it evaluated"):
+    with pytest.raises(HubFolderError, match=r"without the fingerprint of the weights it evaluated"):
         hub.prepare_hub_folder(run, "me/tiny-balpoe")
 
 
@@ -906,7 +908,7 @@ def test_a_full_disk_while_writing_the_card_replaces_nothing(saved_run, tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ModelCard, "save", full_disk)
-    with pytest.raises(hub.HubFolderError, match=r"could not write the model card into .*No space left on "
+    with pytest.raises(HubFolderError, match=r"could not write the model card into .*No space left on "
                                                  r"device\. The disk is full\. Nothing there was replaced"):
         hub.prepare_hub_folder(run, "me/tiny-balpoe")
     assert _snapshot(run) == before

@@ -12,18 +12,22 @@ import pytest
 import torch
 from train_synthetic import TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, evaluation, loading, recipes, training
-from balpoe_hf.checkpoints import written_by_package
-from balpoe_hf.data import holdout_sizes, holdout_split
-from balpoe_hf.errors import DataError, TrainingError
-from balpoe_hf.holdout_statistics import holdout_calibration
-from balpoe_hf.label_shift import (
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, recipes
+from balpoe_hf.data import loading
+from balpoe_hf.data.splits import holdout_sizes, holdout_split
+from balpoe_hf.errors import DataError, EvaluationError, TrainingError
+from balpoe_hf.evaluation import evaluate as evaluation
+from balpoe_hf.evaluation import upgrade
+from balpoe_hf.models.balpoe.holdout_statistics import holdout_calibration
+from balpoe_hf.models.balpoe.label_shift import (
     PRIOR_ESTIMATORS,
     PriorStream,
     ShiftEstimator,
     estimate_prior,
     resolve_estimator,
 )
+from balpoe_hf.run_folder import written_by_package
+from balpoe_hf.training import loop as training
 
 SOURCE_PRIOR = np.array([0.55, 0.25, 0.13, 0.07])
 
@@ -473,7 +477,7 @@ def test_adapt_to_unlabeled_without_calibration_runs_auto_and_names_holdout_for_
 def test_evaluation_modes_are_the_estimators_and_say_which_need_the_calibration():
     assert evaluation.parse_priors("all") == ["none", "oracle", "auto", "em", "em-bcts", "bbse", "rlls"]
     assert evaluation.default_priors() == ["none", "oracle", "auto"]
-    with pytest.raises(evaluation.EvaluationError, match=r"modes \['em-bcts', 'bbse'\] need the held-out"):
+    with pytest.raises(EvaluationError, match=r"modes \['em-bcts', 'bbse'\] need the held-out"):
         evaluation.check_calibration_for(["none", "auto", "em", "em-bcts", "bbse"], None, "runs/x")
     evaluation.check_calibration_for(["none", "oracle", "auto", "em"], None, "runs/x")
 
@@ -494,7 +498,7 @@ def _legacy_folder(root: Path, extra: str | None = None) -> Path:
 
 def test_upgrade_in_place_drops_the_legacy_choice_and_adopts_the_folder(tmp_path):
     folder = _legacy_folder(tmp_path)
-    done = evaluation.upgrade_model(folder)
+    done = upgrade.upgrade_model(folder)
     assert done == {"folder": str(folder), "recalibrated": False, "dropped_choice": "rlls-gain",
                     "auto": done["auto"]} and done["auto"].startswith("'auto' adapts from")
     config = json.loads((folder / "config.json").read_text())
@@ -505,10 +509,10 @@ def test_upgrade_in_place_drops_the_legacy_choice_and_adopts_the_folder(tmp_path
 
 def test_upgrade_of_a_folder_with_other_files_goes_into_a_new_folder(tmp_path):
     folder = _legacy_folder(tmp_path, extra="notes.txt")
-    with pytest.raises(evaluation.EvaluationError, match=r"holds \['notes\.txt'\], which balpoe-hf did not"):
-        evaluation.upgrade_model(folder)
+    with pytest.raises(EvaluationError, match=r"holds \['notes\.txt'\], which balpoe-hf did not"):
+        upgrade.upgrade_model(folder)
     assert json.loads((folder / "config.json").read_text())["shift_estimator"] == LEGACY_CHOICE
-    done = evaluation.upgrade_model(folder, tmp_path / "upgraded")
+    done = upgrade.upgrade_model(folder, tmp_path / "upgraded")
     upgraded = tmp_path / "upgraded"
     assert done["folder"] == str(upgraded) and not (upgraded / "notes.txt").exists()
     model = BalPoEForImageClassification.from_pretrained(upgraded)
@@ -519,5 +523,5 @@ def test_upgrade_of_a_folder_with_other_files_goes_into_a_new_folder(tmp_path):
     for (name, value), (_, other) in zip(original.state_dict().items(), model.state_dict().items(),
                                          strict=True):
         assert torch.equal(value, other), name
-    with pytest.raises(evaluation.EvaluationError, match="not an empty folder"):
-        evaluation.upgrade_model(folder, upgraded)
+    with pytest.raises(EvaluationError, match="not an empty folder"):
+        upgrade.upgrade_model(folder, upgraded)

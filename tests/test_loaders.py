@@ -18,22 +18,23 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
-from balpoe_hf import checkpoints, speed
-from balpoe_hf.arguments import parse_args
-from balpoe_hf.configuration_balpoe import BalPoEConfig
-from balpoe_hf.device_data import DeviceLoader
-from balpoe_hf.errors import TrainingError
-from balpoe_hf.loaders import (
+from balpoe_hf import run_folder
+from balpoe_hf.cli.arguments import parse_args
+from balpoe_hf.data.device_data import DeviceLoader
+from balpoe_hf.data.loaders import (
     DEVICE_DATA_LIMIT_BYTES,
     build_loaders,
     choose_pipeline,
     device_loaders,
 )
-from balpoe_hf.loading import load_training_data
-from balpoe_hf.modeling_balpoe import BalPoEForImageClassification
+from balpoe_hf.data.loading import load_training_data
+from balpoe_hf.data.transforms import build_processor
+from balpoe_hf.errors import TrainingError
+from balpoe_hf.models.balpoe.configuration_balpoe import BalPoEConfig
+from balpoe_hf.models.balpoe.modeling_balpoe import BalPoEForImageClassification
 from balpoe_hf.recipes import make_recipe
-from balpoe_hf.training import train
-from balpoe_hf.transforms import build_processor
+from balpoe_hf.training import speed
+from balpoe_hf.training.loop import train
 
 NUM_TRAIN, NUM_TEST = sum(TRAIN_COUNTS), TEST_PER_CLASS * len(CLASS_NAMES)  # 60, 32
 
@@ -187,7 +188,7 @@ def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(pa
     # The run directory as a kill 2 batches into the second epoch (global step 9) would leave it.
     killed = tmp_path / "killed"
     (killed / "checkpoints").mkdir(parents=True)
-    for name in ("recipe.yaml", checkpoints.MANIFEST):
+    for name in ("recipe.yaml", run_folder.MANIFEST):
         shutil.copy(tmp_path / "whole" / name, killed / name)
     shutil.copytree(tmp_path / "whole" / "checkpoints" / "epoch-0001-step-000002",
                     killed / "checkpoints" / "epoch-0001-step-000002")

@@ -5,7 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from balpoe_hf.losses import BalPoELoss, LADELoss, lade_regularizer, logit_adjusted_cross_entropy
+from balpoe_hf.models.balpoe.losses import (
+    BalPoELoss,
+    LADELoss,
+    lade_regularizer,
+    logit_adjusted_cross_entropy,
+)
 
 
 def test_hand_computed_two_by_three():

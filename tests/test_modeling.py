@@ -19,8 +19,8 @@ from balpoe_hf import (
     BalPoEModel,
     build_image_processor,
 )
-from balpoe_hf.label_shift import estimate_prior
-from balpoe_hf.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassifier
+from balpoe_hf.models.balpoe.label_shift import estimate_prior
+from balpoe_hf.models.balpoe.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassifier
 
 COUNTS = [50, 20, 8, 2]
 LABELS = {0: "tshirt", 1: "trouser", 2: "pullover", 3: "dress"}
@@ -80,7 +80,7 @@ def test_config_errors(kwargs, message):
 
 
 def _calibration(**changes) -> dict:
-    from balpoe_hf.holdout_statistics import holdout_calibration
+    from balpoe_hf.models.balpoe.holdout_statistics import holdout_calibration
 
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(40) % 4

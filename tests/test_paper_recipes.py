@@ -18,9 +18,12 @@ import torch
 import yaml
 from PIL import Image
 
-from balpoe_hf import arguments, cli, loading, recipes, training, transforms
+from balpoe_hf import cli, recipes
+from balpoe_hf.cli import arguments
+from balpoe_hf.data import loading, transforms
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.recipes import RECIPES_DIR
+from balpoe_hf.training import loop as training
 
 CONFIGS = "emasa/BalPoE-CalibratedLT configs/mixup/{}_training/config_{}_bs-experts.json"
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
@@ -135,7 +138,7 @@ def test_longer_recipes_differ_from_the_standard_ones_only_in_schedule_and_augme
 
 def test_official_residual_init_for_resnet_experts():
     """The official ResNet/ResNeXt keep every BN weight at 1; timm zeroes the last one of each block."""
-    from balpoe_hf.backbones import create_backbone
+    from balpoe_hf.models.balpoe.backbones import create_backbone
 
     recipe = recipes.load_recipe("imagenet-lt-resnet50")
     official = create_backbone(recipe.backbone, recipe.backbone_kwargs)

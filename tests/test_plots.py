@@ -4,7 +4,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from balpoe_hf.plots import class_count_histogram, per_class_accuracy_plot, reliability_diagram
+from balpoe_hf.evaluation.plots import class_count_histogram, per_class_accuracy_plot, reliability_diagram
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COUNTS = [500, 300, 180, 107, 64, 38, 23, 13, 8, 5]

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from balpoe_hf import cli
+from balpoe_hf.data.loading import FASHION_MNIST_LABELS, load_split
+from balpoe_hf.data.prepare import prepare_data
 from balpoe_hf.errors import DataError
-from balpoe_hf.loading import FASHION_MNIST_LABELS, load_split
-from balpoe_hf.prepare_data import prepare_data
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

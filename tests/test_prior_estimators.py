@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from balpoe_hf.prior_estimators import (
+from balpoe_hf.models.balpoe.prior_estimators import (
     bbse_prior,
     confusion_matrix,
     effective_images,
@@ -16,7 +16,7 @@ from balpoe_hf.prior_estimators import (
     project_to_simplex,
     rlls_prior,
 )
-from balpoe_hf.shrinkage import FULL_COVARIANCE_CLASSES, centred_basis, shrink_log_prior
+from balpoe_hf.models.balpoe.shrinkage import FULL_COVARIANCE_CLASSES, centred_basis, shrink_log_prior
 
 MEANS = np.array([-2.0, 0.0, 2.0])
 

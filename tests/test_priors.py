@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from balpoe_hf.priors import (
+from balpoe_hf.models.balpoe.priors import (
     adjust_logits,
     class_prior,
     expert_lambdas,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, loading, recipes, transforms
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, recipes
+from balpoe_hf.data import loading, transforms
 
 CIFAR10_DIR = Path(os.environ.get("BALPOE_CIFAR10_DIR",
                                   Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"))

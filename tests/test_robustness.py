@@ -28,19 +28,20 @@ from balpoe_hf import (
     BalPoEConfig,
     BalPoEForImageClassification,
     BalPoELoss,
-    arguments,
     build_image_processor,
-    checkpoints,
     cli,
-    evaluation,
     hub,
-    loading,
     recipes,
-    training,
-    transforms,
+    run_folder,
 )
-from balpoe_hf.data import long_tailed_counts, make_long_tailed, make_shifted_test
-from balpoe_hf.errors import TrainingError
+from balpoe_hf.cli import arguments
+from balpoe_hf.data import loading, transforms
+from balpoe_hf.data.splits import long_tailed_counts, make_long_tailed, make_shifted_test
+from balpoe_hf.errors import EvaluationError, HubFolderError, TrainingError
+from balpoe_hf.evaluation import evaluate as evaluation
+from balpoe_hf.evaluation import model_loading, reports
+from balpoe_hf.training import checkpoints, non_finite, resume
+from balpoe_hf.training import loop as training
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"image_column": "picture", "label_column": "target", "image_size": 16,
@@ -186,7 +187,7 @@ def test_overwrite_deletes_only_what_the_run_wrote(run, data, tmp_path):
     # A report of the old model inside the run, listed by balpoe-evaluate: stale after the overwrite.
     (out / "eval").mkdir()
     (out / "eval" / "report.json").write_text("{}")
-    checkpoints.record_outputs(out, [out / "eval" / "report.json"])
+    run_folder.record_outputs(out, [out / "eval" / "report.json"])
     kept = {"notes.txt": b"mine", "data/train.parquet": data[0].read_bytes(),
             "data/test.parquet": data[1].read_bytes()}
 
@@ -206,12 +207,12 @@ def test_overwrite_never_deletes_an_input_or_an_edited_output(run, tmp_path):
     before = _snapshot(out)
     with pytest.raises(TrainingError, match=r"--overwrite would delete .*logs, which holds the input "
                                             r".*train\.parquet.*\(nothing was deleted\)"):
-        checkpoints.check_output_dir(out, resume=False, overwrite=True,
+        resume.check_output_dir(out, resume=False, overwrite=True,
                                      inputs=[out / "logs" / "train.parquet"])
     (out / "recipe.yaml").write_text((out / "recipe.yaml").read_text() + "# my notes\n")
     with pytest.raises(TrainingError, match=r"--overwrite would delete \['recipe.yaml'\] .* changed since "
                                             r"balpoe-hf wrote them"):
-        checkpoints.check_output_dir(out, resume=False, overwrite=True)
+        resume.check_output_dir(out, resume=False, overwrite=True)
     assert {k: v for k, v in _snapshot(out).items() if k != "recipe.yaml"} == \
         {k: v for k, v in before.items() if k != "recipe.yaml"}
 
@@ -233,9 +234,9 @@ def model_dir(tmp_path) -> Path:
 def test_hub_folder_never_replaces_a_card_it_did_not_write(model_dir, capsys):
     (model_dir / "README.md").write_text("# My own card\n")
     before = _snapshot(model_dir)
-    with pytest.raises(hub.HubFolderError, match=r"holds \['README.md'\], which balpoe-hf did not write"):
+    with pytest.raises(HubFolderError, match=r"holds \['README.md'\], which balpoe-hf did not write"):
         hub.prepare_hub_folder(model_dir)
-    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2  # bad input: the folder
     assert "Nothing was written" in capsys.readouterr().err
     assert _snapshot(model_dir) == before
 
@@ -243,7 +244,7 @@ def test_hub_folder_never_replaces_a_card_it_did_not_write(model_dir, capsys):
 def test_hub_folder_is_checked_before_anything_is_written(model_dir):
     (model_dir / "preprocessor_config.json").unlink()
     before = _snapshot(model_dir)
-    with pytest.raises(hub.HubFolderError, match=r"no preprocessor_config\.json"):
+    with pytest.raises(HubFolderError, match=r"no preprocessor_config\.json"):
         hub.prepare_hub_folder(model_dir)
     assert _snapshot(model_dir) == before  # no README.md, no images/
 
@@ -253,7 +254,7 @@ def test_hub_folder_rewrites_its_own_card_but_not_an_edited_one(model_dir):
     hub.prepare_hub_folder(model_dir, "me/renamed")  # its own files: replaced
     assert "me/renamed" in (model_dir / "README.md").read_text()
     (model_dir / "images" / "class_counts.png").write_bytes(b"my picture")
-    with pytest.raises(hub.HubFolderError, match=r"\['images/class_counts.png'\].*or which were edited"):
+    with pytest.raises(HubFolderError, match=r"\['images/class_counts.png'\].*or which were edited"):
         hub.prepare_hub_folder(model_dir)
     assert (model_dir / "images" / "class_counts.png").read_bytes() == b"my picture"
 
@@ -326,7 +327,7 @@ def test_soft_targets_that_are_not_probabilities_are_refused_by_the_loss(row, me
 
 
 def test_non_finite_loss_guard_keeps_the_first_bad_batch():
-    guard = checkpoints.NonFiniteLossGuard(torch.device("cpu"))
+    guard = non_finite.NonFiniteLossGuard(torch.device("cpu"))
     seen = [guard.update(torch.tensor(value), batch) for batch, value in
             enumerate([1.0, 2.0, float("inf"), 1.0, float("nan")])]
     assert seen == [False, False, True, True, True]
@@ -467,9 +468,9 @@ def test_truncated_weights_are_named(run, tmp_path):
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoints"))
     weights = copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:2000])
-    with pytest.raises(evaluation.EvaluationError, match=r"the weights in .* cannot be read .*truncated or "
+    with pytest.raises(EvaluationError, match=r"the weights in .* cannot be read .*truncated or "
                                                          r"damaged; save the model again"):
-        evaluation.load_model(copy)
+        model_loading.load_model(copy)
 
 
 def test_pretrained_backbone_offline_is_explained(data, monkeypatch):
@@ -519,9 +520,9 @@ def test_optional_packages_are_extras_and_each_feature_names_its_extra(data, tmp
                         else find_spec(name, *a))
     with pytest.raises(TrainingError, match=r"--report-to tensorboard needs .*'balpoe-hf\[train\]'"):
         training.train(_recipe(data), tmp_path / "run", report_to="tensorboard")
-    with pytest.raises(evaluation.EvaluationError, match=r"need matplotlib: .*'balpoe-hf\[plots\]'"):
-        evaluation.check_output(tmp_path / "report.json")
-    with pytest.raises(hub.HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
+    with pytest.raises(EvaluationError, match=r"need matplotlib: .*'balpoe-hf\[plots\]'"):
+        reports.check_output(tmp_path / "report.json")
+    with pytest.raises(HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
         hub.prepare_hub_folder(tmp_path)
     assert not (tmp_path / "run").exists()
 
@@ -576,17 +577,17 @@ def test_resume_on_a_folder_that_is_not_a_run_refuses_and_touches_nothing(data, 
 def test_resume_never_writes_over_a_file_the_run_did_not_write(run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    checkpoints.check_output_dir(out, resume=True, overwrite=False)  # the run's own files: fine
+    resume.check_output_dir(out, resume=True, overwrite=False)  # the run's own files: fine
     (out / "holdout_results.json").write_text('{"mine": true}')  # a name the run writes, not written by it
     with pytest.raises(TrainingError, match=r"--resume would write over \['holdout_results.json'\] in .*, "
                                             r"which balpoe-hf did not write there .*\(nothing was written\)"):
-        checkpoints.check_output_dir(out, resume=True, overwrite=False)
+        resume.check_output_dir(out, resume=True, overwrite=False)
     with pytest.raises(TrainingError, match=r"--overwrite would write over \['holdout_results.json'\]"):
-        checkpoints.check_output_dir(out, resume=False, overwrite=True)
+        resume.check_output_dir(out, resume=False, overwrite=True)
     (out / "holdout_results.json").unlink()
     (out / "config.json").write_text((out / "config.json").read_text() + "\n")  # edited since
     with pytest.raises(TrainingError, match=r"--resume would write over \['config.json'\]"):
-        checkpoints.check_output_dir(out, resume=True, overwrite=False)
+        resume.check_output_dir(out, resume=True, overwrite=False)
 
 
 def test_output_dir_that_takes_no_files_is_refused_before_the_data_load(data, tmp_path, capsys, monkeypatch):
@@ -604,7 +605,7 @@ def test_output_dir_that_takes_no_files_is_refused_before_the_data_load(data, tm
     def read_only(*args, **kwargs):  # what a folder without write permission answers (tests may run as root)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoints.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", read_only)
     assert cli.train_main([*argv, "--output-dir", str(tmp_path / "locked" / "run")]) == 2
     assert f"{tmp_path} does not take new files (Permission denied); choose a folder you can write to" in \
         capsys.readouterr().err
@@ -630,9 +631,9 @@ def test_evaluate_output_replaces_only_reports_balpoe_evaluate_wrote(run, tmp_pa
     for output, owner in ((reports / "s.json", reports), (model / "eval" / "report.json", model)):
         assert cli.evaluate_main([*argv, str(output)]) == 0
         assert cli.evaluate_main([*argv, str(output)]) == 0
-        manifest = checkpoints.read_manifest(owner)
+        manifest = run_folder.read_manifest(owner)
         assert output.relative_to(owner).as_posix() in manifest["reports"]
-    assert "model.safetensors" not in checkpoints.read_manifest(model)["reports"]
+    assert "model.safetensors" not in run_folder.read_manifest(model)["reports"]
     capsys.readouterr()
 
 
@@ -669,7 +670,7 @@ def _gray16(path: Path, values: np.ndarray) -> Path:
 
 
 def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(run, tmp_path):
-    from balpoe_hf.device_data import decode_to_uint8
+    from balpoe_hf.data.device_data import decode_to_uint8
 
     rng = np.random.default_rng(0)
     values = rng.integers(0, 65536, (4, 16, 16))
@@ -683,7 +684,7 @@ def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(run, tmp_path)
     # Evaluation sees what it sees for the same image saved with 8 bits.
     gray8 = gray16.cast_column("picture", datasets.Image()).map(
         lambda row, i: {"picture": Image.fromarray(expected[i])}, with_indices=True)
-    model, processor = evaluation.load_model(run)
+    model, processor = model_loading.load_model(run)
     logits16, _ = evaluation.predict(model, processor, gray16, image_column="picture")
     logits8, _ = evaluation.predict(model, processor, gray8, image_column="picture")
     torch.testing.assert_close(logits16, logits8, rtol=0, atol=0)
@@ -755,7 +756,7 @@ def test_a_backbone_override_resets_what_the_recipe_set_for_its_backbone(tmp_pat
     assert recipes.load_recipe("imagenet-lt-resnext50", backbone="resnet20_cifar", epochs=8).to_dict() == \
         recipe.to_dict()
     # recipe.yaml says which fields were overridden, and reads back as the same recipe.
-    checkpoints.start_run(tmp_path / "run", recipe)
+    resume.start_run(tmp_path / "run", recipe)
     saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert saved[recipes.OVERRIDDEN_KEY] == ["backbone", "epochs", "backbone_kwargs"]
     assert recipes.load_recipe(config=tmp_path / "run" / "recipe.yaml").to_dict() == recipe.to_dict()
@@ -775,7 +776,7 @@ def test_class_count_mismatch_is_one_line_naming_the_count_and_the_flag(data):
         "classes [4, 5, 6, 7, 8, ..., 999] (996 classes) have no training image, but the model would have "
         "1000 classes (set by num_classes: the recipe's or --num-classes); BalPoE needs every class in the "
         "training prior. The data hold classes 0 to 3: set --num-classes 4.")
-    from balpoe_hf.data import short_list
+    from balpoe_hf.errors import short_list
 
     assert short_list([3, 1, 2]) == "[3, 1, 2]"
     assert short_list(range(10, 20), "files") == "[10, 11, 12, 13, 14, ..., 19] (10 files)"
@@ -835,20 +836,20 @@ def test_push_refuses_bad_input_before_writing_anything(model_dir, tmp_path, cap
         (["me/model", "--eval-report", str(tmp_path / "data.parquet")], "is not valid JSON"),
     ]
     for args, message in cases:
-        assert cli.push_main([str(model_dir), *args, "--dry-run"]) == 1
+        assert cli.push_main([str(model_dir), *args, "--dry-run"]) == 2
         err = capsys.readouterr().err
         assert message in err and "Nothing was written" in err, err
     config = (model_dir / "config.json").read_text()
     (model_dir / "config.json").write_text(config[:-20])
-    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2
     assert f"the model config {model_dir / 'config.json'} is not valid JSON" in capsys.readouterr().err
     (model_dir / "config.json").write_text(config)
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(checkpoints.tempfile, "NamedTemporaryFile", read_only)
-    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 1
+    monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", read_only)
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2
     assert f"cannot write the model card into {model_dir}: {model_dir} does not take new files" in \
         capsys.readouterr().err
     assert _snapshot(model_dir) == before

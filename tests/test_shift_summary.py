@@ -1,8 +1,9 @@
-"""The label-shift figures of a report (balpoe_hf.shift_summary), against a report written by hand."""
+"""The label-shift figures of a report (balpoe_hf.evaluation.shift_summary), against a report written by
+hand."""
 
 import pytest
 
-from balpoe_hf.shift_summary import format_shift_summaries, shift_summary
+from balpoe_hf.evaluation.shift_summary import format_shift_summaries, shift_summary
 
 REPORT = {
     "balanced": {"balanced_accuracy": 0.8, "ece": 0.02},

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from balpoe_hf.data import class_counts
-from balpoe_hf.split_lists import load_split_list
+from balpoe_hf.data.split_lists import load_split_list
+from balpoe_hf.data.splits import class_counts
 
 # Relative path -> (label, RGB colour) of the generated images; one folder name and one file name hold spaces.
 IMAGES = {

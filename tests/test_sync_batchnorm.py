@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 from timm.layers import BatchNormAct2d
 from torch import nn
 
-from balpoe_hf.sync_batchnorm import CPUSyncBatchNorm2d, convert_sync_batchnorm
-from balpoe_hf.training import gather_logits
+from balpoe_hf.training.eval_loop import gather_logits
+from balpoe_hf.training.sync_batchnorm import CPUSyncBatchNorm2d, convert_sync_batchnorm
 
 BATCH = 8
 

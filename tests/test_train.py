@@ -17,10 +17,14 @@ import torch
 from PIL import Image
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_imagefolder, write_parquet
 
-from balpoe_hf import arguments, checkpoints, loading, recipes, training, transforms
-from balpoe_hf.data import class_counts
+from balpoe_hf import recipes, run_folder
+from balpoe_hf.cli import arguments
+from balpoe_hf.data import loading, transforms
+from balpoe_hf.data.splits import class_counts
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.recipes import Recipe
+from balpoe_hf.training import checkpoints, resume
+from balpoe_hf.training import loop as training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +53,7 @@ def _local(parquet, **fields) -> Recipe:
 
 
 def test_fashion_mnist_quick_recipe_shot_groups_cover_every_group():
-    from balpoe_hf.data import long_tailed_counts, shot_groups
+    from balpoe_hf.data.splits import long_tailed_counts, shot_groups
 
     recipe = recipes.make_recipe(recipes.recipe_values("fashion-mnist-lt-quick"))
     counts = long_tailed_counts(6000, 10, recipe.imbalance_ratio)
@@ -279,17 +283,17 @@ def test_learning_rate_schedules():
 
 
 def test_output_directory_rules(tmp_path):
-    checkpoints.check_output_dir(tmp_path / "new", resume=False, overwrite=False)
+    resume.check_output_dir(tmp_path / "new", resume=False, overwrite=False)
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text("{}")
     with pytest.raises(TrainingError, match=r"not empty\. Pass --resume .* --overwrite"):
-        checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
+        resume.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
     # --resume and --overwrite act on a run's directory only (tests/test_robustness.py has the details).
     with pytest.raises(TrainingError, match="is not the directory of a balpoe-hf run"):
-        checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
-    checkpoints.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], checkpoints.RUN_FOLDERS)
-    checkpoints.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
-    checkpoints.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
+        resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    run_folder.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], resume.RUN_FOLDERS)
+    resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    resume.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
 
 
 def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):

@@ -3,7 +3,7 @@
 One process (a run killed with SIGKILL inside an epoch and launched again with --resume, which must end with
 the weights of the same run trained in this process) and two CPU (gloo) processes, the saved model loaded
 back with the transformers auto classes, and a launch that asks for processes it does not start. The data
-fit in memory, so every run takes the default device pipeline (balpoe_hf.loaders); tests/test_loaders.py
+fit in memory, so every run takes the default device pipeline (balpoe_hf.data.loaders); tests/test_loaders.py
 trains with the worker pipeline. Each launch costs several seconds of start-up, so they start with the test
 session, beside the other tests (``background``, tests/processes.py), and the tests read what they left.
 """
@@ -121,8 +121,8 @@ def data(background) -> dict:
 @pytest.fixture(scope="module")
 def reference(data) -> Path:
     """The run in this process (the Python API, one thread as the launches): what every launch must match."""
-    from balpoe_hf.arguments import parse_args
-    from balpoe_hf.training import train
+    from balpoe_hf.cli.arguments import parse_args
+    from balpoe_hf.training.loop import train
 
     _, recipe = parse_args([*data["args"], "--batch-size", "8"])
     out = data["root"] / "reference"
@@ -257,6 +257,7 @@ def test_ctrl_c_stops_a_run_with_one_line_and_keeps_its_checkpoint(background):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted; rerun with --resume to continue from its checkpoint after epoch ")
-    from balpoe_hf.checkpoints import LOCK, completed_checkpoints
+    from balpoe_hf.run_folder import LOCK
+    from balpoe_hf.training.checkpoints import completed_checkpoints
 
     assert str(completed_checkpoints(out)[-1]) in last and not (out / LOCK).exists()
