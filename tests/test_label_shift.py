@@ -475,7 +475,10 @@ def test_adapt_to_unlabeled_without_calibration_runs_auto_and_names_holdout_for_
 
 
 def test_evaluation_modes_are_the_estimators_and_say_which_need_the_calibration():
-    assert evaluation.parse_priors("all") == ["none", "oracle", "auto", "em", "em-bcts", "bbse", "rlls"]
+    every = ["none", "oracle", "auto", "em", "em-bcts", "bbse", "rlls"]
+    assert evaluation.parse_priors("all", _calibration()) == every
+    # A model without a held-out calibration: "all" is every mode it can run.
+    assert evaluation.parse_priors("all") == ["none", "oracle", "auto", "em"]
     assert evaluation.default_priors() == ["none", "oracle", "auto"]
     with pytest.raises(EvaluationError, match=r"modes \['em-bcts', 'bbse'\] need the held-out"):
         evaluation.check_calibration_for(["none", "auto", "em", "em-bcts", "bbse"], None, "runs/x")

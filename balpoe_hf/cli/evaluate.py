@@ -248,7 +248,8 @@ def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgrade
 
     # Everything that can be checked before the inference is checked first.
     shifts = parse_shifts(args.shifts)
-    priors = None if args.prior is None else parse_priors(args.prior)
+    if args.prior is not None:
+        parse_priors(args.prior)  # the names, checked before the inference; "all" depends on the model
     if args.batch_size < 1 or args.n_bins < 1:
         raise EvaluationError(f"--batch-size and --n-bins must be at least 1, got {args.batch_size} and "
                               f"{args.n_bins}.")
@@ -288,7 +289,7 @@ def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgrade
                                                  "balpoe-evaluate --output"))
     model, processor = load_model(args.model, device)
     check_deployment_sizes(sizes, args.deployment_draws, model.config.num_labels)
-    priors = priors or default_priors()
+    priors = default_priors() if args.prior is None else parse_priors(args.prior, model.config.calibration)
     check_calibration_for(priors, model.config.calibration, args.model)
     if several_lists:
         _report_lists(_evaluate_lists(model, processor, args, priors), args, priors)

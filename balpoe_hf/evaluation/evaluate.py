@@ -106,7 +106,7 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     if many is None or few is None:
         run_many, run_few = run_shot_thresholds(model)
         many, few = run_many if many is None else many, run_few if few is None else few
-    shifts, priors = parse_shifts(shifts), parse_priors(priors or default_priors())
+    shifts, priors = parse_shifts(shifts), parse_priors(priors or default_priors(), calibration)
     shift_estimator = model.config.shift_estimator
     check_calibration_for(priors, calibration, "the model")
     train_counts = [int(c) for c in model.config.class_counts]

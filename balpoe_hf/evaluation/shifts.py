@@ -54,10 +54,11 @@ def parse_shifts(shifts: str | Sequence[str]) -> list[str]:
     return names
 
 
-def parse_priors(priors: str | Sequence[str]) -> list[str]:
-    """A comma list (or a list) of prior modes out of ``PRIOR_MODES``; ``"all"`` is every one of them."""
+def parse_priors(priors: str | Sequence[str], calibration: dict[str, Any] | None = None) -> list[str]:
+    """A comma list (or a list) of prior modes out of ``PRIOR_MODES``; ``"all"`` is every one of them that a
+    model with this ``config.calibration`` can run (``NEEDS_CALIBRATION`` left out without one)."""
     if isinstance(priors, str) and priors.strip() == "all":
-        return list(PRIOR_MODES)
+        return [mode for mode in PRIOR_MODES if calibration is not None or mode not in NEEDS_CALIBRATION]
     if isinstance(priors, str):
         priors = priors.split(",")
     modes = [mode.strip() for mode in priors if mode.strip()]

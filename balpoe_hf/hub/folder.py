@@ -167,8 +167,8 @@ def check_hub_folder(model_dir: str | Path, require_card: bool = True, extra_fil
     if config and "image-classification" not in (config.get("custom_pipelines") or {}):
         problems.append(f"{CONFIG_NAME} names no image-classification pipeline (custom_pipelines), so the "
                         "card's pipeline(..., target_prior=...) would fail: the model was saved by an "
-                        "earlier release; save it again with this one: "
-                        "BalPoEForImageClassification.from_pretrained(dir).save_pretrained(dir).")
+                        f"earlier release; upgrade it with this one: balpoe-evaluate --model {folder} "
+                        "--upgrade.")
     if (folder / IMAGE_PROCESSOR_NAME).is_file():
         files.append(IMAGE_PROCESSOR_NAME)
     else:
