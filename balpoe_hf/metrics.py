@@ -34,6 +34,7 @@ from transformers import EvalPrediction
 
 from .data.splits import shot_groups
 from .models.balpoe.calibration import validate_labels
+from .recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
 EVALUATE_MODULES_DIR = Path(__file__).parent / "evaluate_modules"
@@ -200,7 +201,7 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 
 def accuracy_report(predictions: ArrayLike, labels: ArrayLike, train_counts: Sequence[int],
-                    many: int = 100, few: int = 20) -> dict[str, Any]:
+                    many: int = MANY_SHOT_THRESHOLD, few: int = FEW_SHOT_THRESHOLD) -> dict[str, Any]:
     """Top-1, balanced, per-class and many / medium / few accuracy from predicted classes ``(N,)``.
 
     ``train_counts`` (one training count per class) fixes the number of classes and the shot groups
@@ -230,7 +231,8 @@ def accuracy_report(predictions: ArrayLike, labels: ArrayLike, train_counts: Seq
 
 
 def long_tail_report(logits: ArrayLike, labels: ArrayLike, train_counts: Sequence[int], n_bins: int = 15,
-                     from_probs: bool = False, many: int = 100, few: int = 20) -> dict[str, Any]:
+                     from_probs: bool = False, many: int = MANY_SHOT_THRESHOLD,
+                     few: int = FEW_SHOT_THRESHOLD) -> dict[str, Any]:
     """Every metric of this module for logits (or probabilities) ``(N, C)`` and integer labels ``(N,)``.
 
     Keys: ``accuracy``, ``balanced_accuracy``, ``per_class_accuracy`` (list of ``C``), ``many``,
@@ -247,8 +249,9 @@ def long_tail_report(logits: ArrayLike, labels: ArrayLike, train_counts: Sequenc
     return report
 
 
-def long_tail_compute_metrics(class_counts: Sequence[int], many: int = 100, few: int = 20,
-                              n_bins: int = 15) -> Callable[[EvalPrediction], dict[str, float | None]]:
+def long_tail_compute_metrics(class_counts: Sequence[int], many: int = MANY_SHOT_THRESHOLD,
+                              few: int = FEW_SHOT_THRESHOLD, n_bins: int = 15
+                              ) -> Callable[[EvalPrediction], dict[str, float | None]]:
     """A ``compute_metrics`` for ``transformers.Trainer``: the scalar metrics of :func:`long_tail_report`.
 
     Args:

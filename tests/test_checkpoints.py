@@ -251,8 +251,6 @@ def test_resume_with_more_epochs_is_allowed_with_a_warning(reference, data, tmp_
 
 
 def test_every_model_setting_of_the_recipe_reaches_the_config_and_a_resume_keeps_it():
-    from balpoe_hf.training.model import model_config
-
     # The recipe fields that are BalPoEConfig settings, listed here by hand.
     settings = {
         "backbone": "resnet20_cifar", "backbone_kwargs": {"drop_rate": 0.1}, "backbone_pretrained": False,
@@ -262,7 +260,7 @@ def test_every_model_setting_of_the_recipe_reaches_the_config_and_a_resume_keeps
         "remove_mean_lambda": False, "method": None,
     }
     assert set(recipes.CONFIG_FIELDS) == set(settings)
-    config = model_config(recipes.make_recipe({"dataset": "x", **settings}), [3, 2], ["a", "b"])
+    config = recipes.make_recipe({"dataset": "x", **settings}).model_config([3, 2], ["a", "b"])
     assert {name: getattr(config, name) for name in settings} == settings
     assert (config.class_counts, config.id2label) == ([3, 2], {0: "a", 1: "b"})
     assert set(settings) <= set(resume.RESUME_FIELDS)

@@ -151,7 +151,7 @@ def test_unknown_method_suggests_the_closest():
 
 
 def test_lade_needs_one_expert_and_lambda_zero():
-    with pytest.raises(TrainingError, match=r"loss 'lade' trains one classifier.*--method lade"):
+    with pytest.raises(TrainingError, match=r"loss='lade' trains a single classifier.*set num_experts=1"):
         recipes.load_recipe("cifar10-lt-ir100", loss="lade")
     with pytest.raises(TrainingError, match="method 'lade' sets num_experts"):
         arguments.parse_args(["--recipe", "cifar10-lt-ir100", "--method", "lade", "--num-experts", "3"])

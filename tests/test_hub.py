@@ -640,8 +640,7 @@ def test_card_front_matter_stays_small_for_the_full_grid():
     from balpoe_hf.evaluation.shifts import PRIOR_MODES
 
     grid = {"shift_accuracy": {mode: dict.fromkeys(ALL_SHIFTS, 0.5) for mode in PRIOR_MODES}}
-    calibrated = {**CONFIG, "calibration": {}}
-    card = hub.render_model_card(calibrated, EVAL, grid, images=IMAGES)
+    card = hub.render_model_card(CONFIG, EVAL, grid, images=IMAGES)
     assert len(card.data.eval_results) == len(EVAL) - 1  # the balanced set's; few-shot is None
     # The 11 x 9 grid took 680 lines, its 3 x 11 model-index entries 250: the header is now 53 lines.
     assert len(_front_matter(str(card)).splitlines()) < 60

@@ -8,6 +8,7 @@ not from the YAML files they check.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_mean_lambda_setting_reaches_the_saved_config_and_the_predictions(tmp_pa
     kept = training.build_model(recipe, data).eval()
     kept.save_pretrained(tmp_path / "kept")
     assert json.loads((tmp_path / "kept" / "config.json").read_text())["remove_mean_lambda"] is False
-    recipe.remove_mean_lambda = True
+    recipe = dataclasses.replace(recipe, remove_mean_lambda=True)
     removed = training.build_model(recipe, data).eval()
     removed.save_pretrained(tmp_path / "removed")
     assert json.loads((tmp_path / "removed" / "config.json").read_text())["remove_mean_lambda"] is True

@@ -288,7 +288,7 @@ def test_overlapping_training_and_test_data_are_refused(data, tmp_path):
     ({"lr": 0}, "lr must be positive, got 0.0"),
     ({"mixup_alpha": float("nan")}, "mixup_alpha must be finite"),
     ({"mixup_alpha": -1}, "mixup_alpha must be >= 0"),
-    ({"image_size": 0}, "image_size must be at least 1, got 0"),
+    ({"image_size": 0}, "image_size must be a positive integer number of pixels, got 0"),
     ({"image_std": [0.2, float("nan"), 0.2]}, "image_std must be finite"),
     ({"image_std": [0.2, 0.0, 0.2]}, "image_std must be positive"),
     ({"lambdas": [1.0, float("inf"), -1.0]}, "lambdas must be finite"),

@@ -89,7 +89,7 @@ def test_command_line_overrides_the_recipe():
     assert args.output_dir == "runs/cifar100-lt-ir100"
     _, recipe = arguments.parse_args(["--recipe", "cifar100-lt-ir100", "--num-experts", "5",
                                      "--lambdas", "none"])
-    assert recipe.lambdas is None  # BalPoEConfig then spaces 5 lambdas evenly from 1 to -1
+    assert recipe.lambdas == [1.0, 0.5, 0.0, -0.5, -1.0]  # 5 lambdas evenly spaced from 1 to -1
 
 
 def test_config_file_starts_from_a_base_recipe(tmp_path):
@@ -108,7 +108,7 @@ def test_config_file_starts_from_a_base_recipe(tmp_path):
 @pytest.mark.parametrize("values,message", [
     ({"epochs": "many"}, "epochs must be int"),
     ({"colour": 1}, "unknown recipe fields ['colour']"),
-    ({"lambdas": [1.0, 0.0]}, "lambdas has 2 values but num_experts is 3"),
+    ({"lambdas": [1.0, 0.0]}, "lambdas has 2 entries but there are 3 experts"),
     ({"batch_size": 7, "mixup_alpha": 0.2}, "batch_size must be even"),
     ({"lr_schedule": "linear"}, "lr_schedule must be one of ['multistep', 'cosine', 'constant']"),
     ({"few_threshold": 200, "many_threshold": 100}, "few_threshold (200) must not exceed many_threshold"),

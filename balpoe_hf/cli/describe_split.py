@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 from .parsing import ArgumentParser, option, run_command
 
 DESCRIBE_DESCRIPTION = """Print a long-tailed split: class counts, imbalance ratio and shot groups.
@@ -28,8 +29,9 @@ class DescribeSplitArguments:
     profile: Literal["exponential", "step"] = field(default="exponential", metadata=option(
         "how the class counts fall from the head to the tail"))
     seed: int = field(default=0, metadata=option("seed of the subsampling"))
-    many: int = field(default=100, metadata=option("many-shot: more training images than this"))
-    few: int = field(default=20, metadata=option("few-shot: fewer training images than this"))
+    many: int = field(default=MANY_SHOT_THRESHOLD, metadata=option(
+        "many-shot: more training images than this"))
+    few: int = field(default=FEW_SHOT_THRESHOLD, metadata=option("few-shot: fewer training images than this"))
 
 
 def describe_split_main(argv: Sequence[str] | None = None) -> int:

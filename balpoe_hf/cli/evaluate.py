@@ -15,6 +15,7 @@ from ..errors import (
     EvaluationFailure,
 )
 from ..models.balpoe.label_shift import PRIOR_ESTIMATORS
+from ..recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 from ..run_folder import save_failure
 from .parsing import ArgumentParser, option, run_command
 
@@ -97,31 +98,23 @@ class EvaluateArguments:
     device: str | None = field(default=None, metadata=option("Device (default: cuda when available)."))
     n_bins: int = field(default=15, metadata=option("Confidence bins of ECE / MCE."))
     many: int | None = field(default=None, metadata=option(
-        "Many-shot: more training images than this (default: the recipe's, else 100)."))
+        f"Many-shot: more training images than this (default: the recipe's, else {MANY_SHOT_THRESHOLD})."))
     few: int | None = field(default=None, metadata=option(
-        "Few-shot: fewer training images than this (default: the recipe's, else 20)."))
+        f"Few-shot: fewer training images than this (default: the recipe's, else {FEW_SHOT_THRESHOLD})."))
     seed: int = field(default=0, metadata=option("Seed of the shifted test sets' subsampling."))
 
 
-# Settings read from a run directory's recipe.yaml when not given: argument -> (recipe key, fallback).
-RECIPE_SETTINGS = {
-    "dataset": ("dataset", None),
-    "dataset_config": ("dataset_config", None),
-    "data_dir": ("data_dir", None),
-    "test_file": ("test_file", None),
-    "test_list": ("test_list", None),
-    "data_root": ("data_root", None),
-    "split": ("test_split", "test"),
-    "image_column": ("image_column", "image"),
-    "label_column": ("label_column", "label"),
-    "many": ("many_threshold", 100),
-    "few": ("few_threshold", 20),
-}
+# Settings read from a run directory's recipe.yaml when not given (argument -> recipe field), else the
+# recipe field's default.
+RECIPE_SETTINGS = {"dataset": "dataset", "dataset_config": "dataset_config", "data_dir": "data_dir",
+                   "test_file": "test_file", "test_list": "test_list", "data_root": "data_root",
+                   "split": "test_split", "image_column": "image_column", "label_column": "label_column",
+                   "many": "many_threshold", "few": "few_threshold"}
 
 
 def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     """``EvaluateArguments`` from the command line, completed from ``MODEL/recipe.yaml`` where it exists."""
-    from ..recipes import read_recipe_file
+    from ..recipes import read_recipe_file, recipe_defaults
 
     (args,) = ArgumentParser([EvaluateArguments], EVALUATE_DESCRIPTION).parse(argv)
     recipe_file = Path(args.model) / "recipe.yaml"
@@ -131,10 +124,11 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     if args.dataset is not None or args.test_file is not None or args.test_list is not None:
         recipe = {k: v for k, v in recipe.items() if k not in ("dataset", "dataset_config", "test_file",
                                                                 "test_list")}
-    for name, (key, default) in RECIPE_SETTINGS.items():
+    defaults = recipe_defaults()
+    for name, key in RECIPE_SETTINGS.items():
         if getattr(args, name) is None:
             value = recipe.get(key)
-            setattr(args, name, default if value is None else value)
+            setattr(args, name, defaults[key] if value is None else value)
     if isinstance(args.test_list, str):  # a recipe names one test list
         args.test_list = [args.test_list]
     return args

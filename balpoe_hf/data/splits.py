@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 
 from ..errors import short_list
+from ..recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 
 PROFILES = ("exponential", "step")
 SELECTIONS = ("random", "reference")
@@ -308,7 +309,8 @@ def make_shifted_test(ds: datasets.Dataset, train_counts: Sequence[int], kind: s
     return ds.select(_subsample(labels, keep, np.random.default_rng(seed)))
 
 
-def shot_groups(train_counts: Sequence[int], many: int = 100, few: int = 20) -> dict[str, list[int]]:
+def shot_groups(train_counts: Sequence[int], many: int = MANY_SHOT_THRESHOLD,
+                few: int = FEW_SHOT_THRESHOLD) -> dict[str, list[int]]:
     """Class indices per shot group: many-shot ``> many``, few-shot ``< few``, medium in between.
 
     A group with no class is an empty list.

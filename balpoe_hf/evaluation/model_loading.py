@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from ..data.loading import offline_mode
 from ..errors import EvaluationError, TrainingError, short_list
 from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
+from ..recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 from ..run_folder import settle
 
 
@@ -145,7 +146,7 @@ def _weights_mismatch(model_id: str | Path, how: str, config: Any = None) -> str
 
 def run_shot_thresholds(model: BalPoEForImageClassification) -> tuple[int, int]:
     """The many- and few-shot thresholds of the run that trained ``model``: those of the ``recipe.yaml`` saved
-    beside it (in the folder or Hub repository it was loaded from), else CIFAR-100-LT's 100 and 20."""
+    beside it (in the folder or Hub repository it was loaded from), else the package's defaults (100, 20)."""
     import yaml
     from transformers.utils import cached_file
 
@@ -158,4 +159,5 @@ def run_shot_thresholds(model: BalPoEForImageClassification) -> tuple[int, int]:
             path = None
         if path is not None:
             recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return int(recipe.get("many_threshold", 100)), int(recipe.get("few_threshold", 20))
+    return (int(recipe.get("many_threshold", MANY_SHOT_THRESHOLD)),
+            int(recipe.get("few_threshold", FEW_SHOT_THRESHOLD)))

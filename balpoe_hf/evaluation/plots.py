@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 
 from ..data.splits import rank_by_count
 from ..metrics import ArrayLike, calibration_errors, percent, reliability_bins
+from ..recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 
 DPI = 120
 
@@ -78,7 +79,8 @@ def _draw_reliability(ax, bins: dict[str, list], title: str) -> None:
 
 
 def per_class_accuracy_plot(per_class_accuracy: Sequence[float | None], train_counts: Sequence[int],
-                            path: str | Path, many: int = 100, few: int = 20) -> Path:
+                            path: str | Path, many: int = MANY_SHOT_THRESHOLD,
+                            few: int = FEW_SHOT_THRESHOLD) -> Path:
     """Test accuracy of each class against its training count (log x-axis), shot-group thresholds dashed.
 
     Classes with accuracy ``None`` (no test sample) are left out. Returns the PNG path.
@@ -109,7 +111,8 @@ def _per_class_axes(ax: Axes, many: int, few: int) -> None:
 
 
 def method_comparison_plot(methods: Mapping[str, Mapping[str, Sequence]], train_counts: Sequence[int],
-                           path: str | Path, many: int = 100, few: int = 20) -> Path:
+                           path: str | Path, many: int = MANY_SHOT_THRESHOLD,
+                           few: int = FEW_SHOT_THRESHOLD) -> Path:
     """One picture comparing methods: a reliability diagram per method side by side, and below them the
     per-class test accuracy of every method against the class's training count (log x-axis).
 

@@ -17,7 +17,9 @@ from transformers.utils import CONFIG_NAME
 from ..data.splits import imbalance_ratio
 from ..errors import HubFolderError
 from ..metrics import percent
-from .run_description import RECIPE_NAME, describe_data, describe_run, label_names
+from ..models.balpoe.configuration_balpoe import BalPoEConfig
+from ..recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
+from .run_description import RECIPE_NAME, as_config, describe_data, describe_run, label_names
 
 CARD_NAME = "README.md"
 IMAGES_DIR = "images"
@@ -65,7 +67,7 @@ def _balanced_report(eval_results: Mapping[str, Any] | None) -> dict[str, Any]:
     return {key.removeprefix("eval_"): value for key, value in eval_results.items()}
 
 
-def _card_shift_rows(shift_report: Mapping[str, Any] | None, config: Mapping[str, Any]
+def _card_shift_rows(shift_report: Mapping[str, Any] | None
                      ) -> tuple[list[str], list[tuple[str, str, dict[str, Any]]]]:
     """The shifts and ``(mode, row label, {shift: accuracy})`` of the prior modes a card shows: ``none``,
     ``oracle`` and the default unknown-prior mode; every other mode stays in the evaluation report."""
@@ -108,7 +110,7 @@ def class_counts_of(config: Mapping[str, Any], where: str = CONFIG_NAME) -> list
 
 
 def render_model_card(
-    config: Mapping[str, Any],
+    config: BalPoEConfig | Mapping[str, Any],
     eval_results: Mapping[str, Any] | None = None,
     shift_report: Mapping[str, Any] | None = None,
     *,
@@ -124,8 +126,8 @@ def render_model_card(
     and its evaluation results.
 
     Args:
-        config: the model's config as saved in ``config.json`` (needs ``backbone``, ``lambdas``,
-            ``class_counts``; ``id2label`` names the classes).
+        config: the model's ``BalPoEConfig``, or its ``config.json`` dict (read through the class); it needs
+            ``class_counts``, and ``id2label`` names the classes.
         eval_results: the balanced-test-set report (``long_tail_report`` keys, optionally ``eval_``-prefixed).
         shift_report: a ``balpoe-evaluate`` report; the ``none``, ``oracle`` and default unknown-prior rows
             of its ``shift_accuracy`` table (``{prior mode: {shift: accuracy}}``) become the label-shift
@@ -138,10 +140,10 @@ def render_model_card(
         dataset_id, dataset_name: override the Hub dataset id and the readable data name of the recipe.
         report_file: the card-relative path of the uploaded evaluation report, linked as the full grid.
     """
-    counts = class_counts_of(config, "the config")
-    lambdas = list(config.get("lambdas") or [])
+    counts = class_counts_of(config.to_dict() if isinstance(config, BalPoEConfig) else config, "the config")
+    config = as_config(config)
+    lambdas, backbone = config.lambdas, config.backbone
     per_class_lambdas = any(isinstance(x, list) for x in lambdas)
-    backbone = str(config.get("backbone", "unknown"))
     num_classes = len(counts)
     names = label_names(config, num_classes)
     ratio = imbalance_ratio(counts)
@@ -152,9 +154,9 @@ def render_model_card(
     dataset_label = dataset_name or (data or {}).get("name") or dataset_id or "test set"
     report = _balanced_report(eval_results)
     settings = (shift_report or {}).get("settings") or {}
-    shots = {"many": settings.get("many", recipe.get("many_threshold", 100)),
-             "few": settings.get("few", recipe.get("few_threshold", 20))}
-    shift_columns, shift_rows = _card_shift_rows(shift_report, config)
+    shots = {"many": settings.get("many", recipe.get("many_threshold", MANY_SHOT_THRESHOLD)),
+             "few": settings.get("few", recipe.get("few_threshold", FEW_SHOT_THRESHOLD))}
+    shift_columns, shift_rows = _card_shift_rows(shift_report)
     model_name = repo_id.rstrip("/").split("/")[-1]
     run = describe_run(config, recipe)
 

@@ -40,7 +40,7 @@ from .folder import (
     read_json,
     report_pictures,
 )
-from .run_description import RECIPE_NAME, label_names
+from .run_description import RECIPE_NAME, as_config, label_names
 
 
 @dataclass
@@ -120,6 +120,7 @@ def _prepare_hub_folder(folder: Path, repo_id: str | None, *, eval_report: str |
     if config is None:
         raise HubFolderError(f"no {CONFIG_NAME} in {folder}: save the model with model.save_pretrained(dir).")
     counts = class_counts_of(config, str(folder / CONFIG_NAME))
+    config = as_config(config)  # read through its class: the defaults and checks of BalPoEConfig
     recipe_path = folder / RECIPE_NAME
     recipe: dict[str, Any] = {}
     if recipe_path.is_file():

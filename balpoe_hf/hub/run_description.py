@@ -1,5 +1,9 @@
 """What a run was, in words, for its model card: the data, the method, the loss and the prediction rule, the
-schedule and the augmentation, from the model's ``config.json`` and the run's ``recipe.yaml``."""
+schedule and the augmentation, from the model's ``config.json`` and the run's ``recipe.yaml``.
+
+Both are read through their declarations: the config as a ``BalPoEConfig`` (its defaults and checks), the
+recipe with ``Recipe``'s defaults for a field it lacks, so that no default is written again here.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,32 @@ from typing import Any
 
 from ..data.loading import FASHION_MNIST, local_name
 from ..data.splits import imbalance_ratio
+from ..errors import HubFolderError
+from ..models.balpoe.configuration_balpoe import BalPoEConfig
+from ..recipes import recipe_defaults
 from ..recipes.methods import METHOD_DESCRIPTIONS, METHOD_SETTINGS
 
 # The run's recipe, which the card links and which is published with the model.
 RECIPE_NAME = "recipe.yaml"
 # The Hub id of a dataset that a recipe reads from local files.
 LOCAL_DATASET_HUB_IDS = {"fashion-mnist": "zalando-datasets/fashion_mnist"}
+
+
+def as_config(config: BalPoEConfig | Mapping[str, Any]) -> BalPoEConfig:
+    """The model's config through its class: a ``config.json`` dict is read by ``BalPoEConfig.from_dict``
+    (which fills the defaults and checks the settings); ``HubFolderError`` when it is no BalPoE config."""
+    if isinstance(config, BalPoEConfig):
+        return config
+    try:
+        return BalPoEConfig.from_dict(dict(config))
+    except (ValueError, TypeError) as error:
+        raise HubFolderError(f"the config is not a valid BalPoE config: {error}") from None
+
+
+def with_recipe_defaults(recipe: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A saved recipe with ``Recipe``'s default for each field it lacks (one written by an earlier release);
+    ``{}`` for no recipe."""
+    return {**recipe_defaults(), **recipe} if recipe else {}
 
 
 def describe_data(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,28 +73,29 @@ def describe_data(recipe: Mapping[str, Any]) -> dict[str, Any]:
     if dataset:
         config = f" (configuration `{recipe['dataset_config']}`)" if recipe.get("dataset_config") else ""
         link = f"[`{dataset}`](https://huggingface.co/datasets/{dataset})"
-        return {"train": f"{link}{config}, split `{recipe.get('train_split', 'train')}`",
-                "test": f"`{dataset}`, split `{recipe.get('test_split', 'test')}`", "short": link,
+        recipe = with_recipe_defaults(recipe)
+        return {"train": f"{link}{config}, split `{recipe['train_split']}`",
+                "test": f"`{dataset}`, split `{recipe['test_split']}`", "short": link,
                 "dataset_id": dataset, "name": dataset, "flags": "", "note": ""}
     return {"train": "not recorded", "test": "not recorded", "short": None, "dataset_id": None,
             "name": "test set", "flags": "", "note": ""}
 
 
-def run_method(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = None) -> str | None:
+def run_method(config: BalPoEConfig | Mapping[str, Any], recipe: Mapping[str, Any] | None = None
+               ) -> str | None:
     """The method of a run as the README names it: its ``--method`` preset, else the one preset whose
     settings the run has (a recipe may set them itself, as ``fashion-mnist-lt-quick`` sets ``balpoe-erm``'s),
     else ``None``. Without the recipe, mixup is unknown and ``balpoe`` and ``balpoe-erm`` cannot be told
     apart."""
-    if config.get("method"):
-        return str(config["method"])
-    lambdas = list(config.get("lambdas") or [])
-    if any(isinstance(x, list) for x in lambdas):
+    config = as_config(config)
+    if config.method:
+        return str(config.method)
+    if any(isinstance(x, list) for x in config.lambdas):
         return None  # per-class lambdas: no preset has them
-    run = {"num_experts": int(config.get("num_experts") or max(1, len(lambdas))),
-           "lambdas": [float(x) for x in lambdas], "loss": config.get("loss", "balpoe"),
-           "remove_mean_lambda": bool(config.get("remove_mean_lambda", True))}
+    run = {"num_experts": config.num_experts, "lambdas": [float(x) for x in config.lambdas],
+           "loss": config.loss, "remove_mean_lambda": config.remove_mean_lambda}
     if recipe:
-        run["mixup_alpha"] = float(recipe.get("mixup_alpha") or 0)
+        run["mixup_alpha"] = float(with_recipe_defaults(recipe)["mixup_alpha"] or 0)
     matches = []
     for method, settings in METHOD_SETTINGS.items():
         same = all(run[name] == value for name, value in settings.items() if name in run)
@@ -80,9 +105,9 @@ def run_method(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = Non
     return matches[0] if len(matches) == 1 else None
 
 
-def _loss_text(config: Mapping[str, Any], lambdas: list[float]) -> str:
-    if config.get("loss") == "lade":
-        weight = number_text(config.get("lade_weight", 0.1))
+def _loss_text(config: BalPoEConfig, lambdas: list[float]) -> str:
+    if config.loss == "lade":
+        weight = number_text(config.lade_weight)
         return f"balanced softmax `CE(z + log pi, y)` + {weight} x the LADE regulariser (Hong et al., 2021)"
     if len(lambdas) == 1:
         return {1.0: "cross-entropy `CE(z, y)`",
@@ -107,23 +132,22 @@ def _prediction_text(lambdas: list[float], remove_mean_lambda: bool, per_class: 
 
 
 def _schedule_text(recipe: Mapping[str, Any]) -> str:
-    schedule = recipe.get("lr_schedule", "multistep")
-    epochs = recipe.get("epochs")
+    schedule, epochs = recipe["lr_schedule"], recipe["epochs"]
     if schedule == "multistep":
         # Milestones past the last epoch never applied: a shortened paper schedule ran at a constant lr.
-        milestones = [str(m) for m in recipe.get("lr_milestones") or [] if m < (epochs or 0)]
-        schedule = (f"x{number_text(recipe.get('lr_gamma', 0.1))} at epochs {', '.join(milestones)}"
+        milestones = [str(m) for m in recipe["lr_milestones"] or [] if m < (epochs or 0)]
+        schedule = (f"x{number_text(recipe['lr_gamma'])} at epochs {', '.join(milestones)}"
                     if milestones else "constant")
-    warmup = float(recipe.get("warmup_epochs") or 0)
-    lr, decay = float(recipe.get("lr", 0.1)), float(recipe.get("weight_decay", 0))
-    momentum = ("Nesterov momentum" if recipe.get("nesterov", True) else "momentum") \
-        + f" {number_text(recipe.get('momentum', 0.9))}"
-    text = (f"{epochs} epoch{'s' if epochs != 1 else ''}, batch {recipe.get('batch_size')}, SGD lr "
+    warmup = float(recipe["warmup_epochs"] or 0)
+    lr, decay = float(recipe["lr"]), float(recipe["weight_decay"])
+    momentum = "Nesterov momentum" if recipe["nesterov"] else "momentum"
+    momentum += f" {number_text(recipe['momentum'])}"
+    text = (f"{epochs} epoch{'s' if epochs != 1 else ''}, batch {recipe['batch_size']}, SGD lr "
             f"{number_text(lr)} ({schedule}"
             + (f", {number_text(warmup)} warm-up epoch{'s' if warmup != 1 else ''}" if warmup else "")
             + f"), {momentum}, weight decay {number_text(decay)}")
-    experts = int(recipe.get("num_experts") or 1)
-    if recipe.get("scale_expert_lr") and experts > 1:
+    experts = int(recipe["num_experts"] or 1)
+    if recipe["scale_expert_lr"] and experts > 1:
         # training.parameter_groups: the experts' own parameters at E x lr with weight decay / E.
         text += (f"; the experts' own layers at {experts} x lr = {number_text(experts * lr)} with weight "
                  f"decay {number_text(decay)} / {experts}")
@@ -131,10 +155,10 @@ def _schedule_text(recipe: Mapping[str, Any]) -> str:
 
 
 def _augmentation_text(recipe: Mapping[str, Any]) -> str:
-    augment = recipe.get("augment", "cifar")
+    augment = recipe["augment"]
     if augment == "cifar":
-        steps = [f"random crop (padding {recipe.get('crop_padding', 4)})"]
-        if recipe.get("hflip", True):
+        steps = [f"random crop (padding {recipe['crop_padding']})"]
+        if recipe["hflip"]:
             steps.append("horizontal flip")
         if recipe.get("rotation"):
             steps.append(f"rotation up to {number_text(recipe['rotation'])} degrees")
@@ -144,7 +168,7 @@ def _augmentation_text(recipe: Mapping[str, Any]) -> str:
             steps.append(f"colour jitter {number_text(recipe['color_jitter'])}")
     else:
         steps = []
-    if recipe.get("auto_augment", "none") != "none":
+    if recipe["auto_augment"] != "none":
         steps.append(f"AutoAugment ({recipe['auto_augment']})")
     if recipe.get("rand_augment"):
         steps.append(f"RandAugment `{recipe['rand_augment']}`")
@@ -190,7 +214,8 @@ def _data_sentence(counts: list[int], recipe: Mapping[str, Any], data: Mapping[s
     return f"Trained on {source}{made}{duration}: {classes}"
 
 
-def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def describe_run(config: BalPoEConfig | Mapping[str, Any], recipe: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any]:
     """What a card says about how its model was trained, from the saved config and the recipe as run.
 
     Built from the fields themselves (a recipe's ``description`` is the shipped recipe's and need not hold
@@ -198,42 +223,38 @@ def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = N
     ``rows`` (``(setting, value)`` pairs of the card's training table); without a recipe only what the
     config says (model, loss, prediction) is described.
     """
-    recipe = dict(recipe or {})
-    counts = [int(c) for c in config.get("class_counts") or []]
-    lambdas_raw = list(config.get("lambdas") or [])
-    per_class = any(isinstance(x, list) for x in lambdas_raw)
-    lambdas = [] if per_class else [float(x) for x in lambdas_raw]
+    config, recipe = as_config(config), with_recipe_defaults(recipe)
+    counts = [int(c) for c in config.class_counts or []]
+    per_class = any(isinstance(x, list) for x in config.lambdas)
+    lambdas = [] if per_class else [float(x) for x in config.lambdas]
     lambda_text = "per class (see `config.json`)" if per_class else ", ".join(number_text(x) for x in lambdas)
-    backbone = str(config.get("backbone", "unknown"))
-    experts = int(config.get("num_experts") or max(1, len(lambdas_raw)))
-    remove_mean_lambda = bool(config.get("remove_mean_lambda", True))
+    backbone, experts = config.backbone, config.num_experts
     method = run_method(config, recipe)
     rows: list[tuple[str, str]] = []
     if method:
-        chosen = "" if config.get("method") else ": the recipe's own settings are this preset's"
+        chosen = "" if config.method else ": the recipe's own settings are this preset's"
         rows.append(("Method", f"`{method}` ({METHOD_DESCRIPTIONS[method]}{chosen})"))
     else:
         rows.append(("Method", "the recipe's own settings, which match no preset of "
                                "`balpoe_hf.recipes.methods`"))
-    shared = config.get("shared_stages")
+    shared = config.shared_stages
     trunk = "a shared trunk" + ("" if shared is None else f" of {shared} stage{'s' if shared != 1 else ''}")
     model = (f"`{backbone}` (timm): {trunk} and {experts} expert branches" if experts > 1
              else f"one `{backbone}` network (timm)")
-    classifier = config.get("classifier", "cosine")
-    rows.append(("Model", f"{model}, {classifier} classifier; lambda = {lambda_text}"))
+    rows.append(("Model", f"{model}, {config.classifier} classifier; lambda = {lambda_text}"))
     rows.append(("Loss", _loss_text(config, lambdas)))
     if recipe:
         mixup = float(recipe.get("mixup_alpha") or 0)
         rows.append(("Mixup", f"alpha {number_text(mixup)} (soft targets)" if mixup > 0 else "off"))
-    rows.append(("Prediction", _prediction_text(lambdas, remove_mean_lambda, per_class)
-                 + "; target prior " + target_prior_text(config.get("target_prior"))))
+    rows.append(("Prediction", _prediction_text(lambdas, config.remove_mean_lambda, per_class)
+                 + "; target prior " + target_prior_text(config.target_prior)))
     if recipe:
         data = describe_data(recipe)
         rows.append(("Training data", data["train"]))
         ratio = recipe.get("imbalance_ratio")
-        profile = recipe.get("imbalance_profile", "exponential")
+        profile, seed = recipe["imbalance_profile"], recipe["split_seed"]
         split = (f"made long-tailed with imbalance ratio {number_text(ratio)} ({profile} profile, seed "
-                 f"{recipe.get('split_seed', 0)})" if ratio is not None else "as given (not subsampled)")
+                 f"{seed})" if ratio is not None else "as given (not subsampled)")
         if float(recipe.get("holdout_fraction") or 0) > 0:
             split += (f"; {float(recipe['holdout_fraction']):.0%} of each class held out (never trained on) "
                       "to calibrate the model")
@@ -247,7 +268,7 @@ def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = N
         rows.append(("Test data", data["test"]))
         rows.append(("Schedule", _schedule_text(recipe)))
         rows.append(("Augmentation", f"{_augmentation_text(recipe)}; images {recipe.get('image_size')} px"))
-        rows.append(("Recipe", f"`{recipe.get('name', 'custom')}`, seed {recipe.get('seed', 0)}; every "
+        rows.append(("Recipe", f"`{recipe['name']}`, seed {recipe['seed']}; every "
                                f"setting in [`{RECIPE_NAME}`]({RECIPE_NAME})"))
     headline = _headline(method, experts, recipe or None, backbone, lambda_text)
     if counts:
@@ -255,9 +276,10 @@ def describe_run(config: Mapping[str, Any], recipe: Mapping[str, Any] | None = N
     return {"headline": headline, "rows": rows, "experts": experts, "method": method}
 
 
-def label_names(config: Mapping[str, Any], num_classes: int) -> list[str]:
-    id2label = config.get("id2label") or {}
-    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_classes)]
+def label_names(config: BalPoEConfig | Mapping[str, Any], num_classes: int) -> list[str]:
+    """The name of each of the ``num_classes`` classes (``LABEL_i`` where the config names none)."""
+    id2label = as_config(config).id2label or {}
+    return [str(id2label.get(i, f"LABEL_{i}")) for i in range(num_classes)]
 
 
 def number_text(value: Any) -> str:

@@ -18,11 +18,23 @@ so (``"... (overridden: epochs=8, backbone=resnet20_cifar; reset: backbone_kwarg
 ``recipe.yaml`` (``save_recipe``) lists them under ``overridden_fields`` (``OVERRIDDEN_KEY``), the one key of
 that file that is not a recipe field; reading the file back as a recipe drops it.
 
-The recipe fields named like ``BalPoEConfig`` settings (``CONFIG_FIELDS``) are the model's: a run copies
-them into its config, and a resumed run must keep them.
+The model's fields (``MODEL_FIELDS``) are ``BalPoEConfig``'s settings, derived from the config (type,
+allowed values, default, help, rules); with ``method`` they are the ``CONFIG_FIELDS`` that a run copies into
+its config (``Recipe.model_config``) and that a resumed run must keep.
 """
 
-from .recipe import CONFIG_FIELDS, RECIPE_FIELDS, SEED_LIMIT, Recipe, coerce_field, unwrap_optional
+from .recipe import (
+    CONFIG_FIELDS,
+    FEW_SHOT_THRESHOLD,
+    MANY_SHOT_THRESHOLD,
+    MODEL_FIELDS,
+    RECIPE_FIELDS,
+    SEED_LIMIT,
+    Recipe,
+    coerce_field,
+    recipe_defaults,
+    unwrap_optional,
+)
 from .resolve import (
     BACKBONE_FIELDS,
     OVERRIDDEN_KEY,
@@ -41,7 +53,30 @@ from .resolve import (
     save_recipe,
 )
 
-__all__ = ["BACKBONE_FIELDS", "CONFIG_FIELDS", "OVERRIDDEN_KEY", "RECIPES_DIR", "RECIPE_FIELDS", "SEED_LIMIT",
-           "Recipe", "Resolution", "available_recipes", "check_method_overrides", "coerce_field",
-           "load_recipe", "make_recipe", "override", "read_recipe_file", "recipe_differences",
-           "recipe_values", "resolve_layers", "resolved_recipe", "save_recipe", "unwrap_optional"]
+__all__ = [
+    "BACKBONE_FIELDS",
+    "CONFIG_FIELDS",
+    "FEW_SHOT_THRESHOLD",
+    "MANY_SHOT_THRESHOLD",
+    "MODEL_FIELDS",
+    "OVERRIDDEN_KEY",
+    "RECIPES_DIR",
+    "RECIPE_FIELDS",
+    "SEED_LIMIT",
+    "Recipe",
+    "Resolution",
+    "available_recipes",
+    "check_method_overrides",
+    "coerce_field",
+    "load_recipe",
+    "make_recipe",
+    "override",
+    "read_recipe_file",
+    "recipe_defaults",
+    "recipe_differences",
+    "recipe_values",
+    "resolve_layers",
+    "resolved_recipe",
+    "save_recipe",
+    "unwrap_optional",
+]

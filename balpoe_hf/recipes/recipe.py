@@ -1,23 +1,39 @@
 """The ``Recipe`` dataclass: every setting of a training run, with its type, default and help text (some 75
-fields, each with the text ``balpoe-train --help`` prints), and their checks (``Recipe.validate``)."""
+fields, each with the text ``balpoe-train --help`` prints), and their checks (``Recipe.validate``).
+
+The model's fields are not declared here: they are ``BalPoEConfig``'s settings (``MODEL_FIELDS``), with the
+config's types, allowed values, defaults, help and rules. A recipe is normalised and checked when it is built
+(``__post_init__``): field types, the method preset, the backbone's input defaults, then ``validate``.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+import timm
 
 from ..errors import TrainingError
-from ..models.balpoe.configuration_balpoe import SETTINGS as CONFIG_SETTINGS
+from ..models.balpoe.configuration_balpoe import (
+    POST_TRAINING_SETTINGS,
+    SETTING_HELP,
+    SETTING_TYPES,
+    SETTINGS,
+    BalPoEConfig,
+    backbone_image_defaults,
+    default_lambdas,
+)
 from .methods import Method, method_settings
 
 Profile = Literal["exponential", "step"]
-Classifier = Literal["cosine", "linear"]
 Augmentation = Literal["cifar", "imagenet", "none"]
 AutoAugmentPolicy = Literal["none", "cifar10", "imagenet", "svhn"]
 Selection = Literal["random", "reference"]
@@ -25,10 +41,24 @@ LRSchedule = Literal["multistep", "cosine", "constant"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 DataPipeline = Literal["auto", "device", "workers"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-Loss = Literal["balpoe", "lade"]
 
 # numpy seeds its generators with 0 <= seed < 2**32: the bound of ``seed`` and ``split_seed``.
 SEED_LIMIT = 2**32
+# The shot groups of the long-tailed literature (Liu et al., CVPR 2019): many-shot classes have more than 100
+# training images, few-shot ones fewer than 20. The defaults of the recipe, the metrics and the commands.
+MANY_SHOT_THRESHOLD = 100
+FEW_SHOT_THRESHOLD = 20
+
+# The config settings that are recipe fields, derived from BalPoEConfig (type, default, help): all but the
+# class counts (a run takes them from its data), the settings given to a trained model
+# (POST_TRAINING_SETTINGS), a weights file on the machine that builds the model (recipes start pretrained
+# trunks from timm) and ``method``, which the recipe declares itself: a preset it applies, that the config
+# only records.
+MODEL_FIELDS = tuple(name for name in SETTINGS if name not in {
+    "class_counts", "backbone_weights_file", "method", *POST_TRAINING_SETTINGS})
+# Where a recipe field is narrower than the setting, for the command line: one lambda per expert (a lambda
+# per class and expert is set on the config itself), backbone_kwargs as one JSON object.
+NARROWER_TYPES = {"lambdas": list[float] | None, "backbone_kwargs": dict | None}
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -36,9 +66,30 @@ def _help(text: str) -> dict[str, Any]:
     return {"help": text}
 
 
-@dataclass
+def _with_model_fields(cls: type) -> type:
+    """Add the ``MODEL_FIELDS`` to the class body after ``method`` (before ``@dataclass`` makes fields of
+    them): the config's type (or ``NARROWER_TYPES``'), default and docstring help."""
+    config_fields = {f.name: f for f in dataclasses.fields(BalPoEConfig)}
+    annotations = {}
+    for name, hint in cls.__annotations__.items():
+        annotations[name] = hint
+        if name == "method":
+            for setting in MODEL_FIELDS:
+                annotations[setting] = NARROWER_TYPES.get(setting, SETTING_TYPES[setting])
+                setattr(cls, setting, field(default=config_fields[setting].default,
+                                            metadata=_help(SETTING_HELP[setting])))
+    cls.__annotations__ = annotations
+    return cls
+
+
+@dataclass(frozen=True)
+@_with_model_fields
 class Recipe:
-    """Every setting of a training run: a recipe file's YAML keys, and ``--field-name`` on the CLI."""
+    """Every setting of a training run: a recipe file's YAML keys, and ``--field-name`` on the CLI.
+
+    Built, a recipe is normalised (``__post_init__``) and checked (``validate``), once: it is frozen, and
+    ``dataclasses.replace(recipe, epochs=8)`` builds a changed one, checked in turn.
+    """
 
     # --- description
     name: str = field(default="custom", metadata=_help(
@@ -86,9 +137,9 @@ class Recipe:
         "Which images the long-tailed split keeps (make_long_tailed): 'random' (numpy's default_rng) or "
         "'reference' (the official CIFAR-LT code's selection: the published split on CIFAR-10/100 whose "
         "rows of each class are in the original order)."))
-    many_threshold: int = field(default=100, metadata=_help(
+    many_threshold: int = field(default=MANY_SHOT_THRESHOLD, metadata=_help(
         "Classes with more training images than this are many-shot."))
-    few_threshold: int = field(default=20, metadata=_help(
+    few_threshold: int = field(default=FEW_SHOT_THRESHOLD, metadata=_help(
         "Classes with fewer training images than this are few-shot."))
     # --- method
     method: Method | None = field(default=None, metadata=_help(
@@ -97,35 +148,8 @@ class Recipe:
         "'ce-la' (+ post-hoc logit adjustment), 'bs' (balanced softmax), 'lade', 'balpoe-erm' (3 experts, "
         "no mixup), 'balpoe' (3 experts + the recipe's mixup). It sets num_experts, lambdas, mixup_alpha, "
         "loss and remove_mean_lambda; 'none': the recipe as written."))
-    # --- model
-    backbone: str = field(default="resnet32_cifar", metadata=_help("timm model name of the backbone."))
-    backbone_kwargs: dict = field(default_factory=dict, metadata=_help(
-        "Extra keyword arguments for timm.create_model (JSON on the command line)."))
-    backbone_pretrained: bool = field(default=False, metadata=_help(
-        "Start the backbone from timm's pretrained weights."))
-    num_experts: int = field(default=3, metadata=_help("Number of experts."))
-    lambdas: list[float] | None = field(default_factory=lambda: [1.0, 0.0, -1.0], metadata=_help(
-        "Bias lambda of each expert (mean 0 for a balanced ensemble); 'none': evenly spaced from 1 to -1."))
-    shared_stages: int | None = field(default=None, metadata=_help(
-        "Backbone stages shared by all experts; 'none': the backbone adapter's default."))
-    classifier: Classifier = field(default="cosine", metadata=_help("Expert classifier."))
-    classifier_scale: float = field(default=30.0, metadata=_help("Scale of the cosine classifier."))
-    loss: Loss = field(default="balpoe", metadata=_help(
-        "'balpoe' (each expert's logit-adjusted cross-entropy) or 'lade' (balanced softmax + the LADE "
-        "regulariser of Hong et al. 2021; one expert, lambda 0)."))
-    lade_weight: float = field(default=0.1, metadata=_help("'lade': weight of the LADE regulariser."))
-    lade_remine_lambda: float = field(default=0.1, metadata=_help(
-        "'lade': weight of the ReMINE penalty inside the LADE regulariser."))
-    remove_mean_lambda: bool = field(default=True, metadata=_help(
-        "Predict with the ensemble's mean bias removed (mean_e z_e - mean(lambda) log pi + log pi_t, "
-        "Sec. 3.3 of the paper); --no-remove-mean-lambda keeps it (mean_e z_e + log pi_t), as the official "
-        "code and the paper's ImageNet-LT results did. The same when mean(lambda) = 0."))
+    # --- model: the fields of BalPoEConfig's settings (MODEL_FIELDS) are added here by _with_model_fields
     # --- preprocessing and augmentation
-    image_size: int = field(default=32, metadata=_help("Side of the square images the model sees."))
-    image_mean: list[float] = field(default_factory=lambda: [0.4914, 0.4822, 0.4465], metadata=_help(
-        "Per-channel normalisation mean (RGB)."))
-    image_std: list[float] = field(default_factory=lambda: [0.2023, 0.1994, 0.2010], metadata=_help(
-        "Per-channel normalisation std (RGB)."))
     crop_pct: float = field(default=1.0, metadata=_help(
         "Evaluation: resize the shorter side to image_size / crop_pct, then centre-crop image_size."))
     augment: Augmentation = field(default="cifar", metadata=_help(
@@ -218,49 +242,62 @@ class Recipe:
 
     # How the recipe was resolved (not settings: no flag, not in to_dict): the fields a config file or the
     # command line changed, and notes for the user (e.g. backbone fields reset). Set by load_recipe and
-    # parse_args; save_recipe writes ``overridden`` into recipe.yaml.
-    overridden = ()
-    notes = ()
+    # parse_args (resolve.resolved_recipe); save_recipe writes ``overridden`` into recipe.yaml.
+    overridden: ClassVar[tuple[str, ...]] = ()
+    notes: ClassVar[tuple[str, ...]] = ()
 
-    def validate(self) -> Recipe:
-        """Check the settings that would otherwise fail late or silently; returns ``self``."""
-        hints = typing.get_type_hints(Recipe)
-        for name, hint in hints.items():
-            setattr(self, name, coerce_field(name, hint, getattr(self, name)))
+    def __post_init__(self) -> None:
+        """Normalise the settings, then check them: each value to its field's type, the method preset over
+        its fields, the backbone's input size and statistics where ``image_size`` / ``image_mean`` /
+        ``image_std`` are ``None``, evenly spaced lambdas where they are ``None``."""
+        def set_field(name: str, value: Any) -> None:  # the way a frozen dataclass sets its own fields
+            object.__setattr__(self, name, value)
+
+        for name, hint in _FIELD_TYPES.items():
+            set_field(name, coerce_field(name, hint, getattr(self, name)))
         if self.method is not None:
             for name, value in method_settings(self.method).items():
-                setattr(self, name, value)
-            if self.method == "balpoe" and self.mixup_alpha == 0:
-                raise TrainingError("method 'balpoe' trains with mixup, but mixup_alpha is 0: set "
-                                    "--mixup-alpha (the paper: 0.8 on CIFAR-10-LT, 0.4 on CIFAR-100-LT) or "
-                                    "use --method balpoe-erm.")
+                set_field(name, value)
+        set_field("backbone_kwargs", dict(self.backbone_kwargs or {}))
+        if timm.is_model(self.backbone):  # the config check names an unknown backbone
+            for name, value in backbone_image_defaults(self.backbone, self.backbone_kwargs).items():
+                if getattr(self, name) is None:
+                    set_field(name, value)
+        if self.lambdas is None and self.num_experts >= 1:
+            set_field("lambdas", default_lambdas(self.num_experts))
+        self.validate()
+
+    def validate(self) -> Recipe:
+        """Check the settings that would otherwise fail late or silently (the model's by ``BalPoEConfig``);
+        changes nothing, returns ``self``. Building a recipe calls it."""
+        if self.method == "balpoe" and self.mixup_alpha == 0:
+            raise TrainingError("method 'balpoe' trains with mixup, but mixup_alpha is 0: set "
+                                "--mixup-alpha (the paper: 0.8 on CIFAR-10-LT, 0.4 on CIFAR-100-LT) or "
+                                "use --method balpoe-erm.")
         # NaN passes every comparison below as False, and inf makes the run diverge: refuse both first.
         for name, value in self.to_dict().items():
             values = value if isinstance(value, list) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise TrainingError(f"{name} must be finite, got {value}.")
-        if self.lambdas is not None and len(self.lambdas) != self.num_experts:
-            raise TrainingError(f"lambdas has {len(self.lambdas)} values but num_experts is "
-                                f"{self.num_experts}; "
-                                "give one lambda per expert (--lambdas 1 0 -1 --num-experts 3).")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise TrainingError(f"num_classes must be at least 2, got {self.num_classes}.")
+        if self.backbone_kwargs.get("in_chans", 3) != 3:
+            raise TrainingError(f"backbone_kwargs sets in_chans={self.backbone_kwargs['in_chans']!r}, but "
+                                "training feeds RGB images (grayscale ones as three equal channels), so the "
+                                "backbone takes 3 input channels: drop in_chans from --backbone-kwargs.")
+        self.model_config()  # the model's settings, checked by the config that declares them
         positive = ("epochs", "batch_size", "gradient_accumulation_steps", "eval_batch_size",
-                    "checkpoints_total_limit", "image_size", "num_experts", "logging_steps")
+                    "checkpoints_total_limit", "logging_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.loss == "lade" and (self.num_experts != 1 or any(self.lambdas or [0.0])):
-            raise TrainingError(f"loss 'lade' trains one classifier with the balanced softmax (lambda 0), "
-                                f"but num_experts is {self.num_experts} and lambdas {self.lambdas}; use "
-                                "--method lade, or --num-experts 1 --lambdas 0.")
-        if self.lade_weight < 0 or self.lade_remine_lambda < 0:
-            raise TrainingError("lade_weight and lade_remine_lambda must not be negative.")
-        for name in ("lr", "lr_gamma", "classifier_scale", "max_grad_norm"):
+        for name in ("lr", "lr_gamma", "max_grad_norm"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise TrainingError(f"{name} must be positive, got {value}.")
         not_negative = ("weight_decay", "momentum", "rotation", "color_jitter", "crop_padding",
                         "checkpoint_every_steps", "eval_every", "num_workers", "warmup_epochs", "seed",
-                        "split_seed", "many_threshold", "few_threshold", "shared_stages")
+                        "split_seed", "many_threshold", "few_threshold")
         for name in not_negative:
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise TrainingError(f"{name} must not be negative, got {getattr(self, name)}.")
@@ -277,8 +314,6 @@ class Recipe:
                                 f"[0, 1]; got {self.image_mean}.")
         if self.momentum >= 1:
             raise TrainingError(f"momentum must be below 1, got {self.momentum}.")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise TrainingError(f"num_classes must be at least 2, got {self.num_classes}.")
         if self.imbalance_ratio is not None and self.imbalance_ratio < 1:
             raise TrainingError(f"imbalance_ratio must be >= 1 (head count / tail count), got "
                                 f"{self.imbalance_ratio}.")
@@ -292,18 +327,9 @@ class Recipe:
                                 f"({self.many_threshold}).")
         if not 0 < self.crop_pct <= 1:
             raise TrainingError(f"crop_pct must be in (0, 1], got {self.crop_pct}.")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            raise TrainingError("image_mean and image_std need 3 values (images are fed as RGB).")
-        if self.backbone_kwargs.get("in_chans", 3) != 3:
-            raise TrainingError(f"backbone_kwargs sets in_chans={self.backbone_kwargs['in_chans']!r}, but "
-                                "training feeds RGB images (grayscale ones as three equal channels), so the "
-                                "backbone takes 3 input channels: drop in_chans from --backbone-kwargs.")
         if not 0 <= self.holdout_fraction < 1:
             raise TrainingError(f"holdout_fraction must be in [0, 1) (0: no held-out split), got "
                                 f"{self.holdout_fraction}.")
-        if min(self.image_std) <= 0:
-            raise TrainingError(f"image_std must be positive (pixels are divided by it), got "
-                                f"{self.image_std}.")
         if self.image_column == self.label_column:
             raise TrainingError(f"image_column and label_column are both {self.image_column!r}; name the "
                                 "column of the images with --image-column and that of the class labels with "
@@ -318,6 +344,23 @@ class Recipe:
         if self.train_list is not None and (self.train_file is not None or self.test_file is not None):
             raise TrainingError("give one data source: --train-list/--test-list or --train-file/--test-file.")
         return self
+
+    def model_config(self, class_counts: list[int] | None = None,
+                     class_names: list[str] | None = None) -> BalPoEConfig:
+        """The ``BalPoEConfig`` of the recipe's model: its ``CONFIG_FIELDS``, and the training split's classes
+        and counts (without them, ``num_classes`` or 2 unnamed classes, as for the check of the settings).
+
+        Raises ``TrainingError`` with the config's explanation when the settings do not fit together.
+        """
+        if class_names is None:
+            num_classes = len(class_counts) if class_counts else self.num_classes or 2
+            class_names = [str(c) for c in range(num_classes)]
+        try:
+            return BalPoEConfig(**{name: getattr(self, name) for name in CONFIG_FIELDS},
+                                class_counts=class_counts, id2label=dict(enumerate(class_names)),
+                                label2id={name: i for i, name in enumerate(class_names)})
+        except ValueError as error:
+            raise TrainingError(f"model settings: {error}") from None
 
     def policy_augmentations(self) -> list[str]:
         """The augmentation policies this recipe turns on, e.g. ``["auto_augment=cifar10"]``.
@@ -334,9 +377,21 @@ class Recipe:
 
 
 RECIPE_FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
-# The recipe fields that are settings of the model's config (by name): training.model_config copies them into
-# the BalPoEConfig, and a resumed run must keep them (checkpoints.RESUME_FIELDS).
-CONFIG_FIELDS = tuple(name for name in CONFIG_SETTINGS if name in RECIPE_FIELDS)
+_FIELD_TYPES = {name: hint for name, hint in typing.get_type_hints(Recipe).items() if name in RECIPE_FIELDS}
+
+
+@functools.cache
+def _default_values() -> dict[str, Any]:
+    return Recipe().to_dict()
+
+
+def recipe_defaults() -> dict[str, Any]:
+    """Every field's default as a recipe built without settings holds it (normalised: ``backbone_kwargs``
+    ``{}``, the default backbone's input size and statistics, evenly spaced lambdas); a fresh copy."""
+    return copy.deepcopy(_default_values())
+# The recipe fields that are settings of the model's config: Recipe.model_config copies them into the
+# BalPoEConfig, and a resumed run must keep them (training.resume.RESUME_FIELDS).
+CONFIG_FIELDS = (*MODEL_FIELDS, "method")
 
 # timm's RandAugment string: 'rand' then dash-separated sections; timm skips a section it cannot parse
 # (say 'rand-n2-M9'), so the whole string is checked here.

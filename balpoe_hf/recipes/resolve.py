@@ -4,7 +4,6 @@ package docstring)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ import yaml
 
 from ..errors import TrainingError
 from .methods import method_conflicts
-from .recipe import RECIPE_FIELDS, Recipe
+from .recipe import RECIPE_FIELDS, Recipe, recipe_defaults
 
 RECIPES_DIR = Path(__file__).parent  # the shipped YAML recipes live beside this module
 
@@ -82,8 +81,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 
 
 def _default(name: str) -> Any:
-    spec = RECIPE_FIELDS[name]
-    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    return recipe_defaults()[name]
 
 
 def _brief(name: str, value: Any) -> str:
@@ -165,11 +163,11 @@ def recipe_values(name: str | None = None, config: str | Path | None = None) -> 
 
 
 def make_recipe(values: dict[str, Any]) -> Recipe:
-    """A validated ``Recipe`` from a mapping of field values (unknown keys are an error)."""
+    """A checked ``Recipe`` from a mapping of field values (unknown keys are an error)."""
     unknown = sorted(set(values) - set(RECIPE_FIELDS))
     if unknown:
         raise TrainingError(f"unknown recipe fields {unknown}; the fields are: {', '.join(RECIPE_FIELDS)}.")
-    return Recipe(**values).validate()
+    return Recipe(**values)
 
 
 def resolved_recipe(lower: Resolution, given: dict[str, Any]) -> Recipe:
@@ -177,8 +175,9 @@ def resolved_recipe(lower: Resolution, given: dict[str, Any]) -> Recipe:
     layer = override(lower.values, given)
     check_method_overrides(layer.values.get("method"), {k: v for k, v in given.items() if k != "method"})
     recipe = make_recipe(layer.values)
-    recipe.overridden = tuple(dict.fromkeys(lower.overridden + layer.overridden))
-    recipe.notes = tuple(lower.notes + layer.notes)
+    # How it was resolved, kept on the (frozen) instance beside its fields.
+    object.__setattr__(recipe, "overridden", tuple(dict.fromkeys(lower.overridden + layer.overridden)))
+    object.__setattr__(recipe, "notes", tuple(lower.notes + layer.notes))
     return recipe
 
 
@@ -223,9 +222,6 @@ def recipe_differences(recipe: Recipe, path: str | Path) -> dict[str, tuple[Any,
 
     A field the file lacks (added to ``Recipe`` after the file was written) counts as its default.
     """
-    saved = read_recipe_file(Path(path))
-    for name, spec in RECIPE_FIELDS.items():
-        if name not in saved:
-            saved[name] = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+    saved = {**recipe_defaults(), **read_recipe_file(Path(path))}
     now = recipe.to_dict()
     return {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}

@@ -448,7 +448,6 @@ def train(recipe: Recipe, output_dir: str | Path | None = None, *, resume: bool 
 
     Raises ``TrainingError`` (a message for the user) for bad settings, data or output directories.
     """
-    recipe.validate()
     output_dir = Path(output_dir if output_dir is not None else Path("runs") / recipe.name)
     _check_hub_upload_possible(push_to_hub, hub_model_id)
     _check_tracker(report_to)

@@ -11,17 +11,8 @@ import torch
 
 from ..data.loading import TrainingData
 from ..errors import TrainingError
-from ..models.balpoe.configuration_balpoe import BalPoEConfig
 from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
-from ..recipes import CONFIG_FIELDS, Recipe
-
-
-def model_config(recipe: Recipe, class_counts: list[int], class_names: list[str]) -> BalPoEConfig:
-    """The ``BalPoEConfig`` of the recipe's model for a training split with these classes and counts: the
-    recipe's ``CONFIG_FIELDS`` (the fields named like config settings) and the split's classes."""
-    return BalPoEConfig(**{name: getattr(recipe, name) for name in CONFIG_FIELDS}, class_counts=class_counts,
-                        id2label=dict(enumerate(class_names)),
-                        label2id={name: i for i, name in enumerate(class_names)})
+from ..recipes import Recipe
 
 
 def _model_error(recipe: Recipe, error: Exception) -> TrainingError:
@@ -36,7 +27,7 @@ def _model_error(recipe: Recipe, error: Exception) -> TrainingError:
 def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassification:
     """A freshly initialised BalPoE model whose training prior is the long-tailed split's class counts."""
     try:
-        return BalPoEForImageClassification(model_config(recipe, data.class_counts, data.class_names))
+        return BalPoEForImageClassification(recipe.model_config(data.class_counts, data.class_names))
     except (ValueError, TypeError, KeyError, RuntimeError, OSError) as error:  # OSError: pretrained offline
         raise _model_error(recipe, error) from None
 
@@ -44,9 +35,8 @@ def build_model(recipe: Recipe, data: TrainingData) -> BalPoEForImageClassificat
 def check_model(recipe: Recipe) -> None:
     """Build the recipe's model on the meta device (no memory, no weights, no download: a fraction of a
     second), so that settings the backbone refuses stop a run before its data are loaded."""
-    num_classes = recipe.num_classes or 2
     try:
-        config = model_config(recipe, [1] * num_classes, [str(c) for c in range(num_classes)])
+        config = recipe.model_config()
         with torch.device("meta"):
             BalPoEForImageClassification(config)
     except (ValueError, TypeError, KeyError, RuntimeError) as error:

@@ -15,6 +15,7 @@ import evaluate
 import numpy as np
 
 from balpoe_hf.metrics import accuracy_report
+from balpoe_hf.recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 
 LABEL = datasets.Value("int64")
 
@@ -32,7 +33,7 @@ Args:
     references: the true class index per sample.
 Load-time arguments (evaluate.load(path, ...)):
     train_counts: training samples per class, in label-index order (required).
-    many, few: shot-group thresholds (default 100 and 20).
+    many, few: shot-group thresholds (default balpoe_hf's: 100 and 20).
 Returns:
     accuracy, balanced_accuracy, per_class_accuracy, many, medium, few.
 """
@@ -50,7 +51,7 @@ _CITATION = """
 class LongTail(evaluate.Metric):
     """Accuracy metrics of long-tailed recognition, with shot groups from the training class counts."""
 
-    def __init__(self, train_counts=None, many=100, few=20, **kwargs):
+    def __init__(self, train_counts=None, many=MANY_SHOT_THRESHOLD, few=FEW_SHOT_THRESHOLD, **kwargs):
         if train_counts is None:
             raise ValueError(
                 "the long_tail metric needs the training class counts: "

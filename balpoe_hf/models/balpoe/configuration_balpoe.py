@@ -2,14 +2,20 @@
 
 This module is also shipped as remote code next to a saved model: it imports torch, timm, transformers and
 the flat ``.label_shift`` / ``.holdout_statistics`` / ``.priors`` / ``.backbones`` modules only.
-"""
 
-from __future__ import annotations
+The dataclass fields of ``BalPoEConfig`` are the one declaration of the model's settings: their types (with
+the allowed values as ``Literal`` types), defaults and help (the class docstring), and ``check`` holds their
+rules. A training recipe derives its model fields from them (``balpoe_hf.recipes.recipe``). The annotations
+are evaluated (no ``from __future__ import annotations``), so that ``dataclasses.fields`` gives the recipe
+real types.
+"""
 
 import dataclasses
 import math
+import re
+import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import timm
 import torch
@@ -21,8 +27,10 @@ from .holdout_statistics import validate_calibration
 from .label_shift import validate_shift_estimator
 from .priors import expert_lambdas, validate_class_counts, validate_prior
 
-CLASSIFIERS = ("cosine", "linear")
-LOSSES = ("balpoe", "lade")
+Classifier = Literal["cosine", "linear"]
+Loss = Literal["balpoe", "lade"]
+CLASSIFIERS: tuple[str, ...] = typing.get_args(Classifier)
+LOSSES: tuple[str, ...] = typing.get_args(Loss)
 
 
 def default_lambdas(num_experts: int) -> list[float]:
@@ -54,6 +62,20 @@ def _leaves(value: Any) -> list[Any]:
     if isinstance(value, list | tuple):
         return [leaf for item in value for leaf in _leaves(item)]
     return [value]
+
+
+def backbone_image_defaults(backbone: str, backbone_kwargs: Mapping[str, Any] | None = None
+                            ) -> dict[str, Any]:
+    """The input a timm ``backbone`` expects: ``{"image_size", "image_mean", "image_std"}`` from
+    ``backbone_kwargs["img_size"]`` or the model's pretrained config (ImageNet's 224 and statistics where it
+    has none), the defaults of those three settings."""
+    pretrained_cfg = timm.get_pretrained_cfg(backbone)
+    img_size = (backbone_kwargs or {}).get("img_size")
+    if img_size is None:
+        img_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
+    return {"image_size": int(img_size if isinstance(img_size, int) else img_size[-1]),
+            "image_mean": list(pretrained_cfg.mean) if pretrained_cfg else [0.485, 0.456, 0.406],
+            "image_std": list(pretrained_cfg.std) if pretrained_cfg else [0.229, 0.224, 0.225]}
 
 
 # What a held-out calibration can hold. Fits on held-out logits give temperatures of about 0.1 to 10, above
@@ -148,7 +170,7 @@ class BalPoEConfig(PreTrainedConfig):
     num_experts: int = 3
     lambdas: list[float] | list[list[float]] | None = None
     shared_stages: int | None = None
-    classifier: str = "cosine"
+    classifier: Classifier = "cosine"
     classifier_scale: float = 30.0
     class_counts: list[int] | None = None
     target_prior: list[float] | None = None
@@ -156,7 +178,7 @@ class BalPoEConfig(PreTrainedConfig):
     image_size: int | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
-    loss: str = "balpoe"
+    loss: Loss = "balpoe"
     lade_weight: float = 0.1
     lade_remine_lambda: float = 0.1
     remove_mean_lambda: bool = True
@@ -187,16 +209,10 @@ class BalPoEConfig(PreTrainedConfig):
     def _fill_image_defaults(self) -> None:
         if not isinstance(self.backbone, str) or not timm.is_model(self.backbone):
             return  # `check` reports the unknown backbone
-        pretrained_cfg = timm.get_pretrained_cfg(self.backbone)
-        if self.image_size is None:
-            img_size = self.backbone_kwargs.get("img_size")
-            if img_size is None:
-                img_size = pretrained_cfg.input_size[-1] if pretrained_cfg else 224
-            self.image_size = int(img_size if isinstance(img_size, int) else img_size[-1])
-        if self.image_mean is None:
-            self.image_mean = list(pretrained_cfg.mean) if pretrained_cfg else [0.485, 0.456, 0.406]
-        if self.image_std is None:
-            self.image_std = list(pretrained_cfg.std) if pretrained_cfg else [0.229, 0.224, 0.225]
+        defaults = backbone_image_defaults(self.backbone, self.backbone_kwargs)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def check(self) -> None:
         """Raise a ``ValueError`` naming the problem and the fix when the settings do not fit together."""
@@ -343,4 +359,19 @@ PREDICTION_SETTINGS = ("remove_mean_lambda", "target_prior", "method")
 # they leave its weights alone, and a model is built without them.
 POST_TRAINING_SETTINGS = ("target_prior", "calibration", "shift_estimator")
 
-__all__ = ["BalPoEConfig"]
+
+
+def _documented_settings(doc: str) -> dict[str, str]:
+    """The entries of a transformers-style ``Args:`` section (``name (`type`, ...):`` then indented text), as
+    ``{name: text on one line}``; an entry naming several settings (``image_mean, image_std``) gives each."""
+    entries = re.findall(r"^ {8}([\w, ]+) \(.*\):\n((?: {12}.*\n?)+)", doc, flags=re.MULTILINE)
+    return {name.strip(): " ".join(text.split()).replace("`", "")
+            for names, text in entries for name in names.split(",")}
+
+
+# Each setting's help, from the class docstring (the help of the recipe fields derived from the settings).
+SETTING_HELP = _documented_settings(BalPoEConfig.__doc__)
+# Each setting's type, as declared (for the recipe's derived fields).
+SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(BalPoEConfig) if f.name in SETTINGS}
+
+__all__ = ["BalPoEConfig", "backbone_image_defaults"]
