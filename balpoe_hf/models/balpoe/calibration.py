@@ -173,7 +173,8 @@ def bcts_bias_covariance(logits: torch.Tensor, temperature: float, bias: torch.T
     C`` (``H^+`` the pseudo-inverse: without a prior, adding a constant to every bias changes nothing). The
     temperature is held at its fitted value. A class with a handful of held-out images gets a large
     variance; the biases of classes the model confuses are strongly correlated (their difference is known
-    better than either), which is why the gain guard (``label_shift.gain_guard``) draws from the covariance.
+    better than either), which is why ``auto`` shrinks an estimate by the full covariance
+    (``label_shift``, ``holdout_statistics.bias_covariance``).
     """
     z = validate_logits(logits)
     num_classes = z.shape[1]

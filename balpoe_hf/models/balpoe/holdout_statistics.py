@@ -24,8 +24,8 @@ from .prior_estimators import confusion_matrix
 CALIBRATION_KEYS = ("temperature", "bias", "bias_std", "bias_se", "bias_cov_factor", "ts_temperature",
                     "holdout_counts", "confusion")
 # Models calibrated before bias_std, bias_se and bias_cov_factor were recorded lack them: bias_std describes
-# the fit, and without the others the gain guard draws the biases from a normal approximation of the
-# held-out counts alone (see _calibration_draw).
+# the fit, and without the others the biases' covariance is a normal approximation of the held-out counts
+# alone (see bias_covariance).
 OPTIONAL_CALIBRATION_KEYS = ("bias_std", "bias_se", "bias_cov_factor")
 # Rank of the low-rank part of the BCTS bias covariance kept in config.calibration (the rest is diagonal):
 # exact up to this many classes, and a few hundred kilobytes of JSON for a thousand.
@@ -49,10 +49,10 @@ def holdout_calibration(logits: torch.Tensor, labels: torch.Tensor | Sequence[in
     scaling, ``fit_temperature``) then calibrate ``z`` itself for a uniform prior: ``softmax(z / T + b)``.
     ``bias_se`` (standard errors) and ``bias_cov_factor`` (``F``, ``(C, r)`` with ``r = min(C,
     BIAS_COVARIANCE_RANK)``: the leading eigenvectors of the covariance scaled by the root of their
-    eigenvalues) describe the uncertainty of the biases (``calibration.bcts_bias_covariance``) for the gain
-    guard: ``F F^T`` plus a diagonal up to ``bias_se^2``. ``confusion`` counts ``argmax z`` against the
-    labels (rows labels, for ``bbse_prior``) and ``holdout_counts`` are its row sums. Plain lists and
-    numbers, ready for JSON. Raises a ``ValueError`` for a class without held-out sample.
+    eigenvalues) describe the uncertainty of the biases (``calibration.bcts_bias_covariance``) for the
+    shrinkage of ``auto``: ``F F^T`` plus a diagonal up to ``bias_se^2`` (``bias_covariance``).
+    ``confusion`` counts ``argmax z`` against the labels (rows labels, for ``bbse_prior``) and
+    ``holdout_counts`` are its row sums. Plain lists and numbers, ready for JSON. Raises a ``ValueError`` for a class without held-out sample.
     """
     z = validate_logits(logits)
     num_classes = z.shape[1]
