@@ -52,7 +52,8 @@ def holdout_calibration(logits: torch.Tensor, labels: torch.Tensor | Sequence[in
     eigenvalues) describe the uncertainty of the biases (``calibration.bcts_bias_covariance``) for the
     shrinkage of ``auto``: ``F F^T`` plus a diagonal up to ``bias_se^2`` (``bias_covariance``).
     ``confusion`` counts ``argmax z`` against the labels (rows labels, for ``bbse_prior``) and
-    ``holdout_counts`` are its row sums. Plain lists and numbers, ready for JSON. Raises a ``ValueError`` for a class without held-out sample.
+    ``holdout_counts`` are its row sums. Plain lists and numbers, ready for JSON. Raises a ``ValueError``
+    for a class without held-out sample.
     """
     z = validate_logits(logits)
     num_classes = z.shape[1]
