@@ -1,5 +1,10 @@
 """Fixtures shared by several test modules, and the launched processes that start with the session
-(tests/processes.py)."""
+(tests/processes.py). Plain helper functions are in tests/helpers.py.
+
+The tiny data set and the trained tiny run are made once per session: under pytest-xdist the first worker
+that asks makes them in the session's shared temporary folder (a file lock keeps the others waiting), and
+every worker reads the same files. Tests read them only; a test that changes a run copies it first.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,10 @@ from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock
+from helpers import TINY_RUN, tiny_recipe
 from processes import BackgroundJob, stop_all
+from train_synthetic import write_parquet
 
 _JOBS: dict[str, BackgroundJob] = {}
 
@@ -128,3 +136,43 @@ def remote_code_cache(tmp_path_factory):
     for name in [name for name in sys.modules if name not in modules]:
         if name.startswith("transformers_modules"):
             del sys.modules[name]
+
+
+def _made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> Path:
+    """``root / name`` made by ``make(path)`` once for the whole session: the folder every xdist worker of
+    this session shares (a fresh one per session), else this process's temporary folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            make(path)
+            (root / f"{name}.done").touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """The train and test parquet files of train_synthetic.py (32/16/8/4 and 8 per class, 16x16)."""
+    folder = _made_once(tmp_path_factory, "tiny_data", write_parquet)
+    return folder / "train.parquet", folder / "test.parquet"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data) -> Path:
+    """The tiny recipe trained on ``tiny_data`` (tests/helpers.py ``TINY_RUN``: 3 epochs with a step
+    checkpoint every 3 optimizer steps, all of them kept, one torch thread), once for the session. Read only:
+    copy it to change it."""
+    from balpoe_hf.training.loop import train
+
+    def make(path: Path) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the runs that resume from it and are compared bit for bit use one too
+        try:
+            train(tiny_recipe(tiny_data, **TINY_RUN), path)
+        finally:
+            torch.set_num_threads(threads)
+
+    return _made_once(tmp_path_factory, "tiny_run", make)

@@ -18,42 +18,27 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY_RUN, assert_same_weights, flags, snapshot
+from helpers import tiny_run_recipe as _recipe
 from processes import hold_lock
 from safetensors.torch import load_file
-from train_synthetic import TRAIN_COUNTS, write_parquet
+from train_synthetic import TRAIN_COUNTS
 
 from balpoe_hf import recipes, run_folder
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.training import checkpoints, resume
 from balpoe_hf.training.loop import train
 
-# 60 training images in batches of 8: 7 steps an epoch. A step checkpoint every 3 optimizer steps gives
-# epoch-0000-step-000003/6, epoch-0001-step-000002/5, epoch-0002-step-000001/4 and one per epoch.
-SETTINGS = {"image_column": "picture", "label_column": "target", "image_size": 16,
-            "backbone": "resnet20_cifar", "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0,
-            "lr_schedule": "cosine", "mixup_alpha": 0.2, "num_workers": 0, "eval_batch_size": 32,
-            "eval_every": 0, "many_threshold": 20, "few_threshold": 6, "checkpoint_every_steps": 3,
-            "checkpoints_total_limit": 20}
+
+@pytest.fixture(scope="module")
+def data(tiny_data) -> tuple[Path, Path]:
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, Path]:
-    torch.set_num_threads(1)
-    return write_parquet(tmp_path_factory.mktemp("ckpt_data"))
-
-
-def _recipe(data, **changes) -> recipes.Recipe:
-    train_file, test_file = data
-    return recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
-                                **SETTINGS, **changes})
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> Path:
-    """The uninterrupted run, keeping all of its checkpoints."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    train(_recipe(data), out)
-    return out
+def reference(tiny_run) -> Path:
+    """The uninterrupted run, keeping all of its checkpoints (tests/helpers.py TINY_RUN)."""
+    return tiny_run
 
 
 def _killed_at(reference: Path, checkpoint: str, target: Path, extra: tuple[str, ...] = ()) -> Path:
@@ -64,17 +49,6 @@ def _killed_at(reference: Path, checkpoint: str, target: Path, extra: tuple[str,
     for name in (checkpoint, *extra):
         shutil.copytree(reference / "checkpoints" / name, target / "checkpoints" / name)
     return target
-
-
-def _assert_same_weights(got_dir: Path, expected_dir: Path) -> None:
-    expected, got = load_file(expected_dir / "model.safetensors"), load_file(got_dir / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 # --------------------------------------------------------------------------- step checkpoints (issue 15.4)
@@ -102,7 +76,7 @@ def test_checkpoint_saved_before_newer_trainer_state_fields_resumes(reference, d
         del state["model"][key]
     state_file.write_text(json.dumps(state))
     train(_recipe(data), out, resume=True)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_prepared_loader_passes_the_epoch_on_to_the_split_also_when_skipping(data):
@@ -133,17 +107,17 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, dat
     assert "warning: skipped the checkpoint" in printed and "epoch-0001-step-000005" in printed
     assert "cannot be loaded (SafetensorError" in printed
     assert "resumed from" in printed and "epoch-0001-step-000002 (epoch 1 of 3, 2 batches" in printed
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_every_checkpoint_damaged_says_which_and_what_to_do(reference, data, tmp_path):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
     (out / "checkpoints" / "epoch-0001" / "optimizer.safetensors").write_bytes(b"\0" * 10)
-    before = _snapshot(out)
+    before = snapshot(out)
     with pytest.raises(TrainingError, match=r"no checkpoint of the run can be loaded:\n  .*epoch-0001, which "
                                             r"cannot be loaded .*\nDelete them \(rm -r .*checkpoints\)"):
         train(_recipe(data), out, resume=True)
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 class _FakeAccelerator(SimpleNamespace):
@@ -223,13 +197,13 @@ def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_pa
 def test_resume_with_a_changed_model_is_refused_and_touches_nothing(reference, data, tmp_path, changes,
                                                                       named):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
-    before = _snapshot(out)
+    before = snapshot(out)
     with pytest.raises(TrainingError) as error:
         train(_recipe(data, **changes), out, resume=True)
     message = str(error.value)
     assert message.startswith(f"cannot resume {out}: its model was built with other settings")
     assert named in message and "change them back, or start a new run" in message
-    assert _snapshot(out) == before
+    assert snapshot(out) == before
 
 
 def test_resume_with_other_training_data_is_refused(reference, data, tmp_path):
@@ -277,7 +251,7 @@ def test_each_experts_loss_is_reported_and_averages_to_the_loss(reference):
     assert state["train_expert_losses"] == results["train_expert_losses"]
 
 
-def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference):
+def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference, tmp_path):
     from balpoe_hf import BalPoEForImageClassification
 
     config = json.loads((reference / "config.json").read_text())
@@ -291,7 +265,7 @@ def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference):
     lambdas = torch.tensor([[1.0], [0.0], [-1.0]], dtype=torch.float64)
     torch.testing.assert_close(model.loss_fn.taus.double(), (1 - lambdas).expand(3, 4))
     # Editing config.json changes the model: there is no second source to disagree with it.
-    edited = reference.parent / "edited"
+    edited = tmp_path / "edited"
     shutil.copytree(reference, edited, ignore=shutil.ignore_patterns("checkpoints"))
     (edited / "config.json").write_text(json.dumps({**config, "lambdas": [2.0, 0.0, -2.0]}))
     taus = BalPoEForImageClassification.from_pretrained(edited).loss_fn.taus
@@ -309,7 +283,7 @@ def test_resume_of_a_finished_run_keeps_its_statistics(reference, data, tmp_path
     assert (out / "train_results.json").read_bytes() == saved
     assert result.train_results == json.loads(saved)
     assert result.train_results["train_loss"] is not None and result.train_results["train_runtime"] > 0
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 # --------------------------------------------------------------------------- no pickle in a checkpoint
@@ -359,7 +333,7 @@ def test_checkpoint_of_the_previous_release_resumes_to_the_same_weights(legacy, 
     assert (legacy / "checkpoints" / "epoch-0002-step-000004" / "custom_checkpoint_0.pkl").is_file()
     out = _killed_at(legacy, "epoch-0002-step-000004", tmp_path / "run")
     train(_recipe(data), out, resume=True)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 @pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl",
@@ -386,7 +360,7 @@ def test_a_pickle_beside_this_releases_checkpoint_is_never_read(reference, data,
         _plant(out / "checkpoints" / "epoch-0002-step-000004" / name, marker)
     train(_recipe(data), out, resume=True)
     assert not marker.exists()
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_resume_skips_a_checkpoint_whose_pickle_would_run_code_and_says_why(legacy, reference, data, tmp_path,
@@ -402,7 +376,7 @@ def test_resume_skips_a_checkpoint_whose_pickle_would_run_code_and_says_why(lega
     assert ("epoch-0002-step-000004, which cannot be loaded (custom_checkpoint_0.pkl holds Python objects "
             "other than tensors and numbers") in printed
     assert "resumed from" in printed and "epoch-0002-step-000001" in printed
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 # --------------------------------------------------------------------------- the final save
@@ -470,7 +444,7 @@ def test_a_run_killed_during_its_final_save_resumes_to_the_model_it_was_saving(e
     with pytest.raises(OSError, match="interrupted half-way"):
         BalPoEForImageClassification.from_pretrained(out)
     train(_recipe(data, epochs=4, checkpoint_every_steps=0), out, resume=True)
-    _assert_same_weights(out, extended["new"])
+    assert_same_weights(out, extended["new"])
 
 
 def test_a_full_disk_during_the_final_save_replaces_nothing_and_says_so(reference, data, tmp_path,
@@ -537,10 +511,6 @@ def test_the_lock_is_one_per_folder_and_reentrant_in_a_process(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # created empty, removed again
 
 
-def _flags(settings: dict) -> list[str]:
-    return [item for name, value in settings.items() for item in (f"--{name.replace('_', '-')}", str(value))]
-
-
 def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, monkeypatch, capsys):
     from balpoe_hf import cli
     from balpoe_hf.training import loop as training
@@ -548,7 +518,7 @@ def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, 
     train_file, test_file = data
     out = tmp_path / "run"
     argv = ["--train-file", str(train_file), "--test-file", str(test_file), "--output-dir", str(out),
-            *_flags({**SETTINGS, "epochs": 2, "checkpoint_every_steps": 0})]
+            *flags({**TINY_RUN, "epochs": 2, "checkpoint_every_steps": 0})]
     one_epoch = training.train_one_epoch
 
     def interrupted_in_the_second_epoch(run, state, epoch):
