@@ -41,7 +41,7 @@ def flags(settings: dict) -> list[str]:
     return [word for name, value in settings.items() for word in ("--" + name.replace("_", "-"), str(value))]
 
 
-def snapshot(folder: Path) -> dict[str, bytes]:
+def folder_bytes(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` and its bytes: what "touches nothing" compares."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 

@@ -18,15 +18,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY_RUN, assert_same_weights, flags, snapshot
+from helpers import TINY_RUN, assert_same_weights, flags, folder_bytes, tiny_recipe
 from helpers import tiny_run_recipe as _recipe
 from processes import hold_lock
 from safetensors.torch import load_file
 from train_synthetic import TRAIN_COUNTS
 
-from balpoe_hf import recipes, run_folder
+from balpoe_hf import cli, recipes, run_folder
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.training import checkpoints, resume
+from balpoe_hf.training import loop as training
 from balpoe_hf.training.loop import train
 
 
@@ -113,11 +114,11 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, dat
 def test_every_checkpoint_damaged_says_which_and_what_to_do(reference, data, tmp_path):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
     (out / "checkpoints" / "epoch-0001" / "optimizer.safetensors").write_bytes(b"\0" * 10)
-    before = snapshot(out)
+    before = folder_bytes(out)
     with pytest.raises(TrainingError, match=r"no checkpoint of the run can be loaded:\n  .*epoch-0001, which "
                                             r"cannot be loaded .*\nDelete them \(rm -r .*checkpoints\)"):
         train(_recipe(data), out, resume=True)
-    assert snapshot(out) == before
+    assert folder_bytes(out) == before
 
 
 class _FakeAccelerator(SimpleNamespace):
@@ -197,13 +198,13 @@ def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_pa
 def test_resume_with_a_changed_model_is_refused_and_touches_nothing(reference, data, tmp_path, changes,
                                                                       named):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
-    before = snapshot(out)
+    before = folder_bytes(out)
     with pytest.raises(TrainingError) as error:
         train(_recipe(data, **changes), out, resume=True)
     message = str(error.value)
     assert message.startswith(f"cannot resume {out}: its model was built with other settings")
     assert named in message and "change them back, or start a new run" in message
-    assert snapshot(out) == before
+    assert folder_bytes(out) == before
 
 
 def test_resume_with_other_training_data_is_refused(reference, data, tmp_path):
@@ -537,3 +538,138 @@ def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, 
     monkeypatch.undo()
     assert cli.train_main([*argv, "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the output directory
+
+
+def test_output_directory_rules(tmp_path):
+    resume.check_output_dir(tmp_path / "new", resume=False, overwrite=False)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    with pytest.raises(TrainingError, match=r"not empty\. Pass --resume .* --overwrite"):
+        resume.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
+    # --resume and --overwrite act on a run's directory only (the tests below have the details).
+    with pytest.raises(TrainingError, match="is not the directory of a balpoe-hf run"):
+        resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    run_folder.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], resume.RUN_FOLDERS)
+    resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    resume.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
+
+
+def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
+    for epoch in (1, 2, 3, 10):
+        path = checkpoints.checkpoint_dir(tmp_path, epoch)
+        path.mkdir(parents=True)
+        if epoch != 10:  # epoch 10 was being written when the run died
+            (path / checkpoints.TRAINER_STATE).write_text(json.dumps({"epoch": epoch}))
+    complete = checkpoints.completed_checkpoints(tmp_path)
+    assert [p.name for p in complete] == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    checkpoints.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0002", "epoch-0003"]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_data, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    before = folder_bytes(mine)
+    argv = ["--train-file", str(tiny_data[0]), "--test-file", str(tiny_data[1]), "--image-column", "picture",
+            "--label-column", "target", "--output-dir", str(mine), "--overwrite"]
+    assert cli.train_main(argv) == 2
+    assert "is not the directory of a balpoe-hf run (it has no balpoe_outputs.json" in capsys.readouterr().err
+    assert folder_bytes(mine) == before
+
+
+def test_overwrite_deletes_only_what_the_run_wrote(tiny_run, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    train_file, test_file = shutil.copy(tiny_data[0], out / "data"), shutil.copy(tiny_data[1], out / "data")
+    # A report of the old model inside the run, listed by balpoe-evaluate: stale after the overwrite.
+    (out / "eval").mkdir()
+    (out / "eval" / "report.json").write_text("{}")
+    run_folder.record_outputs(out, [out / "eval" / "report.json"])
+    kept = {"notes.txt": b"mine", "data/train.parquet": tiny_data[0].read_bytes(),
+            "data/test.parquet": tiny_data[1].read_bytes()}
+
+    training.train(tiny_recipe((Path(train_file), Path(test_file)), epochs=1), out, overwrite=True)
+    after = folder_bytes(out)
+    assert {name: after[name] for name in kept} == kept
+    assert not (out / "eval").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0001"]  # the old run's are gone
+    assert json.loads((out / "train_results.json").read_text())["epochs"] == 1
+
+
+def test_overwrite_never_deletes_an_input_or_an_edited_output(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    (out / "logs" / "train.parquet").parent.mkdir(exist_ok=True)
+    (out / "logs" / "train.parquet").write_bytes(b"data")
+    before = folder_bytes(out)
+    with pytest.raises(TrainingError, match=r"--overwrite would delete .*logs, which holds the input "
+                                            r".*train\.parquet.*\(nothing was deleted\)"):
+        resume.check_output_dir(out, resume=False, overwrite=True,
+                                     inputs=[out / "logs" / "train.parquet"])
+    (out / "recipe.yaml").write_text((out / "recipe.yaml").read_text() + "# my notes\n")
+    with pytest.raises(TrainingError, match=r"--overwrite would delete \['recipe.yaml'\] .* changed since "
+                                            r"balpoe-hf wrote them"):
+        resume.check_output_dir(out, resume=False, overwrite=True)
+    assert {k: v for k, v in folder_bytes(out).items() if k != "recipe.yaml"} == \
+        {k: v for k, v in before.items() if k != "recipe.yaml"}
+
+
+def test_resume_on_a_folder_that_is_not_a_run_refuses_and_touches_nothing(tiny_data, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "checkpoints" / "drafts").mkdir(parents=True)
+    (mine / "checkpoints" / "drafts" / "notes.txt").write_text("years of work")
+    (mine / "recipe.yaml").write_text("my: settings\n")
+    (mine / "config.json").write_text("{}")
+    before = folder_bytes(mine)
+    argv = ["--train-file", str(tiny_data[0]), "--test-file", str(tiny_data[1]), "--image-column", "picture",
+            "--label-column", "target", "--output-dir", str(mine), "--resume"]
+    assert cli.train_main(argv) == 2
+    assert "is not the directory of a balpoe-hf run (it has no balpoe_outputs.json listing what a run " \
+           "wrote, nor a checkpoint of one in checkpoints/), so --resume will not touch it" in \
+           capsys.readouterr().err
+    assert folder_bytes(mine) == before
+
+
+def test_resume_never_writes_over_a_file_the_run_did_not_write(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    resume.check_output_dir(out, resume=True, overwrite=False)  # the run's own files: fine
+    (out / "holdout_results.json").write_text('{"mine": true}')  # a name the run writes, not written by it
+    with pytest.raises(TrainingError, match=r"--resume would write over \['holdout_results.json'\] in .*, "
+                                            r"which balpoe-hf did not write there .*\(nothing was written\)"):
+        resume.check_output_dir(out, resume=True, overwrite=False)
+    with pytest.raises(TrainingError, match=r"--overwrite would write over \['holdout_results.json'\]"):
+        resume.check_output_dir(out, resume=False, overwrite=True)
+    (out / "holdout_results.json").unlink()
+    (out / "config.json").write_text((out / "config.json").read_text() + "\n")  # edited since
+    with pytest.raises(TrainingError, match=r"--resume would write over \['config.json'\]"):
+        resume.check_output_dir(out, resume=True, overwrite=False)
+
+
+def test_output_dir_that_takes_no_files_is_refused_before_the_data_load(tiny_data, tmp_path, capsys,
+                                                                        monkeypatch):
+    def load(recipe):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr(training, "load_training_data", load)
+    argv = ["--train-file", str(tiny_data[0]), "--test-file", str(tiny_data[1]), "--image-column", "picture",
+            "--label-column", "target"]
+    (tmp_path / "a-file").write_text("")
+    assert cli.train_main([*argv, "--output-dir", str(tmp_path / "a-file" / "run")]) == 2
+    assert f"cannot write --output-dir {tmp_path / 'a-file' / 'run'}: {tmp_path / 'a-file'} is a file" in \
+        capsys.readouterr().err
+
+    def read_only(*args, **kwargs):  # what a folder without write permission answers (tests may run as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", read_only)
+    assert cli.train_main([*argv, "--output-dir", str(tmp_path / "locked" / "run")]) == 2
+    assert f"{tmp_path} does not take new files (Permission denied); choose a folder you can write to" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "locked").exists()

@@ -11,22 +11,29 @@ is tested in-process elsewhere (tests/test_cli_fuzz.py, tests/test_docs.py).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
 import runpy
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_recipe
 from processes import start
 from safetensors.torch import load_file
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
+from balpoe_hf import hub
+from balpoe_hf.errors import EvaluationError, HubFolderError, TrainingError
+from balpoe_hf.evaluation import reports
 from balpoe_hf.recipes import available_recipes, load_recipe
+from balpoe_hf.training import loop as training
 from balpoe_hf.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,3 +181,23 @@ def test_python_m_train_shows_every_recipe_field_with_its_resolved_value(monkeyp
     # After --recipe, --help shows the recipe's value as the default (4 epochs, not the built-in 200).
     (epochs_help,) = [option for option in text.split("\n  --") if option.startswith("epochs ")]
     assert "(default: 4)" in " ".join(epochs_help.split())
+
+
+def test_optional_packages_are_extras_and_each_feature_names_its_extra(tiny_data, tmp_path, monkeypatch):
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = " ".join(project["dependencies"])
+    extras = project["optional-dependencies"]
+    for package, extra in (("tensorboard", "train"), ("matplotlib", "plots"), ("matplotlib", "hub"),
+                           ("jinja2", "hub")):
+        assert package not in required and any(r.startswith(package) for r in extras[extra])
+    find_spec = importlib.util.find_spec
+    missing = {"tensorboard", "matplotlib"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing
+                        else find_spec(name, *a))
+    with pytest.raises(TrainingError, match=r"--report-to tensorboard needs .*'balpoe-hf\[train\]'"):
+        training.train(tiny_recipe(tiny_data), tmp_path / "run", report_to="tensorboard")
+    with pytest.raises(EvaluationError, match=r"need matplotlib: .*'balpoe-hf\[plots\]'"):
+        reports.check_output(tmp_path / "report.json")
+    with pytest.raises(HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
+        hub.prepare_hub_folder(tmp_path)
+    assert not (tmp_path / "run").exists()
