@@ -8,6 +8,7 @@ every worker reads the same files. Tests read them only; a test that changes a r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -162,17 +163,25 @@ def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_data) -> Path:
-    """The tiny recipe trained on ``tiny_data`` (tests/helpers.py ``TINY_RUN``: 3 epochs with a step
-    checkpoint every 3 optimizer steps, all of them kept, one torch thread), once for the session. Read only:
-    copy it to change it."""
+    """The tiny recipe trained on ``tiny_data`` (tests/helpers.py ``TINY_RUN``: 3 epochs, evaluated after
+    each, a step checkpoint every 3 optimizer steps, all of them kept, TensorBoard logs, one torch thread),
+    once for the session; what it printed is beside it (``tiny_run_output``). Read only: copy it to change
+    it."""
     from balpoe_hf.training.loop import train
 
     def make(path: Path) -> None:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the runs that resume from it and are compared bit for bit use one too
         try:
-            train(tiny_recipe(tiny_data, **TINY_RUN), path)
+            with open(f"{path}.out", "w") as out, contextlib.redirect_stdout(out):
+                train(tiny_recipe(tiny_data, **TINY_RUN), path, report_to="tensorboard")
         finally:
             torch.set_num_threads(threads)
 
     return _made_once(tmp_path_factory, "tiny_run", make)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_output(tiny_run) -> str:
+    """What training ``tiny_run`` printed."""
+    return Path(f"{tiny_run}.out").read_text()

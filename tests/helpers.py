@@ -19,9 +19,11 @@ TINY = {"image_column": "picture", "label_column": "target", "image_size": 16, "
         "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0, "lr_schedule": "cosine",
         "mixup_alpha": 0.2, "rotation": 0.0, "num_workers": 0, "eval_batch_size": 32, "eval_every": 0,
         "many_threshold": 20, "few_threshold": 6}
-# The shared trained run (tests/conftest.py ``tiny_run``) also keeps a step checkpoint every 3 optimizer
-# steps: epoch-0000-step-000003/6, epoch-0001-step-000002/5, epoch-0002-step-000001/4 and one per epoch.
-TINY_RUN = {**TINY, "checkpoint_every_steps": 3, "checkpoints_total_limit": 20}
+# The shared trained run (tests/conftest.py ``tiny_run``) is also evaluated after every epoch, logs every step
+# and keeps a step checkpoint every 3 optimizer steps: epoch-0000-step-000003/6, epoch-0001-step-000002/5,
+# epoch-0002-step-000001/4 and one per epoch.
+TINY_RUN = {**TINY, "eval_every": 1, "logging_steps": 1, "checkpoint_every_steps": 3,
+            "checkpoints_total_limit": 20}
 
 
 def tiny_recipe(data: tuple[Path, Path], **changes) -> recipes.Recipe:
@@ -52,6 +54,26 @@ def assert_same_weights(got_dir: Path, expected_dir: Path) -> None:
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def metrics_from_scratch(run_dir: Path, test_file: Path) -> dict:
+    """Accuracy and balanced accuracy of the model saved in ``run_dir`` on the parquet ``test_file`` (columns
+    picture and target), computed here from scratch with the transformers auto classes, and its config."""
+    import datasets
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    import balpoe_hf  # noqa: F401  (registers "balpoe" with the auto classes)
+
+    model = AutoModelForImageClassification.from_pretrained(run_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(run_dir)
+    test = datasets.load_dataset("parquet", data_files=str(test_file), split="train")
+    with torch.no_grad():
+        pixels = processor(images=[im.convert("RGB") for im in test["picture"]], return_tensors="pt")
+        predictions = model(**pixels).logits.argmax(-1).numpy()
+    labels = np.asarray(test["target"])
+    per_class = [np.mean(predictions[labels == c] == c) for c in range(model.config.num_labels)]
+    return {"accuracy": float(np.mean(predictions == labels)), "balanced_accuracy": float(np.mean(per_class)),
+            "config": model.config}
 
 
 def gaussian_logits(prior, num_samples: int, rng: np.random.Generator, means, scale: float = 1.0,

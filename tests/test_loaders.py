@@ -15,8 +15,7 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
-from helpers import tiny_recipe
-from safetensors.torch import load_file
+from helpers import assert_same_weights, tiny_recipe
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS
 
 from balpoe_hf import run_folder
@@ -176,8 +175,8 @@ def test_build_loaders_follows_the_recipe_and_reseeds_each_epoch(tiny_data):
 def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(tiny_data, tmp_path, pipeline,
                                                                               capsys):
     # 7 batches an epoch, a step checkpoint every 3; num_workers=1: the worker pipeline loads in a worker.
-    recipe = loader_recipe(tiny_data, epochs=2, data_pipeline=pipeline, num_workers=1, eval_every=0,
-                         checkpoint_every_steps=3, checkpoints_total_limit=10)
+    recipe = loader_recipe(tiny_data, epochs=2, data_pipeline=pipeline, num_workers=1, eval_every=1,
+                           checkpoint_every_steps=3, checkpoints_total_limit=10)
     whole = train(recipe, tmp_path / "whole")
     assert whole.train_results["data_pipeline"] == pipeline
     assert len(whole.train_results["epoch_images_per_second"]) == 2
@@ -191,10 +190,11 @@ def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(ti
     capsys.readouterr()
     resumed = train(recipe, killed, resume=True)  # the loader starts at batch 2 of epoch 1
     assert "epoch-0001-step-000002 (epoch 1 of 2, 2 batches into the next)" in capsys.readouterr().out
-    expected, got = (load_file(run / "model.safetensors") for run in (tmp_path / "whole", killed))
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+    assert_same_weights(killed, tmp_path / "whole")
     assert resumed.eval_report == whole.eval_report
+    # The evaluation after the first epoch comes back from the checkpoint too.
+    assert [h["epoch"] for h in resumed.train_results["eval_history"]] == [1, 2]
+    assert resumed.train_results["eval_history"] == whole.train_results["eval_history"]
     # The partial epoch's loss sums (the whole loss and each expert's) come back from the step checkpoint.
     for key in ("train_loss", "train_expert_losses"):
         assert resumed.train_results[key] == whole.train_results[key]

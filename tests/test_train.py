@@ -8,14 +8,15 @@ in test_checkpoints.py, and the end-to-end runs through ``accelerate launch`` in
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import tiny_recipe
-from train_synthetic import CLASS_NAMES, TRAIN_COUNTS
+from helpers import metrics_from_scratch, tiny_recipe
+from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS
 
 from balpoe_hf import BalPoEForImageClassification, cli, recipes
 from balpoe_hf.errors import TrainingError
@@ -155,6 +156,42 @@ def test_push_to_hub_needs_an_id_and_the_network(train_script, tmp_path, capsys,
     assert "--push-to-hub needs the network, but offline mode is on" in capsys.readouterr().err
 
 
+
+
+# --------------------------------------------------------------------------- a finished run
+
+
+def test_single_process_run_writes_model_results_and_logs(tiny_run, tiny_run_output):
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "recipe.yaml",
+                 "train_results.json", "eval_results.json"):
+        assert (tiny_run / name).is_file(), name
+    train_results = json.loads((tiny_run / "train_results.json").read_text())
+    eval_results = json.loads((tiny_run / "eval_results.json").read_text())
+    assert train_results["class_counts"] == TRAIN_COUNTS
+    assert train_results["train_samples"] == sum(TRAIN_COUNTS)
+    assert eval_results["eval_samples"] == TEST_PER_CLASS * len(CLASS_NAMES)
+    assert [h["epoch"] for h in train_results["eval_history"]] == [1, 2, 3]  # eval_every 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((tiny_run / "logs").rglob("events.out.tfevents.*"))
+    tags = {tag for path in events for tag in EventAccumulator(str(path)).Reload().Tags()["scalars"]}
+    # Each expert's loss at every logging step and per epoch, beside the ensemble's.
+    assert {f"train/{kind}loss_expert_{e}" for kind in ("", "epoch_") for e in range(3)} <= tags
+    assert {"train/loss", "train/epoch_loss", "eval/balanced_accuracy"} <= tags
+    assert "images/s" in tiny_run_output and "balanced accuracy" in tiny_run_output
+    assert "data pipeline: device (auto: 92 images at 16x16" in tiny_run_output
+    assert train_results["data_pipeline"] == "device" and len(train_results["epoch_images_per_second"]) == 3
+
+
+def test_saved_model_loads_with_auto_classes_and_reproduces_the_reported_metrics(tiny_run, tiny_data):
+    reference = metrics_from_scratch(tiny_run, tiny_data[1])
+    eval_results = json.loads((tiny_run / "eval_results.json").read_text())
+    assert reference["config"].class_counts == TRAIN_COUNTS  # the long-tailed split's counts are the prior
+    assert reference["config"].lambdas == [1.0, 0.0, -1.0]
+    assert eval_results["eval_accuracy"] == pytest.approx(reference["accuracy"], abs=1e-9)
+    assert eval_results["eval_balanced_accuracy"] == pytest.approx(reference["balanced_accuracy"], abs=1e-9)
+    # A colour per class is easy: the run learns it (chance is 0.25).
+    assert eval_results["eval_balanced_accuracy"] >= 0.75
 
 
 # --------------------------------------------------------------------------- stops and early checks
