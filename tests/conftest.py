@@ -114,6 +114,27 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         shutil.rmtree(job.root, ignore_errors=True)
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with the modules that launch ``background`` work first: a worker then waits for
+    those processes while the other one runs in-process tests, instead of both waiting for them at the end
+    (xdist otherwise hands out the modules with the most tests first)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    tests = Path(__file__).parent
+    first = {path.relative_to(config.rootpath).as_posix() for path in sorted(tests.glob("test_*.py"))
+             if "\ndef background(" in path.read_text(encoding="utf-8")}
+
+    class BackgroundFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node: Any) -> None:
+            for scope in [scope for scope in self.workqueue if scope in first]:
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return BackgroundFirst(config, log)
+
+
 @pytest.fixture(scope="module")
 def background(request: pytest.FixtureRequest) -> Any:
     """What the module's ``background`` function returned (started with the session, or now)."""
