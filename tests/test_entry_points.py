@@ -3,10 +3,10 @@ and the Python API that the command lines are thin layers over.
 
 The wheel is built from this checkout and installed (without dependencies) into a folder that is put first on
 ``PYTHONPATH``; the commands then run from a directory outside the checkout, so nothing in ``scripts/`` or the
-source tree can be reached. balpoe-train, balpoe-evaluate and balpoe-push run as processes of their own, and
-the other console scripts' installed script files one after the other in one more process (a few seconds of
-imports each), with the test session, beside the other tests (``background``, tests/processes.py); what they
-parse and print is tested in-process elsewhere (tests/test_cli_fuzz.py, tests/test_docs.py).
+source tree can be reached. The installed script file of every console script runs once, one after the other
+in one process (its imports take seconds), with the test session, beside the other tests (``background``,
+tests/processes.py); what they parse and print is tested in-process elsewhere (tests/test_cli_fuzz.py,
+tests/test_docs.py).
 """
 
 from __future__ import annotations
@@ -40,13 +40,12 @@ REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPTS = ("balpoe-train", "balpoe-evaluate", "balpoe-push", "balpoe-demo", "balpoe-describe-split",
                    "balpoe-compare", "balpoe-prepare-data")
 ONE_EPOCH = {**TINY, "epochs": 1}
-# The console scripts that only start here (--help, or a quick look at a data file): their installed script
-# files run one after the other in one process, each as the launcher runs it (as __main__, its own argv).
-OTHERS = ("balpoe-describe-split", "balpoe-compare", "balpoe-demo", "balpoe-prepare-data")
+# The installed script files of the console scripts, one after the other in one process, each as the
+# launcher runs it (as __main__, with its own argv); what each printed goes to a JSON file.
 RUN_SCRIPTS = """import contextlib, io, json, runpy, sys
 
-printed = {}
-for path, *args in json.loads(sys.argv[1]):
+commands, output, printed = json.loads(sys.argv[1]), sys.argv[2], {}
+for path, *args in commands:
     sys.argv, out = [path, *args], io.StringIO()
     with contextlib.redirect_stdout(out):
         try:
@@ -54,7 +53,8 @@ for path, *args in json.loads(sys.argv[1]):
         except SystemExit as stop:
             assert stop.code in (0, None), (path, stop.code)
     printed[path.rsplit("/", 1)[-1]] = out.getvalue()
-print(json.dumps(printed))
+with open(output, "w") as file:
+    json.dump(printed, file)
 """
 # Every process started here records which balpoe_hf it imported (Python runs sitecustomize at start-up).
 SITECUSTOMIZE = """import atexit, os, sys
@@ -89,31 +89,29 @@ def _installed(root: Path, environ: dict[str, str]) -> dict:
 
 
 def background(root: Path, environ: dict[str, str]) -> dict:
-    """Started with the session (tests/processes.py): the wheel, then balpoe-train, balpoe-evaluate and
-    balpoe-push --dry-run of the installed wheel one after the other, and meanwhile the four others."""
+    """Started with the session (tests/processes.py): the wheel, then every console script of the installed
+    wheel in one process: balpoe-train, balpoe-evaluate and balpoe-push --dry-run on the tiny data, and the
+    others (their --help, or a quick look at a data file)."""
     installed = _installed(root, environ)
-
-    def launch(script: str, *args: str):
-        return start([str(installed["target"] / "bin" / script), *args], installed["env"], root / "elsewhere",
-                     root / "logs" / script)
-
     train_file, test_file = write_parquet(root / "data")
-    commands = [[str(installed["target"] / "bin" / script), *args] for script, args in (
-        ("balpoe-describe-split", ["--train-file", str(train_file), "--label-column", "target",
-                                   "--imbalance-ratio", "2"]),
-        ("balpoe-compare", ["--help"]), ("balpoe-demo", ["--help"]), ("balpoe-prepare-data", ["--help"]))]
-    others = start([sys.executable, "-c", RUN_SCRIPTS, json.dumps(commands)], installed["env"],
-                   root / "elsewhere", root / "logs" / "others")
     run, report_file = root / "run", root / "eval" / "report.json"
-    launch("balpoe-train", "--train-file", str(train_file), "--test-file", str(test_file), *flags(ONE_EPOCH),
-           "--output-dir", str(run)).finish()
-    evaluated = launch("balpoe-evaluate", "--model", str(run), "--shifts", "forward2,uniform", "--output",
-                       str(report_file)).finish().stdout
-    pushed = launch("balpoe-push", str(run), "me/tiny", "--eval-report", str(report_file),
-                    "--dry-run").finish().stdout
+    commands = {
+        "balpoe-train": ["--train-file", str(train_file), "--test-file", str(test_file), *flags(ONE_EPOCH),
+                         "--output-dir", str(run)],
+        "balpoe-evaluate": ["--model", str(run), "--shifts", "forward2,uniform", "--output",
+                            str(report_file)],
+        "balpoe-push": [str(run), "me/tiny", "--eval-report", str(report_file), "--dry-run"],
+        "balpoe-describe-split": ["--train-file", str(train_file), "--label-column", "target",
+                                  "--imbalance-ratio", "2"],
+        "balpoe-compare": ["--help"], "balpoe-demo": ["--help"], "balpoe-prepare-data": ["--help"]}
+    assert sorted(commands) == sorted(CONSOLE_SCRIPTS)
+    scripts = [[str(installed["target"] / "bin" / script), *args] for script, args in commands.items()]
+    start([sys.executable, "-c", RUN_SCRIPTS, json.dumps(scripts), str(root / "printed.json")],
+          installed["env"], root / "elsewhere", root / "logs").finish()
+    printed = json.loads((root / "printed.json").read_text())
     return {**installed, "root": root, "run": run, "report": json.loads(report_file.read_text()),
-            "evaluated": evaluated, "pushed": pushed, "data": (train_file, test_file),
-            "others": json.loads(others.finish().stdout)}
+            "evaluated": printed["balpoe-evaluate"], "pushed": printed["balpoe-push"],
+            "data": (train_file, test_file), "others": printed}
 
 
 def test_wheel_holds_the_package_its_data_and_the_console_scripts(background):
@@ -163,7 +161,7 @@ def test_python_api_trains_what_the_command_line_trains(background):
 def test_every_command_ran_the_installed_package(background):
     # Not the checkout, nor the editable install of it: the processes record what they imported.
     imported = (background["root"] / "probe" / "imports.txt").read_text().split()
-    assert len(imported) == len(CONSOLE_SCRIPTS) - len(OTHERS) + 1  # the others' scripts in one process
+    assert len(imported) == 1  # the one process that ran every console script
     assert all(path.startswith(str(background["target"])) for path in imported), imported
 
 
