@@ -377,22 +377,17 @@ LEGACY_CHOICE = {"name": "em-bcts-gain", "settings": {"method": "em", "calibrati
 
 
 @pytest.fixture(scope="module")
-def holdout_run(tmp_path_factory) -> Path:
+def holdout_run(tiny_data, tmp_path_factory) -> Path:
     """A run trained with a held-out split (1 epoch on the tiny data), saved as an earlier release saved it:
     its per-model estimator choice in the config, a calibration without the biases' covariance. What
     --upgrade is for."""
-    from train_synthetic import write_parquet
+    from helpers import tiny_recipe
 
-    from balpoe_hf import recipes
     from balpoe_hf.training import loop as training
 
     root = tmp_path_factory.mktemp("holdout_run")
-    train_file, test_file = write_parquet(root / "data")
-    recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
-                                  "image_column": "picture", "label_column": "target", "image_size": 16,
-                                  "holdout_fraction": 0.5, "epochs": 1, "batch_size": 8, "num_workers": 0,
-                                  "eval_every": 0, "warmup_epochs": 0, "lr": 0.02, "many_threshold": 10,
-                                  "few_threshold": 3, "backbone": "resnet20_cifar"})
+    recipe = tiny_recipe(tiny_data, holdout_fraction=0.5, epochs=1, lr=0.02, many_threshold=10,
+                         few_threshold=3)
     torch.set_num_threads(1)
     training.train(recipe, root / "run")
     config = json.loads((root / "run" / "config.json").read_text())

@@ -491,14 +491,12 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[\w.-]+/")
 
 
 @pytest.fixture(scope="module")
-def run_cards(tmp_path_factory) -> dict[str, dict]:
+def run_cards(tiny_data, tmp_path_factory) -> dict[str, dict]:
     """Three runs trained by balpoe-train, evaluated by balpoe-evaluate and rendered by prepare_hub_folder."""
-    from train_synthetic import write_parquet
-
     from balpoe_hf import cli
 
     root = tmp_path_factory.mktemp("card_runs")
-    train_file, test_file = write_parquet(root / "data")
+    train_file, test_file = tiny_data
     torch.set_num_threads(1)
     cards = {}
     for method, flags in RUNS.items():
@@ -510,7 +508,7 @@ def run_cards(tmp_path_factory) -> dict[str, dict]:
                                   priors, "--output", str(run / "eval" / "report.json")]) == 0
         folder = hub.prepare_hub_folder(run, f"me/run-{method}")
         cards[method] = {"run": run, "folder": folder, "text": (run / "README.md").read_text(),
-                         "data": root / "data"}
+                         "data": train_file.parent}
     return cards
 
 

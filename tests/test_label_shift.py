@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import gaussian_logits
+from helpers import gaussian_logits, tiny_recipe
 from train_synthetic import TRAIN_COUNTS
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, recipes
@@ -108,12 +108,8 @@ def test_holdout_errors_reach_the_user(tiny_data):
 
 
 def test_training_with_a_holdout_saves_its_calibration_and_report(tiny_data, tmp_path, capsys):
-    train_file, test_file = tiny_data
-    recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
-                                  "image_column": "picture", "label_column": "target", "image_size": 16,
-                                  "holdout_fraction": 0.5, "epochs": 1, "batch_size": 8, "num_workers": 0,
-                                  "eval_every": 0, "warmup_epochs": 0, "lr": 0.02, "many_threshold": 10,
-                                  "few_threshold": 3})
+    recipe = tiny_recipe(tiny_data, holdout_fraction=0.5, epochs=1, lr=0.02, many_threshold=10,
+                         few_threshold=3)
     run = tmp_path / "run"
     training.train(recipe, run)
     holdout = json.loads((run / "holdout_results.json").read_text())
