@@ -77,10 +77,7 @@ def _image_bytes(ds: datasets.Dataset, column: str) -> list[bytes]:
 
 
 def test_training_data_holds_out_images_that_are_not_trained_on(tiny_data):
-    train_file, test_file = tiny_data
-    recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
-                                  "image_column": "picture", "label_column": "target", "image_size": 16,
-                                  "holdout_fraction": 0.25})
+    recipe = tiny_recipe(tiny_data, holdout_fraction=0.25)
     data = loading.load_training_data(recipe)
     # TRAIN_COUNTS [32, 16, 8, 4] * 0.25 = [8, 4, 2, 1] held out; the model's prior is what is trained on.
     assert TRAIN_COUNTS == [32, 16, 8, 4]
