@@ -4,6 +4,8 @@ are in tests/conftest.py.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,16 @@ def flags(settings: dict) -> list[str]:
 def folder_bytes(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` and its bytes: what "touches nothing" compares."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def copy_run(run: Path, target: Path) -> Path:
+    """A copy of the run folder ``run`` to change, its checkpoints as hard links (the package never changes a
+    checkpoint file in place: it writes new ones and renames them); a test that damages a checkpoint file
+    copies that one."""
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("checkpoints"))
+    if (run / "checkpoints").is_dir():
+        shutil.copytree(run / "checkpoints", target / "checkpoints", copy_function=os.link)
+    return target
 
 
 def assert_same_weights(got_dir: Path, expected_dir: Path) -> None:

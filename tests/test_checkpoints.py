@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY_RUN, assert_same_weights, flags, folder_bytes, tiny_recipe
+from helpers import TINY_RUN, assert_same_weights, copy_run, flags, folder_bytes, tiny_recipe
 from helpers import tiny_run_recipe as _recipe
 from processes import hold_lock
 from safetensors.torch import load_file
@@ -278,7 +277,7 @@ def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference, tmp_pa
 
 def test_resume_of_a_finished_run_keeps_its_statistics(reference, data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    copy_run(reference, out)
     saved = (out / "train_results.json").read_bytes()
     result = train(_recipe(data), out, resume=True)
     assert (out / "train_results.json").read_bytes() == saved
@@ -395,7 +394,7 @@ def extended(reference, data, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("extended")
     out = root / "run"
-    shutil.copytree(reference, out)
+    copy_run(reference, out)
     with pytest.MonkeyPatch.context() as patch:
         points = KillPoints(root / "kill-points", patch)
         (root / "kill-points").mkdir()
@@ -408,13 +407,6 @@ def _model_state(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in MODEL_FILES if (folder / name).is_file()}
 
 
-def _copy_of(snapshot: Path, target: Path) -> Path:
-    """A copy to change (the snapshots are shared), its checkpoints as hard links."""
-    shutil.copytree(snapshot, target, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.copytree(snapshot / "checkpoints", target / "checkpoints", copy_function=os.link)
-    return target
-
-
 def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_one(extended, tmp_path):
     old, new = _model_state(extended["old"]), _model_state(extended["new"])
     assert old["model.safetensors"] != new["model.safetensors"]
@@ -423,7 +415,7 @@ def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_on
     assert len(extended["snapshots"]) >= len(MODEL_FILES) + 4
     outcomes = []
     for killed in extended["snapshots"]:
-        snapshot = _copy_of(killed, tmp_path / killed.name)
+        snapshot = copy_run(killed, tmp_path / killed.name)
         run_folder.settle(snapshot, "test")  # what the next command does first
         state = _model_state(snapshot)
         assert state in (old, new), snapshot.name
@@ -438,7 +430,7 @@ def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_on
 def test_a_run_killed_during_its_final_save_resumes_to_the_model_it_was_saving(extended, data, tmp_path):
     # Killed after the commit of the final save, half of its files renamed: --resume finishes it.
     committed = [s for s in extended["snapshots"] if (s / run_folder.JOURNAL).is_file()]
-    out = _copy_of(committed[len(committed) // 2], tmp_path / "run")
+    out = copy_run(committed[len(committed) // 2], tmp_path / "run")
     assert _model_state(out) not in (_model_state(extended["old"]), _model_state(extended["new"]))  # a mix
     from balpoe_hf import BalPoEForImageClassification
 
@@ -454,7 +446,7 @@ def test_a_full_disk_during_the_final_save_replaces_nothing_and_says_so(referenc
     from safetensors import SafetensorError
 
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    copy_run(reference, out)
     before = _model_state(out)
 
     def full_disk(tensors, filename, metadata=None):
@@ -583,7 +575,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_data, tmp_path, ca
 
 def test_overwrite_deletes_only_what_the_run_wrote(tiny_run, tiny_data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(tiny_run, out)
+    copy_run(tiny_run, out)
     (out / "notes.txt").write_text("mine")
     (out / "data").mkdir()
     train_file, test_file = shutil.copy(tiny_data[0], out / "data"), shutil.copy(tiny_data[1], out / "data")
@@ -604,7 +596,7 @@ def test_overwrite_deletes_only_what_the_run_wrote(tiny_run, tiny_data, tmp_path
 
 def test_overwrite_never_deletes_an_input_or_an_edited_output(tiny_run, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(tiny_run, out)
+    copy_run(tiny_run, out)
     (out / "logs" / "train.parquet").parent.mkdir(exist_ok=True)
     (out / "logs" / "train.parquet").write_bytes(b"data")
     before = folder_bytes(out)
@@ -638,7 +630,7 @@ def test_resume_on_a_folder_that_is_not_a_run_refuses_and_touches_nothing(tiny_d
 
 def test_resume_never_writes_over_a_file_the_run_did_not_write(tiny_run, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(tiny_run, out)
+    copy_run(tiny_run, out)
     resume.check_output_dir(out, resume=True, overwrite=False)  # the run's own files: fine
     (out / "holdout_results.json").write_text('{"mine": true}')  # a name the run writes, not written by it
     with pytest.raises(TrainingError, match=r"--resume would write over \['holdout_results.json'\] in .*, "
