@@ -98,7 +98,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
     Under pytest-xdist (``make test`` runs ``-n 2 --dist loadfile``) every worker collects every test but
     runs only some modules: there a module's work starts when its first test asks for it, and the second
-    worker, not a head start, is what runs it beside other tests.
+    worker, not a head start, is what runs it beside other tests (``pytest_xdist_make_scheduler`` hands those
+    modules out first).
     """
     if hasattr(session.config, "workerinput"):
         return
@@ -114,6 +115,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         shutil.rmtree(job.root, ignore_errors=True)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where it is not installed
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadfile`` with the modules that launch ``background`` work first: a worker then waits for
     those processes while the other one runs in-process tests, instead of both waiting for them at the end

@@ -1,10 +1,13 @@
 """Checkpoints and resume: step checkpoints inside an epoch, damaged checkpoints, refused recipe changes, a
 finished run's statistics, and the config as the one source of the prior and the lambdas.
 
-In-process runs of ``balpoe_hf.training.train`` on the tiny dataset of ``train_synthetic``; a run killed
-inside an epoch is simulated by copying what was on disk at that moment (the run directory with its
-checkpoints up to one step checkpoint), which is exactly what a kill leaves. The real ``kill -9`` of a
-launched run is in test_train_e2e.py.
+In-process runs of ``balpoe_hf.training.train`` on the tiny dataset of ``train_synthetic``, most of them
+resumed from the shared tiny run (tests/conftest.py ``tiny_run``); a run killed inside an epoch is simulated
+by copying what was on disk at that moment (the run directory with its checkpoints up to one step
+checkpoint), which is exactly what a kill leaves, and a kill during a save by the copies ``KillPoints``
+(tests/conftest.py) takes before each rename. Resuming inside an epoch to the weights of the uninterrupted
+run, with either data pipeline, is tested in test_loaders.py; the output directory rules of --overwrite and
+--resume are at the end.
 """
 
 from __future__ import annotations
