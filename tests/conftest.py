@@ -1,8 +1,14 @@
 """Fixtures shared by several test modules, and the launched processes that start with the session
-(tests/processes.py)."""
+(tests/processes.py). Plain helper functions are in tests/helpers.py.
+
+The tiny data set and the trained tiny run are made once per session: under pytest-xdist the first worker
+that asks makes them in the session's shared temporary folder (a file lock keeps the others waiting), and
+every worker reads the same files. Tests read them only; a test that changes a run copies it first.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -12,7 +18,10 @@ from typing import Any
 
 import pytest
 import torch
+from filelock import FileLock
+from helpers import TINY_RUN, tiny_recipe
 from processes import BackgroundJob, stop_all
+from train_synthetic import write_parquet
 
 _JOBS: dict[str, BackgroundJob] = {}
 
@@ -89,7 +98,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
     Under pytest-xdist (``make test`` runs ``-n 2 --dist loadfile``) every worker collects every test but
     runs only some modules: there a module's work starts when its first test asks for it, and the second
-    worker, not a head start, is what runs it beside other tests.
+    worker, not a head start, is what runs it beside other tests (``pytest_xdist_make_scheduler`` hands those
+    modules out first).
     """
     if hasattr(session.config, "workerinput"):
         return
@@ -103,6 +113,28 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     for job in _JOBS.values():
         job.join(60)
         shutil.rmtree(job.root, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where it is not installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` with the modules that launch ``background`` work first: a worker then waits for
+    those processes while the other one runs in-process tests, instead of both waiting for them at the end
+    (xdist otherwise hands out the modules with the most tests first)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    tests = Path(__file__).parent
+    first = {path.relative_to(config.rootpath).as_posix() for path in sorted(tests.glob("test_*.py"))
+             if "\ndef background(" in path.read_text(encoding="utf-8")}
+
+    class BackgroundFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node: Any) -> None:
+            for scope in [scope for scope in self.workqueue if scope in first]:
+                self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+
+    return BackgroundFirst(config, log)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +160,51 @@ def remote_code_cache(tmp_path_factory):
     for name in [name for name in sys.modules if name not in modules]:
         if name.startswith("transformers_modules"):
             del sys.modules[name]
+
+
+def _made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> Path:
+    """``root / name`` made by ``make(path)`` once for the whole session: the folder every xdist worker of
+    this session shares (a fresh one per session), else this process's temporary folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            make(path)
+            (root / f"{name}.done").touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """The train and test parquet files of train_synthetic.py (32/16/8/4 and 8 per class, 16x16)."""
+    folder = _made_once(tmp_path_factory, "tiny_data", write_parquet)
+    return folder / "train.parquet", folder / "test.parquet"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_data) -> Path:
+    """The tiny recipe trained on ``tiny_data`` (tests/helpers.py ``TINY_RUN``: 3 epochs, evaluated after
+    each, a step checkpoint every 3 optimizer steps, all of them kept, TensorBoard logs, one torch thread),
+    once for the session; what it printed is beside it (``tiny_run_output``). Read only: copy it to change
+    it."""
+    from balpoe_hf.training.loop import train
+
+    def make(path: Path) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the runs that resume from it and are compared bit for bit use one too
+        try:
+            with open(f"{path}.out", "w") as out, contextlib.redirect_stdout(out):
+                train(tiny_recipe(tiny_data, **TINY_RUN), path, report_to="tensorboard")
+        finally:
+            torch.set_num_threads(threads)
+
+    return _made_once(tmp_path_factory, "tiny_run", make)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_output(tiny_run) -> str:
+    """What training ``tiny_run`` printed."""
+    return Path(f"{tiny_run}.out").read_text()

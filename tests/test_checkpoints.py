@@ -1,59 +1,47 @@
 """Checkpoints and resume: step checkpoints inside an epoch, damaged checkpoints, refused recipe changes, a
 finished run's statistics, and the config as the one source of the prior and the lambdas.
 
-In-process runs of ``balpoe_hf.training.train`` on the tiny dataset of ``train_synthetic``; a run killed
-inside an epoch is simulated by copying what was on disk at that moment (the run directory with its
-checkpoints up to one step checkpoint), which is exactly what a kill leaves. The real ``kill -9`` of a
-launched run is in test_train_e2e.py.
+In-process runs of ``balpoe_hf.training.train`` on the tiny dataset of ``train_synthetic``, most of them
+resumed from the shared tiny run (tests/conftest.py ``tiny_run``); a run killed inside an epoch is simulated
+by copying what was on disk at that moment (the run directory with its checkpoints up to one step
+checkpoint), which is exactly what a kill leaves, and a kill during a save by the copies ``KillPoints``
+(tests/conftest.py) takes before each rename. Resuming inside an epoch to the weights of the uninterrupted
+run, with either data pipeline, is tested in test_loaders.py; the output directory rules of --overwrite and
+--resume are at the end.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY_RUN, assert_same_weights, copy_run, flags, folder_bytes, tiny_recipe
+from helpers import tiny_run_recipe as _recipe
 from processes import hold_lock
 from safetensors.torch import load_file
-from train_synthetic import TRAIN_COUNTS, write_parquet
+from train_synthetic import TRAIN_COUNTS
 
-from balpoe_hf import recipes, run_folder
+from balpoe_hf import cli, recipes, run_folder
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.training import checkpoints, resume
+from balpoe_hf.training import loop as training
 from balpoe_hf.training.loop import train
 
-# 60 training images in batches of 8: 7 steps an epoch. A step checkpoint every 3 optimizer steps gives
-# epoch-0000-step-000003/6, epoch-0001-step-000002/5, epoch-0002-step-000001/4 and one per epoch.
-SETTINGS = {"image_column": "picture", "label_column": "target", "image_size": 16,
-            "backbone": "resnet20_cifar", "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0,
-            "lr_schedule": "cosine", "mixup_alpha": 0.2, "num_workers": 0, "eval_batch_size": 32,
-            "eval_every": 0, "many_threshold": 20, "few_threshold": 6, "checkpoint_every_steps": 3,
-            "checkpoints_total_limit": 20}
+
+@pytest.fixture(scope="module")
+def data(tiny_data) -> tuple[Path, Path]:
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, Path]:
-    torch.set_num_threads(1)
-    return write_parquet(tmp_path_factory.mktemp("ckpt_data"))
-
-
-def _recipe(data, **changes) -> recipes.Recipe:
-    train_file, test_file = data
-    return recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
-                                **SETTINGS, **changes})
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> Path:
-    """The uninterrupted run, keeping all of its checkpoints."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    train(_recipe(data), out)
-    return out
+def reference(tiny_run) -> Path:
+    """The uninterrupted run, keeping all of its checkpoints (tests/helpers.py TINY_RUN)."""
+    return tiny_run
 
 
 def _killed_at(reference: Path, checkpoint: str, target: Path, extra: tuple[str, ...] = ()) -> Path:
@@ -64,17 +52,6 @@ def _killed_at(reference: Path, checkpoint: str, target: Path, extra: tuple[str,
     for name in (checkpoint, *extra):
         shutil.copytree(reference / "checkpoints" / name, target / "checkpoints" / name)
     return target
-
-
-def _assert_same_weights(got_dir: Path, expected_dir: Path) -> None:
-    expected, got = load_file(expected_dir / "model.safetensors"), load_file(got_dir / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 # --------------------------------------------------------------------------- step checkpoints (issue 15.4)
@@ -102,7 +79,7 @@ def test_checkpoint_saved_before_newer_trainer_state_fields_resumes(reference, d
         del state["model"][key]
     state_file.write_text(json.dumps(state))
     train(_recipe(data), out, resume=True)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_prepared_loader_passes_the_epoch_on_to_the_split_also_when_skipping(data):
@@ -133,17 +110,17 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(reference, dat
     assert "warning: skipped the checkpoint" in printed and "epoch-0001-step-000005" in printed
     assert "cannot be loaded (SafetensorError" in printed
     assert "resumed from" in printed and "epoch-0001-step-000002 (epoch 1 of 3, 2 batches" in printed
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_every_checkpoint_damaged_says_which_and_what_to_do(reference, data, tmp_path):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
     (out / "checkpoints" / "epoch-0001" / "optimizer.safetensors").write_bytes(b"\0" * 10)
-    before = _snapshot(out)
+    before = folder_bytes(out)
     with pytest.raises(TrainingError, match=r"no checkpoint of the run can be loaded:\n  .*epoch-0001, which "
                                             r"cannot be loaded .*\nDelete them \(rm -r .*checkpoints\)"):
         train(_recipe(data), out, resume=True)
-    assert _snapshot(out) == before
+    assert folder_bytes(out) == before
 
 
 class _FakeAccelerator(SimpleNamespace):
@@ -223,13 +200,13 @@ def test_full_disk_while_saving_says_so_and_keeps_the_earlier_checkpoints(tmp_pa
 def test_resume_with_a_changed_model_is_refused_and_touches_nothing(reference, data, tmp_path, changes,
                                                                       named):
     out = _killed_at(reference, "epoch-0001", tmp_path / "run")
-    before = _snapshot(out)
+    before = folder_bytes(out)
     with pytest.raises(TrainingError) as error:
         train(_recipe(data, **changes), out, resume=True)
     message = str(error.value)
     assert message.startswith(f"cannot resume {out}: its model was built with other settings")
     assert named in message and "change them back, or start a new run" in message
-    assert _snapshot(out) == before
+    assert folder_bytes(out) == before
 
 
 def test_resume_with_other_training_data_is_refused(reference, data, tmp_path):
@@ -275,7 +252,7 @@ def test_each_experts_loss_is_reported_and_averages_to_the_loss(reference):
     assert state["train_expert_losses"] == results["train_expert_losses"]
 
 
-def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference):
+def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference, tmp_path):
     from balpoe_hf import BalPoEForImageClassification
 
     config = json.loads((reference / "config.json").read_text())
@@ -289,7 +266,7 @@ def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference):
     lambdas = torch.tensor([[1.0], [0.0], [-1.0]], dtype=torch.float64)
     torch.testing.assert_close(model.loss_fn.taus.double(), (1 - lambdas).expand(3, 4))
     # Editing config.json changes the model: there is no second source to disagree with it.
-    edited = reference.parent / "edited"
+    edited = tmp_path / "edited"
     shutil.copytree(reference, edited, ignore=shutil.ignore_patterns("checkpoints"))
     (edited / "config.json").write_text(json.dumps({**config, "lambdas": [2.0, 0.0, -2.0]}))
     taus = BalPoEForImageClassification.from_pretrained(edited).loss_fn.taus
@@ -301,13 +278,13 @@ def test_config_is_the_one_source_of_the_prior_and_the_lambdas(reference):
 
 def test_resume_of_a_finished_run_keeps_its_statistics(reference, data, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    copy_run(reference, out)
     saved = (out / "train_results.json").read_bytes()
     result = train(_recipe(data), out, resume=True)
     assert (out / "train_results.json").read_bytes() == saved
     assert result.train_results == json.loads(saved)
     assert result.train_results["train_loss"] is not None and result.train_results["train_runtime"] > 0
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 # --------------------------------------------------------------------------- no pickle in a checkpoint
@@ -357,7 +334,7 @@ def test_checkpoint_of_the_previous_release_resumes_to_the_same_weights(legacy, 
     assert (legacy / "checkpoints" / "epoch-0002-step-000004" / "custom_checkpoint_0.pkl").is_file()
     out = _killed_at(legacy, "epoch-0002-step-000004", tmp_path / "run")
     train(_recipe(data), out, resume=True)
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 @pytest.mark.parametrize("name", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl",
@@ -384,7 +361,7 @@ def test_a_pickle_beside_this_releases_checkpoint_is_never_read(reference, data,
         _plant(out / "checkpoints" / "epoch-0002-step-000004" / name, marker)
     train(_recipe(data), out, resume=True)
     assert not marker.exists()
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 def test_resume_skips_a_checkpoint_whose_pickle_would_run_code_and_says_why(legacy, reference, data, tmp_path,
@@ -400,7 +377,7 @@ def test_resume_skips_a_checkpoint_whose_pickle_would_run_code_and_says_why(lega
     assert ("epoch-0002-step-000004, which cannot be loaded (custom_checkpoint_0.pkl holds Python objects "
             "other than tensors and numbers") in printed
     assert "resumed from" in printed and "epoch-0002-step-000001" in printed
-    _assert_same_weights(out, reference)
+    assert_same_weights(out, reference)
 
 
 # --------------------------------------------------------------------------- the final save
@@ -418,7 +395,7 @@ def extended(reference, data, tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("extended")
     out = root / "run"
-    shutil.copytree(reference, out)
+    copy_run(reference, out)
     with pytest.MonkeyPatch.context() as patch:
         points = KillPoints(root / "kill-points", patch)
         (root / "kill-points").mkdir()
@@ -431,13 +408,6 @@ def _model_state(folder: Path) -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in MODEL_FILES if (folder / name).is_file()}
 
 
-def _copy_of(snapshot: Path, target: Path) -> Path:
-    """A copy to change (the snapshots are shared), its checkpoints as hard links."""
-    shutil.copytree(snapshot, target, ignore=shutil.ignore_patterns("checkpoints"))
-    shutil.copytree(snapshot / "checkpoints", target / "checkpoints", copy_function=os.link)
-    return target
-
-
 def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_one(extended, tmp_path):
     old, new = _model_state(extended["old"]), _model_state(extended["new"])
     assert old["model.safetensors"] != new["model.safetensors"]
@@ -446,7 +416,7 @@ def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_on
     assert len(extended["snapshots"]) >= len(MODEL_FILES) + 4
     outcomes = []
     for killed in extended["snapshots"]:
-        snapshot = _copy_of(killed, tmp_path / killed.name)
+        snapshot = copy_run(killed, tmp_path / killed.name)
         run_folder.settle(snapshot, "test")  # what the next command does first
         state = _model_state(snapshot)
         assert state in (old, new), snapshot.name
@@ -461,14 +431,14 @@ def test_a_kill_at_any_step_of_the_final_save_leaves_the_old_model_or_the_new_on
 def test_a_run_killed_during_its_final_save_resumes_to_the_model_it_was_saving(extended, data, tmp_path):
     # Killed after the commit of the final save, half of its files renamed: --resume finishes it.
     committed = [s for s in extended["snapshots"] if (s / run_folder.JOURNAL).is_file()]
-    out = _copy_of(committed[len(committed) // 2], tmp_path / "run")
+    out = copy_run(committed[len(committed) // 2], tmp_path / "run")
     assert _model_state(out) not in (_model_state(extended["old"]), _model_state(extended["new"]))  # a mix
     from balpoe_hf import BalPoEForImageClassification
 
     with pytest.raises(OSError, match="interrupted half-way"):
         BalPoEForImageClassification.from_pretrained(out)
     train(_recipe(data, epochs=4, checkpoint_every_steps=0), out, resume=True)
-    _assert_same_weights(out, extended["new"])
+    assert_same_weights(out, extended["new"])
 
 
 def test_a_full_disk_during_the_final_save_replaces_nothing_and_says_so(reference, data, tmp_path,
@@ -477,7 +447,7 @@ def test_a_full_disk_during_the_final_save_replaces_nothing_and_says_so(referenc
     from safetensors import SafetensorError
 
     out = tmp_path / "run"
-    shutil.copytree(reference, out)
+    copy_run(reference, out)
     before = _model_state(out)
 
     def full_disk(tensors, filename, metadata=None):
@@ -535,10 +505,6 @@ def test_the_lock_is_one_per_folder_and_reentrant_in_a_process(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # created empty, removed again
 
 
-def _flags(settings: dict) -> list[str]:
-    return [item for name, value in settings.items() for item in (f"--{name.replace('_', '-')}", str(value))]
-
-
 def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, monkeypatch, capsys):
     from balpoe_hf import cli
     from balpoe_hf.training import loop as training
@@ -546,7 +512,7 @@ def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, 
     train_file, test_file = data
     out = tmp_path / "run"
     argv = ["--train-file", str(train_file), "--test-file", str(test_file), "--output-dir", str(out),
-            *_flags({**SETTINGS, "epochs": 2, "checkpoint_every_steps": 0})]
+            *flags({**TINY_RUN, "epochs": 2, "checkpoint_every_steps": 0})]
     one_epoch = training.train_one_epoch
 
     def interrupted_in_the_second_epoch(run, state, epoch):
@@ -565,3 +531,138 @@ def test_ctrl_c_ends_training_with_one_line_and_the_run_resumes(data, tmp_path, 
     monkeypatch.undo()
     assert cli.train_main([*argv, "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- the output directory
+
+
+def test_output_directory_rules(tmp_path):
+    resume.check_output_dir(tmp_path / "new", resume=False, overwrite=False)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    with pytest.raises(TrainingError, match=r"not empty\. Pass --resume .* --overwrite"):
+        resume.check_output_dir(tmp_path / "old", resume=False, overwrite=False)
+    # --resume and --overwrite act on a run's directory only (the tests below have the details).
+    with pytest.raises(TrainingError, match="is not the directory of a balpoe-hf run"):
+        resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    run_folder.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], resume.RUN_FOLDERS)
+    resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
+    resume.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
+
+
+def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
+    for epoch in (1, 2, 3, 10):
+        path = checkpoints.checkpoint_dir(tmp_path, epoch)
+        path.mkdir(parents=True)
+        if epoch != 10:  # epoch 10 was being written when the run died
+            (path / checkpoints.TRAINER_STATE).write_text(json.dumps({"epoch": epoch}))
+    complete = checkpoints.completed_checkpoints(tmp_path)
+    assert [p.name for p in complete] == ["epoch-0001", "epoch-0002", "epoch-0003"]
+    checkpoints.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0002", "epoch-0003"]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_run(tiny_data, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    before = folder_bytes(mine)
+    argv = ["--train-file", str(tiny_data[0]), "--test-file", str(tiny_data[1]), "--image-column", "picture",
+            "--label-column", "target", "--output-dir", str(mine), "--overwrite"]
+    assert cli.train_main(argv) == 2
+    assert "is not the directory of a balpoe-hf run (it has no balpoe_outputs.json" in capsys.readouterr().err
+    assert folder_bytes(mine) == before
+
+
+def test_overwrite_deletes_only_what_the_run_wrote(tiny_run, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    copy_run(tiny_run, out)
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    train_file, test_file = shutil.copy(tiny_data[0], out / "data"), shutil.copy(tiny_data[1], out / "data")
+    # A report of the old model inside the run, listed by balpoe-evaluate: stale after the overwrite.
+    (out / "eval").mkdir()
+    (out / "eval" / "report.json").write_text("{}")
+    run_folder.record_outputs(out, [out / "eval" / "report.json"])
+    kept = {"notes.txt": b"mine", "data/train.parquet": tiny_data[0].read_bytes(),
+            "data/test.parquet": tiny_data[1].read_bytes()}
+
+    training.train(tiny_recipe((Path(train_file), Path(test_file)), epochs=1), out, overwrite=True)
+    after = folder_bytes(out)
+    assert {name: after[name] for name in kept} == kept
+    assert not (out / "eval").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch-0001"]  # the old run's are gone
+    assert json.loads((out / "train_results.json").read_text())["epochs"] == 1
+
+
+def test_overwrite_never_deletes_an_input_or_an_edited_output(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    copy_run(tiny_run, out)
+    (out / "logs" / "train.parquet").parent.mkdir(exist_ok=True)
+    (out / "logs" / "train.parquet").write_bytes(b"data")
+    before = folder_bytes(out)
+    with pytest.raises(TrainingError, match=r"--overwrite would delete .*logs, which holds the input "
+                                            r".*train\.parquet.*\(nothing was deleted\)"):
+        resume.check_output_dir(out, resume=False, overwrite=True,
+                                     inputs=[out / "logs" / "train.parquet"])
+    (out / "recipe.yaml").write_text((out / "recipe.yaml").read_text() + "# my notes\n")
+    with pytest.raises(TrainingError, match=r"--overwrite would delete \['recipe.yaml'\] .* changed since "
+                                            r"balpoe-hf wrote them"):
+        resume.check_output_dir(out, resume=False, overwrite=True)
+    assert {k: v for k, v in folder_bytes(out).items() if k != "recipe.yaml"} == \
+        {k: v for k, v in before.items() if k != "recipe.yaml"}
+
+
+def test_resume_on_a_folder_that_is_not_a_run_refuses_and_touches_nothing(tiny_data, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "checkpoints" / "drafts").mkdir(parents=True)
+    (mine / "checkpoints" / "drafts" / "notes.txt").write_text("years of work")
+    (mine / "recipe.yaml").write_text("my: settings\n")
+    (mine / "config.json").write_text("{}")
+    before = folder_bytes(mine)
+    argv = ["--train-file", str(tiny_data[0]), "--test-file", str(tiny_data[1]), "--image-column", "picture",
+            "--label-column", "target", "--output-dir", str(mine), "--resume"]
+    assert cli.train_main(argv) == 2
+    assert "is not the directory of a balpoe-hf run (it has no balpoe_outputs.json listing what a run " \
+           "wrote, nor a checkpoint of one in checkpoints/), so --resume will not touch it" in \
+           capsys.readouterr().err
+    assert folder_bytes(mine) == before
+
+
+def test_resume_never_writes_over_a_file_the_run_did_not_write(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    copy_run(tiny_run, out)
+    resume.check_output_dir(out, resume=True, overwrite=False)  # the run's own files: fine
+    (out / "holdout_results.json").write_text('{"mine": true}')  # a name the run writes, not written by it
+    with pytest.raises(TrainingError, match=r"--resume would write over \['holdout_results.json'\] in .*, "
+                                            r"which balpoe-hf did not write there .*\(nothing was written\)"):
+        resume.check_output_dir(out, resume=True, overwrite=False)
+    with pytest.raises(TrainingError, match=r"--overwrite would write over \['holdout_results.json'\]"):
+        resume.check_output_dir(out, resume=False, overwrite=True)
+    (out / "holdout_results.json").unlink()
+    (out / "config.json").write_text((out / "config.json").read_text() + "\n")  # edited since
+    with pytest.raises(TrainingError, match=r"--resume would write over \['config.json'\]"):
+        resume.check_output_dir(out, resume=True, overwrite=False)
+
+
+def test_output_dir_that_takes_no_files_is_refused_before_the_data_load(tiny_data, tmp_path, capsys,
+                                                                        monkeypatch):
+    def load(recipe):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr(training, "load_training_data", load)
+    argv = ["--train-file", str(tiny_data[0]), "--test-file", str(tiny_data[1]), "--image-column", "picture",
+            "--label-column", "target"]
+    (tmp_path / "a-file").write_text("")
+    assert cli.train_main([*argv, "--output-dir", str(tmp_path / "a-file" / "run")]) == 2
+    assert f"cannot write --output-dir {tmp_path / 'a-file' / 'run'}: {tmp_path / 'a-file'} is a file" in \
+        capsys.readouterr().err
+
+    def read_only(*args, **kwargs):  # what a folder without write permission answers (tests may run as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", read_only)
+    assert cli.train_main([*argv, "--output-dir", str(tmp_path / "locked" / "run")]) == 2
+    assert f"{tmp_path} does not take new files (Permission denied); choose a folder you can write to" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "locked").exists()

@@ -93,3 +93,16 @@ def test_positional_fields_are_positional_arguments(capsys):
     with pytest.raises(SystemExit) as exit_:
         parser.parse(["runs/a"])  # REPO_ID missing
     assert exit_.value.code == 2 and "REPO_ID" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("main,argv,abbreviation", [
+    (cli.train_main, ["--recipe", "fashion-mnist-lt-quick", "--epoch", "1"], "--epoch"),
+    (cli.evaluate_main, ["--model", "runs/x", "--batch", "8"], "--batch"),
+    (cli.push_main, ["runs/x", "me/x", "--dry"], "--dry"),
+    (cli.describe_split_main, ["--imbalance", "50"], "--imbalance"),
+])
+def test_every_command_line_refuses_abbreviated_flags(main, argv, abbreviation, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {abbreviation}" in capsys.readouterr().err

@@ -8,15 +8,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_recipe
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from train_synthetic import write_parquet
 
 from balpoe_hf import cli, hub, recipes
 from balpoe_hf.cli import arguments
@@ -44,18 +43,12 @@ SHIFTS = "forward2,uniform,backward2"  # 8 test images per class allow ratios up
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def parquet(tmp_path_factory) -> tuple[Path, Path]:
-    return write_parquet(tmp_path_factory.mktemp("compare_parquet"))
+# The tiny recipe (tests/helpers.py) for one epoch, keeping one checkpoint.
+COMPARE_SETTINGS = {"name": "tiny", "epochs": 1, "checkpoints_total_limit": 1}
 
 
-def _base(parquet, **fields) -> recipes.Recipe:
-    train, test = parquet
-    values = {"name": "tiny", "train_file": [str(train)], "test_file": [str(test)], "image_column": "picture",
-              "label_column": "target", "image_size": 16, "backbone": "resnet20_cifar", "epochs": 1,
-              "batch_size": 8, "num_workers": 0, "eval_every": 0, "mixup_alpha": 0.2, "many_threshold": 20,
-              "few_threshold": 6, "checkpoints_total_limit": 1}
-    return recipes.make_recipe({**values, **fields})
+def _base(data, **fields) -> recipes.Recipe:
+    return tiny_recipe(data, **{**COMPARE_SETTINGS, **fields})
 
 
 # --------------------------------------------------------------------------- presets
@@ -91,9 +84,9 @@ def test_method_flag_and_saved_recipe(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ce", "ce-la", "lade"])
-def test_presets_reach_the_model_config_and_its_predictions(method, parquet):
+def test_presets_reach_the_model_config_and_its_predictions(method, tiny_data):
     counts = [40, 10, 5]
-    recipe = _base(parquet, method=method)
+    recipe = _base(tiny_data, method=method)
     data = SimpleNamespace(class_counts=counts, class_names=["a", "b", "c"])
     model = training.build_model(recipe, data).eval()
     assert model.config.method == method
@@ -108,10 +101,10 @@ def test_presets_reach_the_model_config_and_its_predictions(method, parquet):
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_scale_expert_lr_gives_each_expert_its_alone_update(parquet):
+def test_scale_expert_lr_gives_each_expert_its_alone_update(tiny_data):
     import copy
 
-    recipe = _base(parquet, method="balpoe-erm", scale_expert_lr=True, momentum=0.0, nesterov=False)
+    recipe = _base(tiny_data, method="balpoe-erm", scale_expert_lr=True, momentum=0.0, nesterov=False)
     data = SimpleNamespace(class_counts=[32, 16, 8, 4], class_names=["r", "g", "b", "y"])
     torch.manual_seed(0)
     model = training.build_model(recipe, data).train()
@@ -129,7 +122,7 @@ def test_scale_expert_lr_gives_each_expert_its_alone_update(parquet):
         expected = before - recipe.lr * (before.grad + recipe.weight_decay * before)
         torch.testing.assert_close(after, expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
     # One expert: nothing to compensate, one group at the recipe's settings.
-    single_recipe = _base(parquet, method="bs", scale_expert_lr=True)
+    single_recipe = _base(tiny_data, method="bs", scale_expert_lr=True)
     single = training.build_model(single_recipe, data)
     assert len(training.parameter_groups(single, single_recipe)) == 1
 
@@ -166,8 +159,8 @@ def test_explicit_settings_that_contradict_the_method_are_refused():
         recipes.load_recipe("cifar10-lt-ir100", method="balpoe", mixup_alpha=0)
 
 
-def test_compare_command_line_errors(parquet, capsys):
-    train, test = (str(p) for p in parquet)
+def test_compare_command_line_errors(tiny_data, capsys):
+    train, test = (str(p) for p in tiny_data)
     data = ["--train-file", train, "--test-file", test, "--image-column", "picture", "--label-column",
             "target"]
     cases = [
@@ -185,7 +178,7 @@ def test_compare_command_line_errors(parquet, capsys):
         assert cli.compare_main(argv) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(TrainingError, match="leave it unset"):
-        compare.compare(_base(parquet, method="bs"), ["ce"], "unused")
+        compare.compare(_base(tiny_data, method="bs"), ["ce"], "unused")
 
 
 def test_seed_table_is_the_mean_and_range_of_the_finished_seeds(tmp_path):
@@ -214,10 +207,10 @@ def test_time_limit_must_be_positive():
     assert recipe.method == "bs"
 
 
-def test_a_run_from_an_older_recipe_file_is_recognised(parquet, tmp_path):
+def test_a_run_from_an_older_recipe_file_is_recognised(tiny_data, tmp_path):
     import yaml
 
-    recipe = compare.method_recipe(_base(parquet), "bs")
+    recipe = compare.method_recipe(_base(tiny_data), "bs")
     run = tmp_path / "bs"
     run.mkdir()
     saved = recipe.to_dict()
@@ -230,14 +223,14 @@ def test_a_run_from_an_older_recipe_file_is_recognised(parquet, tmp_path):
     (run / "eval_results.json").write_text("{}")
     assert compare.run_state(run, recipe) == "finished"
     with pytest.raises(TrainingError, match=r"holdout_fraction: 0.0 -> 0.1"):
-        compare.run_state(run, compare.method_recipe(_base(parquet, holdout_fraction=0.1), "bs"))
+        compare.run_state(run, compare.method_recipe(_base(tiny_data, holdout_fraction=0.1), "bs"))
 
 
 # --------------------------------------------------------------------------- comparison
 
 
-def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, monkeypatch):
-    base = _base(parquet, holdout_fraction=0.25)  # held out: 8 / 4 / 2 / 1 images
+def test_compare_trains_evaluates_and_skips_finished_methods(tiny_data, tmp_path, monkeypatch):
+    base = _base(tiny_data, holdout_fraction=0.25)  # held out: 8 / 4 / 2 / 1 images
     result = compare.compare(base, "bs,lade", tmp_path, shifts=SHIFTS, priors="none,oracle")
     assert result.complete and list(result.summaries) == ["bs", "lade"]
     assert result.summaries["bs"]["validation"]["samples"] == 15
@@ -275,11 +268,11 @@ def test_compare_trains_evaluates_and_skips_finished_methods(parquet, tmp_path, 
     assert written_by_package(tmp_path / "bs", "eval/report.json", report=True)
     # A finished run with other settings is refused rather than mixed in.
     with pytest.raises(TrainingError, match=r"holds a run with other settings.*epochs"):
-        compare.compare(_base(parquet, epochs=2), ["bs"], tmp_path, shifts=SHIFTS)
+        compare.compare(_base(tiny_data, epochs=2), ["bs"], tmp_path, shifts=SHIFTS)
 
 
-def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parquet, tmp_path, capsys):
-    base = _base(parquet, epochs=2, holdout_fraction=0.25)
+def test_compare_resumes_an_unfinished_method_and_shares_identical_training(tiny_data, tmp_path, capsys):
+    base = _base(tiny_data, epochs=2, holdout_fraction=0.25)
     # A run cut short by its deadline: one epoch checkpoint, no model yet.
     cut = training.train(compare.method_recipe(base, "ce"), tmp_path / "ce", deadline=time.time())
     assert not cut.finished and cut.train_results["epochs_done"] == 1
@@ -308,12 +301,12 @@ def test_compare_resumes_an_unfinished_method_and_shares_identical_training(parq
     assert "eval_results.json" in derived and all(written_by_package(tmp_path / "ce-la", n) for n in derived)
 
 
-def test_ctrl_c_ends_compare_with_one_line(parquet, capsys, monkeypatch, tmp_path):
+def test_ctrl_c_ends_compare_with_one_line(tiny_data, capsys, monkeypatch, tmp_path):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "train", interrupted)
-    train, test = (str(p) for p in parquet)
+    train, test = (str(p) for p in tiny_data)
     assert cli.compare_main(["--train-file", train, "--test-file", test, "--image-column", "picture",
                              "--label-column", "target", "--imbalance-ratio", "4", "--holdout-fraction", "0",
                              "--methods", "bs", "--output-dir",
@@ -340,8 +333,8 @@ def test_bcts_absorbs_a_logit_shift():
     assert float(shift.max() - shift.min()) < 1e-2
 
 
-def test_deadline_in_the_past_leaves_every_method_pending(parquet, tmp_path):
-    result = compare.compare(_base(parquet), ["bs"], tmp_path, shifts=SHIFTS, deadline=time.time())
+def test_deadline_in_the_past_leaves_every_method_pending(tiny_data, tmp_path):
+    result = compare.compare(_base(tiny_data), ["bs"], tmp_path, shifts=SHIFTS, deadline=time.time())
     assert result.pending == ["bs"] and not result.summaries and not result.complete
     assert not (tmp_path / "bs").exists()
 

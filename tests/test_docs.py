@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import hashlib
 import importlib
 import io
+import json
 import re
 import shlex
 import shutil
@@ -154,6 +156,37 @@ def trained_run(stand_in, tmp_path_factory) -> Path:
     return root / "runs" / "cifar10-lt"
 
 
+_PREDICTIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@pytest.fixture
+def predictions_once(monkeypatch):
+    """The documents evaluate the same model on the same test images again and again (``runs/cifar10-lt`` on
+    the stand-in, a copy in every working directory): the model runs once on them for the session, and every
+    later call gets those logits (inference is deterministic: the same weights, config, processor and
+    images give the same tensors)."""
+    from balpoe_hf.evaluation import calibrate, evaluate, predictions
+
+    def predict(model, processor, ds, image_column="image", batch_size=256):
+        if image_column not in ds.column_names or not isinstance(ds.features[image_column], datasets.Image):
+            return predictions.predict(model, processor, ds, image_column, batch_size)
+        key = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            key.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+        config = {k: v for k, v in model.config.to_diff_dict().items() if k != "_name_or_path"}
+        key.update(json.dumps([config, processor.to_dict(), model.training], sort_keys=True,
+                              default=str).encode())
+        for image in ds.with_format("arrow")[image_column].to_pylist():
+            key.update(image["bytes"] or image["path"].encode())
+        key = key.hexdigest()
+        if key not in _PREDICTIONS:
+            _PREDICTIONS[key] = predictions.predict(model, processor, ds, image_column, batch_size)
+        return tuple(tensor.clone() for tensor in _PREDICTIONS[key])
+
+    for module in (evaluate, calibrate):
+        monkeypatch.setattr(module, "predict", predict)
+
+
 def run_document(path: Path, workdir: Path, done: Block | None = None) -> None:
     """Every block of ``path`` as its marker says, in ``workdir``, but ``done`` (a block whose outcome is in
     ``workdir`` already); a failure names the file and line."""
@@ -181,7 +214,8 @@ def run_document(path: Path, workdir: Path, done: Block | None = None) -> None:
 
 
 @pytest.mark.parametrize("path", DOCUMENTS, ids=[str(p.relative_to(ROOT)) for p in DOCUMENTS])
-def test_document_runs(path, stand_in, trained_run, remote_code_cache, tmp_path, monkeypatch):
+def test_document_runs(path, stand_in, trained_run, remote_code_cache, predictions_once, tmp_path,
+                       monkeypatch):
     from huggingface_hub import constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)

@@ -3,38 +3,59 @@ and the Python API that the command lines are thin layers over.
 
 The wheel is built from this checkout and installed (without dependencies) into a folder that is put first on
 ``PYTHONPATH``; the commands then run from a directory outside the checkout, so nothing in ``scripts/`` or the
-source tree can be reached. Each console script starts once as a process (a few seconds of imports each),
-with the test session, beside the other tests (``background``, tests/processes.py); what they parse and print
-is tested in-process elsewhere (tests/test_cli_fuzz.py, tests/test_docs.py).
+source tree can be reached. The installed script file of every console script runs once, one after the other
+in one process (its imports take seconds), with the test session, beside the other tests (``background``,
+tests/processes.py); what they parse and print is tested in-process elsewhere (tests/test_cli_fuzz.py,
+tests/test_docs.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
 import runpy
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, assert_same_weights, flags, tiny_recipe
 from processes import start
-from safetensors.torch import load_file
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
+from balpoe_hf import hub
+from balpoe_hf.errors import EvaluationError, HubFolderError, TrainingError
+from balpoe_hf.evaluation import reports
 from balpoe_hf.recipes import available_recipes, load_recipe
+from balpoe_hf.training import loop as training
 from balpoe_hf.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPTS = ("balpoe-train", "balpoe-evaluate", "balpoe-push", "balpoe-demo", "balpoe-describe-split",
                    "balpoe-compare", "balpoe-prepare-data")
-TINY = {"image_column": "picture", "label_column": "target", "backbone": "resnet20_cifar", "image_size": 16,
-        "epochs": 1, "batch_size": 8, "warmup_epochs": 0, "rotation": 0.0, "many_threshold": 20,
-        "few_threshold": 6, "num_workers": 0, "eval_batch_size": 16}
+ONE_EPOCH = {**TINY, "epochs": 1}
+# The installed script files of the console scripts, one after the other in one process, each as the
+# launcher runs it (as __main__, with its own argv); what each printed goes to a JSON file.
+RUN_SCRIPTS = """import contextlib, io, json, runpy, sys
+
+commands, output, printed = json.loads(sys.argv[1]), sys.argv[2], {}
+for path, *args in commands:
+    sys.argv, out = [path, *args], io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as stop:
+            assert stop.code in (0, None), (path, stop.code)
+    printed[path.rsplit("/", 1)[-1]] = out.getvalue()
+with open(output, "w") as file:
+    json.dump(printed, file)
+"""
 # Every process started here records which balpoe_hf it imported (Python runs sitecustomize at start-up).
 SITECUSTOMIZE = """import atexit, os, sys
 
@@ -46,10 +67,6 @@ def _record():
 
 atexit.register(_record)
 """
-
-
-def _flags(settings: dict) -> list[str]:
-    return [word for name, value in settings.items() for word in ("--" + name.replace("_", "-"), str(value))]
 
 
 def _installed(root: Path, environ: dict[str, str]) -> dict:
@@ -72,30 +89,29 @@ def _installed(root: Path, environ: dict[str, str]) -> dict:
 
 
 def background(root: Path, environ: dict[str, str]) -> dict:
-    """Started with the session (tests/processes.py): the wheel, then balpoe-train, balpoe-evaluate and
-    balpoe-push --dry-run of the installed wheel one after the other, and meanwhile the four others."""
+    """Started with the session (tests/processes.py): the wheel, then every console script of the installed
+    wheel in one process: balpoe-train, balpoe-evaluate and balpoe-push --dry-run on the tiny data, and the
+    others (their --help, or a quick look at a data file)."""
     installed = _installed(root, environ)
-
-    def launch(script: str, *args: str):
-        return start([str(installed["target"] / "bin" / script), *args], installed["env"], root / "elsewhere",
-                     root / "logs" / script)
-
     train_file, test_file = write_parquet(root / "data")
-    others = {"balpoe-describe-split": launch("balpoe-describe-split", "--train-file", str(train_file),
-                                              "--label-column", "target", "--imbalance-ratio", "2"),
-              "balpoe-compare": launch("balpoe-compare", "--help"),
-              "balpoe-demo": launch("balpoe-demo", "--help"),
-              "balpoe-prepare-data": launch("balpoe-prepare-data", "--help")}
     run, report_file = root / "run", root / "eval" / "report.json"
-    launch("balpoe-train", "--train-file", str(train_file), "--test-file", str(test_file), *_flags(TINY),
-           "--output-dir", str(run)).finish()
-    evaluated = launch("balpoe-evaluate", "--model", str(run), "--shifts", "forward2,uniform", "--output",
-                       str(report_file)).finish().stdout
-    pushed = launch("balpoe-push", str(run), "me/tiny", "--eval-report", str(report_file),
-                    "--dry-run").finish().stdout
+    commands = {
+        "balpoe-train": ["--train-file", str(train_file), "--test-file", str(test_file), *flags(ONE_EPOCH),
+                         "--output-dir", str(run)],
+        "balpoe-evaluate": ["--model", str(run), "--shifts", "forward2,uniform", "--output",
+                            str(report_file)],
+        "balpoe-push": [str(run), "me/tiny", "--eval-report", str(report_file), "--dry-run"],
+        "balpoe-describe-split": ["--train-file", str(train_file), "--label-column", "target",
+                                  "--imbalance-ratio", "2"],
+        "balpoe-compare": ["--help"], "balpoe-demo": ["--help"], "balpoe-prepare-data": ["--help"]}
+    assert sorted(commands) == sorted(CONSOLE_SCRIPTS)
+    scripts = [[str(installed["target"] / "bin" / script), *args] for script, args in commands.items()]
+    start([sys.executable, "-c", RUN_SCRIPTS, json.dumps(scripts), str(root / "printed.json")],
+          installed["env"], root / "elsewhere", root / "logs").finish()
+    printed = json.loads((root / "printed.json").read_text())
     return {**installed, "root": root, "run": run, "report": json.loads(report_file.read_text()),
-            "evaluated": evaluated, "pushed": pushed, "data": (train_file, test_file),
-            "others": {script: process.finish().stdout for script, process in others.items()}}
+            "evaluated": printed["balpoe-evaluate"], "pushed": printed["balpoe-push"],
+            "data": (train_file, test_file), "others": printed}
 
 
 def test_wheel_holds_the_package_its_data_and_the_console_scripts(background):
@@ -129,7 +145,7 @@ def test_installed_train_evaluate_and_push(background):
 
 def test_python_api_trains_what_the_command_line_trains(background):
     train_file, test_file = background["data"]
-    recipe = load_recipe(train_file=[str(train_file)], test_file=[str(test_file)], **TINY)
+    recipe = load_recipe(train_file=[str(train_file)], test_file=[str(test_file)], **ONE_EPOCH)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the command line ran (OMP_NUM_THREADS=1)
     try:
@@ -137,11 +153,7 @@ def test_python_api_trains_what_the_command_line_trains(background):
     finally:
         torch.set_num_threads(threads)
     assert output.train_results["class_counts"] == TRAIN_COUNTS
-    expected = load_file(background["run"] / "model.safetensors")
-    got = load_file(output.output_dir / "model.safetensors")
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+    assert_same_weights(output.output_dir, background["run"])
     saved = json.loads((background["run"] / "eval_results.json").read_text())
     assert saved["eval_balanced_accuracy"] == output.eval_report["balanced_accuracy"]
 
@@ -149,7 +161,7 @@ def test_python_api_trains_what_the_command_line_trains(background):
 def test_every_command_ran_the_installed_package(background):
     # Not the checkout, nor the editable install of it: the processes record what they imported.
     imported = (background["root"] / "probe" / "imports.txt").read_text().split()
-    assert len(imported) == len(CONSOLE_SCRIPTS)
+    assert len(imported) == 1  # the one process that ran every console script
     assert all(path.startswith(str(background["target"])) for path in imported), imported
 
 
@@ -174,3 +186,23 @@ def test_python_m_train_shows_every_recipe_field_with_its_resolved_value(monkeyp
     # After --recipe, --help shows the recipe's value as the default (4 epochs, not the built-in 200).
     (epochs_help,) = [option for option in text.split("\n  --") if option.startswith("epochs ")]
     assert "(default: 4)" in " ".join(epochs_help.split())
+
+
+def test_optional_packages_are_extras_and_each_feature_names_its_extra(tiny_data, tmp_path, monkeypatch):
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = " ".join(project["dependencies"])
+    extras = project["optional-dependencies"]
+    for package, extra in (("tensorboard", "train"), ("matplotlib", "plots"), ("matplotlib", "hub"),
+                           ("jinja2", "hub")):
+        assert package not in required and any(r.startswith(package) for r in extras[extra])
+    find_spec = importlib.util.find_spec
+    missing = {"tensorboard", "matplotlib"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing
+                        else find_spec(name, *a))
+    with pytest.raises(TrainingError, match=r"--report-to tensorboard needs .*'balpoe-hf\[train\]'"):
+        training.train(tiny_recipe(tiny_data), tmp_path / "run", report_to="tensorboard")
+    with pytest.raises(EvaluationError, match=r"need matplotlib: .*'balpoe-hf\[plots\]'"):
+        reports.check_output(tmp_path / "report.json")
+    with pytest.raises(HubFolderError, match=r"needs matplotlib: pip install 'balpoe-hf\[hub\]'"):
+        hub.prepare_hub_folder(tmp_path)
+    assert not (tmp_path / "run").exists()

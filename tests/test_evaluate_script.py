@@ -11,11 +11,12 @@ import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from helpers import folder_bytes
 from PIL import Image
 from processes import hold_lock
 from safetensors.torch import load_file, save_file
 
-from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, run_folder
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, cli, run_folder
 from balpoe_hf.data.loading import align_labels
 from balpoe_hf.errors import DataError, EvaluationError
 from balpoe_hf.evaluation import calibrate, model_loading, printing, reports, shifts, upgrade
@@ -376,22 +377,17 @@ LEGACY_CHOICE = {"name": "em-bcts-gain", "settings": {"method": "em", "calibrati
 
 
 @pytest.fixture(scope="module")
-def holdout_run(tmp_path_factory) -> Path:
+def holdout_run(tiny_data, tmp_path_factory) -> Path:
     """A run trained with a held-out split (1 epoch on the tiny data), saved as an earlier release saved it:
     its per-model estimator choice in the config, a calibration without the biases' covariance. What
     --upgrade is for."""
-    from train_synthetic import write_parquet
+    from helpers import tiny_recipe
 
-    from balpoe_hf import recipes
     from balpoe_hf.training import loop as training
 
     root = tmp_path_factory.mktemp("holdout_run")
-    train_file, test_file = write_parquet(root / "data")
-    recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
-                                  "image_column": "picture", "label_column": "target", "image_size": 16,
-                                  "holdout_fraction": 0.5, "epochs": 1, "batch_size": 8, "num_workers": 0,
-                                  "eval_every": 0, "warmup_epochs": 0, "lr": 0.02, "many_threshold": 10,
-                                  "few_threshold": 3, "backbone": "resnet20_cifar"})
+    recipe = tiny_recipe(tiny_data, holdout_fraction=0.5, epochs=1, lr=0.02, many_threshold=10,
+                         few_threshold=3)
     torch.set_num_threads(1)
     training.train(recipe, root / "run")
     config = json.loads((root / "run" / "config.json").read_text())
@@ -504,3 +500,113 @@ def test_ctrl_c_during_an_upgrade_ends_with_one_line_and_replaces_nothing(holdou
                                             "was written.")
     assert BalPoEForImageClassification.from_pretrained(run).config.shift_estimator is None
     assert not (run / "eval" / "report.json").exists()
+
+
+# --------------------------------------------------------------------------- checks before the inference
+
+
+@pytest.fixture
+def no_inference(monkeypatch):
+    def predict(*args, **kwargs):
+        raise AssertionError("the inference ran")
+
+    monkeypatch.setattr(evaluation, "predict", predict)
+
+
+def test_evaluate_checks_the_output_before_the_inference(tiny_run, tmp_path, no_inference, capsys):
+    (tmp_path / "a-file").write_text("")
+    argv = ["--model", str(tiny_run), "--output", str(tmp_path / "a-file" / "report.json"), "--device", "cpu"]
+    assert cli.evaluate_main(argv) == 2
+    a_file = tmp_path / "a-file"
+    assert f"cannot write --output into {a_file}: {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert cli.evaluate_main([*argv[:2], "--output", str(tmp_path), "--device", "cpu"]) == 2
+    assert f"--output {tmp_path} is a directory" in capsys.readouterr().err
+
+
+def test_evaluate_checks_the_shifts_before_the_inference(tiny_run, no_inference, capsys):
+    # 8 test images per class: backward50 would keep int(8 / 50) = 0 images of the most frequent class.
+    assert cli.evaluate_main(["--model", str(tiny_run), "--shifts", "uniform,backward50", "--device",
+                              "cpu"]) == 2
+    assert "cannot build the backward50 test set" in capsys.readouterr().err
+
+
+def test_truncated_weights_are_named(tiny_run, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_run, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(EvaluationError, match=r"the weights in .* cannot be read .*truncated or "
+                                                         r"damaged; save the model again"):
+        model_loading.load_model(copy)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_device_without_a_gpu_is_refused_before_loading(tiny_run, no_inference, capsys):
+    assert cli.evaluate_main(["--model", str(tiny_run), "--device", "cuda"]) == 2
+    assert "--device cuda, but torch sees no CUDA GPU here" in capsys.readouterr().err
+    assert cli.evaluate_main(["--model", str(tiny_run), "--device", "gpu0"]) == 2
+    assert "unknown device 'gpu0'" in capsys.readouterr().err
+
+
+def test_evaluate_output_replaces_only_reports_balpoe_evaluate_wrote(tiny_run, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run, model, ignore=shutil.ignore_patterns("checkpoints"))
+    before = folder_bytes(model)
+    argv = ["--model", str(model), "--shifts", "uniform", "--prior", "none", "--device", "cpu", "--output"]
+    for target in ("model.safetensors", "config.json", "recipe.yaml"):
+        assert cli.evaluate_main([*argv, str(model / target)]) == 2
+        assert f"would replace ['{model / target}'], which balpoe-evaluate did not write" in \
+            capsys.readouterr().err
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "r_reliability.png").write_bytes(b"my picture")
+    assert cli.evaluate_main([*argv, str(reports / "r.json")]) == 2
+    assert f"would replace ['{reports / 'r_reliability.png'}']" in capsys.readouterr().err
+    assert folder_bytes(model) == before and (reports / "r_reliability.png").read_bytes() == b"my picture"
+    # Its own reports: listed as balpoe-evaluate's (beside them, or in the run's manifest), replaced again.
+    for output, owner in ((reports / "s.json", reports), (model / "eval" / "report.json", model)):
+        assert cli.evaluate_main([*argv, str(output)]) == 0
+        assert cli.evaluate_main([*argv, str(output)]) == 0
+        manifest = run_folder.read_manifest(owner)
+        assert output.relative_to(owner).as_posix() in manifest["reports"]
+    assert "model.safetensors" not in run_folder.read_manifest(model)["reports"]
+    capsys.readouterr()
+
+
+def test_evaluate_refuses_weights_that_do_not_fit_their_config(tiny_run, tmp_path, capsys, no_inference):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run, model, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((model / "config.json").read_text())
+    argv = ["--model", str(model), "--device", "cpu"]
+    for changes, message in [
+            ({"num_experts": 4, "lambdas": [1.0, 0.5, 0.0, -1.5]}, "do not fit the model its config.json "
+                                                                   "describes (num_experts 4, 4 classes"),
+            ({"num_experts": 2, "lambdas": [1.0, -1.0]}, "do not fit the model its config.json describes"),
+            ({"lambdas": [1.0, 0.0]}, "is not a valid BalPoE config: lambdas has 2 entries but there are 3"),
+            ({"class_counts": [32, 16, 8]}, "class_counts has 3 entries but the model has 4 classes")]:
+        (model / "config.json").write_text(json.dumps({**config, **changes}))
+        assert cli.evaluate_main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "MISSING" not in err, err  # no transformers load report either
+    (model / "config.json").unlink()
+    assert cli.evaluate_main(argv) == 2
+    assert f"{model} has no config.json: a BalPoE model folder holds its config beside the weights" in \
+        capsys.readouterr().err
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "recipe.yaml").write_text("epochs: [\n")
+    assert cli.evaluate_main(argv) == 2
+    assert f"cannot parse the recipe file {model / 'recipe.yaml'}" in capsys.readouterr().err
+
+
+def test_test_set_without_a_class_is_named_in_a_warning(tiny_run, tiny_data, tmp_path, capsys):
+    ds = datasets.load_dataset("parquet", data_files=str(tiny_data[1]), split="train")
+    without = tmp_path / "test.parquet"
+    ds.filter(lambda row: row["target"] != 2).to_parquet(without)
+    assert cli.evaluate_main(["--model", str(tiny_run), "--test-file", str(without), "--shifts", "uniform",
+                              "--prior", "none", "--device", "cpu", "--output",
+                              str(tmp_path / "report.json")]) == 0
+    assert "warning: the test set has no image of classes [2]: balanced accuracy and the many / medium / " \
+           "few-shot accuracies average over the 3 of 4 classes it has." in capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["classes_without_test_images"] == [2]
+    assert report["balanced"]["per_class_accuracy"][2] is None

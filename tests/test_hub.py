@@ -17,13 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import folder_bytes
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import RepoUrl
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from train_synthetic import CLASS_NAMES, TRAIN_COUNTS
 
-from balpoe_hf import hub
+from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, cli, hub, run_folder
 from balpoe_hf.errors import HubFolderError, HubPublishError
 from balpoe_hf.run_folder import record_outputs, weights_fingerprint
 
@@ -489,14 +491,12 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[\w.-]+/")
 
 
 @pytest.fixture(scope="module")
-def run_cards(tmp_path_factory) -> dict[str, dict]:
+def run_cards(tiny_data, tmp_path_factory) -> dict[str, dict]:
     """Three runs trained by balpoe-train, evaluated by balpoe-evaluate and rendered by prepare_hub_folder."""
-    from train_synthetic import write_parquet
-
     from balpoe_hf import cli
 
     root = tmp_path_factory.mktemp("card_runs")
-    train_file, test_file = write_parquet(root / "data")
+    train_file, test_file = tiny_data
     torch.set_num_threads(1)
     cards = {}
     for method, flags in RUNS.items():
@@ -508,7 +508,7 @@ def run_cards(tmp_path_factory) -> dict[str, dict]:
                                   priors, "--output", str(run / "eval" / "report.json")]) == 0
         folder = hub.prepare_hub_folder(run, f"me/run-{method}")
         cards[method] = {"run": run, "folder": folder, "text": (run / "README.md").read_text(),
-                         "data": root / "data"}
+                         "data": train_file.parent}
     return cards
 
 
@@ -912,3 +912,76 @@ def test_a_full_disk_while_writing_the_card_replaces_nothing(saved_run, tmp_path
                                                  r"device\. The disk is full\. Nothing there was replaced"):
         hub.prepare_hub_folder(run, "me/tiny-balpoe")
     assert _snapshot(run) == before
+
+
+# --------------------------------------------------------------------------- a folder the user changed
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    config = BalPoEConfig(backbone="resnet20_cifar", class_counts=TRAIN_COUNTS,
+                          id2label=dict(enumerate(CLASS_NAMES)), image_size=16)
+    path = tmp_path / "model"
+    BalPoEForImageClassification(config).save_pretrained(path)
+    build_image_processor(config).save_pretrained(path)
+    return path
+
+
+def test_hub_folder_never_replaces_a_card_it_did_not_write(model_dir, capsys):
+    (model_dir / "README.md").write_text("# My own card\n")
+    before = folder_bytes(model_dir)
+    with pytest.raises(HubFolderError, match=r"holds \['README.md'\], which balpoe-hf did not write"):
+        hub.prepare_hub_folder(model_dir)
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2  # bad input: the folder
+    assert "Nothing was written" in capsys.readouterr().err
+    assert folder_bytes(model_dir) == before
+
+
+def test_hub_folder_is_checked_before_anything_is_written(model_dir):
+    (model_dir / "preprocessor_config.json").unlink()
+    before = folder_bytes(model_dir)
+    with pytest.raises(HubFolderError, match=r"no preprocessor_config\.json"):
+        hub.prepare_hub_folder(model_dir)
+    assert folder_bytes(model_dir) == before  # no README.md, no images/
+
+
+def test_hub_folder_rewrites_its_own_card_but_not_an_edited_one(model_dir):
+    hub.prepare_hub_folder(model_dir)
+    hub.prepare_hub_folder(model_dir, "me/renamed")  # its own files: replaced
+    assert "me/renamed" in (model_dir / "README.md").read_text()
+    (model_dir / "images" / "class_counts.png").write_bytes(b"my picture")
+    with pytest.raises(HubFolderError, match=r"\['images/class_counts.png'\].*or which were edited"):
+        hub.prepare_hub_folder(model_dir)
+    assert (model_dir / "images" / "class_counts.png").read_bytes() == b"my picture"
+
+
+def test_push_refuses_bad_input_before_writing_anything(model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{")
+    (tmp_path / "data.parquet").write_bytes(b"PAR1\x15\x04\x80\xff")
+    before = folder_bytes(model_dir)
+    cases = [
+        (["not a valid id!!"], "'not a valid id!!' is not a Hub repository id"),
+        (["me/model", "--eval-report", str(tmp_path / "list.json")], "holds a JSON list, not an object"),
+        (["me/model", "--eval-report", str(tmp_path / "broken.json")], "is not valid JSON"),
+        (["me/model", "--eval-report", str(tmp_path / "data.parquet")], "is not valid JSON"),
+    ]
+    for args, message in cases:
+        assert cli.push_main([str(model_dir), *args, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Nothing was written" in err, err
+    config = (model_dir / "config.json").read_text()
+    (model_dir / "config.json").write_text(config[:-20])
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2
+    assert f"the model config {model_dir / 'config.json'} is not valid JSON" in capsys.readouterr().err
+    (model_dir / "config.json").write_text(config)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(run_folder.tempfile, "NamedTemporaryFile", read_only)
+    assert cli.push_main([str(model_dir), "me/model", "--dry-run"]) == 2
+    assert f"cannot write the model card into {model_dir}: {model_dir} does not take new files" in \
+        capsys.readouterr().err
+    assert folder_bytes(model_dir) == before

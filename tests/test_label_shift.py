@@ -10,7 +10,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from train_synthetic import TRAIN_COUNTS, write_parquet
+from helpers import gaussian_logits, tiny_recipe
+from train_synthetic import TRAIN_COUNTS
 
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, cli, recipes
 from balpoe_hf.data import loading
@@ -32,22 +33,13 @@ from balpoe_hf.training import loop as training
 SOURCE_PRIOR = np.array([0.55, 0.25, 0.13, 0.07])
 
 
-@pytest.fixture(scope="module")
-def parquet(tmp_path_factory) -> tuple[Path, Path]:
-    return write_parquet(tmp_path_factory.mktemp("holdout_parquet"))
-
-
 def _gaussian_logits(prior, num_samples, rng, scale=1.0, class_bias=(0.0, 0.0, 0.0, 0.0)):
     """Labels from ``prior``, x ~ N(2 y, 1) and uniform-prior logits ``scale * log p(x|y) + class_bias``.
 
     ``scale = 1`` without bias: exactly calibrated; otherwise ``(T, b) = (scale, -class_bias / scale)`` fixes
-    them (the same model as in test_prior_estimation.py).
+    them (the same model as in test_prior_estimators.py: tests/helpers.py ``gaussian_logits``).
     """
-    means = 2.0 * np.arange(4)
-    labels = rng.choice(4, size=num_samples, p=prior)
-    x = rng.normal(means[labels], 1.0)
-    log_likelihood = -0.5 * (x[:, None] - means[None, :]) ** 2
-    return torch.from_numpy(scale * log_likelihood + np.asarray(class_bias)), torch.from_numpy(labels)
+    return gaussian_logits(prior, num_samples, rng, 2.0 * np.arange(4), scale, class_bias)
 
 
 # --------------------------------------------------------------------------- the held-out split
@@ -84,11 +76,8 @@ def _image_bytes(ds: datasets.Dataset, column: str) -> list[bytes]:
     return [image["bytes"] for image in ds.cast_column(column, datasets.Image(decode=False))[column]]
 
 
-def test_training_data_holds_out_images_that_are_not_trained_on(parquet):
-    train_file, test_file = parquet
-    recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
-                                  "image_column": "picture", "label_column": "target", "image_size": 16,
-                                  "holdout_fraction": 0.25})
+def test_training_data_holds_out_images_that_are_not_trained_on(tiny_data):
+    recipe = tiny_recipe(tiny_data, holdout_fraction=0.25)
     data = loading.load_training_data(recipe)
     # TRAIN_COUNTS [32, 16, 8, 4] * 0.25 = [8, 4, 2, 1] held out; the model's prior is what is trained on.
     assert TRAIN_COUNTS == [32, 16, 8, 4]
@@ -104,8 +93,8 @@ def test_training_data_holds_out_images_that_are_not_trained_on(parquet):
     assert set(_image_bytes(without.train, "picture")) == set(train_images) | set(holdout_images)
 
 
-def test_holdout_errors_reach_the_user(parquet):
-    train_file, test_file = parquet
+def test_holdout_errors_reach_the_user(tiny_data):
+    train_file, test_file = tiny_data
     values = {"train_file": [str(train_file)], "test_file": [str(test_file)], "image_column": "picture",
               "label_column": "target"}
     with pytest.raises(DataError, match=r"classes \[3\] \(with \[4\] images\) without a training image"):
@@ -115,13 +104,9 @@ def test_holdout_errors_reach_the_user(parquet):
             recipes.make_recipe({**values, "holdout_fraction": fraction})
 
 
-def test_training_with_a_holdout_saves_its_calibration_and_report(parquet, tmp_path, capsys):
-    train_file, test_file = parquet
-    recipe = recipes.make_recipe({"train_file": [str(train_file)], "test_file": [str(test_file)],
-                                  "image_column": "picture", "label_column": "target", "image_size": 16,
-                                  "holdout_fraction": 0.5, "epochs": 1, "batch_size": 8, "num_workers": 0,
-                                  "eval_every": 0, "warmup_epochs": 0, "lr": 0.02, "many_threshold": 10,
-                                  "few_threshold": 3})
+def test_training_with_a_holdout_saves_its_calibration_and_report(tiny_data, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_data, holdout_fraction=0.5, epochs=1, lr=0.02, many_threshold=10,
+                         few_threshold=3)
     run = tmp_path / "run"
     training.train(recipe, run)
     holdout = json.loads((run / "holdout_results.json").read_text())

@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
-from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
+from helpers import assert_same_weights, tiny_recipe
+from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS
 
 from balpoe_hf import run_folder
 from balpoe_hf.cli.arguments import parse_args
@@ -33,7 +33,8 @@ from balpoe_hf.errors import TrainingError
 from balpoe_hf.models.balpoe.configuration_balpoe import BalPoEConfig
 from balpoe_hf.models.balpoe.modeling_balpoe import BalPoEForImageClassification
 from balpoe_hf.recipes import make_recipe
-from balpoe_hf.training import speed
+from balpoe_hf.training import checkpoints, speed
+from balpoe_hf.training import loop as training
 from balpoe_hf.training.loop import train
 
 NUM_TRAIN, NUM_TEST = sum(TRAIN_COUNTS), TEST_PER_CLASS * len(CLASS_NAMES)  # 60, 32
@@ -42,19 +43,13 @@ NUM_TRAIN, NUM_TEST = sum(TRAIN_COUNTS), TEST_PER_CLASS * len(CLASS_NAMES)  # 60
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def parquet(tmp_path_factory):
-    return write_parquet(tmp_path_factory.mktemp("loaders") / "data")
+# The tiny recipe (tests/helpers.py) for one epoch at a constant lr, with rotation, and an evaluation batch
+# that does not divide the 32 test images.
+LOADER_SETTINGS = {"epochs": 1, "lr": 0.02, "lr_schedule": "constant", "rotation": 10.0, "eval_batch_size": 5}
 
 
-def tiny_recipe(parquet, **overrides):
-    train_file, test_file = parquet
-    values = {"train_file": [str(train_file)], "test_file": [str(test_file)], "image_column": "picture",
-              "label_column": "target", "backbone": "resnet20_cifar", "image_size": 16, "epochs": 1,
-              "batch_size": 8, "warmup_epochs": 0, "lr": 0.02, "lr_schedule": "constant", "rotation": 10.0,
-              "many_threshold": 20, "few_threshold": 6, "num_workers": 0, "eval_batch_size": 5,
-              "mixup_alpha": 0.2}
-    return make_recipe({**values, **overrides})
+def loader_recipe(data, **overrides):
+    return tiny_recipe(data, **{**LOADER_SETTINGS, **overrides})
 
 
 # --------------------------------------------------------------------------- choosing the pipeline
@@ -123,8 +118,8 @@ def test_command_line_flags_of_the_speed_options():
 # --------------------------------------------------------------------------- the device loaders of a run
 
 
-def test_two_processes_draw_disjoint_halves_of_the_one_process_batches(parquet):
-    recipe = tiny_recipe(parquet)
+def test_two_processes_draw_disjoint_halves_of_the_one_process_batches(tiny_data):
+    recipe = loader_recipe(tiny_data)
     data = load_training_data(recipe)
     one, _ = device_loaders(make_recipe({**recipe.to_dict(), "batch_size": 8}), data, device="cpu")
     halves = [device_loaders(make_recipe({**recipe.to_dict(), "batch_size": 4}), data, device="cpu",
@@ -141,8 +136,8 @@ def test_two_processes_draw_disjoint_halves_of_the_one_process_batches(parquet):
             assert torch.equal(torch.cat([first["labels"], second["labels"]]), whole["labels"])
 
 
-def test_device_evaluation_over_two_processes_matches_the_saved_processor(parquet):
-    recipe = tiny_recipe(parquet)
+def test_device_evaluation_over_two_processes_matches_the_saved_processor(tiny_data):
+    recipe = loader_recipe(tiny_data)
     data = load_training_data(recipe)
     shards = [device_loaders(recipe, data, device="cpu", num_processes=2, process_index=p)[1] for p in (0, 1)]
     # 32 test images in batches of 5 over 2 processes: 4 rounds of 10, the last completed with 8 repeats.
@@ -156,11 +151,11 @@ def test_device_evaluation_over_two_processes_matches_the_saved_processor(parque
     torch.testing.assert_close(gathered[NUM_TEST:], expected[:8], rtol=0, atol=1e-6)
 
 
-def test_build_loaders_follows_the_recipe_and_reseeds_each_epoch(parquet):
+def test_build_loaders_follows_the_recipe_and_reseeds_each_epoch(tiny_data):
     accelerator = Accelerator(cpu=True)
-    processor = build_processor(tiny_recipe(parquet))
+    processor = build_processor(loader_recipe(tiny_data))
     for pipeline, kind in (("device", DeviceLoader), ("workers", torch.utils.data.DataLoader)):
-        recipe = tiny_recipe(parquet, data_pipeline=pipeline, channels_last=True)
+        recipe = loader_recipe(tiny_data, data_pipeline=pipeline, channels_last=True)
         loaders = build_loaders(recipe, load_training_data(recipe), processor, accelerator)
         assert loaders.pipeline.name == pipeline and isinstance(loaders.train, kind)
 
@@ -172,16 +167,16 @@ def test_build_loaders_follows_the_recipe_and_reseeds_each_epoch(parquet):
         if pipeline == "device":
             assert next(iter(loaders.train))["pixel_values"].is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(TrainingError, match="60 training images make no full batch of 64 x 1 processes"):
-        recipe = tiny_recipe(parquet, batch_size=64)
+        recipe = loader_recipe(tiny_data, batch_size=64)
         build_loaders(recipe, load_training_data(recipe), processor, accelerator)
 
 
 @pytest.mark.parametrize("pipeline", ["device", "workers"])
-def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(parquet, tmp_path, pipeline,
+def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(tiny_data, tmp_path, pipeline,
                                                                               capsys):
     # 7 batches an epoch, a step checkpoint every 3; num_workers=1: the worker pipeline loads in a worker.
-    recipe = tiny_recipe(parquet, epochs=2, data_pipeline=pipeline, num_workers=1, eval_every=0,
-                         checkpoint_every_steps=3, checkpoints_total_limit=10)
+    recipe = loader_recipe(tiny_data, epochs=2, data_pipeline=pipeline, num_workers=1, eval_every=1,
+                           checkpoint_every_steps=3, checkpoints_total_limit=10)
     whole = train(recipe, tmp_path / "whole")
     assert whole.train_results["data_pipeline"] == pipeline
     assert len(whole.train_results["epoch_images_per_second"]) == 2
@@ -195,10 +190,11 @@ def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(pa
     capsys.readouterr()
     resumed = train(recipe, killed, resume=True)  # the loader starts at batch 2 of epoch 1
     assert "epoch-0001-step-000002 (epoch 1 of 2, 2 batches into the next)" in capsys.readouterr().out
-    expected, got = (load_file(run / "model.safetensors") for run in (tmp_path / "whole", killed))
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+    assert_same_weights(killed, tmp_path / "whole")
     assert resumed.eval_report == whole.eval_report
+    # The evaluation after the first epoch comes back from the checkpoint too.
+    assert [h["epoch"] for h in resumed.train_results["eval_history"]] == [1, 2]
+    assert resumed.train_results["eval_history"] == whole.train_results["eval_history"]
     # The partial epoch's loss sums (the whole loss and each expert's) come back from the step checkpoint.
     for key in ("train_loss", "train_expert_losses"):
         assert resumed.train_results[key] == whole.train_results[key]
@@ -303,3 +299,18 @@ def test_inductor_compiled_step_matches_eager():
         for name, tensor in state.items():
             torch.testing.assert_close(compiled_state[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
     print(f"inductor: two compiled steps in {time.perf_counter() - start:.0f} s")
+
+
+@pytest.mark.parametrize("batch_size,accumulation,steps", [(24, 4, 1), (8, 2, 4)])
+def test_device_pipeline_steps_on_the_last_partial_accumulation(tiny_data, tmp_path, capsys, batch_size,
+                                                                 accumulation, steps):
+    # 60 training images: 2 batches of 24 with 4 accumulation steps, or 7 batches of 8 with 2: one and four
+    # optimizer steps (the last accumulation partial), as a hand count and the worker pipeline give.
+    recipe = tiny_recipe(tiny_data, epochs=1, batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                     data_pipeline="device")
+    training.train(recipe, tmp_path / "run")
+    assert f"training 1 epochs of {steps} steps" in capsys.readouterr().out
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch-0001"
+    # The lr scheduler, saved in every checkpoint, steps once per optimizer step.
+    assert checkpoints.read_state(checkpoint, "scheduler")["last_epoch"] == steps
+    assert len(checkpoints.read_state(checkpoint, "optimizer")["state"]) > 0  # momentum: it did step

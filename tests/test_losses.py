@@ -181,3 +181,17 @@ def test_lade_loss_needs_one_expert():
     assert loss_fn.expert_losses(torch.tensor(LADE_LOGITS)[:, None], torch.tensor([0, 1, 2, 0])).shape == (1,)
     with pytest.raises(ValueError, match="LADE trains one classifier"):
         loss_fn.expert_losses(torch.randn(4, 2, 3), torch.tensor([0, 1, 2, 0]))
+
+
+@pytest.mark.parametrize("row,message", [
+    ([0.7, 0.5, -0.2], "rows >= 0 summing to 1); row 1 is [0.7, 0.5, -0.2]"),
+    ([0.5, 0.4, 0.0], "row 1 is [0.5, 0.4, 0] (sum 0.9)"),
+    ([float("nan"), 0.5, 0.5], "row 1 is [nan, 0.5, 0.5]"),
+])
+def test_soft_targets_that_are_not_probabilities_are_refused_by_the_loss(row, message):
+    loss = BalPoELoss([30, 20, 10], [1.0, 0.0, -1.0])
+    targets = torch.tensor([[1.0, 0.0, 0.0], row])
+    with pytest.raises(ValueError) as error:
+        loss(torch.zeros(2, 3, 3), targets)
+    assert message in str(error.value)
+    assert torch.isfinite(loss(torch.zeros(2, 3, 3), torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.3, 0.4]])))

@@ -3,6 +3,7 @@ import logging
 import math
 import os
 
+import datasets
 import numpy as np
 import pytest
 import safetensors.torch
@@ -16,9 +17,11 @@ from balpoe_hf import (
     BalPoEConfig,
     BalPoEForImageClassification,
     BalPoEImageClassificationPipeline,
+    BalPoELoss,
     BalPoEModel,
     build_image_processor,
 )
+from balpoe_hf.data.splits import long_tailed_counts, make_long_tailed, make_shifted_test
 from balpoe_hf.models.balpoe.label_shift import estimate_prior
 from balpoe_hf.models.balpoe.modeling_balpoe import BalPoEImageClassifierOutput, CosineClassifier
 
@@ -650,3 +653,27 @@ def test_adapt_to_unlabeled_takes_images_of_the_models_size_only():
         with pytest.raises(ValueError, match=r"must be 32 x 32 pixels \(config\.image_size, what the model's "
                                              r"image processor makes\), got \((2, 2|64, 64|16, 16)\)"):
             model.adapt_to_unlabeled(images, method="em")
+
+
+def test_constructors_refuse_what_would_fail_late_or_silently():
+    with pytest.raises(ValueError, match=r"lambdas must hold one bias per expert \(at least one expert\), "
+                                         r"got \[\]"):
+        BalPoELoss([30, 20, 10], lambdas=[])  # it used to construct and return NaN at the first call
+    ds = datasets.Dataset.from_dict({"label": [0] * 8 + [1] * 8 + [2] * 8})
+    with pytest.raises(ValueError, match=r"train_counts must be integers >= 0 \(images per class\), but "
+                                         r"classes \[1\] have \[-5\]"):
+        make_shifted_test(ds, [30, -5, 10], "forward", 2.0)
+    for build in (lambda: make_long_tailed(ds, float("nan")),
+                  lambda: make_shifted_test(ds, [30, 20, 10], "backward", float("nan")),
+                  lambda: long_tailed_counts(100, 10, float("inf"))):
+        with pytest.raises(ValueError, match=r"must be >= 1 and finite \(head count / tail count\)"):
+            build()
+    counts = {"backbone": "resnet20_cifar", "class_counts": [3, 2, 1]}
+    for values, message in [({"lambdas": [1.0, "a", -1.0]}, r"must hold numbers .* got lambdas=\[1.0, 'a'"),
+                            ({"classifier_scale": None}, "classifier_scale must be positive and finite"),
+                            ({"image_size": "32"}, "image_size must be a positive integer number of pixels"),
+                            ({"image_mean": "abc"}, "image_mean must be a list of finite numbers"),
+                            ({"backbone_kwargs": [1]}, "backbone_kwargs must be a mapping"),
+                            ({"backbone_pretrained": "yes"}, "backbone_pretrained must be True or False")]:
+        with pytest.raises(ValueError, match=message):
+            BalPoEConfig(**counts, **values)
