@@ -41,8 +41,9 @@ train: setup
 	@set -o pipefail; HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(VENV)/bin/balpoe-evaluate --model $(RUN) \
 		--shifts all --output $(RUN)/eval/report.json | awk '/^Top-1 accuracy/ {shown = 1} shown'
 	@echo
-	@echo "Baselines at the same recipe, split, seed and budget (the balpoe-erm row is this job's training),"
-	@echo "measured with 'balpoe-compare --budget quick' (docs/benchmarks.md):"
+	@echo "Baselines at the same recipe, split, seed and budget, measured with 'balpoe-compare --budget quick'"
+	@echo "(docs/benchmarks.md; one torch thread on a busy machine, hence the train times): its balpoe-erm row"
+	@echo "is this job's recipe, and other CPUs and thread counts move such figures by up to 0.7 points:"
 	@awk '/<!-- make-train-table/ {marked = 1} marked && /^\| method \|/ {table = 1} table && NF == 0 {exit} table' \
 		docs/benchmarks.md
 
