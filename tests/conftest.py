@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from filelock import FileLock
-from helpers import TINY_RUN, tiny_recipe
+from helpers import TINY_RUN, copy_run, tiny_recipe
 from processes import BackgroundJob, stop_all
 from train_synthetic import write_parquet
 
@@ -63,10 +63,7 @@ class KillPoints:
         return self.snapshots
 
     def _copy(self, name: str) -> Path:
-        target = self.root / f"{len(self.snapshots):02d}-before-{name}"
-        shutil.copytree(self.folder, target, ignore=shutil.ignore_patterns("checkpoints"))
-        if (self.folder / "checkpoints").is_dir():
-            shutil.copytree(self.folder / "checkpoints", target / "checkpoints", copy_function=os.link)
+        target = copy_run(self.folder, self.root / f"{len(self.snapshots):02d}-before-{name}")
         self.snapshots.append(target)
         return target
 
