@@ -78,6 +78,17 @@ class KillPoints:
 
 
 @pytest.fixture
+def data_load_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's data load fails the test: for checks that must stop a run before its data are read."""
+    from balpoe_hf.training import loop
+
+    def load(recipe):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr(loop, "load_training_data", load)
+
+
+@pytest.fixture
 def kill_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> KillPoints:
     """``KillPoints`` for the test: ``kill_points.watch(folder)`` then run the save."""
     root = tmp_path / "kill-points"

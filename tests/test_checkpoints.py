@@ -645,12 +645,9 @@ def test_resume_never_writes_over_a_file_the_run_did_not_write(tiny_run, tmp_pat
         resume.check_output_dir(out, resume=True, overwrite=False)
 
 
+@pytest.mark.usefixtures("data_load_refused")
 def test_output_dir_that_takes_no_files_is_refused_before_the_data_load(tiny_data, tmp_path, capsys,
                                                                         monkeypatch):
-    def load(recipe):
-        raise AssertionError("the data were loaded")
-
-    monkeypatch.setattr(training, "load_training_data", load)
     argv = ["--train-file", str(tiny_data[0]), "--test-file", str(tiny_data[1]), "--image-column", "picture",
             "--label-column", "target"]
     (tmp_path / "a-file").write_text("")

@@ -227,12 +227,8 @@ def test_training_stops_at_the_first_non_finite_loss(tiny_data, tmp_path, monkey
     assert checkpoints.completed_checkpoints(tmp_path / "run") == []
 
 
-def test_backbone_kwargs_the_backbone_refuses_stop_before_the_data_load(tiny_data, tmp_path, capsys,
-                                                                        monkeypatch):
-    def load(recipe):
-        raise AssertionError("the data were loaded")
-
-    monkeypatch.setattr(training, "load_training_data", load)
+@pytest.mark.usefixtures("data_load_refused")
+def test_backbone_kwargs_the_backbone_refuses_stop_before_the_data_load(tiny_data, tmp_path, capsys):
     argv = ["--train-file", str(tiny_data[0]), "--test-file", str(tiny_data[1]), "--image-column", "picture",
             "--label-column", "target", "--backbone", "resnet20_cifar", "--output-dir", str(tmp_path / "run")]
     for kwargs, message in [('{"foo": 1}', "unexpected keyword argument 'foo'"),
