@@ -5,6 +5,7 @@ train_synthetic.py (tests/conftest.py ``tiny_data``).
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -204,6 +205,10 @@ def test_fashion_mnist_lt_from_the_debian_files():
     # Published sizes: 60,000 training images, 6,000 per class (the head class keeps them all at IR100) and
     # 10,000 test images of 28x28, 1,000 per class.
     assert len(data.test) == 10_000 and data.test[0]["image"].size == (28, 28)
+    # Pixels as stored: the last test image is the IDX file's last 784 bytes (a header, then the rows).
+    with gzip.open("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz") as handle:
+        last = np.frombuffer(handle.read()[-28 * 28:], dtype=np.uint8).reshape(28, 28)
+    np.testing.assert_array_equal(np.asarray(data.test[9_999]["image"]), last)
     assert class_counts(data.test) == [1000] * 10
     # The long-tailed split's 14,886 images, a tenth of every class held out (recipe holdout_fraction 0.1,
     # rounded: 600, 360, 216, 129, 77, 46, 28, 17, 10, 6).

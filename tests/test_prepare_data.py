@@ -74,6 +74,7 @@ def test_fashion_mnist_idx_files_become_hub_layout_parquet(tmp_path):
     assert test.features["label"].names == FASHION_MNIST_LABELS
     assert test["label"] == [2, 7]
     assert (np.asarray(test[1]["image"]) == images["t10k"][1]).all()
+    assert test[1]["image"].format == "PNG"  # as in the Hub's copy
 
 
 def test_bad_sources_and_existing_files_are_refused_with_the_fix(tmp_path, capsys):

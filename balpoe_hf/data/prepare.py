@@ -105,7 +105,7 @@ def prepare_data(name: Literal["cifar10", "fashion-mnist"], output_dir: str | Pa
         splits = load_cifar10_batches(source)
     else:
         try:
-            splits = load_fashion_mnist(source)
+            splits = load_fashion_mnist(source, png=True)
         except FileNotFoundError:
             raise DataError(f"no Fashion-MNIST IDX files in {source} (train-images-idx3-ubyte.gz, "
                             "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
