@@ -44,6 +44,9 @@ PARTIAL_SUFFIX = ".tmp"
 LOCK = ".balpoe.lock"
 JOURNAL = ".balpoe-save.json"  # modeling_balpoe.SAVE_JOURNAL, which from_pretrained refuses
 STAGING_PREFIX = ".balpoe-staging-"
+# check_writable's test file: bookkeeping, so that another process's test file, seen while it exists (the
+# processes of a multi-process run all check the output directory), does not make a folder count as not empty.
+PROBE_PREFIX = ".balpoe-probe-"
 
 
 # --------------------------------------------------------------------------- the manifest
@@ -111,9 +114,10 @@ def _write_json_atomic(path: Path, value: Any) -> None:
 
 
 def is_control_file(name: str) -> bool:
-    """Whether ``name`` is one of the package's own bookkeeping files (lock, journal, staging, partial)."""
+    """Whether ``name`` is one of the package's own bookkeeping files (lock, journal, staging, partial,
+    write test)."""
     return name in (LOCK, JOURNAL, MANIFEST + PARTIAL_SUFFIX, JOURNAL + PARTIAL_SUFFIX) or name.startswith(
-        STAGING_PREFIX)
+        (STAGING_PREFIX, PROBE_PREFIX))
 
 
 def _relative_name(name: Any) -> str:
@@ -403,7 +407,7 @@ def check_writable(folder: str | Path, what: str, error: type[Exception] = Train
     if not existing.is_dir():
         raise error(f"cannot write {what} {folder}: {existing} is a file, not a folder.")
     try:
-        with tempfile.NamedTemporaryFile(dir=existing):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=PROBE_PREFIX):
             pass
     except OSError as failure:
         raise error(f"cannot write {what} {folder}: {existing} does not take new files "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -548,6 +549,27 @@ def test_output_directory_rules(tmp_path):
     run_folder.record_outputs(tmp_path / "old", [tmp_path / "old" / "config.json"], resume.RUN_FOLDERS)
     resume.check_output_dir(tmp_path / "old", resume=True, overwrite=False)
     resume.check_output_dir(tmp_path / "old", resume=False, overwrite=True)
+
+
+def test_another_process_write_test_does_not_make_the_output_directory_count_as_used(tmp_path, monkeypatch):
+    """Every process of a multi-process run checks the output directory, write test included: one process's
+    look inside, at the moment another's write-test file is there, still finds a new run's folder empty (a
+    two-process launch was refused with "is not empty" once in a few tries before)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    real, seen = tempfile.NamedTemporaryFile, []
+
+    def write_test_with_a_look_from_another_process(*args, **kwargs):
+        handle = real(*args, **kwargs)
+        if not seen:
+            seen.append([path.name for path in out.iterdir()])
+            resume.check_output_dir(out, resume=False, overwrite=False)
+        return handle
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", write_test_with_a_look_from_another_process)
+    resume.check_output_dir(out, resume=False, overwrite=False)
+    assert len(seen[0]) == 1  # the other process's write test was there
+    assert list(out.iterdir()) == []
 
 
 def test_only_complete_checkpoints_count_and_old_ones_are_pruned(tmp_path):
