@@ -23,7 +23,9 @@ from train_synthetic import TEST_PER_CLASS, TRAIN_COUNTS, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train.py"
-ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch"]  # the real CLI
+# `accelerate launch` as `python -m`: the same parser and launch code, without the other subcommands of the
+# `accelerate` command, whose imports (timm, transformers: its memory estimator) cost 3 of 5 s of start-up.
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 NUM_TEST = TEST_PER_CLASS * len(TRAIN_COUNTS)  # 32, not a multiple of 2 processes x eval batch 5
 
 
@@ -69,7 +71,10 @@ def reference(tiny_run) -> Path:
 @pytest.fixture(scope="module")
 def two_process_run(background) -> dict:
     result = background["two"]
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}"
+    # A process's own error line first: the other process's traceback (its peer gone) fills the tail.
+    errors = "\n".join(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert result.returncode == 0, (f"{errors}\nstdout:\n{result.stdout[-3000:]}\n"
+                                    f"stderr:\n{result.stderr[-5000:]}")
     return {"dir": background["data"]["root"] / "two", "stdout": result.stdout, "stderr": result.stderr}
 
 
