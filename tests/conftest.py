@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from filelock import FileLock
-from helpers import TINY_RUN, copy_run, tiny_recipe
 from processes import BackgroundJob, stop_all
-from train_synthetic import write_parquet
+
+# torch, the package and the test helpers that import them are imported where they are used: under
+# pytest-xdist this file is also loaded by the controlling process, which runs no test and would spend
+# 5 s importing them before it starts the workers.
 
 _JOBS: dict[str, BackgroundJob] = {}
 
@@ -32,6 +33,8 @@ def one_thread():
     second thread, only contention. Modules opt in with
     ``pytestmark = pytest.mark.usefixtures("one_thread")``.
     """
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -63,6 +66,8 @@ class KillPoints:
         return self.snapshots
 
     def _copy(self, name: str) -> Path:
+        from helpers import copy_run
+
         target = copy_run(self.folder, self.root / f"{len(self.snapshots):02d}-before-{name}")
         self.snapshots.append(target)
         return target
@@ -123,22 +128,31 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         shutil.rmtree(job.root, ignore_errors=True)
 
 
+# The modules that take longest on the 2-core development machine (10 to 24 s each), longest first.
+LONGEST_MODULES = ("test_docs.py", "test_hub.py", "test_demo.py", "test_evaluate_script.py",
+                   "test_checkpoints.py")
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: no error where it is not installed
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadfile`` with the modules that launch ``background`` work first: a worker then waits for
-    those processes while the other one runs in-process tests, instead of both waiting for them at the end
-    (xdist otherwise hands out the modules with the most tests first)."""
+    those processes while the other one runs in-process tests, instead of both waiting for them at the end;
+    then ``LONGEST_MODULES``, so that the short modules even out the workers' ends (xdist otherwise hands out
+    the modules with the most tests first, and a 24 s module handed out last kept one worker busy for 13 s
+    after the other had finished)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
     tests = Path(__file__).parent
-    first = {path.relative_to(config.rootpath).as_posix() for path in sorted(tests.glob("test_*.py"))
-             if "\ndef background(" in path.read_text(encoding="utf-8")}
+    background = [path for path in sorted(tests.glob("test_*.py"))
+                  if "\ndef background(" in path.read_text(encoding="utf-8")]
+    first = [path.relative_to(config.rootpath).as_posix()
+             for path in (*background, *(tests / name for name in LONGEST_MODULES))]
 
     class BackgroundFirst(LoadFileScheduling):
         def _assign_work_unit(self, node: Any) -> None:
-            for scope in [scope for scope in self.workqueue if scope in first]:
+            for scope in reversed([scope for scope in first if scope in self.workqueue]):
                 self.workqueue.move_to_end(scope, last=False)
             super()._assign_work_unit(node)
 
@@ -188,6 +202,8 @@ def _made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> Pat
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     """The train and test parquet files of train_synthetic.py (32/16/8/4 and 8 per class, 16x16)."""
+    from train_synthetic import write_parquet
+
     folder = _made_once(tmp_path_factory, "tiny_data", write_parquet)
     return folder / "train.parquet", folder / "test.parquet"
 
@@ -198,6 +214,9 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
     each, a step checkpoint every 3 optimizer steps, all of them kept, TensorBoard logs, one torch thread),
     once for the session; what it printed is beside it (``tiny_run_output``). Read only: copy it to change
     it."""
+    import torch
+    from helpers import TINY_RUN, tiny_recipe
+
     from balpoe_hf.training.loop import train
 
     def make(path: Path) -> None:
