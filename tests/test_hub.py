@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import folder_bytes
+from helpers import copy_run, folder_bytes
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import RepoUrl
@@ -733,13 +733,41 @@ print("round trip")
 """
 
 
-def test_card_snippets_and_the_round_trip_run_without_the_package(run_cards, hub_snapshot, saved_run,
-                                                                 tmp_path):
+# The Space of `balpoe-push --demo` (its app.py, MODEL_ID pointed at the run): builds the page, loads the
+# model's remote code and classifies the reader's first image under the training prior.
+SPACE_APP = """import runpy
+space = runpy.run_path("space/app.py", run_name="space")  # not __main__: builds the page, does not launch
+assert type(space["demo"]).__name__ == "Blocks"
+space_model, space_processor = space["load_pretrained"](space["MODEL_ID"], "cpu")
+assert type(space_model).__module__.startswith("transformers_modules.")
+prediction = space["classify"](space_model, space_processor, ["image.png"], "training")
+print("space", *prediction.top()[0][0])
+"""
+
+
+def _space_folder(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` with the Space files of ``balpoe-push --demo``, and ``tmp_path/space/app.py``: the
+    Space's app.py with its model id pointed at the copy."""
+    from balpoe_hf.demo import write_space_files
+
+    folder = copy_run(run, tmp_path / "space-run")
+    app = write_space_files(folder, "me/space-run")[0].read_text()
+    assert "MODEL_ID = 'me/space-run'" in app
+    (tmp_path / "space").mkdir()
+    (tmp_path / "space" / "app.py").write_text(app.replace("MODEL_ID = 'me/space-run'",
+                                                           f"MODEL_ID = {str(folder)!r}"))
+    return folder
+
+
+def test_card_snippets_the_round_trip_and_the_space_run_without_the_package(run_cards, hub_snapshot,
+                                                                           saved_run, tmp_path):
     """Every card's usage code, with its Hub id pointed at the uploaded folder, in a Python without
     balpoe_hf, on stand-ins for the reader's images: the pipeline with every kind of target prior, the
     remote-code model, a known prior and adapt_to_unlabeled (auto and em). The remote-code model (and base
     model and config) of the pushed folder compute the logits of the model that was saved; then the round
-    trip of that model (ROUND_TRIP). No module of the package is loaded."""
+    trip of that model (ROUND_TRIP) and, with the demo extra installed, the Space's app (SPACE_APP), whose
+    answer is that of the model under its training prior. No module of the package is loaded. (One Python
+    for all of it: its imports are most of its time.)"""
     _, saved_model = saved_run
     _, pixels = _pixels(hub_snapshot["repo"])
     torch.save(pixels, tmp_path / "pixels.pt")
@@ -771,9 +799,13 @@ def test_card_snippets_and_the_round_trip_run_without_the_package(run_cards, hub
                       f"{str(tmp_path / 'logits.pt')!r})",
                       f"    torch.save(base(pixels).expert_logits, {str(tmp_path / 'expert_logits.pt')!r})",
                       ROUND_TRIP]
+    space = None
+    if importlib.util.find_spec("gradio") is not None:  # the demo extra
+        space = _space_folder(run_cards["balpoe-erm"]["run"], tmp_path)
+        lines.append(SPACE_APP)
     lines.append("assert not [m for m in sys.modules if m.split('.')[0] == 'balpoe_hf'], 'balpoe_hf loaded'")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     result = subprocess.run([sys.executable, "-c", "\n".join(lines)], env=env, capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -783,6 +815,16 @@ def test_card_snippets_and_the_round_trip_run_without_the_package(run_cards, hub
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected.logits, rtol=0, atol=1e-6)
     torch.testing.assert_close(torch.load(tmp_path / "expert_logits.pt"), expected.expert_logits, rtol=0,
                                atol=1e-6)
+    if space is not None:
+        model = BalPoEForImageClassification.from_pretrained(space).eval()
+        pixels = build_image_processor(model.config)(images=[Image.open(tmp_path / "image.png")],
+                                                     return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            probabilities = model(pixels, target_prior="train").logits.softmax(-1)[0]
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith("space ")]
+        label, probability = line.split()[1:]
+        assert label == model.config.id2label[int(probabilities.argmax())]
+        assert float(probability) == pytest.approx(float(probabilities.max()), abs=1e-5)
 
 
 def test_card_renders_as_the_hub_shows_it(run_cards, tmp_path):
