@@ -16,6 +16,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -242,9 +243,16 @@ class Recipe:
 
     # How the recipe was resolved (not settings: no flag, not in to_dict): the fields a config file or the
     # command line changed, and notes for the user (e.g. backbone fields reset). Set by load_recipe and
-    # parse_args (resolve.resolved_recipe); save_recipe writes ``overridden`` into recipe.yaml.
+    # parse_args (resolve.resolved_recipe, through record_resolution); save_recipe writes ``overridden`` into
+    # recipe.yaml.
     overridden: ClassVar[tuple[str, ...]] = ()
     notes: ClassVar[tuple[str, ...]] = ()
+
+    def record_resolution(self, overridden: Sequence[str], notes: Sequence[str]) -> None:
+        """Keep how the recipe was resolved beside its fields: the fields changed (each once, in order) and
+        the notes for the user. Not settings, so the frozen recipe takes them without a new check."""
+        object.__setattr__(self, "overridden", tuple(dict.fromkeys(overridden)))
+        object.__setattr__(self, "notes", tuple(notes))
 
     def __post_init__(self) -> None:
         """Normalise the settings, then check them: each value to its field's type, the method preset over

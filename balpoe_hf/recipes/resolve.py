@@ -175,9 +175,7 @@ def resolved_recipe(lower: Resolution, given: dict[str, Any]) -> Recipe:
     layer = override(lower.values, given)
     check_method_overrides(layer.values.get("method"), {k: v for k, v in given.items() if k != "method"})
     recipe = make_recipe(layer.values)
-    # How it was resolved, kept on the (frozen) instance beside its fields.
-    object.__setattr__(recipe, "overridden", tuple(dict.fromkeys(lower.overridden + layer.overridden)))
-    object.__setattr__(recipe, "notes", tuple(lower.notes + layer.notes))
+    recipe.record_resolution(lower.overridden + layer.overridden, lower.notes + layer.notes)
     return recipe
 
 
