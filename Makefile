@@ -30,7 +30,7 @@ $(FASHION_MNIST):
 # into RUN/eval/report.json (the table and plots of its model card: balpoe-push is ready to publish the run),
 # printing the label-shift table only; then the baselines measured at the same recipe and budget by
 # `balpoe-compare --budget quick` (quoted from docs/benchmarks.md, not retrained: training them too would take
-# 14 minutes instead of 4). accelerate launch would otherwise run torch with one thread, hence
+# 14 minutes instead of 3). accelerate launch would otherwise run torch with one thread, hence
 # --num_cpu_threads_per_process; --quiet: an error prints its message only (exit status 1).
 RUN := runs/fashion-mnist-lt-quick
 train: setup
