@@ -31,7 +31,7 @@ _JOBS: dict[str, BackgroundJob] = {}
 # timm, datasets and the package make millions of Python objects, which its collections went through again
 # and again. Collections of young objects every 50,000 allocations instead of 700, the rarer older ones
 # rarer still, and what the imports and the collection of the tests made frozen (pytest_collection_finish):
-# 3 s of collections instead, and `make test` in 84-87 s instead of 96 s on the idle 2-core machine.
+# 3 s of collections instead, and `make test` in 84-94 s (six runs) instead of 96 s on the idle 2-core CPU.
 gc.set_threshold(50_000, 20, 100)
 
 
