@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -181,6 +182,29 @@ def test_single_process_run_writes_model_results_and_logs(tiny_run, tiny_run_out
     assert "images/s" in tiny_run_output and "balanced accuracy" in tiny_run_output
     assert "data pipeline: device (auto: 92 images at 16x16" in tiny_run_output
     assert train_results["data_pipeline"] == "device" and len(train_results["epoch_images_per_second"]) == 3
+
+
+def test_the_learning_rate_printed_and_logged_is_the_one_each_step_trained_with(tiny_run, tiny_run_output):
+    # The tiny run: cosine from 0.05 to 0 over 3 epochs of 60 // 8 = 7 batches (the last partial one dropped),
+    # no warm-up: optimizer step k (0-based) trains with 0.05 * (1 + cos(pi * k / 21)) / 2.
+    steps_per_epoch = sum(TRAIN_COUNTS) // 8
+    total = 3 * steps_per_epoch
+
+    def rate(step: int) -> float:
+        return 0.05 * 0.5 * (1 + math.cos(math.pi * step / total))
+
+    # An epoch's line gives the rate of its last step (0.00028 for the third: not the 0 of the step after it).
+    printed = [float(lr) for lr in re.findall(r"^epoch \d/3: .*, lr ([0-9.]+), ", tiny_run_output, re.M)]
+    assert printed == pytest.approx([rate(epoch * steps_per_epoch - 1) for epoch in (1, 2, 3)], abs=5e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # TensorBoard's train/lr at step n (steps counted from 1, logged every step) is step n's rate.
+    accumulators = [EventAccumulator(str(path)).Reload() for path in (tiny_run / "logs").rglob("events.*")]
+    logged = {event.step: event.value for events in accumulators if "train/lr" in events.Tags()["scalars"]
+              for event in events.Scalars("train/lr")}
+    steps = range(1, total + 1)
+    assert sorted(logged) == list(steps)
+    assert [logged[n] for n in steps] == pytest.approx([rate(n - 1) for n in steps], rel=1e-6)
 
 
 def test_saved_model_loads_with_auto_classes_and_reproduces_the_reported_metrics(tiny_run, tiny_data):

@@ -301,12 +301,12 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> float:
                 accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
             run.optimizer.step()
             run.optimizer.zero_grad()
+        lr = run.scheduler.get_last_lr()[0]  # the rate this step trained with, before the scheduler moves on
         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
             run.scheduler.step()
         loss_sum += loss.detach()
         expert_sums += output.expert_losses.detach().float()
         epoch_images += pixel_values.shape[0] * accelerator.num_processes
-        lr = run.scheduler.get_last_lr()[0]
         optimizer_step += accelerator.sync_gradients
         if accelerator.sync_gradients and optimizer_step % recipe.logging_steps == 0 \
                 and accelerator.is_main_process:
