@@ -69,8 +69,9 @@ def assert_same_weights(got_dir: Path, expected_dir: Path) -> None:
 
 
 def metrics_from_scratch(run_dir: Path, test_file: Path) -> dict:
-    """Accuracy and balanced accuracy of the model saved in ``run_dir`` on the parquet ``test_file`` (columns
-    picture and target), computed here from scratch with the transformers auto classes, and its config."""
+    """Accuracy, balanced accuracy and mean confidence of the model saved in ``run_dir`` on the parquet
+    ``test_file`` (columns picture and target), computed here from scratch with the transformers auto classes,
+    and its config."""
     import datasets
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -81,11 +82,11 @@ def metrics_from_scratch(run_dir: Path, test_file: Path) -> dict:
     test = datasets.load_dataset("parquet", data_files=str(test_file), split="train")
     with torch.no_grad():
         pixels = processor(images=[im.convert("RGB") for im in test["picture"]], return_tensors="pt")
-        predictions = model(**pixels).logits.argmax(-1).numpy()
-    labels = np.asarray(test["target"])
+        probabilities = model(**pixels).logits.softmax(-1).numpy()
+    predictions, labels = probabilities.argmax(-1), np.asarray(test["target"])
     per_class = [np.mean(predictions[labels == c] == c) for c in range(model.config.num_labels)]
     return {"accuracy": float(np.mean(predictions == labels)), "balanced_accuracy": float(np.mean(per_class)),
-            "config": model.config}
+            "mean_confidence": float(probabilities.max(-1).mean()), "config": model.config}
 
 
 def gaussian_logits(prior, num_samples: int, rng: np.random.Generator, means, scale: float = 1.0,

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import re
+import runpy
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS
 
 from balpoe_hf import BalPoEForImageClassification, cli, recipes
 from balpoe_hf.errors import TrainingError
+from balpoe_hf.evaluation.fit import run_fit
 from balpoe_hf.training import checkpoints, non_finite
 from balpoe_hf.training import loop as training
 
@@ -216,6 +218,27 @@ def test_saved_model_loads_with_auto_classes_and_reproduces_the_reported_metrics
     assert eval_results["eval_balanced_accuracy"] == pytest.approx(reference["balanced_accuracy"], abs=1e-9)
     # A colour per class is easy: the run learns it (chance is 0.25).
     assert eval_results["eval_balanced_accuracy"] >= 0.75
+
+
+def test_training_fit_counts_both_splits_as_a_from_scratch_pass(tiny_run, tiny_data, capsys, monkeypatch):
+    fit = run_fit(tiny_run)
+    assert fit["lambdas"] == [1.0, 0.0, -1.0]
+    for split, path, images in (("train", tiny_data[0], sum(TRAIN_COUNTS)),
+                                ("test", tiny_data[1], TEST_PER_CLASS * len(CLASS_NAMES))):
+        reference = metrics_from_scratch(tiny_run, path)
+        assert fit[split]["images"] == images
+        for key in ("accuracy", "balanced_accuracy", "mean_confidence"):
+            assert fit[split][key] == pytest.approx(reference[key], abs=1e-6), (split, key)
+        assert len(fit[split]["experts_balanced_accuracy"]) == 3
+    monkeypatch.setattr("sys.argv", ["training_fit.py", str(tiny_run)])
+    runpy.run_path(str(REPO / "scripts" / "training_fit.py"), run_name="__main__")
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == ("| split | images | balanced acc. | accuracy | mean confidence | ECE | NLL | "
+                        "lambda 1 | lambda 0 | lambda -1 |")
+    train_row = table[2].split(" | ")
+    assert train_row[:2] == ["| train", "60"] and float(train_row[2]) == pytest.approx(
+        100 * fit["train"]["balanced_accuracy"], abs=0.005)
+    assert table[3].startswith(f"| test | {TEST_PER_CLASS * len(CLASS_NAMES)} | ") and len(table) == 4
 
 
 # --------------------------------------------------------------------------- stops and early checks

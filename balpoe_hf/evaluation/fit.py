@@ -1,0 +1,70 @@
+"""How a finished run fits its own training split and its test set: over-fitting and the direction of its
+miscalibration, which a test-set report alone does not tell apart.
+
+    from balpoe_hf.evaluation.fit import format_fit_table, run_fit
+
+    print(format_fit_table(run_fit("runs/compare-paper/balpoe")))
+
+The training split is the one the run trained on (its ``recipe.yaml``: the same files, imbalance, selection
+and held-out part left out), seen as at inference, without augmentation or mixup. Mean confidence below the
+accuracy is under-confidence (mixup makes a model so), above it over-confidence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.loading import align_labels, load_training_data
+from ..metrics import accuracy_report, long_tail_report, percent
+from ..recipes import load_recipe
+from .model_loading import load_model, run_shot_thresholds
+from .predictions import predict
+
+
+def split_fit(logits: torch.Tensor, expert_logits: torch.Tensor, labels: np.ndarray,
+              train_counts: list[int], many: int, few: int) -> dict[str, Any]:
+    """The figures of one split from its uniform-prior logits ``(N, C)`` and expert logits ``(N, E, C)``."""
+    report = long_tail_report(logits, labels, train_counts, many=many, few=few)
+    experts = [accuracy_report(expert_logits[:, e].argmax(1), labels, train_counts, many,
+                               few)["balanced_accuracy"] for e in range(expert_logits.shape[1])]
+    return {"images": len(labels), "balanced_accuracy": report["balanced_accuracy"],
+            "accuracy": report["accuracy"], "mean_confidence": float(logits.softmax(-1).amax(-1).mean()),
+            "ece": report["ece"], "nll": report["nll"], "experts_balanced_accuracy": experts}
+
+
+def run_fit(run_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
+    """``split_fit`` of the run's model on its training split (``"train"``) and test set (``"test"``), and
+    its experts' ``"lambdas"``."""
+    run_dir = Path(run_dir)
+    recipe = load_recipe(config=run_dir / "recipe.yaml")
+    model, processor = load_model(run_dir, device)
+    data = load_training_data(recipe)
+    train_counts = [int(c) for c in model.config.class_counts]
+    names = [model.config.id2label[i] for i in range(len(train_counts))]
+    many, few = run_shot_thresholds(model)
+    fit = {}
+    for name, ds in (("train", data.train), ("test", data.test)):
+        logits, expert_logits = predict(model, processor, ds, recipe.image_column, recipe.eval_batch_size)
+        labels = align_labels(ds, recipe.label_column, names)
+        fit[name] = split_fit(logits, expert_logits, labels, train_counts, many, few)
+    fit["lambdas"] = list(model.config.lambdas)
+    return fit
+
+
+def format_fit_table(fit: Mapping[str, Any]) -> str:
+    """``run_fit``'s figures as a Markdown table, one row per split, in percent."""
+    experts = " | ".join(f"lambda {lam:g}" for lam in fit["lambdas"])
+    lines = [f"| split | images | balanced acc. | accuracy | mean confidence | ECE | NLL | {experts} |",
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(fit["lambdas"])]
+    for name in ("train", "test"):
+        row = fit[name]
+        cells = [percent(row[key]) for key in ("balanced_accuracy", "accuracy", "mean_confidence", "ece")]
+        expert_cells = " | ".join(percent(value) for value in row["experts_balanced_accuracy"])
+        lines.append(f"| {name} | {row['images']:,} | {' | '.join(cells)} | {row['nll']:.3f} | "
+                     f"{expert_cells} |")
+    return "\n".join(lines)
