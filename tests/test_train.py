@@ -21,7 +21,7 @@ from helpers import metrics_from_scratch, tiny_recipe
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS
 
 from balpoe_hf import BalPoEForImageClassification, cli, recipes
-from balpoe_hf.errors import TrainingError
+from balpoe_hf.errors import EvaluationError, TrainingError
 from balpoe_hf.evaluation.fit import run_fit
 from balpoe_hf.training import checkpoints, non_finite
 from balpoe_hf.training import loop as training
@@ -239,6 +239,8 @@ def test_training_fit_counts_both_splits_as_a_from_scratch_pass(tiny_run, tiny_d
     assert train_row[:2] == ["| train", "60"] and float(train_row[2]) == pytest.approx(
         100 * fit["train"]["balanced_accuracy"], abs=0.005)
     assert table[3].startswith(f"| test | {TEST_PER_CLASS * len(CLASS_NAMES)} | ") and len(table) == 4
+    with pytest.raises(EvaluationError, match=r"holds no recipe\.yaml: give the folder of a training run"):
+        run_fit(tiny_run / "checkpoints")
 
 
 # --------------------------------------------------------------------------- stops and early checks

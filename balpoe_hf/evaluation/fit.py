@@ -7,7 +7,7 @@ miscalibration, which a test-set report alone does not tell apart.
 
 The training split is the one the run trained on (its ``recipe.yaml``: the same files, imbalance, selection
 and held-out part left out), seen as at inference, without augmentation or mixup. Mean confidence below the
-accuracy is under-confidence (mixup makes a model so), above it over-confidence.
+accuracy is under-confidence (mixup tends to cause it), above it over-confidence.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.loading import align_labels, load_training_data
+from ..errors import EvaluationError
 from ..metrics import accuracy_report, long_tail_report, percent
 from ..recipes import load_recipe
 from .model_loading import load_model, run_shot_thresholds
@@ -41,6 +42,10 @@ def run_fit(run_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
     """``split_fit`` of the run's model on its training split (``"train"``) and test set (``"test"``), and
     its experts' ``"lambdas"``."""
     run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise EvaluationError(f"{run_dir} holds no recipe.yaml: give the folder of a training run "
+                              "(balpoe-train or balpoe-compare OUTPUT/METHOD), whose recipe names the data "
+                              "it trained on.")
     recipe = load_recipe(config=run_dir / "recipe.yaml")
     model, processor = load_model(run_dir, device)
     data = load_training_data(recipe)
