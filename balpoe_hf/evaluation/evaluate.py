@@ -62,6 +62,18 @@ def calibration_effect(logits: torch.Tensor, labels: torch.Tensor | np.ndarray, 
             "ece_bcts": bcts["ece"], "nll_bcts": bcts["nll"]}
 
 
+def expert_accuracy(expert_logits: torch.Tensor, labels: np.ndarray, train_counts: Sequence[int],
+                    lambdas: Sequence[float], many: int, few: int) -> list[dict[str, Any]]:
+    """Each expert's raw-logit accuracy as trained (biased towards the head for lambda > 0, the tail for
+    lambda < 0): ``accuracy_report`` without the per-class list, with the expert's ``lambda``."""
+    experts = []
+    for e, lam in enumerate(lambdas):
+        accuracy = accuracy_report(expert_logits[:, e].argmax(1), labels, train_counts, many, few)
+        accuracy.pop("per_class_accuracy")
+        experts.append({"lambda": lam, **accuracy})
+    return experts
+
+
 def absent_classes(labels: np.ndarray, num_classes: int) -> list[int]:
     """The classes without an image among ``labels`` (class indices)."""
     return np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0).tolist()
@@ -123,12 +135,7 @@ def evaluate_model(model: BalPoEForImageClassification, processor: Any, ds: data
     balanced = long_tail_report(uniform_logits, labels, train_counts, **report_kwargs)
     if calibration is not None:
         balanced.update(calibration_effect(uniform_logits, labels, calibration, n_bins))
-    # Each expert as trained (biased towards the head for lambda > 0, the tail for lambda < 0).
-    experts = []
-    for e in range(expert_logits.shape[1]):
-        accuracy = accuracy_report(expert_logits[:, e].argmax(1), labels, train_counts, many, few)
-        accuracy.pop("per_class_accuracy")
-        experts.append({"lambda": model.config.lambdas[e], **accuracy})
+    experts = expert_accuracy(expert_logits, labels, train_counts, model.config.lambdas, many, few)
     shift_results = evaluate_shifts(uniform_logits, labels, train_counts, shifts, priors, seed, calibration,
                                     shift_estimator, **report_kwargs)
     shift_accuracy = {mode: {shift: shift_results[shift]["reports"][mode]["accuracy"] for shift in shifts}

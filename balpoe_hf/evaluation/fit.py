@@ -21,18 +21,19 @@ import torch
 
 from ..data.loading import align_labels, load_training_data
 from ..errors import EvaluationError
-from ..metrics import accuracy_report, long_tail_report, percent
+from ..metrics import long_tail_report, percent
 from ..recipes import load_recipe
-from .model_loading import load_model, run_shot_thresholds
+from .evaluate import expert_accuracy
+from .model_loading import load_model
 from .predictions import predict
 
 
-def split_fit(logits: torch.Tensor, expert_logits: torch.Tensor, labels: np.ndarray,
-              train_counts: list[int], many: int, few: int) -> dict[str, Any]:
+def split_fit(logits: torch.Tensor, expert_logits: torch.Tensor, labels: np.ndarray, train_counts: list[int],
+              lambdas: list[float], many: int, few: int) -> dict[str, Any]:
     """The figures of one split from its uniform-prior logits ``(N, C)`` and expert logits ``(N, E, C)``."""
     report = long_tail_report(logits, labels, train_counts, many=many, few=few)
-    experts = [accuracy_report(expert_logits[:, e].argmax(1), labels, train_counts, many,
-                               few)["balanced_accuracy"] for e in range(expert_logits.shape[1])]
+    experts = [expert["balanced_accuracy"]
+               for expert in expert_accuracy(expert_logits, labels, train_counts, lambdas, many, few)]
     return {"images": len(labels), "balanced_accuracy": report["balanced_accuracy"],
             "accuracy": report["accuracy"], "mean_confidence": float(logits.softmax(-1).amax(-1).mean()),
             "ece": report["ece"], "nll": report["nll"], "experts_balanced_accuracy": experts}
@@ -51,13 +52,13 @@ def run_fit(run_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
     data = load_training_data(recipe)
     train_counts = [int(c) for c in model.config.class_counts]
     names = [model.config.id2label[i] for i in range(len(train_counts))]
-    many, few = run_shot_thresholds(model)
-    fit = {}
+    lambdas = list(model.config.lambdas)
+    fit: dict[str, Any] = {"lambdas": lambdas}
     for name, ds in (("train", data.train), ("test", data.test)):
         logits, expert_logits = predict(model, processor, ds, recipe.image_column, recipe.eval_batch_size)
         labels = align_labels(ds, recipe.label_column, names)
-        fit[name] = split_fit(logits, expert_logits, labels, train_counts, many, few)
-    fit["lambdas"] = list(model.config.lambdas)
+        fit[name] = split_fit(logits, expert_logits, labels, train_counts, lambdas, recipe.many_threshold,
+                              recipe.few_threshold)
     return fit
 
 
