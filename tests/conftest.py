@@ -139,7 +139,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 # The modules that take longest on the 2-core development machine (10 to 24 s each), longest first.
-LONGEST_MODULES = ("test_docs.py", "test_hub.py", "test_demo.py", "test_evaluate_script.py",
+LONGEST_MODULES = ("test_docs.py", "test_hub_card.py", "test_demo.py", "test_evaluate_script.py",
                    "test_checkpoints.py")
 
 
@@ -245,3 +245,20 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
 def tiny_run_output(tiny_run) -> str:
     """What training ``tiny_run`` printed."""
     return Path(f"{tiny_run}.out").read_text()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> tuple[Path, Any]:
+    """A tiny untrained BalPoE run as training and balpoe-evaluate leave it (tests/hub_helpers.py), and its
+    model. Read only: copy it to change it."""
+    from hub_helpers import make_saved_run
+
+    return make_saved_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def hub_snapshot(saved_run, tmp_path_factory) -> dict:
+    """``saved_run`` pushed with the Hub mocked, and what would be uploaded as a fresh 'Hub repo' folder."""
+    from hub_helpers import push_mocked
+
+    return push_mocked(saved_run[0], "me/tiny-balpoe", tmp_path_factory.mktemp("hub") / "tiny-balpoe")

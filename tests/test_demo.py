@@ -1,5 +1,5 @@
 """The demo: its prediction function, the Gradio app through Gradio's own client, the Space files of
-``balpoe-push --demo`` (the Space's app.py runs without balpoe-hf installed in tests/test_hub.py, in the
+``balpoe-push --demo`` (the Space's app.py runs without balpoe-hf installed in tests/test_hub_card.py, in the
 Python that runs the model card's code), ``balpoe-demo`` and, with ``-m browser``, the page in headless
 chromium.
 

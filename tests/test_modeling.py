@@ -586,7 +586,7 @@ def test_pipeline_code_travels_with_the_model(tmp_path, remote_code_cache):
 
 def test_a_model_loaded_with_trust_remote_code_saves_a_complete_folder(tmp_path, remote_code_cache):
     """The documented loading call, with the package imported (transformers then prefers the registered
-    classes; test_hub runs the folder's own code where the package cannot be imported)."""
+    classes; test_hub_card runs the folder's own code where the package cannot be imported)."""
     model = trained_model()
     model.save_pretrained(tmp_path / "run")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "run", trust_remote_code=True).eval()

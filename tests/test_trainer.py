@@ -72,7 +72,7 @@ def test_trainer_trains_and_evaluates_on_the_ensemble_logits(tmp_path):
     assert prediction.metrics["test_accuracy"] == metrics["eval_accuracy"]
 
     # Trainer.save_model leaves a folder that loads and runs as the trained model, with its processor and
-    # its code (tests/test_hub.py does the same where balpoe_hf cannot be imported).
+    # its code (tests/test_hub_card.py does the same where balpoe_hf cannot be imported).
     trainer.save_model(str(tmp_path / "saved"))
     files = set(os.listdir(tmp_path / "saved"))
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_balpoe.py",
