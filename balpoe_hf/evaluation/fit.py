@@ -19,13 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.loading import align_labels, load_training_data
-from ..errors import EvaluationError
 from ..metrics import long_tail_report, percent
-from ..recipes import load_recipe
 from .evaluate import expert_accuracy
-from .model_loading import load_model
-from .predictions import predict
+from .model_loading import load_run
 
 
 def split_fit(logits: torch.Tensor, expert_logits: torch.Tensor, labels: np.ndarray, train_counts: list[int],
@@ -42,23 +38,14 @@ def split_fit(logits: torch.Tensor, expert_logits: torch.Tensor, labels: np.ndar
 def run_fit(run_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
     """``split_fit`` of the run's model on its training split (``"train"``) and test set (``"test"``), and
     its experts' ``"lambdas"``."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise EvaluationError(f"{run_dir} holds no recipe.yaml: give the folder of a training run "
-                              "(balpoe-train or balpoe-compare OUTPUT/METHOD), whose recipe names the data "
-                              "it trained on.")
-    recipe = load_recipe(config=run_dir / "recipe.yaml")
-    model, processor = load_model(run_dir, device)
-    data = load_training_data(recipe)
-    train_counts = [int(c) for c in model.config.class_counts]
-    names = [model.config.id2label[i] for i in range(len(train_counts))]
-    lambdas = list(model.config.lambdas)
+    run = load_run(run_dir, device)
+    train_counts = [int(c) for c in run.model.config.class_counts]
+    lambdas = list(run.model.config.lambdas)
     fit: dict[str, Any] = {"lambdas": lambdas}
-    for name, ds in (("train", data.train), ("test", data.test)):
-        logits, expert_logits = predict(model, processor, ds, recipe.image_column, recipe.eval_batch_size)
-        labels = align_labels(ds, recipe.label_column, names)
-        fit[name] = split_fit(logits, expert_logits, labels, train_counts, lambdas, recipe.many_threshold,
-                              recipe.few_threshold)
+    for name, ds in (("train", run.data.train), ("test", run.data.test)):
+        logits, expert_logits = run.predict(ds)
+        fit[name] = split_fit(logits, expert_logits, run.labels(ds), train_counts, lambdas,
+                              run.recipe.many_threshold, run.recipe.few_threshold)
     return fit
 
 

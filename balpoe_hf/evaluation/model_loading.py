@@ -4,17 +4,22 @@ and are finite, and an image processor that produces what the model was trained 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from ..data.loading import offline_mode
+from ..data.loading import TrainingData, align_labels, load_training_data, offline_mode
 from ..errors import EvaluationError, TrainingError, short_list
 from ..models.balpoe.modeling_balpoe import BalPoEForImageClassification
+from ..recipes import Recipe, load_recipe
 from ..recipes.recipe import FEW_SHOT_THRESHOLD, MANY_SHOT_THRESHOLD
 from ..run_folder import settle
+from .predictions import predict
 
 
 def resolve_device(device: str | None) -> str:
@@ -101,6 +106,39 @@ def load_model(model_id: str | Path, device: str = "cpu") -> tuple[BalPoEForImag
                               "damaged; use an earlier checkpoint or train again.")
     check_processor(processor, model.config, model_id)
     return model.to(device).eval(), processor
+
+
+@dataclass
+class LoadedRun:
+    """A finished training run: its recipe, its model (in eval mode) with its image processor, and its data as
+    it trained on it (the same files, imbalance, selection and held-out part)."""
+
+    recipe: Recipe
+    model: BalPoEForImageClassification
+    processor: Any
+    data: TrainingData
+
+    def predict(self, ds: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform-prior logits ``(N, C)`` and expert logits ``(N, E, C)`` of ``ds``, one pass."""
+        return predict(self.model, self.processor, ds, self.recipe.image_column, self.recipe.eval_batch_size)
+
+    def labels(self, ds: datasets.Dataset) -> np.ndarray:
+        """The class indices of ``ds`` in the model's order of class names."""
+        names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+        return align_labels(ds, self.recipe.label_column, names)
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """The run in ``run_dir`` (``load_model`` and the data its ``recipe.yaml`` names); an ``EvaluationError``
+    for a folder without ``recipe.yaml`` (a model folder alone does not say what it trained on)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise EvaluationError(f"{run_dir} holds no recipe.yaml: give the folder of a training run "
+                              "(balpoe-train or balpoe-compare OUTPUT/METHOD), whose recipe names the data "
+                              "it trained on.")
+    recipe = load_recipe(config=run_dir / "recipe.yaml")
+    model, processor = load_model(run_dir, device)
+    return LoadedRun(recipe, model, processor, load_training_data(recipe))
 
 
 def check_processor(processor: Any, config: Any, model_id: str | Path = "the model") -> None:
