@@ -52,9 +52,6 @@ METHOD_DESCRIPTIONS: dict[str, str] = {
 }
 
 METHODS: tuple[str, ...] = tuple(METHOD_SETTINGS)
-# Recipe fields some preset sets.
-METHOD_FIELDS: tuple[str, ...] = tuple(sorted({name for settings in METHOD_SETTINGS.values()
-                                               for name in settings}))
 # Recipe fields every preset sets (``balpoe`` leaves mixup_alpha to the recipe): a comparison of methods
 # cannot set them for all of its methods.
 EVERY_METHOD_FIELDS: tuple[str, ...] = tuple(sorted(set.intersection(*(set(settings) for settings
