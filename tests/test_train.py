@@ -182,6 +182,9 @@ def test_single_process_run_writes_model_results_and_logs(tiny_run, tiny_run_out
     assert {f"train/{kind}loss_expert_{e}" for kind in ("", "epoch_") for e in range(3)} <= tags
     assert {"train/loss", "train/epoch_loss", "eval/balanced_accuracy"} <= tags
     assert "images/s" in tiny_run_output and "balanced accuracy" in tiny_run_output
+    # No held-out split: the run says what `auto` rests on and how to calibrate it.
+    assert "'auto' adapts from the raw posteriors" in tiny_run_output
+    assert "train with --holdout-fraction 0.1 for a calibrated estimate" in tiny_run_output
     assert "data pipeline: device (auto: 92 images at 16x16" in tiny_run_output
     assert train_results["data_pipeline"] == "device" and len(train_results["epoch_images_per_second"]) == 3
 

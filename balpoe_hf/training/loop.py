@@ -411,7 +411,7 @@ def save_outputs(run: Run, state: TrainState, report: dict[str, Any], num_test: 
                             "which evaluates it and saves the model again")
     print("\n" + format_balanced(report, f"{recipe.name}: balanced test set ({num_test:,} images) after "
                                          f"{recipe.epochs} epochs", run.groups)
-          + ("" if holdout_results is None else
+          + (f"\n{describe_auto(None)}" if holdout_results is None else
              f"\nheld-out split ({holdout_results['holdout_samples']:,} images): balanced accuracy "
              f"{percent(holdout_results['holdout_balanced_accuracy'])} %; "
              f"{describe_auto(model.config.calibration)}")
