@@ -68,12 +68,10 @@ def run_calibrated_shifts(run_dir: str | Path, shifts: Sequence[str] = ALL_SHIFT
                               "there is none to apply: train it with a held-out split (--holdout-fraction, "
                               "e.g. 0.1).")
     logits, _ = run.predict(run.data.test)
-    train_counts = [int(c) for c in run.model.config.class_counts]
-    accuracy = calibrated_shift_accuracy(logits, run.labels(run.data.test), train_counts, calibration, shifts,
-                                         seed)
+    accuracy = calibrated_shift_accuracy(logits, run.labels(run.data.test), run.train_counts, calibration,
+                                         shifts, seed)
     return {"accuracy": accuracy, "temperature": float(calibration["temperature"]),
-            "bias": [float(b) for b in calibration["bias"]],
-            "classes": [run.model.config.id2label[i] for i in range(len(train_counts))]}
+            "bias": [float(b) for b in calibration["bias"]], "classes": run.class_names}
 
 
 def format_calibrated_table(result: Mapping[str, Any]) -> str:

@@ -39,12 +39,11 @@ def run_fit(run_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
     """``split_fit`` of the run's model on its training split (``"train"``) and test set (``"test"``), and
     its experts' ``"lambdas"``."""
     run = load_run(run_dir, device)
-    train_counts = [int(c) for c in run.model.config.class_counts]
     lambdas = list(run.model.config.lambdas)
     fit: dict[str, Any] = {"lambdas": lambdas}
     for name, ds in (("train", run.data.train), ("test", run.data.test)):
         logits, expert_logits = run.predict(ds)
-        fit[name] = split_fit(logits, expert_logits, run.labels(ds), train_counts, lambdas,
+        fit[name] = split_fit(logits, expert_logits, run.labels(ds), run.train_counts, lambdas,
                               run.recipe.many_threshold, run.recipe.few_threshold)
     return fit
 

@@ -118,14 +118,23 @@ class LoadedRun:
     processor: Any
     data: TrainingData
 
+    @property
+    def class_names(self) -> list[str]:
+        """The model's class names, in the order of its logits."""
+        return [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    @property
+    def train_counts(self) -> list[int]:
+        """The training split's images per class (``config.class_counts``)."""
+        return [int(c) for c in self.model.config.class_counts]
+
     def predict(self, ds: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform-prior logits ``(N, C)`` and expert logits ``(N, E, C)`` of ``ds``, one pass."""
         return predict(self.model, self.processor, ds, self.recipe.image_column, self.recipe.eval_batch_size)
 
     def labels(self, ds: datasets.Dataset) -> np.ndarray:
         """The class indices of ``ds`` in the model's order of class names."""
-        names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        return align_labels(ds, self.recipe.label_column, names)
+        return align_labels(ds, self.recipe.label_column, self.class_names)
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
