@@ -234,7 +234,9 @@ def test_training_fit_counts_both_splits_as_a_from_scratch_pass(tiny_run, tiny_d
             assert fit[split][key] == pytest.approx(reference[key], abs=1e-6), (split, key)
         assert len(fit[split]["experts_balanced_accuracy"]) == 3
     monkeypatch.setattr("sys.argv", ["training_fit.py", str(tiny_run)])
-    runpy.run_path(str(REPO / "scripts" / "training_fit.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "scripts" / "training_fit.py"), run_name="__main__")
+    assert done.value.code == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == ("| split | images | balanced acc. | accuracy | mean confidence | ECE | NLL | "
                         "lambda 1 | lambda 0 | lambda -1 |")
@@ -244,6 +246,12 @@ def test_training_fit_counts_both_splits_as_a_from_scratch_pass(tiny_run, tiny_d
     assert table[3].startswith(f"| test | {TEST_PER_CLASS * len(CLASS_NAMES)} | ") and len(table) == 4
     with pytest.raises(EvaluationError, match=r"holds no recipe\.yaml: give the folder of a training run"):
         run_fit(tiny_run / "checkpoints")
+    # The script says the same in one line and exits 2 (bad input), without a traceback.
+    monkeypatch.setattr("sys.argv", ["training_fit.py", str(tiny_run / "checkpoints")])
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(REPO / "scripts" / "training_fit.py"), run_name="__main__")
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {tiny_run / 'checkpoints'} holds no recipe.yaml")
 
 
 # --------------------------------------------------------------------------- stops and early checks
