@@ -1,0 +1,177 @@
+"""This package's training step against the official BalPoE code's, side by side in one process.
+
+    git clone https://github.com/emasa/BalPoE-CalibratedLT /tmp/balpoe-official
+    python scripts/benchmark_reference.py --reference-dir /tmp/balpoe-official    # about 4 min on 2 CPU cores
+
+Both train the same network on the same batch of random images: the paper's CIFAR-LT IR100 setting
+(3-expert ResNet-32 with cosine classifiers of scale 30, lambdas 1 / 0 / -1, mixup 0.8, SGD with Nesterov
+momentum 0.9, weight decay 5e-4, batch 128, fp32), with CIFAR-10's classes or, with ``--num-classes 100``,
+CIFAR-100's. A step is what each code's training loop does for one batch, data loading left out (both read
+a batch already in memory):
+
+- ``reference``: the official code's own objects, imported from the clone: ``ResNet32Model`` (its
+  ``configs/mixup/standard_training/config_cifar10_ir100_bs-experts.json`` arguments), ``BSExpertLoss``,
+  ``Combiner.mixup`` (mixed images, the loss for both targets, the batch accuracy), ``loss.backward()``,
+  ``torch.optim.SGD.step()`` and the ``loss.item()`` its trainer logs every step.
+- ``package``: ``BalPoEForImageClassification`` of the ``cifar10-lt-local`` recipe, timm's ``Mixup`` (soft
+  targets), ``output.loss.backward()`` and the recipe's optimizer (``training.speed.build_optimizer``: fused
+  SGD where torch has it), as ``balpoe_hf.training`` runs them; ``package+channels_last`` adds the recipe's
+  ``--channels-last`` (weights and batch in NHWC).
+
+The configurations take turns for ``--rounds`` rounds of ``--steps`` timed steps each (after warm-up
+steps), each round starting with the next one, so that a slow spell of the machine falls on all of them.
+The table gives each one's median time a step over the rounds, its images per second and its speed
+relative to the reference. It also prints the models' parameter counts, which must agree for the
+comparison to be of the same network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from timm.data import Mixup
+
+from balpoe_hf import BalPoEForImageClassification
+from balpoe_hf.data.splits import long_tailed_counts
+from balpoe_hf.recipes import load_recipe
+from balpoe_hf.training.model import parameter_groups
+from balpoe_hf.training.speed import build_optimizer, prepare_model
+
+RECIPE = "cifar10-lt-local"
+# The official config's "tau_list": its tau is the package's 1 - lambda.
+REFERENCE_TAUS = (0.0, 1.0, 2.0)
+
+
+def reference_step(reference_dir: Path, counts: list[int], images: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[Callable[[], None], torch.nn.Module]:
+    """One training step of the official code on ``images`` / ``labels``, and its model."""
+    if not (reference_dir / "utils" / "combiner.py").is_file():
+        raise SystemExit(f"error: {reference_dir} is not a clone of emasa/BalPoE-CalibratedLT (no "
+                         "utils/combiner.py): git clone https://github.com/emasa/BalPoE-CalibratedLT DIR and "
+                         "pass --reference-dir DIR")
+    sys.path.insert(0, str(reference_dir))
+    from model.loss import BSExpertLoss
+    from model.model import ResNet32Model
+    from utils.combiner import Combiner
+
+    config = {"trainer": {"epochs": 200}, "combiner": {"mode": "mixup", "mixup": {"alpha": 0.8}},
+              "add_extra_info": True, "arch": {"args": {"num_experts": 3}}, "loss": {}}
+    with contextlib.redirect_stdout(io.StringIO()):  # the combiner prints its settings
+        combiner = Combiner(config)
+    combiner.update(1)
+    model = ResNet32Model(num_classes=len(counts), reduce_dimension=False, use_norm=True, returns_feat=True,
+                          num_experts=3).to(images.device)
+    criterion = BSExpertLoss(cls_num_list=counts, tau_list=REFERENCE_TAUS).to(images.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad()
+        _, losses, _ = combiner.forward(model, criterion, images, labels)
+        losses["loss"].backward()
+        optimizer.step()
+        losses["loss"].item()  # the trainer logs the loss of every step
+
+    return step, model
+
+
+def package_step(counts: list[int], images: torch.Tensor, labels: torch.Tensor,
+                 channels_last: bool) -> tuple[Callable[[], None], torch.nn.Module]:
+    """One training step of this package, as ``balpoe_hf.training`` runs it, and its model."""
+    recipe = load_recipe(RECIPE, channels_last=channels_last)
+    model = BalPoEForImageClassification(recipe.model_config(counts))
+    model = prepare_model(model.to(images.device), recipe)
+    optimizer = build_optimizer(recipe, parameter_groups(model, recipe), images.device)
+    mixup = Mixup(mixup_alpha=recipe.mixup_alpha, cutmix_alpha=0.0, label_smoothing=0.0,
+                  num_classes=len(counts))
+    batch = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    model.train()
+
+    def step() -> None:
+        pixel_values, targets = mixup(batch.clone(), labels)  # timm mixes the batch in place
+        loss = model(pixel_values=pixel_values, labels=targets).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step, model
+
+
+def seconds_per_step(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-dir", type=Path, required=True,
+                        help="a clone of https://github.com/emasa/BalPoE-CalibratedLT")
+    parser.add_argument("--num-classes", type=int, choices=(10, 100), default=10,
+                        help="CIFAR-10-LT or CIFAR-100-LT, imbalance ratio 100")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration and round")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of all configurations, in turn")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    np.random.seed(0)  # the official mixup draws its lambda from numpy
+    device = torch.device(args.device)
+
+    counts = long_tailed_counts(50_000 // args.num_classes, args.num_classes, 100)  # CIFAR-LT IR100
+    prior = torch.tensor(counts, dtype=torch.float) / sum(counts)
+    images = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    labels = torch.multinomial(prior, args.batch_size, replacement=True).to(device)
+
+    configs = {"reference": reference_step(args.reference_dir, counts, images, labels),
+               "package": package_step(counts, images, labels, channels_last=False),
+               "package+channels_last": package_step(counts, images, labels, channels_last=True)}
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU {platform.processor() or platform.machine()}, {args.threads} torch threads")
+    print(f"{where}, torch {torch.__version__}; {args.num_classes} classes, batch {args.batch_size}, "
+          f"{args.rounds} rounds of {args.steps} steps")
+    print("parameters: " + ", ".join(f"{name} {sum(p.numel() for p in model.parameters()):,}"
+                                     for name, (_, model) in configs.items()) + "\n")
+
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
+    for round_index in range(args.rounds):
+        # Each round starts with another configuration: none is always the one after a given other.
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            times[name].append(seconds_per_step(configs[name][0], args.steps, args.warmup, device))
+
+    reference = statistics.median(times["reference"])
+    print("| configuration | s / step (median) | range over rounds | images/s | vs reference |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"| {name} | {median:.3f} | {min(values):.3f}-{max(values):.3f} | "
+              f"{args.batch_size / median:,.0f} | {reference / median:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
