@@ -1,0 +1,40 @@
+"""scripts/benchmark_reference.py: its refusal of a folder that is not the official code, and its package
+step (the official side needs a clone of emasa/BalPoE-CalibratedLT, which the tests do not have)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("benchmark_reference",
+                                                  REPO / "scripts" / "benchmark_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_folder_without_the_official_code_is_refused_with_the_clone_command(tmp_path):
+    labels = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(SystemExit, match=r"not a clone of emasa/BalPoE-CalibratedLT.*git clone"):
+        _script().reference_step(tmp_path, [5, 1], torch.zeros(2, 3, 32, 32), labels)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_package_step_trains_the_recipes_network(channels_last):
+    torch.manual_seed(0)
+    step, model = _script().package_step([50, 20, 5], torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2]),
+                                         channels_last)
+    # The 3-expert ResNet-32 with 3 classes: a shared stem and first stage of 23,824 parameters, three
+    # experts of 88,192 (stage 2) + 351,488 (stage 3) + 64 x 3 (cosine classifier) each.
+    assert sum(p.numel() for p in model.parameters()) == 23_824 + 3 * (88_192 + 351_488 + 192)
+    before = [p.detach().clone() for p in model.parameters()]
+    step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # zeroed after the step
+    assert sum(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)) == len(before)
