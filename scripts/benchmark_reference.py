@@ -18,6 +18,10 @@ a batch already in memory):
   SGD where torch has it), as ``balpoe_hf.training`` runs them; ``package+channels_last`` adds the recipe's
   ``--channels-last`` (weights and batch in NHWC).
 
+Before timing, the script loads the official model's weights into the package's (``package_state``, by
+name) and prints, on the same batch in training mode without mixup, the largest difference of the two
+codes' expert logits and both losses: the two compute the same function, not only networks of one size.
+
 The configurations take turns for ``--rounds`` rounds of ``--steps`` timed steps each (after warm-up
 steps), each round starting with the next one, so that a slow spell of the machine falls on all of them.
 The table gives each one's median time a step over the rounds, its images per second and its speed
@@ -29,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import platform
+import re
 import statistics
 import sys
 import time
@@ -56,8 +62,8 @@ REFERENCE_TAUS = (0.0, 1.0, 2.0)
 
 
 def reference_step(reference_dir: Path, counts: list[int], images: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[Callable[[], None], torch.nn.Module]:
-    """One training step of the official code on ``images`` / ``labels``, and its model."""
+                   labels: torch.Tensor) -> tuple[Callable[[], None], torch.nn.Module, torch.nn.Module]:
+    """One training step of the official code on ``images`` / ``labels``, its model and its loss."""
     if not (reference_dir / "utils" / "combiner.py").is_file():
         raise SystemExit(f"error: {reference_dir} is not a clone of emasa/BalPoE-CalibratedLT (no "
                          "utils/combiner.py): git clone https://github.com/emasa/BalPoE-CalibratedLT DIR and "
@@ -85,7 +91,42 @@ def reference_step(reference_dir: Path, counts: list[int], images: torch.Tensor,
         optimizer.step()
         losses["loss"].item()  # the trainer logs the loss of every step
 
-    return step, model
+    return step, model, criterion
+
+
+# The official ResNet_s's module names -> the package's: the shared stem and first stage are the trunk, each
+# expert's second and third stage and classifier an expert (the blocks inside are named alike).
+OFFICIAL_PREFIXES = ((r"^backbone\.(conv1|bn1|layer1)\.", r"balpoe.trunk.\1."),
+                     (r"^backbone\.layer([23])s\.(\d+)\.", r"balpoe.experts.\2.backbone.layer\1."),
+                     (r"^backbone\.linears\.(\d+)\.weight", r"balpoe.experts.\1.classifier.weight"))
+
+
+def package_state(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The official model's state dict under the package's names; the official cosine classifier keeps its
+    weight as (features, classes), the package's as (classes, features)."""
+    state = {}
+    for name, value in official.items():
+        for pattern, replacement in OFFICIAL_PREFIXES:
+            renamed, found = re.subn(pattern, replacement, name)
+            if found:
+                state[renamed] = value.t() if renamed.endswith("classifier.weight") else value
+                break
+        else:
+            raise SystemExit(f"error: the official model's {name} has no counterpart in the package's")
+    return state
+
+
+def same_function(official: torch.nn.Module, criterion: torch.nn.Module, package: torch.nn.Module,
+                  images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, float]:
+    """With the official weights in a copy of the package's model: the largest absolute difference of the
+    expert logits on ``images`` (training mode, no mixup) and the official and the package's loss."""
+    official, package = copy.deepcopy(official).train(), copy.deepcopy(package).train()
+    package.load_state_dict(package_state(official.state_dict()))  # strict: every tensor, both ways
+    with torch.no_grad():
+        logits = official(images)["logits"]  # (B, E, C)
+        official_loss = criterion(None, labels, extra_info={"logits": logits.transpose(0, 1)})
+        output = package(pixel_values=images, labels=labels)
+    return (output.expert_logits - logits).abs().max().item(), official_loss.item(), output.loss.item()
 
 
 def package_step(counts: list[int], images: torch.Tensor, labels: torch.Tensor,
@@ -147,7 +188,8 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, 32, 32, device=device)
     labels = torch.multinomial(prior, args.batch_size, replacement=True).to(device)
 
-    configs = {"reference": reference_step(args.reference_dir, counts, images, labels),
+    reference, reference_model, criterion = reference_step(args.reference_dir, counts, images, labels)
+    configs = {"reference": (reference, reference_model),
                "package": package_step(counts, images, labels, channels_last=False),
                "package+channels_last": package_step(counts, images, labels, channels_last=True)}
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -155,7 +197,11 @@ def main() -> None:
     print(f"{where}, torch {torch.__version__}; {args.num_classes} classes, batch {args.batch_size}, "
           f"{args.rounds} rounds of {args.steps} steps")
     print("parameters: " + ", ".join(f"{name} {sum(p.numel() for p in model.parameters()):,}"
-                                     for name, (_, model) in configs.items()) + "\n")
+                                     for name, (_, model) in configs.items()))
+    difference, official_loss, package_loss = same_function(reference_model, criterion, configs["package"][1],
+                                                            images, labels)
+    print(f"the official weights in the package's model: expert logits within {difference:.1e}, loss "
+          f"{official_loss:.6f} (official) and {package_loss:.6f} (package)\n")
 
     times: dict[str, list[float]] = {name: [] for name in configs}
     names = list(configs)
@@ -164,13 +210,13 @@ def main() -> None:
         for name in names[round_index % len(names):] + names[:round_index % len(names)]:
             times[name].append(seconds_per_step(configs[name][0], args.steps, args.warmup, device))
 
-    reference = statistics.median(times["reference"])
+    official = statistics.median(times["reference"])
     print("| configuration | s / step (median) | range over rounds | images/s | vs reference |")
     print("|---|---:|---:|---:|---:|")
     for name, values in times.items():
         median = statistics.median(values)
         print(f"| {name} | {median:.3f} | {min(values):.3f}-{max(values):.3f} | "
-              f"{args.batch_size / median:,.0f} | {reference / median:.2f}x |")
+              f"{args.batch_size / median:,.0f} | {official / median:.2f}x |")
 
 
 if __name__ == "__main__":

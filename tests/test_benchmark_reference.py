@@ -38,3 +38,24 @@ def test_the_package_step_trains_the_recipes_network(channels_last):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())  # zeroed after the step
     assert sum(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)) == len(before)
+
+
+def test_official_names_map_onto_the_packages_model():
+    script = _script()
+    _, model = script.package_step([50, 20, 5], torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2]), False)
+    ours = model.state_dict()
+    # Names as the official ResNet32Model (model/ldam_drw_resnets/expert_resnet_cifar.py) has them.
+    official = {"backbone.conv1.weight": torch.zeros(16, 3, 3, 3),
+                "backbone.layer1.4.bn2.running_var": torch.zeros(16),
+                "backbone.layer2s.1.0.conv1.weight": torch.zeros(32, 16, 3, 3),
+                "backbone.layer3s.2.4.bn1.num_batches_tracked": torch.zeros((), dtype=torch.long),
+                "backbone.linears.0.weight": torch.arange(64 * 3.0).reshape(64, 3)}  # (features, classes)
+    renamed = script.package_state(official)
+    assert list(renamed) == ["balpoe.trunk.conv1.weight", "balpoe.trunk.layer1.4.bn2.running_var",
+                             "balpoe.experts.1.backbone.layer2.0.conv1.weight",
+                             "balpoe.experts.2.backbone.layer3.4.bn1.num_batches_tracked",
+                             "balpoe.experts.0.classifier.weight"]
+    assert all(renamed[name].shape == ours[name].shape for name in renamed)
+    assert torch.equal(renamed["balpoe.experts.0.classifier.weight"][2], torch.arange(2, 64 * 3, 3.0))
+    with pytest.raises(SystemExit, match=r"backbone\.fc\.weight has no counterpart"):
+        script.package_state({"backbone.fc.weight": torch.zeros(3, 64)})
