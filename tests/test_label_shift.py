@@ -4,6 +4,7 @@ and the named modes) on synthetic data with a known truth, streams of batches, a
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import datasets
@@ -450,10 +451,40 @@ def test_adapt_to_unlabeled_bad_input(saved_model, images, error, message):
 
 def test_adapt_to_unlabeled_without_calibration_runs_auto_and_names_holdout_for_the_others():
     model = _tiny_model()
-    estimate = model.adapt_to_unlabeled(torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(2)))
+    with pytest.warns(UserWarning, match="uncalibrated evidence") as caught:
+        estimate = model.adapt_to_unlabeled(torch.randn(8, 3, 8, 8,
+                                                        generator=torch.Generator().manual_seed(2)))
+    assert caught[0].filename == __file__  # the caller's line, not torch's wrapper
     assert estimate.details["calibration"] == "none"
     with pytest.raises(ValueError, match="holdout_fraction > 0"):
         model.adapt_to_unlabeled(torch.zeros(8, 3, 8, 8), method="em-bcts")
+
+
+def _model_predicting(bias: list[float], **overrides) -> BalPoEForImageClassification:
+    """A tiny model whose experts all give the logits ``bias`` on any image (linear classifiers, zero
+    weights); lambdas 1 / 0 / -1 average to 0, so ``bias`` is also its uniform-prior logits."""
+    model = _tiny_model(classifier="linear", **overrides)
+    with torch.no_grad():
+        for expert in model.balpoe.experts:
+            expert.classifier.weight.zero_()
+            expert.classifier.bias.copy_(torch.tensor(bias))
+    return model
+
+
+def test_auto_warns_when_it_moves_the_prior_of_a_model_without_calibration():
+    images = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    confident = _model_predicting([4.0, 0.0, 0.0, 0.0])  # every image 95 % class 0: EM moves the prior
+    with pytest.warns(UserWarning, match=r"moved on uncalibrated evidence.*--holdout-fraction 0\.1"):
+        estimate = confident.adapt_to_unlabeled(images)
+    assert estimate.prior[0] > 0.5 and estimate.details["calibration"] == "none"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        confident.adapt_to_unlabeled(images, method="em")  # raw posteriors asked for by name
+        # Uniform posteriors: the prior stays uniform and nothing is said.
+        assert _model_predicting([0.0, 0.0, 0.0, 0.0]).adapt_to_unlabeled(images).kept_uniform
+        # With a held-out calibration the estimate rests on it.
+        calibrated = _model_predicting([4.0, 0.0, 0.0, 0.0], calibration=_calibration())
+        assert calibrated.adapt_to_unlabeled(images).details["calibration"] == "bcts"
 
 
 # --------------------------------------------------------------------------- evaluation modes
