@@ -544,3 +544,21 @@ def test_card_renders_as_the_hub_shows_it(run_cards, tmp_path):
     assert png.size == (1000, 1200)
     # The title and the run's table are drawn: dark text on the white page.
     assert png.convert("L").crop((0, 0, 1000, 600)).getextrema()[0] < 64
+
+
+def test_card_says_what_auto_rests_on_with_and_without_a_held_out_calibration():
+    calibration = {"temperature": 1.2, "bias": [0.1, -0.1, 0.0, 0.2, -0.2], "bias_std": 0.2,
+                   "ts_temperature": 1.1, "holdout_counts": [50, 30, 20, 10, 5],
+                   "confusion": [[50, 0, 0, 0, 0], [0, 30, 0, 0, 0], [0, 0, 20, 0, 0], [0, 0, 0, 10, 0],
+                                 [0, 0, 0, 0, 5]]}
+
+    def usage(config):
+        text = hub.render_model_card(config, EVAL, repo_id="me/tiny-balpoe").text
+        return " ".join(text.split("## How to use")[1].split("## Limits")[0].split())  # unwrapped
+
+    raw = usage(CONFIG)
+    assert "trained without a held-out split, so the estimate reads its raw posteriors" in raw
+    assert "`adapt_to_unlabeled` warns when it moves the prior" in raw
+    calibrated = usage({**CONFIG, "calibration": calibration})
+    assert "rests on the calibration that a held-out split of its training data measured" in calibrated
+    assert "raw posteriors" not in calibrated

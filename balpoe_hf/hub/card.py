@@ -89,6 +89,16 @@ MODE_TEXT = {
             "(`model.adapt_to_unlabeled`), which keeps the uniform prior unless the shift exceeds its errors",
 }
 
+# What `auto` rests on, by whether the model has a held-out calibration (config.calibration).
+AUTO_BASIS = {
+    True: "For this model the estimate rests on the calibration that a held-out split of its training data "
+          "measured.",
+    False: "This model was trained without a held-out split, so the estimate reads its raw posteriors: on an "
+           "over-confident model they lean to the frequent classes and can move the prior on images whose "
+           "label distribution has not shifted (`adapt_to_unlabeled` warns when it moves the prior); known "
+           "priors are not affected.",
+}
+
 # The settings of config.json that a published model and its card need, and what each of them is.
 REQUIRED_SETTINGS = {"class_counts": "the training prior", "lambdas": "the expert biases"}
 
@@ -225,6 +235,7 @@ def render_model_card(
                               for shift in shift_columns],
                      "modes": [MODE_TEXT[mode] for mode, _, _ in shift_rows]} if shift_rows else None,
         report_file=report_file,
+        auto_basis=AUTO_BASIS[config.calibration is not None],
         images=dict(images or {}),
         retrain_command=(f"balpoe-train --config {RECIPE_NAME} {data['flags']}".strip() if data else None),
         retrain_note=(data or {}).get("note"),
