@@ -163,6 +163,8 @@ def test_estimated_prior_is_the_models_own_estimate_of_the_batch(colour_run):
     torch.testing.assert_close(prior, own.prior, rtol=0, atol=1e-9)
     assert prior[0] > prior[2] > max(prior[1], prior[3]) and colour_run["model"].config.target_prior is None
     assert prediction.note.startswith("Estimated with `auto` on 9 images")
+    # The colour model has no held-out calibration: the note says what the estimate read.
+    assert "trained without a held-out split, so the estimate read its raw posteriors" in prediction.note
 
 
 def test_estimated_prior_from_too_few_images_stays_uniform_and_says_so(colour_run):

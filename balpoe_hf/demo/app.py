@@ -125,8 +125,12 @@ def _estimate_note(estimate: Any, num_images: int) -> str:
     if estimate.kept_uniform:
         return (f"Estimated with {method}: the prior stays uniform, because the shift it found is no larger "
                 "than its own uncertainty (these images, the model's calibration).")
-    return (f"Estimated with {method}, and shrunk towards uniform by as much as it is uncertain (these "
+    note = (f"Estimated with {method}, and shrunk towards uniform by as much as it is uncertain (these "
             "images, the model's calibration).")
+    if (estimate.details or {}).get("calibration") == "none" and estimate.method.startswith("auto"):
+        note += (" This model was trained without a held-out split, so the estimate read its raw posteriors, "
+                 "which lean to the frequent classes on an over-confident model.")
+    return note
 
 
 def _pixel_values(processor: Any, images: list[Image.Image], device: torch.device) -> torch.Tensor:
