@@ -468,8 +468,8 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
                 keeps the uniform prior on unshifted data; it uses ``config.calibration`` (saved by
                 training with ``holdout_fraction > 0``) when the model has one, so it works on a model
                 loaded from the Hub or a folder, without the training data. Without one it reads the raw
-                posteriors, which an over-fitted model's lean to its frequent classes: it then warns
-                when it moves the prior.
+                posteriors, which lean to the frequent classes when the model is over-fitted, and warns
+                when it moves the prior on them.
             stream: a ``label_shift.PriorStream``: these images are added to it and the estimate rests on
                 everything it holds (a stream of batches converges to the estimate of all of them; its
                 ``forgetting`` follows a prior that drifts).
