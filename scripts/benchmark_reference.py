@@ -61,13 +61,20 @@ RECIPE = "cifar10-lt-local"
 REFERENCE_TAUS = (0.0, 1.0, 2.0)
 
 
+def is_official_clone(folder: Path) -> bool:
+    return (folder / "utils" / "combiner.py").is_file() and (folder / "model" / "loss.py").is_file()
+
+
+def not_a_clone(folder: Path) -> str:
+    return (f"{folder} is not a clone of emasa/BalPoE-CalibratedLT (no utils/combiner.py and model/loss.py): "
+            "git clone https://github.com/emasa/BalPoE-CalibratedLT DIR and pass --reference-dir DIR")
+
+
 def reference_step(reference_dir: Path, counts: list[int], images: torch.Tensor,
                    labels: torch.Tensor) -> tuple[Callable[[], None], torch.nn.Module, torch.nn.Module]:
     """One training step of the official code on ``images`` / ``labels``, its model and its loss."""
-    if not (reference_dir / "utils" / "combiner.py").is_file():
-        raise SystemExit(f"error: {reference_dir} is not a clone of emasa/BalPoE-CalibratedLT (no "
-                         "utils/combiner.py): git clone https://github.com/emasa/BalPoE-CalibratedLT DIR and "
-                         "pass --reference-dir DIR")
+    if not is_official_clone(reference_dir):
+        raise FileNotFoundError(not_a_clone(reference_dir))
     sys.path.insert(0, str(reference_dir))
     from model.loss import BSExpertLoss
     from model.model import ResNet32Model
@@ -112,7 +119,7 @@ def package_state(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 state[renamed] = value.t() if renamed.endswith("classifier.weight") else value
                 break
         else:
-            raise SystemExit(f"error: the official model's {name} has no counterpart in the package's")
+            raise KeyError(f"the official model's {name} has no counterpart in the package's")
     return state
 
 
@@ -178,6 +185,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    if not is_official_clone(args.reference_dir):
+        parser.error(not_a_clone(args.reference_dir))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     np.random.seed(0)  # the official mixup draws its lambda from numpy

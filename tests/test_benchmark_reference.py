@@ -19,10 +19,15 @@ def _script():
     return module
 
 
-def test_a_folder_without_the_official_code_is_refused_with_the_clone_command(tmp_path):
+def test_a_folder_without_the_official_code_is_refused_with_the_clone_command(tmp_path, monkeypatch, capsys):
+    script = _script()
     labels = torch.zeros(2, dtype=torch.long)
-    with pytest.raises(SystemExit, match=r"not a clone of emasa/BalPoE-CalibratedLT.*git clone"):
-        _script().reference_step(tmp_path, [5, 1], torch.zeros(2, 3, 32, 32), labels)
+    with pytest.raises(FileNotFoundError, match=r"not a clone of emasa/BalPoE-CalibratedLT.*git clone"):
+        script.reference_step(tmp_path, [5, 1], torch.zeros(2, 3, 32, 32), labels)
+    monkeypatch.setattr("sys.argv", ["benchmark_reference.py", "--reference-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        script.main()
+    assert stopped.value.code == 2 and "not a clone of emasa/BalPoE-CalibratedLT" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -57,5 +62,5 @@ def test_official_names_map_onto_the_packages_model():
                              "balpoe.experts.0.classifier.weight"]
     assert all(renamed[name].shape == ours[name].shape for name in renamed)
     assert torch.equal(renamed["balpoe.experts.0.classifier.weight"][2], torch.arange(2, 64 * 3, 3.0))
-    with pytest.raises(SystemExit, match=r"backbone\.fc\.weight has no counterpart"):
+    with pytest.raises(KeyError, match=r"backbone\.fc\.weight has no counterpart"):
         script.package_state({"backbone.fc.weight": torch.zeros(3, 64)})
