@@ -15,8 +15,12 @@ a batch already in memory):
   ``torch.optim.SGD.step()`` and the ``loss.item()`` its trainer logs every step.
 - ``package``: ``BalPoEForImageClassification`` of the ``cifar10-lt-local`` recipe, timm's ``Mixup`` (soft
   targets), ``output.loss.backward()`` and the recipe's optimizer (``training.speed.build_optimizer``: fused
-  SGD where torch has it), as ``balpoe_hf.training`` runs them; ``package+channels_last`` adds the recipe's
-  ``--channels-last`` (weights and batch in NHWC).
+  SGD where torch has it), as ``balpoe_hf.training`` runs them; ``package+OPTION+...`` adds the recipe's
+  speed options: ``channels_last`` (weights and batch in NHWC), ``bf16`` (autocast of the forward, as
+  ``--mixed-precision bf16`` has accelerate do) and ``compile`` (``torch.compile`` of the model). By default
+  ``package`` and ``package+channels_last``; ``package+channels_last+bf16`` too on a GPU or a CPU that
+  computes bf16 natively (``training.speed.cpu_has_native_bf16``), and on a GPU
+  ``package+channels_last+bf16+compile``; ``--configs`` names others.
 
 Before timing, the script loads the official model's weights into the package's (``package_state``, by
 name) and prints, on the same batch in training mode without mixup, the largest difference of the two
@@ -40,7 +44,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +58,7 @@ from balpoe_hf import BalPoEForImageClassification
 from balpoe_hf.data.splits import long_tailed_counts
 from balpoe_hf.recipes import load_recipe
 from balpoe_hf.training.model import parameter_groups
-from balpoe_hf.training.speed import build_optimizer, prepare_model
+from balpoe_hf.training.speed import build_optimizer, cpu_has_native_bf16, prepare_model
 
 RECIPE = "cifar10-lt-local"
 # The official config's "tau_list": its tau is the package's 1 - lambda.
@@ -136,10 +140,25 @@ def same_function(official: torch.nn.Module, criterion: torch.nn.Module, package
     return (output.expert_logits - logits).abs().max().item(), official_loss.item(), output.loss.item()
 
 
+OPTIONS = ("channels_last", "bf16", "compile")
+
+
+def package_options(config: str) -> set[str]:
+    """The speed options of a configuration name ``package[+OPTION...]``; ``ValueError`` for others."""
+    name, *options = config.split("+")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if name != "package" or unknown:
+        raise ValueError(f"{config!r} is not a configuration: write 'package' and any of "
+                         f"{', '.join(OPTIONS)} joined by '+', e.g. package+channels_last+bf16")
+    return set(options)
+
+
 def package_step(counts: list[int], images: torch.Tensor, labels: torch.Tensor,
-                 channels_last: bool) -> tuple[Callable[[], None], torch.nn.Module]:
-    """One training step of this package, as ``balpoe_hf.training`` runs it, and its model."""
-    recipe = load_recipe(RECIPE, channels_last=channels_last)
+                 options: Collection[str] = ()) -> tuple[Callable[[], None], torch.nn.Module]:
+    """One training step of this package with the speed ``options`` (of ``OPTIONS``), as
+    ``balpoe_hf.training`` runs it, and its model."""
+    channels_last = "channels_last" in options
+    recipe = load_recipe(RECIPE, channels_last=channels_last, compile="compile" in options)
     model = BalPoEForImageClassification(recipe.model_config(counts))
     model = prepare_model(model.to(images.device), recipe)
     optimizer = build_optimizer(recipe, parameter_groups(model, recipe), images.device)
@@ -150,7 +169,8 @@ def package_step(counts: list[int], images: torch.Tensor, labels: torch.Tensor,
 
     def step() -> None:
         pixel_values, targets = mixup(batch.clone(), labels)  # timm mixes the batch in place
-        loss = model(pixel_values=pixel_values, labels=targets).loss
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled="bf16" in options):
+            loss = model(pixel_values=pixel_values, labels=targets).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -184,9 +204,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each timing")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--configs", help="comma-separated package configurations (default: see above)")
     args = parser.parse_args()
     if not is_official_clone(args.reference_dir):
         parser.error(not_a_clone(args.reference_dir))
+    gpu = args.device.startswith("cuda")
+    chosen = (args.configs.split(",") if args.configs else
+              ["package", "package+channels_last"]
+              + (["package+channels_last+bf16"] if gpu or cpu_has_native_bf16() else [])
+              + (["package+channels_last+bf16+compile"] if gpu else []))
+    try:
+        options = {name: package_options(name) for name in chosen}
+    except ValueError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     np.random.seed(0)  # the official mixup draws its lambda from numpy
@@ -199,16 +229,15 @@ def main() -> None:
 
     reference, reference_model, criterion = reference_step(args.reference_dir, counts, images, labels)
     configs = {"reference": (reference, reference_model),
-               "package": package_step(counts, images, labels, channels_last=False),
-               "package+channels_last": package_step(counts, images, labels, channels_last=True)}
+               **{name: package_step(counts, images, labels, named) for name, named in options.items()}}
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU {platform.processor() or platform.machine()}, {args.threads} torch threads")
     print(f"{where}, torch {torch.__version__}; {args.num_classes} classes, batch {args.batch_size}, "
           f"{args.rounds} rounds of {args.steps} steps")
     print("parameters: " + ", ".join(f"{name} {sum(p.numel() for p in model.parameters()):,}"
                                      for name, (_, model) in configs.items()))
-    difference, official_loss, package_loss = same_function(reference_model, criterion, configs["package"][1],
-                                                            images, labels)
+    plain = package_step(counts, images, labels)[1]  # fp32, eager: the official code's arithmetic
+    difference, official_loss, package_loss = same_function(reference_model, criterion, plain, images, labels)
     print(f"the official weights in the package's model: expert logits within {difference:.1e}, loss "
           f"{official_loss:.6f} (official) and {package_loss:.6f} (package)\n")
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from balpoe_hf.cli.arguments import parse_args
 from balpoe_hf.data.loading import load_training_data
 from balpoe_hf.data.splits import labels_array
+from balpoe_hf.training.speed import cpu_has_native_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,10 +58,12 @@ def default_configs() -> list[str]:
     if torch.cuda.is_available():
         fast = "channels_last+fused" + ("+bf16" if torch.cuda.is_bf16_supported() else "")
         return [REFERENCE, "device", f"device+{fast}", f"device+{fast}+compile", f"workers+{fast}"]
-    # No bf16 or compile on CPU by default: bf16 autocast is slower than fp32 without AVX-512 BF16 / AMX, and
-    # inductor compiles for minutes on a few cores (--configs device+compile runs it).
-    return [REFERENCE, "device", "device+channels_last", "device+channels_last+fused",
-            "workers+channels_last+fused"]
+    # bf16 on CPU only where the CPU computes it natively: emulated, bf16 autocast is slower than fp32. No
+    # compile on CPU by default: inductor compiles for minutes on a few cores (--configs device+compile).
+    configs = [REFERENCE, "device", "device+channels_last", "device+channels_last+fused"]
+    if cpu_has_native_bf16():
+        configs.append("device+channels_last+fused+bf16")
+    return [*configs, "workers+channels_last+fused"]
 
 
 def config_flags(config: str) -> list[str]:

@@ -30,11 +30,11 @@ def test_a_folder_without_the_official_code_is_refused_with_the_clone_command(tm
     assert stopped.value.code == 2 and "not a clone of emasa/BalPoE-CalibratedLT" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_the_package_step_trains_the_recipes_network(channels_last):
+@pytest.mark.parametrize("options", [(), ("channels_last",), ("channels_last", "bf16")])
+def test_the_package_step_trains_the_recipes_network(options):
     torch.manual_seed(0)
     step, model = _script().package_step([50, 20, 5], torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2]),
-                                         channels_last)
+                                         options)
     # The 3-expert ResNet-32 with 3 classes: a shared stem and first stage of 23,824 parameters, three
     # experts of 88,192 (stage 2) + 351,488 (stage 3) + 64 x 3 (cosine classifier) each.
     assert sum(p.numel() for p in model.parameters()) == 23_824 + 3 * (88_192 + 351_488 + 192)
@@ -47,7 +47,7 @@ def test_the_package_step_trains_the_recipes_network(channels_last):
 
 def test_official_names_map_onto_the_packages_model():
     script = _script()
-    _, model = script.package_step([50, 20, 5], torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2]), False)
+    _, model = script.package_step([50, 20, 5], torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2]))
     ours = model.state_dict()
     # Names as the official ResNet32Model (model/ldam_drw_resnets/expert_resnet_cifar.py) has them.
     official = {"backbone.conv1.weight": torch.zeros(16, 3, 3, 3),
@@ -64,3 +64,12 @@ def test_official_names_map_onto_the_packages_model():
     assert torch.equal(renamed["balpoe.experts.0.classifier.weight"][2], torch.arange(2, 64 * 3, 3.0))
     with pytest.raises(KeyError, match=r"backbone\.fc\.weight has no counterpart"):
         script.package_state({"backbone.fc.weight": torch.zeros(3, 64)})
+
+
+def test_configurations_are_package_and_known_options():
+    script = _script()
+    assert script.package_options("package") == set()
+    assert script.package_options("package+channels_last+bf16") == {"channels_last", "bf16"}
+    for bad in ("reference", "package+fp8", "pkg+compile"):
+        with pytest.raises(ValueError, match="is not a configuration: write 'package' and any of"):
+            script.package_options(bad)

@@ -9,8 +9,11 @@ inductor compilation takes over a minute here and runs only with RUN_SLOW=1.
 from __future__ import annotations
 
 import os
+import platform
+import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -264,6 +267,14 @@ def test_fused_sgd_only_where_torch_has_a_kernel():
     optimizer = speed.build_optimizer(make_recipe({"dataset": "x"}), tiny_model().parameters(),
                                       torch.device("meta"))
     assert optimizer.defaults["fused"] is None  # the default (foreach) update
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file() or platform.machine() != "x86_64",
+                    reason="reads the x86 CPU flags Linux lists")
+def test_native_bf16_is_what_the_cpu_flags_say():
+    # Linux lists the ISA extensions it found by CPUID: AVX-512 BF16 or AMX's bf16 tiles compute bf16.
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    assert speed.cpu_has_native_bf16() is bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_compiled_model_keeps_parameter_names_and_trains_as_eager():
