@@ -1,7 +1,9 @@
 """Learning curves of runs, finished or still going (balpoe_hf.evaluation.curves), against histories written
 by hand."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,7 @@ from balpoe_hf.errors import TrainingError
 from balpoe_hf.evaluation.curves import epochs_done, eval_history, format_curve_table
 from balpoe_hf.evaluation.plots import training_curves_plot
 
+REPO = Path(__file__).resolve().parents[1]
 HISTORY = [{"epoch": 20, "balanced_accuracy": 0.5, "accuracy": 0.6, "ece": 0.1},
            {"epoch": 40, "balanced_accuracy": 0.612, "accuracy": 0.7, "ece": 0.081},
            {"epoch": 50, "balanced_accuracy": 0.65, "accuracy": 0.72, "ece": 0.07}]
@@ -44,3 +47,14 @@ def test_table_every_twenty_epochs_and_the_last(tmp_path):
     picture = training_curves_plot({"a": HISTORY, "b": HISTORY[:1]}, tmp_path / "curves.png",
                                    reference={"a": {"balanced_accuracy": 84.2, "ece": 6.3}})
     assert picture.read_bytes().startswith(b"\x89PNG") and picture.stat().st_size > 5000
+
+
+def test_the_script_names_a_folder_that_is_no_run_and_exits_2(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("training_curves", REPO / "scripts" / "training_curves.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "comparison.json").write_text("{}")
+    assert script.main([str(tmp_path / "comparison.json")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "comparison.json has neither train_results.json" in error
+    assert "Traceback" not in error
