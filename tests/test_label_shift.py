@@ -477,6 +477,7 @@ def test_auto_warns_when_it_moves_the_prior_of_a_model_without_calibration():
     with pytest.warns(UserWarning, match=r"moved on uncalibrated evidence.*--holdout-fraction 0\.1"):
         estimate = confident.adapt_to_unlabeled(images)
     assert estimate.prior[0] > 0.5 and estimate.details["calibration"] == "none"
+    assert estimate.details["no_holdout"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         confident.adapt_to_unlabeled(images, method="em")  # raw posteriors asked for by name
@@ -485,6 +486,8 @@ def test_auto_warns_when_it_moves_the_prior_of_a_model_without_calibration():
         # With a held-out calibration the estimate rests on it.
         calibrated = _model_predicting([4.0, 0.0, 0.0, 0.0], calibration=_calibration())
         assert calibrated.adapt_to_unlabeled(images).details["calibration"] == "bcts"
+        assert "no_holdout" not in calibrated.adapt_to_unlabeled(images).details
+        assert "no_holdout" not in confident.adapt_to_unlabeled(images, method="em").details
 
 
 # --------------------------------------------------------------------------- evaluation modes

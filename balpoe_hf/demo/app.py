@@ -127,7 +127,7 @@ def _estimate_note(estimate: Any, num_images: int) -> str:
                 "than its own uncertainty (these images, the model's calibration).")
     note = (f"Estimated with {method}, and shrunk towards uniform by as much as it is uncertain (these "
             "images, the model's calibration).")
-    if (estimate.details or {}).get("calibration") == "none" and estimate.method.startswith("auto"):
+    if (estimate.details or {}).get("no_holdout"):
         note += (" This model was trained without a held-out split, so the estimate read its raw posteriors, "
                  "which lean to the frequent classes on an over-confident model.")
     return note

@@ -135,7 +135,9 @@ class PriorEstimate:
     ``prior`` is uniform); ``None`` without shrinkage. ``kept_uniform``: ``prior`` is the uniform prior
     although the estimator ran (no evidence of a shift, or too few images). ``images``: the effective number
     of images the estimate rests on. ``method``: the mode's name. ``converged``: EM stopped by its tolerance.
-    ``details``: the calibration used, its temperature, and why the prior stayed uniform where it did.
+    ``details``: the calibration used, its temperature, whether it is the raw posteriors because the model
+    has no held-out calibration for ``auto`` to read (``"no_holdout": True``), and why the prior stayed
+    uniform where it did.
     """
 
     prior: torch.Tensor
@@ -349,6 +351,8 @@ def estimate_prior(logits: torch.Tensor, calibration: dict[str, Any] | None = No
     posteriors = torch.softmax(apply_calibration(scores, temperature, bias), dim=1)
     estimate, converged = em_prior(posteriors, weights=image_weights, pseudo_counts=settings.pseudo_count)
     details: dict[str, Any] = {"calibration": kind, "temperature": temperature}
+    if settings.calibration == "auto" and calibration is None:
+        details["no_holdout"] = True
     if settings.shrinkage == "none":
         return PriorEstimate(prior=estimate, estimate=estimate, log_prior_se=None, shift_spread=None,
                              kept_uniform=False, images=images, method=name, converged=converged,

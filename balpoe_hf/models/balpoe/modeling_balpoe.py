@@ -42,7 +42,6 @@ from .label_shift import (
     ShiftEstimator,
     describe_auto,
     estimate_prior,
-    resolve_estimator,
 )
 from .losses import BalPoELoss, LADELoss
 from .pipeline_balpoe import BalPoEImageClassificationPipeline
@@ -503,8 +502,7 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
             evidence, weights = stream.logits, stream.weights
         estimate = estimate_prior(evidence, self.config.calibration, method, weights=weights,
                                   shift_estimator=self.config.shift_estimator)
-        _, settings = resolve_estimator(method, self.config.shift_estimator)
-        if self.config.calibration is None and settings.calibration == "auto" and not estimate.kept_uniform:
+        if estimate.details.get("no_holdout") and not estimate.kept_uniform:
             # Raw posteriors of an over-fitted model lean to the frequent classes (measured: a 200-epoch
             # balanced softmax model lost 0.9 points on an unshifted test set): say so where it adapts.
             # stacklevel 3: the caller's line, past torch.no_grad's wrapper of this method.
