@@ -4,6 +4,7 @@ are in tests/conftest.py.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -100,3 +101,12 @@ def gaussian_logits(prior, num_samples: int, rng: np.random.Generator, means, sc
     x = rng.normal(means[labels], 1.0)
     log_likelihood = -0.5 * (x[:, None] - means[None, :]) ** 2
     return torch.from_numpy(scale * log_likelihood + np.asarray(class_bias)), torch.from_numpy(labels)
+
+
+def load_script(name: str):
+    """The module of ``scripts/NAME.py``, imported from its file (the scripts are no package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" /
+                                                  f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -7,12 +7,12 @@ parsing, the upload file filter, loading the folder back) runs for real.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import RepoUrl
@@ -21,10 +21,7 @@ from PIL import Image
 from balpoe_hf import BalPoEConfig, BalPoEForImageClassification, build_image_processor, hub
 from balpoe_hf.run_folder import record_outputs, weights_fingerprint
 
-_spec = importlib.util.spec_from_file_location(
-    "push_to_hub_script", Path(__file__).resolve().parents[1] / "scripts" / "push_to_hub.py")
-push_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(push_script)
+push_script = load_script("push_to_hub")
 
 COUNTS = [500, 200, 80, 30, 10]  # imbalance ratio 500 / 10 = 50
 CONFIG = {

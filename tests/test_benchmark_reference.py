@@ -1,26 +1,15 @@
 """scripts/benchmark_reference.py: its refusal of a folder that is not the official code, and its package
 step (the official side needs a clone of emasa/BalPoE-CalibratedLT, which the tests do not have)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import load_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("benchmark_reference",
-                                                  REPO / "scripts" / "benchmark_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_folder_without_the_official_code_is_refused_with_the_clone_command(tmp_path, monkeypatch, capsys):
-    script = _script()
+    script = load_script("benchmark_reference")
     labels = torch.zeros(2, dtype=torch.long)
     with pytest.raises(FileNotFoundError, match=r"not a clone of emasa/BalPoE-CalibratedLT.*git clone"):
         script.reference_step(tmp_path, [5, 1], torch.zeros(2, 3, 32, 32), labels)
@@ -33,8 +22,8 @@ def test_a_folder_without_the_official_code_is_refused_with_the_clone_command(tm
 @pytest.mark.parametrize("options", [(), ("channels_last",), ("channels_last", "bf16")])
 def test_the_package_step_trains_the_recipes_network(options):
     torch.manual_seed(0)
-    step, model = _script().package_step([50, 20, 5], torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2]),
-                                         options)
+    step, model = load_script("benchmark_reference").package_step(
+        [50, 20, 5], torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2]), options)
     # The 3-expert ResNet-32 with 3 classes: a shared stem and first stage of 23,824 parameters, three
     # experts of 88,192 (stage 2) + 351,488 (stage 3) + 64 x 3 (cosine classifier) each.
     assert sum(p.numel() for p in model.parameters()) == 23_824 + 3 * (88_192 + 351_488 + 192)
@@ -46,7 +35,7 @@ def test_the_package_step_trains_the_recipes_network(options):
 
 
 def test_official_names_map_onto_the_packages_model():
-    script = _script()
+    script = load_script("benchmark_reference")
     _, model = script.package_step([50, 20, 5], torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 2]))
     ours = model.state_dict()
     # Names as the official ResNet32Model (model/ldam_drw_resnets/expert_resnet_cifar.py) has them.
@@ -67,7 +56,7 @@ def test_official_names_map_onto_the_packages_model():
 
 
 def test_configurations_are_package_and_known_options():
-    script = _script()
+    script = load_script("benchmark_reference")
     assert script.package_options("package") == set()
     assert script.package_options("package+channels_last+bf16") == {"channels_last", "bf16"}
     for bad in ("reference", "package+fp8", "pkg+compile"):

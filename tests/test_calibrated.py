@@ -1,14 +1,13 @@
 """What a run's held-out calibration would change if applied to its predictions
 (balpoe_hf.evaluation.calibrated, scripts/calibrated_shifts.py)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_recipe
+from helpers import load_script, tiny_recipe
 
 from balpoe_hf import cli
 from balpoe_hf.errors import EvaluationError
@@ -16,15 +15,6 @@ from balpoe_hf.evaluation.calibrated import calibrated_shift_accuracy, run_calib
 from balpoe_hf.evaluation.shifts import shifted_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("calibrated_shifts",
-                                                  REPO / "scripts" / "calibrated_shifts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_accuracies_by_hand_on_a_balanced_set():
@@ -65,7 +55,8 @@ def test_a_run_gives_the_reports_none_and_oracle_and_its_calibration(holdout_run
                                                                    abs=1e-9), (shift, mode)
     assert result["accuracy"]["uniform"]["calibrated"] == result["accuracy"]["uniform"]["calibrated+oracle"]
     assert result["temperature"] == calibration["temperature"] and result["bias"] == calibration["bias"]
-    assert _script().main([str(holdout_run), "--shifts", "forward5,uniform,backward5"]) == 0
+    script = load_script("calibrated_shifts")
+    assert script.main([str(holdout_run), "--shifts", "forward5,uniform,backward5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"BCTS temperature {calibration['temperature']:.3f}; biases: ")
     assert lines[2] == "| test set | none | oracle | calibrated | calibrated+oracle |"
@@ -73,7 +64,7 @@ def test_a_run_gives_the_reports_none_and_oracle_and_its_calibration(holdout_run
 
 
 def test_a_run_without_a_held_out_split_or_a_recipe_is_refused(tiny_run, capsys):
-    assert _script().main([str(tiny_run)]) == 2
+    assert load_script("calibrated_shifts").main([str(tiny_run)]) == 2
     assert "has no held-out calibration (config.calibration), so there is none to apply: train it with a " \
            "held-out split (--holdout-fraction" in capsys.readouterr().err
     with pytest.raises(EvaluationError, match=r"holds no recipe\.yaml"):

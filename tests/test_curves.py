@@ -1,17 +1,15 @@
 """Learning curves of runs, finished or still going (balpoe_hf.evaluation.curves), against histories written
 by hand."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 from balpoe_hf.errors import TrainingError
 from balpoe_hf.evaluation.curves import epochs_done, eval_history, format_curve_table
 from balpoe_hf.evaluation.plots import training_curves_plot
 
-REPO = Path(__file__).resolve().parents[1]
 HISTORY = [{"epoch": 20, "balanced_accuracy": 0.5, "accuracy": 0.6, "ece": 0.1},
            {"epoch": 40, "balanced_accuracy": 0.612, "accuracy": 0.7, "ece": 0.081},
            {"epoch": 50, "balanced_accuracy": 0.65, "accuracy": 0.72, "ece": 0.07}]
@@ -50,9 +48,7 @@ def test_table_every_twenty_epochs_and_the_last(tmp_path):
 
 
 def test_the_script_names_a_folder_that_is_no_run_and_exits_2(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("training_curves", REPO / "scripts" / "training_curves.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("training_curves")
     (tmp_path / "comparison.json").write_text("{}")
     assert script.main([str(tmp_path / "comparison.json")]) == 2
     error = capsys.readouterr().err
