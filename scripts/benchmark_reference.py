@@ -13,14 +13,16 @@ a batch already in memory):
   ``configs/mixup/standard_training/config_cifar10_ir100_bs-experts.json`` arguments), ``BSExpertLoss``,
   ``Combiner.mixup`` (mixed images, the loss for both targets, the batch accuracy), ``loss.backward()``,
   ``torch.optim.SGD.step()`` and the ``loss.item()`` its trainer logs every step.
-- ``package``: ``BalPoEForImageClassification`` of the ``cifar10-lt-local`` recipe, timm's ``Mixup`` (soft
-  targets), ``output.loss.backward()`` and the recipe's optimizer (``training.speed.build_optimizer``: fused
-  SGD where torch has it), as ``balpoe_hf.training`` runs them; ``package+OPTION+...`` adds the recipe's
-  speed options: ``channels_last`` (weights and batch in NHWC), ``bf16`` (autocast of the forward, as
-  ``--mixed-precision bf16`` has accelerate do) and ``compile`` (``torch.compile`` of the model). By default
-  ``package`` and ``package+channels_last``; ``package+channels_last+bf16`` too on a GPU or a CPU that
-  computes bf16 natively (``training.speed.cpu_has_native_bf16``), and on a GPU
-  ``package+channels_last+bf16+compile``; ``--configs`` names others.
+- ``package``: ``BalPoEForImageClassification`` of the ``cifar10-lt-local`` recipe in the default
+  (contiguous) layout, the official code's, timm's ``Mixup`` (soft targets), ``output.loss.backward()`` and
+  the recipe's optimizer (``training.speed.build_optimizer``: fused SGD where torch has it), as
+  ``balpoe_hf.training`` runs them; ``package+OPTION+...`` adds speed options: ``channels_last`` (weights and
+  batch in NHWC: ``package+channels_last`` is the step as the recipe ships, ``channels_last: true``),
+  ``bf16`` (autocast of the forward, as ``--mixed-precision bf16`` has accelerate do) and ``compile``
+  (``torch.compile`` of the model). By default ``package`` and ``package+channels_last``;
+  ``package+channels_last+bf16`` too on a GPU or a CPU that computes bf16 natively
+  (``training.speed.cpu_has_native_bf16``), and on a GPU ``package+channels_last+bf16+compile``; ``--configs``
+  names others.
 
 Before timing, the script loads the official model's weights into the package's (``package_state``, by
 name) and prints, on the same batch in training mode without mixup, the largest difference of the two

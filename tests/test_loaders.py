@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from helpers import assert_same_weights, tiny_recipe
 from train_synthetic import CLASS_NAMES, TEST_PER_CLASS, TRAIN_COUNTS
 
-from balpoe_hf import run_folder
+from balpoe_hf import recipes, run_folder
 from balpoe_hf.cli.arguments import parse_args
 from balpoe_hf.data.device_data import DeviceLoader
 from balpoe_hf.data.loaders import (
@@ -116,6 +116,16 @@ def test_command_line_flags_of_the_speed_options():
         "auto", False, False, True)
     with pytest.raises(TrainingError, match=r"data_pipeline must be one of \['auto', 'device', 'workers'\]"):
         make_recipe({"dataset": "x", "data_pipeline": "gpu"})
+
+
+def test_the_cifar_and_fashion_mnist_recipes_train_channels_last_and_a_flag_turns_it_off():
+    # The small ResNets were measured faster in NHWC on the CPU; the ImageNet-LT and iNaturalist recipes were
+    # not, and keep the default layout.
+    shipped = {name: recipes.load_recipe(name).channels_last for name in recipes.available_recipes()}
+    assert {name for name, on in shipped.items() if on} == {
+        name for name in shipped if name.startswith(("cifar10-lt-", "cifar100-lt-", "fashion-mnist-lt-"))}
+    _, recipe = parse_args(["--recipe", "cifar10-lt-local", "--channels-last", "False"])
+    assert recipe.channels_last is False
 
 
 # --------------------------------------------------------------------------- the device loaders of a run
