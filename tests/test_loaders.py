@@ -184,12 +184,15 @@ def test_build_loaders_follows_the_recipe_and_reseeds_each_epoch(tiny_data):
         build_loaders(recipe, load_training_data(recipe), processor, accelerator)
 
 
-@pytest.mark.parametrize("pipeline", ["device", "workers"])
+@pytest.mark.parametrize(("pipeline", "channels_last"),
+                         [("device", False), ("workers", False), ("device", True)])
 def test_training_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(tiny_data, tmp_path, pipeline,
-                                                                              capsys):
+                                                                              channels_last, capsys):
     # 7 batches an epoch, a step checkpoint every 3; num_workers=1: the worker pipeline loads in a worker.
+    # channels_last: the checkpoint holds the momentum buffers in the default layout (safetensors), the
+    # resumed model's weights are NHWC, and fused SGD reads a buffer as laid out like its weight.
     recipe = loader_recipe(tiny_data, epochs=2, data_pipeline=pipeline, num_workers=1, eval_every=1,
-                           checkpoint_every_steps=3, checkpoints_total_limit=10)
+                           checkpoint_every_steps=3, checkpoints_total_limit=10, channels_last=channels_last)
     whole = train(recipe, tmp_path / "whole")
     assert whole.train_results["data_pipeline"] == pipeline
     assert len(whole.train_results["epoch_images_per_second"]) == 2
@@ -260,6 +263,26 @@ def test_fused_sgd_makes_the_same_update():
     # the last bit differently elsewhere).
     assert_same_steps(train_two_steps(False, True), train_two_steps(False, False), loss_tol=(1e-6, 1e-7),
                       state_tol=(1e-6, 1e-7))
+
+
+def test_momentum_loaded_from_a_checkpoint_is_laid_out_as_its_nhwc_weight():
+    # A checkpoint's buffers come back contiguous; torch's fused SGD would read one beside an NHWC weight in
+    # the weight's element order. The foreach kernel follows each tensor's strides: the expected update.
+    def resumed_step(fused: bool) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(4, 3, 3, 3, generator=generator).to(memory_format=torch.channels_last)
+        weight.requires_grad_()
+        optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, nesterov=True, fused=fused or None)
+        saved = {"state": {0: {"momentum_buffer": torch.randn(4, 3, 3, 3, generator=generator)}},
+                 "param_groups": [{**optimizer.state_dict()["param_groups"][0]}]}
+        optimizer.load_state_dict(saved)
+        checkpoints.match_parameter_layout(optimizer)
+        gradient = torch.randn(4, 3, 3, 3, generator=generator)
+        weight.grad = gradient.contiguous(memory_format=torch.channels_last)
+        optimizer.step()
+        return weight.detach()
+
+    torch.testing.assert_close(resumed_step(fused=True), resumed_step(fused=False), rtol=1e-6, atol=1e-7)
 
 
 def test_channels_last_trains_as_the_default_layout_up_to_rounding():

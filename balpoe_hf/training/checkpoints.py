@@ -235,6 +235,24 @@ def _read_training_state(accelerator: Accelerator, folder: Path) -> dict[str, An
     return states
 
 
+def match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Lay out each per-parameter state tensor (e.g. SGD's momentum buffer) in memory as its parameter.
+
+    A checkpoint holds tensors in the default layout (safetensors stores contiguous ones), and
+    ``Optimizer.load_state_dict`` keeps it; the weights of a ``channels_last`` model are NHWC. torch's fused
+    SGD walks the weight, its gradient and its buffer as flat memory without checking that they are laid out
+    alike (found on the CPU; the default foreach kernel follows each tensor's layout), so a contiguous
+    buffer beside an NHWC weight silently mixed the momentum of other elements into the first update after
+    a resume.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def load_training_state(accelerator: Accelerator, folder: Path, objects: TrainingObjects) -> None:
     """Load a checkpoint's states into the prepared objects, the gradient scaler and the random-number
     generators. Raises (a safetensors, JSON, OS or ``RefusedPickleError``) when a file is unusable."""
@@ -244,6 +262,7 @@ def load_training_state(accelerator: Accelerator, folder: Path, objects: Trainin
     weights = {name.removeprefix("module."): tensor for name, tensor in states["model"].items()}
     accelerator.unwrap_model(objects.model).load_state_dict(weights)
     objects.optimizer.load_state_dict(states["optimizer"])
+    match_parameter_layout(objects.optimizer)
     objects.scheduler.load_state_dict(states["scheduler"])
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(states["scaler"])
