@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import errno
 import json
+import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -226,6 +228,52 @@ def test_resume_with_more_epochs_is_allowed_with_a_warning(reference, data, tmp_
     printed = capsys.readouterr().out
     assert "warning: resuming with recipe changes (saved -> now): epochs: 3 -> 4" in printed
     assert "epoch 4/4" in printed
+
+
+def test_resume_inside_an_epoch_with_another_accumulation_is_refused(reference, data, tmp_path):
+    # Same batches per epoch, but the checkpoint is at a point of the saved accumulation's cycle.
+    out = _killed_at(reference, "epoch-0001-step-000002", tmp_path / "run")
+    with pytest.raises(TrainingError, match=r"gradient_accumulation_steps: 1 -> 2 \(a step checkpoint"):
+        train(_recipe(data, gradient_accumulation_steps=2), out, resume=True)
+
+
+def _last_lr(printed: str, epoch: str) -> float:
+    """The lr that the per-epoch line of ``epoch`` ("3/3") prints: that of the epoch's last step."""
+    return float(re.search(rf"epoch {epoch}: [^\n]*, lr ([0-9.]+),", printed).group(1))
+
+
+def test_resume_trains_with_the_recipes_new_learning_rate_and_optimizer_settings(reference, data, tmp_path,
+                                                                                   capsys):
+    out = _killed_at(reference, "epoch-0002", tmp_path / "run")
+    train(_recipe(data, lr=0.5, momentum=0.5, weight_decay=0.01), out, resume=True)
+    printed = capsys.readouterr().out
+    assert "lr: 0.05 -> 0.5; momentum: 0.9 -> 0.5; weight_decay: 0.0005 -> 0.01" in printed
+    # Cosine over 3 epochs of 7 steps, no warm-up: the last step (20 of 21) at 0.5 (1 + cos(pi 20/21)) / 2.
+    assert _last_lr(printed, "3/3") == pytest.approx(0.5 * (1 + math.cos(math.pi * 20 / 21)) / 2, abs=6e-6)
+    groups = checkpoints.read_state(out / "checkpoints" / "epoch-0003", "optimizer")["param_groups"]
+    assert [(group["momentum"], group["weight_decay"]) for group in groups] == [(0.5, 0.01)] * len(groups)
+
+
+def test_resume_with_another_batch_size_continues_the_schedule_in_epochs(reference, data, tmp_path, capsys):
+    # 60 images: 7 steps an epoch at batch 8, 15 at batch 4. Two epochs done, the third at batch 4 ends at
+    # step 44 of 45: 0.05 (1 + cos(pi 44/45)) / 2 (the saved step count, 14, would end at step 28 of 45).
+    out = _killed_at(reference, "epoch-0002", tmp_path / "run")
+    train(_recipe(data, batch_size=4), out, resume=True)
+    assert _last_lr(capsys.readouterr().out, "3/3") == pytest.approx(
+        0.05 * (1 + math.cos(math.pi * 44 / 45)) / 2, abs=6e-6)
+
+
+@pytest.mark.parametrize("checkpoint,position,enough", [
+    ("epoch-0002", "2 epochs", 2), ("epoch-0001-step-000002", "1 epoch and 2 batches", 2)])
+def test_resume_with_fewer_epochs_than_the_checkpoint_is_refused_and_touches_nothing(
+        reference, data, tmp_path, checkpoint, position, enough):
+    # Else the checkpoint's model, trained further, would be saved and reported as the 1-epoch run.
+    out = _killed_at(reference, checkpoint, tmp_path / "run")
+    before = folder_bytes(out)
+    with pytest.raises(TrainingError, match=rf"with epochs 1: the checkpoint to resume from has trained "
+                                            rf"{position}\. Resume with --epochs {enough} or more"):
+        train(_recipe(data, epochs=1), out, resume=True)
+    assert folder_bytes(out) == before
 
 
 def test_every_model_setting_of_the_recipe_reaches_the_config_and_a_resume_keeps_it():

@@ -60,6 +60,7 @@ from .resume import (
     check_output_dir,
     check_output_flags,
     clear_run_outputs,
+    continue_schedule,
     epoch_batches,
     load_checkpoint,
     model_signature,
@@ -230,8 +231,12 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
 
     # The output directory, and the checkpoint to resume from.
     objects = checkpoints.TrainingObjects(model, optimizer, scheduler)
+    built_groups = [dict(group) for group in optimizer.param_groups]
     saved = load_checkpoint(accelerator, output_dir, recipe, signature, len(loaders.train),
                                         objects) if resume else None
+    if saved is not None:
+        continue_schedule(optimizer, scheduler, built_groups, saved["epoch"] * steps_per_epoch
+                          + saved.get("step", 0) // recipe.gradient_accumulation_steps)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite and output_dir.is_dir():
@@ -242,6 +247,7 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
         accelerator.print(f"no checkpoint in {output_dir / checkpoints.CHECKPOINTS_DIR}: starting afresh")
     state = TrainState() if saved is None else TrainState.from_checkpoint(saved)
     state.model, state.batches_per_epoch = signature, len(loaders.train)
+    state.gradient_accumulation_steps = recipe.gradient_accumulation_steps
     if report_to != "none":
         # TensorBoard's hparams take scalars only.
         accelerator.init_trackers("logs", config={k: v if isinstance(v, int | float | str | bool) else str(v)

@@ -164,7 +164,8 @@ def check_resume(output_dir: str | Path, recipe: Recipe, state: dict[str, Any], 
 
     Compared: the model-defining fields of the run's ``recipe.yaml`` (``RESUME_FIELDS``), the built model's
     ``signature`` with the one saved in the checkpoint (which catches changed data, e.g. other class
-    counts), and for a checkpoint inside an epoch the number of batches per epoch (the batches to skip).
+    counts), and for a checkpoint inside an epoch the number of batches per epoch (the batches to skip) and
+    of gradient accumulation steps. Also refused: a checkpoint past the recipe's last epoch.
     """
     recipe_file = Path(output_dir) / "recipe.yaml"
     changed = recipe_differences(recipe, recipe_file) if recipe_file.is_file() else {}
@@ -177,6 +178,19 @@ def check_resume(output_dir: str | Path, recipe: Recipe, state: dict[str, Any], 
     if state.get("step") and state.get("batches_per_epoch") != batches_per_epoch:
         conflicts.append(f"batches per epoch: {state.get('batches_per_epoch')} -> {batches_per_epoch} (the "
                          "batch size or the number of processes; a step checkpoint needs the same batches)")
+    accumulation = state.get("gradient_accumulation_steps")
+    if state.get("step") and accumulation not in (None, recipe.gradient_accumulation_steps):
+        conflicts.append(f"gradient_accumulation_steps: {accumulation} -> "
+                         f"{recipe.gradient_accumulation_steps} (a step checkpoint is inside an "
+                         "accumulation of the saved count)")
+    done, batches = state.get("epoch", 0), state.get("step", 0)
+    if done > recipe.epochs or (done == recipe.epochs and batches):
+        # The loop would have nothing to train and save the checkpoint's model as the shorter run's.
+        position = f"{done} epoch{'s' * (done != 1)}" + (f" and {batches} batches" if batches else "")
+        raise TrainingError(f"cannot resume {output_dir} with epochs {recipe.epochs}: the checkpoint to "
+                            f"resume from has trained {position}. Resume with --epochs "
+                            f"{done + bool(batches)} or more, or start a new run (another --output-dir, or "
+                            "--overwrite).")
     if conflicts:
         raise TrainingError(
             f"cannot resume {output_dir}: its model was built with other settings (saved -> now):\n  "
@@ -184,6 +198,29 @@ def check_resume(output_dir: str | Path, recipe: Recipe, state: dict[str, Any], 
             "a new run (another --output-dir, or --overwrite).")
     return [f"{key}: {saved!r} -> {now!r}"
             for key, (saved, now) in changed.items() if key not in RESUME_FIELDS]
+
+
+def continue_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                      built_groups: Sequence[dict[str, Any]], step: int) -> None:
+    """After loading a checkpoint: the recipe's optimizer settings and schedule at optimizer step ``step``.
+
+    ``Optimizer.load_state_dict`` takes every setting of a parameter group (lr, momentum, weight decay,
+    nesterov) from the checkpoint, and ``LambdaLR.load_state_dict`` its base lrs and its count of steps, so a
+    resumed run silently kept the saved learning rate that the warning said had changed, and with another
+    batch size or number of processes it stepped a schedule counted in the saved run's steps (milestones at
+    other epochs). ``built_groups`` (the groups as built from the recipe, before loading; their ``params``
+    are left alone) and ``step`` (the resumed position in optimizer steps of this run's epochs) take their
+    place; with nothing changed they equal the saved ones, bit for bit.
+    """
+    for group, built in zip(optimizer.param_groups, built_groups, strict=True):
+        group.update({key: value for key, value in built.items() if key != "params"})
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler.last_epoch = step
+    rules = zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    for group, base, rule in rules:
+        group["lr"] = base * rule(step)  # LambdaLR's own expression
+    # What get_last_lr() returns; LRScheduler.step sets it the same way.
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _try_load(accelerator: Accelerator, path: Path, output_dir: str | Path, recipe: Recipe,

@@ -43,6 +43,7 @@ class TrainState:
     epoch_loss_sum: float = 0.0  # summed loss of the ``step`` batches done of the next epoch
     model: dict[str, Any] | None = None  # model_signature of the model, checked on resume
     batches_per_epoch: int | None = None  # a step checkpoint's resume skips ``step`` of them
+    gradient_accumulation_steps: int | None = None  # a step checkpoint's phase of the accumulation
     epoch_expert_loss_sums: list[float] | None = None  # each expert's ``epoch_loss_sum``
     train_expert_losses: list[float] | None = None  # each expert's ``train_loss``
 
