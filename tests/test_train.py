@@ -123,6 +123,24 @@ def test_world_size_check(monkeypatch, env, processes, fails):
 # --------------------------------------------------------------------------- the script's error exits
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate's process-wide state, reset before and after: its mixed precision is fixed once set."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_fp16_on_the_cpu_is_refused_before_training(tiny_data, tmp_path, fresh_accelerator_state):
+    # accelerate would train in fp32 and report fp16.
+    with pytest.raises(TrainingError, match=r"mixed precision fp16 needs a GPU: on the CPU accelerate trains "
+                                            r"in fp32\. Use --mixed-precision bf16"):
+        training.train(tiny_recipe(tiny_data, mixed_precision="fp16"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'; the known recipes are: cifar10-lt"),
     (["--image-column", "img"], "the train split has no image column 'img'"),

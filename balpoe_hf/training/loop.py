@@ -148,6 +148,12 @@ def _accelerator(recipe: Recipe, output_dir: Path, report_to: str) -> Accelerato
         project_dir=str(output_dir),
         dataloader_config=DataLoaderConfiguration(non_blocking=True),  # with pinned memory on GPUs
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # accelerate keeps fp16's autocast and loss scaling to GPUs and trains in fp32 on a CPU, while still
+        # reporting fp16: a run would claim a precision it did not train in.
+        raise TrainingError("mixed precision fp16 needs a GPU: on the CPU accelerate trains in fp32. Use "
+                            "--mixed-precision bf16 (fast on CPUs with AVX-512 BF16 or AMX) or no, and no "
+                            "--mixed_precision fp16 to accelerate launch.")
     check_world_size(accelerator.num_processes)
     return accelerator
 
