@@ -748,3 +748,19 @@ def test_a_run_resumes_in_the_other_memory_layout(reference, data, tmp_path, cap
         # The last epoch's 7 steps in other convolution kernels: other rounding (measured up to 2e-5).
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
         assert got[name].is_contiguous(), name
+
+
+def test_an_epoch_checkpoint_resumes_on_more_processes_and_a_step_checkpoint_is_refused(reference, data):
+    # Each process saves its own random-number states; a process the saving run did not have finds none.
+    # At the end of an epoch none is needed (each epoch seeds itself); inside one they would be.
+    second = SimpleNamespace(process_index=1, scaler=None, device=torch.device("cpu"))
+    states = checkpoints._read_training_state(second, reference / "checkpoints" / "epoch-0002")
+    assert states["rng"] is None and states["optimizer"]["state"]
+    step = reference / "checkpoints" / "epoch-0001-step-000002"
+    saved = json.loads((step / checkpoints.TRAINER_STATE).read_text())
+    assert saved["num_processes"] == 1
+    with pytest.raises(TrainingError, match=r"processes: 1 -> 2 \(a step checkpoint resumes with the "
+                                            r"processes that saved it"):
+        resume.check_resume(reference, _recipe(data), saved, saved["model"], saved["batches_per_epoch"], 2)
+    assert resume.check_resume(reference, _recipe(data), saved, saved["model"], saved["batches_per_epoch"],
+                               1) == []

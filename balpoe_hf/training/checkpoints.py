@@ -215,7 +215,10 @@ def _read_training_state(accelerator: Accelerator, folder: Path) -> dict[str, An
     if (folder / "optimizer.json").is_file():
         states["optimizer"] = read_state(folder, "optimizer")
         states["scheduler"] = read_state(folder, "scheduler")
-        states["rng"] = read_state(folder, f"rng_state_{index}")
+        # None for a process the saving run did not have (more processes now): an epoch starts from seeds
+        # of its own, and resume.check_resume refuses another number of processes inside an epoch.
+        rng_file = folder / f"rng_state_{index}.json"
+        states["rng"] = read_state(folder, f"rng_state_{index}") if index == 0 or rng_file.is_file() else None
         if accelerator.scaler is not None:
             states["scaler"] = read_state(folder, "scaler")
         return states
@@ -266,7 +269,8 @@ def load_training_state(accelerator: Accelerator, folder: Path, objects: Trainin
     objects.scheduler.load_state_dict(states["scheduler"])
     if accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(states["scaler"])
-    _set_rng_state(accelerator, states["rng"])
+    if states["rng"] is not None:
+        _set_rng_state(accelerator, states["rng"])
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, state: dict[str, Any], keep: int,

@@ -254,6 +254,7 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
     state = TrainState() if saved is None else TrainState.from_checkpoint(saved)
     state.model, state.batches_per_epoch = signature, len(loaders.train)
     state.gradient_accumulation_steps = recipe.gradient_accumulation_steps
+    state.num_processes = accelerator.num_processes
     if report_to != "none":
         # TensorBoard's hparams take scalars only.
         accelerator.init_trackers("logs", config={k: v if isinstance(v, int | float | str | bool) else str(v)

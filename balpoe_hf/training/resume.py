@@ -159,13 +159,13 @@ def model_signature(config: Any) -> dict[str, Any]:
 
 
 def check_resume(output_dir: str | Path, recipe: Recipe, state: dict[str, Any], signature: dict[str, Any],
-                 batches_per_epoch: int) -> list[str]:
+                 batches_per_epoch: int, num_processes: int = 1) -> list[str]:
     """Refuse to resume ``state`` with a recipe that changes the model; return the other changed fields.
 
     Compared: the model-defining fields of the run's ``recipe.yaml`` (``RESUME_FIELDS``), the built model's
     ``signature`` with the one saved in the checkpoint (which catches changed data, e.g. other class
-    counts), and for a checkpoint inside an epoch the number of batches per epoch (the batches to skip) and
-    of gradient accumulation steps. Also refused: a checkpoint past the recipe's last epoch.
+    counts), and for a checkpoint inside an epoch the number of batches per epoch (the batches to skip), of
+    gradient accumulation steps and of processes. Also refused: a checkpoint past the recipe's last epoch.
     """
     recipe_file = Path(output_dir) / "recipe.yaml"
     changed = recipe_differences(recipe, recipe_file) if recipe_file.is_file() else {}
@@ -183,6 +183,10 @@ def check_resume(output_dir: str | Path, recipe: Recipe, state: dict[str, Any], 
         conflicts.append(f"gradient_accumulation_steps: {accumulation} -> "
                          f"{recipe.gradient_accumulation_steps} (a step checkpoint is inside an "
                          "accumulation of the saved count)")
+    saved_processes = state.get("num_processes")
+    if state.get("step") and saved_processes not in (None, num_processes):
+        conflicts.append(f"processes: {saved_processes} -> {num_processes} (a step checkpoint resumes with "
+                         "the processes that saved it; one at the end of an epoch with any number)")
     done, batches = state.get("epoch", 0), state.get("step", 0)
     if done > recipe.epochs or (done == recipe.epochs and batches):
         # The loop would have nothing to train and save the checkpoint's model as the shorter run's.
@@ -231,7 +235,7 @@ def _try_load(accelerator: Accelerator, path: Path, output_dir: str | Path, reci
         state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         return {}, [], f"{TRAINER_STATE}: {error}"
-    changes = check_resume(output_dir, recipe, state, signature, batches_per_epoch)
+    changes = check_resume(output_dir, recipe, state, signature, batches_per_epoch, accelerator.num_processes)
     try:
         load_training_state(accelerator, path, objects)
     except RefusedPickleError as error:

@@ -44,6 +44,7 @@ class TrainState:
     model: dict[str, Any] | None = None  # model_signature of the model, checked on resume
     batches_per_epoch: int | None = None  # a step checkpoint's resume skips ``step`` of them
     gradient_accumulation_steps: int | None = None  # a step checkpoint's phase of the accumulation
+    num_processes: int | None = None  # a step checkpoint's random-number states are per process
     epoch_expert_loss_sums: list[float] | None = None  # each expert's ``epoch_loss_sum``
     train_expert_losses: list[float] | None = None  # each expert's ``train_loss``
 
