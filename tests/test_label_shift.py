@@ -338,6 +338,11 @@ def test_prior_stream_weights_by_hand():
     stream.add(torch.zeros(1, 3))
     stream.add(torch.zeros(1, 3))  # the first image now weighs 0.01 < 0.05: dropped
     assert stream.weights.tolist() == pytest.approx([0.1, 1.0])
+    both = PriorStream(0.1, max_images=4, min_weight=0.05)
+    for _ in range(4):
+        both.add(torch.zeros(3, 3))
+    # Weights 0.01 x3 (below min_weight) | 0.1 x3 | 1 x3 (the first batch went earlier): the four newest.
+    assert both.weights.tolist() == pytest.approx([0.1, 1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="3 classes, got a batch over 4"):
         stream.add(torch.zeros(1, 4))
     stream.reset()

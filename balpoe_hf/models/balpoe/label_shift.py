@@ -200,7 +200,8 @@ class PriorStream:
             self.logits = torch.cat([self.logits, batch])
             self.weights = torch.cat([self.weights * self.forgetting, ones])
         keep = self.weights >= self.min_weight
-        keep[: max(0, int(keep.sum()) - self.max_images)] = False  # the oldest first
+        kept = keep.nonzero().flatten()  # rows are oldest first, and min_weight has dropped the oldest
+        keep[kept[: max(0, len(kept) - self.max_images)]] = False
         self.logits, self.weights = self.logits[keep], self.weights[keep]
         self.batches += 1
 
