@@ -371,6 +371,16 @@ def test_bad_estimator_settings_are_refused(values, message):
         ShiftEstimator(**values)
 
 
+def test_temperature_scaling_applies_without_shrinkage_too():
+    # argmax(z / T + log pi) = argmax(z + T log pi): with T = 1.5 the prior added is pi^1.5, renormalised.
+    logits = torch.randn(400, 4, generator=torch.Generator().manual_seed(0)) * 3
+    plain, scaled = (estimate_prior(logits, _calibration(), ShiftEstimator(
+        calibration="bcts", shrinkage="none", scale_by_temperature=scale)) for scale in (False, True))
+    assert torch.equal(plain.estimate, scaled.estimate)
+    expected = plain.estimate ** 1.5
+    torch.testing.assert_close(scaled.prior, expected / expected.sum())
+
+
 def test_custom_settings_in_the_config_run_as_auto_and_a_legacy_choice_is_ignored():
     calibration = holdout_calibration(*_gaussian_logits(SOURCE_PRIOR, 2000, np.random.default_rng(0)))
     logits, _ = _gaussian_logits(TARGET_PRIOR, 1000, np.random.default_rng(1))
