@@ -153,6 +153,20 @@ def test_schedule_states_the_experts_learning_rate_and_weight_decay():
         "0.0005; the experts' own layers at 3 x lr = 0.3 with weight decay 0.0005 / 3")
 
 
+@pytest.mark.parametrize("evaluated", ["test.parquet", "big.parquet"])
+def test_card_names_the_data_its_report_evaluated(evaluated):
+    # The report's numbers are the card's: a report of balpoe-evaluate --test-file big.parquet names that
+    # file, not the recipe's test set; the training data stays the recipe's.
+    recipe = {"name": "run", "train_file": ["/data/train.parquet"], "test_file": ["/data/test.parquet"]}
+    card = hub.render_model_card(CONFIG, EVAL, {**SHIFTS, "dataset": evaluated, "num_test_samples": 600},
+                                 recipe=recipe, images=IMAGES)
+    (results,) = [line for line in card.text.splitlines() if line.startswith("**Balanced test set**")]
+    assert f"(`{evaluated}`, 600 images)" in results
+    assert {result.dataset_name for result in card.data.eval_results} == {f"{evaluated} (balanced test set)"}
+    # The run's own table still says what it trained and tested on.
+    assert "| Test data | `test.parquet` |" in card.text and "`train.parquet`" in card.text
+
+
 def test_published_recipe_names_files_not_paths(tmp_path):
     (tmp_path / "lists").mkdir()
     run = {"name": "custom", "description": "my run (overridden: data_root=/home/me/imagenet, train_list)",

@@ -160,6 +160,11 @@ def render_model_card(
     ratio_value = None if math.isinf(ratio) else round(ratio, 2)
     recipe = dict(recipe or {})
     data = describe_data(recipe) if recipe else None
+    training_dataset_id = dataset_id or (data or {}).get("dataset_id")
+    evaluated = (shift_report or {}).get("dataset")
+    if data and evaluated and evaluated != data["source"]:
+        # The report, whose numbers the card shows, evaluated other data than the recipe's test set.
+        data = {**data, "test": f"`{evaluated}`", "name": evaluated, "dataset_id": None}
     dataset_id = dataset_id or (data or {}).get("dataset_id")
     dataset_label = dataset_name or (data or {}).get("name") or dataset_id or "test set"
     report = _balanced_report(eval_results)
@@ -206,7 +211,7 @@ def render_model_card(
         pipeline_tag="image-classification",
         license=license,
         tags=["image-classification", "long-tailed", "balpoe", "timm", backbone],
-        datasets=[dataset_id] if dataset_id else None,
+        datasets=[training_dataset_id] if training_dataset_id else None,
         metrics=["balanced_accuracy", "accuracy", "ece"] if report else None,
         model_name=model_name if eval_entries else None,
         eval_results=eval_entries or None,

@@ -45,20 +45,22 @@ def with_recipe_defaults(recipe: Mapping[str, Any] | None) -> dict[str, Any]:
 def describe_data(recipe: Mapping[str, Any]) -> dict[str, Any]:
     """How the card names a run's data: ``train`` and ``test`` (Markdown), ``short`` (the training data in a
     few words, for the card's first sentence), ``dataset_id`` (a Hub dataset id or ``None``), ``name``
-    (short, for the model-index), ``flags`` (the data flags of the command that retrains on the reader's own
-    copy of the data) and ``note`` (what to adapt in it). Local paths are reduced to their file names."""
+    (short, for the model-index), ``source`` (the test data as ``balpoe-evaluate`` names it in a report's
+    ``"dataset"``), ``flags`` (the data flags of the command that retrains on the reader's own copy of the
+    data) and ``note`` (what to adapt in it). Local paths are reduced to their file names."""
     if recipe.get("train_list"):
         train, test = local_name(recipe["train_list"]), local_name(recipe.get("test_list") or "TEST_LIST")
         return {"train": f"split list `{train}` (image paths relative to a data root)",
                 "test": f"split list `{test}`", "short": f"the split list `{train}`", "dataset_id": None,
-                "name": test, "flags": f"--train-list {train} --test-list {test} --data-root DATA_ROOT",
+                "name": test, "source": test,
+                "flags": f"--train-list {train} --test-list {test} --data-root DATA_ROOT",
                 "note": "with the list files and the image folder where you keep them"}
     if recipe.get("train_file"):
         train = [local_name(p) for p in recipe["train_file"]]
         test = [local_name(p) for p in recipe.get("test_file") or []] or ["TEST_FILE"]
         files = ", ".join(f"`{name}`" for name in train)
         return {"train": f"{files} (local files)", "test": ", ".join(f"`{name}`" for name in test),
-                "short": files, "dataset_id": None, "name": ", ".join(test),
+                "short": files, "dataset_id": None, "name": ", ".join(test), "source": ",".join(test),
                 "flags": f"--train-file {' '.join(train)} --test-file {' '.join(test)}",
                 "note": "with the data files where you keep them"}
     dataset = recipe.get("dataset")
@@ -68,6 +70,7 @@ def describe_data(recipe: Mapping[str, Any]) -> dict[str, Any]:
                          f"(https://huggingface.co/datasets/{hub_id}))",
                 "test": "Fashion-MNIST test split", "short": "Fashion-MNIST", "dataset_id": hub_id,
                 "name": "Fashion-MNIST", "flags": "",
+                "source": f"{FASHION_MNIST} ({with_recipe_defaults(recipe)['test_split']})",
                 "note": "adding `--data-dir DIR` where Debian's `dataset-fashion-mnist` is not installed "
                         "(DIR: the four IDX files)"}
     if dataset:
@@ -76,9 +79,10 @@ def describe_data(recipe: Mapping[str, Any]) -> dict[str, Any]:
         recipe = with_recipe_defaults(recipe)
         return {"train": f"{link}{config}, split `{recipe['train_split']}`",
                 "test": f"`{dataset}`, split `{recipe['test_split']}`", "short": link,
-                "dataset_id": dataset, "name": dataset, "flags": "", "note": ""}
+                "dataset_id": dataset, "name": dataset, "source": f"{dataset} ({recipe['test_split']})",
+                "flags": "", "note": ""}
     return {"train": "not recorded", "test": "not recorded", "short": None, "dataset_id": None,
-            "name": "test set", "flags": "", "note": ""}
+            "name": "test set", "source": None, "flags": "", "note": ""}
 
 
 def run_method(config: BalPoEConfig | Mapping[str, Any], recipe: Mapping[str, Any] | None = None

@@ -355,7 +355,8 @@ def estimate_prior(logits: torch.Tensor, calibration: dict[str, Any] | None = No
     if settings.calibration == "auto" and calibration is None:
         details["no_holdout"] = True
     if settings.shrinkage == "none":
-        prior = torch.softmax(temperature * estimate.log(), dim=0) if settings.scale_by_temperature else estimate
+        prior = (torch.softmax(temperature * estimate.log(), dim=0) if settings.scale_by_temperature
+                 else estimate)
         return PriorEstimate(prior=prior, estimate=estimate, log_prior_se=None, shift_spread=None,
                              kept_uniform=False, images=images, method=name, converged=converged,
                              details=details)
