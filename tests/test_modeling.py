@@ -223,6 +223,27 @@ def test_set_target_prior_persists(tmp_path):
     assert torch.allclose(model(x).logits, model(x).expert_logits.mean(1), atol=1e-6)
 
 
+def test_a_target_prior_set_in_the_config_predicts_in_memory_as_after_a_reload(tmp_path):
+    # save_pretrained writes the config and from_pretrained builds the prior from it: the same object must
+    # not predict otherwise before the round trip (it kept the old prior until set_target_prior).
+    model = make_model().eval()
+    x = torch.randn(2, 3, 32, 32)
+    target = [0.7, 0.1, 0.1, 0.1]
+    expected = model(x).logits + torch.log(4 * torch.tensor(target))
+    model.config.target_prior = target
+    torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(AutoModelForImageClassification.from_pretrained(tmp_path).eval()(x).logits,
+                               expected, atol=1e-5, rtol=0)
+    model.config.target_prior[0], model.config.target_prior[1] = 0.1, 0.7  # edited in place
+    torch.testing.assert_close(model(x).logits, model(x, target_prior=[0.1, 0.7, 0.1, 0.1]).logits)
+    model.config.target_prior = None
+    torch.testing.assert_close(model(x).logits, model(x).expert_logits.mean(1), atol=1e-6, rtol=0)
+    model.config.target_prior = [0.5, 0.5]
+    with pytest.raises(ValueError, match="target_prior has 2 entries"):
+        model(x)
+
+
 @pytest.mark.parametrize(("prior", "message"), [
     ("balanced", "must be 'uniform', 'train'"),
     ([0.5, 0.5], "target_prior has 2 entries"),

@@ -318,6 +318,11 @@ class BalPoEModel(BalPoEPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def _as_key(prior: Sequence[float] | None) -> tuple[float, ...] | None:
+    """A config's ``target_prior`` as a comparable value (the list may be edited in place)."""
+    return None if prior is None else tuple(prior)
+
+
 def _target_prior_tensor(config: BalPoEConfig) -> torch.Tensor:
     """``config.target_prior`` as float32 ``(C,)``; uniform when unset."""
     if config.target_prior is None:
@@ -373,6 +378,7 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         for name, value in buffers.items():
             # Non-persistent: rebuilt from the config (here and in `_init_weights`), never read from weights.
             self.register_buffer(name, value.to(device), persistent=False)
+        self._buffered_target_prior = _as_key(config.target_prior)
         self.post_init()
 
     @classmethod
@@ -428,6 +434,7 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         probs = self._resolve_target_prior(prior)
         self.config.target_prior = None if probs is None else probs.tolist()
         self.target_prior.copy_(_target_prior_tensor(self.config))
+        self._buffered_target_prior = _as_key(self.config.target_prior)
 
     def _check_pixel_values(self, pixel_values: Any) -> torch.Tensor:
         channels = self.config.backbone_kwargs.get("in_chans", 3)
@@ -524,6 +531,10 @@ class BalPoEForImageClassification(BalPoEPreTrainedModel):
         outputs = self.balpoe(pixel_values, return_dict=True)
         expert_logits = outputs.expert_logits  # (B, E, C)
         if target_prior is None:
+            if _as_key(self.config.target_prior) != self._buffered_target_prior:
+                # config.target_prior set directly, as save_pretrained / from_pretrained would carry it: the
+                # buffer follows (validated), so the model predicts in memory as it will once reloaded.
+                self.set_target_prior(self.config.target_prior or "uniform")
             prior = None if self.config.target_prior is None else self.target_prior
         else:
             prior = self._resolve_target_prior(target_prior)
