@@ -358,3 +358,7 @@ def test_evaluate_list_errors(toy_lists, tmp_path, capsys):
     assert "bad.txt, line 2: label 3 is outside [0, 2]" in capsys.readouterr().err
     assert cli.evaluate_main(["--model", str(run), "--test-list", str(lists["test"])]) == 2
     assert "needs --data-root" in capsys.readouterr().err
+    for extra in (["--deployment-sizes", "300"], ["--stream", "300"]):
+        argv = ["--model", str(run), "--test-list", str(lists["test"]), str(bad), "--data-root", str(root)]
+        assert cli.evaluate_main(argv + extra) == 2
+        assert "several --test-list files are each evaluated as they are" in capsys.readouterr().err

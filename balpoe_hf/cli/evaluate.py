@@ -41,7 +41,8 @@ split-list files and --data-root, or --dataset HUB_ID when online. Images are pr
 processor saved with the model, as at inference.
 
 Several --test-list files are evaluated each as its own test set, the protocol of the published shifted lists
-(LADE/SADE): the table then has one column per file and --shifts is not used.
+(LADE/SADE): the table then has one column per file, and --shifts, --deployment-sizes and --stream are not
+used (the last two are refused).
 
     balpoe-evaluate --model runs/imagenet-lt-resnext50 --data-root /data/imagenet \
         --test-list ImageNet_LT_forward50.txt ImageNet_LT_uniform.txt ImageNet_LT_backward50.txt
@@ -267,6 +268,11 @@ def _evaluate(args: EvaluateArguments, exit_stack: contextlib.ExitStack, upgrade
                               f"{args.stream}, {args.stream_batches} and {args.stream_draws}.")
     if not 0 < args.drift_forgetting <= 1:
         raise EvaluationError(f"--drift-forgetting must lie in (0, 1], got {args.drift_forgetting}.")
+    if several_lists and (args.deployment_sizes is not None or args.stream is not None):
+        # They draw batches from the shifted sets of one test set; several lists are each taken as is.
+        raise EvaluationError("--deployment-sizes and --stream draw batches from the shifted sets of one "
+                              "test set, and several --test-list files are each evaluated as they are: give "
+                              "one --test-list (or --test-file) for them, or leave them out.")
     if args.upgrade:
         done = upgrade_model(args.model, into, device)
         upgraded.append(done["folder"])
