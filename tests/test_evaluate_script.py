@@ -258,6 +258,12 @@ def test_shot_thresholds_default_to_those_of_the_run(run_dir, test_file, tmp_pat
     # A caller's thresholds win over the run's.
     report = evaluation.evaluate_model(model, processor, test, many=50, **options).report
     assert (report["settings"]["many"], report["settings"]["few"]) == (50, 10)
+    # The command line reads a local run's recipe.yaml itself, and leaves a Hub id's to evaluate_model
+    # (which reads the recipe.yaml published beside the weights) instead of the package's defaults.
+    args = cli.evaluate.parse_evaluate_args(["--model", str(run)])
+    assert (args.many, args.few) == (200, 10)
+    args = cli.evaluate.parse_evaluate_args(["--model", "me/balpoe-cifar10-lt"])
+    assert (args.many, args.few) == (None, None)
 
 
 # --------------------------------------------------------------------------- what loading refuses

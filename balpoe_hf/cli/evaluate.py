@@ -129,6 +129,8 @@ def parse_evaluate_args(argv: Sequence[str] | None = None) -> EvaluateArguments:
     for name, key in RECIPE_SETTINGS.items():
         if getattr(args, name) is None:
             value = recipe.get(key)
+            if value is None and name in ("many", "few") and not recipe_file.is_file():
+                continue  # a Hub id: evaluate_model reads the thresholds of the recipe.yaml published with it
             setattr(args, name, defaults[key] if value is None else value)
     if isinstance(args.test_list, str):  # a recipe names one test list
         args.test_list = [args.test_list]
