@@ -124,6 +124,8 @@ def test_end_to_end_runs_the_model_once_and_writes_report_and_plots(run_dir, tes
     em = shifts["forward50"]["estimates"]["em"]
     true_prior = np.asarray(shifts["forward50"]["test_prior"])
     assert em["error"] == pytest.approx(0.5 * np.abs(np.asarray(em["prior"]) - true_prior).sum())
+    # Plain EM predicts with its estimate (auto's prior is an adjustment, scaled by a temperature).
+    assert (em["estimate"], em["estimate_error"]) == (em["prior"], em["error"])
     for name in report["images"].values():
         png = output.parent / name
         assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 1000

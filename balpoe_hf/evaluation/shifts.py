@@ -99,8 +99,12 @@ def with_target_prior(uniform_logits: torch.Tensor, prior: torch.Tensor) -> torc
 def _estimate_summary(estimate: PriorEstimate, true_prior: torch.Tensor) -> dict[str, Any]:
     return {
         "prior": estimate.prior.tolist(),
-        # Total variation distance between the prior used and the truth: how well the estimator did.
+        # Total variation distance between the prior the predictions used and the truth. For auto that prior
+        # is the shrunk estimate scaled by the calibration's temperature (an adjustment, not an estimate, when
+        # the temperature is not 1): "estimate_error" is the estimator's own, before shrinkage and scaling.
         "error": float(0.5 * (estimate.prior - true_prior).abs().sum()),
+        "estimate": estimate.estimate.tolist(),
+        "estimate_error": float(0.5 * (estimate.estimate - true_prior).abs().sum()),
         "kept_uniform": estimate.kept_uniform,
         "shift_spread": estimate.shift_spread,
     }
