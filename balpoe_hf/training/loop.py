@@ -55,7 +55,7 @@ from ..models.balpoe.label_shift import describe_auto
 from ..recipes import Recipe
 from . import checkpoints, non_finite, speed
 from .eval_loop import calibrate_on_holdout, evaluate
-from .model import build_model, check_model, lr_lambda, parameter_groups
+from .model import build_model, check_model, lr_lambda, optimizer_steps_done, parameter_groups
 from .resume import (
     check_output_dir,
     check_output_flags,
@@ -241,8 +241,8 @@ def set_up(recipe: Recipe, output_dir: Path, *, resume: bool, overwrite: bool, r
     saved = load_checkpoint(accelerator, output_dir, recipe, signature, len(loaders.train),
                                         objects) if resume else None
     if saved is not None:
-        continue_schedule(optimizer, scheduler, built_groups, saved["epoch"] * steps_per_epoch
-                          + saved.get("step", 0) // recipe.gradient_accumulation_steps)
+        continue_schedule(optimizer, scheduler, built_groups, optimizer_steps_done(
+            saved["epoch"], saved.get("step", 0), steps_per_epoch, recipe.gradient_accumulation_steps))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if overwrite and output_dir.is_dir():
@@ -293,7 +293,8 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> float:
     expert_sums = torch.tensor(state.epoch_expert_loss_sums or [0.0] * recipe.num_experts,
                                device=accelerator.device)
     logged = (state.epoch_loss_sum, expert_sums.tolist(), first_batch)  # (loss sums, batches) at the last log
-    optimizer_step = epoch * run.steps_per_epoch + first_batch // recipe.gradient_accumulation_steps
+    optimizer_step = optimizer_steps_done(epoch, first_batch, run.steps_per_epoch,
+                                          recipe.gradient_accumulation_steps)
     epoch_start, epoch_images = time.perf_counter(), 0
     progress = tqdm(epoch_batches(run.loaders.train, accelerator, first_batch),
                     desc=f"epoch {epoch + 1}/{recipe.epochs}", total=num_batches, initial=first_batch,

@@ -60,6 +60,12 @@ def parameter_groups(model: BalPoEForImageClassification, recipe: Recipe) -> lis
             {"params": experts, "lr": recipe.lr * scale, "weight_decay": recipe.weight_decay / scale}]
 
 
+def optimizer_steps_done(epoch: int, batch: int, steps_per_epoch: int, accumulation: int) -> int:
+    """Optimizer steps taken before batch ``batch`` (0-based) of epoch ``epoch`` (0-based): the position in
+    ``lr_lambda``'s schedule. An epoch ends with a step, also when its last accumulation is partial."""
+    return epoch * steps_per_epoch + batch // accumulation
+
+
 def lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at optimizer step ``step`` (for ``torch.optim.lr_scheduler.LambdaLR``).
 

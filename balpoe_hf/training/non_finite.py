@@ -11,6 +11,7 @@ import torch
 
 from ..errors import TrainingFailure
 from .checkpoints import completed_checkpoints
+from .model import optimizer_steps_done
 
 if TYPE_CHECKING:
     pass
@@ -51,7 +52,7 @@ def non_finite_loss_error(batch: int, batches_per_epoch: int, accumulation: int,
     ``lr_at(step)`` is the learning rate at optimizer step ``step`` (0-based).
     """
     epoch, index = divmod(batch, batches_per_epoch)
-    step = epoch * -(-batches_per_epoch // accumulation) + index // accumulation
+    step = optimizer_steps_done(epoch, index, -(-batches_per_epoch // accumulation), accumulation)
     saved = completed_checkpoints(output_dir)
     where = f"the latest checkpoint, {saved[-1]}, is from before it" if saved else "no checkpoint was saved"
     return TrainingFailure(
